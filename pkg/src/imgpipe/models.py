@@ -1,0 +1,163 @@
+"""The job contract shared by every service: requests, variants, records and the wire message.
+
+The HTTP API, the broker message and the Redis record all use these models, so a field means the
+same thing everywhere and a change to the contract is made in one place.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+#: Largest edge a variant may ask for; bigger outputs are a different product (originals).
+MAX_VARIANT_EDGE = 8192
+#: How many variants one job may ask for.
+MAX_VARIANTS = 16
+
+VariantName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+ImageFormat = Literal["jpeg", "png", "webp", "avif"]
+
+CONTENT_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
+EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp", "avif": "avif"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Variant(_Strict):
+    """One output image: a box to fit into, a fit mode and an encoding."""
+
+    name: VariantName
+    width: int | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
+    height: int | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
+    fit: Literal["inside", "cover"] = "inside"
+    format: ImageFormat = "jpeg"
+    quality: int = Field(default=82, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _box(self) -> Variant:
+        if self.width is None and self.height is None:
+            raise ValueError("a variant needs a width, a height or both")
+        if self.fit == "cover" and (self.width is None or self.height is None):
+            raise ValueError("fit 'cover' needs both width and height")
+        return self
+
+
+#: Server-side presets, asked for by name (`"variants": ["thumb"]`).
+PRESETS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(name="thumb", width=200, height=200, fit="inside", format="jpeg", quality=80),
+        Variant(name="small", width=640, height=640, fit="inside", format="webp", quality=80),
+        Variant(name="medium", width=1280, height=1280, fit="inside", format="webp", quality=82),
+        Variant(name="large", width=2048, height=2048, fit="inside", format="jpeg", quality=85),
+    )
+}
+DEFAULT_VARIANTS: tuple[str, ...] = ("thumb",)
+
+
+class KeySource(_Strict):
+    """An object already in the bucket, normally one uploaded through `POST /uploads`."""
+
+    key: str = Field(min_length=1, max_length=1024)
+
+
+class UrlSource(_Strict):
+    """An http(s) URL the worker fetches (safely: see `imgpipe.urlsafety`)."""
+
+    url: HttpUrl
+
+
+class JobRequest(_Strict):
+    """Body of `POST /jobs`."""
+
+    source: KeySource | UrlSource
+    variants: list[VariantName | Variant] = Field(default_factory=lambda: list(DEFAULT_VARIANTS))
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: list[str | Variant]) -> list[str | Variant]:
+        if not value:
+            raise ValueError("at least one variant is needed")
+        if len(value) > MAX_VARIANTS:
+            raise ValueError(f"at most {MAX_VARIANTS} variants per job")
+        for item in value:
+            if isinstance(item, str) and item not in PRESETS:
+                raise ValueError(f"unknown preset {item!r}; known: {', '.join(sorted(PRESETS))}")
+        names = [item if isinstance(item, str) else item.name for item in value]
+        if len(set(names)) != len(names):
+            raise ValueError("variant names must be unique within a job")
+        return value
+
+    def resolved_variants(self) -> list[Variant]:
+        """Presets replaced by their definitions, in the order asked for."""
+        return [PRESETS[item] if isinstance(item, str) else item for item in self.variants]
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class ErrorInfo(_Strict):
+    code: str
+    message: str
+
+
+class VariantResult(_Strict):
+    """A variant as stored: where it is and what it came out as."""
+
+    name: str
+    format: ImageFormat
+    width: int
+    height: int
+    bytes: int
+    key: str
+
+
+class JobMessage(_Strict):
+    """What the api publishes and the worker consumes. Self-contained: the worker needs no lookup."""
+
+    id: str
+    owner: str
+    source: KeySource | UrlSource
+    variants: list[Variant]
+    request_id: str | None = None
+    created_at: datetime
+
+
+class JobRecord(BaseModel):
+    """The job as kept in Redis. `version` grows with every change so listeners can order updates."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    owner: str
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    version: int = 0
+    source: KeySource | UrlSource
+    requested: list[Variant]
+    variants: list[VariantResult] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    attempts: int = 0
