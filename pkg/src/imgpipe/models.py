@@ -7,8 +7,9 @@ same thing everywhere and a change to the contract is made in one place.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
@@ -161,3 +162,19 @@ class JobRecord(BaseModel):
     variants: list[VariantResult] = Field(default_factory=list)
     error: ErrorInfo | None = None
     attempts: int = 0
+
+    def public(self, url_for: Callable[[str], str] | None = None) -> dict[str, Any]:
+        """The client's view (`GET /jobs/{id}`, SSE events, the 202 of `POST /jobs`).
+
+        `url_for` turns a variant's key into a time-limited download link.
+        """
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "variants": [
+                {**v.model_dump(), "url": url_for(v.key) if url_for else None} for v in self.variants
+            ],
+            "error": self.error.model_dump() if self.error else None,
+        }

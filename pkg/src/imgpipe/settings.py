@@ -1,0 +1,148 @@
+"""Configuration from the environment, one `BaseSettings` class per concern.
+
+Every variable is documented in the README and `.env.example`. A bad value fails at start-up with
+an error that names the exact variable (see `load`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
+LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
+_DEV_SECRET = "dev-secret-change-me"
+
+Environment = Literal["local", "test", "staging", "production"]
+
+
+def _config(prefix: str = "IMGPIPE_") -> SettingsConfigDict:
+    return SettingsConfigDict(env_prefix=prefix, extra="ignore", frozen=True, populate_by_name=True)
+
+
+class CommonSettings(BaseSettings):
+    """What every service shares: where it runs and how it logs."""
+
+    model_config = _config()
+
+    env: Environment = "local"
+    namespace: str = Field(default="imgpipe", pattern=r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AmqpSettings(BaseSettings):
+    model_config = _config()
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    #: Attempts (first delivery included) before a transiently failing job is dead-lettered.
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    #: Back-off before each retry, in seconds; the last value repeats.
+    retry_delays_s: tuple[int, ...] = (1, 5, 30, 120)
+
+
+class RedisSettings(BaseSettings):
+    model_config = _config()
+
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: How long a job record is kept after its last change.
+    job_retention_days: int = Field(default=7, ge=1, le=3650)
+
+
+class S3Settings(BaseSettings):
+    model_config = _config()
+
+    s3_endpoint_url: str | None = None
+    #: Endpoint written into presigned URLs when clients reach S3 by another name than the services
+    #: do (compose: services use http://minio:9000, browsers http://localhost:9000).
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "imgpipe"
+    aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION"))
+    aws_access_key_id: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID")
+    )
+    aws_secret_access_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY")
+    )
+    #: Path-style addressing (MinIO, moto); virtual-hosted style on AWS.
+    s3_force_path_style: bool = False
+    presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
+    download_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+
+class AuthSettings(BaseSettings):
+    model_config = _config()
+
+    env: Environment = "local"
+    jwt_secret: SecretStr = SecretStr(_DEV_SECRET)
+    jwt_algorithms: tuple[str, ...] = ("HS256",)
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> AuthSettings:
+        secret = self.jwt_secret.get_secret_value()
+        if self.env not in LOCAL_ENVIRONMENTS and (secret == _DEV_SECRET or len(secret) < 32):
+            raise ValueError(
+                "IMGPIPE_JWT_SECRET must be set to a random value of at least 32 characters "
+                f"when IMGPIPE_ENV={self.env}"
+            )
+        if any(alg.lower() == "none" for alg in self.jwt_algorithms):
+            raise ValueError("IMGPIPE_JWT_ALGORITHMS may not contain 'none'")
+        return self
+
+
+class LimitSettings(BaseSettings):
+    """Bounds on what clients may send; the worker enforces the same byte limit on sources."""
+
+    model_config = _config()
+
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=100_000_000, ge=1)
+    max_frames: int = Field(default=256, ge=1)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ConfigError(RuntimeError):
+    """Configuration that cannot work; the message names the variables."""
+
+
+def load(cls: type[S]) -> S:
+    """Instantiate a settings class, turning validation errors into one readable `ConfigError`."""
+    prefix = cls.model_config.get("env_prefix", "")
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            info = cls.model_fields.get(field)
+            alias = info.validation_alias if info else None
+            if isinstance(alias, AliasChoices):
+                name = str(alias.choices[0])
+            else:
+                name = f"{prefix}{field}".upper() if field else cls.__name__
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+class UrlSourceSettings(BaseSettings):
+    """Which URL sources the worker may fetch (everything public by default; never private ranges)."""
+
+    model_config = _config()
+
+    #: Comma-separated host names (or `*.example.com`); empty means any public host.
+    url_allowed_hosts: str = ""
+    #: Comma-separated CIDRs exempted from the private-address block (an internal image host).
+    url_allowed_networks: str = ""
+    url_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    url_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    url_total_timeout_s: float = Field(default=20.0, gt=0, le=300)
+
+    def hosts(self) -> tuple[str, ...] | None:
+        hosts = tuple(h.strip().lower() for h in self.url_allowed_hosts.split(",") if h.strip())
+        return hosts or None

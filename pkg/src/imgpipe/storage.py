@@ -1,0 +1,188 @@
+"""Object storage (S3, MinIO): presigned uploads and downloads, and the reads and writes of jobs.
+
+boto3 is blocking, so every network call runs in a thread (`asyncio.to_thread`) and never on the
+event loop. Presigning is local computation and runs inline. Key layout:
+
+    uploads/{owner_id}/{random}              presigned uploads; the owner is part of the key, so
+                                             ownership is checked without a lookup
+    variants/{owner_id}/{job_id}/{name}.ext  deterministic, so a redelivered job overwrites its own
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.client import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from imgpipe.models import EXTENSIONS
+from imgpipe.settings import S3Settings
+from imgpipe.store import owner_id
+
+UPLOAD_PREFIX = "uploads/"
+VARIANT_PREFIX = "variants/"
+
+
+class StorageError(Exception):
+    """S3 did not do what was asked. `transient` says whether trying again may help."""
+
+    def __init__(self, code: str, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.transient = transient
+
+
+class ObjectNotFound(StorageError):
+    def __init__(self, key: str) -> None:
+        super().__init__("source_not_found", f"no object {key!r}", transient=False)
+
+
+class ObjectTooLarge(StorageError):
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        super().__init__(
+            "source_too_large", f"object {key!r} has {size} bytes, over the {limit} limit", transient=False
+        )
+
+
+@dataclass(frozen=True)
+class PresignedUpload:
+    key: str
+    url: str
+    fields: dict[str, str]
+    expires_at: float
+
+
+def upload_key(sub: str) -> str:
+    return f"{UPLOAD_PREFIX}{owner_id(sub)}/{secrets.token_hex(16)}"
+
+
+def owns_key(sub: str, key: str) -> bool:
+    return key.startswith(f"{UPLOAD_PREFIX}{owner_id(sub)}/") and ".." not in key
+
+
+def variant_key(sub: str, job_id: str, name: str, fmt: str) -> str:
+    return f"{VARIANT_PREFIX}{owner_id(sub)}/{job_id}/{name}.{EXTENSIONS[fmt]}"
+
+
+def _client(settings: S3Settings, endpoint: str | None, pool: int) -> Any:
+    config = Config(
+        region_name=settings.aws_region,
+        signature_version="s3v4",
+        s3={"addressing_style": "path" if settings.s3_force_path_style else "auto"},
+        retries={"mode": "standard", "max_attempts": 3},
+        connect_timeout=5,
+        read_timeout=30,
+        max_pool_connections=pool,
+    )
+    key_id = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
+    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        config=config,
+    )
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+        return status >= 500 or status in (408, 429)
+    return True  # BotoCoreError: connection trouble, timeouts
+
+
+class Storage:
+    """The bucket, as the services use it."""
+
+    def __init__(self, settings: S3Settings, *, pool: int = 16) -> None:
+        self.bucket = settings.s3_bucket
+        self._s3 = _client(settings, settings.s3_endpoint_url, pool)
+        # Presigned URLs must name the endpoint clients can reach, which may differ from ours.
+        public = settings.s3_public_endpoint_url
+        self._signer = _client(settings, public, 1) if public else self._s3
+        self._upload_ttl = settings.presign_ttl_s
+        self._download_ttl = settings.download_url_ttl_s
+
+    async def _call(self, method: str, **kwargs: Any) -> Any:
+        try:
+            return await asyncio.to_thread(getattr(self._s3, method), Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound") and "Key" in kwargs:
+                raise ObjectNotFound(kwargs["Key"]) from None
+            raise StorageError(
+                "storage_error", f"S3 {method}: {code or exc}", transient=_transient(exc)
+            ) from exc
+        except BotoCoreError as exc:
+            raise StorageError("storage_unavailable", f"S3 {method}: {exc}", transient=True) from exc
+
+    def presign_upload(self, key: str, content_type: str, max_bytes: int) -> PresignedUpload:
+        """A POST form bound to this key, this content type and at most `max_bytes`."""
+        post = self._signer.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=key,
+            Fields={"Content-Type": content_type},
+            Conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
+            ExpiresIn=self._upload_ttl,
+        )
+        return PresignedUpload(key, post["url"], post["fields"], time.time() + self._upload_ttl)
+
+    def presign_download(self, key: str) -> str:
+        return self._signer.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._download_ttl
+        )
+
+    async def head(self, key: str) -> dict[str, Any]:
+        return await self._call("head_object", Key=key)
+
+    async def get(self, key: str, *, max_bytes: int) -> bytes:
+        """The object's bytes; refuses one over `max_bytes` before reading it."""
+        head = await self.head(key)
+        if head["ContentLength"] > max_bytes:
+            raise ObjectTooLarge(key, head["ContentLength"], max_bytes)
+
+        def read() -> bytes:
+            body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                data = body.read(max_bytes + 1)
+            finally:
+                body.close()
+            if len(data) > max_bytes:  # replaced by a larger object since the HEAD
+                raise ObjectTooLarge(key, len(data), max_bytes)
+            return data
+
+        try:
+            return await asyncio.to_thread(read)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey"):
+                raise ObjectNotFound(key) from None
+            raise StorageError("storage_error", f"S3 get_object: {code}", transient=_transient(exc)) from exc
+        except BotoCoreError as exc:
+            raise StorageError("storage_unavailable", f"S3 get_object: {exc}", transient=True) from exc
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        await self._call(
+            "put_object",
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            CacheControl="public, max-age=31536000",
+        )
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it is missing (local development and tests)."""
+        try:
+            await self._call("head_bucket")
+        except StorageError:
+            await self._call("create_bucket")
+
+    async def ping(self) -> None:
+        await self._call("head_bucket")

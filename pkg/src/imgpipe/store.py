@@ -1,0 +1,197 @@
+"""Job records in Redis, moved only forward, with every change published for the status service.
+
+A record is a hash `{ns}:job:{id}` with `rank` (0 pending, 1 processing, 2 terminal), `version`
+(grows with every change) and `data` (the `JobRecord` JSON). Transitions run in a Lua script so
+"only forward" is checked and applied atomically: a redelivered message or a second worker can
+never move a finished job back, and a duplicate `succeeded` is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+
+from imgpipe.models import ErrorInfo, JobRecord, JobStatus, VariantResult, utcnow
+
+_RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
+
+# KEYS[1] job hash; ARGV: rank, data, ttl seconds, channel, create-only flag.
+# Returns {applied (0/1), version, data}; version 0 and no data when the job does not exist.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'rank')
+if ARGV[5] == '1' then
+  if cur then
+    return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
+  end
+elseif not cur then
+  return {0, 0, false}
+elseif tonumber(cur) >= tonumber(ARGV[1]) then
+  return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
+end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'rank', ARGV[1], 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. '}')
+return {1, v, ARGV[2]}
+"""
+
+
+def owner_id(sub: str) -> str:
+    """A stable, path-safe id for a token subject (subjects may hold any character)."""
+    return hashlib.sha256(sub.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What a transition did: `applied` is False when the job was already as far or further."""
+
+    applied: bool
+    record: JobRecord | None
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different request."""
+
+
+def _parse(version: int, data: bytes | str | None) -> JobRecord | None:
+    if not data:
+        return None
+    record = JobRecord.model_validate_json(data)
+    record.version = int(version)
+    return record
+
+
+class JobStore:
+    """Reads and writes job records of one namespace."""
+
+    def __init__(self, client: aioredis.Redis, namespace: str, *, retention: timedelta) -> None:
+        self.redis = client
+        self.namespace = namespace
+        self.retention_s = int(retention.total_seconds())
+        self.channel = f"{namespace}:events"
+        self._script = client.register_script(_TRANSITION)
+
+    def job_key(self, job_id: str) -> str:
+        return f"{self.namespace}:job:{job_id}"
+
+    async def _apply(self, record: JobRecord, *, create: bool = False) -> Transition:
+        data = record.model_dump_json(exclude={"version"})
+        applied, version, stored = await self._script(
+            keys=[self.job_key(record.id)],
+            args=[_RANK[record.status], data, self.retention_s, self.channel, "1" if create else "0"],
+        )
+        return Transition(bool(applied), _parse(version, stored))
+
+    async def create(self, record: JobRecord) -> Transition:
+        """Store a new `pending` record; not applied (returns the existing one) if the id exists."""
+        return await self._apply(record, create=True)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        version, data = await self.redis.hmget(self.job_key(job_id), ["version", "data"])
+        return _parse(int(version or 0), data)
+
+    async def delete(self, job_id: str) -> None:
+        await self.redis.delete(self.job_key(job_id))
+
+    async def mark_processing(self, job_id: str) -> Transition:
+        current = await self.get(job_id)
+        if current is None or current.status.terminal:
+            return Transition(False, current)
+        if current.status is JobStatus.PROCESSING:
+            return Transition(False, current)  # a redelivery: the job is taken up again as it is
+        record = current.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
+        return await self._apply(record)
+
+    async def mark_succeeded(self, current: JobRecord, variants: list[VariantResult]) -> Transition:
+        record = current.model_copy(
+            update={
+                "status": JobStatus.SUCCEEDED,
+                "variants": variants,
+                "error": None,
+                "updated_at": utcnow(),
+            }
+        )
+        return await self._apply(record)
+
+    async def mark_failed(self, current: JobRecord, code: str, message: str) -> Transition:
+        record = current.model_copy(
+            update={
+                "status": JobStatus.FAILED,
+                "error": ErrorInfo(code=code, message=message[:1000]),
+                "updated_at": utcnow(),
+            }
+        )
+        return await self._apply(record)
+
+    # Idempotency keys: (owner, key) -> job id and a fingerprint of the request that created it.
+
+    def _idem_key(self, owner: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return f"{self.namespace}:idem:{owner_id(owner)}:{digest}"
+
+    async def claim_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> str | None:
+        """Claim `key` for `job_id`; returns None when claimed, else the job id that holds it.
+
+        Raises `IdempotencyConflict` when the key holds a different request.
+        """
+        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+        name = self._idem_key(owner, key)
+        if await self.redis.set(name, value, nx=True, ex=self.retention_s):
+            return None
+        existing = await self.redis.get(name)
+        if existing is None:  # expired between the two calls: try once more
+            if await self.redis.set(name, value, nx=True, ex=self.retention_s):
+                return None
+            existing = await self.redis.get(name)
+        held = json.loads(existing)
+        if held["fingerprint"] != fingerprint:
+            raise IdempotencyConflict(key)
+        return str(held["job_id"])
+
+    async def release_idempotency(self, owner: str, key: str) -> None:
+        await self.redis.delete(self._idem_key(owner, key))
+
+    # Upload grants: presigned uploads not yet expired count as referenced (the reconciler reads them).
+
+    @property
+    def grants_key(self) -> str:
+        return f"{self.namespace}:grants"
+
+    async def record_grant(self, key: str, expires_at: float) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.grants_key, {key: expires_at})
+            pipe.zremrangebyscore(self.grants_key, "-inf", expires_at - 7 * 24 * 3600)
+            await pipe.execute()
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
+        """Subscribe to every change in this namespace; yields an iterator of `(version, record)`.
+
+        The subscription is live when the context is entered, so a caller that registers its
+        interest first and then reads the current state misses nothing in between.
+        """
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            yield self._changes(pubsub)
+        finally:
+            await pubsub.aclose()
+
+    @staticmethod
+    async def _changes(pubsub: PubSub) -> AsyncIterator[tuple[int, JobRecord]]:
+        while True:
+            # A bounded wait lets the client's health checks ping an idle subscription.
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10.0)
+            if message is None or message.get("type") != "message":
+                continue
+            payload = json.loads(message["data"])
+            record = JobRecord.model_validate(payload["record"])
+            record.version = int(payload["version"])
+            yield record.version, record

@@ -1,0 +1,219 @@
+"""aiohttp pieces every service shares: errors as JSON, request ids, metrics, health and the CLI.
+
+Errors leave every service as `{"error": {"code", "message"}}`; handlers raise `ApiError` and the
+middleware turns it (and aiohttp's own HTTP errors, and anything unexpected) into that shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from importlib.metadata import version as package_version
+from typing import Any, TypeVar
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from imgpipe.auth import AuthError, Principal, TokenVerifier, bearer_token
+from imgpipe.storage import StorageError
+from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, request_id_var
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Check = Callable[[], Awaitable[Any]]
+
+SERVICE = web.AppKey("service", str)
+ENVIRONMENT = web.AppKey("environment", str)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+READINESS = web.AppKey("readiness", dict)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a machine-readable code and a sentence for people."""
+
+    def __init__(self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id (taken from X-Request-ID when sane), JSON errors and HTTP metrics."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    token = request_id_var.set(request_id)
+    service = request.app[SERVICE]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    started = time.perf_counter()
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status == 401 else None
+            response = error_response(exc.status, exc.code, exc.message, headers)
+        except (RedisConnectionError, RedisTimeoutError):
+            log.warning("redis unavailable", extra={"path": request.path})
+            response = error_response(503, "store_unavailable", "the job store is unavailable; retry later")
+        except StorageError as exc:
+            if not exc.transient:
+                raise
+            log.warning("storage unavailable: %s", exc.message)
+            response = error_response(
+                503, "storage_unavailable", "object storage is unavailable; retry later"
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _DEFAULT_CODES.get(exc.status, "http_error")
+            response = error_response(exc.status, code, exc.reason or code, dict(exc.headers) or None)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            response = error_response(500, "internal_error", "an internal error occurred")
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
+        return response
+    finally:
+        HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
+        HTTP_LATENCY.labels(service, request.method, route).observe(time.perf_counter() - started)
+        request_id_var.reset(token)
+
+
+def authenticate(request: web.Request, *, allow_query_token: bool = False) -> Principal:
+    """The caller, from `Authorization: Bearer`; EventSource clients may pass `?access_token=`."""
+    header = request.headers.get("Authorization")
+    if not header and allow_query_token and request.query.get("access_token"):
+        return request.app[VERIFIER].verify(request.query["access_token"])
+    return request.app[VERIFIER].verify(bearer_token(header))
+
+
+def require_admin(principal: Principal) -> None:
+    if not principal.is_admin:
+        raise ApiError(403, "forbidden", "this route needs the 'admin' scope")
+
+
+async def read_model(request: web.Request, model: type[M]) -> M:
+    """The JSON body validated into `model`; any problem is a 4xx with a precise code."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, "request_too_large", "the request body is too large") from None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:10]
+        )
+        raise ApiError(422, "invalid_request", problems) from None
+
+
+# Health, readiness and metrics.
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response(
+        {
+            "status": "ok",
+            "service": request.app[SERVICE],
+            "version": package_version("imgpipe"),
+            "environment": request.app[ENVIRONMENT],
+        }
+    )
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    checks: dict[str, Check] = request.app[READINESS]
+    results: dict[str, str] = {}
+
+    async def run(name: str, check: Check) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await check()
+            results[name] = "ok"
+        except Exception as exc:
+            results[name] = f"error: {type(exc).__name__}"
+
+    await asyncio.gather(*(run(name, check) for name, check in checks.items()))
+    ready = all(value == "ok" for value in results.values())
+    return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+def base_app(service: str, *, environment: str, client_max_size: int = 1024**2) -> web.Application:
+    """An application with the shared middleware and `/healthz`, `/readyz`, `/metrics`."""
+    app = web.Application(middlewares=[request_context], client_max_size=client_max_size)
+    app[SERVICE] = service
+    app[ENVIRONMENT] = environment
+    app[READINESS] = {}
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def serve(
+    factory: Callable[[], Awaitable[web.Application] | web.Application],
+    *,
+    prog: str,
+    default_port: int,
+    argv: list[str] | None = None,
+    shutdown_timeout: float = 10.0,
+) -> None:
+    """The command line of a service: `--host` (default 0.0.0.0) and `--port`."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+    args = parser.parse_args(argv)
+    web.run_app(
+        factory(),  # type: ignore[arg-type]  # run_app accepts a coroutine too
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=shutdown_timeout,
+        handler_cancellation=True,
+    )

@@ -1,0 +1,227 @@
+"""The api service: presigned uploads and job submission.
+
+`POST /jobs` answers 202 only once the job's `pending` record is in Redis and the broker has
+confirmed the persistent message; if the broker cannot take it, the record is removed again and
+the client gets a 503 it can retry (with the same Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+from imgpipe import resources
+from imgpipe.auth import Principal, TokenVerifier
+from imgpipe.broker import Publisher
+from imgpipe.models import JobMessage, JobRecord, JobRequest, JobStatus, KeySource, utcnow
+from imgpipe.settings import (
+    AmqpSettings,
+    AuthSettings,
+    CommonSettings,
+    LimitSettings,
+    RedisSettings,
+    S3Settings,
+    UrlSourceSettings,
+    load,
+)
+from imgpipe.storage import ObjectNotFound, owns_key, upload_key
+from imgpipe.store import IdempotencyConflict
+from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
+from imgpipe.urlsafety import UrlRejected, check_url, parse_networks
+from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("imgpipe.api")
+
+LIMITS = web.AppKey("limits", LimitSettings)
+URLS = web.AppKey("urls", UrlSourceSettings)
+
+#: What may be uploaded: the formats the worker decodes (it checks the bytes again, not this label).
+UPLOAD_TYPES = frozenset(
+    {"image/jpeg", "image/png", "image/webp", "image/gif", "image/avif", "image/heic", "image/tiff"}
+)
+
+
+class UploadRequest(BaseModel):
+    """Body of `POST /uploads`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content_type: str = Field(max_length=100)
+    size: int = Field(ge=1)
+
+
+_IDEMPOTENCY_KEY_MAX = 255
+
+
+async def create_upload(request: web.Request) -> web.Response:
+    principal = authenticate(request)
+    body = await read_model(request, UploadRequest)
+    limits = request.app[LIMITS]
+    if body.content_type not in UPLOAD_TYPES:
+        raise ApiError(
+            415,
+            "unsupported_content_type",
+            f"content_type must be one of {', '.join(sorted(UPLOAD_TYPES))}",
+        )
+    if body.size > limits.max_upload_bytes:
+        raise ApiError(413, "upload_too_large", f"size may be at most {limits.max_upload_bytes} bytes")
+    storage = request.app[resources.STORAGE]
+    # The grant allows at most the declared size, so a client cannot declare small and send large.
+    grant = storage.presign_upload(upload_key(principal.sub), body.content_type, body.size)
+    await request.app[resources.STORE].record_grant(grant.key, grant.expires_at)
+    return web.json_response(
+        {
+            "key": grant.key,
+            "method": "POST",
+            "url": grant.url,
+            "fields": grant.fields,
+            "expires_at": datetime.fromtimestamp(grant.expires_at, UTC).isoformat(),
+        },
+        status=201,
+    )
+
+
+async def _check_source(request: web.Request, principal: Principal, job: JobRequest) -> None:
+    """Refuse at submit time what can be known to fail: a 4xx now beats a failed job later."""
+    source = job.source
+    if isinstance(source, KeySource):
+        if not owns_key(principal.sub, source.key):
+            raise ApiError(403, "source_forbidden", "the source key does not belong to you")
+        try:
+            head = await request.app[resources.STORAGE].head(source.key)
+        except ObjectNotFound:
+            raise ApiError(422, "source_not_found", "no object with that key; upload it first") from None
+        limit = request.app[LIMITS].max_upload_bytes
+        if head["ContentLength"] > limit:
+            raise ApiError(413, "source_too_large", f"the source is over {limit} bytes")
+        return
+    urls = request.app[URLS]
+    try:
+        check_url(
+            str(source.url),
+            allowed_hosts=urls.hosts(),
+            allowed_networks=parse_networks(urls.url_allowed_networks),
+        )
+    except UrlRejected as exc:
+        raise ApiError(422, exc.code, exc.message) from None
+
+
+def _fingerprint(principal: Principal, job: JobRequest) -> str:
+    return hashlib.sha256(f"{principal.sub}\n{job.model_dump_json()}".encode()).hexdigest()
+
+
+async def _replay(request: web.Request, principal: Principal, job_id: str) -> web.Response:
+    record = await request.app[resources.STORE].get(job_id)
+    if record is None or record.owner != principal.sub:
+        # The first request with this key is still in flight (or failed and is being released).
+        raise ApiError(409, "idempotency_in_progress", "a request with this Idempotency-Key is in progress")
+    return _accepted(record, replayed=True)
+
+
+def _accepted(record: JobRecord, *, replayed: bool = False) -> web.Response:
+    body = record.public()
+    body["links"] = {"self": f"/jobs/{record.id}", "events": f"/jobs/{record.id}/events"}
+    headers = {"Location": f"/jobs/{record.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return web.json_response(body, status=202, headers=headers)
+
+
+async def create_job(request: web.Request) -> web.Response:
+    principal = authenticate(request)
+    job = await read_model(request, JobRequest)
+    store = request.app[resources.STORE]
+    publisher: Publisher = request.app[resources.PUBLISHER]
+
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is not None and not (0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX):
+        raise ApiError(
+            400, "invalid_idempotency_key", f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} chars"
+        )
+
+    job_id = uuid.uuid4().hex
+    if idem_key:
+        try:
+            held = await store.claim_idempotency(
+                principal.sub, idem_key, job_id, _fingerprint(principal, job)
+            )
+        except IdempotencyConflict:
+            raise ApiError(
+                422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
+            ) from None
+        if held is not None:
+            return await _replay(request, principal, held)
+    job_id_var.set(job_id)
+
+    try:
+        await _check_source(request, principal, job)
+        now = utcnow()
+        record = JobRecord(
+            id=job_id,
+            owner=principal.sub,
+            status=JobStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            source=job.source,
+            requested=job.resolved_variants(),
+        )
+        await store.create(record)
+    except BaseException:
+        if idem_key:
+            await store.release_idempotency(principal.sub, idem_key)
+        raise
+
+    message = JobMessage(
+        id=job_id,
+        owner=principal.sub,
+        source=job.source,
+        variants=record.requested,
+        request_id=request_id_var.get(),
+        created_at=now,
+    )
+    try:
+        async with asyncio.timeout(5.0):
+            await publisher.publish_job(message)
+    except (Exception, asyncio.CancelledError) as exc:
+        # Not in the broker: take the job back so nothing claims a job that will never run.
+        log.warning("publish failed, job withdrawn: %s", type(exc).__name__)
+        try:
+            await store.delete(job_id)
+            if idem_key:
+                await store.release_idempotency(principal.sub, idem_key)
+        except Exception:
+            log.warning("could not withdraw job record after failed publish")
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
+
+    JOBS_ACCEPTED.inc()
+    log.info("job accepted", extra={"variants": len(record.requested)})
+    return _accepted(record)
+
+
+async def create_app() -> web.Application:
+    """The api application; every setting comes from the environment."""
+    common = load(CommonSettings)
+    setup_logging("api", env=common.env, level=common.log_level)
+    auth = load(AuthSettings)
+    limits = load(LimitSettings)
+    app = base_app("api", environment=common.env, client_max_size=64 * 1024)
+    app[VERIFIER] = TokenVerifier(auth)
+    app[LIMITS] = limits
+    app[URLS] = load(UrlSourceSettings)
+    app.cleanup_ctx.extend(
+        [
+            resources.job_store(load(RedisSettings), common.namespace),
+            resources.object_storage(load(S3Settings)),
+            resources.amqp(load(AmqpSettings), common.namespace),
+        ]
+    )
+    app.router.add_post("/uploads", create_upload)
+    app.router.add_post("/jobs", create_job)
+    return app

@@ -1,0 +1,89 @@
+"""The worker process: the job consumer, plus an HTTP port for health and metrics only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from imgpipe import resources
+from imgpipe.settings import (
+    AmqpSettings,
+    CommonSettings,
+    LimitSettings,
+    RedisSettings,
+    S3Settings,
+    UrlSourceSettings,
+    load,
+)
+from imgpipe.telemetry import setup_logging
+from imgpipe.urlsafety import parse_networks
+from imgpipe.web import base_app
+
+from imgpipe_worker import imaging
+from imgpipe_worker.consumer import Consumer, ConsumerConfig
+from imgpipe_worker.fetch import FetchPolicy
+from imgpipe_worker.settings import WorkerSettings
+
+CONSUMER = web.AppKey("consumer", Consumer)
+
+
+def consumer_config(
+    worker: WorkerSettings, limits: LimitSettings, urls: UrlSourceSettings, amqp: AmqpSettings
+):
+    return ConsumerConfig(
+        concurrency=worker.worker_concurrency,
+        job_timeout_s=worker.job_timeout_s,
+        max_attempts=amqp.max_attempts,
+        limits=imaging.Limits(
+            max_bytes=limits.max_upload_bytes,
+            max_pixels=limits.max_pixels,
+            max_frames=limits.max_frames,
+            timeout_s=worker.render_timeout_s,
+        ),
+        fetch=FetchPolicy(
+            max_bytes=min(urls.url_max_bytes, limits.max_upload_bytes),
+            connect_timeout_s=urls.url_connect_timeout_s,
+            total_timeout_s=urls.url_total_timeout_s,
+            allowed_hosts=urls.hosts(),
+            allowed_networks=tuple(parse_networks(urls.url_allowed_networks)),
+        ),
+        shutdown_grace_s=worker.shutdown_grace_s,
+    )
+
+
+def _consumer_ctx(config: ConsumerConfig):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        consumer = Consumer(
+            app[resources.AMQP],
+            app[resources.PUBLISHER],
+            app[resources.STORE],
+            app[resources.STORAGE],
+            config,
+        )
+        app[CONSUMER] = consumer
+        await consumer.start()
+        yield
+        # Runs before the connections below close (cleanup is in reverse): jobs in flight finish.
+        await consumer.stop()
+
+    return ctx
+
+
+async def create_app() -> web.Application:
+    """The worker application; every setting comes from the environment."""
+    common = load(CommonSettings)
+    setup_logging("worker", env=common.env, level=common.log_level)
+    worker = load(WorkerSettings)
+    amqp = load(AmqpSettings)
+    imaging.configure_libvips(concurrency=worker.vips_concurrency)
+    config = consumer_config(worker, load(LimitSettings), load(UrlSourceSettings), amqp)
+    app = base_app("worker", environment=common.env)
+    app.cleanup_ctx.extend(
+        [
+            resources.job_store(load(RedisSettings), common.namespace),
+            resources.object_storage(load(S3Settings), pool=max(10, 4 * worker.worker_concurrency)),
+            resources.amqp(amqp, common.namespace),
+            _consumer_ctx(config),
+        ]
+    )
+    return app

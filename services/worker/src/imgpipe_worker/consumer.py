@@ -1,0 +1,270 @@
+"""The worker's consumer: take a job message, make its variants, store them, move the status on.
+
+Delivery is at least once. A message is acknowledged only after its variants are in S3 and the
+terminal status is in Redis; output keys are deterministic and the status moves only forward, so
+a redelivered or duplicated message does no harm. Failures split in two:
+
+- permanent (a bad image, a missing source, a forbidden URL): the job is marked `failed` with the
+  error's code at once and the message is acknowledged;
+- transient (S3, Redis, a URL's server): the message is parked in a retry queue for its back-off
+  and tried again, up to `IMGPIPE_MAX_ATTEMPTS`; then the job is marked `failed` and the message
+  goes to the dead-letter queue for people to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import aiohttp
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection, ConsumerTag
+from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, Publisher
+from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, VariantResult
+from imgpipe.storage import Storage, StorageError, variant_key
+from imgpipe.store import JobStore
+from imgpipe.telemetry import (
+    JOB_SECONDS,
+    JOBS_DEAD_LETTERED,
+    JOBS_FAILED,
+    JOBS_IN_FLIGHT,
+    JOBS_RETRIED,
+    JOBS_SUCCEEDED,
+    VARIANT_SECONDS,
+    job_id_var,
+    request_id_var,
+)
+from pydantic import ValidationError
+
+from imgpipe_worker import imaging
+from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_session
+
+log = logging.getLogger("imgpipe.worker")
+
+#: Pauses between attempts to settle a job while a dependency is down (about a minute in all).
+_SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+class JobFailed(Exception):
+    """A failure with a code for the job record; `transient` failures are retried."""
+
+    def __init__(self, code: str, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    concurrency: int
+    job_timeout_s: float
+    max_attempts: int
+    limits: imaging.Limits
+    fetch: FetchPolicy
+    shutdown_grace_s: float = 60.0
+
+
+class Consumer:
+    """Consumes the jobs queue with `concurrency` jobs in flight, image work on a thread pool."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        publisher: Publisher,
+        store: JobStore,
+        storage: Storage,
+        config: ConsumerConfig,
+    ) -> None:
+        self._connection = connection
+        self._publisher = publisher
+        self._store = store
+        self._storage = storage
+        self._config = config
+        # One thread per concurrent job: libvips releases the GIL, so renders run in parallel.
+        self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="render")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._channel: AbstractChannel | None = None
+        self._tag: ConsumerTag | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._http = make_session(self._config.fetch)
+        channel = await self._connection.channel()
+        # Prefetch equals concurrency: every message we hold is being worked on, none waits here
+        # while another worker idles.
+        await channel.set_qos(prefetch_count=self._config.concurrency)
+        await self._publisher.topology.declare(channel)
+        queue = await channel.get_queue(self._publisher.topology.jobs_queue, ensure=False)
+        self._tag = await queue.consume(self._on_message)
+        self._channel = channel
+        log.info("consuming", extra={"queue": queue.name, "concurrency": self._config.concurrency})
+
+    async def stop(self) -> None:
+        """Stop taking messages, let the jobs in flight finish (up to the grace period), close."""
+        if self._channel is not None and self._tag is not None and not self._channel.is_closed:
+            queue = await self._channel.get_queue(self._publisher.topology.jobs_queue, ensure=False)
+            try:
+                await queue.cancel(self._tag)
+            except Exception as exc:  # the broker may already be gone; the messages will come back
+                log.warning("could not cancel consumer: %s", type(exc).__name__)
+        if self._tasks:
+            log.info("waiting for jobs in flight", extra={"in_flight": len(self._tasks)})
+            _, late = await asyncio.wait(self._tasks, timeout=self._config.shutdown_grace_s)
+            for task in late:  # unacknowledged: the broker redelivers them to another worker
+                task.cancel()
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()
+        if self._http is not None:
+            await self._http.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        headers = dict(message.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER, 1) or 1)
+        request_id_var.set(str(headers.get(REQUEST_ID_HEADER) or "") or None)
+        try:
+            job = JobMessage.model_validate_json(message.body)
+        except ValidationError as exc:
+            # Unreadable: no retry can fix it. Rejecting dead-letters it through the queue's DLX.
+            log.error("unparseable message dead-lettered: %s", exc.errors()[:1])
+            JOBS_DEAD_LETTERED.inc()
+            await message.reject(requeue=False)
+            return
+        job_id_var.set(job.id)
+        if job.request_id:
+            request_id_var.set(job.request_id)
+        JOBS_IN_FLIGHT.inc()
+        started = time.perf_counter()
+        try:
+            for delay in _SETTLE_BACKOFF_S:
+                try:
+                    await self._process(job, message, attempt)
+                    return
+                except Exception as exc:
+                    # The outcome could not be recorded (Redis or the broker is down). Keep the
+                    # message and try again here: nacking at once would spin it through the broker
+                    # and exhaust its delivery limit within seconds of an outage.
+                    log.warning("job could not be settled, retrying in %ss: %s", delay, type(exc).__name__)
+                    await asyncio.sleep(delay)
+            log.error("job could not be settled; returned to the queue")
+            await _nack(message)
+        finally:
+            JOBS_IN_FLIGHT.dec()
+            JOB_SECONDS.observe(time.perf_counter() - started)
+
+    async def _process(self, job: JobMessage, message: AbstractIncomingMessage, attempt: int) -> None:
+        taken = await self._store.mark_processing(job.id)
+        record = taken.record
+        if record is None:
+            log.warning("no record for job (expired or withdrawn); dropping message")
+            await message.ack()
+            return
+        if record.status.terminal:
+            log.info("job already %s; duplicate delivery acknowledged", record.status.value)
+            await message.ack()
+            return
+        try:
+            async with asyncio.timeout(self._config.job_timeout_s):
+                results = await self._run(job)
+        except JobFailed as exc:
+            failure = exc
+        except TimeoutError:
+            failure = JobFailed(
+                "processing_timeout", f"the job took over {self._config.job_timeout_s:g}s", transient=False
+            )
+        except Exception as exc:
+            # A bug or an unforeseen condition: retried like a transient failure, then dead-lettered.
+            log.exception("unexpected error while processing")
+            failure = JobFailed("internal_error", f"{type(exc).__name__}", transient=True)
+        else:
+            await self._store.mark_succeeded(record, results)
+            await message.ack()
+            JOBS_SUCCEEDED.inc()
+            log.info("job succeeded", extra={"variants": len(results), "attempt": attempt})
+            return
+        await self._fail(record, message, failure, attempt)
+
+    async def _fail(
+        self, record: JobRecord, message: AbstractIncomingMessage, failure: JobFailed, attempt: int
+    ) -> None:
+        headers = dict(message.headers or {})
+        if failure.transient and attempt < self._config.max_attempts:
+            delay = await self._publisher.publish_retry(
+                message.body, headers, message_id=record.id, attempt=attempt
+            )
+            await message.ack()
+            JOBS_RETRIED.labels(failure.code).inc()
+            log.warning(
+                "transient failure, retrying",
+                extra={"code": failure.code, "error": failure.message, "attempt": attempt, "delay_s": delay},
+            )
+            return
+        text = failure.message
+        if failure.transient:
+            text = f"{text} (gave up after {attempt} attempts)"
+            await self._publisher.publish_dead(message.body, headers, message_id=record.id, reason=text)
+            JOBS_DEAD_LETTERED.inc()
+        await self._store.mark_failed(record, failure.code, text)
+        await message.ack()
+        JOBS_FAILED.labels(failure.code).inc()
+        log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
+
+    async def _run(self, job: JobMessage) -> list[VariantResult]:
+        data = await self._source(job)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            # Run in a copy of this context so libvips' log lines carry the job and request ids.
+            context = contextvars.copy_context()
+            rendered = await loop.run_in_executor(
+                self._pool, context.run, imaging.render, data, job.variants, self._config.limits
+            )
+        except imaging.ImageError as exc:
+            raise JobFailed(exc.code, exc.message, transient=False) from None
+        elapsed = time.perf_counter() - started
+        for fmt in {v.format for v in job.variants}:
+            VARIANT_SECONDS.labels(fmt).observe(elapsed)
+        keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
+        try:
+            await asyncio.gather(
+                *(
+                    self._storage.put(key, r.data, CONTENT_TYPES[r.format])
+                    for key, r in zip(keys, rendered, strict=True)
+                )
+            )
+        except StorageError as exc:
+            raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        return [
+            VariantResult(
+                name=r.name, format=r.format, width=r.width, height=r.height, bytes=len(r.data), key=k
+            )
+            for k, r in zip(keys, rendered, strict=True)
+        ]
+
+    async def _source(self, job: JobMessage) -> bytes:
+        source = job.source
+        try:
+            if isinstance(source, KeySource):
+                return await self._storage.get(source.key, max_bytes=self._config.limits.max_bytes)
+            fetched = await fetch_url(str(source.url), self._config.fetch, session=self._http)
+            return fetched.data
+        except StorageError as exc:
+            raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        except FetchError as exc:
+            raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+
+
+async def _nack(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:  # the channel is gone: the broker requeues unacked messages itself
+        log.warning("could not nack: %s", type(exc).__name__)

@@ -1,0 +1,23 @@
+"""The worker's own settings (the shared ones live in `imgpipe.settings`)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", frozen=True)
+
+    #: Jobs processed at once by one worker process (and the broker prefetch).
+    worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    #: Threads libvips may use for one image; jobs already run in parallel, so 1 is usually best.
+    vips_concurrency: int = Field(default=1, ge=1, le=64)
+    #: Wall-clock limit for one job, fetch to upload.
+    job_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    #: Wall-clock limit for decoding and encoding one job's variants.
+    render_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    #: On SIGTERM, how long jobs in flight may take to finish before they are handed back.
+    shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)

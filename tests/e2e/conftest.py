@@ -1,0 +1,190 @@
+"""The three services started as processes (the installed `imgpipe-*` commands), and a client for them.
+
+The client does only what a real client does: HTTP to the api and status services, and the
+presigned form POST straight to the S3 endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from imgpipe.auth import TokenVerifier
+from imgpipe.settings import AuthSettings
+from tests.conftest import JWT_SECRET, REPO, free_port, wait_http
+
+BIN = REPO / ".venv" / "bin"
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    services: dict[str, Service] = field(default_factory=dict)
+
+    @property
+    def api(self) -> str:
+        return self.services["api"].url
+
+    @property
+    def status(self) -> str:
+        return self.services["status"].url
+
+    def start(self, name: str, logdir: Path, extra_env: dict[str, str] | None = None) -> Service:
+        port = free_port()
+        log = logdir / f"{name}-{port}.log"
+        with log.open("wb") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                [str(BIN / f"imgpipe-{name}"), "--host", "127.0.0.1", "--port", str(port)],
+                env={**os.environ, **self.env, **(extra_env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        service = Service(name, f"http://127.0.0.1:{port}", proc, log)
+        try:
+            wait_http(f"{service.url}/readyz", timeout=60, proc=proc)
+        except Exception:
+            raise RuntimeError(f"{name} did not become ready:\n{service.tail()}") from None
+        return service
+
+    def stop(self, service: Service, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if service.proc.poll() is None:
+            service.proc.send_signal(sig)
+            try:
+                service.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+        return service.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logdir = tmp_path_factory.mktemp("logs")
+    # The e2e URL-source tests fetch from a server on 127.0.0.1; everything else private stays blocked.
+    env = {**base_env, "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8", "IMGPIPE_WORKER_CONCURRENCY": "2"}
+    stack = Stack(env)
+    try:
+        for name in ("api", "status", "worker"):
+            stack.services[name] = stack.start(name, logdir)
+        yield stack
+    finally:
+        for service in stack.services.values():
+            stack.stop(service)
+
+
+def token(sub: str, scopes: str = "", ttl_s: int = 600) -> str:
+    return TokenVerifier(AuthSettings(env="test", jwt_secret=JWT_SECRET)).issue(sub, scopes=scopes, ttl_s=ttl_s)
+
+
+class Client:
+    """A user of imgpipe, holding a token."""
+
+    def __init__(self, http: aiohttp.ClientSession, stack: Stack, sub: str) -> None:
+        self.http = http
+        self.stack = stack
+        self.sub = sub
+        self.headers = {"Authorization": f"Bearer {token(sub)}"}
+
+    async def upload(self, data: bytes, content_type: str = "image/jpeg") -> str:
+        async with self.http.post(
+            f"{self.stack.api}/uploads", json={"content_type": content_type, "size": len(data)}, headers=self.headers
+        ) as response:
+            assert response.status == 201, await response.text()
+            grant = await response.json()
+        form = aiohttp.FormData()
+        for name, value in grant["fields"].items():
+            form.add_field(name, value)
+        form.add_field("file", data, filename="upload", content_type=content_type)
+        async with self.http.post(grant["url"], data=form) as response:
+            assert response.status in (200, 201, 204), await response.text()
+        return grant["key"]
+
+    async def submit(self, source: dict[str, Any], variants: list | None = None, **headers: str) -> dict:
+        body: dict[str, Any] = {"source": source}
+        if variants is not None:
+            body["variants"] = variants
+        async with self.http.post(
+            f"{self.stack.api}/jobs", json=body, headers={**self.headers, **headers}
+        ) as response:
+            assert response.status == 202, await response.text()
+            return await response.json()
+
+    async def get(self, job_id: str) -> tuple[int, dict]:
+        async with self.http.get(f"{self.stack.status}/jobs/{job_id}", headers=self.headers) as response:
+            return response.status, await response.json()
+
+    async def events(self, job_id: str, *, query_token: bool = False) -> list[tuple[str, dict]]:
+        """Every SSE event of the job until the stream ends."""
+        url = f"{self.stack.status}/jobs/{job_id}/events"
+        kwargs: dict[str, Any] = {"timeout": aiohttp.ClientTimeout(total=90)}
+        if query_token:
+            kwargs["params"] = {"access_token": self.headers["Authorization"].split()[1]}
+        else:
+            kwargs["headers"] = self.headers
+        events: list[tuple[str, dict]] = []
+        async with self.http.get(url, **kwargs) as response:
+            assert response.status == 200, await response.text()
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            event, data = None, []
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[len("event: ") :]
+                elif line.startswith("data: "):
+                    data.append(line[len("data: ") :])
+                elif line == "" and event is not None:
+                    events.append((event, json.loads("\n".join(data))))
+                    event, data = None, []
+        return events
+
+    async def wait(self, job_id: str, timeout: float = 60) -> dict:
+        """Poll until the job is terminal."""
+        async with asyncio.timeout(timeout):
+            while True:
+                status, body = await self.get(job_id)
+                assert status == 200, body
+                if body["status"] in ("succeeded", "failed"):
+                    return body
+                await asyncio.sleep(0.1)
+
+    async def download(self, url: str) -> bytes:
+        async with self.http.get(url) as response:
+            assert response.status == 200, await response.text()
+            return await response.read()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def alice(http: aiohttp.ClientSession, stack: Stack) -> Client:
+    return Client(http, stack, "alice")
+
+
+@pytest.fixture
+def bob(http: aiohttp.ClientSession, stack: Stack) -> Client:
+    return Client(http, stack, "bob")
