@@ -6,51 +6,17 @@ meet another run's, and removes them at the end.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import boto3
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TESTDATA = Path(os.environ.get("IMGPIPE_TESTDATA", REPO.parent / "shared" / "testdata"))
-AMQP_URL = os.environ.get("IMGPIPE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("IMGPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-JWT_SECRET = "test-secret-" + "x" * 32
-BUCKET = "imgpipe-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, *, timeout: float = 30.0, status: int = 200, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == status:
-                    return
-                last = response.status
-        except urllib.error.HTTPError as exc:
-            last = exc.code
-        except OSError as exc:
-            last = exc
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+from tests.stack import AMQP_URL, BUCKET, JWT_SECRET, REDIS_URL, TESTDATA, Client, Stack, free_port, wait_http
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +98,6 @@ def _drop_namespace(namespace: str) -> None:
 
     import aio_pika
     import redis
-
     from imgpipe.broker import Topology
 
     async def drop_broker() -> None:
@@ -158,3 +123,34 @@ def _drop_namespace(namespace: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logdir = tmp_path_factory.mktemp("logs")
+    # The e2e URL-source tests fetch from a server on 127.0.0.1; everything else private stays blocked.
+    env = {**base_env, "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8", "IMGPIPE_WORKER_CONCURRENCY": "2"}
+    stack = Stack(env)
+    try:
+        for name in ("api", "status", "worker"):
+            stack.services[name] = stack.start(name, logdir)
+        yield stack
+    finally:
+        for service in stack.services.values():
+            stack.stop(service)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def alice(http: aiohttp.ClientSession, stack: Stack) -> Client:
+    return Client(http, stack, "alice")
+
+
+@pytest.fixture
+def bob(http: aiohttp.ClientSession, stack: Stack) -> Client:
+    return Client(http, stack, "bob")

@@ -1,4 +1,4 @@
-"""End to end: upload → POST /jobs → RabbitMQ → worker → S3, watched over SSE and polled, as a client would."""
+"""End to end: upload → POST /jobs → RabbitMQ → worker → S3, watched over SSE and polled like a client."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from tests.e2e.conftest import Client
+from tests.stack import Client
 
 pytestmark = pytest.mark.e2e
 
@@ -85,7 +85,7 @@ async def test_pngsuite_valid_succeed_and_corrupt_fail(alice: Client, testdata: 
     for path in files:
         key = await alice.upload(path.read_bytes(), "image/png")
         jobs[path.name] = await alice.submit({"key": key}, [{"name": "t", "width": 64, "format": "jpeg"}])
-    results = await asyncio.gather(*(alice.wait(job["id"], timeout=120) for job in jobs.values()))
+    results = await asyncio.gather(*(alice.wait(job["id"], within=120) for job in jobs.values()))
     for name, result in zip(jobs, results, strict=True):
         if name.startswith("x"):
             assert result["status"] == "failed", (name, result)

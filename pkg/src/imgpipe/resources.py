@@ -28,14 +28,18 @@ PUBLISHER = web.AppKey("publisher", broker.Publisher)
 
 
 def redis_client(settings: RedisSettings) -> aioredis.Redis:
-    # Short timeouts: a Redis that is down must turn into a quick 503, never a hanging request.
-    return aioredis.from_url(
+    # A bounded pool that makes a burst wait for a free connection instead of failing, and short
+    # timeouts: a Redis that is down must turn into a quick 503, never a hanging request.
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
+        max_connections=settings.redis_max_connections,
+        timeout=5,
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=15,
         retry_on_timeout=False,
     )
+    return aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool
 
 
 def job_store(settings: RedisSettings, namespace: str) -> CleanupCtx:

@@ -46,6 +46,8 @@ class RedisSettings(BaseSettings):
     model_config = _config()
 
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    #: Connections per process; requests beyond it wait (up to 5 s) for a free one.
+    redis_max_connections: int = Field(default=64, ge=2, le=10_000)
     #: How long a job record is kept after its last change.
     job_retention_days: int = Field(default=7, ge=1, le=3650)
 

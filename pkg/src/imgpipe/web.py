@@ -86,8 +86,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status == 401 else None
             response = error_response(exc.status, exc.code, exc.message, headers)
-        except (RedisConnectionError, RedisTimeoutError):
-            log.warning("redis unavailable", extra={"path": request.path})
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc, extra={"path": request.path})
             response = error_response(503, "store_unavailable", "the job store is unavailable; retry later")
         except StorageError as exc:
             if not exc.transient:

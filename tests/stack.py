@@ -1,4 +1,4 @@
-"""The three services started as processes (the installed `imgpipe-*` commands), and a client for them.
+"""The services started as processes (the installed `imgpipe-*` commands), and a client for them.
 
 The client does only what a real client does: HTTP to the api and status services, and the
 presigned form POST straight to the S3 endpoint.
@@ -10,18 +10,53 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-
 from imgpipe.auth import TokenVerifier
 from imgpipe.settings import AuthSettings
-from tests.conftest import JWT_SECRET, REPO, free_port, wait_http
+
+REPO = Path(__file__).resolve().parent.parent
+TESTDATA = Path(os.environ.get("IMGPIPE_TESTDATA", REPO.parent / "shared" / "testdata"))
+AMQP_URL = os.environ.get("IMGPIPE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("IMGPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+JWT_SECRET = "test-secret-" + "x" * 32
+BUCKET = "imgpipe-test"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(
+    url: str, *, timeout: float = 30.0, status: int = 200, proc: subprocess.Popen | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == status:
+                    return
+                last = response.status
+        except urllib.error.HTTPError as exc:
+            last = exc.code
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
 
 BIN = REPO / ".venv" / "bin"
 
@@ -78,23 +113,10 @@ class Stack:
         return service.proc.returncode
 
 
-@pytest.fixture(scope="session")
-def stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logdir = tmp_path_factory.mktemp("logs")
-    # The e2e URL-source tests fetch from a server on 127.0.0.1; everything else private stays blocked.
-    env = {**base_env, "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8", "IMGPIPE_WORKER_CONCURRENCY": "2"}
-    stack = Stack(env)
-    try:
-        for name in ("api", "status", "worker"):
-            stack.services[name] = stack.start(name, logdir)
-        yield stack
-    finally:
-        for service in stack.services.values():
-            stack.stop(service)
-
-
 def token(sub: str, scopes: str = "", ttl_s: int = 600) -> str:
-    return TokenVerifier(AuthSettings(env="test", jwt_secret=JWT_SECRET)).issue(sub, scopes=scopes, ttl_s=ttl_s)
+    return TokenVerifier(AuthSettings(env="test", jwt_secret=JWT_SECRET)).issue(
+        sub, scopes=scopes, ttl_s=ttl_s
+    )
 
 
 class Client:
@@ -108,7 +130,9 @@ class Client:
 
     async def upload(self, data: bytes, content_type: str = "image/jpeg") -> str:
         async with self.http.post(
-            f"{self.stack.api}/uploads", json={"content_type": content_type, "size": len(data)}, headers=self.headers
+            f"{self.stack.api}/uploads",
+            json={"content_type": content_type, "size": len(data)},
+            headers=self.headers,
         ) as response:
             assert response.status == 201, await response.text()
             grant = await response.json()
@@ -158,9 +182,9 @@ class Client:
                     event, data = None, []
         return events
 
-    async def wait(self, job_id: str, timeout: float = 60) -> dict:
+    async def wait(self, job_id: str, within: float = 60) -> dict:
         """Poll until the job is terminal."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 status, body = await self.get(job_id)
                 assert status == 200, body
@@ -172,19 +196,3 @@ class Client:
         async with self.http.get(url) as response:
             assert response.status == 200, await response.text()
             return await response.read()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def alice(http: aiohttp.ClientSession, stack: Stack) -> Client:
-    return Client(http, stack, "alice")
-
-
-@pytest.fixture
-def bob(http: aiohttp.ClientSession, stack: Stack) -> Client:
-    return Client(http, stack, "bob")

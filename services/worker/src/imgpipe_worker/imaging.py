@@ -1,0 +1,489 @@
+"""The worker's image-processing core: sniff, probe and render, synchronously, all in memory.
+
+Everything here is plain blocking code around libvips (through pyvips); the consumer runs `render()` in a
+thread. The input is untrusted, so the module is written defensively:
+
+* the format is decided by the bytes (`sniff`), never by a file name or a content type, and libvips is only
+  allowed to use the loaders of the formats we accept (`configure_libvips`);
+* size limits are checked from the header (`probe`) before a single pixel is decoded, so a small file that
+  claims to be enormous is refused without allocating for it;
+* decoding and resizing go through `thumbnail`, which shrinks while decoding where the format allows
+  (JPEG, WebP, HEIF), so the full-resolution image is rarely materialised;
+* every `render()` call has a wall-clock budget enforced with libvips' own eval/kill machinery, so a slow
+  image stops libvips itself rather than merely being abandoned by Python.
+
+Errors that mean "this image is bad" are raised as `ImageError` with a stable `code`; the job fails at
+once. Anything else (a bug, `MemoryError`) propagates unchanged so the caller can treat it as transient.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pyvips
+from imgpipe.models import CONTENT_TYPES, Variant
+
+__all__ = [
+    "ALLOWED_LOADERS",
+    "ImageError",
+    "Limits",
+    "Rendered",
+    "SourceInfo",
+    "configure_libvips",
+    "probe",
+    "render",
+    "sniff",
+]
+
+#: libvips loader classes we re-enable after blocking every loader (names as in libvips 8.18). Only the
+#: in-memory (`*Buffer`) variants: we never load from files or sources, so the file and source flavours
+#: of even the allowed decoders stay blocked. Everything else stays off: SVG (librsvg, can fetch and
+#: parse XML), the libvips `.v` format, CSV/matrix, raw, and Ultra HDR (a second JPEG code path; with it
+#: blocked such files decode as ordinary JPEG).
+ALLOWED_LOADERS: tuple[str, ...] = (
+    "VipsForeignLoadJpegBuffer",
+    "VipsForeignLoadPngBuffer",
+    "VipsForeignLoadWebpBuffer",
+    "VipsForeignLoadNsgifBuffer",
+    "VipsForeignLoadHeifBuffer",
+    "VipsForeignLoadTiffBuffer",
+)
+
+# Which libvips loader (the `vips-loader` header field) belongs to which sniffed format. Used to refuse a
+# polyglot file whose magic bytes say one thing while libvips picks a different decoder.
+_LOADER_FORMAT: dict[str, str] = {
+    "jpegload_buffer": "jpeg",
+    "pngload_buffer": "png",
+    "webpload_buffer": "webp",
+    "gifload_buffer": "gif",
+    "heifload_buffer": "heif",
+    "tiffload_buffer": "tiff",
+}
+
+# ISO-BMFF brands that mean HEIF (HEIC) or AVIF; anything else in an `ftyp` box (MP4, MOV, ...) is refused.
+_HEIF_BRANDS = frozenset(
+    {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2"}
+    | {b"avif", b"avis"}
+)
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# thumbnail() needs a number for an axis we do not want to bound; this is libvips' VIPS_MAX_COORD.
+_UNBOUNDED = 10_000_000
+
+# A shared intermediate is kept fully in memory; past this size (~64 MB at RGBA) we would rather decode
+# once per variant, streaming, than hold it.
+_SHARED_INTERMEDIATE_MAX_PIXELS = 16 * 1024 * 1024
+
+# "truncated": refuse images whose data stops early (they would otherwise come out half grey), but
+# tolerate the minor, recoverable oddities that real cameras and phones produce.
+_FAIL_ON = "truncated"
+
+_KEEP_NONE = 0  # VipsForeignKeep NONE: strip EXIF, XMP, IPTC, ICC and everything else from the output
+
+
+class ImageError(Exception):
+    """A permanent problem with the source image: the job fails at once and is not retried.
+
+    `code` is one of `empty_source`, `source_too_large`, `unsupported_format`, `image_too_large`,
+    `too_many_frames`, `corrupt_image`, `processing_timeout`; `message` is a short human explanation.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one source image."""
+
+    max_bytes: int = 50 * 1024 * 1024  # size of the encoded source
+    max_pixels: int = 100_000_000  # width*height of one frame, as stated by the header
+    max_frames: int = 256  # n-pages of animated / multi-page input
+    timeout_s: float = 30.0  # wall time for one render() call
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the header says about a source.
+
+    `width` and `height` are as stored, *before* EXIF orientation is applied (a portrait photo stored
+    sideways with orientation 6 reports its sideways size). `frames` is libvips' n-pages (1 for stills).
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One encoded output variant."""
+
+    name: str
+    format: str
+    width: int
+    height: int
+    data: bytes
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+
+# --------------------------------------------------------------------------------------------------------
+# libvips configuration
+
+_config_lock = threading.Lock()
+_configured = False
+
+
+def configure_libvips(*, concurrency: int = 1, cache: bool = False) -> None:
+    """Lock libvips down for untrusted input and size its thread pool. Idempotent.
+
+    Blocks every operation libvips marks untrusted, then every loader, then re-enables only the in-memory
+    loaders in `ALLOWED_LOADERS`. With `cache=False` the operation cache is switched off: cached
+    operations would keep decoded pixels of earlier (untrusted, possibly huge) images alive and we never
+    repeat an operation anyway. `concurrency` is libvips' worker threads per pipeline; the worker runs
+    several jobs in parallel, so 1 is the sane default.
+
+    The settings are process-wide: any other pyvips user in the process is restricted too.
+    """
+    global _configured
+    with _config_lock:
+        pyvips.block_untrusted_set(True)
+        # Blocking the base class blocks every subclass, i.e. every loader, including ones a future
+        # libvips adds; unblocking then works per class, so only the exact classes named come back.
+        pyvips.operation_block_set("VipsForeignLoad", True)
+        for name in ALLOWED_LOADERS:
+            pyvips.operation_block_set(name, False)
+        if cache:
+            # libvips' own defaults.
+            pyvips.cache_set_max(100)
+            pyvips.cache_set_max_mem(100 * 1024 * 1024)
+            pyvips.cache_set_max_files(100)
+        else:
+            pyvips.cache_set_max(0)
+            pyvips.cache_set_max_mem(0)
+            pyvips.cache_set_max_files(0)
+        pyvips.concurrency_set(max(1, concurrency))
+        _configured = True
+
+
+def _ensure_configured() -> None:
+    # A caller that forgot configure_libvips() must not get an unrestricted libvips: apply the defaults.
+    if not _configured:
+        configure_libvips()
+
+
+# --------------------------------------------------------------------------------------------------------
+# sniff / probe
+
+
+def sniff(data: bytes) -> str:
+    """Return the format of `data` from its magic bytes alone.
+
+    One of "jpeg", "png", "webp", "gif", "heif" (HEIC and AVIF) or "tiff"; anything else raises
+    `ImageError("unsupported_format")` (`empty_source` for no bytes at all).
+    """
+    if not data:
+        raise ImageError("empty_source", "the source is empty")
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic and BigTIFF
+        return "tiff"
+    if head[4:8] == b"ftyp" and _is_heif_ftyp(data):
+        return "heif"
+    raise ImageError("unsupported_format", "not a JPEG, PNG, WebP, GIF, HEIF/AVIF or TIFF image")
+
+
+def _is_heif_ftyp(data: bytes) -> bool:
+    # ftyp box: size(4) "ftyp" major_brand(4) minor_version(4) compatible_brands(4 each)...
+    size = int.from_bytes(data[0:4], "big")
+    end = min(size if size >= 16 else 16, len(data), 4096)
+    if data[8:12] in _HEIF_BRANDS:
+        return True
+    return any(data[i : i + 4] in _HEIF_BRANDS for i in range(16, end - 3, 4))
+
+
+def _header(data: bytes) -> pyvips.Image:
+    # new_from_buffer is lazy: with sequential access it parses the header and stops; no pixels decoded.
+    try:
+        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON)
+    except pyvips.Error as exc:
+        raise ImageError("corrupt_image", f"cannot read the image header: {_vips_reason(exc)}") from exc
+
+
+def probe(data: bytes, limits: Limits) -> SourceInfo:
+    """Read the header of `data` and check it against `limits`, decoding no pixels.
+
+    Raises `ImageError` with `empty_source`, `source_too_large`, `unsupported_format`, `corrupt_image`,
+    `image_too_large` (width*height of one frame over `max_pixels`) or `too_many_frames`.
+    """
+    return _probe(data, limits)[0]
+
+
+def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
+    _ensure_configured()
+    if not data:
+        raise ImageError("empty_source", "the source is empty")
+    if len(data) > limits.max_bytes:
+        raise ImageError("source_too_large", f"the source is {len(data)} bytes, over {limits.max_bytes}")
+    fmt = sniff(data)
+    header = _header(data)
+    loader = header.get("vips-loader") if header.get_typeof("vips-loader") else ""
+    if _LOADER_FORMAT.get(loader) != fmt:
+        # The bytes start like one format but libvips recognised another: a polyglot, refuse it.
+        raise ImageError("unsupported_format", f"looks like {fmt} but decodes as {loader or 'unknown'}")
+    width, height = header.width, header.height
+    frames = header.get("n-pages") if header.get_typeof("n-pages") else 1
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            "image_too_large", f"{width}x{height} is {width * height} pixels, over {limits.max_pixels}"
+        )
+    if frames > limits.max_frames:
+        raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
+    if fmt == "png":
+        _check_png_chunks(data)
+    return SourceInfo(format=fmt, width=width, height=height, frames=frames), header
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Walk the PNG chunk list and verify the CRC of every critical chunk.
+
+    libvips (libspng) is configured to ignore CRC errors, so a damaged file would otherwise decode to
+    garbage. Like browsers, only critical chunks (IHDR, PLTE, IDAT, IEND: upper-case first letter) are
+    fatal; a bad ancillary chunk is ignored. A chunk that runs past the end of the data is corrupt.
+    """
+    pos = len(_PNG_SIGNATURE)
+    total = len(data)
+    first = True
+    view = memoryview(data)
+    while pos + 8 <= total:
+        length, ctype = struct.unpack_from(">I4s", data, pos)
+        if first and ctype != b"IHDR":
+            raise ImageError("corrupt_image", "PNG does not start with IHDR")
+        first = False
+        end = pos + 8 + length + 4
+        if length > 0x7FFFFFFF or end > total:
+            raise ImageError("corrupt_image", f"PNG chunk {ctype!r} runs past the end of the data")
+        if not ctype[0] & 0x20:  # bit 5 clear on the first letter: critical chunk
+            (stored,) = struct.unpack_from(">I", data, end - 4)
+            if zlib.crc32(view[pos + 4 : end - 4]) != stored:
+                raise ImageError("corrupt_image", f"PNG chunk {ctype.decode('latin-1')!r} has a bad CRC")
+        if ctype == b"IEND":
+            return
+        pos = end
+
+
+def _vips_reason(exc: pyvips.Error) -> str:
+    # libvips errors are multi-line logs; keep the most specific non-empty line, bounded in size.
+    lines = [line.strip() for line in f"{exc.message}\n{exc.detail or ''}".splitlines() if line.strip()]
+    return (lines[-1] if lines else "libvips error")[:200]
+
+
+# --------------------------------------------------------------------------------------------------------
+# render
+
+
+class _Deadline:
+    """A wall-clock budget that stops libvips itself when it runs out.
+
+    `watch(image)` turns on progress reporting for `image`; libvips then emits `eval` every few tiles of
+    any computation pulling pixels through it (the save at the end of a pipeline included), and when the
+    deadline has passed we set the image's kill flag, which makes the running computation fail. Steps
+    that run as one call into a codec (libheif's AVIF encode, a HEIF decode) cannot be interrupted
+    mid-call; `check()` between steps stops the next one from starting.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.at = time.monotonic() + timeout_s
+        self.fired = False
+
+    def expired(self) -> bool:
+        return self.fired or time.monotonic() >= self.at
+
+    def check(self) -> None:
+        if self.expired():
+            raise self.error()
+
+    def error(self) -> ImageError:
+        return ImageError("processing_timeout", f"processing took longer than {self.timeout_s:g}s")
+
+    def watch(self, image: pyvips.Image) -> None:
+        image.set_progress(True)
+        image.signal_connect("eval", self._on_eval)
+
+    def _on_eval(self, image: pyvips.Image, _progress: object) -> None:
+        if time.monotonic() >= self.at:
+            self.fired = True
+            image.set_kill(True)
+
+
+def _oriented_size(header: pyvips.Image) -> tuple[int, int]:
+    """Width and height after EXIF auto-rotation (orientations 5-8 swap the axes)."""
+    orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+    if orientation in (5, 6, 7, 8):
+        return header.height, header.width
+    return header.width, header.height
+
+
+def _scale_needed(variant: Variant, width: int, height: int) -> float:
+    """The downscale factor `variant` needs from a `width` x `height` image (at most 1: never upscale)."""
+    sw = variant.width / width if variant.width else math.inf
+    sh = variant.height / height if variant.height else math.inf
+    scale = max(sw, sh) if variant.fit == "cover" else min(sw, sh)
+    return min(scale, 1.0)
+
+
+def _thumbnail_args(variant: Variant) -> tuple[int, dict[str, object]]:
+    kwargs: dict[str, object] = {"height": variant.height or _UNBOUNDED, "size": "down"}
+    if variant.fit == "cover":
+        # Scale to fill the box, then keep the centre. "attention" would pick a busier region, but it is
+        # data-dependent and evaluates the image an extra time; centre is predictable and streams.
+        kwargs["crop"] = "centre"
+    return variant.width or _UNBOUNDED, kwargs
+
+
+def _from_buffer(data: bytes, width: int, **kwargs: object) -> pyvips.Image:
+    # output_profile: convert to sRGB using the embedded ICC profile when there is one (otherwise an
+    # Adobe RGB / P3 / CMYK image would come out with wrong colours once we strip the profile); CMYK
+    # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
+    # input to 8-bit by scaling.
+    # fail_on goes in the loader option string: in libvips 8.18 thumbnail_buffer's own `fail_on` argument
+    # does not reach the loader, so a truncated file would silently come out half grey.
+    return pyvips.Image.thumbnail_buffer(
+        data, width, option_string=f"fail_on={_FAIL_ON}", output_profile="srgb", **kwargs
+    )
+
+
+def _to_srgb8(image: pyvips.Image) -> pyvips.Image:
+    """Safety net after thumbnail: make sure we hand the savers 8-bit sRGB (or 8-bit grey)."""
+    if image.bands > 4:
+        # e.g. TIFF with extra samples: keep colour (+ alpha) and drop the rest.
+        image = image.extract_band(0, n=4 if image.hasalpha() else 3)
+    if image.interpretation not in ("srgb", "b-w") or image.format != "uchar":
+        # colourspace() scales (16-bit -> 8-bit is a shift, not a clip) and handles CMYK, Lab, grey16...
+        target = "b-w" if image.interpretation in ("b-w", "grey16") else "srgb"
+        image = image.colourspace(target)
+        if image.format != "uchar":
+            image = image.cast("uchar")
+    return image
+
+
+def _prepare_for(image: pyvips.Image, fmt: str) -> pyvips.Image:
+    image = _to_srgb8(image)
+    if fmt == "jpeg" and image.hasalpha():
+        # JPEG has no alpha: composite onto white, the usual page background.
+        image = image.flatten(background=[255] * (image.bands - 1))
+        if image.format != "uchar":
+            image = image.cast("uchar")
+    if fmt != "png" and image.interpretation == "b-w":
+        # Keep greyscale 1-band only for PNG; JPEG/WebP/AVIF consumers expect colour.
+        image = image.colourspace("srgb")
+    return image
+
+
+def _encode(image: pyvips.Image, variant: Variant) -> bytes:
+    fmt = variant.format
+    if fmt == "jpeg":
+        return image.jpegsave_buffer(Q=variant.quality, optimize_coding=True, interlace=True, keep=_KEEP_NONE)
+    if fmt == "png":
+        return image.pngsave_buffer(compression=6, palette=False, keep=_KEEP_NONE)
+    if fmt == "webp":
+        return image.webpsave_buffer(Q=variant.quality, effort=4, keep=_KEEP_NONE)
+    if fmt == "avif":
+        # AV1 encoding is by far the slowest step and libheif cannot be interrupted mid-encode, so effort
+        # is kept low; bitdepth 8 because the pipeline is 8-bit.
+        return image.heifsave_buffer(
+            compression="av1", Q=variant.quality, effort=2, bitdepth=8, keep=_KEEP_NONE
+        )
+    raise ValueError(f"unknown output format {fmt!r}")  # the model makes this unreachable
+
+
+def _finish(image: pyvips.Image, variant: Variant, deadline: _Deadline) -> Rendered:
+    deadline.check()
+    image = _prepare_for(image, variant.format)
+    # Watch the last image of the pipeline: the saver pulls every pixel (decode included) through it.
+    deadline.watch(image)
+    data = _encode(image, variant)
+    return Rendered(
+        name=variant.name, format=variant.format, width=image.width, height=image.height, data=data
+    )
+
+
+def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Rendered]:
+    """Decode `data` once (where it pays) and produce every variant, in order. Blocking; call from a thread.
+
+    The source is probed first (all of `probe`'s checks apply). Each variant is scaled down only, never up:
+    "inside" fits within the box keeping the aspect ratio (a missing width or height leaves that axis
+    unbounded), "cover" fills the box and crops the centre (both clamped to the source size). EXIF
+    orientation is applied; animated input gives its first frame; output is 8-bit sRGB (greyscale may stay
+    1-band in PNG), JPEG alpha is flattened onto white, and every metadata field is stripped.
+
+    Raises `ImageError` for a bad source (see `probe`), `corrupt_image` when libvips fails to decode or
+    process it, and `processing_timeout` when the whole call takes longer than `limits.timeout_s`.
+    """
+    deadline = _Deadline(limits.timeout_s)
+    _info, header = _probe(data, limits)
+    if not variants:
+        return []
+    try:
+        if len(variants) == 1:
+            # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
+            variant = variants[0]
+            width, kwargs = _thumbnail_args(variant)
+            return [_finish(_from_buffer(data, width, **kwargs), variant, deadline)]
+        return _render_many(data, header, variants, deadline)
+    except pyvips.Error as exc:
+        if deadline.expired():
+            raise deadline.error() from exc
+        raise ImageError("corrupt_image", f"cannot decode or process the image: {_vips_reason(exc)}") from exc
+
+
+def _render_many(
+    data: bytes, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline
+) -> list[Rendered]:
+    width, height = _oriented_size(header)
+    scale = max(_scale_needed(v, width, height) for v in variants)
+    # Smallest intermediate that is still at least as large as every variant needs; ceil so that rounding
+    # never leaves it a pixel short (that would make a variant a pixel smaller than its single render).
+    inter_w = min(width, math.ceil(width * scale))
+    inter_h = min(height, math.ceil(height * scale))
+    if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
+        # Too big to hold: decode per variant instead, each one streaming.
+        results = []
+        for variant in variants:
+            target_w, kwargs = _thumbnail_args(variant)
+            results.append(_finish(_from_buffer(data, target_w, **kwargs), variant, deadline))
+        return results
+
+    deadline.check()
+    lazy = _from_buffer(data, inter_w, height=inter_h, size="down")
+    deadline.watch(lazy)
+    # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
+    intermediate = lazy.copy_memory()
+    results = []
+    for variant in variants:
+        target_w, kwargs = _thumbnail_args(variant)
+        # The intermediate is already upright (thumbnail drops the orientation tag after rotating) and
+        # already sRGB, so this is a pure resize/crop.
+        results.append(_finish(intermediate.thumbnail_image(target_w, **kwargs), variant, deadline))
+    return results

@@ -1,0 +1,512 @@
+"""The SSRF-safe fetcher, against a real aiohttp server on 127.0.0.1 and stub DNS.
+
+No external network: every name is answered by StubResolver, and the only server is
+started here. Fetches to the local server need allowed_networks=127.0.0.0/8; the
+default policy must refuse the very same server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+from collections.abc import AsyncIterator
+from ipaddress import IPv4Network
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.test_utils import TestServer
+from imgpipe_worker.fetch import (
+    Fetched,
+    FetchError,
+    FetchPolicy,
+    SafeResolver,
+    _resolve_redirect,
+    fetch_url,
+    make_session,
+)
+
+LOCAL = (IPv4Network("127.0.0.0/8"),)
+IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 80  # ~20 KiB
+CAP = 4096
+
+
+class StubResolver(AbstractResolver):
+    """Injected DNS: a fixed table; unknown names do not exist (never real DNS)."""
+
+    def __init__(self, table: dict[str, list[str] | Exception] | None = None) -> None:
+        self.table = table or {}
+        self.calls: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.calls.append(host)
+        entry = self.table.get(host)
+        if entry is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if isinstance(entry, Exception):
+            raise entry
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            }
+            for address in entry
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class Server:
+    def __init__(self, server: TestServer, hits: list[str]) -> None:
+        self.server = server
+        self.hits = hits
+
+    @property
+    def port(self) -> int:
+        assert self.server.port is not None
+        return self.server.port
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    release = asyncio.Event()
+    hits: list[str] = []
+    port_box: list[int] = []
+
+    @web.middleware
+    async def count(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        hits.append(request.path)
+        return await handler(request)
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=IMAGE, content_type="image/png")
+
+    async def html(request: web.Request) -> web.Response:
+        return web.Response(text="<html></html>", content_type="text/html")
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * (CAP * 3), content_type="image/jpeg")
+
+    async def big_chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for _ in range(12):
+                await response.write(b"y" * 1024)
+        except (ConnectionError, RuntimeError):
+            pass  # the client hung up once it had enough, as it should
+        return response
+
+    async def exact(request: web.Request) -> web.Response:
+        return web.Response(body=b"z" * CAP, content_type="image/jpeg")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.wait_for(release.wait(), 10)
+        return web.Response(body=IMAGE)
+
+    async def slow_body(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/png", "Content-Length": "1000"})
+        await response.prepare(request)
+        await response.write(b"a" * 10)
+        await asyncio.wait_for(release.wait(), 10)
+        return response
+
+    async def gz(request: web.Request) -> web.Response:
+        return web.Response(
+            body=gzip.compress(b"\0" * 100_000),
+            headers={"Content-Encoding": "gzip", "Content-Type": "image/png"},
+        )
+
+    def status(code: int):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(status=code, text=f"status {code}")
+
+        return handler
+
+    def redirect(location: str, code: int = 302):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.Response:
+            return web.Response(
+                status=code, headers={"Location": location.replace("{port}", str(port_box[0]))}
+            )
+
+        return handler
+
+    async def chain(request: web.Request) -> web.Response:
+        left = int(request.match_info["n"])  # redirects still to go
+        location = "/image" if left <= 1 else f"/chain/{left - 1}"
+        return web.Response(status=301, headers={"Location": location})
+
+    async def set_cookie(request: web.Request) -> web.Response:
+        response = web.Response(body=IMAGE, content_type="image/png")
+        response.set_cookie("session", "secret")
+        return response
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "cookie": request.headers.get("Cookie"),
+                "accept_encoding": request.headers.get("Accept-Encoding"),
+                "user_agent": request.headers.get("User-Agent"),
+                "host": request.headers.get("Host"),
+            }
+        )
+
+    app = web.Application(middlewares=[count])
+    app.router.add_get("/image", image)
+    app.router.add_get("/html", html)
+    app.router.add_get("/big", big)
+    app.router.add_get("/big-chunked", big_chunked)
+    app.router.add_get("/exact", exact)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/slow-body", slow_body)
+    app.router.add_get("/gzip", gz)
+    for code in (401, 403, 404, 410, 429, 500, 503):
+        app.router.add_get(f"/status/{code}", status(code))
+    app.router.add_get("/redirect", redirect("/image"))
+    app.router.add_get("/redirect-relative/x", redirect("../image", 307))
+    app.router.add_get("/redirect-absolute", redirect("http://127.0.0.1:{port}/image", 308))
+    app.router.add_get("/to-metadata", redirect("http://169.254.169.254/latest/meta-data/"))
+    app.router.add_get("/to-metadata-decimal", redirect("http://2852039166/"))
+    app.router.add_get("/to-ipv6-loopback", redirect("http://[::1]/"))
+    app.router.add_get("/to-scheme-relative", redirect("//169.254.169.254/"))
+    app.router.add_get("/to-file", redirect("file:///etc/passwd"))
+    app.router.add_get("/to-gopher", redirect("gopher://127.0.0.1:6379/_FLUSHALL"))
+    app.router.add_get("/to-private-name", redirect("http://internal.example.test:{port}/image"))
+    app.router.add_get("/no-location", status(302))
+    app.router.add_get("/loop", redirect("/loop"))
+    app.router.add_get("/chain/{n}", chain)
+    app.router.add_get("/set-cookie", set_cookie)
+    app.router.add_get("/echo", echo)
+
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server()
+    assert test_server.port is not None
+    port_box.append(test_server.port)
+    try:
+        yield Server(test_server, hits)
+    finally:
+        release.set()
+        await test_server.close()
+
+
+def local_policy(**overrides: object) -> FetchPolicy:
+    values: dict[str, object] = {"allowed_networks": LOCAL, "max_bytes": CAP * 10, "total_timeout_s": 5.0}
+    values.update(overrides)
+    return FetchPolicy(**values)  # type: ignore[arg-type]
+
+
+async def fetch(url: str, policy: FetchPolicy, resolver: AbstractResolver | None = None) -> Fetched:
+    async with make_session(policy, resolver=resolver or StubResolver()) as session:
+        return await fetch_url(url, policy, session=session)
+
+
+async def fetch_error(url: str, policy: FetchPolicy, resolver: AbstractResolver | None = None) -> FetchError:
+    with pytest.raises(FetchError) as info:
+        await fetch(url, policy, resolver)
+    return info.value
+
+
+# --------------------------------------------------------------------------- success paths
+
+
+async def test_fetches_an_image(server: Server) -> None:
+    result = await fetch(server.url("/image"), local_policy())
+    assert result == Fetched(data=IMAGE, content_type="image/png", url=server.url("/image"))
+
+
+async def test_non_image_content_type_is_reported_not_refused(server: Server) -> None:
+    result = await fetch(server.url("/html"), local_policy())
+    assert result.content_type == "text/html"
+    assert result.data == b"<html></html>"
+
+
+async def test_body_exactly_at_the_cap_is_accepted(server: Server) -> None:
+    result = await fetch(server.url("/exact"), local_policy(max_bytes=CAP))
+    assert len(result.data) == CAP
+
+
+async def test_sends_safe_headers_and_keeps_no_cookies(server: Server) -> None:
+    policy = local_policy()
+    async with make_session(policy, resolver=StubResolver()) as session:
+        await fetch_url(server.url("/set-cookie"), policy, session=session)
+        echoed = await fetch_url(server.url("/echo"), policy, session=session)
+    headers = json.loads(echoed.data)
+    assert headers["cookie"] is None
+    assert headers["accept_encoding"] == "identity"
+    assert headers["user_agent"] == "imgpipe/0.1"
+
+
+async def test_environment_proxy_is_ignored(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A proxy would do its own DNS and connect wherever it likes; it must never be used.
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    result = await fetch(server.url("/image"), local_policy())
+    assert result.data == IMAGE
+
+
+async def test_without_session_a_temporary_one_is_used(server: Server) -> None:
+    result = await fetch_url(server.url("/image"), local_policy())
+    assert result.data == IMAGE
+
+
+# --------------------------------------------------------------------------- size limits
+
+
+async def test_content_length_over_cap_is_refused_before_reading(server: Server) -> None:
+    error = await fetch_error(server.url("/big"), local_policy(max_bytes=CAP))
+    assert (error.code, error.transient) == ("url_too_large", False)
+    assert "Content-Length" in error.message
+
+
+async def test_streamed_body_over_cap_is_refused(server: Server) -> None:
+    error = await fetch_error(server.url("/big-chunked"), local_policy(max_bytes=CAP))
+    assert (error.code, error.transient) == ("url_too_large", False)
+    assert "Content-Length" not in error.message
+
+
+async def test_compressed_body_is_refused(server: Server) -> None:
+    error = await fetch_error(server.url("/gzip"), local_policy())
+    assert (error.code, error.transient) == ("url_http_error", False)
+
+
+# --------------------------------------------------------------------------- timeouts and errors
+
+
+async def test_slow_server_times_out(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    error = await fetch_error(server.url("/slow"), local_policy(total_timeout_s=0.3))
+    assert (error.code, error.transient) == ("url_timeout", True)
+    assert loop.time() - started < 3
+
+
+async def test_stalled_body_times_out(server: Server) -> None:
+    error = await fetch_error(server.url("/slow-body"), local_policy(total_timeout_s=0.3))
+    assert (error.code, error.transient) == ("url_timeout", True)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "transient"),
+    [
+        (404, "url_not_found", False),
+        (410, "url_not_found", False),
+        (401, "url_http_error", False),
+        (403, "url_http_error", False),
+        (429, "url_http_error", True),
+        (500, "url_http_error", True),
+        (503, "url_http_error", True),
+    ],
+)
+async def test_http_errors(server: Server, status: int, code: str, transient: bool) -> None:
+    error = await fetch_error(server.url(f"/status/{status}"), local_policy())
+    assert (error.code, error.transient) == (code, transient)
+    assert str(status) in error.message
+
+
+async def test_connection_refused_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    error = await fetch_error(f"http://127.0.0.1:{port}/image", local_policy())
+    assert (error.code, error.transient) == ("url_unreachable", True)
+
+
+async def test_nonexistent_name_is_permanent() -> None:
+    error = await fetch_error("http://nope.example.test/a.jpg", local_policy())
+    assert (error.code, error.transient) == ("url_unreachable", False)
+
+
+async def test_dns_temporary_failure_is_transient() -> None:
+    resolver = StubResolver({"flaky.example.test": socket.gaierror(socket.EAI_AGAIN, "Try again")})
+    error = await fetch_error("http://flaky.example.test/a.jpg", local_policy(), resolver)
+    assert (error.code, error.transient) == ("url_unreachable", True)
+
+
+async def test_invalid_url_is_rejected_before_any_io() -> None:
+    error = await fetch_error("http://exa mple.com/", FetchPolicy())
+    assert (error.code, error.transient) == ("url_invalid", False)
+
+
+# --------------------------------------------------------------------------- redirects
+
+
+@pytest.mark.parametrize("path", ["/redirect", "/redirect-relative/x", "/redirect-absolute", "/chain/5"])
+async def test_follows_allowed_redirects(server: Server, path: str) -> None:
+    result = await fetch(server.url(path), local_policy())
+    assert result.data == IMAGE
+    assert result.url == server.url("/image")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/to-metadata",
+        "/to-metadata-decimal",
+        "/to-ipv6-loopback",
+        "/to-scheme-relative",
+        "/to-file",
+        "/to-gopher",
+    ],
+)
+async def test_redirects_to_forbidden_targets_are_refused(server: Server, path: str) -> None:
+    error = await fetch_error(server.url(path), local_policy())
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert server.hits == [path]
+
+
+async def test_redirect_to_name_resolving_to_private_address_is_refused(server: Server) -> None:
+    resolver = StubResolver({"internal.example.test": ["10.0.0.7"]})
+    error = await fetch_error(server.url("/to-private-name"), local_policy(), resolver)
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert resolver.calls == ["internal.example.test"]
+
+
+async def test_redirect_loop_is_cut(server: Server) -> None:
+    error = await fetch_error(server.url("/loop"), local_policy(max_redirects=3))
+    assert (error.code, error.transient) == ("url_too_many_redirects", False)
+    assert server.hits == ["/loop"] * 4
+
+
+async def test_redirect_limit_is_exact(server: Server) -> None:
+    assert (await fetch(server.url("/chain/2"), local_policy(max_redirects=2))).data == IMAGE
+    error = await fetch_error(server.url("/chain/3"), local_policy(max_redirects=2))
+    assert error.code == "url_too_many_redirects"
+    error = await fetch_error(server.url("/redirect"), local_policy(max_redirects=0))
+    assert error.code == "url_too_many_redirects"
+
+
+async def test_redirect_without_location(server: Server) -> None:
+    error = await fetch_error(server.url("/no-location"), local_policy())
+    assert (error.code, error.transient) == ("url_http_error", False)
+
+
+def test_redirect_resolution_and_downgrade() -> None:
+    policy = FetchPolicy()
+    assert _resolve_redirect("https://example.com/a/b", "c.jpg", policy) == "https://example.com/a/c.jpg"
+    assert _resolve_redirect("https://example.com/a/b", "/c.jpg", policy) == "https://example.com/c.jpg"
+    assert _resolve_redirect("https://example.com/a", "//cdn.example.com/x", policy) == (
+        "https://cdn.example.com/x"
+    )
+    assert _resolve_redirect("http://example.com/a", "https://example.com/b", policy) == (
+        "https://example.com/b"
+    )
+    for location in ("http://example.com/b", "http://cdn.example.com/b"):
+        with pytest.raises(FetchError) as info:
+            _resolve_redirect("https://example.com/a", location, policy)
+        assert info.value.code == "url_forbidden"
+    with pytest.raises(FetchError) as info:
+        _resolve_redirect(
+            "https://images.example.com/a",
+            "https://other.example.org/b",
+            FetchPolicy(allowed_hosts=("images.example.com",)),
+        )
+    assert info.value.code == "url_forbidden"
+
+
+# --------------------------------------------------------------------------- the address policy is real
+
+
+async def test_default_policy_refuses_the_live_local_server(server: Server) -> None:
+    # Same server the tests above fetch from: only allowed_networks made that possible.
+    for url in (server.url("/image"), server.url("/image", host="127.1"), server.url("/image", host="[::1]")):
+        error = await fetch_error(url, FetchPolicy())
+        assert (error.code, error.transient) == ("url_forbidden", False)
+    assert server.hits == []
+
+
+async def test_public_name_resolving_to_loopback_is_refused(server: Server) -> None:
+    resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
+    error = await fetch_error(server.url("/image", host="images.example.test"), FetchPolicy(), resolver)
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert "127.0.0.1" in error.message
+    assert server.hits == []
+
+
+async def test_public_name_resolving_to_loopback_works_when_allowed(server: Server) -> None:
+    # Also shows the connector connects to what the resolver returned (there is no
+    # real DNS here), i.e. the checked answer is the one used: no rebinding window.
+    resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
+    url = server.url("/image", host="images.example.test")
+    result = await fetch(url, local_policy(), resolver)
+    assert result.data == IMAGE
+    assert result.url == url
+    assert resolver.calls == ["images.example.test"]
+
+
+async def test_any_forbidden_address_refuses_the_whole_host(server: Server) -> None:
+    resolver = StubResolver({"mixed.example.test": ["93.184.216.34", "10.0.0.1"]})
+    error = await fetch_error("http://mixed.example.test/a.jpg", FetchPolicy(), resolver)
+    assert (error.code, error.transient) == ("url_forbidden", False)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        ["127.0.0.1"],
+        ["10.1.2.3"],
+        ["169.254.169.254"],
+        ["::1"],
+        ["::ffff:127.0.0.1"],
+        ["fd00:ec2::254"],
+        ["0.0.0.0"],
+    ],
+)
+async def test_safe_resolver_refuses_forbidden_answers(answer: list[str]) -> None:
+    resolver = SafeResolver((), inner=StubResolver({"x.example.test": answer}))
+    with pytest.raises(Exception, match="forbidden address"):
+        await resolver.resolve("x.example.test", 80, socket.AF_UNSPEC)
+
+
+async def test_safe_resolver_passes_public_answers() -> None:
+    resolver = SafeResolver((), inner=StubResolver({"x.example.test": ["93.184.216.34", "2606:2800::1"]}))
+    results = await resolver.resolve("x.example.test", 443, socket.AF_UNSPEC)
+    assert [r["host"] for r in results] == ["93.184.216.34", "2606:2800::1"]
+    await resolver.close()
+
+
+async def test_peer_address_is_checked_even_if_the_resolver_is_bypassed(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Defence in depth: simulate a resolver bug; each socket is still vetted before it
+    # connects, so the server never even sees a connection.
+    async def unchecked(self: SafeResolver, host: str, port: int = 0, family: int = 0) -> list[ResolveResult]:
+        return await self._inner.resolve(host, port, socket.AddressFamily(family))
+
+    monkeypatch.setattr(SafeResolver, "resolve", unchecked)
+    resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
+    error = await fetch_error(server.url("/image", host="images.example.test"), FetchPolicy(), resolver)
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert "127.0.0.1" in error.message
+    assert server.hits == []
+
+
+async def test_allowed_hosts_policy_applies(server: Server) -> None:
+    policy = local_policy(allowed_hosts=("images.example.com",))
+    error = await fetch_error(server.url("/image"), policy)
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert server.hits == []
+
+
+async def test_only_safe_sessions_are_accepted() -> None:
+    async with aiohttp.ClientSession() as plain:
+        with pytest.raises(ValueError, match="make_session"):
+            await fetch_url("https://example.com/a.jpg", FetchPolicy(), session=plain)
+    async with make_session(FetchPolicy()) as session:
+        with pytest.raises(ValueError, match="allowed_networks"):
+            await fetch_url("https://example.com/a.jpg", local_policy(), session=session)

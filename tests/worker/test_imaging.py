@@ -1,0 +1,628 @@
+"""Tests for the worker's image core (`imgpipe_worker.imaging`).
+
+Real-world corpora (EXIF orientation samples, PngSuite) are read from outside the repo, from
+`$IMGPIPE_TESTDATA` (default `<repo>/../shared/testdata`); hostile inputs are crafted here, in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import pyvips
+from imgpipe.models import Variant
+from imgpipe_worker import imaging
+from imgpipe_worker.imaging import ImageError, Limits, Rendered, SourceInfo, probe, render, sniff
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+IMGPIPE_TESTDATA = Path(os.environ.get("IMGPIPE_TESTDATA", REPO_ROOT.parent / "shared" / "testdata"))
+EXIF_DIR = IMGPIPE_TESTDATA / "exif-orientation"
+PNGSUITE_DIR = IMGPIPE_TESTDATA / "pngsuite"
+
+needs_exif = pytest.mark.skipif(not EXIF_DIR.is_dir(), reason=f"no test images at {EXIF_DIR}")
+needs_pngsuite = pytest.mark.skipif(not PNGSUITE_DIR.is_dir(), reason=f"no test images at {PNGSUITE_DIR}")
+
+LIMITS = Limits()
+# Mean absolute difference (0-255 scale) below which two renders count as "the same picture". Measured:
+# the same photo with any EXIF transform correctly undone differs by < 1; a wrong mirror or rotation of
+# these images differs by 37-84 (checked in the orientation test itself).
+SAME_PICTURE = 8.0
+
+META_FIELDS = ("exif-data", "icc-profile-data", "xmp-data", "iptc-data", "orientation")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _configured() -> None:
+    imaging.configure_libvips()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def variant(**kwargs: object) -> Variant:
+    return Variant(**{"name": "v", **kwargs})
+
+
+def decode(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
+
+
+def mad(a: pyvips.Image, b: pyvips.Image) -> float:
+    assert (a.width, a.height, a.bands) == (b.width, b.height, b.bands)
+    return (a.cast("float") - b).abs().avg()
+
+
+def one(data: bytes, limits: Limits = LIMITS, **kwargs: object) -> Rendered:
+    [out] = render(data, [variant(**kwargs)], limits)
+    return out
+
+
+def gradient(width: int, height: int) -> pyvips.Image:
+    """A colourful sRGB test card: red ramps left to right, green top to bottom, blue constant."""
+    xy = pyvips.Image.xyz(width, height)
+    red = xy[0] * (255 / max(1, width - 1))
+    green = xy[1] * (255 / max(1, height - 1))
+    return red.bandjoin([green, green * 0 + 96]).cast("uchar").copy(interpretation="srgb")
+
+
+def solid(width: int, height: int, pixel: list[int]) -> pyvips.Image:
+    """A uchar image filled with one pixel value (3 values: sRGB, 4: sRGB + alpha)."""
+    return pyvips.Image.black(width, height).new_from_image(pixel).copy(interpretation="srgb")
+
+
+def png_chunk(ctype: bytes, body: bytes, crc: int | None = None) -> bytes:
+    if crc is None:
+        crc = zlib.crc32(ctype + body)
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", crc)
+
+
+def crafted_png(width: int, height: int) -> bytes:
+    """A structurally valid PNG (correct CRCs) whose IHDR claims `width` x `height`, with a tiny IDAT."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def suite_bytes(name: str) -> bytes:
+    return (PNGSUITE_DIR / f"{name}.png").read_bytes()
+
+
+def valid_suite() -> list[str]:
+    if not PNGSUITE_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in PNGSUITE_DIR.glob("*.png") if not p.name.startswith("x"))
+
+
+def corrupt_suite() -> list[str]:
+    if not PNGSUITE_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in PNGSUITE_DIR.glob("x*.png"))
+
+
+# ----------------------------------------------------------------------------------- configuration
+
+
+def _blob_v(tmp_path: Path) -> bytes:
+    # libvips' native format can only be written to a file; the bytes are then fed back from memory.
+    path = tmp_path / "img.v"
+    pyvips.Image.black(4, 4).write_to_file(str(path))
+    return path.read_bytes()
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+PPM = b"P6\n2 2\n255\n" + bytes(12)
+CSV = b"1,2,3\n4,5,6\n"
+MATRIX = b"2 2\n1 2\n3 4\n"
+
+
+def test_configure_is_idempotent_and_allowed_loaders_exist() -> None:
+    imaging.configure_libvips()
+    imaging.configure_libvips(concurrency=2, cache=False)
+    imaging.configure_libvips()
+    for name in imaging.ALLOWED_LOADERS:
+        assert pyvips.type_from_name(name) != 0, name
+    assert pyvips.cache_get_max() == 0
+    assert one(gradient(40, 30).jpegsave_buffer(), width=20).width == 20
+
+
+def test_foreign_loaders_are_blocked_even_when_called_directly(tmp_path: Path) -> None:
+    vfile = _blob_v(tmp_path)
+    # These loaders exist in this libvips build, so refusing them below is the block, not their absence.
+    for name in ("svgload_buffer", "vipsload_source", "matrixload_source", "csvload_source"):
+        assert pyvips.type_find("VipsOperation", name) != 0, name
+
+    for data in (SVG, PPM, CSV, MATRIX, vfile):
+        with pytest.raises(ImageError) as info:
+            render(data, [variant(width=8)], LIMITS)
+        assert info.value.code == "unsupported_format"
+        # Bypassing sniff(): libvips itself must refuse, from a buffer and from a source.
+        with pytest.raises(pyvips.Error):
+            pyvips.Image.new_from_buffer(data, "")
+        with pytest.raises(pyvips.Error):
+            pyvips.Image.thumbnail_buffer(data, 8)
+        with pytest.raises(pyvips.Error):
+            pyvips.Image.new_from_source(pyvips.Source.new_from_memory(data), "")
+
+    with pytest.raises(pyvips.Error):
+        pyvips.Operation.call("svgload_buffer", SVG)
+    for name, data in (("vipsload_source", vfile), ("matrixload_source", MATRIX), ("csvload_source", CSV)):
+        with pytest.raises(pyvips.Error):
+            pyvips.Operation.call(name, pyvips.Source.new_from_memory(data))
+    # ... while an allowed loader still works when called the same way.
+    assert pyvips.Operation.call("jpegload_buffer", gradient(8, 8).jpegsave_buffer()).width == 8
+
+
+# ------------------------------------------------------------------------------------------------ sniff
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", "jpeg"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", "png"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "webp"),
+        (b"GIF89a\x01\x00", "gif"),
+        (b"GIF87a\x01\x00", "gif"),
+        (b"II*\x00\x08\x00\x00\x00", "tiff"),
+        (b"MM\x00*\x00\x00\x00\x08", "tiff"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1", "heif"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "heif"),
+        (b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mif1mp42", "heif"),  # HEIF via a compatible brand
+    ],
+)
+def test_sniff_by_magic_bytes(head: bytes, expected: str) -> None:
+    assert sniff(head + b"\x00" * 32) == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"<!doctype html><html><body>hi</body></html>",
+        b"hello world",
+        SVG,
+        PPM,
+        b"BM" + b"\x00" * 60,  # BMP
+        b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00isomavc1",  # MP4
+        b"\x89PNG\r\n",  # a signature that stops short
+        b"%PDF-1.7\n",
+    ],
+)
+def test_sniff_refuses_everything_else(data: bytes) -> None:
+    with pytest.raises(ImageError) as info:
+        sniff(data)
+    assert info.value.code == "unsupported_format"
+
+
+def test_format_comes_from_bytes_not_label() -> None:
+    png = gradient(20, 10).pngsave_buffer()
+    assert probe(png, LIMITS) == SourceInfo(format="png", width=20, height=10, frames=1)
+    assert sniff(gradient(4, 4).webpsave_buffer()) == "webp"
+    assert sniff(gradient(4, 4).tiffsave_buffer()) == "tiff"
+    assert sniff(gradient(4, 4).gifsave_buffer()) == "gif"
+    assert sniff(gradient(16, 16).heifsave_buffer(compression="av1", effort=0)) == "heif"
+
+
+# ------------------------------------------------------------------------------------------ orientation
+
+
+def _render_small(path: Path) -> pyvips.Image:
+    out = one(path.read_bytes(), width=96, height=96, format="png")
+    return decode(out.data)
+
+
+@needs_exif
+@pytest.mark.parametrize("kind", ["Landscape", "Portrait"])
+def test_every_exif_orientation_comes_out_upright(kind: str) -> None:
+    reference = _render_small(EXIF_DIR / f"{kind}_1.jpg")
+    # The threshold must be able to tell a wrong transform from a right one on this very picture.
+    for wrong in (reference.fliphor(), reference.flipver(), reference.rot180()):
+        assert mad(reference, wrong) > 3 * SAME_PICTURE
+    for n in range(9):
+        image = _render_small(EXIF_DIR / f"{kind}_{n}.jpg")
+        if kind == "Landscape":
+            assert image.width > image.height, n
+        else:
+            assert image.height > image.width, n
+        assert mad(image, reference) < SAME_PICTURE, n
+
+
+@needs_exif
+def test_probe_reports_stored_size_before_orientation() -> None:
+    info = probe((EXIF_DIR / "Landscape_6.jpg").read_bytes(), LIMITS)
+    assert info == SourceInfo(format="jpeg", width=1200, height=1800, frames=1)
+
+
+# --------------------------------------------------------------------------------------------- PngSuite
+
+
+@needs_pngsuite
+@pytest.mark.parametrize("name", valid_suite())
+def test_valid_pngsuite_renders(name: str) -> None:
+    data = suite_bytes(name)
+    specs = [
+        Variant(name="j", width=24, height=24, format="jpeg"),
+        Variant(name="p", width=24, height=24, format="png"),
+        Variant(name="w", width=24, height=24, format="webp"),
+    ]
+    for outputs in (render(data, specs, LIMITS), [render(data, [spec], LIMITS)[0] for spec in specs]):
+        jpeg, png, webp = (decode(out.data) for out in outputs)
+        assert (jpeg.bands, jpeg.format, jpeg.interpretation) == (3, "uchar", "srgb")
+        assert png.format == "uchar" and png.bands in (1, 2, 3, 4)
+        assert webp.bands in (3, 4)
+        for out, image in zip(outputs, (jpeg, png, webp), strict=True):
+            assert (out.width, out.height) == (image.width, image.height)
+            assert max(image.width, image.height) <= 24
+
+
+@needs_pngsuite
+@pytest.mark.parametrize("name", corrupt_suite())
+def test_corrupt_pngsuite_raises_image_error(name: str) -> None:
+    data = suite_bytes(name)
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=16)], LIMITS)
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        # A real PNG signature with broken contents (bad CRC, bad bit depth/colour type, missing IDAT).
+        assert info.value.code == "corrupt_image"
+    else:
+        # A mangled signature is simply not a PNG any more.
+        assert info.value.code == "unsupported_format"
+
+
+@needs_pngsuite
+def test_suite_has_the_corrupt_files_we_rely_on() -> None:
+    # The CRC checks exist because libvips ignores CRC errors; keep them covered.
+    assert {"xcsn0g01", "xhdn0g08"} <= set(corrupt_suite())
+
+
+def test_bad_crc_in_ancillary_png_chunk_is_tolerated() -> None:
+    png = gradient(8, 8).pngsave_buffer()
+    # Insert a tEXt chunk with a wrong CRC right after IHDR (8-byte signature + 25-byte IHDR chunk).
+    bad = png[:33] + png_chunk(b"tEXt", b"Comment\x00hi", crc=0) + png[33:]
+    assert one(bad, width=8, format="png").width == 8
+    bad_idat = bytearray(png)
+    idat = png.index(b"IDAT")
+    bad_idat[idat + 4] ^= 0xFF  # damage the compressed data, keeping the stored CRC
+    with pytest.raises(ImageError) as info:
+        one(bytes(bad_idat), width=8)
+    assert info.value.code == "corrupt_image"
+
+
+# ------------------------------------------------------------------------------------------- bit depth
+
+
+@needs_pngsuite
+@pytest.mark.parametrize(
+    ("wide", "narrow"),
+    # 16-bit files and their 8-bit twins: the same picture (checked by eye and by pixel statistics).
+    [("basn2c16", "z00n2c08"), ("tbbn2c16", "tbrn2c08"), ("tbwn0g16", "tbbn0g04")],
+)
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_16_bit_input_matches_its_8_bit_twin(wide: str, narrow: str, fmt: str) -> None:
+    a = one(suite_bytes(wide), width=32, format=fmt)
+    b = one(suite_bytes(narrow), width=32, format=fmt)
+    ia, ib = decode(a.data), decode(b.data)
+    assert ia.format == "uchar"
+    # tbbn0g04 is quantised to 16 grey levels (~2.5 apart on average from its 16-bit twin) and JPEG adds
+    # noise; clipping or a wrong shift instead of a scale would be off by ~100.
+    assert mad(ia, ib) < 5
+
+
+def test_16_bit_grey_is_scaled_not_clipped() -> None:
+    grey8 = gradient(64, 16)[0].copy(interpretation="b-w")
+    grey16 = (grey8.cast("ushort") * 257).cast("ushort").copy(interpretation="grey16")
+    a = decode(one(grey16.pngsave_buffer(bitdepth=16), width=64, format="png").data)
+    b = decode(one(grey8.pngsave_buffer(), width=64, format="png").data)
+    assert a.format == "uchar"
+    assert mad(a, b) < 1
+    # Clipping would have made almost everything white.
+    assert 100 < a.avg() < 155
+
+
+# -------------------------------------------------------------------------------------------- colour
+
+
+@pytest.mark.parametrize("with_profile", [False, True])
+def test_cmyk_jpeg_becomes_srgb(with_profile: bool) -> None:
+    rgb = solid(64, 48, [200, 40, 10])
+    cmyk = rgb.colourspace("cmyk")
+    keep = pyvips.enums.ForeignKeep.ICC if with_profile else pyvips.enums.ForeignKeep.NONE
+    data = cmyk.jpegsave_buffer(keep=keep)
+    source = decode(data)
+    assert (source.interpretation, source.bands) == ("cmyk", 4)
+    assert bool(source.get_typeof("icc-profile-data")) == with_profile
+    for fmt in ("jpeg", "png", "webp"):
+        out = decode(one(data, width=32, format=fmt).data)
+        assert (out.interpretation, out.bands, out.format) == ("srgb", 3, "uchar")
+        red, green, blue = out.getpoint(16, 12)
+        assert red > 150 and green < 100 and blue < 100  # still orange-red, not inverted or grey
+
+
+def test_alpha_is_flattened_onto_white_for_jpeg_and_kept_elsewhere() -> None:
+    rgba = solid(32, 32, [10, 20, 30, 0])
+    data = rgba.pngsave_buffer()
+    jpeg = decode(one(data, width=32, format="jpeg").data)
+    assert jpeg.bands == 3 and jpeg.min() >= 250
+    for fmt in ("png", "webp"):
+        out = decode(one(data, width=32, format=fmt).data)
+        assert out.bands == 4 and out[3].max() == 0, fmt
+
+
+def test_greyscale_png_stays_valid() -> None:
+    grey = gradient(40, 20)[1].copy(interpretation="b-w")
+    out = decode(one(grey.pngsave_buffer(), width=40, format="png").data)
+    assert out.format == "uchar" and out.bands in (1, 3)
+    assert mad(out[0], grey) < 1
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+
+
+def test_cover_gives_exact_box_and_inside_never_exceeds() -> None:
+    data = gradient(600, 400).jpegsave_buffer()
+    cover = one(data, width=100, height=100, fit="cover")
+    assert (cover.width, cover.height) == (100, 100)
+    assert (decode(cover.data).width, decode(cover.data).height) == (100, 100)
+    inside = one(data, width=100, height=100)
+    assert (inside.width, inside.height) == (100, 67)
+    assert one(data, width=150).width == 150 and one(data, width=150).height == 100
+    assert (one(data, height=50).width, one(data, height=50).height) == (75, 50)
+    tall = one(data, width=300, height=20, fit="cover")
+    assert (tall.width, tall.height) == (300, 20)
+
+
+def test_cover_crops_the_centre() -> None:
+    # Left third red, middle white, right third blue; a centre crop of a square is mostly white.
+    red = solid(100, 100, [255, 0, 0])
+    white = solid(100, 100, [255, 255, 255])
+    blue = solid(100, 100, [0, 0, 255])
+    card = red.join(white, "horizontal").join(blue, "horizontal").copy(interpretation="srgb")
+    out = decode(one(card.pngsave_buffer(), width=50, height=50, fit="cover", format="png").data)
+    assert (out.width, out.height) == (50, 50)
+    # Resampling softens the outermost columns a little; the rest is pure white, and no side is red/blue.
+    assert out.crop(2, 0, 46, 50).min() >= 250
+    assert out.min() > 200
+
+
+def test_never_upscales() -> None:
+    data = gradient(100, 50).jpegsave_buffer()
+    assert (one(data, width=400).width, one(data, width=400).height) == (100, 50)
+    assert (one(data, width=400, height=400).width, one(data, width=400, height=400).height) == (100, 50)
+    cover = one(data, width=80, height=80, fit="cover")
+    assert (cover.width, cover.height) == (80, 50)  # cropped to the box, not scaled up to fill it
+    big = one(data, width=400, height=400, fit="cover")
+    assert (big.width, big.height) == (100, 50)
+
+
+@needs_exif
+def test_multi_variant_matches_single_variant() -> None:
+    data = (EXIF_DIR / "Portrait_6.jpg").read_bytes()
+    specs = [
+        Variant(name="a", width=300, height=300, format="png"),
+        Variant(name="b", width=120, height=80, fit="cover", format="png"),
+        Variant(name="c", height=64, format="png"),
+        Variant(name="d", width=2000, height=2000, fit="cover", format="png"),  # bigger than the source
+        Variant(name="e", width=90, format="webp"),
+    ]
+    together = render(data, specs, LIMITS)
+    assert [r.name for r in together] == ["a", "b", "c", "d", "e"]
+    for spec, multi in zip(specs, together, strict=True):
+        [single] = render(data, [spec], LIMITS)
+        assert abs(multi.width - single.width) <= 1 and abs(multi.height - single.height) <= 1, spec.name
+        a, b = decode(multi.data), decode(single.data)
+        if (a.width, a.height) == (b.width, b.height):
+            assert mad(a, b) < 3, spec.name
+    assert (together[1].width, together[1].height) == (120, 80)
+    assert (together[3].width, together[3].height) == (1200, 1800)
+    assert together[2].height == 64 and together[2].width < 64
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = imaging._from_buffer
+
+    def spy(*args: object, **kwargs: object) -> pyvips.Image:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(imaging, "_from_buffer", spy)
+    return calls
+
+
+def test_several_variants_share_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_decodes(monkeypatch)
+    data = gradient(400, 300).jpegsave_buffer()
+    specs = [Variant(name=n, width=w, format="png") for n, w in (("a", 200), ("b", 100), ("c", 50))]
+    assert [r.width for r in render(data, specs, LIMITS)] == [200, 100, 50]
+    assert len(calls) == 1
+
+
+def test_large_multi_variant_decodes_per_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the shared-intermediate budget the variants are decoded one by one (streaming, bounded memory).
+    monkeypatch.setattr(imaging, "_SHARED_INTERMEDIATE_MAX_PIXELS", 100 * 100)
+    calls = _count_decodes(monkeypatch)
+    data = gradient(400, 300).jpegsave_buffer()
+    specs = [Variant(name="a", width=400, format="jpeg"), Variant(name="b", width=10, format="png")]
+    a, b = render(data, specs, LIMITS)
+    assert (a.width, a.height, b.width) == (400, 300, 10) and b.height in (7, 8)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp", "gif", "tiff", "heif"])
+def test_every_accepted_input_format_renders(fmt: str) -> None:
+    card = gradient(120, 80)
+    data = {
+        "jpeg": card.jpegsave_buffer,
+        "png": card.pngsave_buffer,
+        "webp": card.webpsave_buffer,
+        "gif": card.gifsave_buffer,
+        "tiff": card.tiffsave_buffer,
+        "heif": lambda: card.heifsave_buffer(compression="av1", effort=0, Q=90),
+    }[fmt]()
+    assert probe(data, LIMITS) == SourceInfo(format=fmt, width=120, height=80, frames=1)
+    out = decode(one(data, width=60, format="png").data)
+    assert (out.width, out.height) == (60, 40)
+    assert mad(out, gradient(60, 40)) < 12  # GIF's 256-colour palette is the coarsest
+
+
+def test_metadata_is_stripped() -> None:
+    src = gradient(64, 48).copy()
+    src.set_type(pyvips.GValue.gint_type, "orientation", 1)
+    src.set_type(pyvips.GValue.gstr_type, "exif-ifd0-ImageDescription", "secret location")
+    data = src.jpegsave_buffer(keep=pyvips.enums.ForeignKeep.ALL, profile="srgb")
+    source = decode(data)
+    assert source.get_typeof("exif-data") and source.get_typeof("icc-profile-data")
+    for fmt in ("jpeg", "png", "webp", "avif"):
+        out = one(data, width=32, format=fmt)
+        fields = set(decode(out.data).get_fields())
+        assert not fields & set(META_FIELDS), (fmt, fields & set(META_FIELDS))
+        assert b"secret location" not in out.data
+
+
+@pytest.mark.parametrize("fmt", ["webp", "avif", "png", "jpeg"])
+def test_outputs_decode_with_right_size_and_type(fmt: str) -> None:
+    data = gradient(320, 200).pngsave_buffer()
+    out = one(data, width=160, height=160, format=fmt, quality=70)
+    image = decode(out.data)
+    loader = {"jpeg": "jpegload", "png": "pngload", "webp": "webpload", "avif": "heifload"}[fmt]
+    assert image.get("vips-loader").startswith(loader)
+    assert (image.width, image.height) == (out.width, out.height) == (160, 100)
+    assert out.format == fmt
+    assert out.content_type == {"jpeg": "image/jpeg", "png": "image/png"}.get(fmt, f"image/{fmt}")
+    assert mad(image, gradient(160, 100)) < 6  # and it is still the same picture
+
+
+def test_animated_gif_gives_first_frame() -> None:
+    frames = [solid(8, 8, [v, v, v]) for v in (255, 0, 128)]
+    strip = frames[0].join(frames[1], "vertical").join(frames[2], "vertical").copy(interpretation="srgb")
+    strip.set_type(pyvips.GValue.gint_type, "page-height", 8)
+    data = strip.gifsave_buffer()
+    assert probe(data, LIMITS).frames == 3
+    out = decode(one(data, width=8, format="png").data)
+    assert (out.width, out.height) == (8, 8) and out.min() >= 250
+
+
+# -------------------------------------------------------------------------------------------- hostile
+
+
+def test_png_header_bomb_is_refused_fast() -> None:
+    data = crafted_png(65000, 65000)
+    start = time.monotonic()
+    with pytest.raises(ImageError) as info:
+        probe(data, LIMITS)
+    assert info.value.code == "image_too_large"
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=100)], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert time.monotonic() - start < 1.0
+
+
+def test_jpeg_header_bomb_is_refused_fast() -> None:
+    data = bytearray(gradient(16, 16).jpegsave_buffer(interlace=False))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, 65000, 65000)  # marker(2) length(2) precision(1) height width
+    start = time.monotonic()
+    with pytest.raises(ImageError) as info:
+        render(bytes(data), [variant(width=100)], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert time.monotonic() - start < 1.0
+
+
+def test_pixel_limit_is_configurable() -> None:
+    data = gradient(100, 100).pngsave_buffer()
+    assert probe(data, Limits(max_pixels=10_000)).width == 100
+    with pytest.raises(ImageError) as info:
+        probe(data, Limits(max_pixels=9_999))
+    assert info.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(("count", "limit"), [(5, 4), (300, 256)])
+def test_too_many_frames(count: int, limit: int) -> None:
+    # Frames alternate black and white: similar neighbouring frames get merged by the GIF writer.
+    strip = (((pyvips.Image.xyz(2, 2 * count)[1] / 2).floor() % 2) * 255).cast("uchar")
+    strip.set_type(pyvips.GValue.gint_type, "page-height", 2)
+    data = strip.gifsave_buffer()
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=2)], Limits(max_frames=limit))
+    assert info.value.code == "too_many_frames"
+    assert probe(data, Limits(max_frames=count)).frames == count
+
+
+def test_empty_source() -> None:
+    for call in (lambda: probe(b"", LIMITS), lambda: render(b"", [variant(width=2)], LIMITS)):
+        with pytest.raises(ImageError) as info:
+            call()
+        assert info.value.code == "empty_source"
+
+
+@pytest.mark.parametrize("data", [b"<html><body>not an image</body></html>", b"just text", SVG, PPM])
+def test_non_images_are_unsupported(data: bytes) -> None:
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=10)], LIMITS)
+    assert info.value.code == "unsupported_format"
+
+
+def test_source_too_large() -> None:
+    data = gradient(64, 64).jpegsave_buffer()
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=10)], Limits(max_bytes=len(data) - 1))
+    assert info.value.code == "source_too_large"
+    assert probe(data, Limits(max_bytes=len(data))).format == "jpeg"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.02])
+def test_truncated_jpeg_is_corrupt(keep: float) -> None:
+    noise = pyvips.Image.gaussnoise(256, 256, mean=128, sigma=60).cast("uchar")
+    data = noise.bandjoin([noise, noise]).copy(interpretation="srgb").jpegsave_buffer()
+    with pytest.raises(ImageError) as info:
+        render(data[: int(len(data) * keep)], [variant(width=64)], LIMITS)
+    assert info.value.code == "corrupt_image"
+
+
+def test_garbage_after_magic_is_corrupt() -> None:
+    for magic in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\x10\x00\x00\x00WEBPVP8 "):
+        with pytest.raises(ImageError) as info:
+            render(magic + os.urandom(200), [variant(width=10)], LIMITS)
+        assert info.value.code in ("corrupt_image", "unsupported_format"), magic
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    # 64 Mpx of black compresses to ~600 KB and is made in milliseconds, but a full-size render of it
+    # (decode + PNG encode of 64 Mpx) takes seconds: plenty of work to interrupt.
+    return pyvips.Image.black(8000, 8000).pngsave_buffer(compression=1)
+
+
+@pytest.mark.parametrize("timeout_s", [0.001, 0.05])
+def test_timeout(big_png: bytes, timeout_s: float) -> None:
+    spec = [Variant(name="full", width=8000, format="png")]
+    start = time.monotonic()
+    with pytest.raises(ImageError) as info:
+        render(big_png, spec, Limits(timeout_s=timeout_s))
+    assert info.value.code == "processing_timeout"
+    assert time.monotonic() - start < timeout_s + 0.5
+
+
+def test_deadline_really_kills_libvips(big_png: bytes) -> None:
+    # The machinery itself: the eval handler must stop a running libvips computation part-way.
+    deadline = imaging._Deadline(0.02)
+    image = pyvips.Image.thumbnail_buffer(big_png, 8000)
+    deadline.watch(image)
+    start = time.monotonic()
+    with pytest.raises(pyvips.Error, match="killed"):
+        image.pngsave_buffer(compression=6)
+    assert deadline.fired
+    assert time.monotonic() - start < 0.5
+
+
+def test_image_error_shape() -> None:
+    err = ImageError("corrupt_image", "bad bytes")
+    assert (err.code, err.message) == ("corrupt_image", "bad bytes")
+    assert isinstance(err, Exception)
