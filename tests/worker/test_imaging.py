@@ -18,13 +18,13 @@ from imgpipe.models import Variant
 from imgpipe_worker import imaging
 from imgpipe_worker.imaging import ImageError, Limits, Rendered, SourceInfo, probe, render, sniff
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-IMGPIPE_TESTDATA = Path(os.environ.get("IMGPIPE_TESTDATA", REPO_ROOT.parent / "shared" / "testdata"))
-EXIF_DIR = IMGPIPE_TESTDATA / "exif-orientation"
-PNGSUITE_DIR = IMGPIPE_TESTDATA / "pngsuite"
+from tests.stack import TESTDATA
 
-needs_exif = pytest.mark.skipif(not EXIF_DIR.is_dir(), reason=f"no test images at {EXIF_DIR}")
-needs_pngsuite = pytest.mark.skipif(not PNGSUITE_DIR.is_dir(), reason=f"no test images at {PNGSUITE_DIR}")
+EXIF_DIR = TESTDATA / "exif-orientation"
+PNGSUITE_DIR = TESTDATA / "pngsuite"
+
+# The `testdata` fixture fails (never skips) when the corpus is missing: a silent skip would hide it.
+needs_exif = needs_pngsuite = pytest.mark.usefixtures("testdata")
 
 LIMITS = Limits()
 # Mean absolute difference (0-255 scale) below which two renders count as "the same picture". Measured:

@@ -12,12 +12,15 @@ redelivered more than `DELIVERY_LIMIT` times (a message that kills its consumer 
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from imgpipe.models import JobMessage
+
+log = logging.getLogger(__name__)
 
 JOB_ROUTING_KEY = "job"
 #: Header counting deliveries across retries (RabbitMQ's own count resets on re-publish).
@@ -101,9 +104,25 @@ class Topology:
         return jobs
 
 
-async def connect(url: str, *, timeout_s: float = 10.0) -> AbstractRobustConnection:
-    """A connection that reconnects by itself and re-declares what was declared on it."""
-    return await aio_pika.connect_robust(url, timeout=timeout_s, client_properties={"product": "imgpipe"})
+async def connect(url: str, *, timeout_s: float = 10.0, wait_s: float = 30.0) -> AbstractRobustConnection:
+    """A connection that reconnects by itself and re-declares what was declared on it.
+
+    The first connection is retried for up to `wait_s`, so a service started together with its
+    broker (compose, a rolling restart) waits for it instead of crashing.
+    """
+    deadline = asyncio.get_running_loop().time() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            return await aio_pika.connect_robust(
+                url, timeout=timeout_s, client_properties={"product": "imgpipe"}
+            )
+        except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("RabbitMQ not reachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Publisher:

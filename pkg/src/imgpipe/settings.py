@@ -6,14 +6,18 @@ an error that names the exact variable (see `load`).
 
 from __future__ import annotations
 
+import re
 from typing import Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 #: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
-_DEV_SECRET = "dev-secret-change-me"
+_DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local/test
+
+#: Supported algorithms and the shortest key each may use.
+_HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 Environment = Literal["local", "test", "staging", "production"]
 
@@ -85,14 +89,21 @@ class AuthSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> AuthSettings:
-        secret = self.jwt_secret.get_secret_value()
-        if self.env not in LOCAL_ENVIRONMENTS and (secret == _DEV_SECRET or len(secret) < 32):
-            raise ValueError(
-                "IMGPIPE_JWT_SECRET must be set to a random value of at least 32 characters "
-                f"when IMGPIPE_ENV={self.env}"
-            )
         if any(alg.lower() == "none" for alg in self.jwt_algorithms):
             raise ValueError("IMGPIPE_JWT_ALGORITHMS may not contain 'none'")
+        unknown = [alg for alg in self.jwt_algorithms if alg not in _HMAC_KEY_BYTES]
+        if unknown or not self.jwt_algorithms:
+            raise ValueError(
+                f"IMGPIPE_JWT_ALGORITHMS must be among {sorted(_HMAC_KEY_BYTES)}, keyed by IMGPIPE_JWT_SECRET"
+            )
+        # RFC 7518 §3.2: an HMAC key at least as long as the hash.
+        minimum = max(_HMAC_KEY_BYTES[alg] for alg in self.jwt_algorithms)
+        secret = self.jwt_secret.get_secret_value()
+        if self.env not in LOCAL_ENVIRONMENTS and (secret == _DEV_SECRET or len(secret.encode()) < minimum):
+            raise ValueError(
+                f"IMGPIPE_JWT_SECRET must be set to a random value of at least {minimum} bytes "
+                f"when IMGPIPE_ENV={self.env}"
+            )
         return self
 
 
@@ -116,20 +127,35 @@ class ConfigError(RuntimeError):
 def load(cls: type[S]) -> S:
     """Instantiate a settings class, turning validation errors into one readable `ConfigError`."""
     prefix = cls.model_config.get("env_prefix", "")
+
+    def variable(field: str) -> str:
+        aliases = {
+            str(choice)
+            for info in cls.model_fields.values()
+            if isinstance(info.validation_alias, AliasChoices)
+            for choice in info.validation_alias.choices
+        }
+        if field in aliases:  # pydantic reports an aliased field under the alias it was read from
+            return field
+        info = cls.model_fields.get(field)
+        alias = info.validation_alias if info else None
+        if isinstance(alias, AliasChoices):
+            return str(alias.choices[0])
+        return f"{prefix}{field}".upper() if field else cls.__name__
+
     try:
         return cls()
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            info = cls.model_fields.get(field)
-            alias = info.validation_alias if info else None
-            if isinstance(alias, AliasChoices):
-                name = str(alias.choices[0])
-            else:
-                name = f"{prefix}{field}".upper() if field else cls.__name__
-            problems.append(f"{name}: {err['msg']}")
+            problems.append(f"{variable(field)}: {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    except SettingsError as exc:
+        # A complex field (tuple, list) whose value is not JSON fails before validation.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        field = match.group(1) if match else ""
+        raise ConfigError(f"invalid configuration: {variable(field)}: not valid JSON") from None
 
 
 class UrlSourceSettings(BaseSettings):

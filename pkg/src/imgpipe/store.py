@@ -143,17 +143,17 @@ class JobStore:
         """
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         name = self._idem_key(owner, key)
-        if await self.redis.set(name, value, nx=True, ex=self.retention_s):
-            return None
-        existing = await self.redis.get(name)
-        if existing is None:  # expired between the two calls: try once more
+        # The holder can expire between SET NX and GET; then the key is free again: try again.
+        for _ in range(3):
             if await self.redis.set(name, value, nx=True, ex=self.retention_s):
                 return None
             existing = await self.redis.get(name)
-        held = json.loads(existing)
-        if held["fingerprint"] != fingerprint:
-            raise IdempotencyConflict(key)
-        return str(held["job_id"])
+            if existing is not None:
+                held = json.loads(existing)
+                if held["fingerprint"] != fingerprint:
+                    raise IdempotencyConflict(key)
+                return str(held["job_id"])
+        raise RuntimeError(f"idempotency key {name} keeps vanishing")
 
     async def release_idempotency(self, owner: str, key: str) -> None:
         await self.redis.delete(self._idem_key(owner, key))

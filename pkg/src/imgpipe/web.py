@@ -84,7 +84,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
         except AuthError as exc:
-            headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if exc.status == 401 else None
+            # RFC 6750 3.1: no error code when the request carried no credentials at all.
+            challenge = "Bearer" if exc.code == "missing_token" else 'Bearer error="invalid_token"'
+            headers = {"WWW-Authenticate": challenge} if exc.status == 401 else None
             response = error_response(exc.status, exc.code, exc.message, headers)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("redis unavailable: %s: %s", type(exc).__name__, exc, extra={"path": request.path})
@@ -100,7 +102,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             if exc.status < 400:
                 raise
             code = _DEFAULT_CODES.get(exc.status, "http_error")
-            response = error_response(exc.status, code, exc.reason or code, dict(exc.headers) or None)
+            # Keep e.g. Allow, but not the exception's own text/plain Content-Type: the body is JSON.
+            kept = {
+                k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+            }
+            response = error_response(exc.status, code, exc.reason or code, kept or None)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from imgpipe.store import IdempotencyConflict
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
 from imgpipe.urlsafety import UrlRejected, check_url, parse_networks
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 log = logging.getLogger("imgpipe.api")
 
@@ -53,6 +54,11 @@ class UploadRequest(BaseModel):
 
     content_type: str = Field(max_length=100)
     size: int = Field(ge=1)
+
+    @field_validator("content_type")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()  # media types are case-insensitive (RFC 9110 §8.3.1)
 
 
 _IDEMPOTENCY_KEY_MAX = 255
@@ -132,9 +138,36 @@ def _accepted(record: JobRecord, *, replayed: bool = False) -> web.Response:
     return web.json_response(body, status=202, headers=headers)
 
 
+def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
+    """The `url_*` error for a URL source the model refused (its scheme), instead of `invalid_request`."""
+    try:
+        source = json.loads(raw).get("source")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(source, dict) or set(source) != {"url"} or not isinstance(source["url"], str):
+        return None
+    urls = request.app[URLS]
+    try:
+        check_url(
+            source["url"],
+            allowed_hosts=urls.hosts(),
+            allowed_networks=parse_networks(urls.url_allowed_networks),
+        )
+    except UrlRejected as exc:
+        return ApiError(422, exc.code, exc.message)
+    return None
+
+
 async def create_job(request: web.Request) -> web.Response:
     principal = authenticate(request)
-    job = await read_model(request, JobRequest)
+    try:
+        job = await read_model(request, JobRequest)
+    except ApiError as exc:
+        # `file:`, `ftp:` and the like fail the model's http(s) URL type; say why in the URL's terms.
+        refined = _url_rejection(request, await request.read()) if exc.code == "invalid_request" else None
+        if refined is not None:
+            raise refined from None
+        raise
     store = request.app[resources.STORE]
     publisher: Publisher = request.app[resources.PUBLISHER]
 

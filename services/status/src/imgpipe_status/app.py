@@ -16,7 +16,7 @@ from imgpipe import resources
 from imgpipe.auth import TokenVerifier
 from imgpipe.models import JobRecord
 from imgpipe.settings import AuthSettings, CommonSettings, RedisSettings, S3Settings, load
-from imgpipe.telemetry import SSE_CONNECTIONS, job_id_var, setup_logging
+from imgpipe.telemetry import SSE_CONNECTIONS, job_id_var, request_id_var, setup_logging
 from imgpipe.web import READINESS, VERIFIER, ApiError, authenticate, base_app
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -74,6 +74,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             "Content-Type": "text/event-stream",
             "Cache-Control": "no-cache, no-store",
             "X-Accel-Buffering": "no",  # nginx: pass events through at once
+            # The middleware cannot add it once the stream is prepared, so it goes in here.
+            "X-Request-ID": request_id_var.get() or "",
         }
     )
     # Listen before re-reading, so a change between the read and the subscription is not lost.

@@ -17,8 +17,10 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection, ConsumerTag
@@ -43,6 +45,8 @@ from imgpipe_worker import imaging
 from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_session
 
 log = logging.getLogger("imgpipe.worker")
+
+T = TypeVar("T")
 
 #: Pauses between attempts to settle a job while a dependency is down (about a minute in all).
 _SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
@@ -129,7 +133,7 @@ class Consumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
-        attempt = int(headers.get(ATTEMPT_HEADER, 1) or 1)
+        attempt = _attempt(headers)
         request_id_var.set(str(headers.get(REQUEST_ID_HEADER) or "") or None)
         try:
             job = JobMessage.model_validate_json(message.body)
@@ -145,24 +149,16 @@ class Consumer:
         JOBS_IN_FLIGHT.inc()
         started = time.perf_counter()
         try:
-            for delay in _SETTLE_BACKOFF_S:
-                try:
-                    await self._process(job, message, attempt)
-                    return
-                except Exception as exc:
-                    # The outcome could not be recorded (Redis or the broker is down). Keep the
-                    # message and try again here: nacking at once would spin it through the broker
-                    # and exhaust its delivery limit within seconds of an outage.
-                    log.warning("job could not be settled, retrying in %ss: %s", delay, type(exc).__name__)
-                    await asyncio.sleep(delay)
-            log.error("job could not be settled; returned to the queue")
+            await self._process(job, message, attempt)
+        except Exception as exc:
+            log.error("job could not be settled; returned to the queue: %s", type(exc).__name__)
             await _nack(message)
         finally:
             JOBS_IN_FLIGHT.dec()
             JOB_SECONDS.observe(time.perf_counter() - started)
 
     async def _process(self, job: JobMessage, message: AbstractIncomingMessage, attempt: int) -> None:
-        taken = await self._store.mark_processing(job.id)
+        taken = await _persist(lambda: self._store.mark_processing(job.id))
         record = taken.record
         if record is None:
             log.warning("no record for job (expired or withdrawn); dropping message")
@@ -186,7 +182,7 @@ class Consumer:
             log.exception("unexpected error while processing")
             failure = JobFailed("internal_error", f"{type(exc).__name__}", transient=True)
         else:
-            await self._store.mark_succeeded(record, results)
+            await _persist(lambda: self._store.mark_succeeded(record, results))
             await message.ack()
             JOBS_SUCCEEDED.inc()
             log.info("job succeeded", extra={"variants": len(results), "attempt": attempt})
@@ -198,8 +194,10 @@ class Consumer:
     ) -> None:
         headers = dict(message.headers or {})
         if failure.transient and attempt < self._config.max_attempts:
-            delay = await self._publisher.publish_retry(
-                message.body, headers, message_id=record.id, attempt=attempt
+            delay = await _persist(
+                lambda: self._publisher.publish_retry(
+                    message.body, headers, message_id=record.id, attempt=attempt
+                )
             )
             await message.ack()
             JOBS_RETRIED.labels(failure.code).inc()
@@ -211,9 +209,11 @@ class Consumer:
         text = failure.message
         if failure.transient:
             text = f"{text} (gave up after {attempt} attempts)"
-            await self._publisher.publish_dead(message.body, headers, message_id=record.id, reason=text)
+            await _persist(
+                lambda: self._publisher.publish_dead(message.body, headers, message_id=record.id, reason=text)
+            )
             JOBS_DEAD_LETTERED.inc()
-        await self._store.mark_failed(record, failure.code, text)
+        await _persist(lambda: self._store.mark_failed(record, failure.code, text))
         await message.ack()
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
@@ -261,6 +261,35 @@ class Consumer:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         except FetchError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+
+
+def _attempt(headers: dict) -> int:
+    """The delivery number from our header; 1 when it is missing or unreadable.
+
+    The header comes from whoever published the message: a value `int()` cannot take must not
+    raise here, where the message would be left unacknowledged and hold a consumer slot forever.
+    """
+    try:
+        return max(1, int(headers.get(ATTEMPT_HEADER, 1) or 1))
+    except (TypeError, ValueError):
+        log.warning("unreadable %s header; counting this delivery as the first", ATTEMPT_HEADER)
+        return 1
+
+
+async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis or broker write, retrying while the dependency is down (about a minute in all).
+
+    Keeping the message and retrying here beats nacking at once: a nacked message spins through
+    the broker and exhausts its delivery limit within seconds of an outage. Only the write is
+    retried; the job's finished work is not redone.
+    """
+    for delay in _SETTLE_BACKOFF_S:
+        try:
+            return await operation()
+        except Exception as exc:
+            log.warning("write failed, retrying in %ss: %s", delay, type(exc).__name__)
+            await asyncio.sleep(delay)
+    return await operation()
 
 
 async def _nack(message: AbstractIncomingMessage) -> None:

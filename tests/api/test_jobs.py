@@ -1,0 +1,322 @@
+"""`POST /jobs`: validation, ownership, URL policy, idempotency, and 202 only once the broker has it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from imgpipe.broker import Topology
+from imgpipe.store import owner_id
+
+from tests.isolated import image, isolated_stack, metric, queue_depth
+from tests.stack import Client, Stack, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+async def _post_job(
+    client: Client, body: Any, *, base: str | None = None, **headers: str
+) -> tuple[int, dict, aiohttp.typedefs.LooseHeaders]:
+    async with client.http.post(
+        f"{base or client.stack.api}/jobs", json=body, headers={**client.headers, **headers}
+    ) as response:
+        assert response.content_type == "application/json"
+        return response.status, await response.json(), response.headers
+
+
+async def _accepted_total(client: Client) -> float:
+    async with client.http.get(f"{client.stack.api}/metrics") as response:
+        return metric(await response.text(), "imgpipe_jobs_accepted_total")
+
+
+@pytest.fixture
+async def alice_key(alice: Client) -> str:
+    return await alice.upload(image())
+
+
+async def test_accepted_job_shape_and_location(alice: Client, alice_key: str) -> None:
+    status, body, headers = await _post_job(alice, {"source": {"key": alice_key}})
+    assert status == 202, body
+    assert body["status"] == "pending"
+    assert {"id", "status", "created_at", "updated_at", "variants", "error"} <= set(body)
+    assert body["variants"] == [] and body["error"] is None
+    assert headers["Location"] == f"/jobs/{body['id']}"
+    assert body["links"] == {"self": f"/jobs/{body['id']}", "events": f"/jobs/{body['id']}/events"}
+    assert "Idempotent-Replayed" not in headers
+    # It really is in Redis (the status service reads it there), and it gets done.
+    polled_status, polled = await alice.get(body["id"])
+    assert polled_status == 200 and polled["id"] == body["id"]
+    assert (await alice.wait(body["id"]))["status"] == "succeeded"
+
+
+async def test_default_variant_is_thumb(alice: Client) -> None:
+    job = await alice.submit({"key": await alice.upload(image(800, 400))})
+    done = await alice.wait(job["id"])
+    assert [(v["name"], v["format"], v["width"], v["height"]) for v in done["variants"]] == [
+        ("thumb", "jpeg", 200, 100)
+    ]
+
+
+async def test_presets_and_explicit_variants(alice: Client) -> None:
+    variants = ["small", {"name": "tiny", "width": 40, "format": "png"}, {"name": "sq", "height": 30}]
+    job = await alice.submit({"key": await alice.upload(image(800, 400))}, variants)
+    done = await alice.wait(job["id"])
+    assert done["status"] == "succeeded", done
+    got = {v["name"]: (v["format"], v["width"], v["height"]) for v in done["variants"]}
+    assert got == {"small": ("webp", 640, 320), "tiny": ("png", 40, 20), "sq": ("jpeg", 60, 30)}
+
+
+VARIANT = {"name": "v", "width": 10}
+
+BAD_VARIANTS = [
+    pytest.param(["huge"], id="unknown-preset"),
+    pytest.param([], id="empty-list"),
+    pytest.param([{"name": "c", "width": 100, "fit": "cover"}], id="cover-without-height"),
+    pytest.param([{"name": "w", "width": 0}], id="width-zero"),
+    pytest.param([{"name": "w", "width": -1}], id="width-negative"),
+    pytest.param([{"name": "w", "width": 8193}], id="width-over-max"),
+    pytest.param([{"name": "w"}], id="no-box"),
+    pytest.param([{"name": "w", "width": 10, "format": "gif"}], id="unknown-format"),
+    pytest.param([{"name": "w", "width": 10, "fit": "stretch"}], id="unknown-fit"),
+    pytest.param([{"name": "w", "width": 10, "quality": 0}], id="quality-zero"),
+    pytest.param([{"name": "w", "width": 10, "quality": 101}], id="quality-over"),
+    pytest.param([{"name": "Bad Name", "width": 10}], id="bad-name"),
+    pytest.param([{"name": "../x", "width": 10}], id="path-name"),
+    pytest.param([{"width": 10}], id="nameless"),
+    pytest.param(["thumb", "thumb"], id="duplicate-presets"),
+    pytest.param([{"name": "thumb", "width": 10}, "thumb"], id="duplicate-names"),
+    pytest.param([{"name": f"v{i}", "width": 10} for i in range(17)], id="seventeen"),
+    pytest.param([{**VARIANT, "crop": "center"}], id="extra-field"),
+    pytest.param("thumb", id="not-a-list"),
+    pytest.param([42], id="number"),
+]
+
+
+@pytest.mark.parametrize("variants", BAD_VARIANTS)
+async def test_invalid_variants(alice: Client, variants: Any) -> None:
+    key = f"uploads/{owner_id('alice')}/whatever"
+    status, body, _ = await _post_job(alice, {"source": {"key": key}, "variants": variants})
+    assert (status, body["error"]["code"]) == (422, "invalid_request"), body
+
+
+async def test_sixteen_variants_are_allowed(alice: Client, alice_key: str) -> None:
+    variants = [{"name": f"v{i}", "width": 8 + i} for i in range(16)]
+    status, body, _ = await _post_job(alice, {"source": {"key": alice_key}, "variants": variants})
+    assert status == 202, body
+    done = await alice.wait(body["id"])
+    assert len(done["variants"]) == 16
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({}, id="empty"),
+        pytest.param({"variants": ["thumb"]}, id="no-source"),
+        pytest.param({"source": {}}, id="empty-source"),
+        pytest.param({"source": {"key": ""}}, id="empty-key"),
+        pytest.param({"source": {"key": "k", "url": "http://example.com/a.jpg"}}, id="key-and-url"),
+        pytest.param({"source": {"key": "k"}, "priority": 1}, id="extra-field"),
+        pytest.param({"source": "uploads/x"}, id="source-string"),
+        pytest.param([], id="array"),
+    ],
+)
+async def test_invalid_body(alice: Client, body: Any) -> None:
+    status, answer, _ = await _post_job(alice, body)
+    assert (status, answer["error"]["code"]) == (422, "invalid_request"), answer
+
+
+async def test_non_json_body(alice: Client) -> None:
+    async with alice.http.post(
+        f"{alice.stack.api}/jobs", data=b"source=x", headers={**alice.headers, "Content-Type": "text/plain"}
+    ) as response:
+        assert response.status == 415
+        assert (await response.json())["error"]["code"] == "unsupported_media_type"
+
+
+async def test_someone_elses_upload_is_forbidden(alice: Client, bob: Client, alice_key: str) -> None:
+    status, body, _ = await _post_job(bob, {"source": {"key": alice_key}})
+    assert (status, body["error"]["code"]) == (403, "source_forbidden")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "variants/{alice}/job/thumb.jpg",
+        "uploads/{bob}/../{alice}/x",
+        "uploads/{alice}x/y",
+        "uploads/{bob}",
+        "../uploads/{bob}/x",
+        "somewhere/else",
+    ],
+)
+async def test_keys_outside_own_upload_prefix_are_forbidden(bob: Client, key: str) -> None:
+    key = key.format(alice=owner_id("alice"), bob=owner_id("bob"))
+    status, body, _ = await _post_job(bob, {"source": {"key": key}})
+    assert (status, body["error"]["code"]) == (403, "source_forbidden"), key
+
+
+async def test_owned_key_that_does_not_exist(alice: Client) -> None:
+    key = f"uploads/{owner_id('alice')}/{'0' * 32}"
+    status, body, _ = await _post_job(alice, {"source": {"key": key}})
+    assert (status, body["error"]["code"]) == (422, "source_not_found")
+
+
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://169.254.169.254/x", "url_forbidden"),
+        ("http://10.0.0.1/a.jpg", "url_forbidden"),
+        ("http://192.168.1.1/a.jpg", "url_forbidden"),
+        ("http://[::ffff:169.254.169.254]/x", "url_forbidden"),
+        ("http://localhost/a.jpg", "url_forbidden"),
+        ("http://metadata.google.internal/x", "url_forbidden"),
+        ("http://user:pw@example.com/a.jpg", "url_forbidden"),
+        ("file:///etc/passwd", "url_forbidden"),
+        ("ftp://example.com/a.jpg", "url_forbidden"),
+        ("gopher://example.com/a", "url_forbidden"),
+        ("http://256.1.1.1/a.jpg", "url_invalid"),
+        ("http://exa mple.com/a.jpg", "url_invalid"),
+    ],
+)
+async def test_url_policy(alice: Client, url: str, code: str) -> None:
+    status, body, _ = await _post_job(alice, {"source": {"url": url}})
+    assert (status, body["error"]["code"]) == (422, code), body
+
+
+@pytest.fixture
+async def image_server() -> AsyncIterator[str]:
+    """An image host on 127.0.0.1 (the session stack allows 127.0.0.0/8 for this)."""
+    data = image(300, 200)
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/a.jpg", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}/a.jpg"
+    finally:
+        await runner.cleanup()
+
+
+async def test_url_source_is_fetched(alice: Client, image_server: str) -> None:
+    job = await alice.submit({"url": image_server}, [{"name": "s", "width": 30}])
+    done = await alice.wait(job["id"])
+    assert done["status"] == "succeeded", done
+    assert (done["variants"][0]["width"], done["variants"][0]["height"]) == (30, 20)
+
+
+# Idempotency-Key.
+
+
+async def test_same_key_same_body_is_one_job(alice: Client, alice_key: str) -> None:
+    body = {"source": {"key": alice_key}, "variants": ["thumb"]}
+    before = await _accepted_total(alice)
+    first_status, first, first_headers = await _post_job(alice, body, **{"Idempotency-Key": "k-same"})
+    second_status, second, second_headers = await _post_job(alice, body, **{"Idempotency-Key": "k-same"})
+    assert (first_status, second_status) == (202, 202)
+    assert first["id"] == second["id"]
+    assert "Idempotent-Replayed" not in first_headers
+    assert second_headers["Idempotent-Replayed"] == "true"
+    assert second_headers["Location"] == f"/jobs/{first['id']}"
+    # One job accepted (published), not two.
+    assert await _accepted_total(alice) == before + 1
+    done = await alice.wait(first["id"])
+    # A replay after the job finished answers with its current state, still the same job.
+    third_status, third, third_headers = await _post_job(alice, body, **{"Idempotency-Key": "k-same"})
+    assert (third_status, third["id"], third["status"]) == (202, first["id"], done["status"])
+    assert third_headers["Idempotent-Replayed"] == "true"
+    assert await _accepted_total(alice) == before + 1
+
+
+async def test_same_key_different_body_is_refused(alice: Client, alice_key: str) -> None:
+    status, _, _ = await _post_job(alice, {"source": {"key": alice_key}}, **{"Idempotency-Key": "k-diff"})
+    assert status == 202
+    for other in (
+        {"source": {"key": alice_key}, "variants": ["small"]},
+        {"source": {"key": alice_key + "x"}},
+    ):
+        status, body, _ = await _post_job(alice, other, **{"Idempotency-Key": "k-diff"})
+        assert (status, body["error"]["code"]) == (422, "idempotency_key_reused")
+
+
+async def test_same_key_for_different_users_is_independent(alice: Client, bob: Client) -> None:
+    jobs = []
+    for client in (alice, bob):
+        body = {"source": {"key": await client.upload(image())}}
+        status, job, headers = await _post_job(client, body, **{"Idempotency-Key": "k-shared"})
+        assert status == 202, job
+        assert "Idempotent-Replayed" not in headers
+        jobs.append(job["id"])
+    assert jobs[0] != jobs[1]
+    assert (await bob.get(jobs[0]))[0] == 404
+
+
+async def test_key_of_a_refused_request_can_be_used_again(alice: Client, alice_key: str) -> None:
+    missing = f"uploads/{owner_id('alice')}/{'1' * 32}"
+    status, body, _ = await _post_job(alice, {"source": {"key": missing}}, **{"Idempotency-Key": "k-retry"})
+    assert (status, body["error"]["code"]) == (422, "source_not_found")
+    status, body, _ = await _post_job(alice, {"source": {"key": alice_key}}, **{"Idempotency-Key": "k-retry"})
+    assert status == 202, body
+
+
+async def test_concurrent_requests_with_one_key_make_one_job(alice: Client, alice_key: str) -> None:
+    body = {"source": {"key": alice_key}}
+    before = await _accepted_total(alice)
+    answers = await asyncio.gather(
+        *(_post_job(alice, body, **{"Idempotency-Key": "k-race"}) for _ in range(8))
+    )
+    ids = {answer["id"] for status, answer, _ in answers if status == 202}
+    assert len(ids) == 1, answers
+    # The rest are replays or "still in progress" (409), never a second job.
+    assert {status for status, _, _ in answers} <= {202, 409}
+    assert await _accepted_total(alice) == before + 1
+
+
+async def test_idempotency_key_too_long(alice: Client, alice_key: str) -> None:
+    status, body, _ = await _post_job(alice, {"source": {"key": alice_key}}, **{"Idempotency-Key": "k" * 256})
+    assert (status, body["error"]["code"]) == (400, "invalid_idempotency_key")
+
+
+# 202 only once the broker has the job: a namespace with no worker.
+
+
+@pytest.fixture(scope="module")
+def idle_stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with isolated_stack(
+        base_env,
+        tmp_path_factory.mktemp("idle-logs"),
+        {"api": ("api", {}), "status": ("status", {})},
+    ) as stack:
+        yield stack
+
+
+async def test_accepted_job_waits_durably_in_the_queue(
+    http: aiohttp.ClientSession, idle_stack: Stack, tmp_path: Path
+) -> None:
+    client = Client(http, idle_stack, "alice")
+    queue = Topology(idle_stack.env["IMGPIPE_NAMESPACE"]).jobs_queue
+    key = await client.upload(image())
+    before = await queue_depth(queue)
+    job = await client.submit({"key": key}, **{"Idempotency-Key": "durable"})
+    assert await queue_depth(queue) == before + 1
+    replay = await client.submit({"key": key}, **{"Idempotency-Key": "durable"})
+    assert replay["id"] == job["id"]
+    assert await queue_depth(queue) == before + 1, "a replay publishes nothing"
+    status, pending = await client.get(job["id"])
+    assert (status, pending["status"]) == (200, "pending")
+
+    worker = await asyncio.to_thread(idle_stack.start, "worker", tmp_path)
+    idle_stack.services["worker"] = worker
+    done = await client.wait(job["id"], within=30)
+    assert done["status"] == "succeeded", done
+    assert await queue_depth(queue) == 0

@@ -1,0 +1,261 @@
+"""RabbitMQ topology and publishing against the real broker: queues, retries by TTL, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import aio_pika
+import aiormq
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from imgpipe.broker import (
+    ATTEMPT_HEADER,
+    DELIVERY_LIMIT,
+    REASON_HEADER,
+    REQUEST_ID_HEADER,
+    Publisher,
+    Topology,
+    connect,
+)
+from imgpipe.models import PRESETS, JobMessage, KeySource
+
+from tests.stack import AMQP_URL
+
+
+def test_topology_names() -> None:
+    topology = Topology("ns")
+    assert topology.jobs_exchange == "ns.jobs"
+    assert topology.jobs_queue == "ns.jobs"
+    assert topology.retry_exchange == "ns.retry"
+    assert topology.dead_exchange == "ns.dead"
+    assert topology.dead_queue == "ns.jobs.dead"
+    assert topology.retry_queue(30) == "ns.jobs.retry.30s"
+    assert topology.queue_names() == [
+        "ns.jobs",
+        "ns.jobs.dead",
+        "ns.jobs.retry.1s",
+        "ns.jobs.retry.5s",
+        "ns.jobs.retry.30s",
+        "ns.jobs.retry.120s",
+    ]
+
+
+def test_retry_delay_repeats_the_last_value() -> None:
+    topology = Topology("ns", retry_delays_s=(1, 5, 30, 120))
+    assert [topology.retry_delay(attempt) for attempt in range(1, 7)] == [1, 5, 30, 120, 120, 120]
+    assert topology.retry_delay(0) == 1
+    assert Topology("ns", retry_delays_s=(7,)).retry_delay(3) == 7
+
+
+@pytest.fixture
+async def connection() -> AsyncIterator[AbstractRobustConnection]:
+    connection = await connect(AMQP_URL)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def topology(namespace: str, connection: AbstractRobustConnection) -> AsyncIterator[Topology]:
+    topology = Topology(f"{namespace}-broker-{uuid.uuid4().hex[:8]}", retry_delays_s=(1, 2))
+    try:
+        yield topology
+    finally:
+        channel = await connection.channel()
+        for name in topology.queue_names():
+            await channel.queue_delete(name)
+        for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+            await channel.exchange_delete(name)
+        await channel.close()
+
+
+@pytest.fixture
+async def publisher(connection: AbstractRobustConnection, topology: Topology) -> AsyncIterator[Publisher]:
+    publisher = Publisher(connection, topology)
+    try:
+        yield publisher
+    finally:
+        await publisher.close()
+
+
+def _job(request_id: str | None = "req-1") -> JobMessage:
+    return JobMessage(
+        id=uuid.uuid4().hex,
+        owner="alice",
+        source=KeySource(key="uploads/o/k"),
+        variants=[PRESETS["thumb"]],
+        request_id=request_id,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def _get(queue: AbstractQueue, within: float = 5.0) -> AbstractIncomingMessage:
+    """The next message of `queue`, polling (basic.get) for up to `within` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.05)
+
+
+async def _count(connection: AbstractRobustConnection, name: str) -> int:
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count
+    finally:
+        await channel.close()
+
+
+async def _queue(connection: AbstractRobustConnection, name: str) -> AbstractQueue:
+    channel = await connection.channel()
+    return await channel.declare_queue(name, passive=True)
+
+
+async def test_declare_is_idempotent_and_jobs_is_a_quorum_queue(
+    connection: AbstractRobustConnection, topology: Topology
+) -> None:
+    channel = await connection.channel()
+    await topology.declare(channel)
+    await topology.declare(channel)  # same arguments: no PRECONDITION_FAILED
+    other = await connection.channel()
+    await topology.declare(other)
+    for name in topology.queue_names():
+        await channel.declare_queue(name, passive=True)
+    for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+        await channel.declare_exchange(name, passive=True)
+
+    # A classic queue of the same name cannot be declared over it.
+    probe = await connection.channel()
+    classic = {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": topology.dead_exchange,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+    with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="x-queue-type"):
+        await probe.declare_queue(topology.jobs_queue, durable=True, arguments=classic)
+
+    if shutil.which("rabbitmqctl"):
+        proc = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            *("list_queues", "name", "type", "arguments", "-q", "--formatter", "json"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(30):
+            stdout, _ = await proc.communicate()
+        if proc.returncode == 0:
+            queues = {q["name"]: q for q in json.loads(stdout)}
+            for name in topology.queue_names():
+                assert queues[name]["type"] == "quorum", queues[name]
+            arguments = {arg[0]: arg[-1] for arg in queues[topology.jobs_queue]["arguments"]}
+            assert arguments["x-dead-letter-exchange"] == topology.dead_exchange
+            assert arguments["x-delivery-limit"] == DELIVERY_LIMIT
+            retry = {arg[0]: arg[-1] for arg in queues[topology.retry_queue(2)]["arguments"]}
+            assert retry["x-message-ttl"] == 2000
+            assert retry["x-dead-letter-exchange"] == topology.jobs_exchange
+    await channel.close()
+    await other.close()
+
+
+async def test_publish_job(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    job = _job()
+    await publisher.publish_job(job)
+    message = await _get(await _queue(connection, topology.jobs_queue))
+    await message.ack()
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == job.id
+    assert message.content_type == "application/json"
+    assert message.headers[ATTEMPT_HEADER] == 1
+    assert message.headers[REQUEST_ID_HEADER] == "req-1"
+    assert JobMessage.model_validate_json(message.body) == job
+    assert await _count(connection, topology.jobs_queue) == 0
+
+    anonymous = _job(request_id=None)
+    await publisher.publish_job(anonymous, attempt=3)
+    message = await _get(await _queue(connection, topology.jobs_queue))
+    await message.ack()
+    assert message.headers[ATTEMPT_HEADER] == 3
+    assert REQUEST_ID_HEADER not in message.headers
+
+
+async def test_publish_retry_comes_back_after_the_delay(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    job = _job()
+    body = job.model_dump_json().encode()
+    delay = await publisher.publish_retry(
+        body, {REQUEST_ID_HEADER: "req-1", ATTEMPT_HEADER: 1}, message_id=job.id, attempt=1
+    )
+    assert delay == 1
+    assert await _count(connection, topology.retry_queue(1)) == 1
+    assert await _count(connection, topology.jobs_queue) == 0
+
+    message = await _get(await _queue(connection, topology.jobs_queue), within=10)
+    await message.ack()
+    assert message.body == body
+    assert message.message_id == job.id
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.headers[ATTEMPT_HEADER] == 2
+    assert message.headers[REQUEST_ID_HEADER] == "req-1"
+    assert await _count(connection, topology.retry_queue(1)) == 0
+
+    # The last configured delay repeats.
+    assert await publisher.publish_retry(body, {}, message_id=job.id, attempt=5) == 2
+    assert await _count(connection, topology.retry_queue(2)) == 1
+    await (await _get(await _queue(connection, topology.jobs_queue), within=10)).ack()
+
+
+async def test_publish_dead(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    job = _job()
+    body = job.model_dump_json().encode()
+    await publisher.publish_dead(
+        body, {ATTEMPT_HEADER: 5}, message_id=job.id, reason="storage_unavailable: " + "x" * 1000
+    )
+    message = await _get(await _queue(connection, topology.dead_queue))
+    await message.ack()
+    assert message.body == body
+    assert message.message_id == job.id
+    assert message.headers[REASON_HEADER].startswith("storage_unavailable: ")
+    assert len(message.headers[REASON_HEADER]) == 512
+    assert message.headers[ATTEMPT_HEADER] == 5
+    assert await _count(connection, topology.jobs_queue) == 0
+
+
+async def test_rejected_job_is_dead_lettered(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    job = _job()
+    await publisher.publish_job(job)
+    message = await _get(await _queue(connection, topology.jobs_queue))
+    await message.reject(requeue=False)
+    dead = await _get(await _queue(connection, topology.dead_queue))
+    await dead.ack()
+    assert dead.message_id == job.id
+    assert JobMessage.model_validate_json(dead.body) == job
+    assert dead.headers["x-death"][0]["reason"] == "rejected"
+    assert await _count(connection, topology.jobs_queue) == 0
+
+
+async def test_unroutable_publish_raises(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    """A job that no queue would keep is an error for the caller, not a silent drop."""
+    await publisher.publish_job(_job())  # declares the topology
+    await (await _get(await _queue(connection, topology.jobs_queue))).ack()
+    channel = await connection.channel()
+    await channel.queue_delete(topology.jobs_queue)
+    await channel.close()
+    with pytest.raises(aio_pika.exceptions.DeliveryError):
+        await publisher._publish(topology.jobs_exchange, "job", b"{}", {}, message_id="x", timeout_s=5)

@@ -1,0 +1,195 @@
+"""Settings from the environment: defaults, overrides, and errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from imgpipe.settings import (
+    _DEV_SECRET,
+    AmqpSettings,
+    AuthSettings,
+    CommonSettings,
+    ConfigError,
+    RedisSettings,
+    S3Settings,
+    load,
+)
+from pydantic import AliasChoices, Field
+
+_ALIASES = ("AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray IMGPIPE_* or AWS_* in the developer's shell must not change what these tests see."""
+    for name in list(os.environ):
+        if name.startswith("IMGPIPE_") or name in _ALIASES:
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    common = load(CommonSettings)
+    assert (common.env, common.namespace, common.log_level) == ("local", "imgpipe", "INFO")
+    amqp = load(AmqpSettings)
+    assert amqp.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
+    assert amqp.max_attempts == 5
+    assert amqp.retry_delays_s == (1, 5, 30, 120)
+    redis = load(RedisSettings)
+    assert redis.redis_url.get_secret_value() == "redis://127.0.0.1:6379/0"
+    assert redis.job_retention_days == 7
+    s3 = load(S3Settings)
+    assert s3.aws_region == "us-east-1"
+    assert s3.aws_access_key_id is None
+    assert s3.s3_bucket == "imgpipe"
+    auth = load(AuthSettings)
+    assert auth.jwt_algorithms == ("HS256",)
+    assert auth.jwt_leeway_s == 30
+
+
+def test_secrets_are_not_shown_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_AMQP_URL", "amqp://user:hunter2@mq:5672/")
+    assert "hunter2" not in repr(load(AmqpSettings))
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_NAMESPACE", "tenant-a.prod")
+    monkeypatch.setenv("IMGPIPE_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("IMGPIPE_AMQP_URL", "amqp://u:p@mq:5672/vh")
+    monkeypatch.setenv("IMGPIPE_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("IMGPIPE_RETRY_DELAYS_S", "[2, 4]")
+    monkeypatch.setenv("IMGPIPE_REDIS_URL", "redis://cache:6380/3")
+    monkeypatch.setenv("IMGPIPE_JOB_RETENTION_DAYS", "30")
+    monkeypatch.setenv("IMGPIPE_S3_BUCKET", "pics")
+    monkeypatch.setenv("IMGPIPE_S3_FORCE_PATH_STYLE", "true")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", '["HS256", "HS384"]')
+    monkeypatch.setenv("IMGPIPE_JWT_AUDIENCE", "imgpipe-api")
+
+    common = load(CommonSettings)
+    assert (common.namespace, common.log_level) == ("tenant-a.prod", "DEBUG")
+    amqp = load(AmqpSettings)
+    assert amqp.amqp_url.get_secret_value() == "amqp://u:p@mq:5672/vh"
+    assert (amqp.max_attempts, amqp.retry_delays_s) == (7, (2, 4))
+    redis = load(RedisSettings)
+    assert redis.redis_url.get_secret_value() == "redis://cache:6380/3"
+    assert redis.job_retention_days == 30
+    s3 = load(S3Settings)
+    assert (s3.s3_bucket, s3.s3_force_path_style, s3.aws_region) == ("pics", True, "eu-west-3")
+    assert s3.aws_access_key_id is not None and s3.aws_access_key_id.get_secret_value() == "AKIAEXAMPLE"
+    assert s3.aws_secret_access_key is not None and s3.aws_secret_access_key.get_secret_value() == "shh"
+    auth = load(AuthSettings)
+    assert auth.jwt_algorithms == ("HS256", "HS384")
+    assert auth.jwt_audience == "imgpipe-api"
+
+
+@pytest.mark.parametrize(
+    ("cls", "variable", "value"),
+    [
+        (CommonSettings, "IMGPIPE_NAMESPACE", "Has Spaces"),
+        (CommonSettings, "IMGPIPE_NAMESPACE", "a:b"),
+        (CommonSettings, "IMGPIPE_ENV", "prod"),
+        (CommonSettings, "IMGPIPE_LOG_LEVEL", "LOUD"),
+        (AmqpSettings, "IMGPIPE_MAX_ATTEMPTS", "0"),
+        (AmqpSettings, "IMGPIPE_MAX_ATTEMPTS", "many"),
+        (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "soon"),
+        (RedisSettings, "IMGPIPE_JOB_RETENTION_DAYS", "0"),
+        (RedisSettings, "IMGPIPE_REDIS_MAX_CONNECTIONS", "1"),
+        (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
+        (S3Settings, "IMGPIPE_S3_FORCE_PATH_STYLE", "maybe"),
+        (AuthSettings, "IMGPIPE_JWT_LEEWAY_S", "-1"),
+    ],
+)
+def test_load_names_the_bad_variable(
+    monkeypatch: pytest.MonkeyPatch, cls: type, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load(cls)
+    message = str(info.value)
+    assert message.startswith(f"invalid configuration: {variable}: "), message
+    assert "validation error" not in message  # one readable line, not pydantic's dump
+
+
+def test_load_names_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_MAX_ATTEMPTS", "0")
+    monkeypatch.setenv("IMGPIPE_RETRY_DELAYS_S", '["x"]')
+    with pytest.raises(ConfigError) as info:
+        load(AmqpSettings)
+    assert "IMGPIPE_MAX_ATTEMPTS: " in str(info.value)
+    assert "IMGPIPE_RETRY_DELAYS_S: " in str(info.value)
+
+
+def test_load_names_an_aliased_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A field read from AWS_REGION is reported as AWS_REGION, not as IMGPIPE_AWS_REGION."""
+
+    class Regional(S3Settings):
+        aws_region: str = Field(
+            default="us-east-1", pattern=r"^[a-z]{2}-[a-z]+-\d$", validation_alias=AliasChoices("AWS_REGION")
+        )
+
+    monkeypatch.setenv("AWS_REGION", "not a region")
+    with pytest.raises(ConfigError) as info:
+        load(Regional)
+    assert str(info.value).startswith("invalid configuration: AWS_REGION: ")
+
+
+@pytest.mark.parametrize("secret", [None, _DEV_SECRET, "short-but-not-default", "x" * 31])
+@pytest.mark.parametrize("env", ["production", "staging"])
+def test_weak_jwt_secret_refused_outside_local(
+    monkeypatch: pytest.MonkeyPatch, env: str, secret: str | None
+) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    if secret is not None:
+        monkeypatch.setenv("IMGPIPE_JWT_SECRET", secret)
+    with pytest.raises(ConfigError) as info:
+        load(AuthSettings)
+    message = str(info.value)
+    assert "IMGPIPE_JWT_SECRET" in message
+    assert "IMGPIPE_ENV=" + env in message
+    if secret:
+        assert secret not in message
+
+
+def test_strong_jwt_secret_accepted_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "production")
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "s" * 32)
+    settings = load(AuthSettings)
+    assert settings.env == "production"
+    assert settings.jwt_secret.get_secret_value() == "s" * 32
+
+
+@pytest.mark.parametrize("env", ["local", "test"])
+def test_default_jwt_secret_tolerated_locally(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    assert load(AuthSettings).jwt_secret.get_secret_value() == _DEV_SECRET
+
+
+@pytest.mark.parametrize("algorithms", ['["none"]', '["HS256", "none"]', '["NONE"]', '["None"]'])
+def test_none_algorithm_refused(monkeypatch: pytest.MonkeyPatch, algorithms: str) -> None:
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", algorithms)
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_ALGORITHMS"):
+        load(AuthSettings)
+
+
+@pytest.mark.parametrize("algorithms", ['["RS256"]', '["HS256", "ES256"]', "[]"])
+def test_algorithms_without_a_shared_secret_refused(monkeypatch: pytest.MonkeyPatch, algorithms: str) -> None:
+    # RS/ES need a public key, not IMGPIPE_JWT_SECRET: verifying them with it could only ever fail.
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", algorithms)
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_ALGORITHMS"):
+        load(AuthSettings)
+
+
+@pytest.mark.parametrize(("algorithm", "minimum"), [("HS256", 32), ("HS384", 48), ("HS512", 64)])
+def test_secret_must_be_as_long_as_the_hash(
+    monkeypatch: pytest.MonkeyPatch, algorithm: str, minimum: int
+) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "production")
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", f'["{algorithm}"]')
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "k" * (minimum - 1))
+    with pytest.raises(ConfigError, match=f"IMGPIPE_JWT_SECRET.*at least {minimum} bytes"):
+        load(AuthSettings)
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "k" * minimum)
+    assert load(AuthSettings).jwt_algorithms == (algorithm,)

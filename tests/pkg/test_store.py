@@ -1,0 +1,262 @@
+"""Job records in the real Redis: forward-only transitions, versions, events, idempotency, grants."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import redis.asyncio as aioredis
+from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+from imgpipe.store import IdempotencyConflict, JobStore, Transition, owner_id
+
+from tests.stack import REDIS_URL
+
+RETENTION = timedelta(hours=2)
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_client: aioredis.Redis, namespace: str) -> AsyncIterator[JobStore]:
+    ns = f"{namespace}-store-{uuid.uuid4().hex[:8]}"
+    try:
+        yield JobStore(redis_client, ns, retention=RETENTION)
+    finally:
+        keys = [key async for key in redis_client.scan_iter(f"{ns}:*", count=1000)]
+        if keys:
+            await redis_client.delete(*keys)
+
+
+def _record(job_id: str | None = None, owner: str = "alice") -> JobRecord:
+    now = utcnow()
+    return JobRecord(
+        id=job_id or uuid.uuid4().hex,
+        owner=owner,
+        status=JobStatus.PENDING,
+        created_at=now,
+        updated_at=now,
+        source=KeySource(key=f"uploads/{owner_id(owner)}/abc"),
+        requested=[PRESETS["thumb"]],
+    )
+
+
+_RESULT = VariantResult(name="thumb", format="jpeg", width=200, height=100, bytes=999, key="variants/x.jpg")
+
+
+async def _processing(store: JobStore) -> JobRecord:
+    created = await store.create(_record())
+    assert created.record is not None
+    moved = await store.mark_processing(created.record.id)
+    assert moved.applied and moved.record is not None
+    return moved.record
+
+
+async def test_create_stores_a_pending_record_with_version_1(store: JobStore) -> None:
+    record = _record()
+    result = await store.create(record)
+    assert result.applied
+    assert result.record is not None
+    assert (result.record.status, result.record.version) == (JobStatus.PENDING, 1)
+    stored = await store.get(record.id)
+    assert stored == result.record
+    assert stored.source == record.source and stored.requested == record.requested
+
+
+async def test_create_twice_is_not_applied(store: JobStore) -> None:
+    first = _record("same-id", owner="alice")
+    assert (await store.create(first)).applied
+    again = await store.create(_record("same-id", owner="mallory"))
+    assert not again.applied
+    assert again.record is not None
+    assert (again.record.owner, again.record.version) == ("alice", 1)
+    assert (await store.get("same-id")).owner == "alice"
+
+
+async def test_forward_transitions_increase_the_version(store: JobStore) -> None:
+    created = await store.create(_record())
+    processing = await store.mark_processing(created.record.id)
+    assert processing.applied
+    assert (processing.record.status, processing.record.version) == (JobStatus.PROCESSING, 2)
+    assert processing.record.updated_at >= created.record.updated_at
+    done = await store.mark_succeeded(processing.record, [_RESULT])
+    assert done.applied
+    assert (done.record.status, done.record.version) == (JobStatus.SUCCEEDED, 3)
+    assert done.record.variants == [_RESULT]
+    stored = await store.get(created.record.id)
+    assert (stored.status, stored.version, stored.variants) == (JobStatus.SUCCEEDED, 3, [_RESULT])
+
+
+async def test_failed_records_the_error(store: JobStore) -> None:
+    current = await _processing(store)
+    result = await store.mark_failed(current, "decode_error", "x" * 5000)
+    assert result.applied
+    assert result.record.status is JobStatus.FAILED
+    assert result.record.error.code == "decode_error"
+    assert len(result.record.error.message) == 1000
+
+
+async def test_terminal_jobs_do_not_move(store: JobStore) -> None:
+    current = await _processing(store)
+    done = await store.mark_succeeded(current, [_RESULT])
+    before = await store.get(current.id)
+
+    again = await store.mark_processing(current.id)
+    assert not again.applied
+    assert again.record == before
+    failed = await store.mark_failed(current, "late", "too late")
+    assert not failed.applied
+    assert failed.record == before
+    twice = await store.mark_succeeded(current, [])
+    assert not twice.applied
+    assert twice.record == before
+
+    after = await store.get(current.id)
+    assert after == before
+    assert (after.status, after.version, after.variants, after.error) == (
+        JobStatus.SUCCEEDED,
+        done.record.version,
+        [_RESULT],
+        None,
+    )
+
+
+async def test_processing_does_not_go_back_to_pending(store: JobStore) -> None:
+    current = await _processing(store)
+    # Re-creating the job (e.g. a retried POST with the same id) must not reset it.
+    again = await store.create(_record(current.id))
+    assert not again.applied
+    # And the script refuses a lower rank, whatever path asks for it.
+    back = await store._apply(current.model_copy(update={"status": JobStatus.PENDING}))
+    assert not back.applied
+    assert back.record == current
+    assert await store.get(current.id) == current
+
+
+async def test_mark_processing_twice_is_a_redelivery(store: JobStore) -> None:
+    current = await _processing(store)
+    again = await store.mark_processing(current.id)
+    assert again == Transition(False, current)
+
+
+async def test_unknown_job(store: JobStore) -> None:
+    assert await store.get("nope") is None
+    assert await store.mark_processing("nope") == Transition(False, None)
+    ghost = _record("ghost").model_copy(update={"status": JobStatus.PROCESSING})
+    assert await store.mark_succeeded(ghost, []) == Transition(False, None)
+    assert await store.mark_failed(ghost, "x", "y") == Transition(False, None)
+    assert await store.get("ghost") is None  # a transition never creates a record
+
+
+async def test_delete(store: JobStore) -> None:
+    record = _record()
+    await store.create(record)
+    await store.delete(record.id)
+    assert await store.get(record.id) is None
+
+
+async def test_every_applied_change_is_published_in_order(store: JobStore) -> None:
+    async with store.subscribe() as changes:
+        created = await store.create(_record())
+        job_id = created.record.id
+        await store.create(_record(job_id))  # not applied: not published
+        processing = await store.mark_processing(job_id)
+        await store.mark_processing(job_id)  # redelivery: not published
+        await store.mark_succeeded(processing.record, [_RESULT])
+        await store.mark_failed(processing.record, "late", "not applied")  # not published
+        other = await store.create(_record())
+
+        received = []
+        async with asyncio.timeout(5):
+            async for version, record in changes:
+                received.append((record.id, version, record.status, record.version))
+                if len(received) == 4:
+                    break
+    assert received == [
+        (job_id, 1, JobStatus.PENDING, 1),
+        (job_id, 2, JobStatus.PROCESSING, 2),
+        (job_id, 3, JobStatus.SUCCEEDED, 3),
+        (other.record.id, 1, JobStatus.PENDING, 1),
+    ]
+
+
+async def test_events_stay_in_their_namespace(store: JobStore, redis_client: aioredis.Redis) -> None:
+    neighbour = JobStore(redis_client, f"{store.namespace}-other", retention=RETENTION)
+    async with store.subscribe() as changes:
+        foreign = _record()
+        await neighbour.create(foreign)
+        mine = await store.create(_record())
+        async with asyncio.timeout(5):
+            _, record = await anext(aiter(changes))
+    assert record.id == mine.record.id
+    await neighbour.delete(foreign.id)
+
+
+async def test_records_expire_after_the_retention(store: JobStore, redis_client: aioredis.Redis) -> None:
+    record = _record()
+    await store.create(record)
+    key = store.job_key(record.id)
+    ttl = await redis_client.ttl(key)
+    assert RETENTION.total_seconds() - 5 <= ttl <= RETENTION.total_seconds()
+    # Every applied change restarts the clock.
+    await redis_client.expire(key, 10)
+    await store.mark_processing(record.id)
+    assert await redis_client.ttl(key) > RETENTION.total_seconds() - 5
+
+
+async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -> None:
+    assert await store.claim_idempotency("alice", "key-1", "job-a", "fp-1") is None
+    assert await store.claim_idempotency("alice", "key-1", "job-b", "fp-1") == "job-a"
+    with pytest.raises(IdempotencyConflict):
+        await store.claim_idempotency("alice", "key-1", "job-c", "fp-2")
+    # Another owner's identical key is another key.
+    assert await store.claim_idempotency("bob", "key-1", "job-d", "fp-2") is None
+    assert await store.claim_idempotency("bob", "key-1", "job-e", "fp-2") == "job-d"
+    # The claim expires with the records it refers to.
+    ttl = await redis_client.ttl(store._idem_key("alice", "key-1"))
+    assert RETENTION.total_seconds() - 5 <= ttl <= RETENTION.total_seconds()
+    # Released (the job could not be queued): the key is free again.
+    await store.release_idempotency("alice", "key-1")
+    assert await store.claim_idempotency("alice", "key-1", "job-f", "fp-3") is None
+    assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == "job-d"
+
+
+async def test_record_grant_prunes_week_old_entries(store: JobStore, redis_client: aioredis.Redis) -> None:
+    now = time.time()
+    await store.record_grant("uploads/o/old", now - 8 * 24 * 3600)
+    await store.record_grant("uploads/o/recent", now - 6 * 24 * 3600)
+    assert await redis_client.zcard(store.grants_key) == 2  # nothing a week older than the newest yet
+    await store.record_grant("uploads/o/new", now + 900)
+    grants = await redis_client.zrange(store.grants_key, 0, -1, withscores=True)
+    assert [(key.decode(), round(score)) for key, score in grants] == [
+        ("uploads/o/recent", round(now - 6 * 24 * 3600)),
+        ("uploads/o/new", round(now + 900)),
+    ]
+
+
+async def test_concurrent_terminal_transitions_apply_once(store: JobStore) -> None:
+    current = await _processing(store)
+    calls = []
+    for i in range(50):
+        calls.append(store.mark_succeeded(current, [_RESULT]))
+        calls.append(store.mark_failed(current, "boom", f"attempt {i}"))
+    results = await asyncio.gather(*calls)
+    applied = [r for r in results if r.applied]
+    assert len(applied) == 1
+    winner = applied[0].record
+    assert winner.version == current.version + 1
+    final = await store.get(current.id)
+    assert final == winner
+    assert final.status is winner.status
+    # Every loser was told what actually happened.
+    assert all(r.record == final for r in results if not r.applied)

@@ -1,0 +1,221 @@
+"""Status `GET /jobs/{id}/events`: Server-Sent Events from one Redis subscription per process.
+
+Most tests run in a namespace of their own with no worker (`quiet`), so a job stays `pending`
+for as long as the test wants; the last test starts a worker there and watches every stream
+follow the job to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tests.isolated import SseItem, image, isolated_stack, sse, without_urls
+from tests.stack import REDIS_URL, Client, Stack
+
+pytestmark = pytest.mark.e2e
+
+JOB_KEYS = {"id", "status", "created_at", "updated_at", "variants", "error"}
+HEARTBEAT_S = 0.2
+
+
+@pytest.fixture(scope="module")
+def quiet(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """api and two status processes (one with fast heartbeats), and no worker."""
+    with isolated_stack(
+        base_env,
+        tmp_path_factory.mktemp("quiet-logs"),
+        {
+            "api": ("api", {}),
+            "status": ("status", {"IMGPIPE_SSE_HEARTBEAT_S": str(HEARTBEAT_S)}),
+            "status-2": ("status", {}),
+        },
+    ) as stack:
+        yield stack
+
+
+def _stream(client: Client, job_id: str, *, base: str | None = None, query_token: bool = False, **kw):
+    url = f"{base or client.stack.status}/jobs/{job_id}/events"
+    if query_token:
+        kw["params"] = {"access_token": client.headers["Authorization"].split()[1]}
+    else:
+        kw["headers"] = {**client.headers, **kw.get("headers", {})}
+    return client.http.get(url, timeout=aiohttp.ClientTimeout(total=60), **kw)
+
+
+async def _all_events(response: aiohttp.ClientResponse) -> list[SseItem]:
+    return [item async for item in sse(response) if item.event is not None]
+
+
+def _check_sequence(events: list[SseItem], job_id: str) -> None:
+    """Ids grow, every payload is the job's view, and only the last one is terminal."""
+    ids = [e.id for e in events]
+    assert all(i is not None for i in ids) and ids == sorted(set(ids)), ids  # type: ignore[type-var]
+    for event in events:
+        assert event.data is not None
+        assert set(event.data) == JOB_KEYS
+        assert event.data["id"] == job_id
+        assert event.event == event.data["status"]
+    assert events[-1].event in ("succeeded", "failed")
+    assert all(e.event not in ("succeeded", "failed") for e in events[:-1])
+
+
+# On the session stack, where a worker runs.
+
+
+async def test_stream_ends_after_success_and_matches_polling(alice: Client) -> None:
+    job = await alice.submit({"key": await alice.upload(image())})
+    async with _stream(alice, job["id"], headers={"X-Request-ID": "sse-1"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["X-Request-ID"] == "sse-1"
+        async with asyncio.timeout(30):
+            events = await _all_events(response)  # returns only because the server ends it
+    _check_sequence(events, job["id"])
+    assert events[-1].event == "succeeded"
+    status, polled = await alice.get(job["id"])
+    assert status == 200
+    assert without_urls(events[-1].data or {}) == without_urls(polled)
+
+
+async def test_stream_ends_after_failure(alice: Client) -> None:
+    job = await alice.submit({"key": await alice.upload(b"\xff\xd8\xff not really a jpeg" * 4)})
+    async with _stream(alice, job["id"]) as response, asyncio.timeout(30):
+        events = await _all_events(response)
+    _check_sequence(events, job["id"])
+    assert events[-1].event == "failed"
+    assert events[-1].data is not None and events[-1].data["error"]["code"]
+
+
+async def test_finished_job_gets_one_event_and_the_end(alice: Client) -> None:
+    job = await alice.submit({"key": await alice.upload(image())})
+    await alice.wait(job["id"])
+    async with _stream(alice, job["id"], query_token=True) as response:
+        assert response.status == 200
+        events = await _all_events(response)
+    assert [e.event for e in events] == ["succeeded"]
+
+
+async def test_someone_elses_job_is_not_found(alice: Client, bob: Client) -> None:
+    job = await alice.submit({"key": await alice.upload(image())})
+    for query_token in (False, True):
+        async with _stream(bob, job["id"], query_token=query_token) as response:
+            assert response.status == 404
+            assert response.content_type == "application/json"
+            assert (await response.json())["error"]["code"] == "job_not_found"
+
+
+async def test_unknown_job_is_not_found(alice: Client) -> None:
+    async with _stream(alice, "0" * 32) as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "job_not_found"
+
+
+async def test_no_token_is_401(http: aiohttp.ClientSession, stack: Stack) -> None:
+    async with http.get(f"{stack.status}/jobs/{'0' * 32}/events") as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await response.json())["error"]["code"] == "missing_token"
+
+
+# On the quiet stack: jobs stay pending.
+
+
+async def test_current_state_at_once_then_heartbeats(http: aiohttp.ClientSession, quiet: Stack) -> None:
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    started = time.monotonic()
+    items: list[SseItem] = []
+    async with _stream(alice, job["id"]) as response:
+        assert response.status == 200
+        stream = sse(response)
+        first = await asyncio.wait_for(anext(stream), HEARTBEAT_S * 0.9)
+        assert first.event == "pending"
+        assert first.data is not None and first.data["id"] == job["id"]
+        assert time.monotonic() - started < 1
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(HEARTBEAT_S * 6):
+                async for item in stream:
+                    items.append(item)
+    assert all(item.event is None for item in items), "nothing changed, so no further events"
+    heartbeats = [item for item in items if item.comment == "keep-alive"]
+    assert len(heartbeats) >= 3, items
+
+
+async def test_default_heartbeat_is_not_fast(http: aiohttp.ClientSession, quiet: Stack) -> None:
+    """The other status process keeps its 15 s default: heartbeats follow the setting."""
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    items: list[SseItem] = []
+    async with _stream(alice, job["id"], base=quiet.services["status-2"].url) as response:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(HEARTBEAT_S * 4):
+                async for item in sse(response):
+                    items.append(item)
+    assert [item.event for item in items] == ["pending"]
+
+
+async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: Stack) -> None:
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    async with _stream(alice, job["id"], query_token=True) as response:
+        assert response.status == 200
+        first = await asyncio.wait_for(anext(sse(response)), 2)
+    assert (first.event, first.id) == ("pending", 1)
+
+
+async def test_one_subscription_per_process_and_fan_out(
+    http: aiohttp.ClientSession, quiet: Stack, tmp_path: Path
+) -> None:
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    other = await alice.submit({"key": await alice.upload(image())})
+    bases = [quiet.services["status"].url, quiet.services["status-2"].url]
+    opened = asyncio.Event()
+    ready = 0
+    targets = [(job["id"], bases[i % 2]) for i in range(24)] + [(other["id"], base) for base in bases]
+
+    async def listen(job_id: str, base: str) -> list[SseItem]:
+        nonlocal ready
+        async with _stream(alice, job_id, base=base) as response:
+            assert response.status == 200
+            events = []
+            async for item in sse(response):
+                if item.event is None:
+                    continue
+                events.append(item)
+                if len(events) == 1:
+                    ready += 1
+                    if ready == len(targets):
+                        opened.set()
+            return events
+
+    tasks = [asyncio.create_task(listen(job_id, base)) for job_id, base in targets]
+    try:
+        await asyncio.wait_for(opened.wait(), 10)
+        channel = f"{quiet.env['IMGPIPE_NAMESPACE']}:events"
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            # 26 streams on two processes: two subscriptions, one per process, not one per stream.
+            assert await client.pubsub_numsub(channel) == [(channel.encode(), 2)]
+        finally:
+            await client.aclose()
+
+        quiet.services["worker"] = await asyncio.to_thread(quiet.start, "worker", tmp_path)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+    for (job_id, _), events in zip(targets, results, strict=True):
+        _check_sequence(events, job_id)
+        # Every listener saw every change, in order: created, taken up, done.
+        assert [(e.id, e.event) for e in events] == [(1, "pending"), (2, "processing"), (3, "succeeded")]
+    finals = {without_urls(events[-1].data or {})["updated_at"] for events in results[:24]}
+    assert len(finals) == 1, "all listeners of one job got the same final record"
