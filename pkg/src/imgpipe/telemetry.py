@@ -37,6 +37,9 @@ VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS
 )
 JOBS_IN_FLIGHT = Gauge("imgpipe_worker_jobs_in_flight", "Jobs the worker is processing now")
+WORKER_CONCURRENCY = Gauge(
+    "imgpipe_worker_concurrency", "Jobs the worker may process at once (utilization = in_flight / this)"
+)
 SSE_CONNECTIONS = Gauge("imgpipe_sse_connections", "Open Server-Sent Events streams")
 
 
@@ -90,3 +93,27 @@ def setup_logging(service: str, *, env: str, level: str = "INFO") -> None:
     # Libraries' chatter at INFO (every reconnect attempt, every request) belongs at WARNING.
     for noisy in ("aiormq", "aio_pika", "botocore", "boto3", "urllib3", "aiohttp.access", "pyvips"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# The reconciler (orphaned objects, stuck jobs).
+RECONCILE_RUNS = Counter(
+    "imgpipe_reconcile_runs_total", "Reconciliation runs by result", ["result", "dry_run"]
+)
+RECONCILE_SECONDS = Histogram(
+    "imgpipe_reconcile_duration_seconds",
+    "Duration of a reconciliation run",
+    buckets=(1, 5, 15, 60, 300, 900, 3600),
+)
+RECONCILE_SCANNED = Counter("imgpipe_reconcile_objects_scanned_total", "Objects listed in the bucket")
+RECONCILE_DELETED = Counter("imgpipe_reconcile_objects_deleted_total", "Orphaned objects deleted")
+RECONCILE_KEPT_YOUNG = Counter(
+    "imgpipe_reconcile_objects_kept_young_total",
+    "Unreferenced objects kept because they are inside the grace period",
+)
+RECONCILE_BYTES_FREED = Counter("imgpipe_reconcile_bytes_freed_total", "Bytes freed by deleting orphans")
+RECONCILE_LAST_SUCCESS = Gauge(
+    "imgpipe_reconcile_last_success_timestamp_seconds", "Unix time of the last successful reconciliation"
+)
+STUCK_JOBS = Counter(
+    "imgpipe_stuck_jobs_total", "Jobs found stuck in pending/processing, by action taken", ["action"]
+)

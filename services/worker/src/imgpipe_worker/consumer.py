@@ -36,6 +36,7 @@ from imgpipe.telemetry import (
     JOBS_RETRIED,
     JOBS_SUCCEEDED,
     VARIANT_SECONDS,
+    WORKER_CONCURRENCY,
     job_id_var,
     request_id_var,
 )
@@ -105,6 +106,7 @@ class Consumer:
         queue = await channel.get_queue(self._publisher.topology.jobs_queue, ensure=False)
         self._tag = await queue.consume(self._on_message)
         self._channel = channel
+        WORKER_CONCURRENCY.set(self._config.concurrency)
         log.info("consuming", extra={"queue": queue.name, "concurrency": self._config.concurrency})
 
     async def stop(self) -> None:
