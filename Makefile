@@ -7,6 +7,7 @@ UV ?= uv
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # Local development: services against local RabbitMQ/Redis and an S3 endpoint.
 DEV_S3_PORT ?= 9000
@@ -17,7 +18,7 @@ DEV_ENV := IMGPIPE_ENV=local \
 
 .PHONY: help
 help: ## List the tasks
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: install
 install: ## Install every package and the dev tools into .venv (from uv.lock)
@@ -39,7 +40,7 @@ format: install ## Format the code
 	$(BIN)/ruff format .
 
 .PHONY: dev
-dev: install ## Run api :8000, status :8001 and worker :8002 locally (plus a local S3 on :9000 if none)
+dev: install ## Run api :8000, status :8001, worker :8002, reconciler :8003 locally (+ a local S3 on :9000)
 	@mkdir -p .dev; trap 'kill 0' EXIT INT TERM; \
 	if [ -z "$$IMGPIPE_S3_ENDPOINT_URL" ]; then \
 		$(BIN)/python -m moto.server -H 127.0.0.1 -p $(DEV_S3_PORT) > .dev/s3.log 2>&1 & \
@@ -49,16 +50,51 @@ dev: install ## Run api :8000, status :8001 and worker :8002 locally (plus a loc
 	$(DEV_ENV) $(BIN)/imgpipe-api --port 8000 & \
 	$(DEV_ENV) $(BIN)/imgpipe-status --port 8001 & \
 	$(DEV_ENV) $(BIN)/imgpipe-worker --port 8002 & \
+	$(DEV_ENV) $(BIN)/imgpipe-reconciler --port 8003 & \
 	wait
 
 .PHONY: token
 token: install ## Print a development token: make token SUB=alice [SCOPE=admin]
 	@IMGPIPE_ENV=local $(BIN)/imgpipe-token --sub "$${SUB:-dev}" --scope "$${SCOPE:-}"
 
+# The Docker stack (compose.yaml). `make logs S=worker` follows one service; `make down VOLUMES=1` also
+# deletes the stack's data.
+COMPOSE ?= docker compose
+
 .PHONY: up
-up: ## Run the whole system in Docker (compose.yaml; arrives with the deployment issue)
-	@test -f compose.yaml || { echo "compose.yaml is not there yet: use 'make dev' to run locally"; exit 1; }
-	docker compose up -d --build
+up: ## Build and start everything in Docker: gateway :8080, Grafana :3000, MinIO :9000/:9001
+	$(COMPOSE) up -d --build --remove-orphans
+	@echo "gateway    http://localhost:8080   (POST /uploads, POST /jobs, GET /jobs/{id}[/events])"
+	@echo "grafana    http://localhost:3000   (admin/admin; anonymous viewers allowed)"
+	@echo "prometheus http://localhost:9090   rabbitmq http://localhost:15672 (imgpipe/imgpipe-dev)"
+	@echo "minio      http://localhost:9001   (imgpipe/imgpipe-dev-secret; S3 API on :9000)"
+
+.PHONY: down
+down: ## Stop the Docker stack (VOLUMES=1 also deletes its data)
+	$(COMPOSE) down --remove-orphans $(if $(VOLUMES),--volumes)
+
+.PHONY: logs
+logs: ## Follow the Docker stack's logs (S=worker for one service)
+	$(COMPOSE) logs -f --tail=200 $(S)
+
+.PHONY: ps
+ps: ## Show the Docker stack's containers and their health
+	$(COMPOSE) ps -a
+
+.PHONY: lint-deploy
+lint-deploy: install ## Validate the deployment (Dockerfiles, compose, gateway, rules, dashboards, ...) without Docker
+	bash ops/tools.sh
+	@failed=""; for script in ops/lint/*.sh; do \
+		echo "== $$script"; bash "$$script" || failed="$$failed $$script"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "lint-deploy FAILED:$$failed"; exit 1; fi; \
+	echo "lint-deploy: every check passed"
+
+.PHONY: bench
+bench: ## Benchmarks against raw libvips, Pillow and thumbor (needs wrk; BENCH_ARGS=--quick for a short run)
+	@command -v $(UV) >/dev/null || python3 -m pip install --quiet 'uv>=0.5'
+	$(UV) sync --all-packages --group bench --frozen
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

@@ -110,7 +110,7 @@ def _drop_namespace(namespace: str) -> None:
                     await channel.queue_delete(name)
                 except Exception:
                     pass
-            for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+            for name in topology.exchange_names():
                 channel = await connection.channel()
                 try:
                     await channel.exchange_delete(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from imgpipe import settings
+from imgpipe_reconciler.settings import ReconcileSettings
 from imgpipe_status.app import SseSettings
 from imgpipe_worker.settings import WorkerSettings
 from pydantic import AliasChoices
@@ -19,6 +20,7 @@ SETTINGS: list[type[BaseSettings]] = [
     ),
     WorkerSettings,
     SseSettings,
+    ReconcileSettings,
 ]
 
 

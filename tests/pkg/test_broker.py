@@ -42,7 +42,10 @@ def test_topology_names() -> None:
         "ns.jobs.retry.5s",
         "ns.jobs.retry.30s",
         "ns.jobs.retry.120s",
+        "ns.reconcile",
     ]
+    assert topology.reconcile_exchange == "ns.reconcile"
+    assert topology.exchange_names() == ["ns.jobs", "ns.retry", "ns.dead", "ns.reconcile"]
 
 
 def test_retry_delay_repeats_the_last_value() -> None:

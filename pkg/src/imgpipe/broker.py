@@ -5,6 +5,10 @@
                                                         back to {ns}.jobs: back-off without a plugin
     {ns}.dead  (fanout) -------> {ns}.jobs.dead        what keeps failing, for people to look at
 
+    {ns}.reconcile (direct) --reconcile--> {ns}.reconcile   reconciliation commands; quorum, single
+                                                        active consumer: one run at a time however
+                                                        many reconcilers run
+
 `{ns}.jobs` also dead-letters to `{ns}.dead` when a message is rejected without requeue or is
 redelivered more than `DELIVERY_LIMIT` times (a message that kills its consumer every time).
 """
@@ -18,11 +22,12 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
-from imgpipe.models import JobMessage
+from imgpipe.models import JobMessage, ReconcileCommand
 
 log = logging.getLogger(__name__)
 
 JOB_ROUTING_KEY = "job"
+RECONCILE_ROUTING_KEY = "reconcile"
 #: Header counting deliveries across retries (RabbitMQ's own count resets on re-publish).
 ATTEMPT_HEADER = "x-imgpipe-attempt"
 REQUEST_ID_HEADER = "x-request-id"
@@ -58,6 +63,17 @@ class Topology:
     def dead_queue(self) -> str:
         return f"{self.namespace}.jobs.dead"
 
+    @property
+    def reconcile_exchange(self) -> str:
+        return f"{self.namespace}.reconcile"
+
+    @property
+    def reconcile_queue(self) -> str:
+        return f"{self.namespace}.reconcile"
+
+    def exchange_names(self) -> list[str]:
+        return [self.jobs_exchange, self.retry_exchange, self.dead_exchange, self.reconcile_exchange]
+
     def retry_queue(self, delay_s: int) -> str:
         return f"{self.namespace}.jobs.retry.{delay_s}s"
 
@@ -66,7 +82,12 @@ class Topology:
         return self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
 
     def queue_names(self) -> list[str]:
-        return [self.jobs_queue, self.dead_queue, *(self.retry_queue(d) for d in self.retry_delays_s)]
+        return [
+            self.jobs_queue,
+            self.dead_queue,
+            *(self.retry_queue(d) for d in self.retry_delays_s),
+            self.reconcile_queue,
+        ]
 
     async def declare(self, channel: AbstractChannel) -> AbstractExchange:
         """Declare everything (idempotent); returns the jobs exchange."""
@@ -101,6 +122,21 @@ class Topology:
                 },
             )
             await waiting.bind(retry, str(delay))
+        reconcile = await channel.declare_exchange(
+            self.reconcile_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        commands = await channel.declare_queue(
+            self.reconcile_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                # Every reconciler replica consumes, but the broker delivers to one at a time.
+                "x-single-active-consumer": True,
+                "x-dead-letter-exchange": self.dead_exchange,
+                "x-delivery-limit": DELIVERY_LIMIT,
+            },
+        )
+        await commands.bind(reconcile, RECONCILE_ROUTING_KEY)
         return jobs
 
 
@@ -174,6 +210,17 @@ class Publisher:
             job.model_dump_json().encode(),
             headers,
             message_id=job.id,
+            timeout_s=timeout_s,
+        )
+
+    async def publish_reconcile(self, command: ReconcileCommand, *, timeout_s: float = 5.0) -> None:
+        """Queue a reconciliation for whichever reconciler is the active consumer."""
+        await self._publish(
+            self.topology.reconcile_exchange,
+            RECONCILE_ROUTING_KEY,
+            command.model_dump_json().encode(),
+            {},
+            message_id=command.run_id,
             timeout_s=timeout_s,
         )
 

@@ -177,3 +177,14 @@ class JobRecord(BaseModel):
             ],
             "error": self.error.model_dump() if self.error else None,
         }
+
+
+class ReconcileCommand(_Strict):
+    """A request for one reconciliation run, as queued on `{ns}.reconcile`."""
+
+    run_id: str = Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")
+    dry_run: bool = False
+    #: Who asked: the schedule, an admin through the api, or the command line.
+    trigger: Literal["schedule", "admin", "cli"] = "schedule"
+    requested_by: str | None = None
+    requested_at: datetime = Field(default_factory=utcnow)

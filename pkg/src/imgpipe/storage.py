@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -26,6 +28,8 @@ from imgpipe.store import owner_id
 
 UPLOAD_PREFIX = "uploads/"
 VARIANT_PREFIX = "variants/"
+#: Most keys S3 takes in one DeleteObjects request (and the size of one listing page).
+BATCH = 1000
 
 
 class StorageError(Exception):
@@ -48,6 +52,15 @@ class ObjectTooLarge(StorageError):
         super().__init__(
             "source_too_large", f"object {key!r} has {size} bytes, over the {limit} limit", transient=False
         )
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as listed: enough to decide about it without another request."""
+
+    key: str
+    size: int
+    last_modified: datetime
 
 
 @dataclass(frozen=True)
@@ -176,6 +189,55 @@ class Storage:
             ContentType=content_type,
             CacheControl="public, max-age=31536000",
         )
+
+    async def iter_pages(
+        self, prefix: str = "", *, page_size: int = BATCH
+    ) -> AsyncIterator[list[ObjectInfo]]:
+        """The bucket's objects under `prefix`, one listing page at a time.
+
+        Only one page is held at once, so memory stays flat however many objects there are; each
+        page is fetched in a thread.
+        """
+        pages = iter(
+            self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+            )
+        )
+        while True:
+            try:
+                page = await asyncio.to_thread(next, pages, None)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                raise StorageError(
+                    "storage_error", f"S3 list_objects_v2: {code}", transient=_transient(exc)
+                ) from exc
+            except BotoCoreError as exc:
+                raise StorageError(
+                    "storage_unavailable", f"S3 list_objects_v2: {exc}", transient=True
+                ) from exc
+            if page is None:
+                return
+            yield [
+                ObjectInfo(item["Key"], int(item.get("Size", 0)), item["LastModified"])
+                for item in page.get("Contents", ())
+            ]
+
+    async def delete_many(self, keys: Sequence[str]) -> list[str]:
+        """Delete `keys` in DeleteObjects batches of 1000; returns the keys S3 confirmed deleted.
+
+        A key S3 refuses (per-key errors in the answer) is left out of the result rather than
+        failing the batch, so the caller counts only what is really gone.
+        """
+        deleted: list[str] = []
+        for start in range(0, len(keys), BATCH):
+            batch = keys[start : start + BATCH]
+            answer = await self._call(
+                "delete_objects", Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
+            # Quiet mode lists only the failures; everything else in the batch was deleted.
+            failed = {err["Key"] for err in answer.get("Errors", ())}
+            deleted.extend(k for k in batch if k not in failed)
+        return deleted
 
     async def ensure_bucket(self) -> None:
         """Create the bucket if it is missing (local development and tests)."""

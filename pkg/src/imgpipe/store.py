@@ -4,12 +4,17 @@ A record is a hash `{ns}:job:{id}` with `rank` (0 pending, 1 processing, 2 termi
 (grows with every change) and `data` (the `JobRecord` JSON). Transitions run in a Lua script so
 "only forward" is checked and applied atomically: a redelivered message or a second worker can
 never move a finished job back, and a duplicate `succeeded` is a no-op.
+
+A job whose source is an uploaded object also keeps a marker `{ns}:src:{key}`, written and given
+the record's lifetime by the same script, so the reconciler can tell an upload in use with one
+look-up and the marker never outlives the last record that needs it by more than the retention.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,11 +23,12 @@ from datetime import timedelta
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
-from imgpipe.models import ErrorInfo, JobRecord, JobStatus, VariantResult, utcnow
+from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
 
-# KEYS[1] job hash; ARGV: rank, data, ttl seconds, channel, create-only flag.
+# KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: rank, data, ttl seconds, channel,
+# create-only flag, expected version ('' for any), job id (the marker's value).
 # Returns {applied (0/1), version, data}; version 0 and no data when the job does not exist.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'rank')
@@ -32,12 +38,16 @@ if ARGV[5] == '1' then
   end
 elseif not cur then
   return {0, 0, false}
-elseif tonumber(cur) >= tonumber(ARGV[1]) then
+elseif tonumber(cur) >= tonumber(ARGV[1])
+    or (ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[6]) then
   return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
 end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'rank', ARGV[1], 'data', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[3]))
+end
 redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. '}')
 return {1, v, ARGV[2]}
 """
@@ -81,11 +91,33 @@ class JobStore:
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
 
-    async def _apply(self, record: JobRecord, *, create: bool = False) -> Transition:
+    @property
+    def job_pattern(self) -> str:
+        """A SCAN pattern for every job record of this namespace."""
+        return f"{self.namespace}:job:*"
+
+    def source_marker(self, key: str) -> str:
+        """The key that says "a job record uses this uploaded object as its source"."""
+        return f"{self.namespace}:src:{key}"
+
+    async def _apply(
+        self, record: JobRecord, *, create: bool = False, expect_version: int | None = None
+    ) -> Transition:
         data = record.model_dump_json(exclude={"version"})
+        keys = [self.job_key(record.id)]
+        if isinstance(record.source, KeySource):
+            keys.append(self.source_marker(record.source.key))
         applied, version, stored = await self._script(
-            keys=[self.job_key(record.id)],
-            args=[_RANK[record.status], data, self.retention_s, self.channel, "1" if create else "0"],
+            keys=keys,
+            args=[
+                _RANK[record.status],
+                data,
+                self.retention_s,
+                self.channel,
+                "1" if create else "0",
+                "" if expect_version is None else str(expect_version),
+                record.id,
+            ],
         )
         return Transition(bool(applied), _parse(version, stored))
 
@@ -120,7 +152,11 @@ class JobStore:
         )
         return await self._apply(record)
 
-    async def mark_failed(self, current: JobRecord, code: str, message: str) -> Transition:
+    async def mark_failed(
+        self, current: JobRecord, code: str, message: str, *, only_if_unchanged: bool = False
+    ) -> Transition:
+        """Move the job to `failed`; with `only_if_unchanged`, only if nobody changed it since `current`
+        was read (the reconciler must not fail a job a worker has just taken up)."""
         record = current.model_copy(
             update={
                 "status": JobStatus.FAILED,
@@ -128,7 +164,7 @@ class JobStore:
                 "updated_at": utcnow(),
             }
         )
-        return await self._apply(record)
+        return await self._apply(record, expect_version=current.version if only_if_unchanged else None)
 
     # Idempotency keys: (owner, key) -> job id and a fingerprint of the request that created it.
 
@@ -168,7 +204,16 @@ class JobStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.grants_key, {key: expires_at})
             pipe.zremrangebyscore(self.grants_key, "-inf", expires_at - 7 * 24 * 3600)
+            # The set goes away by itself a day after the last grant expires, once no upload is
+            # being granted any more (GT: a shorter grant never cuts the life of a longer one).
+            until = int(max(expires_at, time.time())) + 24 * 3600
+            pipe.expireat(self.grants_key, until, gt=True)
+            pipe.expireat(self.grants_key, until, nx=True)
             await pipe.execute()
+
+    async def prune_grants(self, now: float) -> int:
+        """Drop grants that have expired; returns how many."""
+        return int(await self.redis.zremrangebyscore(self.grants_key, "-inf", now))
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:

@@ -36,6 +36,8 @@ from imgpipe.urlsafety import UrlRejected, check_url, parse_networks
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imgpipe_api import admin
+
 log = logging.getLogger("imgpipe.api")
 
 LIMITS = web.AppKey("limits", LimitSettings)
@@ -257,4 +259,5 @@ async def create_app() -> web.Application:
     )
     app.router.add_post("/uploads", create_upload)
     app.router.add_post("/jobs", create_job)
+    admin.add_routes(app)
     return app

@@ -362,16 +362,31 @@ def _thumbnail_args(variant: Variant) -> tuple[int, dict[str, object]]:
     return variant.width or _UNBOUNDED, kwargs
 
 
-def _from_buffer(data: bytes, width: int, **kwargs: object) -> pyvips.Image:
+def _needs_colour_management(header: pyvips.Image) -> bool:
+    """Whether the source needs an ICC transform to become 8-bit sRGB.
+
+    An 8-bit sRGB image without an embedded profile is already what we output; sending it through
+    lcms anyway (import with the sRGB fallback, export to sRGB) is a no-op that costs a full colour
+    transform of every decoded pixel: the benchmark showed it as the largest single cost of a
+    multi-variant job. Anything else (an embedded profile, grey, CMYK, 16-bit, Lab, ...) takes the
+    managed path, so its output is exactly what it was before this shortcut.
+    """
+    if header.get_typeof("icc-profile-data"):
+        return True
+    return not (header.format == "uchar" and header.interpretation == "srgb")
+
+
+def _from_buffer(data: bytes, width: int, *, managed: bool = True, **kwargs: object) -> pyvips.Image:
     # output_profile: convert to sRGB using the embedded ICC profile when there is one (otherwise an
     # Adobe RGB / P3 / CMYK image would come out with wrong colours once we strip the profile); CMYK
     # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
-    # input to 8-bit by scaling.
+    # input to 8-bit by scaling. `managed=False` (see `_needs_colour_management`) skips the transform for
+    # input that is 8-bit sRGB already.
     # fail_on goes in the loader option string: in libvips 8.18 thumbnail_buffer's own `fail_on` argument
     # does not reach the loader, so a truncated file would silently come out half grey.
-    return pyvips.Image.thumbnail_buffer(
-        data, width, option_string=f"fail_on={_FAIL_ON}", output_profile="srgb", **kwargs
-    )
+    if managed:
+        kwargs["output_profile"] = "srgb"
+    return pyvips.Image.thumbnail_buffer(data, width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
 
 
 def _to_srgb8(image: pyvips.Image) -> pyvips.Image:
@@ -450,7 +465,8 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
             variant = variants[0]
             width, kwargs = _thumbnail_args(variant)
-            return [_finish(_from_buffer(data, width, **kwargs), variant, deadline)]
+            managed = _needs_colour_management(header)
+            return [_finish(_from_buffer(data, width, managed=managed, **kwargs), variant, deadline)]
         return _render_many(data, header, variants, deadline)
     except pyvips.Error as exc:
         if deadline.expired():
@@ -467,16 +483,19 @@ def _render_many(
     # never leaves it a pixel short (that would make a variant a pixel smaller than its single render).
     inter_w = min(width, math.ceil(width * scale))
     inter_h = min(height, math.ceil(height * scale))
+    managed = _needs_colour_management(header)
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         # Too big to hold: decode per variant instead, each one streaming.
         results = []
         for variant in variants:
             target_w, kwargs = _thumbnail_args(variant)
-            results.append(_finish(_from_buffer(data, target_w, **kwargs), variant, deadline))
+            results.append(
+                _finish(_from_buffer(data, target_w, managed=managed, **kwargs), variant, deadline)
+            )
         return results
 
     deadline.check()
-    lazy = _from_buffer(data, inter_w, height=inter_h, size="down")
+    lazy = _from_buffer(data, inter_w, managed=managed, height=inter_h, size="down")
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()

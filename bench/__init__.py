@@ -1,0 +1,1 @@
+"""imgpipe benchmarks: `python -m bench` (see bench/README.md)."""

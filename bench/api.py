@@ -1,0 +1,152 @@
+"""`POST /jobs` throughput against a bare aiohttp handler, both loaded by `wrk` from another process.
+
+- bare: an aiohttp app in its own process whose `POST /jobs` reads and parses the same JSON body and
+  answers 202 with a small JSON body (`python -m bench.api --bare PORT`).
+- imgpipe: the real api service and its real path: JWT check, model validation, ownership, an S3 HEAD of
+  the uploaded source (moto here; a real S3 or MinIO has a different cost), the `pending` record in Redis
+  (Lua) and the publish with confirm. No worker runs, so the queue just fills.
+
+Load: `wrk` (Debian) with a Lua script for the method, body and Authorization header, `-t1 -c<C>` fixed
+concurrency, alternating bare and imgpipe for each round.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.harness import OWNER, BenchStack, median, token
+from tests.stack import free_port, wait_http
+
+
+def bare_server(port: int) -> None:
+    from aiohttp import web
+
+    async def create_job(request: web.Request) -> web.Response:
+        body = await request.json()
+        if "source" not in body:
+            raise web.HTTPBadRequest()
+        return web.json_response({"id": "0" * 32, "status": "pending"}, status=202)
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/jobs", create_job)
+    app.router.add_get("/readyz", health)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    lat = {}
+    for p in ("50", "99"):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        lat[f"p{p}"] = float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return {
+        "rps": rps,
+        **lat,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": errors.group(0) if errors else "",
+    }
+
+
+def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=print) -> dict:
+    if shutil.which("wrk") is None:
+        return {"error": "wrk not installed (apt-get install wrk)"}
+    stack = BenchStack(logdir)
+    bare = None
+    try:
+        key = stack.upload("api-src", b"\xff\xd8\xff" + b"\0" * 1000, "image/jpeg")
+        # 127.0.0.0/8 allowed so that a URL source on this machine passes the api's URL check.
+        api = stack.start("api", {"IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8"}).url
+        port = free_port()
+        bare_log = (logdir / "bare.log").open("wb")
+        bare = subprocess.Popen(
+            [sys.executable, "-m", "bench.api", "--bare", str(port)],
+            stdout=bare_log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc=bare)
+        body = json.dumps({"source": {"key": key}, "variants": ["thumb", "small"]})
+        script = logdir / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\n'
+            f"wrk.body = {json.dumps(body)}\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {token(OWNER, ttl_s=3600)}"\n'
+        )
+        url_body = json.dumps(
+            {"source": {"url": "http://127.0.0.1:9/photo.jpg"}, "variants": ["thumb", "small"]}
+        )
+        url_script = logdir / "post-url.lua"
+        url_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(url_body)))
+        targets = {
+            "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
+            "imgpipe POST /jobs": f"{api}/jobs",
+            "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api}/jobs",
+        }
+        scripts = {k: url_script if "URL" in k else script for k in targets}
+        for name, url in targets.items():  # warm-up
+            _wrk(url, scripts[name], 1, connections)
+        runs: dict[str, list[dict]] = {k: [] for k in targets}
+        for r in range(rounds):
+            for name, url in targets.items():
+                runs[name].append(_wrk(url, scripts[name], seconds, connections))
+            log(
+                f"    round {r + 1}: "
+                + ", ".join(
+                    f"{k} {v[-1]['rps']:.0f} req/s p99 {v[-1]['p99']:.1f} ms" for k, v in runs.items()
+                )
+            )
+    finally:
+        if bare is not None:
+            bare.terminate()
+            bare.wait(10)
+        stack.close()
+    summary = {
+        name: {
+            "rps": median([x["rps"] for x in v]),
+            "p50_ms": median([x["p50"] for x in v]),
+            "p99_ms": median([x["p99"] for x in v]),
+            "non_2xx": sum(x["non_2xx"] for x in v),
+        }
+        for name, v in runs.items()
+    }
+    ratio = median(
+        [a["rps"] / b["rps"] for a, b in zip(runs["imgpipe POST /jobs"], runs["bare aiohttp"], strict=True)]
+    )
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "rounds": rounds,
+        "results": summary,
+        "ratio": ratio,
+        "runs": runs,
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--bare"]:
+        bare_server(int(sys.argv[2]))
+    else:
+        import tempfile
+
+        print(json.dumps(measure(Path(tempfile.mkdtemp()), rounds=2, seconds=3, connections=32), indent=1))
+        time.sleep(0)

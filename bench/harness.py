@@ -1,0 +1,249 @@
+"""Shared plumbing: a private imgpipe stack (own namespace, own moto S3), stats, process memory.
+
+The services are the installed `imgpipe-*` commands started as processes, exactly as in the e2e tests
+(`tests/stack.py`), against the RabbitMQ and Redis on localhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tests.stack import AMQP_URL, REDIS_URL, Service, Stack, free_port, token, wait_http
+
+__all__ = ["AMQP_URL", "REDIS_URL", "BenchStack", "pct", "token", "vm_hwm_mb", "vm_rss_mb"]
+
+REPO = Path(__file__).resolve().parent.parent
+BUCKET = "imgpipe-bench"
+OWNER = "bench"
+JWT_SECRET = "test-secret-" + "x" * 32
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest-rank on the sorted values, linear in between)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _proc_status(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+    return float("nan")
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a process so far, MiB."""
+    return _proc_status(pid, "VmHWM")
+
+
+def vm_rss_mb(pid: int) -> float:
+    return _proc_status(pid, "VmRSS")
+
+
+class BenchStack:
+    """One namespace, one moto S3, and whichever services a measurement needs."""
+
+    def __init__(self, logdir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.namespace = f"imgpipe-bench-{uuid.uuid4().hex[:8]}"
+        self.logdir = logdir
+        logdir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.s3_url = f"http://127.0.0.1:{port}"
+        self._moto_log = (logdir / "moto.log").open("wb")
+        self.moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=self._moto_log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_http(f"{self.s3_url}/moto-api/", proc=self.moto)
+        self.env = {
+            "IMGPIPE_ENV": "test",
+            "IMGPIPE_NAMESPACE": self.namespace,
+            "IMGPIPE_AMQP_URL": AMQP_URL,
+            "IMGPIPE_REDIS_URL": REDIS_URL,
+            "IMGPIPE_S3_ENDPOINT_URL": self.s3_url,
+            "IMGPIPE_S3_BUCKET": BUCKET,
+            "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "IMGPIPE_JWT_SECRET": JWT_SECRET,
+            "IMGPIPE_LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
+        }
+        self.s3 = self._boto()
+        self.s3.create_bucket(Bucket=BUCKET)
+        self.stack = Stack(self.env)
+        self._services: list[Service] = []
+
+    def _boto(self):
+        import boto3
+        from botocore.client import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=Config(max_pool_connections=32),
+        )
+
+    # services
+
+    def start(self, name: str, extra_env: dict[str, str] | None = None) -> Service:
+        service = self.stack.start(name, self.logdir, extra_env)
+        self._services.append(service)
+        return service
+
+    def stop(self, service: Service) -> None:
+        self.stack.stop(service)
+        if service in self._services:
+            self._services.remove(service)
+
+    def close(self) -> None:
+        for service in list(self._services):
+            self.stop(service)
+        self.moto.terminate()
+        try:
+            self.moto.wait(10)
+        except subprocess.TimeoutExpired:
+            self.moto.kill()
+        self._moto_log.close()
+        drop_namespace(self.namespace)
+
+    # data
+
+    def upload(self, name: str, data: bytes, content_type: str) -> str:
+        from imgpipe.store import owner_id
+
+        key = f"uploads/{owner_id(OWNER)}/{name}-{uuid.uuid4().hex[:8]}"
+        self.s3.put_object(Bucket=BUCKET, Key=key, Body=data, ContentType=content_type)
+        return key
+
+    def job_store(self):
+        from imgpipe.resources import redis_client
+        from imgpipe.settings import RedisSettings
+        from imgpipe.store import JobStore
+
+        client = redis_client(RedisSettings(redis_url=REDIS_URL, redis_max_connections=256))
+        return JobStore(client, self.namespace, retention=timedelta(hours=2))
+
+
+async def open_publisher(namespace: str):
+    from imgpipe import broker
+
+    connection = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(connection, broker.Topology(namespace))
+    return connection, publisher
+
+
+async def submit_direct(store, publisher, key: str, variants: list) -> str:
+    """What `POST /jobs` does after validation, without HTTP: `pending` in Redis, publish, confirm."""
+    from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, utcnow
+
+    job_id = uuid.uuid4().hex
+    now = utcnow()
+    record = JobRecord(
+        id=job_id,
+        owner=OWNER,
+        status=JobStatus.PENDING,
+        created_at=now,
+        updated_at=now,
+        source=KeySource(key=key),
+        requested=variants,
+    )
+    await store.create(record)
+    await publisher.publish_job(
+        JobMessage(id=job_id, owner=OWNER, source=record.source, variants=variants, created_at=now)
+    )
+    return job_id
+
+
+async def wait_terminal(store, job_ids: set[str], timeout_s: float) -> dict[str, Any]:
+    """Poll Redis (pipelined HMGETs every 20 ms) until every job is terminal; returns statuses."""
+    pending = set(job_ids)
+    done: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(pending)} of {len(job_ids)} jobs not terminal after {timeout_s}s")
+        ids = list(pending)
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(store.job_key(job_id), "rank")
+            ranks = await pipe.execute()
+        now = time.monotonic()
+        for job_id, rank in zip(ids, ranks, strict=True):
+            if rank is not None and int(rank) >= 2:
+                done[job_id] = now
+                pending.discard(job_id)
+        if pending:
+            await asyncio.sleep(0.02)
+    return done
+
+
+async def statuses(store, job_ids) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job_id in job_ids:
+        record = await store.get(job_id)
+        key = record.status.value if record else "missing"
+        if record is not None and record.error is not None:
+            key += f":{record.error.code}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def drop_namespace(namespace: str) -> None:
+    """Remove the namespace's queues, exchanges and keys (as tests/conftest.py does)."""
+    import aio_pika
+    import redis
+    from imgpipe.broker import Topology
+
+    async def drop_broker() -> None:
+        topology = Topology(namespace)
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for name in [*topology.queue_names(), *(topology.retry_queue(d) for d in (1, 5, 30, 120))]:
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except Exception:
+                    pass
+            for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+                channel = await connection.channel()
+                try:
+                    await channel.exchange_delete(name)
+                except Exception:
+                    pass
+
+    try:
+        asyncio.run(drop_broker())
+    except Exception as exc:
+        print(f"  (could not drop broker objects of {namespace}: {exc})", file=sys.stderr)
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i : i + 1000])
+    client.close()
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,60 @@
+"""Worker memory: peak RSS (VmHWM) of a fresh worker process doing one kind of job, alone.
+
+For each image a new worker is started (so its high-water mark belongs to that image only), at
+concurrency 1 with one job, and at its configured (default) concurrency with that many jobs of the same
+image at once. Jobs ask for the four presets (thumb, small, medium, large), the heaviest of the
+built-in requests. The idle RSS of a started worker is reported for reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bench import corpus
+from bench.harness import BenchStack, cpu_count, open_publisher, statuses, submit_direct, vm_hwm_mb, vm_rss_mb
+from bench.throughput import FOUR, _variants
+
+IMAGES = ("jpeg-24mp", "jpeg-24mp-progressive", "jpeg-100mp")
+
+
+async def _run(stack: BenchStack, key: str, jobs: int) -> dict:
+    from bench.harness import wait_terminal
+
+    store = stack.job_store()
+    connection, publisher = await open_publisher(stack.namespace)
+    try:
+        ids = await asyncio.gather(
+            *(submit_direct(store, publisher, key, _variants(FOUR)) for _ in range(jobs))
+        )
+        await wait_terminal(store, set(ids), 300)
+        return await statuses(store, ids)
+    finally:
+        await connection.close()
+        await store.redis.aclose()
+
+
+def measure(logdir: Path, *, log=print) -> dict:
+    default_concurrency = cpu_count()  # IMGPIPE_WORKER_CONCURRENCY's default
+    stack = BenchStack(logdir)
+    out: dict = {"default_concurrency": default_concurrency, "variants": FOUR, "images": {}}
+    try:
+        for name in IMAGES:
+            spec = corpus.BY_NAME[name]
+            key = stack.upload(name, corpus.generate(spec).read_bytes(), spec.content_type)
+            row = {}
+            for label, concurrency in (("concurrency 1", 1), (f"concurrency {default_concurrency}", None)):
+                env = {"IMGPIPE_WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}
+                worker = stack.start("worker", env)
+                idle = vm_rss_mb(worker.proc.pid)
+                result = asyncio.run(_run(stack, key, concurrency or default_concurrency))
+                row[label] = {"peak_rss_mb": vm_hwm_mb(worker.proc.pid), "idle_rss_mb": idle, "jobs": result}
+                stack.stop(worker)
+            out["images"][name] = row
+            log(
+                f"    {name}: "
+                + ", ".join(f"{k} {v['peak_rss_mb']:.0f} MB {v['jobs']}" for k, v in row.items())
+            )
+    finally:
+        stack.close()
+    return out

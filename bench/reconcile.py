@@ -1,0 +1,123 @@
+"""Reconciler benchmark: scan rate and peak memory of `imgpipe-reconcile` over a large bucket.
+
+    .venv/bin/python bench/reconcile.py --objects 100000
+
+Starts a moto S3 server on a free port, fills a bucket with small orphaned uploads (plus a share of
+foreign keys), then runs `imgpipe-reconcile --dry-run` in a subprocess at 10% and at 100% of the
+objects and reports the scan rate and the child's peak RSS: flat memory means the two peaks match.
+Needs Redis and RabbitMQ on localhost (a throwaway namespace is used and removed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import redis
+from botocore.client import Config
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / ".venv" / "bin"
+sys.path.insert(0, str(REPO))
+from tests.stack import free_port, wait_http  # noqa: E402
+
+
+def fill(s3: object, bucket: str, start: int, stop: int) -> None:
+    def put(i: int) -> None:
+        key = f"uploads/bench/{i:08d}" if i % 10 else f"other/{i:08d}"
+        s3.put_object(Bucket=bucket, Key=key, Body=b"x")  # type: ignore[attr-defined]
+
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(put, range(start, stop)))
+
+
+def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
+    """One dry run in a child process: its summary, wall time and peak RSS in MiB."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    # A fresh child per measurement; RUSAGE_CHILDREN keeps the maximum over all waited children,
+    # so the runs go from small to large and each peak is at least the one before.
+    out = subprocess.run(
+        [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, capture_output=True, text=True, check=True
+    )
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return json.loads(out.stdout), elapsed, max(peak, before) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--objects", type=int, default=100_000)
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    namespace = f"imgpipe-bench-{uuid.uuid4().hex[:8]}"
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_http(f"{endpoint}/moto-api/", proc=server)
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+            config=Config(max_pool_connections=32),
+        )
+        s3.create_bucket(Bucket="bench")
+        env = {
+            **os.environ,
+            "IMGPIPE_ENV": "test",
+            "IMGPIPE_NAMESPACE": namespace,
+            "IMGPIPE_S3_ENDPOINT_URL": endpoint,
+            "IMGPIPE_S3_BUCKET": "bench",
+            "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "IMGPIPE_LOG_LEVEL": "WARNING",
+        }
+        small = max(1, args.objects // 10)
+        results = []
+        filled = 0
+        for target in (small, args.objects):
+            started = time.perf_counter()
+            fill(s3, "bench", filled, target)
+            print(f"filled {target} objects ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
+            filled = target
+            summary, elapsed, peak = reconcile(env)
+            assert summary["scanned"] == target, summary
+            results.append(
+                {
+                    "objects": target,
+                    "seconds": round(elapsed, 2),
+                    "scan_rate_per_s": round(target / summary["duration_s"]),
+                    "peak_rss_mib": round(peak, 1),
+                    "orphans": summary["orphans"],
+                    "skipped_foreign": summary["skipped_foreign"],
+                }
+            )
+        growth = results[1]["peak_rss_mib"] - results[0]["peak_rss_mib"]
+        print(json.dumps({"runs": results, "peak_rss_growth_mib": round(growth, 1)}, indent=2))
+    finally:
+        server.terminate()
+        server.wait(10)
+        client = redis.Redis.from_url(os.environ.get("IMGPIPE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+        for key in client.scan_iter(f"{namespace}:*"):
+            client.delete(key)
+        client.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The results as rows (figure, value, baseline, target, verdict): Markdown, JSON and a chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _row(area, figure, value, baseline="", target="", ok=None):
+    verdict = "" if ok is None else ("PASS" if ok else "FAIL")
+    return {
+        "area": area,
+        "figure": figure,
+        "value": value,
+        "baseline": baseline,
+        "target": target,
+        "verdict": verdict,
+    }
+
+
+def rows(res: dict) -> list[dict]:
+    out = []
+    tp = res.get("throughput")
+    if tp:
+        for label, s in tp["sets"].items():
+            ips = s["images_per_s"]
+            best = s["best_layout"]
+            target = 0.9 if label == "1 variant" else 1.0
+            r = s["pipeline_vs_raw"]
+            out.append(
+                _row(
+                    "throughput",
+                    f"{label}: {best} vs raw libvips loop",
+                    f"{ips[best]:.2f} img/s = {r:.2f}x",
+                    f"raw {ips['raw libvips']:.2f} img/s",
+                    f">= {target}x",
+                    r >= target,
+                )
+            )
+            for k, v in ips.items():
+                if k.startswith("imgpipe") and k != best:
+                    out.append(
+                        _row(
+                            "throughput",
+                            f"{label}: {k} (other layout)",
+                            f"{v:.2f} img/s = {s['ratio_vs_raw'][k]:.2f}x",
+                            "",
+                            "",
+                            None,
+                        )
+                    )
+            p = s["pipeline_vs_pillow"]
+            out.append(
+                _row(
+                    "throughput",
+                    f"{label}: vs Pillow loop",
+                    f"{p:.2f}x",
+                    f"Pillow {ips['Pillow']:.2f} img/s",
+                    "> 1.0x",
+                    p > 1.0,
+                )
+            )
+            if "pipeline_vs_thumbor" in s:
+                t = s["pipeline_vs_thumbor"]
+                out.append(
+                    _row(
+                        "throughput",
+                        f"{label}: vs thumbor",
+                        f"{t:.2f}x",
+                        f"thumbor {ips['thumbor']:.2f} img/s",
+                        "> 1.0x",
+                        t > 1.0,
+                    )
+                )
+        if "pipeline_vs_thumbor" not in next(iter(tp["sets"].values())):
+            out.append(_row("throughput", "thumbor", tp.get("thumbor", "not run")))
+    lat = res.get("latency")
+    if lat:
+        o, lt = lat["overhead_ms"], lat["latency_ms"]
+        out.append(
+            _row(
+                "latency",
+                f"overhead per job ({lat['image']}, {'+'.join(lat['variants'])}) p50",
+                f"{o['p50']:.1f} ms",
+                f"raw render {lat['raw_render_ms']['p50']:.1f} ms",
+                "<= 20 ms",
+                o["p50"] <= 20,
+            )
+        )
+        out.append(_row("latency", "overhead p95 / p99", f"{o['p95']:.1f} / {o['p99']:.1f} ms"))
+        out.append(
+            _row(
+                "latency",
+                "submit -> succeeded p50 / p95 / p99",
+                f"{lt['p50']:.1f} / {lt['p95']:.1f} / {lt['p99']:.1f} ms",
+            )
+        )
+    api = res.get("api")
+    if api and "results" in api:
+        real, bare = api["results"]["imgpipe POST /jobs"], api["results"]["bare aiohttp"]
+        out.append(
+            _row(
+                "api",
+                f"POST /jobs req/s (c={api['connections']})",
+                f"{real['rps']:.0f} req/s = {api['ratio']:.2f}x",
+                f"bare aiohttp {bare['rps']:.0f} req/s",
+                ">= 0.5x",
+                api["ratio"] >= 0.5,
+            )
+        )
+        out.append(
+            _row(
+                "api",
+                "POST /jobs latency p50 / p99",
+                f"{real['p50_ms']:.1f} / {real['p99_ms']:.1f} ms",
+                f"bare {bare['p50_ms']:.1f} / {bare['p99_ms']:.1f} ms",
+            )
+        )
+        nohead = api["results"].get("imgpipe POST /jobs (URL source, no S3 HEAD)")
+        if nohead:
+            out.append(
+                _row(
+                    "api",
+                    "POST /jobs, URL source (no S3 HEAD) req/s, p50 / p99",
+                    f"{nohead['rps']:.0f} req/s = {nohead['rps'] / bare['rps']:.2f}x",
+                    f"{nohead['p50_ms']:.1f} / {nohead['p99_ms']:.1f} ms",
+                )
+            )
+        if real["non_2xx"] or bare["non_2xx"]:
+            out.append(
+                _row(
+                    "api",
+                    "non-2xx answers",
+                    f"{real['non_2xx']} (imgpipe), {bare['non_2xx']} (bare)",
+                    "",
+                    "0",
+                    False,
+                )
+            )
+    elif api:
+        out.append(_row("api", "POST /jobs", api.get("error", "not run")))
+    sse = res.get("sse")
+    if sse:
+        d, m = sse["delivery_ms"], sse["status_rss_mb"]
+        n = sse["clients"]
+        ok_all = sse["received"] == n
+        out.append(
+            _row(
+                "sse",
+                f"{n} clients: delivered",
+                f"{sse['received']}/{n}",
+                f"connect {sse['connect_s']:.1f}s",
+                f"{n}/{n}",
+                ok_all,
+            )
+        )
+        out.append(
+            _row(
+                "sse",
+                f"{n} clients: delivery p50 / p99",
+                f"{d['p50']:.0f} / {d['p99']:.0f} ms",
+                "",
+                "p99 <= 250 ms",
+                d["p99"] <= 250,
+            )
+        )
+        out.append(
+            _row(
+                "sse",
+                f"{n} clients: status process peak RSS",
+                f"{m['peak']:.0f} MB",
+                f"idle {m['idle']:.0f} MB",
+                "<= 300 MB",
+                m["peak"] <= 300,
+            )
+        )
+    mem = res.get("memory")
+    if mem:
+        for name, r in mem["images"].items():
+            for label, v in r.items():
+                target = "<= 300 MB" if label == "concurrency 1" else ""
+                ok = v["peak_rss_mb"] <= 300 if label == "concurrency 1" else None
+                jobs = ", ".join(f"{k} {c}" for k, c in v["jobs"].items())
+                out.append(
+                    _row(
+                        "memory",
+                        f"worker peak RSS, {name}, {label}",
+                        f"{v['peak_rss_mb']:.0f} MB",
+                        f"idle {v['idle_rss_mb']:.0f} MB; {jobs}",
+                        target,
+                        ok,
+                    )
+                )
+    rec = res.get("reconcile")
+    if rec:
+        if isinstance(rec, dict) and "figures" in rec:
+            for k, v in rec["figures"].items():
+                out.append(_row("reconcile", k, v))
+        else:
+            out.append(_row("reconcile", "scan rate / peak RSS", rec.get("note", "see bench/reconcile.py")))
+    return out
+
+
+def markdown(res: dict) -> str:
+    meta = res["meta"]
+    lines = [
+        f"imgpipe bench {meta['started']} ({meta['mode']}, {meta['cpus']} CPUs, libvips {meta['libvips']}, "
+        f"{meta['duration_s']:.0f} s)",
+        "",
+        "| area | figure | value | same-run baseline | target | |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows(res):
+        lines.append(
+            "| "
+            + " | ".join(str(r[k]) for k in ("area", "figure", "value", "baseline", "target", "verdict"))
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    tp = res.get("throughput")
+    if tp:
+        ax = axes[0]
+        sets = list(tp["sets"])
+        names = list(tp["sets"][sets[0]]["images_per_s"])
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar(
+                [j + i * width for j in range(len(sets))],
+                [tp["sets"][s]["images_per_s"].get(name, 0) for s in sets],
+                width,
+                label=name,
+            )
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sets))], sets)
+        ax.set_ylabel("source images / s (median of rounds)")
+        ax.set_title(f"throughput, {tp['processes']} processes")
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    labels, values, targets = [], [], []
+    for r in rows(res):
+        if r["verdict"] and "x" in r["target"]:
+            try:
+                v = float(r["value"].split("=")[-1].strip().rstrip("x"))
+            except ValueError:
+                continue
+            labels.append(r["figure"][:38])
+            values.append(v)
+            targets.append(float(r["target"].split()[-1].rstrip("x")))
+    colours = ["tab:green" if v >= t else "tab:red" for v, t in zip(values, targets, strict=True)]
+    ax.barh(labels, values, color=colours)
+    ax.scatter(targets, labels, marker="|", s=300, color="black", label="target")
+    ax.set_xlabel("ratio vs same-run baseline")
+    ax.set_title("headline ratios (green = meets target)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict, outdir: Path) -> str:
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    (outdir / "results.md").write_text(md)
+    try:
+        chart(res, outdir / "chart.png")
+    except Exception as exc:  # the figures matter more than the picture
+        md += f"\n(chart not drawn: {exc})\n"
+    return md

@@ -1,0 +1,370 @@
+"""Worker throughput: the whole pipeline against a raw libvips loop, a Pillow loop and thumbor.
+
+Every contender does the same work: each source image of the corpus, cycled, turned into the same
+variants, with the same number of processes (one per core). "images/s" counts source images finished
+with all of their variants.
+
+- raw libvips: a `multiprocessing` pool looping `pyvips.thumbnail_buffer` (one call per variant, libvips
+  defaults) and the same savers and options as `imaging.py`; no queue, no S3, no status.
+- Pillow: the same pool running the common Pillow design: open, `draft` (JPEG shrink-on-load) to the
+  largest variant, decode once, then `copy().thumbnail()` + save per variant. No queue either, so it is
+  an upper bound for a Celery+Pillow pipeline.
+- imgpipe: the worker processes, fed through the real broker with every job's source in S3 (moto) and
+  its status in Redis. Jobs are published directly with the store and publisher the api uses (so the
+  api's cost is excluded; it is measured on its own); the clock runs from the first publish to the
+  moment Redis shows the last job terminal. Two layouts: N workers x concurrency 1, and 1 worker x
+  concurrency N; the better is the headline figure.
+- thumbor (a real peer, from PyPI, in its own venv): `--processes N`, file loader on the corpus
+  directory, one HTTP request per variant (thumbor has no multi-variant request), result storage off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import corpus
+from bench.harness import BenchStack, cpu_count, median, open_publisher, submit_direct, wait_terminal
+
+SINGLE = ["thumb"]
+FOUR = ["thumb", "small", "medium", "large"]
+VARIANT_SETS = {"1 variant": SINGLE, "4 variants": FOUR}
+
+
+def _variants(names):
+    from imgpipe.models import PRESETS
+
+    return [PRESETS[n] for n in names]
+
+
+# ---------------------------------------------------------------------------------------------------
+# process-pool baselines (functions at module level so the pool can pickle them)
+
+_DATA: dict[str, bytes] = {}
+
+
+def _pool_init() -> None:
+    _DATA.update(corpus.load())
+
+
+def _raw_job(args: tuple[str, tuple[str, ...]]) -> int:
+    import pyvips
+
+    name, names = args
+    data = _DATA[name]
+    total = 0
+    for v in _variants(names):
+        kwargs = {"height": v.height or 10_000_000, "size": "down"}
+        if v.fit == "cover":
+            kwargs["crop"] = "centre"
+        image = pyvips.Image.thumbnail_buffer(data, v.width or 10_000_000, **kwargs)
+        if v.format == "jpeg":
+            if image.hasalpha():
+                image = image.flatten(background=[255, 255, 255])
+            out = image.jpegsave_buffer(Q=v.quality, optimize_coding=True, interlace=True, keep=0)
+        else:
+            out = image.webpsave_buffer(Q=v.quality, effort=4, keep=0)
+        total += len(out)
+    return total
+
+
+def _pillow_job(args: tuple[str, tuple[str, ...]]) -> int:
+    from PIL import Image, ImageOps
+
+    name, names = args
+    variants = _variants(names)
+    with Image.open(io.BytesIO(_DATA[name])) as im:
+        biggest = max((v.width or 0, v.height or 0) for v in variants)
+        im.draft("RGB", biggest)  # JPEG only: DCT scaling, like libvips' shrink-on-load
+        im = ImageOps.exif_transpose(im)
+        im.load()
+    total = 0
+    for v in variants:
+        out = im.copy()
+        out.thumbnail((v.width or 10_000_000, v.height or 10_000_000))
+        buf = io.BytesIO()
+        if v.format == "jpeg":
+            if out.mode in ("RGBA", "LA", "P"):
+                out = out.convert("RGBA")
+                flat = Image.new("RGB", out.size, (255, 255, 255))
+                flat.paste(out, mask=out.getchannel("A"))
+                out = flat
+            out.save(buf, "JPEG", quality=v.quality, optimize=True, progressive=True)
+        else:
+            out.save(buf, "WEBP", quality=v.quality, method=4)
+        total += buf.tell()
+    return total
+
+
+def _tasks(count: int, names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    specs = [s.name for s in corpus.THROUGHPUT]
+    return [(specs[i % len(specs)], tuple(names)) for i in range(count)]
+
+
+def run_pool(pool, fn, count: int, names: list[str]) -> float:
+    tasks = _tasks(count, names)
+    started = time.perf_counter()
+    pool.map(fn, tasks, chunksize=1)
+    return count / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Pipeline:
+    """A private stack with `workers` worker processes of `concurrency` each, corpus pre-uploaded."""
+
+    def __init__(self, logdir: Path, workers: int, concurrency: int, extra_env=None) -> None:
+        self.label = f"{workers} worker x concurrency {concurrency}"
+        self.stack = BenchStack(logdir, extra_env)
+        self.keys = {
+            s.name: self.stack.upload(s.name, s.path.read_bytes(), s.content_type) for s in corpus.THROUGHPUT
+        }
+        self.workers = [
+            self.stack.start("worker", {"IMGPIPE_WORKER_CONCURRENCY": str(concurrency)})
+            for _ in range(workers)
+        ]
+
+    async def run(self, count: int, names: list[str], timeout_s: float = 600) -> float:
+        store = self.stack.job_store()
+        connection, publisher = await open_publisher(self.stack.namespace)
+        try:
+            variants = _variants(names)
+            await publisher._open()  # declare before the clock starts
+            tasks = _tasks(count, names)
+            started = time.monotonic()
+            ids = await asyncio.gather(
+                *(submit_direct(store, publisher, self.keys[name], variants) for name, _ in tasks)
+            )
+            done = await wait_terminal(store, set(ids), timeout_s)
+            elapsed = max(done.values()) - started
+            failed = [i for i in ids if (await store.get(i)).status.value != "succeeded"]
+            if failed:
+                raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {await store.get(failed[0])}")
+            return count / elapsed
+        finally:
+            await connection.close()
+            await store.redis.aclose()
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# thumbor
+
+THUMBOR_VENV = Path(__file__).resolve().parent / ".cache" / "thumbor-venv"
+
+
+def thumbor_install() -> tuple[bool, str]:
+    """Thumbor in its own venv (its pins conflict with the workspace); returns (ok, note)."""
+    exe = THUMBOR_VENV / "bin" / "thumbor"
+    if exe.exists():
+        return True, "thumbor " + _thumbor_version()
+    env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
+    try:
+        subprocess.run(
+            ["uv", "venv", "-q", "-p", sys.executable, str(THUMBOR_VENV)], check=True, env=env, timeout=120
+        )
+        subprocess.run(
+            ["uv", "pip", "install", "-q", "-p", str(THUMBOR_VENV / "bin" / "python"), "thumbor"],
+            check=True,
+            env=env,
+            timeout=600,
+            capture_output=True,
+        )
+    except Exception as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return False, f"thumbor did not install: {exc} {detail.decode(errors='replace')[-300:]}"
+    return True, "thumbor " + _thumbor_version()
+
+
+def _thumbor_version() -> str:
+    out = subprocess.run(
+        [
+            str(THUMBOR_VENV / "bin" / "python"),
+            "-c",
+            "import thumbor, PIL; print(thumbor.__version__, 'Pillow', PIL.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+class Thumbor:
+    def __init__(self, logdir: Path, processes: int) -> None:
+        from tests.stack import free_port, wait_http
+
+        conf = logdir / "thumbor.conf"
+        conf.write_text(
+            "LOADER = 'thumbor.loaders.file_loader'\n"
+            f"FILE_LOADER_ROOT_PATH = '{corpus.CACHE}'\n"
+            "STORAGE = 'thumbor.storages.no_storage'\n"
+            "RESULT_STORAGE = None\n"
+            "ALLOW_UNSAFE_URL = True\n"
+            "AUTO_WEBP = False\n"
+            "MAX_PIXELS = 100000000\n"
+            "PRESERVE_EXIF_INFO = False\n"
+            "RESPECT_ORIENTATION = True\n"
+        )
+        self.port = free_port()
+        self._log = (logdir / "thumbor.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(THUMBOR_VENV / "bin" / "thumbor"),
+                "-i",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-c",
+                str(conf),
+                "-l",
+                "error",
+                "--processes",
+                str(processes),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_http(f"http://127.0.0.1:{self.port}/healthcheck", timeout=60, proc=self.proc)
+
+    def urls(self, name: str, names: list[str]) -> list[str]:
+        spec = corpus.BY_NAME[name]
+        urls = []
+        for v in _variants(names):
+            fmt = "jpeg" if v.format == "jpeg" else "webp"
+            urls.append(
+                f"http://127.0.0.1:{self.port}/unsafe/fit-in/{v.width}x{v.height}/"
+                f"filters:quality({v.quality}):format({fmt})/{spec.path.name}"
+            )
+        return urls
+
+    async def run(self, count: int, names: list[str], concurrency: int) -> float:
+        import aiohttp
+
+        tasks = _tasks(count, names)
+        queue: asyncio.Queue = asyncio.Queue()
+        for name, _ in tasks:
+            queue.put_nowait(name)
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as http:
+
+            async def one_image() -> None:
+                while not queue.empty():
+                    name = queue.get_nowait()
+                    for url in self.urls(name, names):
+                        async with http.get(url) as response:
+                            body = await response.read()
+                            if response.status != 200 or not body:
+                                raise RuntimeError(f"thumbor {response.status} for {url}")
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one_image() for _ in range(concurrency)))
+            return count / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=print) -> dict:
+    n = cpu_count()
+    corpus.load()
+    result: dict = {"processes": n, "jobs_per_round": jobs, "rounds": rounds, "sets": {}}
+    ctx = mp.get_context("spawn")  # a fresh libvips per process, nothing inherited from the parent
+    pool = ctx.Pool(n, initializer=_pool_init)
+    layouts = [Pipeline(logdir / "a", n, 1), Pipeline(logdir / "b", 1, n)]
+    peer = None
+    if thumbor:
+        ok, note = thumbor_install()
+        result["thumbor"] = note
+        if ok:
+            try:
+                peer = Thumbor(logdir, n)
+            except Exception as exc:
+                result["thumbor"] = f"thumbor installed but did not start: {exc}"
+    else:
+        result["thumbor"] = "skipped (--no-thumbor)"
+    try:
+        # Warm-up: every process has decoded every image once; the pipelines have done a job each.
+        for names in VARIANT_SETS.values():
+            run_pool(pool, _raw_job, 2 * len(corpus.THROUGHPUT), names)
+            run_pool(pool, _pillow_job, len(corpus.THROUGHPUT), names)
+            for layout in layouts:
+                asyncio.run(layout.run(len(corpus.THROUGHPUT), names))
+            if peer:
+                asyncio.run(peer.run(len(corpus.THROUGHPUT), names, 2 * n))
+        for label, names in VARIANT_SETS.items():
+            figures: dict[str, list[float]] = {}
+            for r in range(rounds):
+                row = {
+                    "raw libvips": run_pool(pool, _raw_job, jobs, names),
+                    "Pillow": run_pool(pool, _pillow_job, jobs, names),
+                }
+                for layout in layouts:
+                    row[f"imgpipe ({layout.label})"] = asyncio.run(layout.run(jobs, names))
+                if peer:
+                    row["thumbor"] = asyncio.run(peer.run(jobs, names, 2 * n))
+                for key, value in row.items():
+                    figures.setdefault(key, []).append(value)
+                log(f"    {label} round {r + 1}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items()))
+            result["sets"][label] = _summarise(figures)
+    finally:
+        pool.terminate()
+        for layout in layouts:
+            layout.close()
+        if peer:
+            peer.close()
+    return result
+
+
+def _summarise(figures: dict[str, list[float]]) -> dict:
+    raw = figures["raw libvips"]
+    pipes = {k: v for k, v in figures.items() if k.startswith("imgpipe")}
+    best = max(pipes, key=lambda k: median(pipes[k]))
+    out = {
+        "images_per_s": {k: median(v) for k, v in figures.items()},
+        "rounds": figures,
+        "best_layout": best,
+        # Per-round ratios against the raw loop of the same round, then the median of those.
+        "ratio_vs_raw": {k: median([x / b for x, b in zip(v, raw, strict=True)]) for k, v in figures.items()},
+    }
+    out["pipeline_vs_raw"] = out["ratio_vs_raw"][best]
+    out["pipeline_vs_pillow"] = median([x / b for x, b in zip(figures[best], figures["Pillow"], strict=True)])
+    if "thumbor" in figures:
+        out["pipeline_vs_thumbor"] = median(
+            [x / b for x, b in zip(figures[best], figures["thumbor"], strict=True)]
+        )
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    import tempfile
+
+    quick = "--quick" in sys.argv
+    res = measure(
+        Path(tempfile.mkdtemp(prefix="bench-tp-")),
+        rounds=1 if quick else 3,
+        jobs=12,
+        thumbor="--no-thumbor" not in sys.argv,
+    )
+    print(json.dumps(res, indent=1, default=str))

@@ -1,0 +1,1 @@
+"""imgpipe reconciler: keeps the bucket and Redis consistent (orphaned objects, stuck jobs)."""

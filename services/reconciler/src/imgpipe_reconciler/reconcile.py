@@ -1,0 +1,348 @@
+"""One reconciliation: stuck jobs moved on, then the bucket compared with Redis and orphans deleted.
+
+What is referenced (never deleted):
+
+- `variants/{owner}/{job_id}/…` while the job record `{ns}:job:{job_id}` exists;
+- `uploads/{owner}/{random}` while its presigned grant has not expired (`{ns}:grants`) or while a
+  job record uses it as its source (the marker `{ns}:src:{key}`, which lives as long as the record).
+
+Anything else under those prefixes is unreferenced: an orphan once it is older than the grace
+period (by the listing's LastModified), kept otherwise. Keys outside `uploads/` and `variants/`, or
+of a shape we never write, are not ours and are never touched.
+
+The bucket is listed a page (1000 keys) at a time and each page is checked with one Redis
+pipeline, so memory stays flat and Redis sees two round trips per page, not one per object. Each
+page is checked after it is listed, and its orphans are checked once more right before the
+DeleteObjects call: an object that became referenced in between (a job submitted a moment ago)
+is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from imgpipe.broker import Publisher
+from imgpipe.models import JobMessage, JobRecord, KeySource
+from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, Storage
+from imgpipe.store import JobStore
+from imgpipe.telemetry import (
+    RECONCILE_BYTES_FREED,
+    RECONCILE_DELETED,
+    RECONCILE_KEPT_YOUNG,
+    RECONCILE_LAST_SUCCESS,
+    RECONCILE_RUNS,
+    RECONCILE_SCANNED,
+    RECONCILE_SECONDS,
+    STUCK_JOBS,
+)
+
+from imgpipe_reconciler.lock import LockBusy, RunLock
+
+log = logging.getLogger("imgpipe.reconciler")
+
+#: Job records read per SCAN step (and per Redis pipeline).
+_SCAN_BATCH = 1000
+#: The error code a job gets when it never reached a terminal state in time.
+TIMEOUT_CODE = "timeout"
+
+# Set `republished_at` only on a pending record nobody changed since it was read, once.
+_CLAIM_REPUBLISH = """
+if redis.call('HGET', KEYS[1], 'rank') == '0' and redis.call('HGET', KEYS[1], 'version') == ARGV[1]
+   and redis.call('HEXISTS', KEYS[1], 'republished_at') == 0 then
+  redis.call('HSET', KEYS[1], 'republished_at', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass
+class Summary:
+    """What a run saw and did. The first eight fields are the documented summary."""
+
+    scanned: int = 0
+    referenced: int = 0
+    orphans: int = 0
+    deleted: int = 0
+    kept_young: int = 0
+    bytes_freed: int = 0
+    dry_run: bool = False
+    duration_s: float = 0.0
+    #: Keys outside `uploads/` and `variants/` (or of a shape we never write): left alone.
+    skipped_foreign: int = 0
+    #: Bytes the orphans hold (what a real run frees; reported by dry runs too).
+    orphan_bytes: int = 0
+    #: Orphans S3 refused to delete (per-key errors); tried again next run.
+    delete_errors: int = 0
+    stuck_republished: int = 0
+    stuck_failed: int = 0
+    #: Source markers written for job records that had none (records older than the markers).
+    markers_restored: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Policy:
+    grace_s: float
+    stuck_pending_s: float
+    stuck_processing_s: float
+
+
+def _classify(key: str) -> str | None:
+    """`upload`, `variant`, or None for a key that is not ours."""
+    parts = key.split("/")
+    if key.startswith(UPLOAD_PREFIX) and len(parts) == 3 and all(parts):
+        return "upload"
+    if key.startswith(VARIANT_PREFIX) and len(parts) == 4 and all(parts):
+        return "variant"
+    return None
+
+
+class Reconciler:
+    """Runs reconciliations of one namespace and bucket."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        storage: Storage,
+        publisher: Publisher,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._storage = storage
+        self._publisher = publisher
+        self.policy = policy
+        self._clock = clock
+        self._claim_republish = store.redis.register_script(_CLAIM_REPUBLISH)
+
+    async def run(self, *, dry_run: bool, progress: Callable[[Summary], None] | None = None) -> Summary:
+        """One reconciliation. A dry run deletes nothing and changes no job, and reports the same counts."""
+        started = time.monotonic()
+        summary = Summary(dry_run=dry_run)
+        # Jobs first: a record missing its source marker gets it back before the bucket is judged.
+        await self._jobs(summary, dry_run)
+        if not dry_run:
+            await self._store.prune_grants(self._clock())
+        async for page in self._storage.iter_pages():
+            await self._page(page, summary, dry_run)
+            summary.duration_s = round(time.monotonic() - started, 3)
+            if progress is not None:
+                progress(summary)
+        summary.duration_s = round(time.monotonic() - started, 3)
+        return summary
+
+    # The bucket.
+
+    async def _referenced(self, objects: Sequence[ObjectInfo]) -> list[bool]:
+        """Whether each object is referenced now: one pipeline, one round trip."""
+        now = self._clock()
+        uploads = [o.key for o in objects if _classify(o.key) == "upload"]
+        async with self._store.redis.pipeline(transaction=False) as pipe:
+            for obj in objects:
+                if _classify(obj.key) == "upload":
+                    pipe.exists(self._store.source_marker(obj.key))
+                else:
+                    pipe.exists(self._store.job_key(obj.key.split("/")[2]))
+            if uploads:
+                pipe.zmscore(self._store.grants_key, uploads)
+            answers = await pipe.execute()
+        expiries = dict(zip(uploads, answers[len(objects)] if uploads else (), strict=True))
+        result = []
+        for obj, exists in zip(objects, answers, strict=False):
+            expiry = expiries.get(obj.key)
+            result.append(bool(exists) or (expiry is not None and float(expiry) > now))
+        return result
+
+    async def _page(self, page: list[ObjectInfo], summary: Summary, dry_run: bool) -> None:
+        summary.scanned += len(page)
+        ours = []
+        for obj in page:
+            if _classify(obj.key) is None:
+                summary.skipped_foreign += 1
+            else:
+                ours.append(obj)
+        if not ours:
+            return
+        candidates = []
+        cutoff = self._clock() - self.policy.grace_s
+        for obj, referenced in zip(ours, await self._referenced(ours), strict=True):
+            if referenced:
+                summary.referenced += 1
+            elif obj.last_modified.timestamp() > cutoff:
+                summary.kept_young += 1
+            else:
+                candidates.append(obj)
+        if not candidates:
+            return
+        # Look again right before deleting: closes the window in which a job could have been
+        # written for one of them since the page was checked.
+        orphans = []
+        for obj, referenced in zip(candidates, await self._referenced(candidates), strict=True):
+            if referenced:
+                summary.referenced += 1
+            else:
+                orphans.append(obj)
+        summary.orphans += len(orphans)
+        summary.orphan_bytes += sum(o.size for o in orphans)
+        if dry_run or not orphans:
+            return
+        deleted = set(await self._storage.delete_many([o.key for o in orphans]))
+        freed = sum(o.size for o in orphans if o.key in deleted)
+        summary.deleted += len(deleted)
+        summary.bytes_freed += freed
+        summary.delete_errors += len(orphans) - len(deleted)
+        RECONCILE_DELETED.inc(len(deleted))
+        RECONCILE_BYTES_FREED.inc(freed)
+        if len(deleted) < len(orphans):
+            log.warning("S3 refused some deletes", extra={"refused": len(orphans) - len(deleted)})
+
+    # Jobs.
+
+    async def _jobs(self, summary: Summary, dry_run: bool) -> None:
+        redis = self._store.redis
+        batch: list[str] = []
+        async for key in redis.scan_iter(match=self._store.job_pattern, count=_SCAN_BATCH):
+            batch.append(key.decode() if isinstance(key, bytes) else key)
+            if len(batch) >= _SCAN_BATCH:
+                await self._job_batch(batch, summary, dry_run)
+                batch = []
+        if batch:
+            await self._job_batch(batch, summary, dry_run)
+
+    async def _job_batch(self, keys: list[str], summary: Summary, dry_run: bool) -> None:
+        redis = self._store.redis
+        async with redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(key, ["rank", "version", "data", "republished_at"])
+                pipe.pttl(key)
+            answers = await pipe.execute()
+        now = self._clock()
+        records: list[tuple[JobRecord, int, float | None]] = []
+        markers: list[tuple[str, str, int]] = []
+        for i in range(len(keys)):
+            (rank, version, data, republished_at), pttl = answers[2 * i], answers[2 * i + 1]
+            if rank is None or not data or pttl is None or pttl <= 0:
+                continue  # expired since the SCAN saw it, or not a record
+            record = JobRecord.model_validate_json(data)
+            record.version = int(version or 0)
+            if isinstance(record.source, KeySource):
+                markers.append((self._store.source_marker(record.source.key), record.id, pttl))
+            if int(rank) < 2:
+                records.append((record, int(rank), float(republished_at) if republished_at else None))
+        if markers:
+            # Records written before the markers existed get one with the record's remaining life.
+            async with redis.pipeline(transaction=False) as pipe:
+                for marker, job_id, pttl in markers:
+                    pipe.set(marker, job_id, px=pttl, nx=True)
+                summary.markers_restored += sum(1 for ok in await pipe.execute() if ok)
+        for record, rank, republished_at in records:
+            await self._stuck(record, rank, republished_at, now, summary, dry_run)
+
+    async def _stuck(
+        self,
+        record: JobRecord,
+        rank: int,
+        republished_at: float | None,
+        now: float,
+        summary: Summary,
+        dry_run: bool,
+    ) -> None:
+        idle = now - record.updated_at.timestamp()
+        policy = self.policy
+        if rank == 1:
+            if idle > policy.stuck_processing_s:
+                await self._fail(record, f"no progress for {idle:.0f}s while processing", summary, dry_run)
+            return
+        if republished_at is None:
+            if idle <= policy.stuck_pending_s:
+                return
+            if dry_run:
+                summary.stuck_republished += 1
+                return
+            # The broker may still hold it (a long backlog): a duplicate is harmless, a loss is not.
+            claimed = await self._claim_republish(
+                keys=[self._store.job_key(record.id)], args=[record.version, now]
+            )
+            if not claimed:
+                return
+            message = JobMessage(
+                id=record.id,
+                owner=record.owner,
+                source=record.source,
+                variants=record.requested,
+                created_at=record.created_at,
+            )
+            try:
+                await self._publisher.publish_job(message)
+            except Exception as exc:
+                await self._store.redis.hdel(self._store.job_key(record.id), "republished_at")
+                log.warning(
+                    "could not re-publish a stuck job: %s", type(exc).__name__, extra={"job_id": record.id}
+                )
+                return
+            summary.stuck_republished += 1
+            STUCK_JOBS.labels("republished").inc()
+            log.info("stuck pending job re-published", extra={"job_id": record.id, "idle_s": round(idle)})
+        elif now - republished_at > policy.stuck_pending_s:
+            await self._fail(record, f"still pending {idle:.0f}s after it was accepted", summary, dry_run)
+
+    async def _fail(self, record: JobRecord, why: str, summary: Summary, dry_run: bool) -> None:
+        if dry_run:
+            summary.stuck_failed += 1
+            return
+        done = await self._store.mark_failed(
+            record, TIMEOUT_CODE, f"the job did not finish: {why}", only_if_unchanged=True
+        )
+        if done.applied:
+            summary.stuck_failed += 1
+            STUCK_JOBS.labels("failed").inc()
+            log.info("stuck job failed", extra={"job_id": record.id, "reason": why})
+
+
+async def reconcile_once(
+    reconciler: Reconciler,
+    lock: RunLock,
+    *,
+    dry_run: bool,
+    run_id: str,
+    trigger: str,
+    progress: Callable[[Summary], None] | None = None,
+) -> Summary:
+    """A run under the lock, with its metrics and its one log line. Raises `LockBusy` if one is running."""
+    label = "true" if dry_run else "false"
+    started = time.monotonic()
+    try:
+        async with lock.held():
+            summary = await reconciler.run(dry_run=dry_run, progress=progress)
+    except LockBusy:
+        RECONCILE_RUNS.labels("skipped", label).inc()
+        log.info(
+            "reconciliation skipped: another one is running", extra={"run_id": run_id, "trigger": trigger}
+        )
+        raise
+    except BaseException as exc:
+        RECONCILE_RUNS.labels("failed", label).inc()
+        RECONCILE_SECONDS.observe(time.monotonic() - started)
+        log.error(
+            "reconciliation failed: %s: %s",
+            type(exc).__name__,
+            exc,
+            extra={"run_id": run_id, "trigger": trigger, "dry_run": dry_run},
+        )
+        raise
+    RECONCILE_RUNS.labels("succeeded", label).inc()
+    RECONCILE_SECONDS.observe(summary.duration_s)
+    RECONCILE_SCANNED.inc(summary.scanned)
+    RECONCILE_KEPT_YOUNG.inc(summary.kept_young)
+    RECONCILE_LAST_SUCCESS.set(time.time())
+    log.info("reconciliation finished", extra={"run_id": run_id, "trigger": trigger, **summary.as_dict()})
+    return summary

@@ -1,0 +1,97 @@
+"""Reconciler fixtures: a fresh namespace and a fresh bucket per test, so the shared suite's keys and
+objects are never counted or deleted, and in-process pieces (store, storage, publisher) on them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from typing import Any
+
+import boto3
+import pytest
+import redis.asyncio as aioredis
+from imgpipe import broker
+from imgpipe.settings import S3Settings
+from imgpipe.storage import Storage
+from imgpipe.store import JobStore
+
+from tests.conftest import _drop_namespace
+from tests.isolated import fresh_namespace
+from tests.stack import AMQP_URL, REDIS_URL
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def bucket(s3: Any) -> str:
+    name = f"rc-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def rc_namespace() -> Iterator[str]:
+    ns = fresh_namespace()
+    yield ns
+    _drop_namespace(ns)
+
+
+@pytest.fixture
+def rc_env(base_env: dict[str, str], rc_namespace: str, bucket: str) -> dict[str, str]:
+    """The services' environment on this test's namespace and bucket."""
+    return {**base_env, "IMGPIPE_NAMESPACE": rc_namespace, "IMGPIPE_S3_BUCKET": bucket}
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def store(redis_client: aioredis.Redis, rc_namespace: str) -> JobStore:
+    return JobStore(redis_client, rc_namespace, retention=timedelta(hours=2))
+
+
+@pytest.fixture
+def storage(rc_env: dict[str, str]) -> Storage:
+    return Storage(
+        S3Settings(
+            s3_endpoint_url=rc_env["IMGPIPE_S3_ENDPOINT_URL"],
+            s3_bucket=rc_env["IMGPIPE_S3_BUCKET"],
+            s3_force_path_style=True,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+    )
+
+
+@pytest.fixture
+async def publisher(rc_namespace: str) -> AsyncIterator[broker.Publisher]:
+    connection = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(connection, broker.Topology(rc_namespace, (1, 2)))
+    try:
+        yield publisher
+    finally:
+        await publisher.close()
+        await connection.close()
+
+
+def keys(s3: Any, bucket: str) -> set[str]:
+    found: set[str] = set()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        found.update(item["Key"] for item in page.get("Contents", ()))
+    return found

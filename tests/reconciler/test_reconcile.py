@@ -1,0 +1,216 @@
+"""One reconciliation in-process, against the real Redis, RabbitMQ and the moto S3, in a fresh
+namespace and bucket: what is referenced, the grace period, dry runs, foreign keys, stuck jobs,
+the end of a job's life and the run lock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from imgpipe import broker
+from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+from imgpipe.storage import Storage
+from imgpipe.store import JobStore, owner_id
+from imgpipe_reconciler.lock import LockBusy, RunLock
+from imgpipe_reconciler.reconcile import Policy, Reconciler, reconcile_once
+
+from tests.isolated import queue_depth
+from tests.reconciler.conftest import keys
+
+OWNER = "alice"
+OID = owner_id(OWNER)
+
+
+def _record(source: str, *, job_id: str | None = None, age_s: float = 0) -> JobRecord:
+    at = utcnow() - timedelta(seconds=age_s)
+    return JobRecord(
+        id=job_id or uuid.uuid4().hex,
+        owner=OWNER,
+        status=JobStatus.PENDING,
+        created_at=at,
+        updated_at=at,
+        source=KeySource(key=source),
+        requested=[PRESETS["thumb"]],
+    )
+
+
+def _reconciler(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, **policy: float
+) -> Reconciler:
+    values = {"grace_s": 0.0, "stuck_pending_s": 3600.0, "stuck_processing_s": 3600.0, **policy}
+    return Reconciler(store, storage, publisher, Policy(**values))
+
+
+def _put(s3: Any, bucket: str, *names: str, size: int = 10) -> None:
+    for name in names:
+        s3.put_object(Bucket=bucket, Key=name, Body=b"x" * size)
+
+
+async def test_referenced_young_old_and_foreign(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    job = _record(f"uploads/{OID}/used")
+    await store.create(job)
+    await store.record_grant(f"uploads/{OID}/granted", time.time() + 900)
+    await store.record_grant(f"uploads/{OID}/grant-expired", time.time() - 1)
+    referenced = [f"uploads/{OID}/used", f"variants/{OID}/{job.id}/thumb.jpg", f"uploads/{OID}/granted"]
+    old_orphans = [
+        f"uploads/{OID}/never-submitted",
+        f"variants/{OID}/gone-job/thumb.jpg",
+        f"uploads/{OID}/grant-expired",
+    ]
+    foreign = ["backups/db.dump", "uploads/not-our-shape", "variants/a/b", "README"]
+    _put(s3, bucket, *referenced, *old_orphans, *foreign, size=100)
+    await asyncio.sleep(2.2)  # LastModified has one-second resolution
+    young = [f"uploads/{OID}/just-uploaded", f"variants/{OID}/other-job/thumb.jpg"]
+    _put(s3, bucket, *young)
+    everything = {*referenced, *old_orphans, *foreign, *young}
+    reconciler = _reconciler(store, storage, publisher, grace_s=2.0)
+
+    dry = await reconciler.run(dry_run=True)
+    assert keys(s3, bucket) == everything  # a dry run deletes nothing
+    expected = {"scanned": 12, "referenced": 3, "orphans": 3, "kept_young": 2, "skipped_foreign": 4}
+    assert {k: dry.as_dict()[k] for k in expected} == expected
+    assert (dry.deleted, dry.bytes_freed, dry.orphan_bytes, dry.dry_run) == (0, 0, 300, True)
+
+    real = await reconciler.run(dry_run=False)
+    assert {k: real.as_dict()[k] for k in expected} == expected  # the same counts as the dry run
+    assert (real.deleted, real.bytes_freed, real.dry_run) == (real.orphans, 300, False)
+    assert keys(s3, bucket) == everything - set(old_orphans)
+
+    again = await reconciler.run(dry_run=False)
+    assert (again.orphans, again.deleted, again.scanned) == (0, 0, 9)
+
+
+async def test_a_job_after_its_retention_leaves_nothing_behind(
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+    storage: Storage,
+    publisher: broker.Publisher,
+    s3: Any,
+    bucket: str,
+) -> None:
+    store = JobStore(redis_client, rc_namespace, retention=timedelta(seconds=2))
+    source = f"uploads/{OID}/src"
+    created = await store.create(_record(source))
+    assert created.record is not None
+    await store.claim_idempotency(OWNER, "idem-1", created.record.id, "fp")
+    taken = await store.mark_processing(created.record.id)
+    assert taken.record is not None
+    variant = f"variants/{OID}/{created.record.id}/thumb.jpg"
+    result = VariantResult(name="thumb", format="jpeg", width=1, height=1, bytes=10, key=variant)
+    await store.mark_succeeded(taken.record, [result])
+    _put(s3, bucket, source, variant)
+    reconciler = _reconciler(store, storage, publisher)
+
+    while_kept = await reconciler.run(dry_run=False)
+    assert (while_kept.referenced, while_kept.deleted) == (2, 0)
+    # Every key the job left in Redis expires with the record.
+    for key in [k async for k in redis_client.scan_iter(f"{rc_namespace}:*")]:
+        assert await redis_client.ttl(key) > 0, key
+
+    await asyncio.sleep(2.5)
+    assert [k async for k in redis_client.scan_iter(f"{rc_namespace}:*")] == []
+    after = await reconciler.run(dry_run=False)
+    assert (after.referenced, after.orphans, after.deleted) == (0, 2, 2)
+    assert keys(s3, bucket) == set()
+
+
+async def test_a_stuck_pending_job_is_republished_once_then_failed(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
+) -> None:
+    job = _record(f"uploads/{OID}/s", age_s=60)
+    await store.create(job)
+    reconciler = _reconciler(store, storage, publisher, stuck_pending_s=1.0)
+
+    dry = await reconciler.run(dry_run=True)
+    assert (dry.stuck_republished, dry.stuck_failed) == (1, 0)
+    assert await queue_depth(f"{rc_namespace}.jobs") == 0  # a dry run publishes nothing
+
+    first = await reconciler.run(dry_run=False)
+    assert (first.stuck_republished, first.stuck_failed) == (1, 0)
+    assert await queue_depth(f"{rc_namespace}.jobs") == 1
+    second = await reconciler.run(dry_run=False)
+    assert (second.stuck_republished, second.stuck_failed) == (0, 0)  # once, not every run
+
+    await asyncio.sleep(1.2)
+    third = await reconciler.run(dry_run=False)
+    assert (third.stuck_republished, third.stuck_failed) == (0, 1)
+    record = await store.get(job.id)
+    assert record is not None and record.status is JobStatus.FAILED
+    assert record.error is not None and record.error.code == "timeout"
+
+
+async def test_a_stuck_processing_job_is_failed_and_a_live_one_is_not(
+    store: JobStore, storage: Storage, publisher: broker.Publisher
+) -> None:
+    stuck, live = _record(f"uploads/{OID}/a"), _record(f"uploads/{OID}/b")
+    for job in (stuck, live):
+        await store.create(job)
+        await store.mark_processing(job.id)
+    await asyncio.sleep(1.1)
+    moved = await store.get(live.id)
+    assert moved is not None
+    await store.mark_succeeded(moved, [])
+    summary = await _reconciler(store, storage, publisher, stuck_processing_s=1.0).run(dry_run=False)
+    assert summary.stuck_failed == 1
+    failed, done = await store.get(stuck.id), await store.get(live.id)
+    assert failed is not None and failed.status is JobStatus.FAILED and failed.error is not None
+    assert failed.error.code == "timeout"
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+
+
+async def test_a_job_taken_up_after_it_was_read_is_not_failed(store: JobStore) -> None:
+    job = _record(f"uploads/{OID}/c")
+    await store.create(job)
+    read = await store.get(job.id)
+    assert read is not None
+    await store.mark_processing(job.id)  # a worker takes it up in between
+    outcome = await store.mark_failed(read, "timeout", "stuck", only_if_unchanged=True)
+    assert not outcome.applied
+    assert outcome.record is not None and outcome.record.status is JobStatus.PROCESSING
+
+
+async def test_records_without_a_source_marker_get_one_back(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    source = f"uploads/{OID}/legacy"
+    await store.create(_record(source))
+    await store.redis.delete(store.source_marker(source))  # as written before markers existed
+    _put(s3, bucket, source)
+    summary = await _reconciler(store, storage, publisher).run(dry_run=False)
+    assert (summary.markers_restored, summary.referenced, summary.deleted) == (1, 1, 0)
+    assert 0 < await store.redis.ttl(store.source_marker(source)) <= 7200
+
+
+async def test_one_run_at_a_time_and_a_crashed_holder_expires(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
+) -> None:
+    reconciler = _reconciler(store, storage, publisher)
+    lock = RunLock(store.redis, rc_namespace, ttl_s=5)
+    async with lock.held():
+        with pytest.raises(LockBusy):
+            await reconcile_once(reconciler, lock, dry_run=True, run_id="r2", trigger="cli")
+    # A holder that died without releasing: its lock lapses on its own.
+    await store.redis.set(lock.key, "dead-holder", px=300)
+    with pytest.raises(LockBusy):
+        await reconcile_once(reconciler, lock, dry_run=True, run_id="r3", trigger="cli")
+    await asyncio.sleep(0.4)
+    summary = await reconcile_once(reconciler, lock, dry_run=True, run_id="r4", trigger="cli")
+    assert summary.dry_run
+    assert not await store.redis.exists(lock.key)  # released at the end
+
+
+async def test_pages_and_batched_deletes(storage: Storage, s3: Any, bucket: str) -> None:
+    _put(s3, bucket, *(f"uploads/o/{i}" for i in range(5)))
+    pages = [page async for page in storage.iter_pages("uploads/", page_size=2)]
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert pages[0][0].size == 10 and pages[0][0].last_modified.tzinfo is not None
+    deleted = await storage.delete_many([f"uploads/o/{i}" for i in range(3)])
+    assert deleted == [f"uploads/o/{i}" for i in range(3)]
+    assert keys(s3, bucket) == {"uploads/o/3", "uploads/o/4"}
