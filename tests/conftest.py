@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import boto3
 import pytest
+import redis.asyncio as aioredis
 
 from tests.stack import AMQP_URL, BUCKET, JWT_SECRET, REDIS_URL, TESTDATA, Client, Stack, free_port, wait_http
 
@@ -138,6 +139,16 @@ def stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         for service in stack.services.values():
             stack.stop(service)
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[aioredis.Redis]:
+    """A client on the test Redis database, closed after the test."""
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

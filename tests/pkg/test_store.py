@@ -13,18 +13,7 @@ import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.store import IdempotencyConflict, JobStore, Transition, owner_id
 
-from tests.stack import REDIS_URL
-
 RETENTION = timedelta(hours=2)
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from imgpipe.store import JobStore
 
 from tests.conftest import _drop_namespace
 from tests.isolated import fresh_namespace
-from tests.stack import AMQP_URL, REDIS_URL
+from tests.stack import AMQP_URL
 
 
 @pytest.fixture
@@ -50,15 +50,6 @@ def rc_namespace() -> Iterator[str]:
 def rc_env(base_env: dict[str, str], rc_namespace: str, bucket: str) -> dict[str, str]:
     """The services' environment on this test's namespace and bucket."""
     return {**base_env, "IMGPIPE_NAMESPACE": rc_namespace, "IMGPIPE_S3_BUCKET": bucket}
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
