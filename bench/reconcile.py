@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -41,17 +41,28 @@ def fill(s3: object, bucket: str, start: int, stop: int) -> None:
 
 
 def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
-    """One dry run in a child process: its summary, wall time and peak RSS in MiB."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """One dry run in a child process: its summary, wall time and peak RSS in MiB.
+
+    The peak is that child's own (`wait4`): RUSAGE_CHILDREN would be the maximum over every child
+    this process ever reaped, which hides whether memory grows with the bucket.
+    """
     started = time.perf_counter()
-    # A fresh child per measurement; RUSAGE_CHILDREN keeps the maximum over all waited children,
-    # so the runs go from small to large and each peak is at least the one before.
-    out = subprocess.run(
-        [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, capture_output=True, text=True, check=True
-    )
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(
+            [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, stdout=subprocess.PIPE, stderr=errors
+        )
+        assert child.stdout is not None
+        out = child.stdout.read()
+        child.stdout.close()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(
+                f"imgpipe-reconcile failed ({child.returncode}): {errors.read().decode()[-2000:]}"
+            )
     elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return json.loads(out.stdout), elapsed, max(peak, before) / 1024
+    return json.loads(out), elapsed, usage.ru_maxrss / 1024
 
 
 def main() -> None:
