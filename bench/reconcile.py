@@ -40,29 +40,43 @@ def fill(s3: object, bucket: str, start: int, stop: int) -> None:
         list(pool.map(put, range(start, stop)))
 
 
+def _vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
     """One dry run in a child process: its summary, wall time and peak RSS in MiB.
 
-    The peak is that child's own (`wait4`): RUSAGE_CHILDREN would be the maximum over every child
-    this process ever reaped, which hides whether memory grows with the bucket.
+    The peak is the child's VmHWM, polled while it runs. Not `getrusage`/`wait4`: a child's
+    ru_maxrss includes the memory image it was forked from (this process, grown by the fill), so
+    it would report this process's size rather than the reconciler's. VmHWM belongs to the
+    program's own address space, which starts at exec.
     """
     started = time.perf_counter()
-    with tempfile.TemporaryFile() as errors:
+    peak_kib = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(
-            [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, stdout=subprocess.PIPE, stderr=errors
+            [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, stdout=out, stderr=errors
         )
-        assert child.stdout is not None
-        out = child.stdout.read()
-        child.stdout.close()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        while child.poll() is None:
+            peak_kib = max(peak_kib, _vm_hwm_kib(child.pid) or 0)
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
         if child.returncode != 0:
             errors.seek(0)
             raise RuntimeError(
                 f"imgpipe-reconcile failed ({child.returncode}): {errors.read().decode()[-2000:]}"
             )
-    elapsed = time.perf_counter() - started
-    return json.loads(out), elapsed, usage.ru_maxrss / 1024
+        out.seek(0)
+        summary = json.loads(out.read())
+    return summary, elapsed, peak_kib / 1024
 
 
 def main() -> None:
