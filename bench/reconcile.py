@@ -28,6 +28,7 @@ from botocore.client import Config
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
 sys.path.insert(0, str(REPO))
+from bench.harness import vm_hwm_mb  # noqa: E402
 from tests.stack import free_port, wait_http  # noqa: E402
 
 
@@ -40,17 +41,6 @@ def fill(s3: object, bucket: str, start: int, stop: int) -> None:
         list(pool.map(put, range(start, stop)))
 
 
-def _vm_hwm_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
     """One dry run in a child process: its summary, wall time and peak RSS in MiB.
 
@@ -60,14 +50,18 @@ def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
     program's own address space, which starts at exec.
     """
     started = time.perf_counter()
-    peak_kib = 0
+    peak = 0.0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as errors:
         child = subprocess.Popen(
             [str(BIN / "imgpipe-reconcile"), "--dry-run"], env=env, stdout=out, stderr=errors
         )
         while child.poll() is None:
-            peak_kib = max(peak_kib, _vm_hwm_kib(child.pid) or 0)
+            try:
+                peak = max(peak, vm_hwm_mb(child.pid))
+            except OSError:  # exited between poll() and the read
+                break
             time.sleep(0.02)
+        child.wait()
         elapsed = time.perf_counter() - started
         if child.returncode != 0:
             errors.seek(0)
@@ -76,7 +70,7 @@ def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
             )
         out.seek(0)
         summary = json.loads(out.read())
-    return summary, elapsed, peak_kib / 1024
+    return summary, elapsed, peak
 
 
 def main() -> None:
