@@ -10,21 +10,28 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.stack import AMQP_URL, REDIS_URL, Service, Stack, free_port, token, wait_http
+from tests.stack import (
+    AMQP_URL,
+    REDIS_URL,
+    Service,
+    Stack,
+    drop_namespace,
+    service_env,
+    start_moto,
+    token,
+)
 
 __all__ = ["AMQP_URL", "REDIS_URL", "BenchStack", "pct", "token", "vm_hwm_mb", "vm_rss_mb"]
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "imgpipe-bench"
 OWNER = "bench"
-JWT_SECRET = "test-secret-" + "x" * 32
 
 
 def pct(values: list[float], p: float) -> float:
@@ -64,30 +71,9 @@ class BenchStack:
         self.namespace = f"imgpipe-bench-{uuid.uuid4().hex[:8]}"
         self.logdir = logdir
         logdir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.s3_url = f"http://127.0.0.1:{port}"
         self._moto_log = (logdir / "moto.log").open("wb")
-        self.moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=self._moto_log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_http(f"{self.s3_url}/moto-api/", proc=self.moto)
-        self.env = {
-            "IMGPIPE_ENV": "test",
-            "IMGPIPE_NAMESPACE": self.namespace,
-            "IMGPIPE_AMQP_URL": AMQP_URL,
-            "IMGPIPE_REDIS_URL": REDIS_URL,
-            "IMGPIPE_S3_ENDPOINT_URL": self.s3_url,
-            "IMGPIPE_S3_BUCKET": BUCKET,
-            "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_REGION": "us-east-1",
-            "IMGPIPE_JWT_SECRET": JWT_SECRET,
-            "IMGPIPE_LOG_LEVEL": "WARNING",
-            **(extra_env or {}),
-        }
+        self.moto, self.s3_url = start_moto(stdout=self._moto_log)
+        self.env = service_env(self.namespace, self.s3_url, IMGPIPE_LOG_LEVEL="WARNING", **(extra_env or {}))
         self.s3 = self._boto()
         self.s3.create_bucket(Bucket=BUCKET)
         self.stack = Stack(self.env)
@@ -209,40 +195,6 @@ async def statuses(store, job_ids) -> dict[str, int]:
             key += f":{record.error.code}"
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def drop_namespace(namespace: str) -> None:
-    """Remove the namespace's queues, exchanges and keys (as tests/conftest.py does)."""
-    import aio_pika
-    import redis
-    from imgpipe.broker import Topology
-
-    async def drop_broker() -> None:
-        topology = Topology(namespace)
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            for name in [*topology.queue_names(), *(topology.retry_queue(d) for d in (1, 5, 30, 120))]:
-                channel = await connection.channel()
-                try:
-                    await channel.queue_delete(name)
-                except Exception:
-                    pass
-            for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
-                channel = await connection.channel()
-                try:
-                    await channel.exchange_delete(name)
-                except Exception:
-                    pass
-
-    try:
-        asyncio.run(drop_broker())
-    except Exception as exc:
-        print(f"  (could not drop broker objects of {namespace}: {exc})", file=sys.stderr)
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    for i in range(0, len(keys), 1000):
-        client.delete(*keys[i : i + 1000])
-    client.close()
 
 
 def cpu_count() -> int:

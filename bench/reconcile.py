@@ -22,14 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
-import redis
 from botocore.client import Config
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / ".venv" / "bin"
 sys.path.insert(0, str(REPO))
 from bench.harness import vm_hwm_mb  # noqa: E402
-from tests.stack import free_port, wait_http  # noqa: E402
+from tests.stack import drop_namespace, service_env, start_moto  # noqa: E402
 
 
 def fill(s3: object, bucket: str, start: int, stop: int) -> None:
@@ -77,36 +76,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--objects", type=int, default=100_000)
     args = parser.parse_args()
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "python"), "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server, endpoint = start_moto()
     namespace = f"imgpipe-bench-{uuid.uuid4().hex[:8]}"
     try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_http(f"{endpoint}/moto-api/", proc=server)
         s3 = boto3.client(
             "s3",
             endpoint_url=endpoint,
             region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
             config=Config(max_pool_connections=32),
         )
         s3.create_bucket(Bucket="bench")
-        env = {
-            **os.environ,
-            "IMGPIPE_ENV": "test",
-            "IMGPIPE_NAMESPACE": namespace,
-            "IMGPIPE_S3_ENDPOINT_URL": endpoint,
-            "IMGPIPE_S3_BUCKET": "bench",
-            "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
-            "IMGPIPE_LOG_LEVEL": "WARNING",
-        }
+        env = {**os.environ, **service_env(namespace, endpoint, bucket="bench", IMGPIPE_LOG_LEVEL="WARNING")}
         small = max(1, args.objects // 10)
         results = []
         filled = 0
@@ -132,10 +114,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(10)
-        client = redis.Redis.from_url(os.environ.get("IMGPIPE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-        for key in client.scan_iter(f"{namespace}:*"):
-            client.delete(key)
-        client.close()
+        drop_namespace(namespace)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ meet another run's, and removes them at the end.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import boto3
 import pytest
 import redis.asyncio as aioredis
 
-from tests.stack import AMQP_URL, BUCKET, JWT_SECRET, REDIS_URL, TESTDATA, Client, Stack, free_port, wait_http
+from tests.stack import BUCKET, REDIS_URL, TESTDATA, Client, Stack, drop_namespace, service_env, start_moto
 
 
 @pytest.fixture(scope="session")
@@ -35,15 +33,8 @@ def namespace() -> str:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on a free port: real HTTP, real boto3, no AWS."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_moto()
     try:
-        wait_http(f"{url}/moto-api/", proc=proc)
         yield url
     finally:
         proc.terminate()
@@ -53,22 +44,13 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def base_env(namespace: str, s3_endpoint: str) -> dict[str, str]:
     """The environment every service of this session runs with."""
-    env = {
-        "IMGPIPE_ENV": "test",
-        "IMGPIPE_NAMESPACE": namespace,
-        "IMGPIPE_AMQP_URL": AMQP_URL,
-        "IMGPIPE_REDIS_URL": REDIS_URL,
-        "IMGPIPE_S3_ENDPOINT_URL": s3_endpoint,
-        "IMGPIPE_S3_BUCKET": BUCKET,
-        "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-        "IMGPIPE_JWT_SECRET": JWT_SECRET,
-        "IMGPIPE_RETRY_DELAYS_S": "[1, 2]",
-        "IMGPIPE_MAX_ATTEMPTS": "3",
-        "IMGPIPE_LOG_LEVEL": "INFO",
-    }
+    env = service_env(
+        namespace,
+        s3_endpoint,
+        IMGPIPE_RETRY_DELAYS_S="[1, 2]",
+        IMGPIPE_MAX_ATTEMPTS="3",
+        IMGPIPE_LOG_LEVEL="INFO",
+    )
     boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
@@ -90,40 +72,7 @@ def env(base_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, 
 @pytest.fixture(scope="session", autouse=True)
 def _clean_namespace(namespace: str) -> Iterator[None]:
     yield
-    _drop_namespace(namespace)
-
-
-def _drop_namespace(namespace: str) -> None:
-    """Remove this session's queues, exchanges and keys from the shared broker and Redis."""
-    import asyncio
-
-    import aio_pika
-    import redis
-    from imgpipe.broker import Topology
-
-    async def drop_broker() -> None:
-        topology = Topology(namespace)
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            for name in [*topology.queue_names(), *(topology.retry_queue(d) for d in (1, 2))]:
-                channel = await connection.channel()
-                try:
-                    await channel.queue_delete(name)
-                except Exception:
-                    pass
-            for name in topology.exchange_names():
-                channel = await connection.channel()
-                try:
-                    await channel.exchange_delete(name)
-                except Exception:
-                    pass
-
-    asyncio.run(drop_broker())
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    drop_namespace(namespace)
 
 
 @pytest.fixture(scope="session")

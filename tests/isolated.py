@@ -25,8 +25,7 @@ import pyvips
 from aiormq.exceptions import ChannelNotFoundEntity
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import _drop_namespace
-from tests.stack import AMQP_URL, BIN, Service, Stack, free_port, wait_http
+from tests.stack import AMQP_URL, BIN, Service, Stack, drop_namespace, free_port, wait_http
 
 
 def fresh_namespace() -> str:
@@ -53,7 +52,7 @@ def isolated_stack(
     finally:
         for service in stack.services.values():
             stack.stop(service)
-        _drop_namespace(stack.env["IMGPIPE_NAMESPACE"])
+        drop_namespace(stack.env["IMGPIPE_NAMESPACE"])
 
 
 def start_unready(name: str, env: dict[str, str], logdir: Path) -> Service:

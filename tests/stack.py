@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +57,84 @@ def wait_http(
             last = exc
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+def start_moto(stdout: Any = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free port (real HTTP for real boto3): the process and its URL.
+
+    The caller stops the process. Used by the tests, the benchmarks and `ops/lint/dashboards.sh`.
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/moto-api/", proc=proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url
+
+
+def service_env(namespace: str, s3_url: str, *, bucket: str = BUCKET, **overrides: str) -> dict[str, str]:
+    """The environment of services in `namespace` on the local RabbitMQ and Redis and `s3_url`."""
+    return {
+        "IMGPIPE_ENV": "test",
+        "IMGPIPE_NAMESPACE": namespace,
+        "IMGPIPE_AMQP_URL": AMQP_URL,
+        "IMGPIPE_REDIS_URL": REDIS_URL,
+        "IMGPIPE_S3_ENDPOINT_URL": s3_url,
+        "IMGPIPE_S3_BUCKET": bucket,
+        "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "IMGPIPE_JWT_SECRET": JWT_SECRET,
+        **overrides,
+    }
+
+
+#: Retry delays of every topology our runs declare: the tests' (1, 2) and the defaults (1, 5, 30, 120).
+_RETRY_DELAYS_S = (1, 2, 5, 30, 120)
+
+
+def drop_namespace(namespace: str) -> None:
+    """Remove a namespace's queues, exchanges and Redis keys from the shared broker and Redis."""
+    import aio_pika
+    import redis
+    from imgpipe.broker import Topology
+
+    topology = Topology(namespace, retry_delays_s=_RETRY_DELAYS_S)
+
+    async def drop_broker() -> None:
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            # A fresh channel each: a failed delete closes the channel it was sent on.
+            for name in topology.queue_names():
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except Exception:
+                    pass
+            for name in topology.exchange_names():
+                channel = await connection.channel()
+                try:
+                    await channel.exchange_delete(name)
+                except Exception:
+                    pass
+
+    asyncio.run(drop_broker())
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(f"{namespace}:*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
 
 
 BIN = REPO / ".venv" / "bin"

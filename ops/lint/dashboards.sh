@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -150,12 +149,6 @@ for where, expr in exprs:
         used.setdefault(name, set()).add(where)
 
 # --- 3. the services' live /metrics ---------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def get(url: str, timeout: float = 2.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read().decode()
@@ -197,8 +190,6 @@ if Path("services/reconciler/pyproject.toml").exists():
     services.append(("reconciler", "imgpipe-reconciler"))
 
 namespace = f"imgpipe-lint-{uuid.uuid4().hex[:10]}"
-amqp_url = os.environ.get("IMGPIPE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-redis_url = os.environ.get("IMGPIPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 logdir = Path(".dev/lint-dashboards")
 logdir.mkdir(parents=True, exist_ok=True)
 procs: list[subprocess.Popen] = []
@@ -216,66 +207,20 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-def drop_namespace() -> None:
-    import asyncio
+# The tests' helpers (tests/stack.py), so the lint starts and cleans up exactly as the suite does.
+sys.path.insert(0, os.getcwd())
+from tests.stack import drop_namespace, free_port, service_env, start_moto  # noqa: E402
 
-    import aio_pika
-    import redis
-    from imgpipe.broker import Topology
-
-    async def drop() -> None:
-        topology = Topology(namespace, retry_delays_s=(1, 2))
-        connection = await aio_pika.connect(amqp_url)
-        async with connection:
-            for name in topology.queue_names():
-                channel = await connection.channel()
-                try:
-                    await channel.queue_delete(name)
-                except Exception:
-                    pass
-            for name in topology.exchange_names():
-                channel = await connection.channel()
-                try:
-                    await channel.exchange_delete(name)
-                except Exception:
-                    pass
-
-    try:
-        asyncio.run(drop())
-    except Exception as exc:
-        print(f"[dashboards] warning: could not remove {namespace}'s queues: {exc}", file=sys.stderr)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(f"{namespace}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-moto_port = free_port()
-moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+moto, moto_url = start_moto()
 try:
-    wait(f"http://127.0.0.1:{moto_port}/moto-api/", moto)
     import boto3
 
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}", region_name="us-east-1",
-                 aws_access_key_id="lint", aws_secret_access_key="lint").create_bucket(Bucket="imgpipe-lint")
+    boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="imgpipe-lint")
     env = {
         **os.environ,
-        "IMGPIPE_ENV": "test",
-        "IMGPIPE_NAMESPACE": namespace,
-        "IMGPIPE_AMQP_URL": amqp_url,
-        "IMGPIPE_REDIS_URL": redis_url,
-        "IMGPIPE_S3_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}",
-        "IMGPIPE_S3_BUCKET": "imgpipe-lint",
-        "IMGPIPE_S3_FORCE_PATH_STYLE": "true",
-        "AWS_ACCESS_KEY_ID": "lint",
-        "AWS_SECRET_ACCESS_KEY": "lint",
-        "AWS_REGION": "us-east-1",
-        "IMGPIPE_JWT_SECRET": "lint-secret-" + "x" * 32,
-        "IMGPIPE_RETRY_DELAYS_S": "[1, 2]",
-        "IMGPIPE_WORKER_CONCURRENCY": "1",
-        "IMGPIPE_LOG_LEVEL": "WARNING",
+        **service_env(namespace, moto_url, bucket="imgpipe-lint", IMGPIPE_RETRY_DELAYS_S="[1, 2]",
+                      IMGPIPE_WORKER_CONCURRENCY="1", IMGPIPE_LOG_LEVEL="WARNING"),
     }
     started = []
     for name, command in services:
@@ -302,7 +247,10 @@ finally:
     for proc in procs:
         stop(proc)
     stop(moto)
-    drop_namespace()
+    try:
+        drop_namespace(namespace)
+    except Exception as exc:
+        print(f"[dashboards] warning: could not remove {namespace}'s queues and keys: {exc}", file=sys.stderr)
 
 print("[dashboards] live /metrics: " + ", ".join(f"{k} ({v} imgpipe_* names)" for k, v in per_service.items()))
 

@@ -16,9 +16,8 @@ from imgpipe.settings import S3Settings
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 
-from tests.conftest import _drop_namespace
 from tests.isolated import fresh_namespace
-from tests.stack import AMQP_URL
+from tests.stack import AMQP_URL, drop_namespace
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def bucket(s3: Any) -> str:
 def rc_namespace() -> Iterator[str]:
     ns = fresh_namespace()
     yield ns
-    _drop_namespace(ns)
+    drop_namespace(ns)
 
 
 @pytest.fixture

@@ -37,8 +37,7 @@ from imgpipe.broker import ATTEMPT_HEADER, JOB_ROUTING_KEY, REASON_HEADER, Topol
 from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
 from imgpipe.store import JobStore, owner_id
 
-from tests.conftest import _drop_namespace
-from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack
+from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack, drop_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +112,7 @@ def own_stack(
     finally:
         for service in [*own.stack.services.values(), *own.workers]:
             own.stack.stop(service)
-        _drop_namespace(namespace)
+        drop_namespace(namespace)
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None] | T | None], within: float = 10.0) -> T:
