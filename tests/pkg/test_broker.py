@@ -73,7 +73,7 @@ async def topology(namespace: str, connection: AbstractRobustConnection) -> Asyn
         channel = await connection.channel()
         for name in topology.queue_names():
             await channel.queue_delete(name)
-        for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+        for name in topology.exchange_names():
             await channel.exchange_delete(name)
         await channel.close()
 
@@ -132,7 +132,7 @@ async def test_declare_is_idempotent_and_jobs_is_a_quorum_queue(
     await topology.declare(other)
     for name in topology.queue_names():
         await channel.declare_queue(name, passive=True)
-    for name in (topology.jobs_exchange, topology.retry_exchange, topology.dead_exchange):
+    for name in topology.exchange_names():
         await channel.declare_exchange(name, passive=True)
 
     # A classic queue of the same name cannot be declared over it.

@@ -22,7 +22,8 @@ async def store(redis_client: aioredis.Redis, namespace: str) -> AsyncIterator[J
     try:
         yield JobStore(redis_client, ns, retention=RETENTION)
     finally:
-        keys = [key async for key in redis_client.scan_iter(f"{ns}:*", count=1000)]
+        # `{ns}*`, not `{ns}:*`: a test also writes a neighbouring `{ns}-other` namespace.
+        keys = [key async for key in redis_client.scan_iter(f"{ns}*", count=1000)]
         if keys:
             await redis_client.delete(*keys)
 
