@@ -122,7 +122,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         request_id_var.reset(token)
 
 
-def authenticate(request: web.Request, *, allow_query_token: bool = False) -> Principal:
+async def authenticate(request: web.Request, *, allow_query_token: bool = False) -> Principal:
     """The caller, from `Authorization: Bearer`; EventSource clients may pass `?access_token=`."""
     header = request.headers.get("Authorization")
     if not header and allow_query_token and request.query.get("access_token"):

@@ -28,7 +28,7 @@ def _runs(request: web.Request) -> RunStore:
 
 
 async def queue_reconcile(request: web.Request) -> web.Response:
-    principal = authenticate(request)
+    principal = await authenticate(request)
     require_admin(principal)
     raw = request.query.get("dry_run", "true").lower()
     if raw not in _BOOLEANS:
@@ -66,7 +66,7 @@ async def queue_reconcile(request: web.Request) -> web.Response:
 
 
 async def get_reconcile(request: web.Request) -> web.Response:
-    require_admin(authenticate(request))
+    require_admin(await authenticate(request))
     record = await _runs(request).get(request.match_info["run_id"])
     if record is None:
         raise ApiError(404, "run_not_found", "no reconciliation run with that id")

@@ -67,7 +67,7 @@ _IDEMPOTENCY_KEY_MAX = 255
 
 
 async def create_upload(request: web.Request) -> web.Response:
-    principal = authenticate(request)
+    principal = await authenticate(request)
     body = await read_model(request, UploadRequest)
     limits = request.app[LIMITS]
     if body.content_type not in UPLOAD_TYPES:
@@ -161,7 +161,7 @@ def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    principal = authenticate(request)
+    principal = await authenticate(request)
     try:
         job = await read_model(request, JobRequest)
     except ApiError as exc:

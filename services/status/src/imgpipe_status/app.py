@@ -39,7 +39,7 @@ class SseSettings(BaseSettings):
 
 
 async def _owned_job(request: web.Request, *, allow_query_token: bool = False) -> JobRecord:
-    principal = authenticate(request, allow_query_token=allow_query_token)
+    principal = await authenticate(request, allow_query_token=allow_query_token)
     job_id = request.match_info["job_id"]
     job_id_var.set(job_id)
     record = await request.app[resources.STORE].get(job_id) if len(job_id) <= 64 else None
