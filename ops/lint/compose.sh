@@ -5,7 +5,7 @@
 #  2. what `make up` relies on: images pinned, every long-running service with a healthcheck,
 #     depends_on with conditions, the worker scalable (no host port, no container_name), every
 #     mounted file and Dockerfile present, the services' env only variables the code knows,
-#     internal vs public S3 endpoints, Prometheus scraping every service;
+#     internal vs public S3 endpoints, Redis with AOF persistence, Prometheus scraping every service;
 #  3. deploy/nginx/default.conf: `nginx -t`, then the routing itself: nginx runs here with the
 #     api/status upstreams pointed at two local stub servers, and every route, method and the
 #     unbuffered SSE stream are exercised.
@@ -77,6 +77,12 @@ if env.get("IMGPIPE_S3_ENDPOINT_URL") != "http://minio:9000" or "localhost:9000"
     fail("S3: services must use http://minio:9000 and presigned URLs http://localhost:9000")
 if "localhost" in str(env.get("IMGPIPE_AMQP_URL")) + str(env.get("IMGPIPE_REDIS_URL")):
     fail("services must reach RabbitMQ and Redis by their compose names")
+
+# Redis keeps job records across a restart only with AOF persistence on a volume.
+redis = services.get("redis", {})
+cmd = " ".join(redis.get("command") or [])
+if "--appendonly yes" not in cmd or not any(str(v).endswith(":/data") for v in redis.get("volumes", [])):
+    fail("redis: must run with --appendonly yes and /data on a volume (no job loss across a restart)")
 
 # Prometheus scrapes every service.
 prom = yaml.safe_load(Path("deploy/prometheus/prometheus.yml").read_text())
@@ -171,14 +177,17 @@ STUB
 "$PY" "$scratch/stub.py" api "$API_PORT" & pids+=($!)
 "$PY" "$scratch/stub.py" status "$STATUS_PORT" & pids+=($!)
 nginx -p "$scratch" -c "$scratch/nginx.conf" -e "$scratch/error.log"
-"$PY" - "$GW_PORT" <<'PY'
-import http.client, sys, time
+"$PY" - "$GW_PORT" "$API_PORT" "$STATUS_PORT" <<'PY'
+import http.client, socket, sys, time
 port = int(sys.argv[1])
-for _ in range(50):
-    try:
-        http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/gateway/healthz"); break
-    except OSError:
-        time.sleep(0.1)
+# The gateway answers /gateway/healthz itself: also wait for both stubs (slow to start on a busy
+# machine), or the first routes would see 502s.
+for p in map(int, sys.argv[1:4]):
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", p), timeout=1).close(); break
+        except OSError:
+            time.sleep(0.1)
 def call(method, path, headers=None):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     c.request(method, path, body=b"{}" if method == "POST" else None, headers=headers or {})
@@ -187,6 +196,12 @@ def call(method, path, headers=None):
 cases = [
     ("POST", "/uploads", 200, "api"), ("POST", "/jobs", 200, "api"),
     ("POST", "/admin/reconcile", 200, "api"), ("GET", "/admin/reconcile/abc", 200, "api"),
+    ("GET", "/admin/dead-letters", 200, "api GET /admin/dead-letters"),
+    ("GET", "/admin/dead-letters?limit=5", 200, "api GET /admin/dead-letters?limit=5"),
+    ("POST", "/admin/dead-letters/replay", 200, "api POST /admin/dead-letters/replay"),
+    ("GET", "/openapi.json", 200, "api GET /openapi.json"), ("GET", "/docs", 200, "api GET /docs"),
+    ("POST", "/docs", 405, "method_not_allowed"), ("DELETE", "/openapi.json", 405, "method_not_allowed"),
+    ("GET", "/docs/", 404, "not_found"),
     ("GET", "/jobs/abc", 200, "status"), ("GET", "/gateway/healthz", 200, "gateway"),
     ("GET", "/jobs", 405, "method_not_allowed"), ("GET", "/uploads", 405, "method_not_allowed"),
     ("DELETE", "/jobs/abc", 405, "method_not_allowed"), ("POST", "/jobs/abc/events", 405, "method_not_allowed"),

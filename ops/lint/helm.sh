@@ -13,7 +13,11 @@
 #          ServiceMonitor/PrometheusRule): minimal JSON schemas of their required fields, below,
 #        - house rules: restricted securityContext, probes, named ports, references between
 #          objects (Services → pods, HPAs/ScaledObjects → Deployments, Ingress → Services, …),
-#          the worker's grace period longer than its job timeout plus shutdown grace;
+#          the worker's grace period longer than its job timeout plus shutdown grace, the JWT key
+#          source (JWKS settings and no generated secret, or HS* and the secret);
+#        - the services' own settings classes (imgpipe.settings and each service's) load the
+#          rendered ConfigMap + Secret as their environment, and every IMGPIPE_* key rendered is a
+#          setting the code knows (needs the project's .venv, `make install`; skipped without it);
 #      the PrometheusRule's groups also go through `promtool check rules` when promtool exists;
 #   3. values.schema.json must reject bad values (negative replicas, a typo'd key, …), and the
 #      chart must refuse inconsistent settings (fail/required in the templates).
@@ -399,9 +403,35 @@ for name, ing in by_kind.get("Ingress", {}).items():
                 errors.append(f"Ingress/{name}: Service {backend['name']} has no port {backend['port']}")
             routes[(p["path"], p["pathType"])] = backend["name"].rsplit("-", 1)[-1]
     want = {("/jobs", "Exact"): "api", ("/jobs", "Prefix"): "status", ("/uploads", "Exact"): "api",
-            ("/admin", "Prefix"): "api"}
+            ("/admin", "Prefix"): "api", ("/openapi.json", "Exact"): "api", ("/docs", "Exact"): "api"}
     if routes != want:
         errors.append(f"Ingress/{name}: routes {routes} are not the gateway's {want}")
+
+# JWT key source: a JWKS (its settings rendered, public-key algorithms, no generated secret) or the
+# shared secret (HS* only, no JWKS settings, the secret in the rendered Secret).
+data = config.get("data") or {}
+secret_docs = [s for n, s in by_kind.get("Secret", {}).items() if n.endswith("-secret")]
+jwks = ((values.get("config") or {}).get("jwt") or {}).get("jwksUrl")
+algs = json.loads(data.get("IMGPIPE_JWT_ALGORITHMS", "[]"))
+hmac = [a for a in algs if a.startswith("HS")]
+jwks_keys = {k for k in data if k.startswith("IMGPIPE_JWT_JWKS_")}
+if jwks:
+    if data.get("IMGPIPE_JWT_JWKS_URL") != jwks or len(jwks_keys) != 4:
+        errors.append(f"ConfigMap: JWKS mode but the JWKS settings rendered are {sorted(jwks_keys)}")
+    if hmac or not algs:
+        errors.append(f"ConfigMap: JWKS mode with algorithms {algs}")
+    if not ((values.get("secrets") or {}).get("jwtSecret")):
+        for sec in secret_docs:
+            if "IMGPIPE_JWT_SECRET" in (sec.get("data") or {}):
+                errors.append(f"Secret/{sec['metadata']['name']}: a JWT secret generated in JWKS mode")
+else:
+    if jwks_keys:
+        errors.append(f"ConfigMap: JWKS settings {sorted(jwks_keys)} rendered without config.jwt.jwksUrl")
+    if not algs or len(hmac) != len(algs):
+        errors.append(f"ConfigMap: shared-secret mode with algorithms {algs}")
+    for sec in secret_docs:
+        if "IMGPIPE_JWT_SECRET" not in (sec.get("data") or {}):
+            errors.append(f"Secret/{sec['metadata']['name']}: no IMGPIPE_JWT_SECRET in shared-secret mode")
 
 # PrometheusRule groups, for promtool.
 rules = [r["spec"] for r in by_kind.get("PrometheusRule", {}).values()]
@@ -418,6 +448,77 @@ for e in errors:
     print(f"ERROR {e}", file=sys.stderr)
 sys.exit(1 if errors else 0)
 PY
+
+# The rendered ConfigMap + Secret as the pods' environment (JSON), for the settings check below.
+cat >"$WORK/env.py" <<'PY'
+"""env.py RENDERED VALUES_FILE OUT_JSON: the environment envFrom gives the pods, and the keys exempt
+from the known-setting check (config.extra, reconciler.config: passed through verbatim)."""
+import base64, json, sys
+import yaml
+
+rendered, values_file, out = sys.argv[1:4]
+values = yaml.safe_load(open(values_file)) or {}
+docs = [d for d in yaml.safe_load_all(open(rendered)) if d]
+env = {}
+for d in docs:
+    name = d["metadata"]["name"]
+    if d["kind"] == "ConfigMap" and name.endswith("-config"):
+        env.update(d.get("data") or {})
+    if d["kind"] == "Secret" and name.endswith("-secret"):
+        env.update({k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()})
+if (values.get("secrets") or {}).get("existingSecret"):
+    # What an existing Secret must hold, with stand-in values.
+    env.setdefault("IMGPIPE_AMQP_URL", "amqps://u:p@rabbitmq.example.internal:5671/")
+    env.setdefault("IMGPIPE_REDIS_URL", "rediss://:p@redis.example.internal:6380/0")
+    if not ((values.get("config") or {}).get("jwt") or {}).get("jwksUrl"):
+        env.setdefault("IMGPIPE_JWT_SECRET", "x" * 64)
+passthrough = sorted(set((values.get("config") or {}).get("extra") or {}) | set((values.get("reconciler") or {}).get("config") or {}))
+components = sorted({d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component", "")
+                     for d in docs if d["kind"] == "Deployment"})
+json.dump({"env": env, "passthrough": passthrough, "components": components}, open(out, "w"))
+PY
+# Run by the project's Python: each settings class loads that environment, and nothing else.
+cat >"$WORK/settings.py" <<'PY'
+"""settings.py ENV_JSON: load every settings class of the services with the rendered environment."""
+import importlib, inspect, json, os, sys
+
+from pydantic_settings import BaseSettings
+
+spec = json.load(open(sys.argv[1]))
+for key in [k for k in os.environ if k.startswith(("IMGPIPE_", "AWS_"))]:
+    del os.environ[key]
+os.environ.update(spec["env"])
+from imgpipe.settings import ConfigError, load  # noqa: E402
+
+MODULES = {"": "imgpipe.settings", "worker": "imgpipe_worker.settings",
+           "reconciler": "imgpipe_reconciler.settings", "status": "imgpipe_status.app"}
+errors, known, loaded = [], set(), []
+for component, module in MODULES.items():
+    mod = importlib.import_module(module)
+    for name, cls in inspect.getmembers(mod, inspect.isclass):
+        if not issubclass(cls, BaseSettings) or cls.__module__ != mod.__name__:
+            continue
+        prefix = (cls.model_config.get("env_prefix") or "").upper()
+        for field, info in cls.model_fields.items():
+            choices = getattr(info.validation_alias, "choices", None)
+            known |= {str(c).upper() for c in choices} if choices else {prefix + field.upper()}
+        if component and component not in spec["components"]:
+            continue  # a disabled component's settings need not hold
+        try:
+            load(cls)
+            loaded.append(name)
+        except ConfigError as exc:
+            errors.append(f"{module}.{name}: {exc}")
+for key in sorted(spec["env"]):
+    if key.startswith("IMGPIPE_") and key not in known and key not in spec["passthrough"]:
+        errors.append(f"{key} is rendered but is no setting of the services")
+for e in errors:
+    print(f"ERROR {e}", file=sys.stderr)
+print(f"{len(loaded)} settings classes loaded, {len(spec['env'])} variables")
+sys.exit(1 if errors else 0)
+PY
+PROJECT_PY="$PWD/.venv/bin/python"
+if [ -x "$PROJECT_PY" ] && "$PROJECT_PY" -c 'import imgpipe.settings' 2>/dev/null; then HAVE_PROJECT=1; else HAVE_PROJECT=""; fi
 
 # --- 2. every CI value set ---------------------------------------------------------------------
 SETS=("$STAGED"/ci/*-values.yaml)
@@ -443,6 +544,16 @@ for values in "${SETS[@]}"; do
 			fail "$set_name: CRD schemas / house rules (kube $kube)"; sed 's/^/       /' "$WORK/err"
 		fi
 		DOCS=$((DOCS + $(grep -c '^kind: ' "$rendered" || true)))
+		if [ "$kube" = "${KUBE_VERSIONS%% *}" ]; then
+			if [ -z "$HAVE_PROJECT" ]; then
+				echo "  skip the services' settings: no project .venv with imgpipe (make install)"
+			elif "$PY" "$WORK/env.py" "$rendered" "$values" "$WORK/env.json" \
+				&& out="$(env -i PATH="$PATH" HOME="$HOME" "$PROJECT_PY" "$WORK/settings.py" "$WORK/env.json" 2>&1)"; then
+				ok "the services' settings accept the rendered environment ($out)"
+			else
+				fail "$set_name: the services' settings refuse the rendered environment"; printf '%s\n' "$out" | sed 's/^/       /'
+			fi
+		fi
 		if kv="$("$KV" --strict --quiet -k "$kube" "$WORK/builtin.yaml" 2>&1)" && ! grep -q "find schema" <<<"$kv"; then
 			ok "kube $kube: kubernetes-validate --strict"
 		else
@@ -497,6 +608,25 @@ refuse "rabbitmq.auth.password is required" --set rabbitmq.enabled=true
 refuse "minio.auth.rootPassword is required" --set minio.enabled=true
 refuse "minReplicas (5) is above maxReplicas (2)" --set api.autoscaling.minReplicas=5 --set api.autoscaling.maxReplicas=2
 refuse "ingress.enabled needs both" --set ingress.enabled=true --set status.enabled=false
+# JWT key sources: never HS* with a JWKS, never RS/ES/PS without one, https outside local/test.
+JWKS=https://auth.example.com/.well-known/jwks.json
+refuse "/config/jwt/algorithms/0': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={HS256}'
+refuse "/config/jwt/algorithms/1': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={RS256,HS512}'
+refuse "/config/jwt/algorithms/0': value must be one of 'HS256'" --set 'config.jwt.algorithms={RS256}'
+refuse "/config/jwt/algorithms/0': value must be one of 'HS256'" --set 'config.jwt.algorithms={ES256}'
+refuse "RS256 needs config.jwt.jwksUrl" --set 'config.jwt.algorithms={RS256}' --skip-schema-validation
+refuse "HS256 cannot be used with config.jwt.jwksUrl" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={HS256}' --skip-schema-validation
+refuse "/config/jwt/jwksUrl" --set config.jwt.jwksUrl=http://auth.example.com/jwks.json
+refuse "/config/jwt/jwksUrl" --set config.jwt.jwksUrl=not-a-url --set config.env=test
+refuse "/config/jwt/jwksTimeoutSeconds" --set config.jwt.jwksUrl=$JWKS --set config.jwt.jwksTimeoutSeconds=0
+refuse "/config/jwt/jwksCacheSeconds" --set config.jwt.jwksCacheSeconds=0
+refuse "/config/jwt/scopeClaim" --set 'config.jwt.scopeClaim=my scopes'
+refuse "secrets.jwtSecret must be at least 64 bytes" --set 'config.jwt.algorithms={HS512}' --set secrets.jwtSecret=0123456789abcdef0123456789abcdef0123456789abcdef
+# Rate limits and the decode budget: bounds as in the code.
+refuse "/config/limits/rateJobsPerMinute" --set config.limits.rateJobsPerMinute=-1
+refuse "/config/limits/rateUploadsPerHour" --set config.limits.rateUploadsPerHour=1.5
+refuse "/config/limits/maxActiveJobs" --set config.limits.maxActiveJobs=2000000
+refuse "/worker/maxDecodeBytes" --set worker.maxDecodeBytes=1048576
 
 # What must be rendered (or not) for a few switches.
 echo "== helm: switches"
@@ -523,6 +653,16 @@ expect "fixed workers with type none: no ScaledObject" "ScaledObject|TriggerAuth
 expect "fixed workers with type none: no worker HPA" " 2 kind: HorizontalPodAutoscaler;" present --set worker.autoscaling.type=none
 expect "no Secret with existingSecret" " kind: Secret;" absent --set secrets.existingSecret=creds
 expect "no PDBs when disabled" "PodDisruptionBudget" absent --set api.pdb.enabled=false --set status.pdb.enabled=false --set worker.pdb.enabled=false
+if "$HELM" template imgpipe "$STAGED" -f "$BASE" --set config.jwt.jwksUrl=$JWKS | grep -q 'IMGPIPE_JWT_SECRET:'; then
+	fail "a JWT secret is generated with a JWKS"
+else
+	ok "no JWT secret generated with a JWKS"
+fi
+if "$HELM" template imgpipe "$STAGED" -f "$BASE" | grep -q 'IMGPIPE_JWT_SECRET:'; then
+	ok "a JWT secret generated without a JWKS"
+else
+	fail "no JWT secret generated in HS mode"
+fi
 expect "Grafana dashboards ConfigMap(s)" " ([2-9]|[0-9]{2,}) kind: ConfigMap;" present --set metrics.grafanaDashboards.enabled=true
 
 # --- summary -----------------------------------------------------------------------------------

@@ -163,6 +163,25 @@ Call with (dict "root" $ "chart" "rabbitmq").
 {{- end -}}
 {{- end -}}
 
+{{/*
+IMGPIPE_JWT_ALGORITHMS as a JSON list: config.jwt.algorithms, or the services' default for the key
+source (HS256 with the shared secret, RS256 with a JWKS). Refuses a mix of key sources, as the
+services do (values.schema.json already does; this holds with --skip-schema-validation too).
+*/}}
+{{- define "imgpipe.jwtAlgorithms" -}}
+{{- $jwt := .Values.config.jwt -}}
+{{- $hmac := list "HS256" "HS384" "HS512" -}}
+{{- $algs := $jwt.algorithms | default (ternary (list "RS256") (list "HS256") (not (empty $jwt.jwksUrl))) -}}
+{{- range $algs -}}
+{{- if and $jwt.jwksUrl (has . $hmac) -}}
+{{- fail (printf "config.jwt.algorithms: %s cannot be used with config.jwt.jwksUrl (HS* needs the shared secret; use RS256/RS384/RS512/ES256/ES384/PS256)" .) -}}
+{{- else if and (not $jwt.jwksUrl) (not (has . $hmac)) -}}
+{{- fail (printf "config.jwt.algorithms: %s needs config.jwt.jwksUrl (public keys); without it only HS256/HS384/HS512" .) -}}
+{{- end -}}
+{{- end -}}
+{{- $algs | toJson -}}
+{{- end -}}
+
 {{/* The queue the KEDA trigger watches. */}}
 {{- define "imgpipe.jobsQueue" -}}
 {{- default (printf "%s.jobs" .Values.config.namespace) .Values.worker.autoscaling.keda.queueName -}}
