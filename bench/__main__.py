@@ -1,4 +1,6 @@
-"""`python -m bench [--quick] [--only throughput,latency,api,sse,memory,reconcile] [--no-thumbor]`.
+"""`python -m bench [--quick] [--only throughput,...] [--no-thumbor] [--profile DIR]`.
+
+Sections: throughput, latency, api, sse, memory, reconcile.
 
 Runs every measurement against its same-run baseline and writes
 `bench/results/<timestamp>/{results.json,results.md,chart.png}`; prints the Markdown table.
@@ -57,6 +59,13 @@ def main() -> None:
     parser.add_argument(
         "--objects", type=int, default=None, help="reconciler objects (default 100k, quick 10k)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="record py-spy speedscope profiles of the measured services into DIR (sse)",
+    )
     args = parser.parse_args()
     only = [s for s in args.only.split(",") if s]
     started = datetime.now()
@@ -88,7 +97,13 @@ def main() -> None:
         ),
         "latency": lambda: latency.measure(logdir / "latency", jobs=15 if q else 60, log=log),
         "api": lambda: api.measure(logdir / "api", rounds=3, seconds=2 if q else 5, connections=32, log=log),
-        "sse": lambda: sse.measure(logdir / "sse", clients=1000 if q else 5000, log=log),
+        "sse": lambda: sse.measure(
+            logdir / "sse",
+            clients=1000 if q else 5000,
+            rounds=2 if q else 3,
+            profile_dir=args.profile,
+            log=log,
+        ),
         "memory": lambda: memory.measure(logdir / "memory", log=log),
         "reconcile": lambda: reconcile(outdir, args.objects or (10_000 if q else 100_000), log),
     }

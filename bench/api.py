@@ -74,8 +74,17 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
     bare = None
     try:
         key = stack.upload("api-src", b"\xff\xd8\xff" + b"\0" * 1000, "image/jpeg")
-        # 127.0.0.0/8 allowed so that a URL source on this machine passes the api's URL check.
-        api = stack.start("api", {"IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8"}).url
+        # 127.0.0.0/8 allowed so that a URL source on this machine passes the api's URL check. The
+        # per-user limits are off: one user sends all the load, and 429s would measure nothing.
+        api = stack.start(
+            "api",
+            {
+                "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+                "IMGPIPE_RATE_JOBS_PER_MINUTE": "0",
+                "IMGPIPE_RATE_UPLOADS_PER_HOUR": "0",
+                "IMGPIPE_MAX_ACTIVE_JOBS": "0",
+            },
+        ).url
         port = free_port()
         bare_log = (logdir / "bare.log").open("wb")
         bare = subprocess.Popen(

@@ -73,7 +73,9 @@ class BenchStack:
         logdir.mkdir(parents=True, exist_ok=True)
         self._moto_log = (logdir / "moto.log").open("wb")
         self.moto, self.s3_url = start_moto(stdout=self._moto_log)
-        self.env = service_env(self.namespace, self.s3_url, IMGPIPE_LOG_LEVEL="WARNING", **(extra_env or {}))
+        self.env = service_env(
+            self.namespace, self.s3_url, bucket=BUCKET, IMGPIPE_LOG_LEVEL="WARNING", **(extra_env or {})
+        )
         self.s3 = self._boto()
         self.s3.create_bucket(Bucket=BUCKET)
         self.stack = Stack(self.env)

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -168,6 +169,31 @@ async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: 
         assert response.status == 200
         first = await asyncio.wait_for(anext(sse(response)), 2)
     assert (first.event, first.id) == ("pending", 1)
+
+
+async def test_http_1_0_stream_is_not_chunked(http: aiohttp.ClientSession, quiet: Stack) -> None:
+    """The hub frames chunks itself for HTTP/1.1; an HTTP/1.0 client gets the bare event stream."""
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    base = urlsplit(quiet.services["status"].url)
+    reader, writer = await asyncio.open_connection(base.hostname, base.port)
+    try:
+        writer.write(
+            f"GET /jobs/{job['id']}/events HTTP/1.0\r\n"
+            f"Authorization: {alice.headers['Authorization']}\r\n\r\n".encode()
+        )
+        data = b""
+        async with asyncio.timeout(10):
+            while data.count(b": keep-alive\n\n") < 2:  # the hub's heartbeats, after the first event
+                more = await reader.read(4096)
+                assert more, f"the stream ended: {data!r}"
+                data += more
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"chunked" not in head.lower(), head
+    assert body.startswith(b"retry: 2000\n\nid: 1\nevent: pending\ndata: {"), body
+    assert b"\r\n" not in body, body
 
 
 async def test_one_subscription_per_process_and_fan_out(

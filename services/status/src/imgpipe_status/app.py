@@ -2,6 +2,8 @@
 
 Each event's `event:` is the job's status, its `id:` the record's version and its `data:` the same
 JSON as `GET /jobs/{id}`. The stream starts with the current state and ends after a terminal one.
+The hub (`hub.py`) writes the changes to the streams; a stream's handler only opens it, sends
+heartbeats while it is idle, and closes it.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from imgpipe import resources
-from imgpipe.auth import TokenVerifier
+from imgpipe.auth import Principal, TokenVerifier
 from imgpipe.models import JobRecord
 from imgpipe.settings import AuthSettings, CommonSettings, RedisSettings, S3Settings, load
 from imgpipe.telemetry import SSE_CONNECTIONS, job_id_var, request_id_var, setup_logging
@@ -21,7 +24,8 @@ from imgpipe.web import READINESS, VERIFIER, ApiError, authenticate, base_app
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imgpipe_status.hub import Hub, Signal
+from imgpipe_status import openapi
+from imgpipe_status.hub import Hub, Listener
 
 log = logging.getLogger("imgpipe.status")
 
@@ -38,15 +42,19 @@ class SseSettings(BaseSettings):
     sse_retry_ms: int = Field(default=2000, ge=100, le=60_000)
 
 
-async def _owned_job(request: web.Request, *, allow_query_token: bool = False) -> JobRecord:
-    principal = await authenticate(request, allow_query_token=allow_query_token)
-    job_id = request.match_info["job_id"]
-    job_id_var.set(job_id)
-    record = await request.app[resources.STORE].get(job_id) if len(job_id) <= 64 else None
+def _visible(record: JobRecord | None, principal: Principal) -> JobRecord:
     # Someone else's job is indistinguishable from a missing one: ids are not for probing.
     if record is None or record.owner != principal.sub:
         raise ApiError(404, "job_not_found", "no such job")
     return record
+
+
+async def _owned_job(request: web.Request) -> JobRecord:
+    principal = await authenticate(request)
+    job_id = request.match_info["job_id"]
+    job_id_var.set(job_id)
+    record = await request.app[resources.STORE].get(job_id) if len(job_id) <= 64 else None
+    return _visible(record, principal)
 
 
 def _view(request: web.Request, record: JobRecord) -> dict:
@@ -58,51 +66,47 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, record), headers={"Cache-Control": "no-store"})
 
 
-def _event(request: web.Request, record: JobRecord) -> bytes:
-    data = json.dumps(_view(request, record), separators=(",", ":"))
+def _render(app: web.Application, record: JobRecord) -> bytes:
+    """`record` as one SSE event. The hub calls it once per change, whatever the number of streams."""
+    data = json.dumps(record.public(app[resources.STORAGE].presign_download), separators=(",", ":"))
     return f"id: {record.version}\nevent: {record.status.value}\ndata: {data}\n\n".encode()
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
-    record = await _owned_job(request, allow_query_token=True)
+    principal = await authenticate(request, allow_query_token=True)
+    job_id = request.match_info["job_id"]
+    job_id_var.set(job_id)
+    if len(job_id) > 64:
+        _visible(None, principal)  # raises the 404
     hub = request.app[HUB]
     settings = request.app[SSE]
-    store = request.app[resources.STORE]
 
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache, no-store",
-            "X-Accel-Buffering": "no",  # nginx: pass events through at once
-            # The middleware cannot add it once the stream is prepared, so it goes in here.
-            "X-Request-ID": request_id_var.get() or "",
-        }
-    )
-    # Listen before re-reading, so a change between the read and the subscription is not lost.
-    with hub.listen(record.id) as changes:
-        current = await store.get(record.id) or record
+    # Listen before reading, so a change between the read and the subscription is not lost.
+    with hub.listen(job_id) as listener:
+        # Usually no Redis read at all: the hub already follows a job that other streams watch.
+        current = _visible(await hub.current(job_id), principal)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache, no-store",
+                "X-Accel-Buffering": "no",  # nginx: pass events through at once
+                # The middleware cannot add it once the stream is prepared, so it goes in here.
+                "X-Request-ID": request_id_var.get() or "",
+            }
+        )
+        # Explicit, because the hub frames the chunks it writes itself (HTTP/1.0 gets none).
+        chunked = request.version >= HttpVersion11
+        if chunked:
+            response.enable_chunked_encoding()
         await response.prepare(request)
         SSE_CONNECTIONS.inc()
         try:
-            await response.write(f"retry: {settings.sse_retry_ms}\n\n".encode())
-            await response.write(_event(request, current))
-            sent = current.version
-            while not current.status.terminal:
-                try:
-                    update = await asyncio.wait_for(changes.get(), settings.sse_heartbeat_s)
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if update is Signal.CLOSE:
-                    break
-                if update is Signal.RESYNC:
-                    update = await store.get(record.id)
-                    if update is None:
-                        break  # expired while we were away
-                if update.version <= sent:
-                    continue  # a duplicate, or older than what the client has
-                current, sent = update, update.version
-                await response.write(_event(request, current))
+            # The first event goes through aiohttp, which sends the headers with it.
+            first = hub.event(current).data
+            await response.write(f"retry: {settings.sse_retry_ms}\n\n".encode() + first)
+            if not current.status.terminal:
+                hub.attach(listener, request.transport, chunked=chunked, version=current.version)
+                await _until_end(listener, settings.sse_heartbeat_s)
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the client went away; nothing to tell anyone
         finally:
@@ -110,8 +114,20 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _until_end(listener: Listener, heartbeat_s: float) -> None:
+    """Wait for the stream to end, with a keep-alive comment after every `heartbeat_s` of silence."""
+    while not listener.ended.is_set():
+        deadline = listener.last_write + heartbeat_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                await listener.ended.wait()
+        except TimeoutError:
+            if listener.last_write + heartbeat_s <= deadline:  # nothing was sent meanwhile
+                listener.heartbeat()
+
+
 async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    hub = Hub(app[resources.STORE])
+    hub = Hub(app[resources.STORE], lambda record: _render(app, record))
     app[HUB] = hub
     hub.start()
 
@@ -126,14 +142,28 @@ async def _hub_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     # End open streams cleanly (clients reconnect, to another replica) instead of cutting them.
-    app[HUB].broadcast(Signal.CLOSE)
+    app[HUB].close_all()
+
+
+def _raise_fd_limit() -> None:
+    """Every SSE stream holds a socket: allow as many as the hard limit does (the soft is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+            return
+    log.info("open-file limit %d", max(soft, target))
 
 
 async def create_app() -> web.Application:
     """The status application; every setting comes from the environment."""
     common = load(CommonSettings)
     setup_logging("status", env=common.env, level=common.log_level)
-    app = base_app("status", environment=common.env)
+    app = base_app("status", environment=common.env, openapi=openapi.document())
+    _raise_fd_limit()
     app[VERIFIER] = TokenVerifier(load(AuthSettings))
     app[SSE] = load(SseSettings)
     app.cleanup_ctx.extend(

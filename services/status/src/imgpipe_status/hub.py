@@ -1,8 +1,16 @@
 """One Redis subscription per status process, fanned out to every SSE client in it.
 
-Clients register interest in a job id and get an `asyncio.Queue` of records. When the
-subscription breaks (Redis restarted), the hub reconnects and tells every listener to re-read its
-job, because changes made while it was away were never delivered.
+A change is rendered into its SSE event once, and the hub writes those same bytes straight to the
+socket of every stream that watches the job: no per-client JSON, no per-client task woken, no
+awaiting each client's drain. A handler task wakes only to send a heartbeat or to end its stream.
+The price of not awaiting drain is a bound instead: a client whose unsent bytes pass
+`max_unsent` is evicted (disconnected; an EventSource reconnects and gets the current state), so
+one stalled client cannot grow the process's memory.
+
+The hub also knows each watched job's newest record, from one read plus every change since, so
+the many streams of one job that connect at once cost one Redis read, not one each. When the
+subscription breaks (Redis restarted), that knowledge is dropped, and after reconnecting the hub
+re-reads every watched job once and delivers what was missed.
 """
 
 from __future__ import annotations
@@ -10,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
@@ -19,37 +26,206 @@ from imgpipe.store import JobStore
 
 log = logging.getLogger("imgpipe.status.hub")
 
+_HEARTBEAT = b": keep-alive\n\n"
+_HEARTBEAT_CHUNK = b"%x\r\n%b\r\n" % (len(_HEARTBEAT), _HEARTBEAT)
 
-class Signal(enum.Enum):
-    """Put on a listener's queue instead of a record."""
+#: Streams written to between two yields to the event loop: one change fanned out to thousands of
+#: streams is thousands of send() calls, and other requests must not wait for all of them.
+FAN_OUT_SLICE = 500
 
-    RESYNC = "resync"  # the subscription was re-established: changes may have been missed, re-read
-    CLOSE = "close"  # the process is shutting down: end the stream
+#: Bytes a stream may have queued unsent (beyond what the kernel's socket buffer took) before the
+#: client is evicted. Events are a few kB, so only a client that stopped reading gets near it.
+MAX_UNSENT_BYTES = 256 * 1024
+
+
+class End(enum.Enum):
+    """Why a stream ends."""
+
+    DONE = "done"  # a terminal event was sent
+    CLOSE = "close"  # the process is shutting down
+    GONE = "gone"  # the job expired while the subscription was down
+    EVICTED = "evicted"  # the client stopped reading
+    DISCONNECTED = "disconnected"  # the connection is closed
+
+
+class Event:
+    """One change as an SSE event, encoded once and shared by every stream that sends it."""
+
+    __slots__ = ("chunk", "data", "version")
+
+    def __init__(self, version: int, data: bytes) -> None:
+        self.version = version
+        self.data = data
+        # HTTP/1.1 chunked framing, done here once rather than by aiohttp for every stream.
+        self.chunk = b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class Listener:
+    """One SSE stream watching one job.
+
+    Until `attach`, the stream's handler writes through aiohttp (which sends the headers with the
+    first event); from `attach` on, the hub writes newer changes to the socket itself.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_max_unsent",
+        "_transport",
+        "ended",
+        "job_id",
+        "last_write",
+        "reason",
+        "version",
+    )
+
+    def __init__(self, job_id: str, max_unsent: int) -> None:
+        self.job_id = job_id
+        self.version = 0  # the newest version the client was sent
+        self.reason: End | None = None
+        self.ended = asyncio.Event()
+        self.last_write = 0.0  # loop time
+        self._max_unsent = max_unsent
+        self._transport: asyncio.Transport | None = None
+        self._chunked = True
+
+    def attach(self, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int) -> None:
+        """Hand the socket to the hub; the client has been sent `version` through aiohttp."""
+        self.version = version
+        self.last_write = asyncio.get_running_loop().time()
+        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+            self.end(End.DISCONNECTED)
+            return
+        self._transport = transport
+        self._chunked = chunked
+
+    def offer(self, record: JobRecord, event: Event) -> None:
+        """Send a change unless the client already has it (or a newer one)."""
+        if self._transport is None or self.reason is not None or event.version <= self.version:
+            return
+        if self._write(event.chunk if self._chunked else event.data):
+            self.version = event.version
+            if record.status.terminal:
+                self.end(End.DONE)
+
+    def heartbeat(self) -> None:
+        self._write(_HEARTBEAT_CHUNK if self._chunked else _HEARTBEAT)
+
+    def end(self, reason: End) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.ended.set()
+
+    def _write(self, data: bytes) -> bool:
+        transport = self._transport
+        if transport is None or self.reason is not None:
+            return False
+        if transport.is_closing():
+            self.end(End.DISCONNECTED)
+            return False
+        # Not awaiting drain is what makes the fan-out cheap; this bound is what makes it safe.
+        if transport.get_write_buffer_size() > self._max_unsent:
+            log.warning(
+                "evicting a slow SSE client",
+                extra={"job_id": self.job_id, "unsent_bytes": transport.get_write_buffer_size()},
+            )
+            self.end(End.EVICTED)
+            transport.abort()  # close() would wait to flush what the client is not reading
+            return False
+        transport.write(data)
+        self.last_write = asyncio.get_running_loop().time()
+        return True
+
+
+class _Watch:
+    """What the hub knows about one watched job."""
+
+    __slots__ = ("event", "job_id", "known", "listeners", "reading")
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.listeners: set[Listener] = set()
+        # The newest record seen since the watch began, while the subscription has been live: from
+        # a read, or a change. Dropped when the subscription breaks.
+        self.known: JobRecord | None = None
+        self.reading: asyncio.Future[JobRecord | None] | None = None
+        self.event: Event | None = None  # the rendering of the newest change
+
+    def learn(self, record: JobRecord | None) -> JobRecord | None:
+        if record is not None and (self.known is None or record.version > self.known.version):
+            self.known = record
+        return self.known
 
 
 class Hub:
-    def __init__(self, store: JobStore) -> None:
+    """The fan-out. `render` turns a record into its SSE event bytes (`id:`, `event:`, `data:`)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        render: Callable[[JobRecord], bytes],
+        *,
+        max_unsent: int = MAX_UNSENT_BYTES,
+    ) -> None:
         self._store = store
-        self._listeners: dict[str, set[asyncio.Queue[JobRecord | Signal]]] = defaultdict(set)
+        self._render = render
+        self._max_unsent = max_unsent
+        self._watches: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
 
     @property
     def listeners(self) -> int:
-        return sum(len(queues) for queues in self._listeners.values())
+        return sum(len(watch.listeners) for watch in self._watches.values())
 
     @contextmanager
-    def listen(self, job_id: str) -> Iterator[asyncio.Queue[JobRecord | Signal]]:
-        queue: asyncio.Queue[JobRecord | Signal] = asyncio.Queue()
-        self._listeners[job_id].add(queue)
+    def listen(self, job_id: str) -> Iterator[Listener]:
+        """Register a stream for `job_id`: changes from now on are not lost (see `current`)."""
+        watch = self._watches.get(job_id)
+        if watch is None:
+            watch = self._watches[job_id] = _Watch(job_id)
+        listener = Listener(job_id, self._max_unsent)
+        watch.listeners.add(listener)
         try:
-            yield queue
+            yield listener
         finally:
-            queues = self._listeners.get(job_id)
-            if queues is not None:
-                queues.discard(queue)
-                if not queues:
-                    del self._listeners[job_id]
+            watch.listeners.discard(listener)
+            self._forget_if_unused(watch)
+
+    async def current(self, job_id: str) -> JobRecord | None:
+        """The job's record, at least as new as every change before the caller's `listen`.
+
+        Call it inside `listen`. It reads Redis only when the hub does not follow the job already,
+        and concurrent callers share that one read.
+        """
+        watch = self._watches[job_id]
+        if watch.known is not None and self.connected.is_set():
+            return watch.known
+        if watch.reading is None:
+            watch.reading = asyncio.ensure_future(self._read(watch))
+        # Shielded: one caller going away must not cancel the read the others wait for.
+        return await asyncio.shield(watch.reading)
+
+    def attach(
+        self, listener: Listener, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int
+    ) -> None:
+        """Start writing changes to `listener`'s socket; it has been sent `version` so far."""
+        listener.attach(transport, chunked=chunked, version=version)
+        watch = self._watches.get(listener.job_id)
+        known = watch.known if watch is not None else None
+        if known is not None and known.version > version:
+            # It changed while the first event was being written.
+            listener.offer(known, self.event(known))
+
+    def event(self, record: JobRecord) -> Event:
+        """`record` as an SSE event, rendered once per version while its job is watched."""
+        watch = self._watches.get(record.id)
+        cached = watch.event if watch is not None else None
+        if cached is not None and cached.version == record.version:
+            return cached
+        event = Event(record.version, self._render(record))
+        if watch is not None and (cached is None or record.version > cached.version):
+            watch.event = event
+        return event
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="status-hub")
@@ -62,6 +238,51 @@ class Hub:
             except asyncio.CancelledError:
                 pass
 
+    def close_all(self) -> None:
+        """End every stream (process shutdown): clients reconnect, to another replica."""
+        for watch in tuple(self._watches.values()):
+            for listener in tuple(watch.listeners):
+                listener.end(End.CLOSE)
+
+    async def _read(self, watch: _Watch) -> JobRecord | None:
+        try:
+            record = await self._store.get(watch.job_id)
+        finally:
+            watch.reading = None
+        known = watch.learn(record)
+        self._forget_if_unused(watch)
+        return known
+
+    def _forget_if_unused(self, watch: _Watch) -> None:
+        if not watch.listeners and watch.reading is None and self._watches.get(watch.job_id) is watch:
+            del self._watches[watch.job_id]
+
+    async def _deliver(self, record: JobRecord) -> None:
+        watch = self._watches.get(record.id)
+        if watch is None:
+            return
+        # Learnt first: a stream that attaches while this fan-out yields catches up from it.
+        watch.learn(record)
+        if not watch.listeners:
+            return
+        event = self.event(record)  # once for all of them
+        for n, listener in enumerate(tuple(watch.listeners), 1):
+            listener.offer(record, event)
+            if n % FAN_OUT_SLICE == 0:
+                await asyncio.sleep(0)
+
+    async def _resync(self) -> None:
+        """After a reconnect: re-read every watched job once and deliver what was missed."""
+        for watch in tuple(self._watches.values()):
+            if not watch.listeners:
+                continue
+            record = await self._store.get(watch.job_id)
+            if record is None:  # expired while we were away
+                for listener in tuple(watch.listeners):
+                    listener.end(End.GONE)
+                continue
+            await self._deliver(record)
+
     async def _run(self) -> None:
         delay = 0.1
         first = True
@@ -70,20 +291,17 @@ class Hub:
                 async with self._store.subscribe() as changes:
                     self.connected.set()
                     if not first:
-                        self.broadcast(Signal.RESYNC)
+                        await self._resync()
                     first, delay = False, 0.1
                     async for _, record in changes:
-                        for queue in tuple(self._listeners.get(record.id, ())):
-                            queue.put_nowait(record)
+                        await self._deliver(record)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.connected.clear()
+                # Changes while we are away are not seen: what we knew can no longer be trusted.
+                for watch in self._watches.values():
+                    watch.known = None
                 log.warning("event subscription lost, reconnecting: %s", type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-    def broadcast(self, signal: Signal) -> None:
-        for queues in tuple(self._listeners.values()):
-            for queue in tuple(queues):
-                queue.put_nowait(signal)

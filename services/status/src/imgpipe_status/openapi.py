@@ -1,0 +1,81 @@
+"""The status service's OpenAPI document: a job by id, its event stream, health and metrics."""
+
+from __future__ import annotations
+
+from importlib.metadata import version as package_version
+from typing import Any
+
+from imgpipe.models import JobStatus
+from imgpipe.openapi import (
+    BEARER,
+    UNAUTHORIZED,
+    JobView,
+    Operation,
+    Param,
+    Response,
+    build_document,
+    error,
+    meta_operations,
+    unavailable,
+)
+
+_JOB_ID = Param("job_id", "path", {"type": "string"}, "The `id` that `POST /jobs` answered.", True)
+_NOT_FOUND = error("No such job, or another user's: ids are not for probing.", "job_not_found")
+
+
+def operations() -> tuple[Operation, ...]:
+    """Every route of the status service."""
+    return (
+        Operation(
+            "GET",
+            "/jobs/{job_id}",
+            "getJob",
+            "A job: its status, its variants with download links, and its error if it failed.",
+            {
+                200: Response("The job.", model=JobView),
+                401: UNAUTHORIZED,
+                404: _NOT_FOUND,
+                503: unavailable("store_unavailable"),
+            },
+            description="`status` goes pending → processing → succeeded | failed and never back. "
+            "Each variant's `url` is a time-limited GET link.",
+            tags=("jobs",),
+            security=BEARER,
+            params=(_JOB_ID,),
+        ),
+        Operation(
+            "GET",
+            "/jobs/{job_id}/events",
+            "jobEvents",
+            "The job's changes as Server-Sent Events, until it ends.",
+            {
+                200: Response(
+                    "An event stream: `retry:` first, then the current state and every change. Each "
+                    "event's `event:` is the status, `id:` the version and `data:` the job as "
+                    "`GET /jobs/{job_id}` shows it; `: keep-alive` comments fill idle time.",
+                    events=JobView,
+                    event_names=tuple(status.value for status in JobStatus),
+                ),
+                401: UNAUTHORIZED,
+                404: _NOT_FOUND,
+                503: unavailable("store_unavailable"),
+            },
+            description="The stream ends after a terminal status. EventSource clients cannot send "
+            "headers, so the token may come as `?access_token=` instead.",
+            tags=("jobs",),
+            security=(*BEARER, {"accessToken": []}),
+            params=(_JOB_ID,),
+        ),
+        *meta_operations(),
+    )
+
+
+def document() -> dict[str, Any]:
+    """The status service's OpenAPI document."""
+    return build_document(
+        title="imgpipe status",
+        version=package_version("imgpipe"),
+        description="Read jobs and follow them as they change. Jobs are submitted on the api "
+        'service. Errors are `{"error": {"code", "message"}}`; branch on `code`.',
+        operations=operations(),
+    )
