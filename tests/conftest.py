@@ -50,6 +50,11 @@ def base_env(namespace: str, s3_endpoint: str) -> dict[str, str]:
         IMGPIPE_RETRY_DELAYS_S="[1, 2]",
         IMGPIPE_MAX_ATTEMPTS="3",
         IMGPIPE_LOG_LEVEL="INFO",
+        # Limits stay on (the code path runs everywhere) but far above what the suite does per user;
+        # tests/api/test_limits.py starts its own apis with tiny ones.
+        IMGPIPE_RATE_JOBS_PER_MINUTE="100000",
+        IMGPIPE_RATE_UPLOADS_PER_HOUR="1000000",
+        IMGPIPE_MAX_ACTIVE_JOBS="100000",
     )
     boto3.client(
         "s3",

@@ -20,7 +20,7 @@ SERVICES = ("api", "status", "worker")
 DEPENDENCIES = {
     "api": {"redis", "s3", "rabbitmq"},
     "status": {"redis", "s3", "events"},
-    "worker": {"redis", "s3", "rabbitmq"},
+    "worker": {"redis", "s3", "rabbitmq", "consumer"},
 }
 
 

@@ -282,6 +282,20 @@ async def test_concurrent_requests_with_one_key_make_one_job(alice: Client, alic
     assert await _accepted_total(alice) == before + 1
 
 
+async def test_accepted_jobs_report_the_rate_budget(alice: Client, alice_key: str) -> None:
+    limit = alice.stack.env["IMGPIPE_RATE_JOBS_PER_MINUTE"]
+    body = {"source": {"key": alice_key}}
+    _, _, first = await _post_job(alice, body, **{"Idempotency-Key": "k-budget"})
+    _, _, second = await _post_job(alice, body)
+    assert first["RateLimit-Limit"] == second["RateLimit-Limit"] == limit
+    # Each spent one (the budget refills fast at the suite's limit, so no exact count here).
+    assert int(first["RateLimit-Remaining"]) < int(limit) and int(second["RateLimit-Remaining"]) < int(limit)
+    # A replay spends nothing, so it reports nothing.
+    _, _, replay = await _post_job(alice, body, **{"Idempotency-Key": "k-budget"})
+    assert replay["Idempotent-Replayed"] == "true"
+    assert "RateLimit-Remaining" not in replay
+
+
 async def test_idempotency_key_too_long(alice: Client, alice_key: str) -> None:
     status, body, _ = await _post_job(alice, {"source": {"key": alice_key}}, **{"Idempotency-Key": "k" * 256})
     assert (status, body["error"]["code"]) == (400, "invalid_idempotency_key")

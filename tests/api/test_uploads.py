@@ -12,11 +12,13 @@ import base64
 import hashlib
 import hmac
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import boto3
 import pytest
+import redis.asyncio as aioredis
 from imgpipe.store import owner_id
 
 from tests.isolated import image
@@ -237,3 +239,92 @@ async def test_content_type_is_case_insensitive(alice: Client) -> None:
     ) as response:
         assert response.status == 201, await response.text()
         assert (await response.json())["fields"]["Content-Type"] == "image/jpeg"
+
+
+# What `POST /jobs` checks against the grant. S3 enforces the policy on the upload itself; moto does
+# not, so these go through the api's own check of the stored object (HEAD) against the recorded grant.
+
+
+async def _submit(client: Client, key: str) -> tuple[int, dict]:
+    async with client.http.post(
+        f"{client.stack.api}/jobs", json={"source": {"key": key}}, headers=client.headers
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_the_grant_is_recorded(alice: Client, redis_client: aioredis.Redis, namespace: str) -> None:
+    grant = await _grant(alice, "image/webp", 777)
+    stored = await redis_client.hgetall(f"{namespace}:grant:{grant['key']}")
+    assert (stored[b"content_type"], stored[b"size"]) == (b"image/webp", b"777")
+    expires = datetime.fromisoformat(grant["expires_at"]).timestamp()
+    assert float(stored[b"expires_at"]) == pytest.approx(expires, abs=1)
+    # Kept past the grant's expiry (a job may be submitted later), but not for ever.
+    assert (
+        0
+        < await redis_client.ttl(f"{namespace}:grant:{grant['key']}") - (expires - time.time())
+        <= 8 * 24 * 3600
+    )
+
+
+@pytest.mark.parametrize(("expired_s_ago", "accepted"), [(3600, False), (60, False), (2, True)])
+async def test_upload_written_after_its_grant_expired(
+    alice: Client, redis_client: aioredis.Redis, namespace: str, expired_s_ago: int, accepted: bool
+) -> None:
+    data = image()
+    grant = await _grant(alice, "image/jpeg", len(data))
+    # The TTL is at least 60 s (IMGPIPE_PRESIGN_TTL_S), and moto accepts an expired form anyway; so
+    # the grant is made to have expired before the upload by moving its recorded expiry back, which
+    # is exactly what the api compares the object's LastModified with.
+    await redis_client.hset(
+        f"{namespace}:grant:{grant['key']}", "expires_at", repr(time.time() - expired_s_ago)
+    )
+    response = await _post_form(alice.http, grant, data, "image/jpeg")
+    assert response.status in (200, 201, 204)
+    status, body = await _submit(alice, grant["key"])
+    if accepted:  # a few seconds are clock skew between S3 and the api, not an expired grant
+        assert status == 202, body
+    else:
+        assert (status, body["error"]["code"]) == (422, "upload_expired"), body
+
+
+async def test_other_content_type_than_granted_is_refused(alice: Client, s3_endpoint: str) -> None:
+    data = image(fmt=".png")
+    grant = await _grant(alice, "image/jpeg", len(data))
+    response = await _post_form(alice.http, grant, data, "image/png", **{"Content-Type": "image/png"})
+    if response.status >= 300:
+        pytest.skip(f"{s3_endpoint} enforces the policy: the upload itself was refused")
+    assert _s3(s3_endpoint).head_object(Bucket=BUCKET, Key=grant["key"])["ContentType"] == "image/png"
+    status, body = await _submit(alice, grant["key"])
+    assert (status, body["error"]["code"]) == (422, "source_type_mismatch"), body
+    assert "image/jpeg" in body["error"]["message"]
+
+
+async def test_larger_than_declared_is_refused(alice: Client, s3_endpoint: str) -> None:
+    data = image()
+    grant = await _grant(alice, "image/jpeg", len(data) - 1)
+    response = await _post_form(alice.http, grant, data, "image/jpeg")
+    if response.status >= 300:
+        pytest.skip(f"{s3_endpoint} enforces the policy: the upload itself was refused")
+    status, body = await _submit(alice, grant["key"])
+    assert (status, body["error"]["code"]) == (413, "source_too_large"), body
+    assert str(len(data) - 1) in body["error"]["message"]
+
+
+async def test_exactly_the_declared_size_and_type_is_accepted(alice: Client) -> None:
+    data = image()
+    grant = await _grant(alice, "image/jpeg", len(data))
+    assert (await _post_form(alice.http, grant, data, "image/jpeg")).status in (200, 201, 204)
+    status, body = await _submit(alice, grant["key"])
+    assert status == 202, body
+
+
+async def test_an_object_without_a_grant_is_checked_only_for_owner_and_size(
+    alice: Client, s3_endpoint: str
+) -> None:
+    # Put there with S3 credentials (an operator, a backfill, the benchmarks): there is no grant to
+    # compare with, so the prefix and IMGPIPE_MAX_UPLOAD_BYTES are what vouch for it.
+    key = f"uploads/{owner_id('alice')}/placed-by-an-operator"
+    _s3(s3_endpoint).put_object(Bucket=BUCKET, Key=key, Body=image(), ContentType="application/octet-stream")
+    status, body = await _submit(alice, key)
+    assert status == 202, body
+    assert (await alice.wait(body["id"]))["status"] == "succeeded"

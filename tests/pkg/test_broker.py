@@ -6,7 +6,7 @@ import asyncio
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import aio_pika
@@ -18,13 +18,16 @@ from imgpipe.broker import (
     DELIVERY_LIMIT,
     REASON_HEADER,
     REQUEST_ID_HEADER,
+    BrokerUnavailable,
     Publisher,
     Topology,
     connect,
+    keep_connecting,
+    robust_connection,
 )
 from imgpipe.models import PRESETS, JobMessage, KeySource
 
-from tests.stack import AMQP_URL
+from tests.stack import AMQP_URL, free_port
 
 
 def test_topology_names() -> None:
@@ -262,3 +265,66 @@ async def test_unroutable_publish_raises(
     await channel.close()
     with pytest.raises(aio_pika.exceptions.DeliveryError):
         await publisher._publish(topology.jobs_exchange, "job", b"{}", {}, message_id="x", timeout_s=5)
+
+
+async def _until(condition: Callable[[], bool], within: float) -> None:
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def test_publish_fails_fast_while_not_connected(topology: Topology) -> None:
+    """No broker yet: a publish says so at once, instead of waiting out its timeout."""
+    closed = free_port()  # nothing listens there
+    connection = robust_connection(f"amqp://guest:guest@127.0.0.1:{closed}/")
+    connecting = asyncio.create_task(keep_connecting(connection, timeout_s=1))
+    publisher = Publisher(connection, topology)
+    try:
+        assert not publisher.connected
+        async with asyncio.timeout(5):  # the publish's own timeout is 60 s
+            with pytest.raises(BrokerUnavailable):
+                await publisher.publish_job(_job(), timeout_s=60)
+        assert not connecting.done()  # still trying in the background
+    finally:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await publisher.close()
+        await connection.close()
+
+
+async def test_publisher_refuses_during_a_reconnect_and_publishes_after(topology: Topology) -> None:
+    connection = robust_connection(AMQP_URL)
+    await keep_connecting(connection)
+    publisher = Publisher(connection, topology)
+    try:
+        await publisher.publish_job(_job())
+        queue = await _queue(connection, topology.jobs_queue)
+        await (await _get(queue)).ack()
+
+        # Drop the connection from our side (the shared broker is left alone); it reconnects by itself.
+        assert connection.transport is not None
+        await connection.transport.connection.close(ConnectionResetError("connection lost"))
+        await _until(lambda: not publisher.connected, within=5)
+        refused = _job()
+        with pytest.raises(BrokerUnavailable):
+            await publisher.publish_job(refused, timeout_s=60)
+
+        async with asyncio.timeout(30):
+            await connection.ready()
+        job = _job()
+        async with asyncio.timeout(30):  # the restored channel may still be re-declaring
+            while True:
+                try:
+                    await publisher.publish_job(job)
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.1)
+        message = await _get(await _queue(connection, topology.jobs_queue))
+        await message.ack()
+        assert message.message_id == job.id  # the refused one was never sent
+        assert await _count(connection, topology.jobs_queue) == 0
+    finally:
+        await publisher.close()
+        await connection.close()

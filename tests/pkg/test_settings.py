@@ -100,6 +100,10 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
         (S3Settings, "IMGPIPE_S3_FORCE_PATH_STYLE", "maybe"),
         (AuthSettings, "IMGPIPE_JWT_LEEWAY_S", "-1"),
+        (AuthSettings, "IMGPIPE_JWT_JWKS_CACHE_S", "0"),
+        (AuthSettings, "IMGPIPE_JWT_JWKS_MIN_REFRESH_S", "0"),
+        (AuthSettings, "IMGPIPE_JWT_JWKS_TIMEOUT_S", "0"),
+        (AuthSettings, "IMGPIPE_JWT_SCOPE_CLAIM", "two words"),
     ],
 )
 def test_load_names_the_bad_variable(
@@ -193,3 +197,85 @@ def test_secret_must_be_as_long_as_the_hash(
         load(AuthSettings)
     monkeypatch.setenv("IMGPIPE_JWT_SECRET", "k" * minimum)
     assert load(AuthSettings).jwt_algorithms == (algorithm,)
+
+
+JWKS = "https://idp.example/.well-known/jwks.json"
+
+
+@pytest.mark.parametrize("env", ["local", "production"])
+def test_jwks_defaults_to_rs256_without_a_secret(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    # No IMGPIPE_JWT_SECRET in production: with a JWKS the shared secret is not used at all.
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    settings = load(AuthSettings)
+    assert settings.jwt_jwks_url == JWKS
+    assert settings.jwt_algorithms == ("RS256",)
+    assert (settings.jwt_jwks_cache_s, settings.jwt_jwks_min_refresh_s) == (300, 10)
+    assert settings.jwt_scope_claim == "scope"
+
+
+def test_jwks_accepts_public_key_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", '["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]')
+    assert len(load(AuthSettings).jwt_algorithms) == 6
+
+
+@pytest.mark.parametrize("algorithms", ['["RS256", "HS256"]', '["HS256"]', '["HS512"]'])
+def test_hmac_with_a_jwks_refused(monkeypatch: pytest.MonkeyPatch, algorithms: str) -> None:
+    """HS/RS confusion by configuration: a shared-secret algorithm next to public keys."""
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", algorithms)
+    with pytest.raises(ConfigError) as info:
+        load(AuthSettings)
+    assert "IMGPIPE_JWT_ALGORITHMS" in str(info.value)
+    assert "IMGPIPE_JWT_JWKS_URL" in str(info.value)
+
+
+@pytest.mark.parametrize("algorithms", ['["ES512"]', '["EdDSA"]', '["none"]', "[]"])
+def test_unsupported_algorithms_with_a_jwks_refused(monkeypatch: pytest.MonkeyPatch, algorithms: str) -> None:
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", algorithms)
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_ALGORITHMS"):
+        load(AuthSettings)
+
+
+@pytest.mark.parametrize("env", ["staging", "production"])
+def test_jwks_must_be_https_outside_local(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "http://idp.example/jwks.json")
+    with pytest.raises(
+        ConfigError, match=f"IMGPIPE_JWT_JWKS_URL must be an https:// URL when IMGPIPE_ENV={env}"
+    ):
+        load(AuthSettings)
+
+
+@pytest.mark.parametrize("env", ["local", "test"])
+def test_jwks_may_be_http_locally(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "http://127.0.0.1:8080/jwks.json")
+    assert load(AuthSettings).jwt_jwks_url == "http://127.0.0.1:8080/jwks.json"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://idp.example/jwks.json", "idp.example/jwks.json", "https://", "https://user:pw@idp.example/"],
+)
+def test_jwks_url_must_be_a_url(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "test")
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", url)
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_JWKS_URL"):
+        load(AuthSettings)
+
+
+def test_empty_jwks_url_means_the_shared_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "")
+    settings = load(AuthSettings)
+    assert settings.jwt_jwks_url is None
+    assert settings.jwt_algorithms == ("HS256",)
+
+
+def test_default_secret_still_refused_without_a_jwks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "production")
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "")
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_SECRET"):
+        load(AuthSettings)

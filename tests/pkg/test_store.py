@@ -250,3 +250,80 @@ async def test_concurrent_terminal_transitions_apply_once(store: JobStore) -> No
     assert final.status is winner.status
     # Every loser was told what actually happened.
     assert all(r.record == final for r in results if not r.applied)
+
+
+# Reopen: the one way back, failed -> pending, for replaying a dead-lettered job.
+
+
+async def _failed(store: JobStore) -> JobRecord:
+    current = await _processing(store)
+    failed = await store.mark_failed(current, "url_http_error", "gave up after 3 attempts")
+    assert failed.applied and failed.record is not None
+    return failed.record
+
+
+async def test_reopen_moves_a_failed_job_back_to_pending(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    failed = await _failed(store)
+    await redis_client.expire(store.job_key(failed.id), 60)
+    # The reconciler's mark of a stuck pending job that was re-published once.
+    await redis_client.hset(store.job_key(failed.id), "republished_at", time.time() - 10_000)
+    async with store.subscribe() as changes:
+        reopened = await store.reopen(failed)
+        async with asyncio.timeout(5):
+            version, published = await anext(aiter(changes))
+    assert reopened.applied and reopened.record is not None
+    record = reopened.record
+    assert (record.status, record.version, record.error, record.replays) == (
+        JobStatus.PENDING,
+        failed.version + 1,
+        None,
+        1,
+    )
+    assert record.updated_at > failed.updated_at
+    assert await store.get(failed.id) == record
+    # Published like every other change, so SSE clients see the job come back.
+    assert (version, published) == (record.version, record)
+    # A fresh stuck-pending window, the retention renewed, and the job moves forward again.
+    assert await redis_client.hget(store.job_key(failed.id), "republished_at") is None
+    assert await redis_client.ttl(store.job_key(failed.id)) > RETENTION.total_seconds() - 5
+    assert await redis_client.ttl(store.source_marker(record.source.key)) > RETENTION.total_seconds() - 5
+    processing = await store.mark_processing(failed.id)
+    assert processing.applied
+    done = await store.mark_succeeded(processing.record, [_RESULT])
+    assert done.applied and done.record.replays == 1
+
+
+async def test_reopen_only_from_failed(store: JobStore) -> None:
+    pending = (await store.create(_record())).record
+    assert await store.reopen(pending) == Transition(False, pending)
+    processing = await store.mark_processing(pending.id)
+    assert await store.reopen(processing.record) == Transition(False, processing.record)
+    succeeded = (await store.mark_succeeded(processing.record, [_RESULT])).record
+    assert await store.reopen(succeeded) == Transition(False, succeeded)
+    # Even with a forged `failed` copy of the current version: the stored status decides.
+    forged = succeeded.model_copy(update={"status": JobStatus.FAILED})
+    assert await store.reopen(forged) == Transition(False, succeeded)
+    assert await store.get(pending.id) == succeeded
+
+
+async def test_reopen_a_stale_or_missing_record_is_not_applied(store: JobStore) -> None:
+    failed = await _failed(store)
+    first = await store.reopen(failed)
+    assert first.applied
+    # A second replay working from the same read does not reopen (or count) it twice.
+    again = await store.reopen(failed)
+    assert again == Transition(False, first.record)
+    assert (await store.get(failed.id)).replays == 1
+    await store.delete(failed.id)
+    assert await store.reopen(failed) == Transition(False, None)
+    assert await store.get(failed.id) is None  # reopen never creates a record
+
+
+async def test_concurrent_reopens_apply_once(store: JobStore) -> None:
+    failed = await _failed(store)
+    results = await asyncio.gather(*(store.reopen(failed) for _ in range(30)))
+    assert sum(r.applied for r in results) == 1
+    final = await store.get(failed.id)
+    assert (final.status, final.version, final.replays) == (JobStatus.PENDING, failed.version + 1, 1)

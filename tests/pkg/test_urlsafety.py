@@ -73,6 +73,7 @@ FORBIDDEN_URLS = [
     "http://metadata/",
     "http://[fe80::1]/",
     "http://[fe80::1%25eth0]/",
+    "http://[fe80::]/",
     # multicast, reserved, broadcast, documentation, benchmark
     "http://224.0.0.1/",
     "http://239.255.255.250/",

@@ -9,17 +9,23 @@ variants in the bucket.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import JobRecord, JobStatus
+from imgpipe.resources import redis_client
+from imgpipe.settings import RedisSettings
 from imgpipe.store import JobStore
+from imgpipe_worker import consumer
 
+from tests.e2e.test_outages import PrivateRedis
 from tests.stack import REDIS_URL, Client
 from tests.worker.test_consumer import (
     OwnStack,
@@ -172,3 +178,42 @@ async def test_sigkill_mid_job_loses_nothing(
     assert interrupted <= redone
     assert redone.isdisjoint(killed[JobStatus.SUCCEEDED])
     faults.stack.stop(second)
+
+
+async def test_settling_outlasts_a_long_redis_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's status write is retried for as long as Redis is down, not given up after a while.
+
+    The bounded back-off (kept for other errors) is made tiny here, so the write outlives it many
+    times over before Redis appears; giving up would return the message to the queue, where a long
+    outage burns its delivery limit and the job is dead-lettered instead of done.
+    """
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed here")
+    monkeypatch.setattr(consumer, "_SETTLE_BACKOFF_S", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(consumer, "_OUTAGE_RETRY_S", 0.02)
+    server = PrivateRedis(tmp_path / "redis")  # not started yet: nothing listens on its port
+    client = redis_client(RedisSettings(redis_url=server.url))
+    tries = 0
+
+    async def write() -> bool:
+        nonlocal tries
+        tries += 1
+        return await client.set("settled", "yes")
+
+    try:
+        settle = asyncio.create_task(consumer._persist(write))
+        await eventually(lambda: tries > 20, within=30)  # far past the bounded retries
+        assert not settle.done()
+        await asyncio.to_thread(server.start)
+        async with asyncio.timeout(10):
+            assert await settle is True
+        assert await client.get("settled") == b"yes"
+
+        async def broken() -> None:
+            raise ValueError("not an outage")
+
+        with pytest.raises(ValueError):  # anything else still gives up after the bounded retries
+            await consumer._persist(broken)
+    finally:
+        await client.aclose()
+        server.kill()

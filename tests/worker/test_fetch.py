@@ -13,6 +13,7 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Network
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -186,6 +187,25 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_get("/to-file", redirect("file:///etc/passwd"))
     app.router.add_get("/to-gopher", redirect("gopher://127.0.0.1:6379/_FLUSHALL"))
     app.router.add_get("/to-private-name", redirect("http://internal.example.test:{port}/image"))
+
+    async def redirect_to(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        # Never idle for long, never done: only a cap on the whole fetch stops it.
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            while not release.is_set():
+                await response.write(b"t")
+                await asyncio.sleep(0.05)
+        except (ConnectionError, RuntimeError):
+            pass
+        return response
+
+    app.router.add_get("/redirect-to", redirect_to)
+    app.router.add_get("/trickle", trickle)
     app.router.add_get("/no-location", status(302))
     app.router.add_get("/loop", redirect("/loop"))
     app.router.add_get("/chain/{n}", chain)
@@ -296,6 +316,15 @@ async def test_slow_server_times_out(server: Server) -> None:
     assert loop.time() - started < 3
 
 
+async def test_total_time_is_capped_while_data_keeps_flowing(server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    error = await fetch_error(server.url("/trickle"), local_policy(total_timeout_s=0.5))
+    assert (error.code, error.transient) == ("url_timeout", True)
+    assert loop.time() - started < 3
+    assert server.hits == ["/trickle"]
+
+
 async def test_stalled_body_times_out(server: Server) -> None:
     error = await fetch_error(server.url("/slow-body"), local_policy(total_timeout_s=0.3))
     assert (error.code, error.transient) == ("url_timeout", True)
@@ -368,6 +397,67 @@ async def test_redirects_to_forbidden_targets_are_refused(server: Server, path: 
     error = await fetch_error(server.url(path), local_policy())
     assert (error.code, error.transient) == ("url_forbidden", False)
     assert server.hits == [path]
+
+
+#: Every SSRF target, reached through a redirect from an allowed server.
+REDIRECT_TARGETS = [
+    "http://127.1/",
+    "http://2130706433/",
+    "http://0177.0.0.1/",
+    "http://0x7f.1/",
+    "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[::ffff:7f00:1]/",
+    "http://0.0.0.0/",
+    "http://10.1.2.3/",
+    "http://172.16.0.1/",
+    "http://172.31.255.254/",
+    "http://192.168.0.1/",
+    "http://100.64.0.1/",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://[fd00::1]/",
+    "http://[fe80::1]/",
+    "http://[fe80::]/",
+    "http://localhost/",
+    "http://metadata.google.internal/",
+    "file:///etc/passwd",
+    "ftp://example.com/a.jpg",
+    "gopher://127.0.0.1:6379/_FLUSHALL",
+    "data:image/png;base64,iVBORw0KGgo=",
+]
+
+
+@pytest.fixture
+async def redirector() -> AsyncIterator[tuple[str, list[str]]]:
+    """A server on 127.0.0.2 answering `/?to=X` with a redirect to X: (its base URL, its hits).
+
+    Only 127.0.0.2/32 is exempted for it, so every spelling of 127.0.0.1 stays forbidden.
+    """
+    hits: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(request.query["to"])
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    test_server = TestServer(app, host="127.0.0.2")
+    await test_server.start_server()
+    try:
+        yield f"http://127.0.0.2:{test_server.port}/", hits
+    finally:
+        await test_server.close()
+
+
+@pytest.mark.parametrize("target", REDIRECT_TARGETS)
+async def test_redirect_table_every_ssrf_target_is_refused(
+    redirector: tuple[str, list[str]], target: str
+) -> None:
+    base, hits = redirector
+    policy = FetchPolicy(allowed_networks=(IPv4Network("127.0.0.2/32"),), total_timeout_s=5.0)
+    error = await fetch_error(f"{base}?to={quote(target, safe='')}", policy)
+    assert (error.code, error.transient) == ("url_forbidden", False), error.message
+    assert hits == [target]  # the first hop was made; the redirect was not followed
 
 
 async def test_redirect_to_name_resolving_to_private_address_is_refused(server: Server) -> None:
@@ -494,6 +584,19 @@ async def test_peer_address_is_checked_even_if_the_resolver_is_bypassed(
     assert (error.code, error.transient) == ("url_forbidden", False)
     assert "127.0.0.1" in error.message
     assert server.hits == []
+
+
+async def test_allowed_host_is_fetched_and_a_redirect_off_the_list_refused(server: Server) -> None:
+    resolver = StubResolver({"images.example.com": ["127.0.0.1"]})
+    policy = local_policy(allowed_hosts=("images.example.com",))
+    result = await fetch(server.url("/image", host="images.example.com"), policy, resolver)
+    assert result.data == IMAGE
+    target = quote(server.url("/image"), safe="")  # the same server, under a name not on the list
+    error = await fetch_error(
+        server.url(f"/redirect-to?to={target}", host="images.example.com"), policy, resolver
+    )
+    assert (error.code, error.transient) == ("url_forbidden", False)
+    assert server.hits == ["/image", "/redirect-to"]
 
 
 async def test_allowed_hosts_policy_applies(server: Server) -> None:

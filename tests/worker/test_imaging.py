@@ -6,6 +6,7 @@ Real-world corpora (EXIF orientation samples, PngSuite) are read from outside th
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -626,3 +627,149 @@ def test_image_error_shape() -> None:
     err = ImageError("corrupt_image", "bad bytes")
     assert (err.code, err.message) == ("corrupt_image", "bad bytes")
     assert isinstance(err, Exception)
+
+
+# ---------------------------------------------------------------------------------------- decode budget
+
+
+def _gif_screen(width: int, height: int) -> bytes:
+    """A 40-byte GIF whose one frame covers a `width` x `height` screen with a single pixel of LZW data."""
+    head = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x4c\x01\x00"
+    return head + frame + b"\x3b"
+
+
+def _claiming_jpeg(width: int, height: int, *, progressive: bool, subsample: str = "off") -> bytes:
+    data = bytearray(gradient(16, 16).jpegsave_buffer(interlace=progressive, subsample_mode=subsample))
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def _avif_claiming(width: int, height: int) -> bytes:
+    data = bytearray(gradient(64, 48).heifsave_buffer(compression="av1", effort=0))
+    ispe = data.index(b"ispe")
+    struct.pack_into(">II", data, ispe + 8, width, height)
+    return bytes(data)
+
+
+def _interlaced_png(width: int, height: int, depth: int, colour: int) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 1)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "mib"),
+    [
+        # A 40-byte GIF: libnsgif would allocate its whole RGBA canvas (and the previous one).
+        (_gif_screen(10000, 10000), 762),
+        (_claiming_jpeg(10000, 10000, progressive=True), 572),  # every coefficient kept: 2 B x 3 samples
+        (_interlaced_png(9000, 9000, 16, 6), 617),  # decoded whole: 8 bytes a pixel
+        (_avif_claiming(9000, 9000), 1274),
+    ],
+    ids=["gif", "progressive-jpeg", "interlaced-png", "avif"],
+)
+def test_decode_budget_refuses_bombs_under_the_pixel_limit(data: bytes, mib: int) -> None:
+    # Every one of these is within max_pixels: only the decode budget stops them.
+    start = time.monotonic()
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=100)], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert f"about {mib} MiB" in info.value.message
+    assert probe(data, Limits(max_decode_bytes=(mib + 1) * 1024 * 1024)).width in (9000, 10000)
+    assert time.monotonic() - start < 1.0
+
+
+def test_decode_estimates() -> None:
+    def estimate(data: bytes) -> int:
+        return imaging.decode_bytes(sniff(data), decode(data))
+
+    card = gradient(100, 80)
+    # Decoders that stream need no budget, whatever the size.
+    for data in (
+        card.jpegsave_buffer(),
+        card.pngsave_buffer(),
+        card.webpsave_buffer(),
+        card.tiffsave_buffer(),
+        _claiming_jpeg(10000, 10000, progressive=False),
+    ):
+        assert estimate(data) == 0
+    pixels = 100 * 80
+    assert estimate(card.jpegsave_buffer(interlace=True, subsample_mode="on")) == pixels * 3  # 4:2:0
+    assert estimate(card.jpegsave_buffer(interlace=True, subsample_mode="off")) == pixels * 6  # 4:4:4
+    assert estimate(card[0].jpegsave_buffer(interlace=True)) == pixels * 2  # grey
+    assert estimate(card.pngsave_buffer(interlace=True)) == pixels * 3
+    assert estimate(card.gifsave_buffer()) == pixels * 8
+    assert estimate(card.heifsave_buffer(compression="av1", effort=0)) == math.ceil(pixels * 16.5)
+    animation = _frames_strip(3, 8)
+    assert estimate(animation.webpsave_buffer()) == 8 * 8 * 8
+
+
+def _frames_strip(count: int, size: int) -> pyvips.Image:
+    strip = (((pyvips.Image.xyz(size, size * count)[1] / size).floor() % 2) * 255).cast("uchar")
+    strip = strip.bandjoin([strip, strip]).copy(interpretation="srgb")
+    strip.set_type(pyvips.GValue.gint_type, "page-height", size)
+    return strip
+
+
+def test_decode_budget_is_configurable() -> None:
+    data = gradient(100, 80).gifsave_buffer()
+    assert probe(data, Limits(max_decode_bytes=100 * 80 * 8)).frames == 1
+    with pytest.raises(ImageError) as info:
+        render(data, [variant(width=10)], Limits(max_decode_bytes=100 * 80 * 8 - 1))
+    assert info.value.code == "image_too_large"
+
+
+# --------------------------------------------------------------------------------------------- TIFF data
+
+
+def _tiff(order: str, data: bytes, *, claimed: int | None = None, width: int = 64, height: int = 64) -> bytes:
+    """An uncompressed 8-bit grey TIFF, IFD first, one strip holding `data` (of `claimed` bytes)."""
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 8 + 2 + 9 * 12 + 4),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, len(data) if claimed is None else claimed),
+    ]
+    magic = b"II*\x00" if order == "<" else b"MM\x00*"
+    out = magic + struct.pack(f"{order}IH", 8, len(tags))
+    for tag, kind, value in tags:
+        if kind == 3:  # a SHORT sits in the first two bytes of the value field
+            out += struct.pack(f"{order}HHIHH", tag, kind, 1, value, 0)
+        else:
+            out += struct.pack(f"{order}HHII", tag, kind, 1, value)
+    return out + struct.pack(f"{order}I", 0) + data
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_truncated_tiff_data_is_corrupt(order: str) -> None:
+    pixels = bytes(range(256)) * 16  # 64x64
+    whole = _tiff(order, pixels)
+    assert decode(one(whole, width=64, format="png").data).avg() > 100
+    # libvips alone would decode the missing half as black and succeed.
+    for data in (whole[: len(whole) - 2048], _tiff(order, pixels[:10], claimed=len(pixels))):
+        with pytest.raises(ImageError) as info:
+            render(data, [variant(width=32)], LIMITS)
+        assert info.value.code == "corrupt_image"
+        assert "past the end" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"tile": True, "tile_width": 16, "tile_height": 16}, {"bigtiff": True}, {"compression": "jpeg"}],
+    ids=["strips", "tiles", "bigtiff", "jpeg"],
+)
+def test_valid_tiffs_pass_the_data_check(options: dict[str, object]) -> None:
+    data = gradient(300, 200).tiffsave_buffer(**options)
+    assert probe(data, LIMITS) == SourceInfo(format="tiff", width=300, height=200, frames=1)
+    assert one(data, width=30).width == 30

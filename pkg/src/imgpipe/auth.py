@@ -1,17 +1,35 @@
 """Bearer-token authentication: JWTs verified with an explicit algorithm list and a required `exp`.
 
-The token's `sub` owns every job and upload it creates; its space-separated `scope` claim carries
-`admin` for the admin routes.
+Two key sources, never both: a shared secret for HS256/384/512 (simple setups, development tokens),
+or an identity provider's JSON Web Key Set (Auth0, Cognito, Keycloak) for RS*/ES*/PS256, fetched
+with aiohttp, cached, and refreshed when it expires or when a token names a key id we do not know
+(at most once per `IMGPIPE_JWT_JWKS_MIN_REFRESH_S`). A token whose key cannot be fetched because the
+provider is unreachable is a 503 `auth_unavailable`, not a 401: the caller did nothing wrong.
+
+The token's `sub` owns every job and upload it creates; its scope claim (`scope`, a space-separated
+string, by default) carries `admin` for the admin routes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
 import jwt
 
 from imgpipe.settings import AuthSettings
+
+log = logging.getLogger(__name__)
+
+#: A JWKS is a few keys (a few KiB); anything much bigger is not one.
+MAX_JWKS_BYTES = 256 * 1024
 
 
 class AuthError(Exception):
@@ -22,6 +40,15 @@ class AuthError(Exception):
         self.code = code
         self.message = message
         self.status = status
+        self.headers: dict[str, str] = {}
+
+
+class AuthUnavailable(AuthError):
+    """The token could not be checked: the identity provider's keys are out of reach (503)."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__("auth_unavailable", message, status=503)
+        self.headers["Retry-After"] = str(max(1, retry_after_s))
 
 
 @dataclass(frozen=True)
@@ -36,54 +63,279 @@ class Principal:
         return "admin" in self.scopes
 
 
-class TokenVerifier:
-    """Verifies bearer tokens against the configured key, algorithms, audience and issuer."""
+class JwksError(Exception):
+    """The key set could not be fetched or holds no usable key."""
 
-    def __init__(self, settings: AuthSettings) -> None:
+
+class JwksKeys:
+    """The public keys of a JWKS URL by `kid`: fetched lazily, cached, refreshed with a rate limit.
+
+    Every fetch (on expiry, on an unknown `kid`, after a failure) waits at least `min_refresh_s`
+    after the previous attempt, and concurrent callers share one fetch. When a refresh fails the
+    keys already known stay in use, so a short provider outage does not log everybody out.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cache_s: float,
+        min_refresh_s: float,
+        timeout_s: float,
+        max_bytes: int = MAX_JWKS_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self._cache_s = cache_s
+        self._min_refresh_s = min_refresh_s
+        self._timeout_s = timeout_s
+        self._max_bytes = max_bytes
+        self._clock = clock
+        self._session: aiohttp.ClientSession | None = None
+        self._lock = asyncio.Lock()
+        self._jwks: dict[str, dict[str, Any]] | None = None  # kid → the JWK as published
+        self._parsed: dict[tuple[str, str], jwt.PyJWK] = {}  # (kid, alg) → key, for this key set
+        self._fetched_at = 0.0
+        self._attempted_at: float | None = None
+        self._failing = False
+
+    async def key(self, kid: str, algorithm: str) -> jwt.PyJWK:
+        """The key `kid`, bound to `algorithm`; `AuthError` (401) or `AuthUnavailable` (503)."""
+        stale_but_known = self._jwks is not None and kid in self._jwks
+        if self._wanted(kid) and not (stale_but_known and self._lock.locked()):
+            # Under the lock, so a request arriving while a fetch is under way waits for its result
+            # instead of judging the token against the old (or no) key set. A key we already hold
+            # does not wait for somebody else's refresh: a slow provider must not slow every request.
+            async with self._lock:
+                if self._wanted(kid) and self._may_fetch():
+                    await self._refresh(kid)
+        if self._jwks is None:
+            raise self._unavailable()
+        jwk = self._jwks.get(kid)
+        if jwk is None:
+            if self._failing:  # it may well be a new key we could not fetch
+                raise self._unavailable()
+            raise AuthError("invalid_token", "the token's key id (kid) is not in the key set")
+        return self._bind(kid, jwk, algorithm)
+
+    async def close(self) -> None:
+        """Close the HTTP session (opened on the first fetch)."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _wanted(self, kid: str) -> bool:
+        """Whether the key set should be fetched: never fetched, expired, or without `kid`."""
+        return (
+            self._jwks is None or self._clock() - self._fetched_at >= self._cache_s or kid not in self._jwks
+        )
+
+    def _may_fetch(self) -> bool:
+        return self._attempted_at is None or self._clock() - self._attempted_at >= self._min_refresh_s
+
+    def _unavailable(self) -> AuthUnavailable:
+        return AuthUnavailable(
+            "the identity provider's keys cannot be fetched; retry later",
+            retry_after_s=int(self._min_refresh_s + 0.999),
+        )
+
+    def _bind(self, kid: str, jwk: dict[str, Any], algorithm: str) -> jwt.PyJWK:
+        # The header's algorithm must be the one the key is published for (when it says), and must
+        # fit the key's type: PyJWK refuses e.g. an EC key for RS256, or an RSA key for HS256.
+        if jwk.get("alg") not in (None, algorithm):
+            raise AuthError("invalid_token", f"the token's key is for {jwk['alg']}, not {algorithm}")
+        key = self._parsed.get((kid, algorithm))
+        if key is None:
+            try:
+                key = jwt.PyJWK(jwk, algorithm)
+            except jwt.PyJWTError:
+                raise AuthError("invalid_token", f"the token's key cannot be used with {algorithm}") from None
+            self._parsed[(kid, algorithm)] = key
+        return key
+
+    async def _refresh(self, kid: str) -> None:
+        """One fetch (the caller holds the lock); on failure the keys already known are kept."""
+        if self._jwks is None:
+            reason = "first use"
+        elif kid in self._jwks:
+            reason = "expired"
+        else:
+            reason = "unknown kid"
+        previous, self._attempted_at = self._attempted_at, self._clock()
+        try:
+            jwks = await self._fetch()
+        except asyncio.CancelledError:
+            # The client went away mid-fetch: that was no attempt, the next request may fetch at once.
+            self._attempted_at = previous
+            raise
+        except JwksError as exc:
+            self._failing = True
+            log.warning(
+                "jwks fetch failed: %s",
+                exc,
+                extra={"jwks_url": self.url, "reason": reason, "keys_kept": len(self._jwks or {})},
+            )
+            return
+        self._jwks, self._parsed = jwks, {}
+        self._fetched_at = self._clock()
+        self._failing = False
+        log.info("jwks fetched", extra={"jwks_url": self.url, "reason": reason, "keys": len(jwks)})
+
+    async def _fetch(self) -> dict[str, dict[str, Any]]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+                headers={"Accept": "application/json"},
+            )
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                # No redirects: the configured https URL is the one we trust, not where it points.
+                async with self._session.get(self.url, allow_redirects=False) as response:
+                    if response.status != 200:
+                        raise JwksError(f"HTTP {response.status}")
+                    if (response.content_length or 0) > self._max_bytes:
+                        raise JwksError(f"response over {self._max_bytes} bytes")
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(16 * 1024):
+                        body += chunk
+                        if len(body) > self._max_bytes:
+                            raise JwksError(f"response over {self._max_bytes} bytes")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise JwksError(f"{type(exc).__name__}: {exc}") from None
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise JwksError("the response is not JSON") from None
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise JwksError("the response has no 'keys' list")
+        # Only signing keys with a kid, and only public-key types: a symmetric ("oct") key in a
+        # JWKS would reopen the HS/RS confusion this module exists to prevent.
+        candidates = [
+            jwk
+            for jwk in document["keys"]
+            if isinstance(jwk, dict)
+            and jwk.get("kty") in ("RSA", "EC")
+            and jwk.get("use", "sig") == "sig"
+            and isinstance(jwk.get("kid"), str)
+            and jwk["kid"]
+        ]
+        try:
+            # PyJWKSet parses each key and drops those it cannot use.
+            usable = jwt.PyJWKSet(candidates)  # type: ignore[arg-type]
+        except jwt.PyJWTError as exc:
+            raise JwksError(f"no usable key: {exc}") from None
+        kids = {key.key_id for key in usable}
+        jwks: dict[str, dict[str, Any]] = {}
+        for jwk in candidates:
+            if jwk["kid"] in kids:
+                jwks.setdefault(jwk["kid"], jwk)  # the first of duplicate kids wins
+        return jwks
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the configured keys, algorithms, audience and issuer.
+
+    `verify` is a coroutine (a JWKS may have to be fetched); call `close` when the app stops.
+    """
+
+    def __init__(self, settings: AuthSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._key = settings.jwt_secret.get_secret_value()
         self._algorithms = list(settings.jwt_algorithms)
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway_s
+        self._scope_claim = settings.jwt_scope_claim
+        self.jwks: JwksKeys | None = None
+        # The secret as a ready key per HS* algorithm: handed a plain string, pyjwt re-checks on
+        # every call that it is not a PEM or SSH key (a fifth of a token check's CPU).
+        self._hmac_keys: dict[str, jwt.PyJWK] = {}
+        if not settings.jwt_jwks_url:
+            secret = base64.urlsafe_b64encode(self._key.encode()).rstrip(b"=").decode()
+            self._hmac_keys = {alg: jwt.PyJWK({"kty": "oct", "k": secret}, alg) for alg in self._algorithms}
+        if settings.jwt_jwks_url:
+            self.jwks = JwksKeys(
+                settings.jwt_jwks_url,
+                cache_s=settings.jwt_jwks_cache_s,
+                min_refresh_s=settings.jwt_jwks_min_refresh_s,
+                timeout_s=settings.jwt_jwks_timeout_s,
+                clock=clock,
+            )
 
-    def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> Principal:
+        """The principal of a valid token; `AuthError` (401) or `AuthUnavailable` (503) otherwise."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
+        algorithm = header.get("alg")
+        # Checked before any key is looked up: `none`, HS* under a JWKS, anything not configured.
+        if not isinstance(algorithm, str) or algorithm not in self._algorithms:
+            raise AuthError("invalid_token", f"the token's algorithm is not one of {self._algorithms}")
+        if self.jwks is not None:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or not kid:
+                raise AuthError("invalid_token", "the token has no key id (kid)")
+            key = await self.jwks.key(kid, algorithm)
+        else:
+            key = self._hmac_keys[algorithm]
+        claims = self._decode(token, key, algorithm)
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub or len(sub) > 256:
+            raise AuthError("invalid_token", "the token's sub must be a non-empty string")
+        return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim)))
+
+    def _decode(self, token: str, key: jwt.PyJWK, algorithm: str) -> dict[str, Any]:
         required = ["exp", "sub"]
         if self._audience:
             required.append("aud")
         if self._issuer:
             required.append("iss")
         try:
-            claims = jwt.decode(
+            return jwt.decode(
                 token,
-                self._key,
-                algorithms=self._algorithms,
+                key,
+                algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=self._leeway,
-                options={"require": required, "verify_aud": self._audience is not None},
+                options={
+                    "require": required,
+                    "verify_aud": self._audience is not None,
+                    # Short RSA keys from a key set are refused, not just warned about.
+                    "enforce_minimum_key_length": self.jwks is not None,
+                },
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token_expired", "the token has expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
-            raise AuthError("invalid_token", "the token's sub must be a non-empty string")
-        scope = claims.get("scope", "")
-        scopes = frozenset(scope.split()) if isinstance(scope, str) else frozenset()
-        return Principal(sub=sub, scopes=scopes)
+
+    def _scopes(self, value: object) -> frozenset[str]:
+        if isinstance(value, str):
+            return frozenset(value.split())
+        # `scope` is a space-separated string (RFC 8693 §4.2); other claims (Okta's `scp`) may be lists.
+        if self._scope_claim != "scope" and isinstance(value, list):
+            return frozenset(item for item in value if isinstance(item, str) and item and " " not in item)
+        return frozenset()
 
     def issue(self, sub: str, *, scopes: str = "", ttl_s: int = 3600) -> str:
-        """Mint a token with the configured key (development and tests; production uses an IdP)."""
+        """Mint a token with the configured secret (development and tests; production uses an IdP)."""
+        if self.jwks is not None:
+            raise RuntimeError("tokens come from the identity provider when IMGPIPE_JWT_JWKS_URL is set")
         now = int(time.time())
         claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl_s}
         if scopes:
-            claims["scope"] = scopes
+            claims[self._scope_claim] = scopes
         if self._audience:
             claims["aud"] = self._audience
         if self._issuer:
             claims["iss"] = self._issuer
         return jwt.encode(claims, self._key, algorithm=self._algorithms[0])
+
+    async def close(self) -> None:
+        """Release the JWKS client session, if one was opened."""
+        if self.jwks is not None:
+            await self.jwks.close()
 
 
 def bearer_token(authorization: str | None) -> str:

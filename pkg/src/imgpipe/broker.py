@@ -17,10 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+from aio_pika.connection import make_url
 
 from imgpipe.models import JobMessage, ReconcileCommand
 
@@ -140,18 +149,59 @@ class Topology:
         return jobs
 
 
-async def connect(url: str, *, timeout_s: float = 10.0, wait_s: float = 30.0) -> AbstractRobustConnection:
-    """A connection that reconnects by itself and re-declares what was declared on it.
+#: Pause between reconnection attempts (aio-pika's default is 5 s): after a broker restart the
+#: services are back within about this long.
+RECONNECT_INTERVAL_S = 1.0
 
-    The first connection is retried for up to `wait_s`, so a service started together with its
-    broker (compose, a rolling restart) waits for it instead of crashing.
+
+class BrokerUnavailable(ConnectionError):
+    """RabbitMQ cannot take a message now: not connected, or the connection went away mid-publish."""
+
+
+def robust_connection(
+    url: str, *, reconnect_interval_s: float = RECONNECT_INTERVAL_S
+) -> AbstractRobustConnection:
+    """A robust connection that is not connected yet; `keep_connecting` connects it.
+
+    Once connected it reconnects by itself and re-declares, on every channel, what was declared on
+    it (exchanges, queues, bindings, consumers, prefetch).
+    """
+    return aio_pika.RobustConnection(
+        make_url(url),
+        client_properties={"product": "imgpipe"},
+        reconnect_interval=reconnect_interval_s,
+        # Keep trying the first connection too, instead of raising: a service started before its
+        # broker serves /healthz and waits for it, as it does after any later connection loss.
+        fail_fast=False,
+    )
+
+
+async def keep_connecting(connection: AbstractRobustConnection, *, timeout_s: float = 10.0) -> None:
+    """Connect `connection`, retrying for as long as it takes; returns once it is connected.
+
+    Run it as a task and cancel it (then close the connection) to give up.
+    """
+    if not connection.connected.is_set():
+        log.info("connecting to RabbitMQ", extra={"broker": str(connection)})
+    await connection.connect(timeout=timeout_s)
+    log.info("connected to RabbitMQ", extra={"broker": str(connection)})
+
+
+async def connect(url: str, *, timeout_s: float = 10.0, wait_s: float = 30.0) -> AbstractRobustConnection:
+    """A connected robust connection, for one-shot commands that need the broker now.
+
+    The first connection is retried for up to `wait_s` (the broker may be starting too); after
+    that it raises. Long-running services use `robust_connection` + `keep_connecting` instead.
     """
     deadline = asyncio.get_running_loop().time() + wait_s
     delay = 0.5
     while True:
         try:
             return await aio_pika.connect_robust(
-                url, timeout=timeout_s, client_properties={"product": "imgpipe"}
+                url,
+                timeout=timeout_s,
+                client_properties={"product": "imgpipe"},
+                reconnect_interval=RECONNECT_INTERVAL_S,
             )
         except (TimeoutError, ConnectionError, OSError, aio_pika.exceptions.AMQPError) as exc:
             if asyncio.get_running_loop().time() + delay > deadline:
@@ -161,14 +211,105 @@ async def connect(url: str, *, timeout_s: float = 10.0, wait_s: float = 30.0) ->
             delay = min(delay * 2, 5.0)
 
 
+def persistent_message(body: bytes, headers: dict, *, message_id: str) -> aio_pika.Message:
+    """A JSON message the broker keeps on disk (every message of ours: jobs must survive restarts)."""
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+        headers=headers,
+    )
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A consumer on a robust channel: the channel restores it after every reconnect."""
+
+    channel: AbstractChannel
+    queue: AbstractQueue
+    tag: ConsumerTag
+
+    @property
+    def active(self) -> bool:
+        """Subscribed on a channel that is open right now (it is not during a reconnect)."""
+        return not self.channel.is_closed
+
+    async def cancel(self) -> None:
+        """Stop the deliveries (the broker may already be gone: then they come back by themselves)."""
+        if not self.active:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await self.queue.cancel(self.tag)
+        except Exception as exc:
+            log.warning("could not cancel consumer: %s", type(exc).__name__)
+
+
+async def subscribe(
+    connection: AbstractRobustConnection,
+    topology: Topology,
+    queue_name: str,
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    *,
+    prefetch: int,
+) -> Subscription:
+    """Consume `queue_name` as soon as the broker is reachable, retrying until subscribed.
+
+    The consumer is put on the queue object that `declare` registered on the robust channel (a
+    passive declare of a known name returns it): the channel restores that consumer after a
+    reconnect, while one on a `get_queue` stand-in would silently stop for good.
+    """
+    delay = 0.5
+    while True:
+        await connection.ready()
+        channel: AbstractChannel | None = None
+        try:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            await topology.declare(channel)
+            queue = await channel.declare_queue(queue_name, passive=True)
+            tag = await queue.consume(on_message)
+        except Exception as exc:  # lost the connection half-way: wait for it and start over
+            log.warning("could not subscribe, retrying in %ss: %s", delay, type(exc).__name__)
+            if channel is not None:
+                await close_quietly(channel)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        return Subscription(channel, queue, tag)
+
+
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close a channel if it is open, within 5 s, whatever state its connection is in."""
+    if channel.is_closed:
+        return
+    try:
+        async with asyncio.timeout(5):
+            await channel.close()
+    except Exception as exc:  # the connection is gone with it
+        log.warning("could not close channel: %s", type(exc).__name__)
+
+
 class Publisher:
-    """Publishes with publisher confirms: `publish_*` returns only once the broker has the message."""
+    """Publishes with publisher confirms: `publish_*` returns only once the broker has the message.
+
+    While the connection is down every `publish_*` raises `BrokerUnavailable` at once rather than
+    waiting for a reconnect: a caller holding an HTTP request answers 503 now, and one that can
+    wait retries by itself. The channel is re-opened (and the topology re-declared) after a
+    reconnect, by the robust connection or, if the channel was lost some other way, here.
+    """
 
     def __init__(self, connection: AbstractRobustConnection, topology: Topology) -> None:
         self._connection = connection
         self.topology = topology
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up right now."""
+        return not self._connection.is_closed and self._connection.connected.is_set()
 
     async def _open(self) -> AbstractChannel:
         async with self._lock:
@@ -189,16 +330,27 @@ class Publisher:
         message_id: str,
         timeout_s: float,
     ) -> None:
-        channel = await self._open()
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message_id,
-            headers=headers,
-        )
-        target = await channel.get_exchange(exchange, ensure=False)
-        await target.publish(message, routing_key=routing_key, mandatory=True, timeout=timeout_s)
+        # A robust channel waits for the reconnect before it sends anything; nobody should wait on
+        # an outage of unknown length inside a publish, so say no now.
+        if not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        message = persistent_message(body, headers, message_id=message_id)
+        try:
+            # One deadline for opening the channel, declaring and the confirm.
+            async with asyncio.timeout(timeout_s):
+                channel = await self._open()
+                target = await channel.get_exchange(exchange, ensure=False)
+                await target.publish(message, routing_key=routing_key, mandatory=True)
+        except aio_pika.exceptions.DeliveryError:
+            raise  # the broker answered (returned or nacked): not an outage
+        except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
+            # The connection dropped while we waited (pending confirms are failed with it), or the
+            # channel broke: the next publish opens a fresh one.
+            if not self.connected:
+                raise BrokerUnavailable("the connection to RabbitMQ was lost") from exc
+            if self._channel is not None and self._channel.is_closed:
+                self._channel = None
+            raise
 
     async def publish_job(self, job: JobMessage, *, attempt: int = 1, timeout_s: float = 5.0) -> None:
         headers = {ATTEMPT_HEADER: attempt}
@@ -252,5 +404,10 @@ class Publisher:
         )
 
     async def close(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel.is_closed:
+            try:
+                async with asyncio.timeout(5):
+                    await channel.close()
+            except Exception as exc:  # the broker is gone: closing the connection is enough
+                log.warning("could not close the publishing channel: %s", type(exc).__name__)

@@ -161,6 +161,8 @@ class JobRecord(BaseModel):
     requested: list[Variant]
     variants: list[VariantResult] = Field(default_factory=list)
     error: ErrorInfo | None = None
+    #: How many times an admin replayed the job from the dead-letter queue (`failed` -> `pending`).
+    replays: int = 0
 
     def public(self, url_for: Callable[[str], str] | None = None) -> dict[str, Any]:
         """The client's view (`GET /jobs/{id}`, SSE events, the 202 of `POST /jobs`).

@@ -6,12 +6,16 @@ closes on shutdown, in reverse order.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from imgpipe import broker
 from imgpipe.settings import AmqpSettings, RedisSettings, S3Settings
@@ -38,6 +42,11 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         socket_timeout=5,
         health_check_interval=15,
         retry_on_timeout=False,
+        # One immediate retry, on a fresh connection, when a connection turns out to be dead: after
+        # a Redis restart the pool still holds sockets to the old process, and a reset one is not
+        # always noticed when it is taken from the pool. While Redis is down the retry is refused
+        # at once too, so a 503 stays quick; timeouts are not retried.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     )
     return aioredis.Redis.from_pool(pool)  # from_pool: closing the client closes the pool
 
@@ -67,21 +76,29 @@ def object_storage(settings: S3Settings, *, pool: int = 16, create_bucket: bool 
 
 
 def amqp(settings: AmqpSettings, namespace: str) -> CleanupCtx:
-    """A robust connection and a confirming publisher on it."""
+    """A robust connection and a confirming publisher on it.
+
+    The service starts whether or not RabbitMQ is up: the connection is made in the background
+    and retried until it succeeds, and `/readyz` fails its `rabbitmq` check until then (and during
+    any later outage). Meanwhile every publish raises `broker.BrokerUnavailable` at once.
+    """
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        connection = await broker.connect(settings.amqp_url.get_secret_value())
+        connection = broker.robust_connection(settings.amqp_url.get_secret_value())
+        connecting = asyncio.create_task(broker.keep_connecting(connection), name="amqp-connect")
         topology = broker.Topology(namespace, settings.retry_delays_s)
         publisher = broker.Publisher(connection, topology)
         app[AMQP] = connection
         app[PUBLISHER] = publisher
 
         async def ready() -> None:
-            if connection.is_closed or not connection.connected.is_set():
+            if not publisher.connected:
                 raise ConnectionError("not connected to RabbitMQ")
 
         app[READINESS]["rabbitmq"] = ready
         yield
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
         await publisher.close()
         await connection.close()
 

@@ -78,23 +78,76 @@ class S3Settings(BaseSettings):
 
 
 class AuthSettings(BaseSettings):
+    """How bearer tokens are verified: HS* with a shared secret, or RS*/ES*/PS256 with an IdP's JWKS."""
+
     model_config = _config()
 
     env: Environment = "local"
     jwt_secret: SecretStr = SecretStr(_DEV_SECRET)
+    #: Defaults to ["HS256"], or ["RS256"] when IMGPIPE_JWT_JWKS_URL is set (see `_default_algorithms`).
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway_s: int = Field(default=30, ge=0, le=300)
+    #: The identity provider's JSON Web Key Set; when set, tokens are verified with its public keys
+    #: (and IMGPIPE_JWT_SECRET is not used).
+    jwt_jwks_url: str | None = None
+    #: How long a fetched key set is used before it is fetched again.
+    jwt_jwks_cache_s: int = Field(default=300, ge=1, le=86_400)
+    #: Fewest seconds between two fetches forced by an unknown `kid` (or retried after a failure), so
+    #: tokens with made-up key ids cannot make us hammer the identity provider.
+    jwt_jwks_min_refresh_s: int = Field(default=10, ge=1, le=3600)
+    jwt_jwks_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: The claim holding the scopes: `scope` (a space-separated string, RFC 8693) or e.g. `scp`.
+    jwt_scope_claim: str = Field(default="scope", pattern=r"^[A-Za-z_][A-Za-z0-9_:.-]{0,63}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_algorithms(cls, data: object) -> object:
+        # The default algorithm follows the key source: HS256 with a secret, RS256 (what Auth0,
+        # Cognito and Keycloak sign with) with a JWKS. An empty variable means unset.
+        if not isinstance(data, dict):
+            return data
+        if not data.get("jwt_jwks_url"):
+            return {k: v for k, v in data.items() if k != "jwt_jwks_url"}
+        if "jwt_algorithms" not in data:
+            return {**data, "jwt_algorithms": ("RS256",)}
+        return data
 
     @model_validator(mode="after")
     def _refuse_default_secret(self) -> AuthSettings:
         if any(alg.lower() == "none" for alg in self.jwt_algorithms):
             raise ValueError("IMGPIPE_JWT_ALGORITHMS may not contain 'none'")
+        if not self.jwt_algorithms:
+            raise ValueError("IMGPIPE_JWT_ALGORITHMS may not be empty")
+        public_key_algorithms = ("RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
+        if self.jwt_jwks_url:
+            shared = [alg for alg in self.jwt_algorithms if alg in _HMAC_KEY_BYTES]
+            if shared:
+                # HS/RS confusion by configuration: an HMAC algorithm beside public keys invites
+                # tokens "signed" with a public key used as the shared secret.
+                raise ValueError(
+                    f"IMGPIPE_JWT_ALGORITHMS may not contain {shared} when IMGPIPE_JWT_JWKS_URL is set; "
+                    f"use only {list(public_key_algorithms)}"
+                )
+            unknown = [alg for alg in self.jwt_algorithms if alg not in public_key_algorithms]
+            if unknown:
+                raise ValueError(
+                    f"IMGPIPE_JWT_ALGORITHMS must be among {list(public_key_algorithms)} "
+                    "when IMGPIPE_JWT_JWKS_URL is set"
+                )
+            schemes = "https?" if self.env in LOCAL_ENVIRONMENTS else "https"
+            if not re.match(rf"^{schemes}://[^/?#@\s]+(?:[/?][^\s]*)?$", self.jwt_jwks_url):
+                raise ValueError(
+                    f"IMGPIPE_JWT_JWKS_URL must be an {'http(s)' if schemes == 'https?' else 'https'}:// "
+                    f"URL when IMGPIPE_ENV={self.env}"
+                )
+            return self
         unknown = [alg for alg in self.jwt_algorithms if alg not in _HMAC_KEY_BYTES]
-        if unknown or not self.jwt_algorithms:
+        if unknown:
             raise ValueError(
-                f"IMGPIPE_JWT_ALGORITHMS must be among {sorted(_HMAC_KEY_BYTES)}, keyed by IMGPIPE_JWT_SECRET"
+                f"IMGPIPE_JWT_ALGORITHMS must be among {sorted(_HMAC_KEY_BYTES)}, keyed by "
+                f"IMGPIPE_JWT_SECRET; {unknown} need public keys from IMGPIPE_JWT_JWKS_URL"
             )
         # RFC 7518 §3.2: an HMAC key at least as long as the hash.
         minimum = max(_HMAC_KEY_BYTES[alg] for alg in self.jwt_algorithms)
@@ -115,6 +168,12 @@ class LimitSettings(BaseSettings):
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=100_000_000, ge=1)
     max_frames: int = Field(default=256, ge=1)
+    #: Per-user budgets, shared by every api replica through Redis (see `imgpipe.limits`); 0 = none.
+    #: A budget refills steadily: all of it may be spent at once, then one more per period/N.
+    rate_jobs_per_minute: int = Field(default=120, ge=0, le=1_000_000)
+    rate_uploads_per_hour: int = Field(default=1000, ge=0, le=10_000_000)
+    #: Jobs a user may have pending or processing at once; 0 = no limit.
+    max_active_jobs: int = Field(default=100, ge=0, le=1_000_000)
 
 
 S = TypeVar("S", bound=BaseSettings)

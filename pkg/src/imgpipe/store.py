@@ -52,6 +52,31 @@ redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. 
 return {1, v, ARGV[2]}
 """
 
+# The one way back: `failed` -> `pending`, for replaying a dead-lettered job. Kept apart from
+# _TRANSITION so "only forward" stays the rule there. Applied only to a `failed` record still at the
+# expected version (ARGV[4]), so two replays of one job reopen it once. `republished_at` (the
+# reconciler's stuck-pending mark) is cleared: the reopened job gets the whole stuck-pending window.
+# KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: data, ttl seconds, channel,
+# expected version, job id. Returns {applied (0/1), version, data} like _TRANSITION.
+_REOPEN = """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'data')
+if not cur[1] then
+  return {0, 0, false}
+end
+if cur[1] ~= ARGV[4] or cjson.decode(cur[2])['status'] ~= 'failed' then
+  return {0, tonumber(cur[1]), cur[2]}
+end
+local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'rank', 0, 'data', ARGV[1])
+redis.call('HDEL', KEYS[1], 'republished_at')
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+if KEYS[2] then
+  redis.call('SET', KEYS[2], ARGV[5], 'EX', tonumber(ARGV[2]))
+end
+redis.call('PUBLISH', ARGV[3], '{"version":' .. v .. ',"record":' .. ARGV[1] .. '}')
+return {1, v, ARGV[1]}
+"""
+
 
 def owner_id(sub: str) -> str:
     """A stable, path-safe id for a token subject (subjects may hold any character)."""
@@ -68,6 +93,16 @@ class Transition:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different request."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a presigned upload allowed: its key, content type, declared size and expiry (epoch s)."""
+
+    key: str
+    content_type: str
+    size: int
+    expires_at: float
 
 
 def _parse(version: int, data: bytes | str | None) -> JobRecord | None:
@@ -87,6 +122,7 @@ class JobStore:
         self.retention_s = int(retention.total_seconds())
         self.channel = f"{namespace}:events"
         self._script = client.register_script(_TRANSITION)
+        self._reopen_script = client.register_script(_REOPEN)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -166,6 +202,35 @@ class JobStore:
         )
         return await self._apply(record, expect_version=current.version if only_if_unchanged else None)
 
+    async def reopen(self, current: JobRecord) -> Transition:
+        """Move a `failed` job back to `pending` (error cleared, `replays` counted), to replay it.
+
+        Applied only if the stored record is still `failed` at `current.version`; otherwise the
+        result is not applied and carries the stored record (None when it expired).
+        """
+        record = current.model_copy(
+            update={
+                "status": JobStatus.PENDING,
+                "error": None,
+                "replays": current.replays + 1,
+                "updated_at": utcnow(),
+            }
+        )
+        keys = [self.job_key(record.id)]
+        if isinstance(record.source, KeySource):
+            keys.append(self.source_marker(record.source.key))
+        applied, version, stored = await self._reopen_script(
+            keys=keys,
+            args=[
+                record.model_dump_json(exclude={"version"}),
+                self.retention_s,
+                self.channel,
+                str(current.version),
+                record.id,
+            ],
+        )
+        return Transition(bool(applied), _parse(version, stored))
+
     # Idempotency keys: (owner, key) -> job id and a fingerprint of the request that created it.
 
     def _idem_key(self, owner: str, key: str) -> str:
@@ -200,8 +265,26 @@ class JobStore:
     def grants_key(self) -> str:
         return f"{self.namespace}:grants"
 
-    async def record_grant(self, key: str, expires_at: float) -> None:
+    def grant_key(self, key: str) -> str:
+        """The hash holding what the grant for upload `key` allowed (see `grant`)."""
+        return f"{self.namespace}:grant:{key}"
+
+    async def record_grant(
+        self, key: str, expires_at: float, *, content_type: str | None = None, size: int | None = None
+    ) -> None:
+        """Note a presigned upload; with `content_type` and `size`, also what it allowed.
+
+        What it allowed is kept for the job retention after the grant expires, so `POST /jobs` can
+        compare the stored object with it (`grant`).
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
+            if content_type is not None and size is not None:
+                terms = self.grant_key(key)
+                pipe.hset(
+                    terms,
+                    mapping={"content_type": content_type, "size": size, "expires_at": repr(expires_at)},
+                )
+                pipe.expireat(terms, int(expires_at) + self.retention_s)
             pipe.zadd(self.grants_key, {key: expires_at})
             pipe.zremrangebyscore(self.grants_key, "-inf", expires_at - 7 * 24 * 3600)
             # The set goes away by itself a day after the last grant expires, once no upload is
@@ -210,6 +293,17 @@ class JobStore:
             pipe.expireat(self.grants_key, until, gt=True)
             pipe.expireat(self.grants_key, until, nx=True)
             await pipe.execute()
+
+    async def grant(self, key: str) -> Grant | None:
+        """What the grant for upload `key` allowed; None when none was recorded (or it is gone)."""
+        content_type, size, expires_at = await self.redis.hmget(
+            self.grant_key(key), ["content_type", "size", "expires_at"]
+        )
+        if content_type is None or size is None or expires_at is None:
+            return None
+        if isinstance(content_type, bytes):
+            content_type = content_type.decode()
+        return Grant(key=key, content_type=content_type, size=int(size), expires_at=float(expires_at))
 
     async def prune_grants(self, now: float) -> int:
         """Drop grants that have expired; returns how many."""

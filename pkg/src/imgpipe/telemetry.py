@@ -1,14 +1,21 @@
 """Structured JSON logs carrying `request_id` and `job_id`, and the Prometheus metrics.
 
-Every metric of every service is defined here so that dashboards and alerts have one list of names.
+Every log line passes through `Redactor` on its way out, so tokens, presigned URLs' signatures and
+secrets never reach a log, whoever logged them. Every metric of every service is defined here so that
+dashboards and alerts have one list of names.
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Gauge, Histogram
 from pythonjsonlogger.json import JsonFormatter
@@ -42,6 +49,109 @@ WORKER_CONCURRENCY = Gauge(
 )
 SSE_CONNECTIONS = Gauge("imgpipe_sse_connections", "Open Server-Sent Events streams")
 
+#: Library loggers kept at WARNING even at IMGPIPE_LOG_LEVEL=DEBUG: their INFO is chatter (every
+#: reconnect attempt, every request) and botocore's DEBUG spells out request signatures.
+NOISY_LOGGERS = (
+    "aiormq",
+    "aio_pika",
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "urllib3",
+    "aiohttp.access",
+    "pyvips",
+)
+#: What a scrubbed value is replaced with.
+REDACTED = "[REDACTED]"
+#: Secret values shorter than this are not scrubbed verbatim: "guest" or "testing" would blank out
+#: ordinary words everywhere. The patterns still catch them where they sit in URLs and fields.
+MIN_SECRET_LENGTH = 8
+#: Environment variables whose values are secrets wherever they appear.
+SECRET_ENV_VARS = ("IMGPIPE_JWT_SECRET", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+#: Environment variables holding URLs whose password is a secret.
+SECRET_URL_ENV_VARS = ("IMGPIPE_AMQP_URL", "IMGPIPE_REDIS_URL")
+
+# The patterns run over the finished JSON line, so they must match values as JSON spells them: a
+# newline is the two characters `\n`, a quote is `\"`. No value class contains a backslash or a
+# quote, so a replacement can never eat the escape or the quote that ends a JSON string. A key is
+# matched by its last word (`X-Amz-Signature` by `Signature`), which keeps the pattern cheap.
+_GAP = r"(?:\s|\\[nrt])*"  # whitespace, raw or escaped
+_RULES = (
+    # `Authorization: Bearer <token>` in any spelling; the scheme stays, so the line still says what it was.
+    r"(?P<bearer>(?i:bearer)(?:\s|\\[nrt])+)[A-Za-z0-9._~+/=-]{12,}",
+    # JWTs, and any base64 JSON (`eyJ` is `{"`): the presigned POST policy, a token without its scheme.
+    r"eyJ[A-Za-z0-9_+/=-]{8,}(?:\.[A-Za-z0-9_+/=-]*){0,2}",
+    # A secret-sounding key, then its value:
+    r"(?i:token|signature|credential|secret|passw(?:or)?d|policy)(?:"
+    # - quoted, as in JSON and Python reprs: {"x-amz-signature": "…"}, {'X-Amz-Security-Token': b'…'};
+    rf"(?P<quoted>\\?[\"']{_GAP}:{_GAP}b?\\?[\"'])[^\"'\\]+"
+    # - in query strings, forms and headers: access_token=…, X-Amz-Signature=…, Credential=…;
+    r"|(?P<assign>=)[^\s\"'\\&,;<>#)\]}]+"
+    # - `Signature:\n<hex>` (botocore at DEBUG): long values only, so that ordinary sentences such as
+    #   "token: Signature has expired" stay readable.
+    rf"|(?P<colon>{_GAP}:{_GAP})[A-Za-z0-9+/=_.~%-]{{16,}})",
+    # The password in a URL's userinfo: amqp://user:pass@host, redis://:pass@host.
+    r"(?P<userinfo>://[^\s/@:\"'\\]*:)[^\s/@\"'\\]+(?=@)",
+)
+#: The characters a rule's match can start with: the engine skips every other position at once.
+_RULE_STARTS = "BbeTtSsCcPp:"
+#: Groups that end the part of a match that stays (the key, the scheme): only what follows goes.
+_KEEP = ("bearer", "quoted", "assign", "colon", "userinfo")
+#: Lower-case fragments at least one of which is in any line a rule can match: lines without any
+#: (nearly all of them) skip the regular expression.
+_TRIGGERS = ("token", "signature", "credential", "secret", "passw", "policy", "bearer", "eyj", "://")
+
+
+def _spellings(secret: str) -> set[str]:
+    """The secret as it may show up in a JSON line: raw, JSON-escaped, percent-decoded."""
+    forms = {secret, json.dumps(secret)[1:-1]}
+    decoded = unquote(secret)
+    if decoded != secret:
+        forms |= {decoded, json.dumps(decoded)[1:-1]}
+    return {form for form in forms if len(form) >= MIN_SECRET_LENGTH}
+
+
+class Redactor:
+    """Scrubs tokens, signatures, URL passwords and known secret values out of log lines.
+
+    One compiled pattern, one pass over the line. `secrets` are exact values (the JWT key, the S3
+    secret) removed wherever they appear; the patterns catch the rest by shape.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        exact = set().union(*(_spellings(secret) for secret in secrets if secret))
+        # Longest first: a secret that contains another is removed whole.
+        self._exact = sorted(exact, key=len, reverse=True)
+        starts = "".join(sorted(set(_RULE_STARTS).union(value[0] for value in self._exact)))
+        alternatives = [*(re.escape(value) for value in self._exact), *_RULES]
+        self._pattern = re.compile(f"(?=[{re.escape(starts)}])(?:{'|'.join(alternatives)})")
+
+    def _replace(self, match: re.Match[str]) -> str:
+        for group in _KEEP:
+            if match.group(group) is not None:
+                return match.string[match.start() : match.end(group)] + REDACTED
+        return REDACTED
+
+    def __call__(self, text: str) -> str:
+        lowered = text.lower()
+        if any(trigger in lowered for trigger in _TRIGGERS) or any(value in text for value in self._exact):
+            return self._pattern.sub(self._replace, text)
+        return text
+
+
+def secrets_from_env(environ: dict[str, str] | None = None) -> list[str]:
+    """The secret values this process was configured with: keys, and the passwords of its URLs."""
+    environ = dict(os.environ if environ is None else environ)
+    found = [environ[name] for name in SECRET_ENV_VARS if environ.get(name)]
+    for name in SECRET_URL_ENV_VARS:
+        try:
+            password = urlsplit(environ.get(name, "")).password
+        except ValueError:
+            continue
+        if password:
+            found.append(password)
+    return found
+
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
@@ -53,9 +163,10 @@ class _ContextFilter(logging.Filter):
 
 
 class _Formatter(JsonFormatter):
-    def __init__(self, service: str, env: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, service: str, env: str, redactor: Redactor, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._service = service
+        self._redact = redactor
         # Production logs carry the exception's type and message, never a stack trace.
         self._traces = env != "production"
 
@@ -72,14 +183,23 @@ class _Formatter(JsonFormatter):
     def formatException(self, ei: Any) -> str:
         return super().formatException(ei) if self._traces else ""
 
+    def format(self, record: logging.LogRecord) -> str:
+        # The finished line, so the message, every `extra` field and the exception text are covered.
+        return self._redact(super().format(record))
 
-def setup_logging(service: str, *, env: str, level: str = "INFO") -> None:
-    """JSON lines on stderr for this process; idempotent."""
+
+def setup_logging(service: str, *, env: str, level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """JSON lines on stderr for this process, redacted; idempotent.
+
+    Besides `secrets`, the values of `SECRET_ENV_VARS` and the passwords of `SECRET_URL_ENV_VARS`
+    are scrubbed wherever they appear.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         _Formatter(
             service,
             env,
+            Redactor([*secrets_from_env(), *secrets]),
             "{asctime}{levelname}{name}{message}",
             style="{",
             rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
@@ -90,8 +210,7 @@ def setup_logging(service: str, *, env: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Libraries' chatter at INFO (every reconnect attempt, every request) belongs at WARNING.
-    for noisy in ("aiormq", "aio_pika", "botocore", "boto3", "urllib3", "aiohttp.access", "pyvips"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

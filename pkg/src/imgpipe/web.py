@@ -23,6 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgpipe.auth import AuthError, Principal, TokenVerifier, bearer_token
+from imgpipe.openapi import add_routes as add_openapi_routes
+from imgpipe.openapi import health_document
 from imgpipe.storage import StorageError
 from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, request_id_var
 
@@ -86,7 +88,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         except AuthError as exc:
             # RFC 6750 3.1: no error code when the request carried no credentials at all.
             challenge = "Bearer" if exc.code == "missing_token" else 'Bearer error="invalid_token"'
-            headers = {"WWW-Authenticate": challenge} if exc.status == 401 else None
+            # A 503 auth_unavailable (the IdP's keys are out of reach) carries Retry-After instead.
+            headers = {"WWW-Authenticate": challenge} if exc.status == 401 else exc.headers or None
             response = error_response(exc.status, exc.code, exc.message, headers)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             log.warning("redis unavailable: %s: %s", type(exc).__name__, exc, extra={"path": request.path})
@@ -126,8 +129,8 @@ async def authenticate(request: web.Request, *, allow_query_token: bool = False)
     """The caller, from `Authorization: Bearer`; EventSource clients may pass `?access_token=`."""
     header = request.headers.get("Authorization")
     if not header and allow_query_token and request.query.get("access_token"):
-        return request.app[VERIFIER].verify(request.query["access_token"])
-    return request.app[VERIFIER].verify(bearer_token(header))
+        return await request.app[VERIFIER].verify(request.query["access_token"])
+    return await request.app[VERIFIER].verify(bearer_token(header))
 
 
 def require_admin(principal: Principal) -> None:
@@ -189,8 +192,18 @@ async def _metrics(request: web.Request) -> web.Response:
     return response
 
 
-def base_app(service: str, *, environment: str, client_max_size: int = 1024**2) -> web.Application:
-    """An application with the shared middleware and `/healthz`, `/readyz`, `/metrics`."""
+def base_app(
+    service: str,
+    *,
+    environment: str,
+    client_max_size: int = 1024**2,
+    openapi: Mapping[str, Any] | None = None,
+) -> web.Application:
+    """An application with the shared middleware and `/healthz`, `/readyz`, `/metrics`.
+
+    It also serves its OpenAPI document as `/openapi.json` and `/docs`: `openapi` when given (see
+    `imgpipe.openapi`), otherwise one that describes just the routes above.
+    """
     app = web.Application(middlewares=[request_context], client_max_size=client_max_size)
     app[SERVICE] = service
     app[ENVIRONMENT] = environment
@@ -198,7 +211,16 @@ def base_app(service: str, *, environment: str, client_max_size: int = 1024**2) 
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
+    add_openapi_routes(app, openapi if openapi is not None else health_document(service))
+    app.on_cleanup.append(_close_verifier)
     return app
+
+
+async def _close_verifier(app: web.Application) -> None:
+    # The verifier may hold an HTTP session for the identity provider's JWKS.
+    verifier = app.get(VERIFIER)
+    if verifier is not None:
+        await verifier.close()
 
 
 def serve(
@@ -208,8 +230,14 @@ def serve(
     default_port: int,
     argv: list[str] | None = None,
     shutdown_timeout: float = 10.0,
+    backlog: int = 4096,
 ) -> None:
-    """The command line of a service: `--host` (default 0.0.0.0) and `--port`."""
+    """The command line of a service: `--host` (default 0.0.0.0) and `--port`.
+
+    `backlog` is the listen queue (the kernel caps it at net.core.somaxconn). aiohttp's default of
+    128 overflows when hundreds of clients connect at once (SSE reconnects after a deploy), and a
+    dropped SYN costs the client a 1 s, then 3 s, ... retransmission.
+    """
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
@@ -222,4 +250,5 @@ def serve(
         print=None,
         shutdown_timeout=shutdown_timeout,
         handler_cancellation=True,
+        backlog=backlog,
     )

@@ -3,6 +3,10 @@
 `POST /admin/reconcile?dry_run=true|false` writes a `queued` run record, publishes the command
 with publisher confirms and answers 202 with the run's id; a reconciler replica runs it.
 `GET /admin/reconcile/{run_id}` returns the record, with the summary once the run is done.
+
+`GET /admin/dead-letters?limit=N` lists the dead-letter queue without taking anything out of it;
+`POST /admin/dead-letters/replay` puts dead-lettered jobs back to `pending` and into the jobs
+queue (see `imgpipe.deadletters` for how, and what is never replayed).
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Annotated
 
 from aiohttp import web
 from imgpipe import resources
+from imgpipe.broker import BrokerUnavailable
+from imgpipe.deadletters import MAX_LIMIT, DeadLetters, DeadLettersBusy
 from imgpipe.models import ReconcileCommand
 from imgpipe.runs import RunStore, new_run
-from imgpipe.web import ApiError, authenticate, require_admin
+from imgpipe.web import ApiError, authenticate, read_model, require_admin
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger("imgpipe.api")
 
@@ -73,6 +81,76 @@ async def get_reconcile(request: web.Request) -> web.Response:
     return web.json_response(record.public())
 
 
+class ReplayRequest(BaseModel):
+    """Body of `POST /admin/dead-letters/replay`: `{"job_ids": [...]}` or `{"all": true, "limit": N}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_LIMIT
+    )
+    all: bool = False
+    limit: int = Field(default=100, ge=1, le=MAX_LIMIT)
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> ReplayRequest:
+        if (self.job_ids is not None) == self.all:
+            raise ValueError('send either "job_ids" or "all": true')
+        if self.job_ids is not None and "limit" in self.model_fields_set:
+            raise ValueError('"limit" goes with "all": true only')
+        return self
+
+
+def _dead_letters(request: web.Request) -> DeadLetters:
+    app = request.app
+    return DeadLetters(app[resources.AMQP], app[resources.PUBLISHER].topology, app[resources.STORE])
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+        raise ApiError(422, "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def _unavailable(exc: Exception) -> ApiError:
+    if isinstance(exc, DeadLettersBusy):
+        return ApiError(409, "dead_letters_busy", "another listing or replay is running; retry shortly")
+    log.warning("dead letters: broker unavailable: %s", exc)
+    return ApiError(503, "broker_unavailable", "RabbitMQ is unavailable; retry later")
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    require_admin(await authenticate(request))
+    limit = _limit(request)
+    try:
+        count, items = await _dead_letters(request).list(limit)
+    except (BrokerUnavailable, DeadLettersBusy) as exc:
+        raise _unavailable(exc) from None
+    return web.json_response({"count": count, "items": [item.public() for item in items]})
+
+
+async def replay_dead_letters(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    require_admin(principal)
+    body = await read_model(request, ReplayRequest)
+    try:
+        result = await _dead_letters(request).replay(body.job_ids, limit=body.limit)
+    except (BrokerUnavailable, DeadLettersBusy) as exc:
+        raise _unavailable(exc) from None
+    log.info(
+        "dead letters replayed",
+        extra={
+            "requested_by": principal.sub,
+            "replayed": len(result.replayed),
+            "not_found": len(result.not_found),
+        },
+    )
+    return web.json_response(result.public())
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/reconcile", queue_reconcile)
     app.router.add_get("/admin/reconcile/{run_id}", get_reconcile)
+    app.router.add_get("/admin/dead-letters", list_dead_letters)
+    app.router.add_post("/admin/dead-letters/replay", replay_dead_letters)

@@ -3,6 +3,11 @@
 `POST /jobs` answers 202 only once the job's `pending` record is in Redis and the broker has
 confirmed the persistent message; if the broker cannot take it, the record is removed again and
 the client gets a 503 it can retry (with the same Idempotency-Key).
+
+Both routes spend the caller's per-user budgets (`imgpipe.limits`, shared by every replica through
+Redis) after the request has been authenticated and validated but before any S3 or broker work, so
+a client over its budget costs one Redis call. Admin-scope callers are exempt: they are operators
+running tooling, and the budgets exist to keep users from crowding each other out.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from aiohttp import web
 from imgpipe import resources
 from imgpipe.auth import Principal, TokenVerifier
 from imgpipe.broker import Publisher
+from imgpipe.limits import RATE_LIMITED, Decision, Limits
 from imgpipe.models import JobMessage, JobRecord, JobRequest, JobStatus, KeySource, utcnow
 from imgpipe.settings import (
     AmqpSettings,
@@ -30,18 +37,23 @@ from imgpipe.settings import (
     load,
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
-from imgpipe.store import IdempotencyConflict
+from imgpipe.store import Grant, IdempotencyConflict
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
 from imgpipe.urlsafety import UrlRejected, check_url, parse_networks
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imgpipe_api import admin
+from imgpipe_api import admin, openapi
 
 log = logging.getLogger("imgpipe.api")
 
 LIMITS = web.AppKey("limits", LimitSettings)
 URLS = web.AppKey("urls", UrlSourceSettings)
+QUOTAS = web.AppKey("quotas", Limits)
+
+#: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
+#: (a grant's expiry) before an upload counts as written after its grant expired.
+GRANT_CLOCK_SKEW_S = 10
 
 #: What may be uploaded: the formats the worker decodes (it checks the bytes again, not this label).
 UPLOAD_TYPES = frozenset(
@@ -66,6 +78,63 @@ class UploadRequest(BaseModel):
 _IDEMPOTENCY_KEY_MAX = 255
 
 
+def _too_many(decision: Decision, message: str) -> ApiError:
+    """The 429 for a refused decision, with `Retry-After` (and the rate headers when they apply)."""
+    return ApiError(429, decision.code or RATE_LIMITED, message, headers=decision.headers())
+
+
+async def _spend_upload(request: web.Request, principal: Principal) -> Decision | None:
+    """Spend one upload from the caller's hourly budget, or refuse with 429."""
+    if principal.is_admin:
+        return None
+    limit = request.app[LIMITS].rate_uploads_per_hour
+    decision = await request.app[QUOTAS].hit("uploads", principal.sub, limit=limit, period_s=3600)
+    if not decision.allowed:
+        raise _too_many(
+            decision, f"at most {limit} uploads per hour; retry in {decision.retry_after} seconds"
+        )
+    return decision
+
+
+async def _admit_job(request: web.Request, principal: Principal, job_id: str) -> Decision | None:
+    """Spend one job from the caller's per-minute budget and take an active slot, or refuse (429)."""
+    if principal.is_admin:
+        return None
+    limits = request.app[LIMITS]
+    decision = await request.app[QUOTAS].admit_job(
+        principal.sub,
+        job_id,
+        rate_limit=limits.rate_jobs_per_minute,
+        period_s=60,
+        max_active=limits.max_active_jobs,
+    )
+    if decision.allowed:
+        return decision
+    if decision.code == RATE_LIMITED:
+        raise _too_many(
+            decision,
+            f"at most {limits.rate_jobs_per_minute} jobs per minute; retry in {decision.retry_after} seconds",
+        )
+    raise _too_many(
+        decision,
+        f"at most {limits.max_active_jobs} of your jobs may be pending or processing at once; "
+        "retry when one has finished",
+    )
+
+
+async def _release_slot(
+    request: web.Request, principal: Principal, job_id: str, admitted: Decision | None
+) -> None:
+    """Give back the active slot of a job that was not accepted after all."""
+    if admitted is None or admitted.active is None:
+        return
+    try:
+        await request.app[QUOTAS].release_job(principal.sub, job_id)
+    except Exception:
+        # The slot is not lost: with no job record behind it, admission drops it after its grace.
+        log.warning("could not release the active-job slot of a withdrawn job")
+
+
 async def create_upload(request: web.Request) -> web.Response:
     principal = await authenticate(request)
     body = await read_model(request, UploadRequest)
@@ -78,10 +147,14 @@ async def create_upload(request: web.Request) -> web.Response:
         )
     if body.size > limits.max_upload_bytes:
         raise ApiError(413, "upload_too_large", f"size may be at most {limits.max_upload_bytes} bytes")
+    spent = await _spend_upload(request, principal)
     storage = request.app[resources.STORAGE]
     # The grant allows at most the declared size, so a client cannot declare small and send large.
     grant = storage.presign_upload(upload_key(principal.sub), body.content_type, body.size)
-    await request.app[resources.STORE].record_grant(grant.key, grant.expires_at)
+    # What it allows is kept too: `POST /jobs` checks the stored object against it (`_check_grant`).
+    await request.app[resources.STORE].record_grant(
+        grant.key, grant.expires_at, content_type=body.content_type, size=body.size
+    )
     return web.json_response(
         {
             "key": grant.key,
@@ -91,6 +164,7 @@ async def create_upload(request: web.Request) -> web.Response:
             "expires_at": datetime.fromtimestamp(grant.expires_at, UTC).isoformat(),
         },
         status=201,
+        headers=spent.headers() if spent else None,
     )
 
 
@@ -107,6 +181,12 @@ async def _check_source(request: web.Request, principal: Principal, job: JobRequ
         limit = request.app[LIMITS].max_upload_bytes
         if head["ContentLength"] > limit:
             raise ApiError(413, "source_too_large", f"the source is over {limit} bytes")
+        grant = await request.app[resources.STORE].grant(source.key)
+        if grant is not None:
+            _check_grant(grant, head)
+        # No grant on record: the object was put there with S3 credentials (an operator, a backfill,
+        # a benchmark) or its grant is older than the job retention. Only the prefix, which only
+        # our grants and S3 credentials can write under, and the size limit above vouch for it.
         return
     urls = request.app[URLS]
     try:
@@ -117,6 +197,32 @@ async def _check_source(request: web.Request, principal: Principal, job: JobRequ
         )
     except UrlRejected as exc:
         raise ApiError(422, exc.code, exc.message) from None
+
+
+def _check_grant(grant: Grant, head: dict) -> None:
+    """Refuse an uploaded object that is not what its grant allowed.
+
+    S3 enforces the grant's policy itself; moto and some S3-compatible stores do not, and a
+    refusal here costs less than a job that fails later.
+    """
+    written = head["LastModified"].timestamp()
+    if written > grant.expires_at + GRANT_CLOCK_SKEW_S:
+        raise ApiError(422, "upload_expired", "the source was uploaded after its upload grant expired")
+    stored_type = str(head.get("ContentType", "")).strip().lower()
+    if stored_type != grant.content_type:
+        raise ApiError(
+            422,
+            "source_type_mismatch",
+            f"the source was stored as {stored_type or 'no type'!r}, not the {grant.content_type!r} "
+            "its upload was granted for",
+        )
+    if head["ContentLength"] > grant.size:
+        raise ApiError(
+            413,
+            "source_too_large",
+            f"the source has {head['ContentLength']} bytes, "
+            f"more than the {grant.size} declared for its upload",
+        )
 
 
 def _fingerprint(principal: Principal, job: JobRequest) -> str:
@@ -131,10 +237,10 @@ async def _replay(request: web.Request, principal: Principal, job_id: str) -> we
     return _accepted(record, replayed=True)
 
 
-def _accepted(record: JobRecord, *, replayed: bool = False) -> web.Response:
+def _accepted(record: JobRecord, *, replayed: bool = False, admitted: Decision | None = None) -> web.Response:
     body = record.public()
     body["links"] = {"self": f"/jobs/{record.id}", "events": f"/jobs/{record.id}/events"}
-    headers = {"Location": f"/jobs/{record.id}"}
+    headers = {"Location": f"/jobs/{record.id}", **(admitted.headers() if admitted else {})}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return web.json_response(body, status=202, headers=headers)
@@ -193,7 +299,10 @@ async def create_job(request: web.Request) -> web.Response:
             return await _replay(request, principal, held)
     job_id_var.set(job_id)
 
+    # Limits come after the idempotency claim, so a replay above never spends the budget.
+    admitted: Decision | None = None
     try:
+        admitted = await _admit_job(request, principal, job_id)
         await _check_source(request, principal, job)
         now = utcnow()
         record = JobRecord(
@@ -207,6 +316,7 @@ async def create_job(request: web.Request) -> web.Response:
         )
         await store.create(record)
     except BaseException:
+        await _release_slot(request, principal, job_id, admitted)
         if idem_key:
             await store.release_idempotency(principal.sub, idem_key)
         raise
@@ -225,6 +335,7 @@ async def create_job(request: web.Request) -> web.Response:
     except (Exception, asyncio.CancelledError) as exc:
         # Not in the broker: take the job back so nothing claims a job that will never run.
         log.warning("publish failed, job withdrawn: %s", type(exc).__name__)
+        await _release_slot(request, principal, job_id, admitted)
         try:
             await store.delete(job_id)
             if idem_key:
@@ -237,7 +348,14 @@ async def create_job(request: web.Request) -> web.Response:
 
     JOBS_ACCEPTED.inc()
     log.info("job accepted", extra={"variants": len(record.requested)})
-    return _accepted(record)
+    return _accepted(record, admitted=admitted)
+
+
+async def _quotas(app: web.Application) -> AsyncIterator[None]:
+    """The per-user limits, on the job store's Redis connection pool."""
+    store = app[resources.STORE]
+    app[QUOTAS] = Limits(store.redis, store.namespace, ttl_s=store.retention_s)
+    yield
 
 
 async def create_app() -> web.Application:
@@ -246,13 +364,14 @@ async def create_app() -> web.Application:
     setup_logging("api", env=common.env, level=common.log_level)
     auth = load(AuthSettings)
     limits = load(LimitSettings)
-    app = base_app("api", environment=common.env, client_max_size=64 * 1024)
+    app = base_app("api", environment=common.env, client_max_size=64 * 1024, openapi=openapi.document())
     app[VERIFIER] = TokenVerifier(auth)
     app[LIMITS] = limits
     app[URLS] = load(UrlSourceSettings)
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),
+            _quotas,
             resources.object_storage(load(S3Settings)),
             resources.amqp(load(AmqpSettings), common.namespace),
         ]

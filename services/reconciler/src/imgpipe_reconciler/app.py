@@ -46,6 +46,8 @@ def _reconciler_ctx(settings: ReconcileSettings, namespace: str):
         )
         app[CONSUMER] = consumer
         app[TICKER] = ticker
+        # Subscribes in the background: the reconciler starts while RabbitMQ is down and consumes
+        # once it is up (the `rabbitmq` check of `/readyz` fails until then).
         await consumer.start()
         ticker.start()
         yield

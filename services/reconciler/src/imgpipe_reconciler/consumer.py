@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection, ConsumerTag
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from imgpipe import broker
 from imgpipe.broker import Topology
 from imgpipe.models import ReconcileCommand
 from imgpipe.runs import RunStore
@@ -38,33 +39,43 @@ class CommandConsumer:
         self._reconciler = reconciler
         self._lock = lock
         self._runs = runs
-        self._channel: AbstractChannel | None = None
-        self._tag: ConsumerTag | None = None
+        self._subscription: broker.Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriber: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=1)
-        await self._topology.declare(channel)
-        queue = await channel.get_queue(self._topology.reconcile_queue, ensure=False)
-        self._tag = await queue.consume(self._on_message)
-        self._channel = channel
-        log.info("consuming", extra={"queue": queue.name})
+        """Start consuming as soon as the broker is reachable; returns at once (see `_subscribe`)."""
+        self._subscriber = asyncio.create_task(self._subscribe(), name="subscribe")
+
+    async def _subscribe(self) -> None:
+        """Wait for the connection, then consume; the robust channel restores it after reconnects."""
+        self._subscription = await broker.subscribe(
+            self._connection,
+            self._topology,
+            self._topology.reconcile_queue,
+            self._on_message,
+            prefetch=1,
+        )
+        log.info("consuming", extra={"queue": self._topology.reconcile_queue})
+
+    @property
+    def consuming(self) -> bool:
+        """Subscribed, on a channel that is open right now."""
+        return self._subscription is not None and self._subscription.active
 
     async def stop(self) -> None:
-        if self._channel is not None and self._tag is not None and not self._channel.is_closed:
-            try:
-                queue = await self._channel.get_queue(self._topology.reconcile_queue, ensure=False)
-                await queue.cancel(self._tag)
-            except Exception as exc:
-                log.warning("could not cancel consumer: %s", type(exc).__name__)
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            await asyncio.gather(self._subscriber, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.cancel()
         # A run in progress is stopped; its command is redelivered to the next active consumer.
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=10)
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        if self._subscription is not None:
+            await broker.close_quietly(self._subscription.channel)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(self._handle(message))

@@ -17,7 +17,7 @@ from imgpipe.settings import (
 )
 from imgpipe.telemetry import setup_logging
 from imgpipe.urlsafety import parse_networks
-from imgpipe.web import base_app
+from imgpipe.web import READINESS, base_app
 
 from imgpipe_worker import imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
@@ -39,6 +39,7 @@ def consumer_config(
             max_pixels=limits.max_pixels,
             max_frames=limits.max_frames,
             timeout_s=worker.render_timeout_s,
+            max_decode_bytes=worker.max_decode_bytes,
         ),
         fetch=FetchPolicy(
             max_bytes=min(urls.url_max_bytes, limits.max_upload_bytes),
@@ -61,7 +62,10 @@ def _consumer_ctx(config: ConsumerConfig):
             config,
         )
         app[CONSUMER] = consumer
+        # Subscribes in the background: the worker starts while RabbitMQ is down and consumes once
+        # it is up; `/readyz` says whether it is consuming right now.
         await consumer.start()
+        app[READINESS]["consumer"] = consumer.ready
         yield
         # Runs before the connections below close (cleanup is in reverse): jobs in flight finish.
         await consumer.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,8 +24,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection, ConsumerTag
-from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, Publisher
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+)
+from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
+from imgpipe import broker
+from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, BrokerUnavailable, Publisher
 from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, VariantResult
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore
@@ -41,6 +47,8 @@ from imgpipe.telemetry import (
     request_id_var,
 )
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgpipe_worker import imaging
 from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_session
@@ -49,8 +57,10 @@ log = logging.getLogger("imgpipe.worker")
 
 T = TypeVar("T")
 
-#: Pauses between attempts to settle a job while a dependency is down (about a minute in all).
+#: Pauses between attempts to settle a job after an error (about a minute in all).
 _SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+#: Longest pause between attempts while Redis or RabbitMQ is down (those are retried until they work).
+_OUTAGE_RETRY_S = 5.0
 
 
 class JobFailed(Exception):
@@ -92,38 +102,56 @@ class Consumer:
         # One thread per concurrent job: libvips releases the GIL, so renders run in parallel.
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="render")
         self._tasks: set[asyncio.Task[None]] = set()
-        self._channel: AbstractChannel | None = None
-        self._tag: ConsumerTag | None = None
+        self._subscription: broker.Subscription | None = None
+        self._subscriber: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        """Start consuming as soon as the broker is reachable; returns at once.
+
+        The subscription is made in the background, so the worker starts (and serves `/healthz`)
+        while RabbitMQ is down, and consumes once it is up.
+        """
         self._http = make_session(self._config.fetch)
-        channel = await self._connection.channel()
+        WORKER_CONCURRENCY.set(self._config.concurrency)
+        self._subscriber = asyncio.create_task(self._subscribe(), name="subscribe")
+
+    async def _subscribe(self) -> None:
         # Prefetch equals concurrency: every message we hold is being worked on, none waits here
         # while another worker idles.
-        await channel.set_qos(prefetch_count=self._config.concurrency)
-        await self._publisher.topology.declare(channel)
-        queue = await channel.get_queue(self._publisher.topology.jobs_queue, ensure=False)
-        self._tag = await queue.consume(self._on_message)
-        self._channel = channel
-        WORKER_CONCURRENCY.set(self._config.concurrency)
-        log.info("consuming", extra={"queue": queue.name, "concurrency": self._config.concurrency})
+        self._subscription = await broker.subscribe(
+            self._connection,
+            self._publisher.topology,
+            self._publisher.topology.jobs_queue,
+            self._on_message,
+            prefetch=self._config.concurrency,
+        )
+        log.info(
+            "consuming",
+            extra={"queue": self._publisher.topology.jobs_queue, "concurrency": self._config.concurrency},
+        )
+
+    async def ready(self) -> None:
+        """Readiness: subscribed, on a channel that is open now (it is not during a reconnect)."""
+        if self._subscription is None:
+            raise ConnectionError("not consuming yet")
+        if not self._subscription.active:
+            raise ConnectionError("consumer channel closed")
 
     async def stop(self) -> None:
         """Stop taking messages, let the jobs in flight finish (up to the grace period), close."""
-        if self._channel is not None and self._tag is not None and not self._channel.is_closed:
-            queue = await self._channel.get_queue(self._publisher.topology.jobs_queue, ensure=False)
-            try:
-                await queue.cancel(self._tag)
-            except Exception as exc:  # the broker may already be gone; the messages will come back
-                log.warning("could not cancel consumer: %s", type(exc).__name__)
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            await asyncio.gather(self._subscriber, return_exceptions=True)
+        if self._subscription is not None:
+            await self._subscription.cancel()
         if self._tasks:
             log.info("waiting for jobs in flight", extra={"in_flight": len(self._tasks)})
             _, late = await asyncio.wait(self._tasks, timeout=self._config.shutdown_grace_s)
             for task in late:  # unacknowledged: the broker redelivers them to another worker
                 task.cancel()
-        if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+        if self._subscription is not None:
+            await broker.close_quietly(self._subscription.channel)
         if self._http is not None:
             await self._http.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -278,20 +306,45 @@ def _attempt(headers: dict) -> int:
         return 1
 
 
+def _dependency_down(exc: BaseException) -> bool:
+    """Redis or RabbitMQ cannot be reached (as opposed to a bug or a refused command)."""
+    return isinstance(
+        exc,
+        (
+            RedisConnectionError,
+            RedisTimeoutError,
+            BrokerUnavailable,
+            AMQPConnectionError,
+            ChannelInvalidStateError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
+
+
 async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
-    """Run a Redis or broker write, retrying while the dependency is down (about a minute in all).
+    """Run a Redis or broker write, retrying while the dependency is down.
 
     Keeping the message and retrying here beats nacking at once: a nacked message spins through
-    the broker and exhausts its delivery limit within seconds of an outage. Only the write is
-    retried; the job's finished work is not redone.
+    the broker and exhausts its delivery limit within seconds of an outage, and then the job is
+    lost. So while Redis or RabbitMQ is unreachable the write is retried for as long as it takes
+    (every few seconds, so the job settles soon after the dependency is back); any other error is
+    retried for about a minute and then raised. Only the write is retried; the job's finished
+    work is not redone. On shutdown the task is cancelled and the broker redelivers the message.
     """
-    for delay in _SETTLE_BACKOFF_S:
+    for attempt in itertools.count():
         try:
             return await operation()
         except Exception as exc:
+            down = _dependency_down(exc)
+            if not down and attempt >= len(_SETTLE_BACKOFF_S):
+                raise
+            delay = _SETTLE_BACKOFF_S[min(attempt, len(_SETTLE_BACKOFF_S) - 1)]
+            if down:
+                delay = min(delay, _OUTAGE_RETRY_S)
             log.warning("write failed, retrying in %ss: %s", delay, type(exc).__name__)
             await asyncio.sleep(delay)
-    return await operation()
+    raise AssertionError("unreachable")
 
 
 async def _nack(message: AbstractIncomingMessage) -> None:

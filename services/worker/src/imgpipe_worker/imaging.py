@@ -6,7 +6,10 @@ thread. The input is untrusted, so the module is written defensively:
 * the format is decided by the bytes (`sniff`), never by a file name or a content type, and libvips is only
   allowed to use the loaders of the formats we accept (`configure_libvips`);
 * size limits are checked from the header (`probe`) before a single pixel is decoded, so a small file that
-  claims to be enormous is refused without allocating for it;
+  claims to be enormous is refused without allocating for it. Besides the pixel and frame counts, the
+  memory a decoder that cannot stream would hold (GIF, interlaced PNG, progressive or multi-scan JPEG,
+  HEIF/AVIF, animated WebP) is estimated from the header and held to a budget (`Limits.max_decode_bytes`),
+  so no source, however crafted, makes one job allocate more than that for its decode;
 * decoding and resizing go through `thumbnail`, which shrinks while decoding where the format allows
   (JPEG, WebP, HEIF), so the full-resolution image is rarely materialised;
 * every `render()` call has a wall-clock budget enforced with libvips' own eval/kill machinery, so a slow
@@ -36,6 +39,7 @@ __all__ = [
     "Rendered",
     "SourceInfo",
     "configure_libvips",
+    "decode_bytes",
     "probe",
     "render",
     "sniff",
@@ -109,6 +113,11 @@ class Limits:
     max_pixels: int = 100_000_000  # width*height of one frame, as stated by the header
     max_frames: int = 256  # n-pages of animated / multi-page input
     timeout_s: float = 30.0  # wall time for one render() call
+    #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`).
+    #: 384 MiB lets through a 24 MP HEIC/AVIF photo (the hungriest decoder, ~16 bytes a pixel), a 48 MP
+    #: GIF, and a 4:2:0 progressive JPEG or an 8-bit RGB interlaced PNG up to the default pixel limit,
+    #: while a GIF or AVIF that claims 100 MP is refused instead of costing the worker over a gigabyte.
+    max_decode_bytes: int = 384 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -234,7 +243,8 @@ def probe(data: bytes, limits: Limits) -> SourceInfo:
     """Read the header of `data` and check it against `limits`, decoding no pixels.
 
     Raises `ImageError` with `empty_source`, `source_too_large`, `unsupported_format`, `corrupt_image`,
-    `image_too_large` (width*height of one frame over `max_pixels`) or `too_many_frames`.
+    `image_too_large` (width*height of one frame over `max_pixels`, or a decode estimated by
+    `decode_bytes` over `max_decode_bytes`) or `too_many_frames`.
     """
     return _probe(data, limits)[0]
 
@@ -259,9 +269,58 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
         )
     if frames > limits.max_frames:
         raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
+    needed = decode_bytes(fmt, header)
+    if needed > limits.max_decode_bytes:
+        mib = 1024 * 1024
+        raise ImageError(
+            "image_too_large",
+            f"decoding this {width}x{height} {fmt} would need about {needed // mib} MiB, "
+            f"over the {limits.max_decode_bytes // mib} MiB budget",
+        )
     if fmt == "png":
         _check_png_chunks(data)
+    elif fmt == "tiff":
+        _check_tiff_data(data)
     return SourceInfo(format=fmt, width=width, height=height, frames=frames), header
+
+
+# Bytes per pixel that the decoders which cannot stream hold for one frame, measured with libvips 8.18
+# (peak RSS over the process' baseline, rounded up): libheif decodes the whole image and converts it to
+# RGB (15.7-16.2 B/px measured on 12 and 24 MP AVIFs); libnsgif composes every frame on a full RGBA canvas
+# and keeps the previous one for "restore to previous" disposal; libwebp's animation decoder keeps two
+# RGBA canvases too. Interlaced PNG and multi-scan JPEG are handled in `decode_bytes`.
+_BUFFERED_BYTES_PER_PIXEL = {"heif": 16.5, "gif": 8.0, "webp-animated": 8.0}
+
+# Fraction of a full-resolution plane each chroma component has, by libvips' `jpeg-chroma-subsample`.
+_CHROMA_FRACTION = {"4:2:0": 0.25, "4:1:1": 0.25, "4:2:2": 0.5, "4:4:0": 0.5}
+
+
+def decode_bytes(fmt: str, header: pyvips.Image) -> int:
+    """Estimate how much memory decoding one frame of `header` holds at once, from its header alone.
+
+    Zero for decoders that stream (baseline JPEG, non-interlaced PNG, still WebP, TIFF strips and tiles):
+    their memory does not grow with the image. The others hold a whole frame:
+
+    * multi-scan JPEG (progressive, or baseline with one scan per component): libjpeg keeps every DCT
+      coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has;
+    * interlaced PNG: libspng decodes the whole image before the first row comes out;
+    * HEIF/AVIF, GIF and animated WebP: see `_BUFFERED_BYTES_PER_PIXEL`.
+    """
+    pixels = header.width * header.height  # one frame: libvips reports the first page only
+    if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
+        chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
+        samples = 1 + (header.bands - 1) * chroma
+        return math.ceil(pixels * samples * 2)
+    if fmt == "png" and _get(header, "interlaced", 0):
+        sample = 2 if header.format == "ushort" else 1
+        return pixels * header.bands * sample
+    if fmt == "webp" and _get(header, "n-pages", 1) > 1:
+        fmt = "webp-animated"
+    return math.ceil(pixels * _BUFFERED_BYTES_PER_PIXEL.get(fmt, 0))
+
+
+def _get(image: pyvips.Image, name: str, default: object) -> object:
+    return image.get(name) if image.get_typeof(name) else default
 
 
 def _check_png_chunks(data: bytes) -> None:
@@ -290,6 +349,56 @@ def _check_png_chunks(data: bytes) -> None:
         if ctype == b"IEND":
             return
         pos = end
+
+
+# TIFF field types we meet in offset/count tags: SHORT, LONG, and BigTIFF's LONG8.
+_TIFF_TYPE_SIZE = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
+_TIFF_DATA_TAGS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
+
+
+def _check_tiff_data(data: bytes) -> None:
+    """Check that every strip or tile of the first page lies inside `data`.
+
+    libtiff reads a strip or tile that runs past the end of the file as far as it goes and libvips
+    then decodes the rest as black, without an error even with `fail_on=truncated`: a truncated TIFF
+    would come out half (or all) black. libvips has already parsed the header, so the IFD is there;
+    anything here that does not add up is corrupt.
+    """
+    order = "<" if data[:2] == b"II" else ">"
+    big = struct.unpack_from(f"{order}H", data, 2)[0] == 43
+    try:
+        if big:
+            ifd = struct.unpack_from(f"{order}Q", data, 8)[0]
+            count = struct.unpack_from(f"{order}Q", data, ifd)[0]
+            entry_fmt, first, size, inline = f"{order}HHQ8s", ifd + 8, 20, 8
+        else:
+            ifd = struct.unpack_from(f"{order}I", data, 4)[0]
+            count = struct.unpack_from(f"{order}H", data, ifd)[0]
+            entry_fmt, first, size, inline = f"{order}HHI4s", ifd + 2, 12, 4
+        fields: dict[int, tuple[int, ...]] = {}
+        for index in range(min(count, 4096)):
+            tag, kind, n, raw = struct.unpack_from(entry_fmt, data, first + index * size)
+            if tag not in (273, 279, 324, 325) or kind not in _TIFF_TYPE_SIZE:
+                continue
+            code, width = _TIFF_TYPE_SIZE[kind]
+            if n * width <= inline:
+                fields[tag] = struct.unpack_from(f"{order}{n}{code}", raw)
+            else:
+                offset = struct.unpack_from(f"{order}{'Q' if big else 'I'}", raw)[0]
+                if offset + n * width > len(data):
+                    raise ImageError("corrupt_image", "TIFF strip table runs past the end of the data")
+                fields[tag] = struct.unpack_from(f"{order}{n}{code}", data, offset)
+    except struct.error:
+        raise ImageError("corrupt_image", "TIFF directory runs past the end of the data") from None
+    for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
+        offsets, counts = fields.get(offsets_tag), fields.get(counts_tag)
+        if offsets is None:
+            continue
+        if counts is None or len(counts) < len(offsets):
+            raise ImageError("corrupt_image", "TIFF strips or tiles without byte counts")
+        total = len(data)
+        if any(start + length > total for start, length in zip(offsets, counts, strict=False)):
+            raise ImageError("corrupt_image", "TIFF image data runs past the end of the data")
 
 
 def _vips_reason(exc: pyvips.Error) -> str:

@@ -1,0 +1,279 @@
+"""Per-user rate limits and the concurrent-jobs quota, kept in Redis so every api replica shares them.
+
+Rate limits use GCRA (the generic cell rate algorithm, a token bucket written as one timestamp):
+for a limit of N per period, each request pushes the owner's "theoretical arrival time" (TAT) on by
+period/N, and a request is refused while that would put the TAT more than a whole period ahead of
+now. Why GCRA rather than a window:
+- one small key per owner and limit, whatever N is (a sliding-window log holds N timestamps);
+- exact: a fresh owner gets exactly N requests at once, then one more every period/N, with no
+  doubled burst at a window boundary (fixed windows let 2N through across one);
+- a refused request changes nothing, and the exact wait until the next one fits falls out of the
+  same arithmetic, which is what `Retry-After` needs.
+
+The concurrent-jobs quota is a per-owner ZSET of admitted job ids. A job is admitted only while
+fewer than the limit are still active. Finished jobs are not removed by the worker: when the set is
+full, the admission script itself looks at each member's job hash (`{ns}:job:{id}`, field `rank`:
+2 is terminal, a missing hash is a job that is gone) and drops those, so the worker needs no
+change. A member whose hash does not exist yet but that was admitted within `grace` is kept: the
+api admits before it writes the `pending` record.
+
+Every decision is one Lua script, so concurrent requests on several replicas cannot both take the
+last slot. Time comes from the Redis server (`TIME`), not from the replicas, whose clocks may
+differ; tests may pass `now` instead.
+
+The scripts read job hashes by name rather than through KEYS; that is fine on a single Redis (or
+Sentinel), which is what imgpipe uses, but would need hash tags on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from imgpipe.store import owner_id
+
+#: Most members the quota script examines in one call when the set is full: bounds the work per call.
+PRUNE_SCAN = 1000
+#: How long an admitted job may have no record before it counts as gone (the api admits first,
+#: then checks the source on S3, then writes `pending`; a crashed request frees its slot after this).
+ADMISSION_GRACE_S = 300
+#: `Retry-After` for a full quota: nothing says when a job will finish, so a short, fixed hint.
+QUOTA_RETRY_AFTER_S = 5
+
+# Shared Lua: the clock, and one GCRA step that does not write (the caller commits).
+_LUA_COMMON = """
+local function clock(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Returns allowed (bool), remaining, wait (microseconds), the new TAT.
+local function gcra(key, limit, period, now)
+  -- A whole-microsecond interval, rounded up: the long-run rate never exceeds the limit.
+  local interval = math.ceil(period / limit)
+  local burst = interval * limit
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  if new_tat - now > burst then
+    return false, 0, new_tat - burst - now, tat
+  end
+  return true, math.floor((burst - (new_tat - now)) / interval), 0, new_tat
+end
+
+local function commit(key, tat, now)
+  -- The key lives exactly as long as it holds anything a fresh owner would not have.
+  redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+end
+"""
+
+# KEYS[1] the rate key. ARGV: now ('' = Redis clock), limit, period (us).
+# Returns {allowed, remaining, wait_us}.
+_HIT = (
+    _LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local ok, remaining, wait, tat = gcra(KEYS[1], tonumber(ARGV[2]), tonumber(ARGV[3]), now)
+if not ok then return {0, 0, wait} end
+commit(KEYS[1], tat, now)
+return {1, remaining, 0}
+"""
+)
+
+# KEYS[1] the jobs rate key, KEYS[2] the owner's active set. ARGV: now ('' = Redis clock),
+# rate limit (0 = none), rate period (us), active limit (0 = none), job id, job hash prefix,
+# grace (us), set ttl (s), most members to examine.
+# Returns {allowed, reason (0 ok, 1 rate, 2 active), remaining (-1 = no rate limit), wait_us, active}.
+# A job the quota refuses does not spend the rate: the GCRA step is committed last.
+_ADMIT = (
+    _LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local rate_limit = tonumber(ARGV[2])
+local remaining, tat = -1, nil
+if rate_limit > 0 then
+  local ok, rem, wait, next_tat = gcra(KEYS[1], rate_limit, tonumber(ARGV[3]), now)
+  if not ok then return {0, 1, 0, wait, -1} end
+  remaining, tat = rem, next_tat
+end
+local active_limit = tonumber(ARGV[4])
+local active = -1
+if active_limit > 0 then
+  local id = ARGV[5]
+  active = redis.call('ZCARD', KEYS[2])
+  if not redis.call('ZSCORE', KEYS[2], id) then
+    if active >= active_limit then
+      local stale_before = now - tonumber(ARGV[7])
+      local members = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[9]) - 1, 'WITHSCORES')
+      for i = 1, #members, 2 do
+        local rank = redis.call('HGET', ARGV[6] .. members[i], 'rank')
+        if (rank and tonumber(rank) >= 2) or (not rank and tonumber(members[i + 1]) < stale_before) then
+          redis.call('ZREM', KEYS[2], members[i])
+          active = active - 1
+        end
+      end
+      if active >= active_limit then return {0, 2, 0, 0, active} end
+    end
+    redis.call('ZADD', KEYS[2], now, id)
+    active = active + 1
+  end
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
+end
+if tat then commit(KEYS[1], tat, now) end
+return {1, 0, remaining, 0, active}
+"""
+)
+
+RATE_LIMITED = "rate_limited"
+TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to "may this owner do this now?".
+
+    `limit`/`remaining` describe the rate limit (None when there is none); `retry_after_s` is how
+    long to wait before trying again (0 when allowed); `code` says which limit refused.
+    """
+
+    allowed: bool
+    code: str | None = None
+    limit: int | None = None
+    remaining: int | None = None
+    retry_after_s: float = 0.0
+    active: int | None = None
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for a `Retry-After` header: rounded up, at least 1."""
+        return max(1, math.ceil(self.retry_after_s))
+
+    def headers(self) -> dict[str, str]:
+        """`RateLimit-Limit`/`RateLimit-Remaining` (when a rate limit applies) and `Retry-After`."""
+        headers: dict[str, str] = {}
+        if self.limit is not None and self.remaining is not None:
+            headers["RateLimit-Limit"] = str(self.limit)
+            headers["RateLimit-Remaining"] = str(self.remaining)
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
+
+
+ALLOWED = Decision(allowed=True)
+
+
+def _now_arg(now: float | None) -> str:
+    return "" if now is None else str(int(now * 1_000_000))
+
+
+class Limits:
+    """The rate limits and the active-jobs quota of one namespace, for owners named by token `sub`."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        *,
+        ttl_s: int,
+        grace_s: float = ADMISSION_GRACE_S,
+        prune_scan: int = PRUNE_SCAN,
+    ) -> None:
+        self.redis = client
+        self.namespace = namespace
+        self.ttl_s = ttl_s
+        self.grace_s = grace_s
+        self.prune_scan = prune_scan
+        self._hit = client.register_script(_HIT)
+        self._admit = client.register_script(_ADMIT)
+
+    def rate_key(self, name: str, sub: str) -> str:
+        return f"{self.namespace}:rate:{name}:{owner_id(sub)}"
+
+    def active_key(self, sub: str) -> str:
+        return f"{self.namespace}:active:{owner_id(sub)}"
+
+    async def hit(
+        self, name: str, sub: str, *, limit: int, period_s: float, now: float | None = None
+    ) -> Decision:
+        """Spend one of `limit` per `period_s` from the owner's `name` budget, if there is one left.
+
+        A limit of 0 means unlimited. A refused hit spends nothing.
+        """
+        if limit <= 0:
+            return ALLOWED
+        allowed, remaining, wait_us = await self._hit(
+            keys=[self.rate_key(name, sub)],
+            args=[_now_arg(now), limit, int(period_s * 1_000_000)],
+        )
+        return Decision(
+            allowed=bool(allowed),
+            code=None if allowed else RATE_LIMITED,
+            limit=limit,
+            remaining=int(remaining),
+            retry_after_s=int(wait_us) / 1_000_000,
+        )
+
+    async def admit_job(
+        self,
+        sub: str,
+        job_id: str,
+        *,
+        rate_limit: int,
+        period_s: float,
+        max_active: int,
+        now: float | None = None,
+    ) -> Decision:
+        """Admit a new job: one of `rate_limit` per `period_s`, and one of `max_active` active slots.
+
+        Both are decided together: a job the quota refuses does not spend the rate. Admitting the
+        same `job_id` twice takes one slot. A 0 limit means unlimited.
+        """
+        if rate_limit <= 0 and max_active <= 0:
+            return ALLOWED
+        allowed, reason, remaining, wait_us, active = await self._admit(
+            keys=[self.rate_key("jobs", sub), self.active_key(sub)],
+            args=[
+                _now_arg(now),
+                max(rate_limit, 0),
+                int(period_s * 1_000_000),
+                max(max_active, 0),
+                job_id,
+                f"{self.namespace}:job:",
+                int(self.grace_s * 1_000_000),
+                self.ttl_s,
+                self.prune_scan,
+            ],
+        )
+        rate = rate_limit if rate_limit > 0 else None
+        if allowed:
+            return Decision(
+                allowed=True,
+                limit=rate,
+                remaining=int(remaining) if rate else None,
+                active=int(active) if max_active > 0 else None,
+            )
+        if int(reason) == 1:
+            return Decision(
+                allowed=False,
+                code=RATE_LIMITED,
+                limit=rate,
+                remaining=0,
+                retry_after_s=int(wait_us) / 1_000_000,
+            )
+        return Decision(
+            allowed=False,
+            code=TOO_MANY_ACTIVE_JOBS,
+            retry_after_s=QUOTA_RETRY_AFTER_S,
+            active=int(active),
+        )
+
+    async def release_job(self, sub: str, job_id: str) -> None:
+        """Give a job's active slot back (the job was withdrawn or refused after admission)."""
+        await self.redis.zrem(self.active_key(sub), job_id)
+
+    async def active_jobs(self, sub: str) -> int:
+        """Members of the owner's active set (finished jobs linger until the set fills up)."""
+        return int(await self.redis.zcard(self.active_key(sub)))
