@@ -46,8 +46,14 @@ def isolated_stack(
             started = {
                 key: pool.submit(stack.start, name, logdir, extra) for key, (name, extra) in services.items()
             }
+            failures = []
             for key, future in started.items():
-                stack.services[key] = future.result()
+                try:
+                    stack.services[key] = future.result()
+                except Exception as exc:  # keep going: the others started must be stopped below
+                    failures.append(exc)
+            if failures:
+                raise failures[0]
         yield stack
     finally:
         for service in stack.services.values():

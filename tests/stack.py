@@ -178,6 +178,9 @@ class Stack:
         try:
             wait_http(f"{service.url}/readyz", timeout=60, proc=proc)
         except Exception:
+            # Not left running: nobody else holds the process to stop it.
+            proc.kill()
+            proc.wait()
             raise RuntimeError(f"{name} did not become ready:\n{service.tail()}") from None
         return service
 
