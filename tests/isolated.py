@@ -9,8 +9,6 @@ line by line, keeping `id:` and comments; `metric` reads one sample from Prometh
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +23,7 @@ import pyvips
 from aiormq.exceptions import ChannelNotFoundEntity
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.stack import AMQP_URL, BIN, Service, Stack, drop_namespace, free_port, wait_http
+from tests.stack import AMQP_URL, Service, Stack, drop_namespace, spawn
 
 
 def fresh_namespace() -> str:
@@ -63,23 +61,7 @@ def isolated_stack(
 
 def start_unready(name: str, env: dict[str, str], logdir: Path) -> Service:
     """Start a service and wait only for `/healthz` (its `/readyz` is expected to say 503)."""
-    port = free_port()
-    log = logdir / f"{name}-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / f"imgpipe-{name}"), "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    service = Service(name, f"http://127.0.0.1:{port}", proc, log)
-    try:
-        wait_http(f"{service.url}/healthz", timeout=30, proc=proc)
-    except Exception:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{name} did not answer /healthz:\n{service.tail()}") from None
-    return service
+    return spawn(name, env, logdir, wait_for="/healthz", timeout=30)
 
 
 async def queue_depth(queue: str) -> int:

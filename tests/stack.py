@@ -16,11 +16,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from imgpipe.auth import TokenVerifier
 from imgpipe.settings import AuthSettings
 
@@ -151,6 +154,30 @@ class Service:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def spawn(name: str, env: dict[str, str], logdir: Path, *, wait_for: str, timeout: float) -> Service:
+    """Start `imgpipe-<name>` on a free port with `env`, and wait until `wait_for` answers 200.
+
+    A service that does not answer in time is killed (nobody else holds its process to stop it).
+    """
+    port = free_port()
+    log = logdir / f"{name}-{port}.log"
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(BIN / f"imgpipe-{name}"), "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    service = Service(name, f"http://127.0.0.1:{port}", proc, log)
+    try:
+        wait_http(f"{service.url}{wait_for}", timeout=timeout, proc=proc)
+    except Exception:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{name} did not answer {wait_for}:\n{service.tail()}") from None
+    return service
+
+
 @dataclass
 class Stack:
     env: dict[str, str]
@@ -165,24 +192,7 @@ class Stack:
         return self.services["status"].url
 
     def start(self, name: str, logdir: Path, extra_env: dict[str, str] | None = None) -> Service:
-        port = free_port()
-        log = logdir / f"{name}-{port}.log"
-        with log.open("wb") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                [str(BIN / f"imgpipe-{name}"), "--host", "127.0.0.1", "--port", str(port)],
-                env={**os.environ, **self.env, **(extra_env or {})},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        service = Service(name, f"http://127.0.0.1:{port}", proc, log)
-        try:
-            wait_http(f"{service.url}/readyz", timeout=60, proc=proc)
-        except Exception:
-            # Not left running: nobody else holds the process to stop it.
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"{name} did not become ready:\n{service.tail()}") from None
-        return service
+        return spawn(name, {**self.env, **(extra_env or {})}, logdir, wait_for="/readyz", timeout=60)
 
     def stop(self, service: Service, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if service.proc.poll() is None:
@@ -193,6 +203,27 @@ class Stack:
                 service.proc.kill()
                 service.proc.wait()
         return service.proc.returncode
+
+
+def presigned_form(fields: Mapping[str, str], data: bytes, content_type: str) -> aiohttp.FormData:
+    """The body of a presigned POST upload: every field of the grant, then the file (S3 wants it last)."""
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        form.add_field(name, value)
+    form.add_field("file", data, filename="upload", content_type=content_type)
+    return form
+
+
+@asynccontextmanager
+async def local_http(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 for the block; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def token(sub: str, scopes: str = "", ttl_s: int = 600) -> str:
@@ -218,10 +249,7 @@ class Client:
         ) as response:
             assert response.status == 201, await response.text()
             grant = await response.json()
-        form = aiohttp.FormData()
-        for name, value in grant["fields"].items():
-            form.add_field(name, value)
-        form.add_field("file", data, filename="upload", content_type=content_type)
+        form = presigned_form(grant["fields"], data, content_type)
         async with self.http.post(grant["url"], data=form) as response:
             assert response.status in (200, 201, 204), await response.text()
         return grant["key"]

@@ -32,7 +32,7 @@ from imgpipe.models import PRESETS, JobMessage, JobStatus, UrlSource, utcnow
 from imgpipe.store import JobStore
 
 from tests.isolated import image, isolated_stack, queue_depth, sse
-from tests.stack import AMQP_URL, BIN, REDIS_URL, Client, Stack, token
+from tests.stack import AMQP_URL, BIN, REDIS_URL, Client, Stack, local_http, token
 
 pytestmark = pytest.mark.e2e
 
@@ -114,16 +114,12 @@ async def flaky_server() -> AsyncIterator[FlakyServer]:
 
     app = web.Application()
     app.router.add_get("/{name}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}/{uuid.uuid4().hex}.jpg"
-    try:
-        yield server
-    finally:
-        server.gate.set()
-        await runner.cleanup()
+    async with local_http(app) as base:
+        server.url = f"{base}/{uuid.uuid4().hex}.jpg"
+        try:
+            yield server
+        finally:
+            server.gate.set()
 
 
 async def list_dead(

@@ -14,7 +14,7 @@ from imgpipe.broker import Topology
 from imgpipe.store import owner_id
 
 from tests.isolated import image, isolated_stack, metric, queue_depth
-from tests.stack import Client, Stack, free_port
+from tests.stack import Client, Stack, local_http
 
 pytestmark = pytest.mark.e2e
 
@@ -198,14 +198,8 @@ async def image_server() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/a.jpg", serve)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/a.jpg"
-    finally:
-        await runner.cleanup()
+    async with local_http(app) as base:
+        yield f"{base}/a.jpg"
 
 
 async def test_url_source_is_fetched(alice: Client, image_server: str) -> None:

@@ -22,7 +22,7 @@ from imgpipe.broker import Topology
 from imgpipe.store import owner_id
 
 from tests.isolated import image, isolated_stack, start_unready
-from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, token
+from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, presigned_form, token
 
 pytestmark = pytest.mark.e2e
 
@@ -92,10 +92,7 @@ async def _upload(http: aiohttp.ClientSession, api: str, sub: str, data: bytes) 
     ) as response:
         assert response.status == 201, await response.text()
         grant = await response.json()
-    form = aiohttp.FormData()
-    for name, value in grant["fields"].items():
-        form.add_field(name, value)
-    form.add_field("file", data, filename="upload", content_type="image/jpeg")
+    form = presigned_form(grant["fields"], data, "image/jpeg")
     async with http.post(grant["url"], data=form) as response:
         assert response.status in (200, 201, 204), await response.text()
     return grant["key"]

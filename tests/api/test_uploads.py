@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from imgpipe.store import owner_id
 
 from tests.isolated import image
-from tests.stack import BUCKET, Client, Stack
+from tests.stack import BUCKET, Client, Stack, presigned_form
 
 pytestmark = pytest.mark.e2e
 
@@ -52,10 +52,7 @@ async def _grant(client: Client, content_type: str, size: int) -> dict:
 async def _post_form(
     http: aiohttp.ClientSession, grant: dict, data: bytes, content_type: str, **overrides: str
 ) -> aiohttp.ClientResponse:
-    form = aiohttp.FormData()
-    for name, value in {**grant["fields"], **overrides}.items():
-        form.add_field(name, value)
-    form.add_field("file", data, filename="upload", content_type=content_type)
+    form = presigned_form({**grant["fields"], **overrides}, data, content_type)
     async with http.post(grant["url"], data=form) as response:
         await response.read()
         return response

@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from imgpipe.urlsafety import is_forbidden_ip
 
 from tests.isolated import isolated_stack, metric
-from tests.stack import REDIS_URL, TESTDATA, Client, Stack
+from tests.stack import REDIS_URL, TESTDATA, Client, Stack, presigned_form
 
 pytestmark = pytest.mark.e2e
 
@@ -514,10 +514,7 @@ async def _upload_and_submit(client: Client, case: Case) -> tuple[str, Any]:
         if response.status != 201:
             return "grant", (response.status, await _error_code(response))
         grant = await response.json()
-    form = aiohttp.FormData()
-    for name, value in grant["fields"].items():
-        form.add_field(name, value)
-    form.add_field("file", case.data, filename="upload", content_type=case.content_type)
+    form = presigned_form(grant["fields"], case.data, case.content_type)
     async with client.http.post(grant["url"], data=form) as response:
         if response.status not in (200, 201, 204):
             return "upload", (response.status, await _error_code(response))

@@ -33,7 +33,7 @@ from imgpipe.settings import AuthSettings
 from imgpipe.store import JobStore
 
 from tests.isolated import image, isolated_stack, sse
-from tests.stack import AMQP_URL, REDIS_URL, Stack
+from tests.stack import AMQP_URL, REDIS_URL, Stack, presigned_form
 
 pytestmark = pytest.mark.e2e
 
@@ -126,10 +126,7 @@ async def _flow(http: aiohttp.ClientSession, stack: Stack, keys: Secrets) -> dic
         grant = await response.json()
     keys.seen["POST policy"] = grant["fields"]["policy"]
     keys.seen["POST policy signature"] = grant["fields"]["x-amz-signature"]
-    form = aiohttp.FormData()
-    for name, value in grant["fields"].items():
-        form.add_field(name, value)
-    form.add_field("file", data, filename="upload", content_type="image/jpeg")
+    form = presigned_form(grant["fields"], data, "image/jpeg")
     async with http.post(grant["url"], data=form) as response:
         assert response.status in (200, 201, 204), await response.text()
 

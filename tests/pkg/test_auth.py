@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from imgpipe.auth import MAX_JWKS_BYTES, AuthError, AuthUnavailable, Principal, TokenVerifier, bearer_token
 from imgpipe.settings import AuthSettings
 
+from tests.stack import local_http
+
 SECRET = "unit-test-secret-" + "s" * 64  # long enough for HS512 too
 
 
@@ -270,16 +272,9 @@ async def idp() -> AsyncIterator[Idp]:
     app = web.Application()
     app.router.add_get("/.well-known/jwks.json", server.handle)
     app.router.add_get("/elsewhere", server.elsewhere)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server.url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
-    try:
+    async with local_http(app) as base:
+        server.url = f"{base}/.well-known/jwks.json"
         yield server
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture

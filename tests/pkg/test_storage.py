@@ -23,7 +23,7 @@ from imgpipe.storage import (
 )
 from imgpipe.store import owner_id
 
-from tests.stack import free_port
+from tests.stack import free_port, presigned_form
 
 
 def _settings(endpoint: str, bucket: str, **extra: object) -> S3Settings:
@@ -85,11 +85,7 @@ async def test_ensure_bucket_creates_once_and_is_idempotent(s3_endpoint: str) ->
 
 
 async def _post_form(http: aiohttp.ClientSession, url: str, fields: dict, data: bytes, ctype: str) -> int:
-    form = aiohttp.FormData()
-    for name, value in fields.items():
-        form.add_field(name, value)
-    form.add_field("file", data, filename="upload", content_type=ctype)
-    async with http.post(url, data=form) as response:
+    async with http.post(url, data=presigned_form(fields, data, ctype)) as response:
         await response.read()
         return response.status
 

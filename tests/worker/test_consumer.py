@@ -37,7 +37,7 @@ from imgpipe.broker import ATTEMPT_HEADER, JOB_ROUTING_KEY, REASON_HEADER, Topol
 from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
 from imgpipe.store import JobStore, owner_id
 
-from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack, drop_namespace
+from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack, drop_namespace, local_http
 
 pytestmark = pytest.mark.e2e
 
@@ -248,15 +248,8 @@ async def image_server(body: bytes, *, failures: int | None):
 
     app = web.Application()
     app.router.add_get("/{name}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/{uuid.uuid4().hex}.jpg", hits
-    finally:
-        await runner.cleanup()
+    async with local_http(app) as base:
+        yield f"{base}/{uuid.uuid4().hex}.jpg", hits
 
 
 # --------------------------------------------------------------------------------------------------------
