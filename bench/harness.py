@@ -145,22 +145,15 @@ async def open_publisher(namespace: str):
 
 async def submit_direct(store, publisher, key: str, variants: list) -> str:
     """What `POST /jobs` does after validation, without HTTP: `pending` in Redis, publish, confirm."""
-    from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, utcnow
+    from imgpipe.models import JobMessage, JobRecord, KeySource
 
     job_id = uuid.uuid4().hex
-    now = utcnow()
-    record = JobRecord(
-        id=job_id,
-        owner=OWNER,
-        status=JobStatus.PENDING,
-        created_at=now,
-        updated_at=now,
-        source=KeySource(key=key),
-        requested=variants,
-    )
+    record = JobRecord.pending(job_id, OWNER, KeySource(key=key), variants)
     await store.create(record)
     await publisher.publish_job(
-        JobMessage(id=job_id, owner=OWNER, source=record.source, variants=variants, created_at=now)
+        JobMessage(
+            id=job_id, owner=OWNER, source=record.source, variants=variants, created_at=record.created_at
+        )
     )
     return job_id
 

@@ -238,16 +238,7 @@ def measure(
 
         async def create(job_id: str) -> JobRecord:
             store = stack.job_store()
-            now = utcnow()
-            record = JobRecord(
-                id=job_id,
-                owner=OWNER,
-                status=JobStatus.PENDING,
-                created_at=now,
-                updated_at=now,
-                source=KeySource(key="uploads/x/y"),
-                requested=[],
-            )
+            record = JobRecord.pending(job_id, OWNER, KeySource(key="uploads/x/y"), [])
             created = (await store.create(record)).record
             await store.redis.aclose()
             return created

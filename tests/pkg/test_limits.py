@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.limits import RATE_LIMITED, TOO_MANY_ACTIVE_JOBS, Limits
-from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, utcnow
+from imgpipe.models import PRESETS, JobRecord, KeySource
 from imgpipe.store import JobStore, owner_id
 
 from tests.stack import REDIS_URL
@@ -170,16 +170,8 @@ async def test_a_finished_job_frees_its_slot(limits: Limits, redis_client: aiore
     store = JobStore(redis_client, ns, retention=timedelta(hours=1))
     records = []
     for _ in range(2):
-        now = utcnow()
-        record = JobRecord(
-            id=uuid.uuid4().hex,
-            owner="alice",
-            status=JobStatus.PENDING,
-            created_at=now,
-            updated_at=now,
-            source=KeySource(key=f"uploads/{owner_id('alice')}/x"),
-            requested=[PRESETS["thumb"]],
-        )
+        source = KeySource(key=f"uploads/{owner_id('alice')}/x")
+        record = JobRecord.pending(uuid.uuid4().hex, "alice", source, [PRESETS["thumb"]])
         assert (await _admit(limits, record.id, max_active=2)).allowed
         await store.create(record)
         records.append(record)

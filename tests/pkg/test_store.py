@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 import redis.asyncio as aioredis
-from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
 from imgpipe.store import IdempotencyConflict, JobStore, Transition, owner_id
 
 RETENTION = timedelta(hours=2)
@@ -29,16 +29,8 @@ async def store(redis_client: aioredis.Redis, namespace: str) -> AsyncIterator[J
 
 
 def _record(job_id: str | None = None, owner: str = "alice") -> JobRecord:
-    now = utcnow()
-    return JobRecord(
-        id=job_id or uuid.uuid4().hex,
-        owner=owner,
-        status=JobStatus.PENDING,
-        created_at=now,
-        updated_at=now,
-        source=KeySource(key=f"uploads/{owner_id(owner)}/abc"),
-        requested=[PRESETS["thumb"]],
-    )
+    source = KeySource(key=f"uploads/{owner_id(owner)}/abc")
+    return JobRecord.pending(job_id or uuid.uuid4().hex, owner, source, [PRESETS["thumb"]])
 
 
 _RESULT = VariantResult(name="thumb", format="jpeg", width=200, height=100, bytes=999, key="variants/x.jpg")

@@ -28,14 +28,8 @@ OID = owner_id(OWNER)
 
 def _record(source: str, *, job_id: str | None = None, age_s: float = 0) -> JobRecord:
     at = utcnow() - timedelta(seconds=age_s)
-    return JobRecord(
-        id=job_id or uuid.uuid4().hex,
-        owner=OWNER,
-        status=JobStatus.PENDING,
-        created_at=at,
-        updated_at=at,
-        source=KeySource(key=source),
-        requested=[PRESETS["thumb"]],
+    return JobRecord.pending(
+        job_id or uuid.uuid4().hex, OWNER, KeySource(key=source), [PRESETS["thumb"]], at=at
     )
 
 

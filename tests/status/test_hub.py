@@ -127,16 +127,7 @@ async def _hub_knows(hub: Hub, job_id: str, version: int) -> None:
 
 
 async def _pending_job(store: JobStore) -> JobRecord:
-    now = utcnow()
-    record = JobRecord(
-        id=uuid.uuid4().hex,
-        owner="alice",
-        status=JobStatus.PENDING,
-        created_at=now,
-        updated_at=now,
-        source=KeySource(key="uploads/x/y"),
-        requested=[],
-    )
+    record = JobRecord.pending(uuid.uuid4().hex, "alice", KeySource(key="uploads/x/y"), [])
     created = (await store.create(record)).record
     assert created is not None
     return created

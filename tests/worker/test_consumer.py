@@ -472,15 +472,8 @@ async def test_job_store_refuses_backward_transitions(own: OwnStack) -> None:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         store = JobStore(client, own.namespace, retention=timedelta(minutes=5))
-        now = utcnow()
-        pending = JobRecord(
-            id=uuid.uuid4().hex,
-            owner="alice",
-            status=JobStatus.PENDING,
-            created_at=now,
-            updated_at=now,
-            source=KeySource(key="uploads/x/y"),
-            requested=[Variant(name="thumb", width=10)],
+        pending = JobRecord.pending(
+            uuid.uuid4().hex, "alice", KeySource(key="uploads/x/y"), [Variant(name="thumb", width=10)]
         )
         assert (await store.create(pending)).applied
         taken = await store.mark_processing(pending.id)

@@ -164,6 +164,28 @@ class JobRecord(BaseModel):
     #: How many times an admin replayed the job from the dead-letter queue (`failed` -> `pending`).
     replays: int = 0
 
+    @classmethod
+    def pending(
+        cls,
+        job_id: str,
+        owner: str,
+        source: KeySource | UrlSource,
+        requested: list[Variant],
+        *,
+        at: datetime | None = None,
+    ) -> JobRecord:
+        """A new job as `POST /jobs` records it: `pending`, created and last changed `at` (now)."""
+        at = at or utcnow()
+        return cls(
+            id=job_id,
+            owner=owner,
+            status=JobStatus.PENDING,
+            created_at=at,
+            updated_at=at,
+            source=source,
+            requested=requested,
+        )
+
     def public(self, url_for: Callable[[str], str] | None = None) -> dict[str, Any]:
         """The client's view (`GET /jobs/{id}`, SSE events, the 202 of `POST /jobs`).
 

@@ -25,7 +25,7 @@ from imgpipe import resources
 from imgpipe.auth import Principal, TokenVerifier
 from imgpipe.broker import Publisher
 from imgpipe.limits import RATE_LIMITED, Decision, Limits
-from imgpipe.models import JobMessage, JobRecord, JobRequest, JobStatus, KeySource, utcnow
+from imgpipe.models import JobMessage, JobRecord, JobRequest, KeySource
 from imgpipe.settings import (
     AmqpSettings,
     AuthSettings,
@@ -304,16 +304,7 @@ async def create_job(request: web.Request) -> web.Response:
     try:
         admitted = await _admit_job(request, principal, job_id)
         await _check_source(request, principal, job)
-        now = utcnow()
-        record = JobRecord(
-            id=job_id,
-            owner=principal.sub,
-            status=JobStatus.PENDING,
-            created_at=now,
-            updated_at=now,
-            source=job.source,
-            requested=job.resolved_variants(),
-        )
+        record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
         await store.create(record)
     except BaseException:
         await _release_slot(request, principal, job_id, admitted)
@@ -327,7 +318,7 @@ async def create_job(request: web.Request) -> web.Response:
         source=job.source,
         variants=record.requested,
         request_id=request_id_var.get(),
-        created_at=now,
+        created_at=record.created_at,
     )
     try:
         async with asyncio.timeout(5.0):
