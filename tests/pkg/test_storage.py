@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import boto3
 import pytest
+from aiohttp import web
 from imgpipe.settings import S3Settings
 from imgpipe.storage import (
     UPLOAD_PREFIX,
@@ -23,7 +24,7 @@ from imgpipe.storage import (
 )
 from imgpipe.store import owner_id
 
-from tests.stack import free_port, presigned_form
+from tests.stack import free_port, local_http, presigned_form
 
 
 def _settings(endpoint: str, bucket: str, **extra: object) -> S3Settings:
@@ -56,6 +57,7 @@ async def storage(s3_endpoint: str) -> AsyncIterator[Storage]:
     try:
         yield storage
     finally:
+        await storage.close()
         raw = _raw(s3_endpoint)
         for obj in raw.list_objects_v2(Bucket=bucket).get("Contents", []):
             raw.delete_object(Bucket=bucket, Key=obj["Key"])
@@ -80,6 +82,7 @@ async def test_ensure_bucket_creates_once_and_is_idempotent(s3_endpoint: str) ->
         await storage.ping()
         assert await storage.get("a", max_bytes=10) == b"kept"  # the second call did not recreate it
     finally:
+        await storage.close()
         raw.delete_object(Bucket=bucket, Key="a")
         raw.delete_bucket(Bucket=bucket)
 
@@ -157,14 +160,99 @@ async def test_unreachable_endpoint_is_transient() -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     storage = Storage(_settings(closed, "nowhere"))
     started = time.monotonic()
-    with pytest.raises(StorageError) as info:
-        await storage.put("k", b"x", "text/plain")
-    assert info.value.transient
-    assert info.value.code == "storage_unavailable"
-    with pytest.raises(StorageError) as info:
-        await storage.get("k", max_bytes=10)
-    assert info.value.transient
+    try:
+        with pytest.raises(StorageError) as info:
+            await storage.put("k", b"x", "text/plain")
+        assert info.value.transient
+        assert info.value.code == "storage_unavailable"
+        with pytest.raises(StorageError) as info:
+            await storage.get("k", max_bytes=10)
+        assert info.value.transient
+    finally:
+        await storage.close()
     assert time.monotonic() - started < 15
+
+
+class FlakyS3:
+    """An S3 endpoint that answers each object request with the next status of a script."""
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.queries: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.method, request.path, dict(request.headers)))
+        self.queries.append(dict(request.query))
+        await request.read()
+        status = self.statuses.pop(0) if self.statuses else 200
+        return web.Response(status=status, body=b"stored bytes" if status == 200 else b"<Error/>")
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+async def test_transfers_retry_what_s3_asks_to_retry(status: int) -> None:
+    s3 = FlakyS3(status, status)
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(_settings(endpoint, "bucket"))
+        try:
+            assert await storage.get("uploads/k", max_bytes=100) == b"stored bytes"
+            assert [m for m, _, _ in s3.seen] == ["GET"] * 3
+            s3.statuses = [status] * 3  # one more than the attempts
+            with pytest.raises(StorageError) as info:
+                await storage.put("variants/k.jpg", b"data", "image/jpeg")
+        finally:
+            await storage.close()
+    assert info.value.transient
+    assert str(status) in info.value.message
+    assert [m for m, _, _ in s3.seen[3:]] == ["PUT"] * 3
+
+
+@pytest.mark.parametrize(("status", "code"), [(403, "storage_error"), (400, "storage_error")])
+async def test_transfers_do_not_retry_a_refusal(status: int, code: str) -> None:
+    s3 = FlakyS3(status, status)
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(_settings(endpoint, "bucket"))
+        try:
+            with pytest.raises(StorageError) as info:
+                await storage.get("uploads/k", max_bytes=100)
+            assert (info.value.code, info.value.transient) == (code, False)
+            with pytest.raises(StorageError) as info:
+                await storage.put("variants/k.jpg", b"data", "image/jpeg")
+            assert (info.value.code, info.value.transient) == (code, False)
+        finally:
+            await storage.close()
+    assert len(s3.seen) == 2
+
+
+async def test_put_stores_type_and_cache_control(storage: Storage, s3_endpoint: str) -> None:
+    await storage.put("variants/o/j/thumb.webp", b"RIFF....WEBP", "image/webp")
+    head = _raw(s3_endpoint).head_object(Bucket=storage.bucket, Key="variants/o/j/thumb.webp")
+    assert head["ContentType"] == "image/webp"
+    assert head["CacheControl"] == "public, max-age=31536000"
+    assert head["ContentLength"] == 12
+
+
+async def test_put_signs_the_headers_it_sends() -> None:
+    # moto does not check signatures; S3 and MinIO refuse a PUT whose signed headers differ from
+    # those sent. So check what goes over the wire: both headers sent are named as signed.
+    s3 = FlakyS3()
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(_settings(endpoint, "bucket"))
+        try:
+            await storage.put("variants/k.png", b"data", "image/png")
+        finally:
+            await storage.close()
+    ((method, path, headers),) = s3.seen
+    assert (method, path) == ("PUT", "/bucket/variants/k.png")
+    assert headers["Content-Type"] == "image/png"
+    assert headers["Cache-Control"] == "public, max-age=31536000"
+    assert s3.queries[0]["X-Amz-SignedHeaders"] == "cache-control;content-type;host"
+    assert s3.queries[0]["X-Amz-Signature"]
 
 
 async def test_public_endpoint_is_used_for_presigned_urls(s3_endpoint: str, storage: Storage) -> None:
@@ -172,6 +260,7 @@ async def test_public_endpoint_is_used_for_presigned_urls(s3_endpoint: str, stor
     public = f"http://localhost:{port}"
     signer = Storage(_settings(s3_endpoint, storage.bucket, s3_public_endpoint_url=public))
     await signer.put("k", b"through the public name", "text/plain")
+    await signer.close()
     url = signer.presign_download("k")
     assert urlsplit(url).netloc == f"localhost:{port}"
     grant = signer.presign_upload("uploads/x", "image/jpeg", max_bytes=10)

@@ -71,6 +71,7 @@ def object_storage(settings: S3Settings, *, pool: int = 16, create_bucket: bool 
         app[STORAGE] = storage
         app[READINESS]["s3"] = storage.ping
         yield
+        await storage.close()
 
     return ctx
 
