@@ -114,10 +114,12 @@ class Limits:
     max_frames: int = 256  # n-pages of animated / multi-page input
     timeout_s: float = 30.0  # wall time for one render() call
     #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`).
-    #: 384 MiB lets through a 24 MP HEIC/AVIF photo (the hungriest decoder, ~16 bytes a pixel), a 48 MP
-    #: GIF, and a 4:2:0 progressive JPEG or an 8-bit RGB interlaced PNG up to the default pixel limit,
-    #: while a GIF or AVIF that claims 100 MP is refused instead of costing the worker over a gigabyte.
-    max_decode_bytes: int = 384 * 1024 * 1024
+    #: 192 MiB keeps a worker at concurrency 1 under 300 MB whatever it accepts (~100 MB idle plus the
+    #: decode plus the variants), and still lets through a 12 MP HEIC/AVIF phone photo (the hungriest
+    #: decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to 67 MP (4:4:4: 33 MP) and
+    #: an 8-bit RGB interlaced PNG up to 67 MP. A GIF or AVIF that claims 100 MP is refused instead of
+    #: costing the worker over a gigabyte; raise it (and the memory limit) for 24 MP HEIC.
+    max_decode_bytes: int = 192 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -608,6 +610,10 @@ def _render_many(
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()
+    # Drop the decoding pipeline now, not at return: it owns the decoder's state, which for a
+    # multi-scan JPEG is libjpeg's whole-image coefficient buffer (144 MB at 24 MP), and keeping it
+    # while the variants are encoded would add that to the job's peak memory.
+    del lazy
     results = []
     for variant in variants:
         target_w, kwargs = _thumbnail_args(variant)

@@ -21,6 +21,6 @@ class WorkerSettings(BaseSettings):
     render_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     #: Memory a decoder holding a whole frame may need, estimated from the header (`imaging.decode_bytes`);
     #: a source over it fails with `image_too_large` before any pixel is decoded.
-    max_decode_bytes: int = Field(default=384 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
+    max_decode_bytes: int = Field(default=192 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
     #: On SIGTERM, how long jobs in flight may take to finish before they are handed back.
     shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)
