@@ -22,7 +22,15 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from imgpipe.auth import MAX_JWKS_BYTES, AuthError, AuthUnavailable, Principal, TokenVerifier, bearer_token
+from imgpipe.auth import (
+    MAX_JWKS_BYTES,
+    VERIFIED_TTL_S,
+    AuthError,
+    AuthUnavailable,
+    Principal,
+    TokenVerifier,
+    bearer_token,
+)
 from imgpipe.settings import AuthSettings
 
 from tests.stack import local_http
@@ -197,6 +205,60 @@ async def test_not_yet_valid_is_invalid() -> None:
     assert (await _verifier().verify(_token(_claims(nbf=now + 10)))).sub == "alice"  # within the leeway
 
 
+async def test_a_verified_token_is_not_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = _verifier()
+    decoded: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda token, *a, **kw: decoded.append(token) or real(token, *a, **kw))
+    token = _token(_claims(scope="admin"))
+    for _ in range(5):
+        assert (await verifier.verify(token)) == Principal("alice", frozenset({"admin"}))
+    assert decoded == [token]
+    # Another token, even one differing only in its signature, is checked on its own.
+    head, payload, signature = token.split(".")
+    forged = f"{head}.{payload}.{signature[:-2]}{'AA' if signature[-2:] != 'AA' else 'BB'}"
+    await _rejected(verifier, forged)
+    await _rejected(verifier, forged)
+    assert decoded == [token, forged, forged]  # a refusal is never remembered
+
+
+async def test_a_remembered_token_still_expires() -> None:
+    verifier = _verifier(jwt_leeway_s=0)
+    exp = time.time() + 1.2
+    token = _token(_claims(exp=exp))
+    assert (await verifier.verify(token)).sub == "alice"
+    await asyncio.sleep(exp - time.time() + 0.05)
+    assert (await _rejected(verifier, token)).code == "token_expired"
+
+
+async def test_remembered_tokens_are_checked_again_after_a_minute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    verifier = TokenVerifier(AuthSettings(env="test", jwt_secret=SECRET), clock=lambda: clock[0])
+    decoded: list[str] = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda token, *a, **kw: decoded.append(token) or real(token, *a, **kw))
+    token = _token(_claims())
+    await verifier.verify(token)
+    clock[0] += VERIFIED_TTL_S - 1
+    await verifier.verify(token)
+    assert len(decoded) == 1
+    clock[0] += 1
+    await verifier.verify(token)
+    assert len(decoded) == 2
+
+
+async def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("imgpipe.auth.VERIFIED_MAX", 8)
+    verifier = _verifier()
+    tokens = [_token(_claims(sub=f"user-{i}")) for i in range(20)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert len(verifier._verified) == 8
+    assert list(verifier._verified) == tokens[-8:]  # the oldest went first
+
+
 @pytest.mark.parametrize("garbage", ["", "abc", "a.b.c", "a.b", "....", "eyJhbGciOiJIUzI1NiJ9..x"])
 async def test_garbage_is_invalid(garbage: str) -> None:
     assert (await _rejected(_verifier(), garbage)).code == "invalid_token"
@@ -330,6 +392,9 @@ def _idp_claims(**extra: Any) -> dict[str, Any]:
 
 def _signed(private_key: Any, kid: str | None, algorithm: str = "RS256", **claims: Any) -> str:
     headers = {"kid": kid} if kid is not None else None
+    # A fresh token each call (its own jti): the verifier remembers tokens it has verified, and these
+    # tests are about how it finds keys.
+    claims = {"jti": uuid.uuid4().hex, **claims}
     return jwt.encode({**_idp_claims(), **claims}, private_key, algorithm=algorithm, headers=headers)
 
 

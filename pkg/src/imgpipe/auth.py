@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: A JWKS is a few keys (a few KiB); anything much bigger is not one.
 MAX_JWKS_BYTES = 256 * 1024
+#: How long a verified token is trusted without checking it again (never past its `exp`).
+VERIFIED_TTL_S = 60.0
+#: Most verified tokens remembered at once (a few hundred bytes each).
+VERIFIED_MAX = 10_000
 
 
 class AuthError(Exception):
@@ -249,6 +253,9 @@ class TokenVerifier:
         # The secret as a ready key per HS* algorithm: handed a plain string, pyjwt re-checks on
         # every call that it is not a PEM or SSH key (a fifth of a token check's CPU).
         self._hmac_keys: dict[str, jwt.PyJWK] = {}
+        # token -> (principal, its exp, when it was checked on `clock`)
+        self._verified: dict[str, tuple[Principal, float, float]] = {}
+        self._clock = clock
         if not settings.jwt_jwks_url:
             secret = base64.urlsafe_b64encode(self._key.encode()).rstrip(b"=").decode()
             self._hmac_keys = {alg: jwt.PyJWK({"kty": "oct", "k": secret}, alg) for alg in self._algorithms}
@@ -262,7 +269,28 @@ class TokenVerifier:
             )
 
     async def verify(self, token: str) -> Principal:
-        """The principal of a valid token; `AuthError` (401) or `AuthUnavailable` (503) otherwise."""
+        """The principal of a valid token; `AuthError` (401) or `AuthUnavailable` (503) otherwise.
+
+        A token that verified is remembered (by its exact text, signature included) until its `exp`
+        or for `VERIFIED_TTL_S`, whichever is sooner: clients send the same token with every
+        request, and checking its signature again each time was a seventh of `POST /jobs`' CPU. The
+        short bound keeps a key withdrawn from the JWKS effective within a minute.
+        """
+        known = self._verified.get(token)
+        if known is not None:
+            principal, exp, checked_at = known
+            # `exp` is wall-clock time (as in the token); the bound runs on the verifier's clock.
+            if time.time() < exp and self._clock() - checked_at < VERIFIED_TTL_S:
+                return principal
+            del self._verified[token]
+        principal, exp = await self._verify(token)
+        if len(self._verified) >= VERIFIED_MAX:
+            # Oldest first (dicts keep insertion order): a flood of distinct tokens cannot grow it.
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (principal, exp, self._clock())
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -282,7 +310,8 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub or len(sub) > 256:
             raise AuthError("invalid_token", "the token's sub must be a non-empty string")
-        return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim)))
+        # `exp` is required and pyjwt has checked it is a number in the future.
+        return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim))), float(claims["exp"])
 
     def _decode(self, token: str, key: jwt.PyJWK, algorithm: str) -> dict[str, Any]:
         required = ["exp", "sub"]
