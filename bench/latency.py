@@ -4,7 +4,8 @@ One job at a time through the real client path: `POST /jobs` on the api (source 
 then the job's SSE stream on the status service until `succeeded` arrives. The clock starts before the
 POST and stops when the `succeeded` event is read. The raw processing time is `imaging.render` of the
 same image and variants in this process, with libvips configured as the worker configures it; the
-overhead of a job is its latency minus the median raw time.
+overhead of a job is its latency minus the median raw time. The three S3 calls of a job are also
+timed on their own against the same S3 server, and the overhead net of them is reported beside it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,43 @@ async def _jobs(api: str, status: str, key: str, count: int) -> list[float]:
     return out
 
 
+async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
+    """Time, one after the other, the three S3 calls a job makes, as the services make them.
+
+    The api's HEAD of the source, the worker's GET of it and its PUT of the thumbnail, through
+    `imgpipe.storage` against the same S3 server. On moto these take a large, fixed share of the
+    latency that S3 or MinIO would not, so the report also gives the overhead net of them.
+    """
+    from imgpipe.settings import S3Settings
+    from imgpipe.storage import Storage
+
+    storage = Storage(
+        S3Settings(
+            s3_endpoint_url=stack.s3_url,
+            s3_bucket=stack.env["IMGPIPE_S3_BUCKET"],
+            s3_force_path_style=True,
+            aws_region="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+    )
+    thumb = await storage.get(key, max_bytes=1 << 30)  # any bytes of a thumbnail's size will do
+    thumb = thumb[:20_000]
+    out = []
+    try:
+        for i in range(count + 2):
+            started = time.perf_counter()
+            await storage.head(key)
+            await storage.get(key, max_bytes=1 << 30)
+            await storage.put(f"variants/bench/{i}.jpg", thumb, "image/jpeg")
+            if i >= 2:  # the first two warm the connections up
+                out.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+    finally:
+        await storage.close()
+    return out
+
+
 def measure(logdir: Path, *, jobs: int, log=print) -> dict:
     stack = BenchStack(logdir)
     try:
@@ -73,6 +111,7 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         stack.start("worker")  # the default configuration
         asyncio.run(_jobs(api, status, key, 3))  # warm-up
         latencies = asyncio.run(_jobs(api, status, key, jobs))
+        s3 = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3)))
     finally:
         stack.close()
     raw = raw_render_s(max(10, jobs // 3))
@@ -86,4 +125,7 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         "latency_ms": {p: pct(latencies, q) * ms for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
         "raw_render_ms": {"p50": raw_med * ms, "min": min(raw) * ms},
         "overhead_ms": {p: pct(overhead, q) * ms for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
+        # The S3 server's share: HEAD + GET of the source and PUT of a thumbnail, one job's worth.
+        "s3_calls_ms": {"p50": median(s3) * ms, "min": min(s3) * ms},
+        "overhead_net_of_s3_ms": {"p50": (pct(overhead, 50) - median(s3)) * ms},
     }

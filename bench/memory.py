@@ -12,22 +12,32 @@ import asyncio
 from pathlib import Path
 
 from bench import corpus
-from bench.harness import BenchStack, cpu_count, open_publisher, statuses, submit_direct, vm_hwm_mb, vm_rss_mb
+from bench.harness import (
+    BenchStack,
+    cpu_count,
+    open_publisher,
+    statuses,
+    submit_and_wait,
+    submit_direct,
+    vm_hwm_mb,
+    vm_rss_mb,
+)
 from bench.throughput import FOUR, _variants
 
 IMAGES = ("jpeg-24mp", "jpeg-24mp-progressive", "jpeg-100mp")
 
 
 async def _run(stack: BenchStack, key: str, jobs: int) -> dict:
-    from bench.harness import wait_terminal
-
     store = stack.job_store()
     connection, publisher = await open_publisher(stack.namespace)
     try:
-        ids = await asyncio.gather(
-            *(submit_direct(store, publisher, key, _variants(FOUR)) for _ in range(jobs))
-        )
-        await wait_terminal(store, set(ids), 300)
+
+        async def submit() -> list[str]:
+            return await asyncio.gather(
+                *(submit_direct(store, publisher, key, _variants(FOUR)) for _ in range(jobs))
+            )
+
+        ids, _ = await submit_and_wait(store, submit, 300)
         return await statuses(store, ids)
     finally:
         await connection.close()

@@ -88,6 +88,15 @@ def rows(res: dict) -> list[dict]:
             )
         )
         out.append(_row("latency", "overhead p95 / p99", f"{o['p95']:.1f} / {o['p99']:.1f} ms"))
+        if "s3_calls_ms" in lat:
+            out.append(
+                _row(
+                    "latency",
+                    "overhead net of the S3 server's time for the job's 3 calls, p50",
+                    f"{lat['overhead_net_of_s3_ms']['p50']:.1f} ms",
+                    f"HEAD+GET+PUT alone {lat['s3_calls_ms']['p50']:.1f} ms",
+                )
+            )
         out.append(
             _row(
                 "latency",
