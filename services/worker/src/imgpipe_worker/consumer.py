@@ -99,8 +99,12 @@ class Consumer:
         self._store = store
         self._storage = storage
         self._config = config
-        # One thread per concurrent job: libvips releases the GIL, so renders run in parallel.
+        # One thread per concurrent render: libvips releases the GIL, so renders run in parallel.
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="render")
+        # `concurrency` is how many renders run at once. One message more than that is taken, so
+        # the next job's download overlaps the renders and a render slot that frees up starts the
+        # next render at once instead of idling a core through a GET (see `_run`).
+        self._render_slots = asyncio.Semaphore(config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscription: broker.Subscription | None = None
         self._subscriber: asyncio.Task[None] | None = None
@@ -117,19 +121,24 @@ class Consumer:
         self._subscriber = asyncio.create_task(self._subscribe(), name="subscribe")
 
     async def _subscribe(self) -> None:
-        # Prefetch equals concurrency: every message we hold is being worked on, none waits here
-        # while another worker idles.
+        # Prefetch is concurrency + 1: one job ahead, downloading while the renders run. More would
+        # hold messages here that an idle worker could be taking.
         self._subscription = await broker.subscribe(
             self._connection,
             self._publisher.topology,
             self._publisher.topology.jobs_queue,
             self._on_message,
-            prefetch=self._config.concurrency,
+            prefetch=self.prefetch,
         )
         log.info(
             "consuming",
             extra={"queue": self._publisher.topology.jobs_queue, "concurrency": self._config.concurrency},
         )
+
+    @property
+    def prefetch(self) -> int:
+        """Messages held at once: the renders in flight and one job ahead."""
+        return self._config.concurrency + 1
 
     async def ready(self) -> None:
         """Readiness: subscribed, on a channel that is open now (it is not during a reconnect)."""
@@ -199,8 +208,8 @@ class Consumer:
             await message.ack()
             return
         try:
-            async with asyncio.timeout(self._config.job_timeout_s):
-                results = await self._run(job)
+            async with asyncio.timeout(self._config.job_timeout_s) as budget:
+                results = await self._run(job, budget)
         except JobFailed as exc:
             failure = exc
         except TimeoutError:
@@ -248,19 +257,32 @@ class Consumer:
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
-    async def _run(self, job: JobMessage) -> list[VariantResult]:
+    async def _run(self, job: JobMessage, budget: asyncio.Timeout) -> list[VariantResult]:
         data = await self._source(job)
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        # Waiting for a render slot (behind another job's render) is not this job's time: the
+        # budget is suspended meanwhile and then pushed back by the wait.
+        deadline, waiting = budget.when(), loop.time()
+        budget.reschedule(None)
         try:
-            # Run in a copy of this context so libvips' log lines carry the job and request ids.
-            context = contextvars.copy_context()
-            rendered = await loop.run_in_executor(
-                self._pool, context.run, imaging.render, data, job.variants, self._config.limits
-            )
-        except imaging.ImageError as exc:
-            raise JobFailed(exc.code, exc.message, transient=False) from None
-        elapsed = time.perf_counter() - started
+            await self._render_slots.acquire()
+        finally:
+            if deadline is not None:
+                budget.reschedule(deadline + loop.time() - waiting)
+        try:
+            started = time.perf_counter()
+            try:
+                # Run in a copy of this context so libvips' log lines carry the job and request ids.
+                context = contextvars.copy_context()
+                rendered = await loop.run_in_executor(
+                    self._pool, context.run, imaging.render, data, job.variants, self._config.limits
+                )
+            except imaging.ImageError as exc:
+                raise JobFailed(exc.code, exc.message, transient=False) from None
+            elapsed = time.perf_counter() - started
+        finally:
+            self._render_slots.release()
+        del data  # the source is not needed any more: free it before the uploads
         for fmt in {v.format for v in job.variants}:
             VARIANT_SECONDS.labels(fmt).observe(elapsed)
         keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", frozen=True)
 
-    #: Jobs processed at once by one worker process (and the broker prefetch).
+    #: Renders at once in one worker process; it holds one message more (the next job downloading).
     worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     #: Threads libvips may use for one image; jobs already run in parallel, so 1 is usually best.
     vips_concurrency: int = Field(default=1, ge=1, le=64)
