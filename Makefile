@@ -43,8 +43,8 @@ format: install ## Format the code
 dev: install ## Run api :8000, status :8001, worker :8002, reconciler :8003 locally (+ a local S3 on :9000)
 	@mkdir -p .dev; trap 'kill 0' EXIT INT TERM; \
 	if [ -z "$$IMGPIPE_S3_ENDPOINT_URL" ]; then \
-		$(BIN)/python -m moto.server -H 127.0.0.1 -p $(DEV_S3_PORT) > .dev/s3.log 2>&1 & \
-		for i in $$(seq 50); do curl -fs http://127.0.0.1:$(DEV_S3_PORT)/moto-api/ >/dev/null && break; sleep 0.2; done; \
+		$(BIN)/python -m tests.s3server $(DEV_S3_PORT) > .dev/s3.log 2>&1 & \
+		for i in $$(seq 50); do curl -fs http://127.0.0.1:$(DEV_S3_PORT)/ >/dev/null && break; sleep 0.2; done; \
 		$(DEV_ENV) $(BIN)/python -c "import asyncio; from imgpipe.settings import S3Settings, load; from imgpipe.storage import Storage; asyncio.run(Storage(load(S3Settings)).ensure_bucket())"; \
 	fi; \
 	$(DEV_ENV) $(BIN)/imgpipe-api --port 8000 & \

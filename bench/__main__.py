@@ -93,7 +93,7 @@ def main() -> None:
     corpus.load((*corpus.THROUGHPUT, corpus.HUGE))
     plan = {
         "throughput": lambda: throughput.measure(
-            logdir / "throughput", rounds=3, jobs=12 if q else 24, thumbor=not (q or args.no_thumbor), log=log
+            logdir / "throughput", rounds=3, jobs=24 if q else 48, thumbor=not (q or args.no_thumbor), log=log
         ),
         "latency": lambda: latency.measure(logdir / "latency", jobs=15 if q else 60, log=log),
         "api": lambda: api.measure(logdir / "api", rounds=3, seconds=2 if q else 5, connections=32, log=log),

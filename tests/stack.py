@@ -69,13 +69,14 @@ def start_moto(stdout: Any = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]
     """
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "tests.s3server", str(port)],
         stdout=stdout,
         stderr=subprocess.STDOUT,
+        cwd=REPO,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/moto-api/", proc=proc)
+        wait_http(f"{url}/", proc=proc)  # ListBuckets
     except BaseException:
         proc.kill()
         proc.wait()
