@@ -229,6 +229,19 @@ async def test_transfers_do_not_retry_a_refusal(status: int, code: str) -> None:
     assert len(s3.seen) == 2
 
 
+async def test_head_without_a_date_is_refused() -> None:
+    s3 = FlakyS3()  # answers 200 with no Last-Modified: not an S3 we can check a grant against
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(_settings(endpoint, "bucket"))
+        try:
+            with pytest.raises(StorageError) as info:
+                await storage.head("uploads/k")
+        finally:
+            await storage.close()
+    assert (info.value.code, info.value.transient) == ("storage_error", False)
+    assert [m for m, _, _ in s3.seen] == ["HEAD"]
+
+
 async def test_put_stores_type_and_cache_control(storage: Storage, s3_endpoint: str) -> None:
     await storage.put("variants/o/j/thumb.webp", b"RIFF....WEBP", "image/webp")
     head = _raw(s3_endpoint).head_object(Bucket=storage.bucket, Key="variants/o/j/thumb.webp")
