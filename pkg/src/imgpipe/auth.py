@@ -19,12 +19,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
-import jwt
 
 from imgpipe.settings import AuthSettings
+
+if TYPE_CHECKING:
+    # pyjwt (and with it `cryptography`: 9-14 MB of resident memory) is imported by the functions
+    # that check or make tokens, on first use, not with this module: the worker and the
+    # reconciler import this module through `imgpipe.web` and never check a token.
+    import jwt
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +149,8 @@ class JwksKeys:
         )
 
     def _bind(self, kid: str, jwk: dict[str, Any], algorithm: str) -> jwt.PyJWK:
+        import jwt  # on first use: see the note on the import at the top
+
         # The header's algorithm must be the one the key is published for (when it says), and must
         # fit the key's type: PyJWK refuses e.g. an EC key for RS256, or an RSA key for HS256.
         if jwk.get("alg") not in (None, algorithm):
@@ -186,6 +193,8 @@ class JwksKeys:
         log.info("jwks fetched", extra={"jwks_url": self.url, "reason": reason, "keys": len(jwks)})
 
     async def _fetch(self) -> dict[str, dict[str, Any]]:
+        import jwt  # on first use: see the note on the import at the top
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self._timeout_s),
@@ -243,6 +252,8 @@ class TokenVerifier:
     """
 
     def __init__(self, settings: AuthSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        import jwt  # on first use: see the note on the import at the top
+
         self._key = settings.jwt_secret.get_secret_value()
         self._algorithms = list(settings.jwt_algorithms)
         self._audience = settings.jwt_audience
@@ -291,6 +302,8 @@ class TokenVerifier:
         return principal
 
     async def _verify(self, token: str) -> tuple[Principal, float]:
+        import jwt  # on first use: see the note on the import at the top
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -314,6 +327,8 @@ class TokenVerifier:
         return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim))), float(claims["exp"])
 
     def _decode(self, token: str, key: jwt.PyJWK, algorithm: str) -> dict[str, Any]:
+        import jwt  # on first use: see the note on the import at the top
+
         required = ["exp", "sub"]
         if self._audience:
             required.append("aud")
@@ -349,6 +364,8 @@ class TokenVerifier:
 
     def issue(self, sub: str, *, scopes: str = "", ttl_s: int = 3600) -> str:
         """Mint a token with the configured secret (development and tests; production uses an IdP)."""
+        import jwt  # on first use: see the note on the import at the top
+
         if self.jwks is not None:
             raise RuntimeError("tokens come from the identity provider when IMGPIPE_JWT_JWKS_URL is set")
         now = int(time.time())
