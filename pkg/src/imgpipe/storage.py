@@ -31,10 +31,10 @@ from imgpipe.models import EXTENSIONS
 from imgpipe.settings import S3Settings
 from imgpipe.store import owner_id
 
-UPLOAD_PREFIX = "uploads/"
-VARIANT_PREFIX = "variants/"
 T = TypeVar("T")
 
+UPLOAD_PREFIX = "uploads/"
+VARIANT_PREFIX = "variants/"
 #: Most keys S3 takes in one DeleteObjects request (and the size of one listing page).
 BATCH = 1000
 
@@ -118,7 +118,7 @@ def _transient(exc: Exception) -> bool:
     return True  # BotoCoreError: connection trouble, timeouts
 
 
-#: Lifetime of the presigned URLs `get` and `put` use themselves (made just before each request).
+#: Lifetime of the presigned URLs `head`, `get` and `put` use themselves (made just before each request).
 _TRANSFER_URL_TTL_S = 300
 _TRANSFER_ATTEMPTS = 3
 _TRANSFER_BACKOFF_S = 0.1
@@ -291,7 +291,7 @@ class Storage:
         await self._transfer("PUT", key, send)
 
     async def close(self) -> None:
-        """Close the connections `get` and `put` opened."""
+        """Close the connections `head`, `get` and `put` opened."""
         if self._http is not None:
             await self._http.close()
             self._http = None
