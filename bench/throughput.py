@@ -21,9 +21,11 @@ with all of their variants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -239,6 +241,9 @@ class Thumbor:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            # `--processes N` forks: its own process group lets `close` stop the children too
+            # (terminating the parent alone left them running).
+            start_new_session=True,
         )
         wait_http(f"http://127.0.0.1:{self.port}/healthcheck", timeout=60, proc=self.proc)
 
@@ -277,11 +282,15 @@ class Thumbor:
             return count / (time.perf_counter() - started)
 
     def close(self) -> None:
-        self.proc.terminate()
+        group = os.getpgid(self.proc.pid)
+        os.killpg(group, signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # whatever of the group is still there
+        self.proc.wait()
         self._log.close()
 
 
