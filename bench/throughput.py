@@ -12,8 +12,8 @@ with all of their variants.
 - imgpipe: the worker processes, fed through the real broker with every job's source in S3 (moto) and
   its status in Redis. Jobs are published directly with the store and publisher the api uses (so the
   api's cost is excluded; it is measured on its own); the clock runs from the first publish to the
-  moment Redis shows the last job terminal. Two layouts: N workers x concurrency 1, and 1 worker x
-  concurrency N; the better is the headline figure.
+  last job's terminal change on the store's channel. Two layouts: N workers x concurrency 1, and
+  1 worker x concurrency N; the one with the better median ratio is the headline figure.
 - thumbor (a real peer, from PyPI, in its own venv): `--processes N`, file loader on the corpus
   directory, one HTTP request per variant (thumbor has no multi-variant request), result storage off.
 """
