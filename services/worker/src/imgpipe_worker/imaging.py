@@ -487,7 +487,20 @@ def _needs_colour_management(header: pyvips.Image) -> bool:
     return not (header.format == "uchar" and header.interpretation == "srgb")
 
 
-def _from_buffer(data: bytes, width: int, *, managed: bool = True, **kwargs: object) -> pyvips.Image:
+# Loaders that cannot shrink while decoding: for them `thumbnail_buffer` would only parse the header a
+# second time (9 ms of a 12 MB PNG's 100), so the thumbnail is cut from the probed header image instead.
+_NO_SHRINK_ON_LOAD = frozenset({"pngload_buffer"})
+
+
+def _from_buffer(
+    data: bytes,
+    width: int,
+    *,
+    managed: bool = True,
+    header: pyvips.Image | None = None,
+    **kwargs: object,
+) -> pyvips.Image:
+    # header: the image `_probe` opened (sequential), offered for reuse; it must not be used again.
     # output_profile: convert to sRGB using the embedded ICC profile when there is one (otherwise an
     # Adobe RGB / P3 / CMYK image would come out with wrong colours once we strip the profile); CMYK
     # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
@@ -497,23 +510,9 @@ def _from_buffer(data: bytes, width: int, *, managed: bool = True, **kwargs: obj
     # does not reach the loader, so a truncated file would silently come out half grey.
     if managed:
         kwargs["output_profile"] = "srgb"
+    if header is not None and _get(header, "vips-loader", "") in _NO_SHRINK_ON_LOAD:
+        return header.thumbnail_image(width, **kwargs)  # opened with fail_on already
     return pyvips.Image.thumbnail_buffer(data, width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
-
-
-# Formats libvips cannot shrink while decoding: `thumbnail_buffer` would only parse their header a
-# second time (9 ms of a 12 MB PNG's 100), so their one thumbnail is cut from the probed header image.
-_NO_SHRINK_ON_LOAD = frozenset({"png"})
-
-
-def _thumbnail_once(
-    data: bytes, info: SourceInfo, header: pyvips.Image, width: int, *, managed: bool, **kwargs: object
-) -> pyvips.Image:
-    """A thumbnail of the source, decoding it once; `header` (sequential) must not be used again."""
-    if info.format in _NO_SHRINK_ON_LOAD:
-        if managed:
-            kwargs["output_profile"] = "srgb"
-        return header.thumbnail_image(width, **kwargs)
-    return _from_buffer(data, width, managed=managed, **kwargs)
 
 
 def _to_srgb8(image: pyvips.Image) -> pyvips.Image:
@@ -584,7 +583,7 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     process it, and `processing_timeout` when the whole call takes longer than `limits.timeout_s`.
     """
     deadline = _Deadline(limits.timeout_s)
-    info, header = _probe(data, limits)
+    _info, header = _probe(data, limits)
     if not variants:
         return []
     try:
@@ -593,9 +592,9 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
             variant = variants[0]
             width, kwargs = _thumbnail_args(variant)
             managed = _needs_colour_management(header)
-            image = _thumbnail_once(data, info, header, width, managed=managed, **kwargs)
+            image = _from_buffer(data, width, managed=managed, header=header, **kwargs)
             return [_finish(image, variant, deadline)]
-        return _render_many(data, info, header, variants, deadline)
+        return _render_many(data, header, variants, deadline)
     except pyvips.Error as exc:
         if deadline.expired():
             raise deadline.error() from exc
@@ -603,7 +602,7 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
 
 
 def _render_many(
-    data: bytes, info: SourceInfo, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline
+    data: bytes, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline
 ) -> list[Rendered]:
     width, height = _oriented_size(header)
     scale = max(_scale_needed(v, width, height) for v in variants)
@@ -623,7 +622,7 @@ def _render_many(
         return results
 
     deadline.check()
-    lazy = _thumbnail_once(data, info, header, inter_w, managed=managed, height=inter_h, size="down")
+    lazy = _from_buffer(data, inter_w, managed=managed, header=header, height=inter_h, size="down")
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()
