@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench import corpus
 from bench.harness import OWNER, BenchStack, median, pct, token
+from tests.stack import s3_settings
 
 IMAGE = "jpeg-12mp"
 VARIANTS = ["thumb"]
@@ -71,19 +72,9 @@ async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
     `imgpipe.storage` against the same S3 server. On moto these take a large, fixed share of the
     latency that S3 or MinIO would not, so the report also gives the overhead net of them.
     """
-    from imgpipe.settings import S3Settings
     from imgpipe.storage import Storage
 
-    storage = Storage(
-        S3Settings(
-            s3_endpoint_url=stack.s3_url,
-            s3_bucket=stack.env["IMGPIPE_S3_BUCKET"],
-            s3_force_path_style=True,
-            aws_region="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-    )
+    storage = Storage(s3_settings(stack.s3_url, stack.env["IMGPIPE_S3_BUCKET"]))
     thumb = await storage.get(key, max_bytes=1 << 30)  # any bytes of a thumbnail's size will do
     thumb = thumb[:20_000]
     out = []

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from imgpipe.auth import TokenVerifier
-from imgpipe.settings import AuthSettings
+from imgpipe.settings import AuthSettings, S3Settings
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = Path(os.environ.get("IMGPIPE_TESTDATA", REPO.parent / "shared" / "testdata"))
@@ -100,6 +100,19 @@ def service_env(namespace: str, s3_url: str, *, bucket: str = BUCKET, **override
         "IMGPIPE_JWT_SECRET": JWT_SECRET,
         **overrides,
     }
+
+
+def s3_settings(endpoint: str, bucket: str, **extra: Any) -> S3Settings:
+    """Settings for `imgpipe.storage.Storage` on the test S3 at `endpoint` (path style, moto's keys)."""
+    return S3Settings(
+        s3_endpoint_url=endpoint,
+        s3_bucket=bucket,
+        s3_force_path_style=True,
+        aws_region="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        **extra,
+    )
 
 
 #: Retry delays of every topology our runs declare: the tests' (1, 2) and the defaults (1, 5, 30, 120).

@@ -11,7 +11,6 @@ import aiohttp
 import boto3
 import pytest
 from aiohttp import web
-from imgpipe.settings import S3Settings
 from imgpipe.storage import (
     UPLOAD_PREFIX,
     ObjectNotFound,
@@ -24,19 +23,7 @@ from imgpipe.storage import (
 )
 from imgpipe.store import owner_id
 
-from tests.stack import free_port, local_http, presigned_form
-
-
-def _settings(endpoint: str, bucket: str, **extra: object) -> S3Settings:
-    return S3Settings(
-        s3_endpoint_url=endpoint,
-        s3_bucket=bucket,
-        s3_force_path_style=True,
-        aws_region="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        **extra,
-    )
+from tests.stack import free_port, local_http, presigned_form, s3_settings
 
 
 def _raw(endpoint: str):  # type: ignore[no-untyped-def]
@@ -52,7 +39,7 @@ def _raw(endpoint: str):  # type: ignore[no-untyped-def]
 @pytest.fixture
 async def storage(s3_endpoint: str) -> AsyncIterator[Storage]:
     bucket = f"imgpipe-unit-{uuid.uuid4().hex[:12]}"
-    storage = Storage(_settings(s3_endpoint, bucket))
+    storage = Storage(s3_settings(s3_endpoint, bucket))
     await storage.ensure_bucket()
     try:
         yield storage
@@ -74,7 +61,7 @@ async def test_ensure_bucket_creates_once_and_is_idempotent(s3_endpoint: str) ->
     bucket = f"imgpipe-unit-{uuid.uuid4().hex[:12]}"
     raw = _raw(s3_endpoint)
     assert bucket not in {b["Name"] for b in raw.list_buckets()["Buckets"]}
-    storage = Storage(_settings(s3_endpoint, bucket))
+    storage = Storage(s3_settings(s3_endpoint, bucket))
     try:
         await storage.ensure_bucket()
         await storage.put("a", b"kept", "text/plain")
@@ -158,7 +145,7 @@ def test_key_layout() -> None:
 
 async def test_unreachable_endpoint_is_transient() -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    storage = Storage(_settings(closed, "nowhere"))
+    storage = Storage(s3_settings(closed, "nowhere"))
     started = time.monotonic()
     try:
         with pytest.raises(StorageError) as info:
@@ -198,7 +185,7 @@ class FlakyS3:
 async def test_transfers_retry_what_s3_asks_to_retry(status: int) -> None:
     s3 = FlakyS3(status, status)
     async with local_http(s3.app()) as endpoint:
-        storage = Storage(_settings(endpoint, "bucket"))
+        storage = Storage(s3_settings(endpoint, "bucket"))
         try:
             assert await storage.get("uploads/k", max_bytes=100) == b"stored bytes"
             assert [m for m, _, _ in s3.seen] == ["GET"] * 3
@@ -216,7 +203,7 @@ async def test_transfers_retry_what_s3_asks_to_retry(status: int) -> None:
 async def test_transfers_do_not_retry_a_refusal(status: int, code: str) -> None:
     s3 = FlakyS3(status, status)
     async with local_http(s3.app()) as endpoint:
-        storage = Storage(_settings(endpoint, "bucket"))
+        storage = Storage(s3_settings(endpoint, "bucket"))
         try:
             with pytest.raises(StorageError) as info:
                 await storage.get("uploads/k", max_bytes=100)
@@ -232,7 +219,7 @@ async def test_transfers_do_not_retry_a_refusal(status: int, code: str) -> None:
 async def test_head_without_a_date_is_refused() -> None:
     s3 = FlakyS3()  # answers 200 with no Last-Modified: not an S3 we can check a grant against
     async with local_http(s3.app()) as endpoint:
-        storage = Storage(_settings(endpoint, "bucket"))
+        storage = Storage(s3_settings(endpoint, "bucket"))
         try:
             with pytest.raises(StorageError) as info:
                 await storage.head("uploads/k")
@@ -255,7 +242,7 @@ async def test_put_signs_the_headers_it_sends() -> None:
     # those sent. So check what goes over the wire: both headers sent are named as signed.
     s3 = FlakyS3()
     async with local_http(s3.app()) as endpoint:
-        storage = Storage(_settings(endpoint, "bucket"))
+        storage = Storage(s3_settings(endpoint, "bucket"))
         try:
             await storage.put("variants/k.png", b"data", "image/png")
         finally:
@@ -271,7 +258,7 @@ async def test_put_signs_the_headers_it_sends() -> None:
 async def test_public_endpoint_is_used_for_presigned_urls(s3_endpoint: str, storage: Storage) -> None:
     port = urlsplit(s3_endpoint).port
     public = f"http://localhost:{port}"
-    signer = Storage(_settings(s3_endpoint, storage.bucket, s3_public_endpoint_url=public))
+    signer = Storage(s3_settings(s3_endpoint, storage.bucket, s3_public_endpoint_url=public))
     await signer.put("k", b"through the public name", "text/plain")
     await signer.close()
     url = signer.presign_download("k")

@@ -12,12 +12,11 @@ import boto3
 import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
-from imgpipe.settings import S3Settings
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 
 from tests.isolated import fresh_namespace
-from tests.stack import AMQP_URL, drop_namespace
+from tests.stack import AMQP_URL, drop_namespace, s3_settings
 
 
 @pytest.fixture
@@ -58,15 +57,7 @@ def store(redis_client: aioredis.Redis, rc_namespace: str) -> JobStore:
 
 @pytest.fixture
 def storage(rc_env: dict[str, str]) -> Storage:
-    return Storage(
-        S3Settings(
-            s3_endpoint_url=rc_env["IMGPIPE_S3_ENDPOINT_URL"],
-            s3_bucket=rc_env["IMGPIPE_S3_BUCKET"],
-            s3_force_path_style=True,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-    )
+    return Storage(s3_settings(rc_env["IMGPIPE_S3_ENDPOINT_URL"], rc_env["IMGPIPE_S3_BUCKET"]))
 
 
 @pytest.fixture

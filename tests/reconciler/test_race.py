@@ -15,14 +15,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
-from imgpipe.settings import S3Settings
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore, owner_id
 from imgpipe_reconciler.reconcile import Policy, Reconciler
 
 from tests.isolated import image, isolated_stack
 from tests.reconciler.conftest import keys
-from tests.stack import AMQP_URL, Client, Stack
+from tests.stack import AMQP_URL, Client, Stack, s3_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -51,15 +50,7 @@ async def reconciler(pipeline: Stack, redis_client: aioredis.Redis) -> AsyncIter
     namespace = env["IMGPIPE_NAMESPACE"]
     connection = await broker.connect(AMQP_URL)
     publisher = broker.Publisher(connection, broker.Topology(namespace, (1, 2)))
-    storage = Storage(
-        S3Settings(
-            s3_endpoint_url=env["IMGPIPE_S3_ENDPOINT_URL"],
-            s3_bucket=env["IMGPIPE_S3_BUCKET"],
-            s3_force_path_style=True,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-    )
+    storage = Storage(s3_settings(env["IMGPIPE_S3_ENDPOINT_URL"], env["IMGPIPE_S3_BUCKET"]))
     store = JobStore(redis_client, namespace, retention=timedelta(days=7))
     try:
         yield Reconciler(

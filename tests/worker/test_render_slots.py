@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator
 import pytest
 import pyvips
 from imgpipe.models import JobMessage, KeySource, Variant, utcnow
-from imgpipe.settings import S3Settings
 from imgpipe.storage import Storage
 from imgpipe_worker import consumer, imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
+
+from tests.stack import s3_settings
 
 RENDER_S = 0.5
 JOB_TIMEOUT_S = 1.5  # three renders' worth: the fourth job waits for three others before its own
@@ -29,14 +30,7 @@ JOB_TIMEOUT_S = 1.5  # three renders' worth: the fourth job waits for three othe
 
 @pytest.fixture
 async def storage(s3_endpoint: str) -> AsyncIterator[Storage]:
-    settings = S3Settings(
-        s3_endpoint_url=s3_endpoint,
-        s3_bucket=f"imgpipe-slots-{uuid.uuid4().hex[:10]}",
-        s3_force_path_style=True,
-        aws_region="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    settings = s3_settings(s3_endpoint, f"imgpipe-slots-{uuid.uuid4().hex[:10]}")
     storage = Storage(settings)
     await storage.ensure_bucket()
     try:
