@@ -14,11 +14,12 @@ a redelivered or duplicated message does no harm. Failures split in two:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -257,11 +258,14 @@ class Consumer:
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
-    async def _run(self, job: JobMessage, budget: asyncio.Timeout) -> list[VariantResult]:
-        data = await self._source(job)
+    @contextlib.asynccontextmanager
+    async def _render_slot(self, budget: asyncio.Timeout) -> AsyncIterator[None]:
+        """Hold one of the `concurrency` render slots for the block.
+
+        Waiting for a slot (behind another job's render) is not this job's time: `budget` is
+        suspended meanwhile and then pushed back by the wait.
+        """
         loop = asyncio.get_running_loop()
-        # Waiting for a render slot (behind another job's render) is not this job's time: the
-        # budget is suspended meanwhile and then pushed back by the wait.
         deadline, waiting = budget.when(), loop.time()
         budget.reschedule(None)
         try:
@@ -270,18 +274,23 @@ class Consumer:
             if deadline is not None:
                 budget.reschedule(deadline + loop.time() - waiting)
         try:
+            yield
+        finally:
+            self._render_slots.release()
+
+    async def _run(self, job: JobMessage, budget: asyncio.Timeout) -> list[VariantResult]:
+        data = await self._source(job)
+        async with self._render_slot(budget):
             started = time.perf_counter()
             try:
                 # Run in a copy of this context so libvips' log lines carry the job and request ids.
                 context = contextvars.copy_context()
-                rendered = await loop.run_in_executor(
+                rendered = await asyncio.get_running_loop().run_in_executor(
                     self._pool, context.run, imaging.render, data, job.variants, self._config.limits
                 )
             except imaging.ImageError as exc:
                 raise JobFailed(exc.code, exc.message, transient=False) from None
             elapsed = time.perf_counter() - started
-        finally:
-            self._render_slots.release()
         del data  # the source is not needed any more: free it before the uploads
         for fmt in {v.format for v in job.variants}:
             VARIANT_SECONDS.labels(fmt).observe(elapsed)
