@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import pyvips
 from imgpipe.models import CONTENT_TYPES, Variant
 
+from imgpipe_worker import progressive
+
 __all__ = [
     "ALLOWED_LOADERS",
     "ImageError",
@@ -512,7 +514,44 @@ def _from_buffer(
         kwargs["output_profile"] = "srgb"
     if header is not None and _get(header, "vips-loader", "") in _NO_SHRINK_ON_LOAD:
         return header.thumbnail_image(width, **kwargs)  # opened with fail_on already
+    if header is not None and _shrinks_by_8_on_load(header, width, kwargs):
+        reduced = _dc_only_image(data)
+        if reduced is not None:
+            return reduced.thumbnail_image(width, **kwargs)
     return pyvips.Image.thumbnail_buffer(data, width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
+
+
+# `thumbnail` decodes a JPEG at 1/8 scale when the image is to shrink this many times or more (libvips
+# leaves at least a factor of two to its resampling kernel after the block shrink of the decoder).
+_JPEG_SHRINK_8_FROM = 16
+
+
+def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, object]) -> bool:
+    """Whether `thumbnail` would decode this multi-scan JPEG at 1/8 scale for this target."""
+    if _get(header, "vips-loader", "") != "jpegload_buffer" or not _get(header, "jpeg-multiscan", 0):
+        return False
+    source_w, source_h = _oriented_size(header)
+    target_h = kwargs.get("height")
+    across = source_w / width
+    down = source_h / target_h if isinstance(target_h, int) and target_h > 0 else 0.0
+    # "cover" (crop) shrinks by the smaller factor, to fill the box; "inside" by the larger, to fit it.
+    shrink = min(across, down) if kwargs.get("crop") else max(across, down)
+    return shrink >= _JPEG_SHRINK_8_FROM
+
+
+def _dc_only_image(data: bytes) -> pyvips.Image | None:
+    """A progressive JPEG opened at 1/8 scale from its DC coefficients (`progressive.dc_only`).
+
+    The same pixels as the 1/8 decode `thumbnail_buffer` makes of the whole file, at a fraction of
+    the cost; None when the file is not one `dc_only` rewrites, and the caller decodes it whole.
+    """
+    reduced = progressive.dc_only(data)
+    if reduced is None:
+        return None
+    try:
+        return pyvips.Image.new_from_buffer(reduced, "", shrink=8, access="sequential", fail_on=_FAIL_ON)
+    except pyvips.Error:
+        return None
 
 
 def _to_srgb8(image: pyvips.Image) -> pyvips.Image:

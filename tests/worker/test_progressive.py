@@ -1,0 +1,181 @@
+"""Tests for the DC-only rewrite of progressive JPEGs (`imgpipe_worker.progressive`) and its use in
+`imaging.render`: the pixels must be exactly those of libvips' own 1/8-scale decode of the whole file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pyvips
+from imgpipe.models import Variant
+from imgpipe_worker import imaging, progressive
+from imgpipe_worker.imaging import Limits, render
+from imgpipe_worker.progressive import dc_only
+
+from tests.stack import TESTDATA
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _configured() -> None:
+    imaging.configure_libvips()
+
+
+def photo(width: int, height: int, *, bands: int = 3) -> pyvips.Image:
+    """Smooth noise with detail at every scale: AC coefficients that matter in every block."""
+    layers = [pyvips.Image.gaussnoise(width, height, mean=128, sigma=60) for _ in range(bands)]
+    image = layers[0].bandjoin(layers[1:]) if bands > 1 else layers[0]
+    image = (image.gaussblur(1.5) + pyvips.Image.xyz(width, height)[0] % 64).cast("uchar")
+    return image.copy(interpretation="srgb" if bands == 3 else "b-w")
+
+
+def progressive_jpeg(width: int = 1603, height: int = 1201, *, bands: int = 3, **save: object) -> bytes:
+    return photo(width, height, bands=bands).jpegsave_buffer(Q=85, interlace=True, **save)
+
+
+# Chroma subsampling decides which AC scans a 1/8 decode reads; odd sizes leave partial blocks and
+# MCUs; restart markers and libvips' scan splitting change the scan layout.
+SHAPES = {
+    "4:2:0": {},
+    "4:4:4": {"subsample_mode": "off"},
+    "grey": {"bands": 1},
+    "restart markers": {"restart_interval": 5},
+    "split scans": {"optimize_scans": True},
+    "small, odd": {"width": 41, "height": 23},
+}
+
+
+def _eighth(data: bytes) -> pyvips.Image:
+    # fail_on="warning": the rewritten file must not make libjpeg warn about anything either.
+    return pyvips.Image.new_from_buffer(data, "", shrink=8, fail_on="warning").copy_memory()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_eighth_decode_is_bit_identical(shape: str) -> None:
+    data = progressive_jpeg(**SHAPES[shape])
+    reduced = dc_only(data)
+    assert reduced is not None
+    full, dc = _eighth(data), _eighth(reduced)
+    assert (full.width, full.height, full.bands) == (dc.width, dc.height, dc.bands)
+    assert (full - dc).abs().max() == 0
+
+
+def test_the_rewrite_drops_the_ac_data_of_full_resolution_components() -> None:
+    data = progressive_jpeg(2000, 1500, subsample_mode="off")
+    reduced = dc_only(data)
+    assert reduced is not None and len(reduced) < len(data) / 3
+    # Decoded at full size, the AC coefficients are visibly gone: the file is for 1/8 scale only.
+    assert (
+        pyvips.Image.new_from_buffer(data, "") - pyvips.Image.new_from_buffer(reduced, "")
+    ).abs().avg() > 2
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(photo(64, 48).jpegsave_buffer(), id="baseline"),
+        pytest.param(progressive_jpeg(300, 200)[:-500], id="truncated"),
+        pytest.param(progressive_jpeg(300, 200)[:2000], id="header only"),
+        pytest.param(photo(64, 48).pngsave_buffer(), id="png"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b"\xff\xd8\xff", id="three bytes"),
+        pytest.param(b"\xff\xd8\xff\xc2\x00\x02\xff\xd9", id="empty frame header"),
+        pytest.param(
+            b"\xff\xd8" + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\xff\xd9", id="scan first"
+        ),
+    ],
+)
+def test_anything_else_is_left_alone(data: bytes) -> None:
+    assert dc_only(data) is None
+
+
+def test_garbage_between_segments_is_left_alone() -> None:
+    data = progressive_jpeg(300, 200)
+    first_scan = data.index(b"\xff\xda")
+    assert dc_only(data) is not None
+    assert dc_only(data[:first_scan] + b"garbage" + data[first_scan:]) is None
+
+
+def test_every_shared_test_image_is_parsed_without_error() -> None:
+    files = [p for p in TESTDATA.rglob("*") if p.is_file()]
+    assert len(files) > 100, f"test corpus missing under {TESTDATA}"
+    for path in files:
+        data = path.read_bytes()
+        for cut in (len(data), len(data) // 2, 10):
+            out = dc_only(data[:cut])
+            assert out is None or out.startswith(b"\xff\xd8")
+
+
+# ----------------------------------------------------------------------------- render
+
+
+def _thumb(width: int, height: int, fit: str = "inside") -> Variant:
+    return Variant(name="t", width=width, height=height, fit=fit, format="jpeg", quality=80)
+
+
+def _libvips_thumbnail(data: bytes, variant: Variant) -> pyvips.Image:
+    """What libvips' own thumbnail makes of the whole file, with render's colour handling."""
+    kwargs: dict[str, object] = {"height": variant.height, "size": "down"}
+    if variant.fit == "cover":
+        kwargs["crop"] = "centre"
+    return pyvips.Image.thumbnail_buffer(data, variant.width, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "box", "fit", "dc_used"),
+    [
+        ((3200, 2400), (200, 200), "inside", True),  # shrink 16: the smallest that decodes at 1/8
+        ((3200, 2400), (160, 150), "cover", True),  # cover shrinks by the smaller factor, 16
+        ((3200, 2400), (201, 201), "inside", False),  # shrink 15.9: libvips decodes at 1/4
+        ((3200, 2400), (200, 160), "cover", False),
+        ((2400, 3200), (200, 200), "inside", True),  # portrait
+    ],
+)
+def test_render_matches_libvips_thumbnail_exactly(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], box: tuple[int, int], fit: str, dc_used: bool
+) -> None:
+    rewrites: list[bool] = []
+    real = progressive.dc_only
+    monkeypatch.setattr(progressive, "dc_only", lambda data: rewrites.append(True) or real(data))
+    data = progressive_jpeg(*size)
+    variant = _thumb(*box, fit=fit)
+    [out] = render(data, [variant], Limits())
+    assert rewrites == ([True] if dc_used else [])
+    expected = _libvips_thumbnail(data, variant)
+    got = pyvips.Image.new_from_buffer(out.data, "")
+    assert (got.width, got.height) == (expected.width, expected.height)
+    # Bit-identical pixels give a bit-identical file with the same saver settings.
+    assert out.data == imaging._encode(expected, variant)
+
+
+def test_exif_orientation_is_applied_on_the_dc_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = photo(3200, 1600).copy()
+    image.set_type(pyvips.GValue.gint_type, "orientation", 6)  # stored sideways: 1600 wide once upright
+    data = image.jpegsave_buffer(Q=85, interlace=True)
+    rewrites: list[bool] = []
+    real = progressive.dc_only
+    monkeypatch.setattr(progressive, "dc_only", lambda d: rewrites.append(True) or real(d))
+    [out] = render(data, [_thumb(100, 100)], Limits())
+    assert rewrites == [True]
+    assert (out.width, out.height) == (50, 100)
+    assert out.data == imaging._encode(_libvips_thumbnail(data, _thumb(100, 100)), _thumb(100, 100))
+
+
+def test_multi_variant_intermediate_uses_the_dc_path_only_when_it_shrinks_enough(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rewrites: list[bool] = []
+    real = progressive.dc_only
+    monkeypatch.setattr(progressive, "dc_only", lambda d: rewrites.append(True) or real(d))
+    data = progressive_jpeg(3200, 2400)
+    small = [_thumb(200, 200), _thumb(100, 100)]
+    outs = render(data, small, Limits())
+    assert rewrites == [True]
+    assert [(o.width, o.height) for o in outs] == [(200, 150), (100, 75)]
+    render(data, [*small, _thumb(800, 800)], Limits())  # the 800 px variant needs more than 1/8
+    assert rewrites == [True]
+
+
+def test_truncated_progressive_jpeg_is_still_corrupt() -> None:
+    data = progressive_jpeg(3200, 2400)
+    with pytest.raises(imaging.ImageError) as caught:
+        render(data[: len(data) * 2 // 3], [_thumb(200, 200)], Limits())
+    assert caught.value.code == "corrupt_image"
