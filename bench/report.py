@@ -25,7 +25,7 @@ def rows(res: dict) -> list[dict]:
         for label, s in tp["sets"].items():
             ips = s["images_per_s"]
             best = s["best_layout"]
-            target = 0.9 if label == "1 variant" else 1.0
+            target = 0.9 if label.startswith("1 variant") else 1.0
             r = s["pipeline_vs_raw"]
             out.append(
                 _row(

@@ -36,7 +36,16 @@ from bench.harness import BenchStack, cpu_count, median, open_publisher, submit_
 
 SINGLE = ["thumb"]
 FOUR = ["thumb", "small", "medium", "large"]
-VARIANT_SETS = {"1 variant": SINGLE, "4 variants": FOUR}
+EVERY_IMAGE = tuple(s.name for s in corpus.THROUGHPUT)
+# The progressive JPEG is the one image the pipeline decodes differently from `thumbnail_buffer` (from
+# its DC scans, `imgpipe_worker.progressive`): the third set shows the 1-variant figure without it.
+NO_PROGRESSIVE = tuple(s.name for s in corpus.THROUGHPUT if s.fmt != "jpeg-progressive")
+#: label -> (presets, images cycled through)
+VARIANT_SETS = {
+    "1 variant": (SINGLE, EVERY_IMAGE),
+    "4 variants": (FOUR, EVERY_IMAGE),
+    "1 variant, no progressive JPEG": (SINGLE, NO_PROGRESSIVE),
+}
 
 
 def _variants(names):
@@ -104,13 +113,14 @@ def _pillow_job(args: tuple[str, tuple[str, ...]]) -> int:
     return total
 
 
-def _tasks(count: int, names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
-    specs = [s.name for s in corpus.THROUGHPUT]
-    return [(specs[i % len(specs)], tuple(names)) for i in range(count)]
+def _tasks(
+    count: int, names: list[str], images: tuple[str, ...] = EVERY_IMAGE
+) -> list[tuple[str, tuple[str, ...]]]:
+    return [(images[i % len(images)], tuple(names)) for i in range(count)]
 
 
-def run_pool(pool, fn, count: int, names: list[str]) -> float:
-    tasks = _tasks(count, names)
+def run_pool(pool, fn, count: int, names: list[str], images: tuple[str, ...] = EVERY_IMAGE) -> float:
+    tasks = _tasks(count, names, images)
     started = time.perf_counter()
     pool.map(fn, tasks, chunksize=1)
     return count / (time.perf_counter() - started)
@@ -134,13 +144,15 @@ class Pipeline:
             for _ in range(workers)
         ]
 
-    async def run(self, count: int, names: list[str], timeout_s: float = 600) -> float:
+    async def run(
+        self, count: int, names: list[str], images: tuple[str, ...] = EVERY_IMAGE, timeout_s: float = 600
+    ) -> float:
         store = self.stack.job_store()
         connection, publisher = await open_publisher(self.stack.namespace)
         try:
             variants = _variants(names)
             await publisher._open()  # declare before the clock starts
-            tasks = _tasks(count, names)
+            tasks = _tasks(count, names, images)
             started = time.monotonic()
 
             async def submit() -> list[str]:
@@ -258,10 +270,12 @@ class Thumbor:
             )
         return urls
 
-    async def run(self, count: int, names: list[str], concurrency: int) -> float:
+    async def run(
+        self, count: int, names: list[str], concurrency: int, images: tuple[str, ...] = EVERY_IMAGE
+    ) -> float:
         import aiohttp
 
-        tasks = _tasks(count, names)
+        tasks = _tasks(count, names, images)
         queue: asyncio.Queue = asyncio.Queue()
         for name, _ in tasks:
             queue.put_nowait(name)
@@ -317,24 +331,24 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
         result["thumbor"] = "skipped (--no-thumbor)"
     try:
         # Warm-up: every process has decoded every image once; the pipelines have done a job each.
-        for names in VARIANT_SETS.values():
+        for names in (SINGLE, FOUR):
             run_pool(pool, _raw_job, 2 * len(corpus.THROUGHPUT), names)
             run_pool(pool, _pillow_job, len(corpus.THROUGHPUT), names)
             for layout in layouts:
                 asyncio.run(layout.run(len(corpus.THROUGHPUT), names))
             if peer:
                 asyncio.run(peer.run(len(corpus.THROUGHPUT), names, 2 * n))
-        for label, names in VARIANT_SETS.items():
+        for label, (names, images) in VARIANT_SETS.items():
             figures: dict[str, list[float]] = {}
             for r in range(rounds):
                 row = {
-                    "raw libvips": run_pool(pool, _raw_job, jobs, names),
-                    "Pillow": run_pool(pool, _pillow_job, jobs, names),
+                    "raw libvips": run_pool(pool, _raw_job, jobs, names, images),
+                    "Pillow": run_pool(pool, _pillow_job, jobs, names, images),
                 }
                 for layout in layouts:
-                    row[f"imgpipe ({layout.label})"] = asyncio.run(layout.run(jobs, names))
+                    row[f"imgpipe ({layout.label})"] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
-                    row["thumbor"] = asyncio.run(peer.run(jobs, names, 2 * n))
+                    row["thumbor"] = asyncio.run(peer.run(jobs, names, 2 * n, images))
                 for key, value in row.items():
                     figures.setdefault(key, []).append(value)
                 log(f"    {label} round {r + 1}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items()))

@@ -82,7 +82,7 @@ async def test_renders_wait_for_a_slot_without_spending_their_timeout(
         )
         started = time.monotonic()
         async with asyncio.timeout(JOB_TIMEOUT_S) as budget:
-            results = await worker._run(message, budget)
+            results = await worker._run(message, budget, asyncio.create_task(worker._source(message)))
         assert [r.width for r in results] == [16]
         return time.monotonic() - started
 

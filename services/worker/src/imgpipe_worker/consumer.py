@@ -198,19 +198,28 @@ class Consumer:
             JOB_SECONDS.observe(time.perf_counter() - started)
 
     async def _process(self, job: JobMessage, message: AbstractIncomingMessage, attempt: int) -> None:
-        taken = await _persist(lambda: self._store.mark_processing(job.id))
+        # The source downloads while the job is marked `processing`: the two Redis round trips of
+        # that are off the job's path. A job found gone or finished drops its download.
+        source = asyncio.create_task(self._source(job))
+        try:
+            taken = await _persist(lambda: self._store.mark_processing(job.id))
+        except BaseException:
+            _drop(source)
+            raise
         record = taken.record
         if record is None:
+            _drop(source)
             log.warning("no record for job (expired or withdrawn); dropping message")
             await message.ack()
             return
         if record.status.terminal:
+            _drop(source)
             log.info("job already %s; duplicate delivery acknowledged", record.status.value)
             await message.ack()
             return
         try:
             async with asyncio.timeout(self._config.job_timeout_s) as budget:
-                results = await self._run(job, budget)
+                results = await self._run(job, budget, source)
         except JobFailed as exc:
             failure = exc
         except TimeoutError:
@@ -278,8 +287,10 @@ class Consumer:
         finally:
             self._render_slots.release()
 
-    async def _run(self, job: JobMessage, budget: asyncio.Timeout) -> list[VariantResult]:
-        data = await self._source(job)
+    async def _run(
+        self, job: JobMessage, budget: asyncio.Timeout, source: asyncio.Task[bytes]
+    ) -> list[VariantResult]:
+        data = await source  # cancelled with this await if the budget runs out
         async with self._render_slot(budget):
             started = time.perf_counter()
             try:
@@ -376,6 +387,12 @@ async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
             log.warning("write failed, retrying in %ss: %s", delay, type(exc).__name__)
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def _drop(task: asyncio.Task[bytes]) -> None:
+    """Cancel a download nobody will wait for, and take its outcome so asyncio does not log it."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 async def _nack(message: AbstractIncomingMessage) -> None:
