@@ -56,6 +56,16 @@ def _proc_status(pid: int, field: str) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes `pids` (all their threads) have used so far, seconds."""
+    total = 0
+    for pid in pids:
+        # Fields 14 and 15 of /proc/<pid>/stat, counted after the ")" that ends the command name.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def vm_hwm_mb(pid: int) -> float:
     """Peak resident set size of a process so far, MiB."""
     return _proc_status(pid, "VmHWM")

@@ -49,6 +49,19 @@ def rows(res: dict) -> list[dict]:
                             None,
                         )
                     )
+            if "worker_cpu_vs_raw" in s:
+                cpu = s["cpu_ms_per_image"]
+                moto = cpu.get(f"S3 server (moto), {best.removeprefix('imgpipe (').rstrip(')')}")
+                out.append(
+                    _row(
+                        "throughput",
+                        f"{label}: CPU per image, worker processes vs raw loop (per-core efficiency)",
+                        f"{cpu[best]:.0f} ms vs {cpu['raw libvips']:.0f} ms = {s['worker_cpu_vs_raw']:.2f}x",
+                        f"S3 server {moto:.1f} ms a job on the same cores" if moto is not None else "",
+                        "",
+                        None,
+                    )
+                )
             p = s["pipeline_vs_pillow"]
             out.append(
                 _row(

@@ -32,7 +32,15 @@ import time
 from pathlib import Path
 
 from bench import corpus
-from bench.harness import BenchStack, cpu_count, median, open_publisher, submit_and_wait, submit_direct
+from bench.harness import (
+    BenchStack,
+    cpu_count,
+    cpu_seconds,
+    median,
+    open_publisher,
+    submit_and_wait,
+    submit_direct,
+)
 
 SINGLE = ["thumb"]
 FOUR = ["thumb", "small", "medium", "large"]
@@ -172,6 +180,10 @@ class Pipeline:
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers]
+
+    @property
+    def moto_pid(self) -> int:
+        return self.stack.moto.pid
 
     def close(self) -> None:
         self.stack.close()
@@ -338,21 +350,27 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
                 asyncio.run(layout.run(len(corpus.THROUGHPUT), names))
             if peer:
                 asyncio.run(peer.run(len(corpus.THROUGHPUT), names, 2 * n))
+        pool_pids = [child.pid for child in mp.active_children()]
         for label, (names, images) in VARIANT_SETS.items():
             figures: dict[str, list[float]] = {}
+            cpu: dict[str, list[float]] = {}  # CPU ms per image, by process group
             for r in range(rounds):
-                row = {
-                    "raw libvips": run_pool(pool, _raw_job, jobs, names, images),
-                    "Pillow": run_pool(pool, _pillow_job, jobs, names, images),
-                }
+                with _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs):
+                    row = {"raw libvips": run_pool(pool, _raw_job, jobs, names, images)}
+                row["Pillow"] = run_pool(pool, _pillow_job, jobs, names, images)
                 for layout in layouts:
-                    row[f"imgpipe ({layout.label})"] = asyncio.run(layout.run(jobs, names, images))
+                    key = f"imgpipe ({layout.label})"
+                    with (
+                        _cpu_ms_per_image(cpu, key, layout.pids(), jobs),
+                        _cpu_ms_per_image(cpu, f"S3 server (moto), {layout.label}", [layout.moto_pid], jobs),
+                    ):
+                        row[key] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
                     row["thumbor"] = asyncio.run(peer.run(jobs, names, 2 * n, images))
                 for key, value in row.items():
                     figures.setdefault(key, []).append(value)
                 log(f"    {label} round {r + 1}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items()))
-            result["sets"][label] = _summarise(figures)
+            result["sets"][label] = _summarise(figures, cpu)
     finally:
         pool.terminate()
         for layout in layouts:
@@ -362,7 +380,15 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
     return result
 
 
-def _summarise(figures: dict[str, list[float]]) -> dict:
+@contextlib.contextmanager
+def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], images: int):
+    """Append to `into[key]` the CPU (user + system, ms) the processes `pids` spent per image."""
+    before = cpu_seconds(pids)
+    yield
+    into.setdefault(key, []).append((cpu_seconds(pids) - before) / images * 1000)
+
+
+def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
     raw = figures["raw libvips"]
     pipes = {k: v for k, v in figures.items() if k.startswith("imgpipe")}
     # The better layout by its median per-round ratio, the figure held to the target: rates drift
@@ -381,6 +407,12 @@ def _summarise(figures: dict[str, list[float]]) -> dict:
         out["pipeline_vs_thumbor"] = median(
             [x / b for x, b in zip(figures[best], figures["thumbor"], strict=True)]
         )
+    # Throughput per core of the worker itself: the raw loop's CPU per image over the worker
+    # processes' (render, S3 transfers, broker, status), without the S3 server, Redis, RabbitMQ and
+    # this process, which share the two cores here but not a production worker's.
+    out["cpu_ms_per_image"] = {k: median(v) for k, v in cpu.items()}
+    out["cpu_rounds"] = cpu
+    out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[best], strict=True)])
     return out
 
 
