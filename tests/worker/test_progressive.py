@@ -94,6 +94,15 @@ def test_garbage_between_segments_is_left_alone() -> None:
     assert dc_only(data[:first_scan] + b"garbage" + data[first_scan:]) is None
 
 
+def test_a_file_of_countless_tiny_segments_is_left_alone() -> None:
+    # Each segment is a turn of a Python loop: a crafted file of millions must not cost seconds. The
+    # rewrite gives up past 512 segments (this file has about 20 of its own).
+    data = progressive_jpeg(300, 200)
+    comment = b"\xff\xfe\x00\x02"  # an empty COM segment
+    assert dc_only(data[:2] + comment * 400 + data[2:]) is not None
+    assert dc_only(data[:2] + comment * 600 + data[2:]) is None
+
+
 def test_every_shared_test_image_is_parsed_without_error() -> None:
     files = [p for p in TESTDATA.rglob("*") if p.is_file()]
     assert len(files) > 100, f"test corpus missing under {TESTDATA}"

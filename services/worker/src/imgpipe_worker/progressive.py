@@ -52,6 +52,11 @@ _AC_HUFFMAN_TABLE = b"\xff\xc4" + struct.pack(">H", 2 + len(_DHT_BODY)) + _DHT_B
 _NO_RESTARTS = b"\xff\xdd\x00\x04\x00\x00"
 _MAX_EOB_RUN = (1 << _EOB_RUN_CLASSES) - 1  # EOB14 with its 14 extra bits: 32767 blocks
 
+# Real files have a few dozen segments (tables, APPn, a progressive script's 10-20 scans). A crafted one
+# could hold millions of tiny ones, each a turn of the Python loop below: past this, it is not rewritten
+# (libjpeg's own C parser then takes the file as usual).
+_MAX_SEGMENTS = 512
+
 
 def dc_only(data: bytes) -> bytes | None:
     """`data` rewritten to its DC coefficients, or None when it is not a JPEG this applies to.
@@ -68,7 +73,9 @@ def dc_only(data: bytes) -> bytes | None:
 def _rewrite(data: bytes) -> bytes | None:
     if not data.startswith(_SOI):
         return None
-    parts = [_SOI]
+    view = memoryview(data)  # the kept pieces are views: one copy in all, by the final join
+    parts: list[bytes | memoryview] = [_SOI]
+    segments = 0
     # From the frame header: the full-resolution components' ids and 8x8 block counts (their AC
     # coefficients are the ones a 1/8-scale decode does not read).
     blocks: dict[int, int] | None = None
@@ -86,7 +93,8 @@ def _rewrite(data: bytes) -> bytes | None:
             return None  # a standalone marker outside a scan: nothing a valid file has here
         (length,) = struct.unpack_from(">H", data, pos + 2)
         segment_end = pos + 2 + length
-        if length < 2 or segment_end > end:
+        segments += 1
+        if length < 2 or segment_end > end or segments > _MAX_SEGMENTS:
             return None
         if marker in _SOF_MARKERS:
             if marker != _SOF_PROGRESSIVE_HUFFMAN or blocks is not None:
@@ -105,10 +113,10 @@ def _rewrite(data: bytes) -> bytes | None:
             # A DC scan (first pass or refinement) is kept as it is, and so is an AC scan (always of
             # one component) of a subsampled component; the full-resolution ones' AC scans go.
             if spectral_start == 0 or data[pos + 5] not in blocks:
-                parts.append(data[pos : found.start()])
+                parts.append(view[pos : found.start()])
             pos = found.start()
             continue
-        parts.append(data[pos:segment_end])
+        parts.append(view[pos:segment_end])
         pos = segment_end
     if blocks is None:
         return None
