@@ -87,6 +87,30 @@ def test_anything_else_is_left_alone(data: bytes) -> None:
     assert dc_only(data) is None
 
 
+def _scan_headers(data: bytes) -> list[int]:
+    """Where each SOS marker stands (0xFF 0xDA cannot occur inside entropy-coded data)."""
+    found, at = [], data.find(b"\xff\xda")
+    while at != -1:
+        found.append(at)
+        at = data.find(b"\xff\xda", at + 2)
+    return found
+
+
+def test_scan_headers_libjpeg_would_refuse_are_left_alone() -> None:
+    data = progressive_jpeg(300, 200)
+    scans = _scan_headers(data)
+    dc = scans[0]  # libvips' first scan: the DC coefficients of all three components
+    count = data[dc + 4]
+    assert data[dc + 5 + 2 * count] == 0  # spectral start
+    spectral_end = dc + 6 + 2 * count
+    assert dc_only(data) is not None
+    assert dc_only(data[:spectral_end] + b"\x3f" + data[spectral_end + 1 :]) is None  # DC scan to 63
+    ac = next(at for at in scans if data[at + 4] == 1 and data[at + 7] > 0)
+    # The same AC scan claiming two components: AC scans cover one.
+    two = b"\xff\xda\x00\x0a\x02" + data[ac + 5 : ac + 7] * 2 + data[ac + 7 : ac + 10]
+    assert dc_only(data[:ac] + two + data[ac + 10 :]) is None
+
+
 def test_garbage_between_segments_is_left_alone() -> None:
     data = progressive_jpeg(300, 200)
     first_scan = data.index(b"\xff\xda")

@@ -106,7 +106,11 @@ def _rewrite(data: bytes) -> bytes | None:
             if blocks is None:
                 return None
             components = data[pos + 4]
-            spectral_start = data[pos + 5 + 2 * components]
+            spectral_start, spectral_end = data[pos + 5 + 2 * components], data[pos + 6 + 2 * components]
+            if length != 6 + 2 * components or (spectral_start == 0) != (spectral_end == 0):
+                return None  # a scan header libjpeg would refuse: so must we, not decode around it
+            if spectral_start and components != 1:
+                return None  # an AC scan covers one component (ITU T.81 G.1.1.1.1)
             found = _SEGMENT_END.search(data, segment_end)
             if found is None:
                 return None
