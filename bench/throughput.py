@@ -16,6 +16,10 @@ with all of their variants.
   1 worker x concurrency N; the one with the better median ratio is the headline figure.
 - thumbor (a real peer, from PyPI, in its own venv): `--processes N`, file loader on the corpus
   directory, one HTTP request per variant (thumbor has no multi-variant request), result storage off.
+
+Three sets (`VARIANT_SETS`): one variant and four over the whole corpus, and one variant over the
+corpus without its progressive JPEG. Beside the rates, each round records the CPU the raw loop's pool
+and the worker processes spend per image, and the S3 server's per job (`/proc/<pid>/stat`).
 """
 
 from __future__ import annotations
