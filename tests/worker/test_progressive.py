@@ -24,7 +24,7 @@ def photo(width: int, height: int, *, bands: int = 3) -> pyvips.Image:
     layers = [pyvips.Image.gaussnoise(width, height, mean=128, sigma=60) for _ in range(bands)]
     image = layers[0].bandjoin(layers[1:]) if bands > 1 else layers[0]
     image = (image.gaussblur(1.5) + pyvips.Image.xyz(width, height)[0] % 64).cast("uchar")
-    return image.copy(interpretation="srgb" if bands == 3 else "b-w")
+    return image.copy(interpretation={1: "b-w", 3: "srgb", 4: "cmyk"}[bands])
 
 
 def progressive_jpeg(width: int = 1603, height: int = 1201, *, bands: int = 3, **save: object) -> bytes:
@@ -37,6 +37,7 @@ SHAPES = {
     "4:2:0": {},
     "4:4:4": {"subsample_mode": "off"},
     "grey": {"bands": 1},
+    "CMYK": {"bands": 4},
     "restart markers": {"restart_interval": 5},
     "split scans": {"optimize_scans": True},
     "small, odd": {"width": 41, "height": 23},
