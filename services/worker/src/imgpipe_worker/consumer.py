@@ -201,19 +201,17 @@ class Consumer:
         # The source downloads while the job is marked `processing`: the two Redis round trips of
         # that are off the job's path. A job found gone or finished drops its download.
         source = asyncio.create_task(self._source(job))
+        record: JobRecord | None = None
         try:
-            taken = await _persist(lambda: self._store.mark_processing(job.id))
-        except BaseException:
-            _drop(source)
-            raise
-        record = taken.record
+            record = (await _persist(lambda: self._store.mark_processing(job.id))).record
+        finally:
+            if record is None or record.status.terminal:  # raised, or nothing to process
+                _drop(source)
         if record is None:
-            _drop(source)
             log.warning("no record for job (expired or withdrawn); dropping message")
             await message.ack()
             return
         if record.status.terminal:
-            _drop(source)
             log.info("job already %s; duplicate delivery acknowledged", record.status.value)
             await message.ack()
             return
