@@ -146,11 +146,18 @@ def _thumb(width: int, height: int, fit: str = "inside") -> Variant:
 
 
 def _libvips_thumbnail(data: bytes, variant: Variant) -> pyvips.Image:
-    """What libvips' own thumbnail makes of the whole file, with render's colour handling."""
-    kwargs: dict[str, object] = {"height": variant.height, "size": "down"}
-    if variant.fit == "cover":
-        kwargs["crop"] = "centre"
-    return pyvips.Image.thumbnail_buffer(data, variant.width, **kwargs)
+    """What libvips' own thumbnail makes of the whole file, asked for the variant as render asks."""
+    width, kwargs = imaging._thumbnail_args(variant)
+    return pyvips.Image.thumbnail_buffer(data, width, **kwargs)
+
+
+@pytest.fixture
+def rewrites(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry for every `dc_only` call that render makes (the DC path was taken)."""
+    calls: list[bool] = []
+    real = progressive.dc_only
+    monkeypatch.setattr(progressive, "dc_only", lambda data: calls.append(True) or real(data))
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -164,11 +171,8 @@ def _libvips_thumbnail(data: bytes, variant: Variant) -> pyvips.Image:
     ],
 )
 def test_render_matches_libvips_thumbnail_exactly(
-    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], box: tuple[int, int], fit: str, dc_used: bool
+    rewrites: list[bool], size: tuple[int, int], box: tuple[int, int], fit: str, dc_used: bool
 ) -> None:
-    rewrites: list[bool] = []
-    real = progressive.dc_only
-    monkeypatch.setattr(progressive, "dc_only", lambda data: rewrites.append(True) or real(data))
     data = progressive_jpeg(*size)
     variant = _thumb(*box, fit=fit)
     [out] = render(data, [variant], Limits())
@@ -180,13 +184,10 @@ def test_render_matches_libvips_thumbnail_exactly(
     assert out.data == imaging._encode(expected, variant)
 
 
-def test_exif_orientation_is_applied_on_the_dc_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exif_orientation_is_applied_on_the_dc_path(rewrites: list[bool]) -> None:
     image = photo(3200, 1600).copy()
     image.set_type(pyvips.GValue.gint_type, "orientation", 6)  # stored sideways: 1600 wide once upright
     data = image.jpegsave_buffer(Q=85, interlace=True)
-    rewrites: list[bool] = []
-    real = progressive.dc_only
-    monkeypatch.setattr(progressive, "dc_only", lambda d: rewrites.append(True) or real(d))
     [out] = render(data, [_thumb(100, 100)], Limits())
     assert rewrites == [True]
     assert (out.width, out.height) == (50, 100)
@@ -194,11 +195,8 @@ def test_exif_orientation_is_applied_on_the_dc_path(monkeypatch: pytest.MonkeyPa
 
 
 def test_multi_variant_intermediate_uses_the_dc_path_only_when_it_shrinks_enough(
-    monkeypatch: pytest.MonkeyPatch,
+    rewrites: list[bool],
 ) -> None:
-    rewrites: list[bool] = []
-    real = progressive.dc_only
-    monkeypatch.setattr(progressive, "dc_only", lambda d: rewrites.append(True) or real(d))
     data = progressive_jpeg(3200, 2400)
     small = [_thumb(200, 200), _thumb(100, 100)]
     outs = render(data, small, Limits())
