@@ -2,8 +2,8 @@
 
 boto3 is blocking, so its network calls run in a thread (`asyncio.to_thread`), never on the event
 loop. The calls every job makes (`head` at submit, then `get` and `put`) go over presigned URLs with
-aiohttp instead, which costs half the CPU and no thread; boto3 signs them. Presigning is local
-computation and runs inline. Key layout:
+aiohttp instead, which costs half the CPU and no thread; `imgpipe.presign` signs them with the
+client's credentials, inline (local computation). Key layout:
 
     uploads/{owner_id}/{random}              presigned uploads; the owner is part of the key, so
                                              ownership is checked without a lookup
@@ -28,6 +28,7 @@ from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from imgpipe.models import EXTENSIONS
+from imgpipe.presign import Presigner
 from imgpipe.settings import S3Settings
 from imgpipe.store import owner_id
 
@@ -90,7 +91,14 @@ def variant_key(sub: str, job_id: str, name: str, fmt: str) -> str:
     return f"{VARIANT_PREFIX}{owner_id(sub)}/{job_id}/{name}.{EXTENSIONS[fmt]}"
 
 
-def _client(settings: S3Settings, endpoint: str | None, pool: int) -> Any:
+def _session(settings: S3Settings) -> boto3.session.Session:
+    """A boto3 session with the configured keys, or the default chain (IRSA, instance role) without."""
+    key_id = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
+    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
+    return boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
+
+
+def _client(session: boto3.session.Session, settings: S3Settings, endpoint: str | None, pool: int) -> Any:
     config = Config(
         region_name=settings.aws_region,
         signature_version="s3v4",
@@ -100,15 +108,9 @@ def _client(settings: S3Settings, endpoint: str | None, pool: int) -> Any:
         read_timeout=30,
         max_pool_connections=pool,
     )
-    key_id = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=key_id,
-        aws_secret_access_key=secret,
-        config=config,
-    )
+    # No keys passed here: the client then signs with the session's credentials, the same object
+    # `Presigner` reads, so both see a refresh.
+    return session.client("s3", endpoint_url=endpoint, config=config)
 
 
 def _transient(exc: Exception) -> bool:
@@ -148,10 +150,16 @@ class Storage:
 
     def __init__(self, settings: S3Settings, *, pool: int = 16) -> None:
         self.bucket = settings.s3_bucket
-        self._s3 = _client(settings, settings.s3_endpoint_url, pool)
+        session = _session(settings)
+        self._s3 = _client(session, settings, settings.s3_endpoint_url, pool)
+        credentials = session.get_credentials()
+        self._presigner = Presigner(self._s3, credentials, self.bucket)
         # Presigned URLs must name the endpoint clients can reach, which may differ from ours.
         public = settings.s3_public_endpoint_url
-        self._signer = _client(settings, public, 1) if public else self._s3
+        self._signer = _client(session, settings, public, 1) if public else self._s3
+        self._public_presigner = (
+            Presigner(self._signer, credentials, self.bucket) if public else self._presigner
+        )
         self._upload_ttl = settings.presign_ttl_s
         self._download_ttl = settings.download_url_ttl_s
         self._pool = pool
@@ -182,9 +190,8 @@ class Storage:
         return PresignedUpload(key, post["url"], post["fields"], time.time() + self._upload_ttl)
 
     def presign_download(self, key: str) -> str:
-        return self._signer.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=self._download_ttl
-        )
+        """A time-limited GET link for clients (a variant in `GET /jobs/{id}` and every SSE event)."""
+        return self._public_presigner.url("GET", key, expires_s=self._download_ttl)
 
     async def head(self, key: str) -> dict[str, Any]:
         """The object's `ContentLength`, `ContentType` and `LastModified` (named as boto3 names them).
@@ -194,7 +201,7 @@ class Storage:
         """
 
         async def send(http: aiohttp.ClientSession) -> dict[str, Any]:
-            async with http.head(self._transfer_url("head_object", key)) as response:
+            async with http.head(self._transfer_url("HEAD", key)) as response:
                 _check(response, "HEAD", key)
                 try:
                     return {
@@ -219,10 +226,8 @@ class Storage:
             )
         return self._http
 
-    def _transfer_url(self, method: str, key: str, **params: str) -> str:
-        return self._s3.generate_presigned_url(
-            method, Params={"Bucket": self.bucket, "Key": key, **params}, ExpiresIn=_TRANSFER_URL_TTL_S
-        )
+    def _transfer_url(self, method: str, key: str, headers: dict[str, str] | None = None) -> str:
+        return self._presigner.url(method, key, expires_s=_TRANSFER_URL_TTL_S, headers=headers)
 
     async def _transfer(
         self, verb: str, key: str, send: Callable[[aiohttp.ClientSession], Awaitable[T]]
@@ -257,7 +262,7 @@ class Storage:
         """
 
         async def send(http: aiohttp.ClientSession) -> bytes:
-            async with http.get(self._transfer_url("get_object", key)) as response:
+            async with http.get(self._transfer_url("GET", key)) as response:
                 _check(response, "GET", key)
                 size = response.content_length
                 if size is not None and size > max_bytes:
@@ -278,10 +283,7 @@ class Storage:
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Store `data` under `key` (over a presigned URL, as `get` does)."""
         headers = {"Content-Type": content_type, "Cache-Control": _VARIANT_CACHE_CONTROL}
-        # Both headers are signed: the PUT must send exactly these values.
-        url = self._transfer_url(
-            "put_object", key, ContentType=content_type, CacheControl=_VARIANT_CACHE_CONTROL
-        )
+        url = self._transfer_url("PUT", key, headers)  # signed: the PUT must send exactly these values
 
         async def send(http: aiohttp.ClientSession) -> None:
             async with http.put(url, data=data, headers=headers) as response:
