@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from http.client import HTTPConnection
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -270,3 +271,29 @@ async def test_public_endpoint_is_used_for_presigned_urls(s3_endpoint: str, stor
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         assert response.status == 200
         assert await response.read() == b"through the public name"
+
+
+def test_the_test_s3_keeps_connections_open(s3_endpoint: str) -> None:
+    # As S3 and MinIO do (tests/s3server.py): a PUT's body, read or not by moto, must not spill
+    # into the next request on the connection, and a chunked one still closes it.
+    url = urlsplit(s3_endpoint)
+    conn = HTTPConnection(url.hostname or "", url.port, timeout=10)
+    try:
+        answers = []
+        for method, path, body in [
+            ("GET", "/", None),
+            ("PUT", "/no-such-bucket-here/k", b"unread body"),
+            ("GET", "/", None),
+        ]:
+            conn.request(method, path, body=body)
+            response = conn.getresponse()
+            response.read()
+            answers.append((method, response.status, response.getheader("Connection")))
+            assert conn.sock is not None, answers  # still open after the answer
+        assert [status for _, status, _ in answers][::2] == [200, 200]
+        conn.request("PUT", "/no-such-bucket-here/k", body=iter([b"chunked"]), encode_chunked=True)
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("Connection") == "close"
+    finally:
+        conn.close()
