@@ -70,6 +70,7 @@ async def test_forward_transitions_increase_the_version(store: JobStore) -> None
     processing = await store.mark_processing(created.record.id)
     assert processing.applied
     assert (processing.record.status, processing.record.version) == (JobStatus.PROCESSING, 2)
+    assert processing.record == await store.get(created.record.id)  # what was written, as it reads back
     assert processing.record.updated_at >= created.record.updated_at
     done = await store.mark_succeeded(processing.record, [_RESULT])
     assert done.applied
@@ -77,6 +78,7 @@ async def test_forward_transitions_increase_the_version(store: JobStore) -> None
     assert done.record.variants == [_RESULT]
     stored = await store.get(created.record.id)
     assert (stored.status, stored.version, stored.variants) == (JobStatus.SUCCEEDED, 3, [_RESULT])
+    assert stored == done.record
 
 
 async def test_failed_records_the_error(store: JobStore) -> None:

@@ -29,7 +29,8 @@ _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, 
 
 # KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: rank, data, ttl seconds, channel,
 # create-only flag, expected version ('' for any), job id (the marker's value).
-# Returns {applied (0/1), version, data}; version 0 and no data when the job does not exist.
+# Returns {1, new version} when applied, else {0, version, data} of the record as it stands (version 0
+# and no data when the job does not exist).
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'rank')
 if ARGV[5] == '1' then
@@ -49,7 +50,7 @@ if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[3]))
 end
 redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. '}')
-return {1, v, ARGV[2]}
+return {1, v}
 """
 
 # The one way back: `failed` -> `pending`, for replaying a dead-lettered job. Kept apart from
@@ -57,7 +58,7 @@ return {1, v, ARGV[2]}
 # expected version (ARGV[4]), so two replays of one job reopen it once. `republished_at` (the
 # reconciler's stuck-pending mark) is cleared: the reopened job gets the whole stuck-pending window.
 # KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: data, ttl seconds, channel,
-# expected version, job id. Returns {applied (0/1), version, data} like _TRANSITION.
+# expected version, job id. Returns {applied (0/1), version, data}, the data even when applied.
 _REOPEN = """
 local cur = redis.call('HMGET', KEYS[1], 'version', 'data')
 if not cur[1] then
@@ -143,7 +144,7 @@ class JobStore:
         keys = [self.job_key(record.id)]
         if isinstance(record.source, KeySource):
             keys.append(self.source_marker(record.source.key))
-        applied, version, stored = await self._script(
+        applied, version, *stored = await self._script(
             keys=keys,
             args=[
                 _RANK[record.status],
@@ -155,7 +156,10 @@ class JobStore:
                 record.id,
             ],
         )
-        return Transition(bool(applied), _parse(version, stored))
+        if applied:
+            # The record as written is the one in hand: no need to send it back and parse it again.
+            return Transition(True, record.model_copy(update={"version": int(version)}))
+        return Transition(False, _parse(version, stored[0]))
 
     async def create(self, record: JobRecord) -> Transition:
         """Store a new `pending` record; not applied (returns the existing one) if the id exists."""
