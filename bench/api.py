@@ -7,7 +7,9 @@
   (Lua) and the publish with confirm. No worker runs, so the queue just fills.
 
 Load: `wrk` (Debian) with a Lua script for the method, body and Authorization header, `-t1 -c<C>` fixed
-concurrency, alternating bare and imgpipe for each round.
+concurrency, alternating bare and imgpipe for each round. Beside the rates: the CPU each server process
+(and moto, for the key source) spends per request (`/proc/<pid>/stat`), which says where the gap is
+when one process is saturated.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness import OWNER, BenchStack, median, token
+from bench.harness import OWNER, BenchStack, cpu_seconds, median, token
 from tests.stack import free_port, wait_http
 
 
@@ -84,7 +86,7 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
                 "IMGPIPE_RATE_UPLOADS_PER_HOUR": "0",
                 "IMGPIPE_MAX_ACTIVE_JOBS": "0",
             },
-        ).url
+        )
         port = free_port()
         bare_log = (logdir / "bare.log").open("wb")
         bare = subprocess.Popen(
@@ -108,16 +110,22 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
         url_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(url_body)))
         targets = {
             "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
-            "imgpipe POST /jobs": f"{api}/jobs",
-            "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api}/jobs",
+            "imgpipe POST /jobs": f"{api.url}/jobs",
+            "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api.url}/jobs",
         }
         scripts = {k: url_script if "URL" in k else script for k in targets}
+        servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
         for name, url in targets.items():  # warm-up
             _wrk(url, scripts[name], 1, connections)
         runs: dict[str, list[dict]] = {k: [] for k in targets}
         for r in range(rounds):
             for name, url in targets.items():
-                runs[name].append(_wrk(url, scripts[name], seconds, connections))
+                before = cpu_seconds(servers[name]), cpu_seconds([stack.moto.pid])
+                run = _wrk(url, scripts[name], seconds, connections)
+                served = max(run["rps"] * seconds, 1.0)
+                run["server_cpu_us"] = (cpu_seconds(servers[name]) - before[0]) / served * 1e6
+                run["s3_cpu_us"] = (cpu_seconds([stack.moto.pid]) - before[1]) / served * 1e6
+                runs[name].append(run)
             log(
                 f"    round {r + 1}: "
                 + ", ".join(
@@ -135,6 +143,8 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
             "p50_ms": median([x["p50"] for x in v]),
             "p99_ms": median([x["p99"] for x in v]),
             "non_2xx": sum(x["non_2xx"] for x in v),
+            "server_cpu_us": median([x["server_cpu_us"] for x in v]),
+            "s3_cpu_us": median([x["s3_cpu_us"] for x in v]),
         }
         for name, v in runs.items()
     }

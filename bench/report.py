@@ -148,6 +148,17 @@ def rows(res: dict) -> list[dict]:
                     f"{nohead['p50_ms']:.1f} / {nohead['p99_ms']:.1f} ms",
                 )
             )
+        if "server_cpu_us" in real:
+            url_cpu = f", URL source {nohead['server_cpu_us']:.0f} µs" if nohead else ""
+            out.append(
+                _row(
+                    "api",
+                    "server process CPU per request",
+                    f"{real['server_cpu_us']:.0f} µs{url_cpu}",
+                    f"bare {bare['server_cpu_us']:.0f} µs; "
+                    f"S3 server {real['s3_cpu_us']:.0f} µs a key-source POST",
+                )
+            )
         if real["non_2xx"] or bare["non_2xx"]:
             out.append(
                 _row(
