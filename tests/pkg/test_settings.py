@@ -13,6 +13,7 @@ from imgpipe.settings import (
     ConfigError,
     RedisSettings,
     S3Settings,
+    UrlSourceSettings,
     load,
 )
 from pydantic import AliasChoices, Field
@@ -104,6 +105,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (AuthSettings, "IMGPIPE_JWT_JWKS_MIN_REFRESH_S", "0"),
         (AuthSettings, "IMGPIPE_JWT_JWKS_TIMEOUT_S", "0"),
         (AuthSettings, "IMGPIPE_JWT_SCOPE_CLAIM", "two words"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_NETWORKS", "10.1.2.3/8"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_NETWORKS", "127.0.0.0/8, intranet"),
     ],
 )
 def test_load_names_the_bad_variable(

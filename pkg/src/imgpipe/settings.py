@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from typing import Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from imgpipe.urlsafety import parse_networks
 
 #: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
@@ -229,6 +231,12 @@ class UrlSourceSettings(BaseSettings):
     url_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     url_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
     url_total_timeout_s: float = Field(default=20.0, gt=0, le=300)
+
+    @field_validator("url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_networks(value)  # a mistake stops the service at start, not each URL job
+        return value
 
     def hosts(self) -> tuple[str, ...] | None:
         hosts = tuple(h.strip().lower() for h in self.url_allowed_hosts.split(",") if h.strip())

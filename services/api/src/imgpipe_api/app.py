@@ -48,7 +48,8 @@ from imgpipe_api import admin, openapi
 log = logging.getLogger("imgpipe.api")
 
 LIMITS = web.AppKey("limits", LimitSettings)
-URLS = web.AppKey("urls", UrlSourceSettings)
+#: The allowed URL-source hosts and networks, parsed once (a bad network fails the start, not requests).
+URL_POLICY = web.AppKey("url_policy", tuple)
 QUOTAS = web.AppKey("quotas", Limits)
 
 #: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
@@ -196,15 +197,9 @@ async def _check_source(request: web.Request, principal: Principal, job: JobRequ
         # a benchmark) or its grant is older than the job retention. Only the prefix, which only
         # our grants and S3 credentials can write under, and the size limit above vouch for it.
         return
-    urls = request.app[URLS]
-    try:
-        check_url(
-            str(source.url),
-            allowed_hosts=urls.hosts(),
-            allowed_networks=parse_networks(urls.url_allowed_networks),
-        )
-    except UrlRejected as exc:
-        raise ApiError(422, exc.code, exc.message) from None
+    rejected = _url_rejected(request, str(source.url))
+    if rejected is not None:
+        raise rejected
 
 
 def _check_grant(grant: Grant, head: dict) -> None:
@@ -262,13 +257,14 @@ def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
         return None
     if not isinstance(source, dict) or set(source) != {"url"} or not isinstance(source["url"], str):
         return None
-    urls = request.app[URLS]
+    return _url_rejected(request, source["url"])
+
+
+def _url_rejected(request: web.Request, url: str) -> ApiError | None:
+    """The 422 for a URL source the fetch policy refuses (checked without DNS; the worker checks again)."""
+    hosts, networks = request.app[URL_POLICY]
     try:
-        check_url(
-            source["url"],
-            allowed_hosts=urls.hosts(),
-            allowed_networks=parse_networks(urls.url_allowed_networks),
-        )
+        check_url(url, allowed_hosts=hosts, allowed_networks=networks)
     except UrlRejected as exc:
         return ApiError(422, exc.code, exc.message)
     return None
@@ -365,7 +361,8 @@ async def create_app() -> web.Application:
     app = base_app("api", environment=common.env, client_max_size=64 * 1024, openapi=openapi.document())
     app[VERIFIER] = TokenVerifier(auth)
     app[LIMITS] = limits
-    app[URLS] = load(UrlSourceSettings)
+    urls = load(UrlSourceSettings)
+    app[URL_POLICY] = (urls.hosts(), tuple(parse_networks(urls.url_allowed_networks)))
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),
