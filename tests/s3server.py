@@ -29,6 +29,9 @@ from werkzeug.serving import run_simple
 class KeepAliveHandler(MotoRequestHandler):
     """moto's handler, but an HTTP/1.1 connection stays open unless the client asks to close it."""
 
+    # werkzeug writes an answer in two parts (headers, then body): on a kept connection, Nagle's
+    # algorithm could hold the second back until the client's delayed ACK of the first.
+    disable_nagle_algorithm = True
     reusable = False
     _socket_rfile: Any = None
 
