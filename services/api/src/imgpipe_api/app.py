@@ -197,7 +197,7 @@ async def _check_source(request: web.Request, principal: Principal, job: JobRequ
         # a benchmark) or its grant is older than the job retention. Only the prefix, which only
         # our grants and S3 credentials can write under, and the size limit above vouch for it.
         return
-    rejected = _url_rejected(request, str(source.url))
+    rejected = _url_policy_error(request, str(source.url))
     if rejected is not None:
         raise rejected
 
@@ -257,10 +257,10 @@ def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
         return None
     if not isinstance(source, dict) or set(source) != {"url"} or not isinstance(source["url"], str):
         return None
-    return _url_rejected(request, source["url"])
+    return _url_policy_error(request, source["url"])
 
 
-def _url_rejected(request: web.Request, url: str) -> ApiError | None:
+def _url_policy_error(request: web.Request, url: str) -> ApiError | None:
     """The 422 for a URL source the fetch policy refuses (checked without DNS; the worker checks again)."""
     hosts, networks = request.app[URL_POLICY]
     try:
