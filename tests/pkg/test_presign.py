@@ -155,7 +155,7 @@ def test_signed_headers_change_the_signature() -> None:
     assert queries[0]["X-Amz-Signature"] != queries[1]["X-Amz-Signature"]
 
 
-def test_no_credentials_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_credentials_is_an_error() -> None:
     client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
     with pytest.raises(NoCredentialsError):
         Presigner(client, None, "b").url("GET", "k", expires_s=60)
