@@ -282,3 +282,10 @@ def test_default_secret_still_refused_without_a_jwks(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "")
     with pytest.raises(ConfigError, match="IMGPIPE_JWT_SECRET"):
         load(AuthSettings)
+
+
+def test_url_networks_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_URL_ALLOWED_NETWORKS", "127.0.0.0/8, ::1")
+    assert [str(n) for n in load(UrlSourceSettings).networks()] == ["127.0.0.0/8", "::1/128"]
+    monkeypatch.delenv("IMGPIPE_URL_ALLOWED_NETWORKS")
+    assert load(UrlSourceSettings).networks() == ()

@@ -12,7 +12,7 @@ from typing import Literal, TypeVar
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from imgpipe.urlsafety import parse_networks
+from imgpipe.urlsafety import IPNetwork, parse_networks
 
 #: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
@@ -241,3 +241,7 @@ class UrlSourceSettings(BaseSettings):
     def hosts(self) -> tuple[str, ...] | None:
         hosts = tuple(h.strip().lower() for h in self.url_allowed_hosts.split(",") if h.strip())
         return hosts or None
+
+    def networks(self) -> tuple[IPNetwork, ...]:
+        """The exempted networks, parsed (the validator above has already refused a bad list)."""
+        return tuple(parse_networks(self.url_allowed_networks))

@@ -39,7 +39,7 @@ from imgpipe.settings import (
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
 from imgpipe.store import Grant, IdempotencyConflict
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
-from imgpipe.urlsafety import UrlRejected, check_url, parse_networks
+from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -362,7 +362,7 @@ async def create_app() -> web.Application:
     app[VERIFIER] = TokenVerifier(auth)
     app[LIMITS] = limits
     urls = load(UrlSourceSettings)
-    app[URL_POLICY] = (urls.hosts(), tuple(parse_networks(urls.url_allowed_networks)))
+    app[URL_POLICY] = (urls.hosts(), urls.networks())
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),

@@ -16,7 +16,6 @@ from imgpipe.settings import (
     load,
 )
 from imgpipe.telemetry import setup_logging
-from imgpipe.urlsafety import parse_networks
 from imgpipe.web import READINESS, base_app
 
 from imgpipe_worker import imaging
@@ -46,7 +45,7 @@ def consumer_config(
             connect_timeout_s=urls.url_connect_timeout_s,
             total_timeout_s=urls.url_total_timeout_s,
             allowed_hosts=urls.hosts(),
-            allowed_networks=tuple(parse_networks(urls.url_allowed_networks)),
+            allowed_networks=urls.networks(),
         ),
         shutdown_grace_s=worker.shutdown_grace_s,
     )
