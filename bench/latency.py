@@ -3,15 +3,19 @@
 One job at a time through the real client path: `POST /jobs` on the api (source already uploaded),
 then the job's SSE stream on the status service until `succeeded` arrives. The clock starts before the
 POST and stops when the `succeeded` event is read. The raw processing time is `imaging.render` of the
-same image and variants in this process, with libvips configured as the worker configures it; the
-overhead of a job is its latency minus the median raw time. The three S3 calls of a job are also
-timed on their own against the same S3 server, and the overhead net of them is reported beside it.
+same image and variants in this process, with libvips configured as the worker configures it, timed
+once right after each job (after the same pause), so that a job and its baseline see the machine in
+the same state: on a shared machine the render time drifts by a fifth within minutes, and a baseline
+taken once, before or after all the jobs, would move the overhead by that much. The overhead of a job
+is its latency minus the raw time taken beside it. The three S3 calls of a job are also timed on their
+own against the same S3 server, and the overhead net of them is reported beside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import corpus
@@ -22,7 +26,8 @@ IMAGE = "jpeg-12mp"
 VARIANTS = ["thumb"]
 
 
-def raw_render_s(samples: int) -> list[float]:
+def raw_renderer() -> Callable[[], float]:
+    """A function that renders the job's image and variants once in this process and returns the seconds."""
     from imgpipe.models import PRESETS
     from imgpipe_worker import imaging
 
@@ -31,20 +36,24 @@ def raw_render_s(samples: int) -> list[float]:
     variants = [PRESETS[n] for n in VARIANTS]
     limits = imaging.Limits()
     imaging.render(data, variants, limits)
-    out = []
-    for _ in range(samples):
+
+    def once() -> float:
         started = time.perf_counter()
         imaging.render(data, variants, limits)
-        out.append(time.perf_counter() - started)
-    return out
+        return time.perf_counter() - started
+
+    return once
 
 
-async def _jobs(api: str, status: str, key: str, count: int) -> list[float]:
+async def _jobs(
+    api: str, status: str, key: str, count: int, raw: Callable[[], float]
+) -> tuple[list[float], list[float]]:
+    """Run `count` jobs one at a time; each job's latency, and the raw render timed right after it."""
     import aiohttp
 
     headers = {"Authorization": f"Bearer {token(OWNER)}"}
     body = {"source": {"key": key}, "variants": VARIANTS}
-    out = []
+    out, raws = [], []
     async with aiohttp.ClientSession() as http:
         for _ in range(count):
             started = time.perf_counter()
@@ -62,7 +71,9 @@ async def _jobs(api: str, status: str, key: str, count: int) -> list[float]:
                         if event == b"failed":
                             raise RuntimeError(f"job {job_id} failed")
             await asyncio.sleep(0.05)  # light load: the system is idle between jobs
-    return out
+            raws.append(raw())  # blocks this loop, which has nothing else to do now
+            await asyncio.sleep(0.05)  # and the next job starts from the same idle state
+    return out, raws
 
 
 async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
@@ -100,14 +111,14 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         api = stack.start("api").url
         status = stack.start("status").url
         stack.start("worker")  # the default configuration
-        asyncio.run(_jobs(api, status, key, 3))  # warm-up
-        latencies = asyncio.run(_jobs(api, status, key, jobs))
+        raw_once = raw_renderer()
+        asyncio.run(_jobs(api, status, key, 3, raw_once))  # warm-up
+        latencies, raw = asyncio.run(_jobs(api, status, key, jobs, raw_once))
         s3 = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3)))
     finally:
         stack.close()
-    raw = raw_render_s(max(10, jobs // 3))
     raw_med = median(raw)
-    overhead = [x - raw_med for x in latencies]
+    overhead = [x - r for x, r in zip(latencies, raw, strict=True)]
     ms = 1000
     return {
         "image": IMAGE,
