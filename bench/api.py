@@ -4,7 +4,9 @@
   answers 202 with a small JSON body (`python -m bench.api --bare PORT`).
 - imgpipe: the real api service and its real path: JWT check, model validation, ownership, an S3 HEAD of
   the uploaded source (moto here; a real S3 or MinIO has a different cost), the `pending` record in Redis
-  (Lua) and the publish with confirm. No worker runs, so the queue just fills.
+  (Lua) and the publish with confirm. No worker runs, so the queue just fills. Also `POST /uploads`,
+  the other call a client makes for each image (JWT, validation, a signed upload form, the grant in
+  Redis); it has no target of its own, and is there for its rate and CPU per request.
 
 Load: `wrk` (Debian) with a Lua script for the method, body and Authorization header, `-t1 -c<C>` fixed
 concurrency, alternating bare and imgpipe for each round. Beside the rates: the CPU each server process
@@ -108,12 +110,21 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
         )
         url_script = logdir / "post-url.lua"
         url_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(url_body)))
+        upload_script = logdir / "post-upload.lua"
+        upload_body = json.dumps({"content_type": "image/jpeg", "size": 5_000_000})
+        upload_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(upload_body)))
         targets = {
             "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
             "imgpipe POST /jobs": f"{api.url}/jobs",
             "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api.url}/jobs",
+            "imgpipe POST /uploads": f"{api.url}/uploads",
         }
-        scripts = {k: url_script if "URL" in k else script for k in targets}
+        scripts = {
+            "bare aiohttp": script,
+            "imgpipe POST /jobs": script,
+            "imgpipe POST /jobs (URL source, no S3 HEAD)": url_script,
+            "imgpipe POST /uploads": upload_script,
+        }
         servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
         for name, url in targets.items():  # warm-up
             _wrk(url, scripts[name], 1, connections)

@@ -159,12 +159,23 @@ def rows(res: dict) -> list[dict]:
                     f"S3 server {real['s3_cpu_us']:.0f} µs a key-source POST",
                 )
             )
-        if real["non_2xx"] or bare["non_2xx"]:
+        uploads = api["results"].get("imgpipe POST /uploads")
+        if uploads:
+            out.append(
+                _row(
+                    "api",
+                    "POST /uploads req/s, server CPU per request",
+                    f"{uploads['rps']:.0f} req/s = {uploads['rps'] / bare['rps']:.2f}x",
+                    f"{uploads['server_cpu_us']:.0f} µs a request",
+                )
+            )
+        if real["non_2xx"] or bare["non_2xx"] or (uploads and uploads["non_2xx"]):
             out.append(
                 _row(
                     "api",
                     "non-2xx answers",
-                    f"{real['non_2xx']} (imgpipe), {bare['non_2xx']} (bare)",
+                    f"{real['non_2xx']} (imgpipe), {bare['non_2xx']} (bare)"
+                    + (f", {uploads['non_2xx']} (uploads)" if uploads else ""),
                     "",
                     "0",
                     False,

@@ -1,11 +1,14 @@
-"""`Presigner` against botocore's `generate_presigned_url`: the same URL, for every layout we run on.
+"""`Presigner` against botocore: the same URL as `generate_presigned_url` and the same upload form as
+`generate_presigned_post`, for every layout we run on.
 
-botocore's signer is the one S3 is known to accept, and moto does not check signatures, so each case
-presigns the same request both ways in the same second and compares path, query and signature.
+botocore's signer is the one S3 is known to accept, and moto checks neither signatures nor POST
+policies, so each case signs the same request both ways in the same second and compares the results.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -62,18 +65,19 @@ def _assert_same(ours: str, theirs: str) -> None:
 _PUT_HEADERS = {"Content-Type": "image/webp", "Cache-Control": "public, max-age=31536000"}
 
 
-@pytest.mark.parametrize(
-    ("endpoint", "style", "region"),
-    [
-        ("http://127.0.0.1:9000", "path", "us-east-1"),  # moto, MinIO in compose
-        ("http://minio:9000", "path", "eu-west-1"),
-        ("https://s3.example.com:443", "path", "us-east-1"),  # a default port is not signed
-        ("https://storage.example.com:8443", "path", "ap-south-1"),
-        (None, "auto", "us-east-1"),  # AWS: virtual-hosted style
-        (None, "auto", "eu-central-1"),
-        (None, "path", "eu-west-2"),
-    ],
-)
+#: (endpoint, addressing style, region): the layouts we run on.
+_LAYOUTS = [
+    ("http://127.0.0.1:9000", "path", "us-east-1"),  # moto, MinIO in compose
+    ("http://minio:9000", "path", "eu-west-1"),
+    ("https://s3.example.com:443", "path", "us-east-1"),  # a default port is not signed
+    ("https://storage.example.com:8443", "path", "ap-south-1"),
+    (None, "auto", "us-east-1"),  # AWS: virtual-hosted style
+    (None, "auto", "eu-central-1"),
+    (None, "path", "eu-west-2"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "style", "region"), _LAYOUTS)
 @pytest.mark.parametrize(
     ("method", "headers"),
     [
@@ -159,3 +163,69 @@ def test_no_credentials_is_an_error() -> None:
     client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
     with pytest.raises(NoCredentialsError):
         Presigner(client, None, "b").url("GET", "k", expires_s=60)
+
+
+# Browser-form uploads (POST policy).
+
+_UPLOAD_FIELDS = {"Content-Type": "image/jpeg"}
+_UPLOAD_CONDITIONS = [{"Content-Type": "image/jpeg"}, ["content-length-range", 1, 26_214_400]]
+
+
+def _policy(form: dict[str, str]) -> dict[str, Any]:
+    return json.loads(base64.b64decode(form["policy"]))
+
+
+def _both_posts(
+    client: Any, session: boto3.session.Session, bucket: str, key: str
+) -> tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]]:
+    """Ours and botocore's form for the same upload, signed within one second."""
+    presigner = Presigner(client, session.get_credentials(), bucket)
+    for _ in range(3):
+        ours = presigner.post(key, expires_s=600, fields=_UPLOAD_FIELDS, conditions=_UPLOAD_CONDITIONS)
+        post = client.generate_presigned_post(
+            bucket, key, Fields=dict(_UPLOAD_FIELDS), Conditions=list(_UPLOAD_CONDITIONS), ExpiresIn=600
+        )
+        theirs = (post["url"], post["fields"])
+        same_second = ours[1]["x-amz-date"] == theirs[1]["x-amz-date"]
+        if same_second and _policy(ours[1])["expiration"] == _policy(theirs[1])["expiration"]:
+            return ours, theirs
+        time.sleep(0.05)
+    raise AssertionError("could not sign both forms within one second")
+
+
+@pytest.mark.parametrize(("endpoint", "style", "region"), _LAYOUTS)
+def test_same_upload_form_as_botocore(endpoint: str | None, style: str, region: str) -> None:
+    session = _session()
+    client = _client(session, endpoint_url=endpoint, style=style, region=region)
+    ours, theirs = _both_posts(client, session, "imgpipe-media", "uploads/0a1b/9f8e7d")
+    assert ours == theirs
+    assert list(ours[1]) == list(theirs[1])  # the fields in the same order too
+    assert ["content-length-range", 1, 26_214_400] in _policy(ours[1])["conditions"]
+
+
+@pytest.mark.parametrize(
+    "key", ["uploads/with space/and+plus=equals&amp", "uploads/ünïcödé/文字/émoji-🙂", "trailing/"]
+)
+@pytest.mark.parametrize("style", ["path", "auto"])
+def test_upload_forms_name_any_key_as_botocore_does(key: str, style: str) -> None:
+    session = _session()
+    endpoint = "http://127.0.0.1:9000" if style == "path" else None
+    client = _client(session, endpoint_url=endpoint, style=style)
+    ours, theirs = _both_posts(client, session, "imgpipe-media", key)
+    assert ours == theirs
+
+
+def test_upload_forms_of_temporary_credentials_carry_their_token() -> None:
+    token = "IQoJb3JpZ2luX2VjEPr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ+/="
+    session = _session(token=token)
+    client = _client(session, endpoint_url="http://127.0.0.1:9000", style="path")
+    ours, theirs = _both_posts(client, session, "imgpipe-media", "uploads/a/b")
+    assert ours == theirs
+    assert ours[1]["x-amz-security-token"] == token
+    assert {"x-amz-security-token": token} in _policy(ours[1])["conditions"]
+
+
+def test_an_upload_form_without_credentials_is_an_error() -> None:
+    client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    with pytest.raises(NoCredentialsError):
+        Presigner(client, None, "b").post("k", expires_s=60)

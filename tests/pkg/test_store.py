@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
-from imgpipe.store import IdempotencyConflict, JobStore, Transition, owner_id
+from imgpipe.store import Grant, IdempotencyConflict, JobStore, Transition, owner_id
 
 RETENTION = timedelta(hours=2)
 
@@ -226,6 +226,32 @@ async def test_record_grant_prunes_week_old_entries(store: JobStore, redis_clien
         ("uploads/o/recent", round(now - 6 * 24 * 3600)),
         ("uploads/o/new", round(now + 900)),
     ]
+
+
+async def test_record_grant_keeps_its_terms_and_lets_everything_expire(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    now = time.time()
+    expires = now + 900
+    await store.record_grant("uploads/o/a", expires, content_type="image/png", size=1234)
+    assert await store.grant("uploads/o/a") == Grant("uploads/o/a", "image/png", 1234, expires)
+    assert await redis_client.zscore(store.grants_key, "uploads/o/a") == pytest.approx(expires)
+    # The terms outlive the grant by the job retention: `POST /jobs` checks an upload against them.
+    terms_ttl = await redis_client.ttl(store.grant_key("uploads/o/a"))
+    assert abs(terms_ttl - (expires + RETENTION.total_seconds() - now)) <= 5
+
+    def a_day_after(seconds: float) -> tuple[float, float]:
+        return seconds + 24 * 3600 - 5, seconds + 24 * 3600 + 1
+
+    low, high = a_day_after(900)
+    assert low <= await redis_client.ttl(store.grants_key) <= high
+    # A shorter grant (and one without terms) does not cut the set's life; a longer one extends it.
+    await store.record_grant("uploads/o/b", now + 60)
+    assert await store.grant("uploads/o/b") is None
+    assert low <= await redis_client.ttl(store.grants_key) <= high
+    await store.record_grant("uploads/o/c", now + 7200)
+    low, high = a_day_after(7200)
+    assert low <= await redis_client.ttl(store.grants_key) <= high
 
 
 async def test_concurrent_terminal_transitions_apply_once(store: JobStore) -> None:

