@@ -45,11 +45,12 @@ def _encode(value: str) -> str:
 
 
 class Presigner:
-    """Presigns `GET`, `HEAD` and `PUT` of one bucket's objects for the credentials of `client`.
+    """Presigns `GET`, `HEAD` and `PUT` of one bucket's objects (`url`), and browser-form uploads to
+    it (`post`), for the credentials of `client`.
 
     `client` is a boto3 S3 client: it presigns once, for a probe key, to show where the bucket is
     and which region signs for it. `credentials` are the ones it signs with (its session's, which
-    refresh themselves); they are read again for every URL.
+    refresh themselves); they are read again for every URL and form.
     """
 
     def __init__(self, client: Any, credentials: Credentials | None, bucket: str) -> None:
