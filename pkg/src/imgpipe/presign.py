@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from botocore.credentials import Credentials
+from botocore.credentials import Credentials, ReadOnlyCredentials
 from botocore.exceptions import NoCredentialsError
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -91,19 +91,28 @@ class Presigner:
             self._signing_key = (secret, day, key)
         return key
 
-    def url(self, method: str, key: str, *, expires_s: int, headers: Mapping[str, str] | None = None) -> str:
-        """A URL that lets its holder send `method` for `key` for `expires_s` seconds.
-
-        `headers` are signed too: the request must then carry exactly these values.
-        """
+    def _start(self) -> tuple[ReadOnlyCredentials, float, str, str]:
+        """What every signature starts from: the credentials, now (epoch s), its SigV4 stamp, the scope."""
         if self._origin is None:
             self._learn_bucket_url()
         if self._credentials is None:
             raise NoCredentialsError()
         credentials = self._credentials.get_frozen_credentials()  # refreshes temporary ones when due
-        now = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        day = now[:8]
-        scope = f"{day}/{self._region}/s3/aws4_request"
+        now = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        return credentials, now, stamp, f"{stamp[:8]}/{self._region}/s3/aws4_request"
+
+    def _sign(self, credentials: ReadOnlyCredentials, stamp: str, text: str) -> str:
+        return hmac.new(
+            self._key(credentials.secret_key, stamp[:8]), text.encode(), hashlib.sha256
+        ).hexdigest()
+
+    def url(self, method: str, key: str, *, expires_s: int, headers: Mapping[str, str] | None = None) -> str:
+        """A URL that lets its holder send `method` for `key` for `expires_s` seconds.
+
+        `headers` are signed too: the request must then carry exactly these values.
+        """
+        credentials, _, stamp, scope = self._start()
         signed = {"host": self._host}
         for name, value in (headers or {}).items():
             signed[name.lower()] = " ".join(value.split())
@@ -111,7 +120,7 @@ class Presigner:
         params = {
             "X-Amz-Algorithm": ALGORITHM,
             "X-Amz-Credential": f"{credentials.access_key}/{scope}",
-            "X-Amz-Date": now,
+            "X-Amz-Date": stamp,
             "X-Amz-Expires": str(expires_s),
             "X-Amz-SignedHeaders": ";".join(names),
         }
@@ -129,9 +138,8 @@ class Presigner:
                 "UNSIGNED-PAYLOAD",
             ]
         )
-        to_sign = f"{ALGORITHM}\n{now}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
-        signature = hmac.new(self._key(credentials.secret_key, day), to_sign.encode(), hashlib.sha256)
-        return f"{self._origin}{path}?{query}&X-Amz-Signature={signature.hexdigest()}"
+        to_sign = f"{ALGORITHM}\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        return f"{self._origin}{path}?{query}&X-Amz-Signature={self._sign(credentials, stamp, to_sign)}"
 
     def post(
         self,
@@ -148,19 +156,15 @@ class Presigner:
         bucket and the key and carries the signature's own fields, in the order botocore writes them,
         so the form is the one `generate_presigned_post` would give.
         """
-        if self._origin is None:
-            self._learn_bucket_url()
+        credentials, now, stamp, scope = self._start()
         if self._post_url is None:
             self._post_url = self._client.generate_presigned_post(self._bucket, _PROBE_KEY)["url"]
-        if self._credentials is None:
-            raise NoCredentialsError()
-        credentials = self._credentials.get_frozen_credentials()
-        now = time.time()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-        day = stamp[:8]
-        credential = f"{credentials.access_key}/{day}/{self._region}/s3/aws4_request"
         form = {**(fields or {}), "key": key}
-        signed = {"x-amz-algorithm": ALGORITHM, "x-amz-credential": credential, "x-amz-date": stamp}
+        signed = {
+            "x-amz-algorithm": ALGORITHM,
+            "x-amz-credential": f"{credentials.access_key}/{scope}",
+            "x-amz-date": stamp,
+        }
         if credentials.token:
             signed["x-amz-security-token"] = credentials.token
         form.update(signed)
@@ -174,6 +178,5 @@ class Presigner:
             ],
         }
         form["policy"] = base64.b64encode(json.dumps(policy).encode()).decode()
-        signature = hmac.new(self._key(credentials.secret_key, day), form["policy"].encode(), hashlib.sha256)
-        form["x-amz-signature"] = signature.hexdigest()
+        form["x-amz-signature"] = self._sign(credentials, stamp, form["policy"])
         return self._post_url, form
