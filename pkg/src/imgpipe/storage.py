@@ -256,9 +256,10 @@ class Storage:
         """The object's bytes; refuses one over `max_bytes` before reading its body.
 
         The bytes move over a presigned URL with aiohttp, on the event loop: boto3 would cost a
-        thread hop and about twice the CPU per transfer, and the worker makes two per job. boto3
-        still signs, so credentials (keys, IRSA, instance roles) work exactly as for every other
-        call. One request: the size comes from the GET's own `Content-Length` (no HEAD first).
+        thread hop and about twice the CPU per transfer, and the worker makes two per job. The URL
+        is signed with the boto3 session's own credentials (`imgpipe.presign`), so keys, IRSA and
+        instance roles work exactly as for every other call. One request: the size comes from the
+        GET's own `Content-Length` (no HEAD first).
         """
 
         async def send(http: aiohttp.ClientSession) -> bytes:
