@@ -9,21 +9,29 @@ the same state: on a shared machine the render time drifts by a fifth within min
 taken once, before or after all the jobs, would move the overhead by that much. The overhead of a job
 is its latency minus the raw time taken beside it. The three S3 calls of a job are also timed on their
 own against the same S3 server, and the overhead net of them is reported beside it.
+
+Where the time goes: the mean of each stage over the measured jobs, from the services' own metrics
+(scraped before and after them): the api's `POST /jobs` request, then the worker's stages (`queued`
+from the api's creating the record to the worker taking the message, `fetch`, `render_wait`,
+`render`, `upload`, `finish`), as `imgpipe_job_stage_seconds` gives them in production.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from bench import corpus
 from bench.harness import OWNER, BenchStack, median, pct, token
+from tests.isolated import metric
 from tests.stack import s3_settings
 
 IMAGE = "jpeg-12mp"
 VARIANTS = ["thumb"]
+STAGES = ("queued", "fetch", "render_wait", "render", "upload", "finish")
 
 
 def raw_renderer() -> Callable[[], float]:
@@ -103,6 +111,37 @@ async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
     return out
 
 
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def _stage_totals(api: str, worker: str) -> dict[str, tuple[float, float]]:
+    """(count, seconds) so far of the api's `POST /jobs` and of each of the worker's job stages."""
+    api_text, worker_text = _scrape(api), _scrape(worker)
+    route = {"service": "api", "method": "POST", "route": "/jobs"}
+    totals = {
+        "api": (
+            metric(api_text, "imgpipe_http_request_duration_seconds_count", **route),
+            metric(api_text, "imgpipe_http_request_duration_seconds_sum", **route),
+        )
+    }
+    for stage in STAGES:
+        totals[stage] = (
+            metric(worker_text, "imgpipe_job_stage_seconds_count", stage=stage),
+            metric(worker_text, "imgpipe_job_stage_seconds_sum", stage=stage),
+        )
+    return totals
+
+
+def _stage_means_ms(before: dict, after: dict) -> dict[str, float]:
+    means = {}
+    for name in before:
+        count = after[name][0] - before[name][0]
+        means[name] = (after[name][1] - before[name][1]) / count * 1000 if count else float("nan")
+    return means
+
+
 def measure(logdir: Path, *, jobs: int, log=print) -> dict:
     stack = BenchStack(logdir)
     try:
@@ -110,10 +149,12 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         key = stack.upload(spec.name, corpus.generate(spec).read_bytes(), spec.content_type)
         api = stack.start("api").url
         status = stack.start("status").url
-        stack.start("worker")  # the default configuration
+        worker = stack.start("worker").url  # the default configuration
         raw_once = raw_renderer()
         asyncio.run(_jobs(api, status, key, 3, raw_once))  # warm-up
+        before = _stage_totals(api, worker)
         latencies, raw = asyncio.run(_jobs(api, status, key, jobs, raw_once))
+        stages = _stage_means_ms(before, _stage_totals(api, worker))
         s3 = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3)))
     finally:
         stack.close()
@@ -130,4 +171,6 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         # The S3 server's share: HEAD + GET of the source and PUT of a thumbnail, one job's worth.
         "s3_calls_ms": {"p50": median(s3) * ms, "min": min(s3) * ms},
         "overhead_net_of_s3_ms": {"p50": (pct(overhead, 50) - median(s3)) * ms},
+        # Means over the measured jobs, from the services' metrics: the api's request, then the worker.
+        "stages_ms": stages,
     }

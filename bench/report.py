@@ -117,6 +117,14 @@ def rows(res: dict) -> list[dict]:
                 f"{lt['p50']:.1f} / {lt['p95']:.1f} / {lt['p99']:.1f} ms",
             )
         )
+        if "stages_ms" in lat:
+            out.append(
+                _row(
+                    "latency",
+                    "where a job's time goes, means from the services' metrics (api request; worker stages)",
+                    "; ".join(f"{k} {v:.1f}" for k, v in lat["stages_ms"].items()) + " ms",
+                )
+            )
     api = res.get("api")
     if api and "results" in api:
         real, bare = api["results"]["imgpipe POST /jobs"], api["results"]["bare aiohttp"]

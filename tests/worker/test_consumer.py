@@ -283,6 +283,59 @@ async def _good_job_succeeds(user: Client, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# 0. Where a job's time goes: one observation per stage, and the stages fit inside the job's latency.
+
+STAGES = ("queued", "fetch", "render_wait", "render", "upload", "finish")
+
+
+async def _stage_figures(http: aiohttp.ClientSession, worker: Service) -> dict[str, tuple[float, float]]:
+    """(count, sum) of each stage's histogram and of the succeeded and failed latencies."""
+    figures = {}
+    for stage in STAGES:
+        figures[stage] = (
+            await metric(http, worker, "imgpipe_job_stage_seconds_count", stage=stage),
+            await metric(http, worker, "imgpipe_job_stage_seconds_sum", stage=stage),
+        )
+    for outcome in ("succeeded", "failed"):
+        figures[outcome] = (
+            await metric(http, worker, "imgpipe_job_latency_seconds_count", outcome=outcome),
+            await metric(http, worker, "imgpipe_job_latency_seconds_sum", outcome=outcome),
+        )
+    return figures
+
+
+def _deltas(before: dict, after: dict) -> dict[str, tuple[float, float]]:
+    return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in before}
+
+
+async def test_stage_metrics_account_for_a_job(
+    own: OwnStack, user: Client, http: aiohttp.ClientSession, small_jpeg: bytes
+) -> None:
+    key = await user.upload(small_jpeg)
+    before = await _stage_figures(http, own.worker)
+    started = time.monotonic()
+    job = await user.submit({"key": key}, ["thumb"])
+    done = await user.wait(job["id"], within=20)
+    elapsed = time.monotonic() - started
+    assert done["status"] == "succeeded", done
+    delta = _deltas(before, await _stage_figures(http, own.worker))
+
+    assert {k: count for k, (count, _) in delta.items()} == {
+        **dict.fromkeys(STAGES, 1),
+        "succeeded": 1,
+        "failed": 0,
+    }
+    for stage in ("fetch", "render", "upload", "finish"):  # real work takes some time
+        assert delta[stage][1] > 0, (stage, delta)
+    # The stages are disjoint steps between the api's accepting the job and the status written, so
+    # they add up to no more than its latency, which in turn is within what the client saw.
+    stages_total = sum(seconds for k, (_, seconds) in delta.items() if k in STAGES)
+    latency = delta["succeeded"][1]
+    assert stages_total <= latency + 0.001, delta
+    assert latency <= elapsed + 0.001, (latency, elapsed)
+
+
+# --------------------------------------------------------------------------------------------------------
 # 1. A bad image fails at once, with its code, and is not retried.
 
 
@@ -306,6 +359,7 @@ async def test_bad_image_fails_at_once_without_retry(
     retried = await metric(http, own.worker, "imgpipe_jobs_retried_total")
     failed = await metric(http, own.worker, "imgpipe_jobs_failed_total", code=code)
     key = await user.upload(data, content_type)
+    stages_before = await _stage_figures(http, own.worker)
 
     started = time.monotonic()
     job = await user.submit({"key": key}, ["thumb"])
@@ -320,6 +374,13 @@ async def test_bad_image_fails_at_once_without_retry(
     assert elapsed < 1.5, f"took {elapsed:.2f}s to fail"
     assert await metric(http, own.worker, "imgpipe_jobs_retried_total") == retried
     assert await metric(http, own.worker, "imgpipe_jobs_failed_total", code=code) == failed + 1
+    # It was taken, fetched and waited for its slot; the render failed, so nothing after it counts.
+    counts = {k: n for k, (n, _) in _deltas(stages_before, await _stage_figures(http, own.worker)).items()}
+    assert counts == {
+        **dict.fromkeys(("queued", "fetch", "render_wait"), 1),
+        **dict.fromkeys(("render", "upload", "finish", "succeeded"), 0),
+        "failed": 1,
+    }
     messages = [r["message"] for r in log_records(own.worker, job["id"])]
     assert messages.count("job failed") == 1, messages
     assert not any("retry" in m for m in messages), messages

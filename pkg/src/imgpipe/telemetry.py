@@ -40,6 +40,31 @@ JOBS_DEAD_LETTERED = Counter("imgpipe_jobs_dead_lettered_total", "Messages sent 
 JOB_SECONDS = Histogram(
     "imgpipe_job_processing_seconds", "Worker time per job, fetch to status", buckets=_JOB_BUCKETS
 )
+# Finer at the low end: the steps of a job outside the render take milliseconds.
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: The stages of one delivery of a job in the worker, in order. `queued` runs from the api's accepting
+#: the job to a worker taking it (first delivery only: a retry's wait is its back-off); `fetch` from
+#: then to the source's bytes in hand; `render_wait` is the wait for a render slot; then `render`,
+#: `upload` (the variants' PUTs) and `finish` (the `succeeded` status written). A stage is observed
+#: when it completes, so a job that fails adds no stage from the one it failed in onwards.
+JOB_STAGES = ("queued", "fetch", "render_wait", "render", "upload", "finish")
+JOB_STAGE_SECONDS = Histogram(
+    "imgpipe_job_stage_seconds",
+    "Time of each stage of a job in the worker (queued, fetch, render_wait, render, upload, finish)",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+JOB_LATENCY_SECONDS = Histogram(
+    "imgpipe_job_latency_seconds",
+    "Accepted by the api to terminal status written, by outcome (succeeded, failed)",
+    ["outcome"],
+    buckets=_STAGE_BUCKETS,
+)
+# Every series exists from the start at zero, so rates and dashboards have data before the first job.
+for _stage in JOB_STAGES:
+    JOB_STAGE_SECONDS.labels(_stage)
+for _outcome in ("succeeded", "failed"):
+    JOB_LATENCY_SECONDS.labels(_outcome)
 VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS
 )

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 import aiohttp
@@ -36,7 +37,10 @@ from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, Vari
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
+    JOB_LATENCY_SECONDS,
     JOB_SECONDS,
+    JOB_STAGE_SECONDS,
+    JOB_STAGES,
     JOBS_DEAD_LETTERED,
     JOBS_FAILED,
     JOBS_IN_FLIGHT,
@@ -57,6 +61,16 @@ from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_sessio
 log = logging.getLogger("imgpipe.worker")
 
 T = TypeVar("T")
+
+_STAGE = {stage: JOB_STAGE_SECONDS.labels(stage) for stage in JOB_STAGES}
+_LATENCY = {outcome: JOB_LATENCY_SECONDS.labels(outcome) for outcome in ("succeeded", "failed")}
+
+
+def _since_accepted(created_at: datetime) -> float:
+    """Seconds from the api's accepting a job (its `created_at`) until now, by the wall clock: the
+    api's and the worker's hosts may differ by a little, so never negative."""
+    return max(0.0, time.time() - created_at.timestamp())
+
 
 #: Pauses between attempts to settle a job after an error (about a minute in all).
 _SETTLE_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
@@ -186,6 +200,8 @@ class Consumer:
         job_id_var.set(job.id)
         if job.request_id:
             request_id_var.set(job.request_id)
+        if attempt == 1 and not message.redelivered:  # a redelivery's wait includes a lost worker's time
+            _STAGE["queued"].observe(_since_accepted(job.created_at))
         JOBS_IN_FLIGHT.inc()
         started = time.perf_counter()
         try:
@@ -229,7 +245,10 @@ class Consumer:
             log.exception("unexpected error while processing")
             failure = JobFailed("internal_error", f"{type(exc).__name__}", transient=True)
         else:
+            finishing = time.perf_counter()
             await _persist(lambda: self._store.mark_succeeded(record, results))
+            _STAGE["finish"].observe(time.perf_counter() - finishing)
+            _LATENCY["succeeded"].observe(_since_accepted(record.created_at))
             await message.ack()
             JOBS_SUCCEEDED.inc()
             log.info("job succeeded", extra={"variants": len(results), "attempt": attempt})
@@ -261,6 +280,7 @@ class Consumer:
             )
             JOBS_DEAD_LETTERED.inc()
         await _persist(lambda: self._store.mark_failed(record, failure.code, text))
+        _LATENCY["failed"].observe(_since_accepted(record.created_at))
         await message.ack()
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
@@ -280,6 +300,7 @@ class Consumer:
         finally:
             if deadline is not None:
                 budget.reschedule(deadline + loop.time() - waiting)
+        _STAGE["render_wait"].observe(loop.time() - waiting)
         try:
             yield
         finally:
@@ -300,10 +321,12 @@ class Consumer:
             except imaging.ImageError as exc:
                 raise JobFailed(exc.code, exc.message, transient=False) from None
             elapsed = time.perf_counter() - started
+        _STAGE["render"].observe(elapsed)
         del data  # the source is not needed any more: free it before the uploads
         for fmt in {v.format for v in job.variants}:
             VARIANT_SECONDS.labels(fmt).observe(elapsed)
         keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
+        started = time.perf_counter()
         try:
             await asyncio.gather(
                 *(
@@ -313,6 +336,7 @@ class Consumer:
             )
         except StorageError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        _STAGE["upload"].observe(time.perf_counter() - started)
         return [
             VariantResult(
                 name=r.name, format=r.format, width=r.width, height=r.height, bytes=len(r.data), key=k
@@ -322,15 +346,18 @@ class Consumer:
 
     async def _source(self, job: JobMessage) -> bytes:
         source = job.source
+        started = time.perf_counter()
         try:
             if isinstance(source, KeySource):
-                return await self._storage.get(source.key, max_bytes=self._config.limits.max_bytes)
-            fetched = await fetch_url(str(source.url), self._config.fetch, session=self._http)
-            return fetched.data
+                data = await self._storage.get(source.key, max_bytes=self._config.limits.max_bytes)
+            else:
+                data = (await fetch_url(str(source.url), self._config.fetch, session=self._http)).data
         except StorageError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         except FetchError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        _STAGE["fetch"].observe(time.perf_counter() - started)
+        return data
 
 
 def _attempt(headers: dict) -> int:
