@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from imgpipe.coalesce import Coalescer
 from imgpipe.store import owner_id
 
 #: Most members the quota script examines in one call when the set is full: bounds the work per call.
@@ -188,6 +189,7 @@ class Limits:
         self.prune_scan = prune_scan
         self._hit = client.register_script(_HIT)
         self._admit = client.register_script(_ADMIT)
+        self._calls = Coalescer(client)  # every request spends from a budget: see `coalesce`
 
     def rate_key(self, name: str, sub: str) -> str:
         return f"{self.namespace}:rate:{name}:{owner_id(sub)}"
@@ -204,9 +206,8 @@ class Limits:
         """
         if limit <= 0:
             return ALLOWED
-        allowed, remaining, wait_us = await self._hit(
-            keys=[self.rate_key(name, sub)],
-            args=[_now_arg(now), limit, int(period_s * 1_000_000)],
+        allowed, remaining, wait_us = await self._calls.script(
+            self._hit, [self.rate_key(name, sub)], [_now_arg(now), limit, int(period_s * 1_000_000)]
         )
         return Decision(
             allowed=bool(allowed),
@@ -233,9 +234,10 @@ class Limits:
         """
         if rate_limit <= 0 and max_active <= 0:
             return ALLOWED
-        allowed, reason, remaining, wait_us, active = await self._admit(
-            keys=[self.rate_key("jobs", sub), self.active_key(sub)],
-            args=[
+        allowed, reason, remaining, wait_us, active = await self._calls.script(
+            self._admit,
+            [self.rate_key("jobs", sub), self.active_key(sub)],
+            [
                 _now_arg(now),
                 max(rate_limit, 0),
                 int(period_s * 1_000_000),

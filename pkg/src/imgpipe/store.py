@@ -23,6 +23,7 @@ from datetime import timedelta
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from imgpipe.coalesce import Coalescer
 from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
@@ -144,6 +145,8 @@ class JobStore:
         self._script = client.register_script(_TRANSITION)
         self._reopen_script = client.register_script(_REOPEN)
         self._grant_script = client.register_script(_RECORD_GRANT)
+        # The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
+        self._calls = Coalescer(client)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -164,9 +167,10 @@ class JobStore:
         keys = [self.job_key(record.id)]
         if isinstance(record.source, KeySource):
             keys.append(self.source_marker(record.source.key))
-        applied, version, *stored = await self._script(
-            keys=keys,
-            args=[
+        applied, version, *stored = await self._calls.script(
+            self._script,
+            keys,
+            [
                 _RANK[record.status],
                 data,
                 self.retention_s,
@@ -186,7 +190,7 @@ class JobStore:
         return await self._apply(record, create=True)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        version, data = await self.redis.hmget(self.job_key(job_id), ["version", "data"])
+        version, data = await self._calls.command("HMGET", self.job_key(job_id), "version", "data")
         return _parse(int(version or 0), data)
 
     async def delete(self, job_id: str) -> None:
@@ -319,8 +323,8 @@ class JobStore:
 
     async def grant(self, key: str) -> Grant | None:
         """What the grant for upload `key` allowed; None when none was recorded (or it is gone)."""
-        content_type, size, expires_at = await self.redis.hmget(
-            self.grant_key(key), ["content_type", "size", "expires_at"]
+        content_type, size, expires_at = await self._calls.command(
+            "HMGET", self.grant_key(key), "content_type", "size", "expires_at"
         )
         if content_type is None or size is None or expires_at is None:
             return None

@@ -1,0 +1,181 @@
+"""Batched Redis calls against the real Redis: who gets which reply, errors, lost scripts, outages.
+
+`Coalescer` is only worth having if concurrent calls really travel together, so the tests count the
+pipelines it opens (a spy on the real client's `pipeline`, every command still goes to Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from imgpipe.coalesce import Coalescer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from tests.stack import REDIS_URL, free_port
+
+_ECHO_PLUS = "return {KEYS[1], tonumber(ARGV[1]) + 1}"
+
+
+@pytest.fixture
+async def prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    name = f"coalesce-{uuid.uuid4().hex[:8]}"
+    try:
+        yield name
+    finally:
+        keys = [key async for key in redis_client.scan_iter(f"{name}:*")]
+        if keys:
+            await redis_client.delete(*keys)
+
+
+class _Counted:
+    """How `client` was called: pipelines opened (with their sizes) and plain commands."""
+
+    def __init__(self, client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.pipelines: list[int] = []
+        self.single = 0
+        pipeline, execute = client.pipeline, client.execute_command
+
+        def counting_pipeline(*args, **kwargs):
+            pipe = pipeline(*args, **kwargs)
+            run = pipe.execute
+
+            async def counting_execute(*a, **k):
+                self.pipelines.append(len(pipe.command_stack))
+                return await run(*a, **k)
+
+            pipe.execute = counting_execute
+            return pipe
+
+        async def counting_execute_command(*args, **kwargs):
+            self.single += 1
+            return await execute(*args, **kwargs)
+
+        monkeypatch.setattr(client, "pipeline", counting_pipeline)
+        monkeypatch.setattr(client, "execute_command", counting_execute_command)
+
+
+async def test_concurrent_calls_go_as_one_pipeline_and_each_gets_its_own_reply(
+    redis_client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(20):
+        await redis_client.set(f"{prefix}:{i}", f"value-{i}")
+    coalescer = Coalescer(redis_client)
+    counted = _Counted(redis_client, monkeypatch)
+
+    replies = await asyncio.gather(*(coalescer.command("GET", f"{prefix}:{i}") for i in range(20)))
+
+    assert replies == [f"value-{i}".encode() for i in range(20)]
+    assert counted.pipelines == [20]
+    assert counted.single == 0
+
+
+async def test_calls_made_while_a_batch_is_out_go_together_after_it(
+    redis_client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coalescer = Coalescer(redis_client)
+    counted = _Counted(redis_client, monkeypatch)
+
+    # Out alone at once (nothing waits for company), and held at Redis for 0.3 s.
+    first = asyncio.ensure_future(coalescer.command("BLPOP", f"{prefix}:empty", "0.3"))
+    later = []
+    for _ in range(5):  # one at a time, in turns of the loop of their own, while the first is out
+        await asyncio.sleep(0.01)
+        later.append(asyncio.ensure_future(coalescer.command("INCR", f"{prefix}:n")))
+
+    assert await first is None
+    assert sorted(await asyncio.gather(*later)) == [1, 2, 3, 4, 5]
+    assert (counted.single, counted.pipelines) == (1, [5])
+
+
+async def test_a_command_error_reaches_its_caller_only(redis_client: aioredis.Redis, prefix: str) -> None:
+    await redis_client.set(f"{prefix}:string", "x")
+    await redis_client.hset(f"{prefix}:hash", mapping={"a": "1"})
+    coalescer = Coalescer(redis_client)
+
+    good, bad, also_good = await asyncio.gather(
+        coalescer.command("HMGET", f"{prefix}:hash", "a", "b"),
+        coalescer.command("HMGET", f"{prefix}:string", "a"),  # WRONGTYPE
+        coalescer.command("GET", f"{prefix}:string"),
+        return_exceptions=True,
+    )
+
+    assert good == [b"1", None]
+    assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
+    assert also_good == b"x"
+
+
+@pytest.mark.parametrize("callers", [1, 8])
+async def test_scripts_are_loaded_again_when_redis_has_lost_them(
+    redis_client: aioredis.Redis, prefix: str, callers: int
+) -> None:
+    script = redis_client.register_script(_ECHO_PLUS)
+    coalescer = Coalescer(redis_client)
+    assert await coalescer.script(script, [f"{prefix}:k"], [1]) == [f"{prefix}:k".encode(), 2]
+
+    await redis_client.script_flush()  # what a Redis restart does to the script cache
+    replies = await asyncio.gather(
+        *(coalescer.script(script, [f"{prefix}:{i}"], [i]) for i in range(callers)),
+        coalescer.command("GET", f"{prefix}:absent"),  # a batch-mate that is no script
+    )
+
+    assert replies == [*([f"{prefix}:{i}".encode(), i + 1] for i in range(callers)), None]
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_replies(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    coalescer = Coalescer(redis_client)
+    calls = [asyncio.ensure_future(coalescer.command("INCR", f"{prefix}:n")) for _ in range(4)]
+    await asyncio.sleep(0)
+    calls[1].cancel()
+
+    done = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert sorted(done[i] for i in (0, 2, 3)) == [1, 3, 4]  # in batch order: the second INCR made 2
+    # The cancelled caller's command went out with the batch all the same.
+    assert int(await redis_client.get(f"{prefix}:n")) == 4
+
+
+async def test_an_unreachable_redis_fails_every_call_at_once_and_then_the_next() -> None:
+    client = aioredis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    coalescer = Coalescer(client)
+    try:
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(
+                *(coalescer.command("PING") for _ in range(5)), return_exceptions=True
+            )
+            assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
+            # Nothing is left holding the queue: the next call fails on its own, it does not hang.
+            with pytest.raises(RedisConnectionError):
+                await coalescer.command("PING")
+    finally:
+        await client.aclose()
+
+
+def test_a_call_left_behind_by_a_closed_loop_does_not_hold_up_the_next_loop() -> None:
+    client = aioredis.from_url(REDIS_URL)
+    coalescer = Coalescer(client)
+    old = asyncio.new_event_loop()
+
+    def queue_and_stop() -> None:
+        coalescer._queue(("PING",), None)  # queued; its flush would run on the next turn
+        old.stop()  # which never comes
+
+    old.call_soon(queue_and_stop)
+    old.run_forever()
+    old.close()
+
+    async def ping() -> object:
+        try:
+            async with asyncio.timeout(10):
+                return await coalescer.command("PING")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(ping()) is True
