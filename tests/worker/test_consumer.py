@@ -308,15 +308,20 @@ def _deltas(before: dict, after: dict) -> dict[str, tuple[float, float]]:
     return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in before}
 
 
+async def _timed_job(user: Client, key: str) -> tuple[dict[str, Any], float]:
+    """Submit a thumbnail job for `key` and wait for its end: the job's view and the seconds it took."""
+    started = time.monotonic()
+    job = await user.submit({"key": key}, ["thumb"])
+    done = await user.wait(job["id"], within=20)
+    return done, time.monotonic() - started
+
+
 async def test_stage_metrics_account_for_a_job(
     own: OwnStack, user: Client, http: aiohttp.ClientSession, small_jpeg: bytes
 ) -> None:
     key = await user.upload(small_jpeg)
     before = await _stage_figures(http, own.worker)
-    started = time.monotonic()
-    job = await user.submit({"key": key}, ["thumb"])
-    done = await user.wait(job["id"], within=20)
-    elapsed = time.monotonic() - started
+    done, elapsed = await _timed_job(user, key)
     assert done["status"] == "succeeded", done
     delta = _deltas(before, await _stage_figures(http, own.worker))
 
@@ -361,10 +366,7 @@ async def test_bad_image_fails_at_once_without_retry(
     key = await user.upload(data, content_type)
     stages_before = await _stage_figures(http, own.worker)
 
-    started = time.monotonic()
-    job = await user.submit({"key": key}, ["thumb"])
-    done = await user.wait(job["id"], within=20)
-    elapsed = time.monotonic() - started
+    done, elapsed = await _timed_job(user, key)
 
     assert done["status"] == "failed", done
     assert done["error"]["code"] == code, done
@@ -381,10 +383,10 @@ async def test_bad_image_fails_at_once_without_retry(
         **dict.fromkeys(("render", "upload", "finish", "succeeded"), 0),
         "failed": 1,
     }
-    messages = [r["message"] for r in log_records(own.worker, job["id"])]
+    messages = [r["message"] for r in log_records(own.worker, done["id"])]
     assert messages.count("job failed") == 1, messages
     assert not any("retry" in m for m in messages), messages
-    assert s3_objects(own.s3_endpoint, job_prefix(user.sub, job["id"])) == {}
+    assert s3_objects(own.s3_endpoint, job_prefix(user.sub, done["id"])) == {}
 
     await _good_job_succeeds(user, small_jpeg)
 

@@ -42,8 +42,8 @@ JOB_SECONDS = Histogram(
 )
 # Finer at the low end: the steps of a job outside the render take milliseconds.
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-#: The stages of one delivery of a job in the worker, in order. `queued` runs from the api's accepting
-#: the job to a worker taking it (first delivery only: a retry's wait is its back-off); `fetch` from
+#: The stages of one delivery of a job in the worker, in order. `queued` runs from the api's creating
+#: the job's record to a worker taking it (first delivery only: a retry's wait is its back-off); `fetch` from
 #: then to the source's bytes in hand; `render_wait` is the wait for a render slot; then `render`,
 #: `upload` (the variants' PUTs) and `finish` (the `succeeded` status written). A stage is observed
 #: when it completes, so a job that fails adds no stage from the one it failed in onwards.
@@ -56,7 +56,7 @@ JOB_STAGE_SECONDS = Histogram(
 )
 JOB_LATENCY_SECONDS = Histogram(
     "imgpipe_job_latency_seconds",
-    "Accepted by the api to terminal status written, by outcome (succeeded, failed)",
+    "Record created by the api to terminal status written, by outcome (succeeded, failed)",
     ["outcome"],
     buckets=_STAGE_BUCKETS,
 )
