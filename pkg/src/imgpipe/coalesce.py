@@ -36,8 +36,8 @@ class Coalescer:
         self._client = client
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Call] = []
-        # The batch out at Redis (at most one): held so it is not garbage-collected while it waits.
-        self._flushes: set[asyncio.Task] = set()
+        # The batch out at Redis, if any: held so it is not garbage-collected while it waits.
+        self._out: asyncio.Task | None = None
 
     async def command(self, *args: Any) -> Any:
         """Run one Redis command (`"HMGET", key, field, ...`): its reply, parsed as redis-py parses it."""
@@ -52,9 +52,9 @@ class Coalescer:
         if loop is not self._loop:
             # A new event loop (an application started again, a test): whatever the old one had
             # pending or out can never complete, and must not hold this call back.
-            self._loop, self._pending, self._flushes = loop, [], set()
+            self._loop, self._pending, self._out = loop, [], None
         future = loop.create_future()
-        if not self._pending and not self._flushes:
+        if not self._pending and self._out is None:
             # At the end of this turn of the loop, so that the other requests ready now join in.
             loop.call_soon(self._flush)
         # Otherwise a batch is out, and `_sent` sends this call with the others when it is back.
@@ -65,14 +65,13 @@ class Coalescer:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._flushes.add(task)
-        task.add_done_callback(self._sent)
+        self._out = asyncio.get_running_loop().create_task(self._send(batch))
+        self._out.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task) -> None:
-        if task.get_loop() is not self._loop:
+        if task is not self._out:
             return  # a batch of an event loop given up since (see `_queue`)
-        self._flushes.discard(task)
+        self._out = None
         self._flush()
 
     async def _send(self, batch: list[_Call]) -> None:
