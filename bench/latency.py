@@ -24,6 +24,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from imgpipe.telemetry import JOB_STAGES
+
 from bench import corpus
 from bench.harness import OWNER, BenchStack, median, pct, token
 from tests.isolated import metric
@@ -31,7 +33,7 @@ from tests.stack import s3_settings
 
 IMAGE = "jpeg-12mp"
 VARIANTS = ["thumb"]
-STAGES = ("queued", "fetch", "render_wait", "render", "upload", "finish")
+STAGES = JOB_STAGES  # the worker's, in their order
 
 
 def raw_renderer() -> Callable[[], float]:

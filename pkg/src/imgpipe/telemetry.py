@@ -60,11 +60,10 @@ JOB_LATENCY_SECONDS = Histogram(
     ["outcome"],
     buckets=_STAGE_BUCKETS,
 )
-# Every series exists from the start at zero, so rates and dashboards have data before the first job.
-for _stage in JOB_STAGES:
-    JOB_STAGE_SECONDS.labels(_stage)
-for _outcome in ("succeeded", "failed"):
-    JOB_LATENCY_SECONDS.labels(_outcome)
+# One series per stage and per outcome, made here so each exists from the start at zero (rates and
+# dashboards have data before the first job), and so the worker observes without a label lookup.
+JOB_STAGE = {stage: JOB_STAGE_SECONDS.labels(stage) for stage in JOB_STAGES}
+JOB_LATENCY = {outcome: JOB_LATENCY_SECONDS.labels(outcome) for outcome in ("succeeded", "failed")}
 VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS
 )

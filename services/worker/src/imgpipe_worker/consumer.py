@@ -37,10 +37,9 @@ from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, Vari
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
-    JOB_LATENCY_SECONDS,
+    JOB_LATENCY,
     JOB_SECONDS,
-    JOB_STAGE_SECONDS,
-    JOB_STAGES,
+    JOB_STAGE,
     JOBS_DEAD_LETTERED,
     JOBS_FAILED,
     JOBS_IN_FLIGHT,
@@ -61,9 +60,6 @@ from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_sessio
 log = logging.getLogger("imgpipe.worker")
 
 T = TypeVar("T")
-
-_STAGE = {stage: JOB_STAGE_SECONDS.labels(stage) for stage in JOB_STAGES}
-_LATENCY = {outcome: JOB_LATENCY_SECONDS.labels(outcome) for outcome in ("succeeded", "failed")}
 
 
 def _since_accepted(created_at: datetime) -> float:
@@ -201,7 +197,7 @@ class Consumer:
         if job.request_id:
             request_id_var.set(job.request_id)
         if attempt == 1 and not message.redelivered:  # a redelivery's wait includes a lost worker's time
-            _STAGE["queued"].observe(_since_accepted(job.created_at))
+            JOB_STAGE["queued"].observe(_since_accepted(job.created_at))
         JOBS_IN_FLIGHT.inc()
         started = time.perf_counter()
         try:
@@ -247,8 +243,8 @@ class Consumer:
         else:
             finishing = time.perf_counter()
             await _persist(lambda: self._store.mark_succeeded(record, results))
-            _STAGE["finish"].observe(time.perf_counter() - finishing)
-            _LATENCY["succeeded"].observe(_since_accepted(record.created_at))
+            JOB_STAGE["finish"].observe(time.perf_counter() - finishing)
+            JOB_LATENCY["succeeded"].observe(_since_accepted(record.created_at))
             await message.ack()
             JOBS_SUCCEEDED.inc()
             log.info("job succeeded", extra={"variants": len(results), "attempt": attempt})
@@ -280,7 +276,7 @@ class Consumer:
             )
             JOBS_DEAD_LETTERED.inc()
         await _persist(lambda: self._store.mark_failed(record, failure.code, text))
-        _LATENCY["failed"].observe(_since_accepted(record.created_at))
+        JOB_LATENCY["failed"].observe(_since_accepted(record.created_at))
         await message.ack()
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
@@ -300,7 +296,7 @@ class Consumer:
         finally:
             if deadline is not None:
                 budget.reschedule(deadline + loop.time() - waiting)
-        _STAGE["render_wait"].observe(loop.time() - waiting)
+        JOB_STAGE["render_wait"].observe(loop.time() - waiting)
         try:
             yield
         finally:
@@ -321,7 +317,7 @@ class Consumer:
             except imaging.ImageError as exc:
                 raise JobFailed(exc.code, exc.message, transient=False) from None
             elapsed = time.perf_counter() - started
-        _STAGE["render"].observe(elapsed)
+        JOB_STAGE["render"].observe(elapsed)
         del data  # the source is not needed any more: free it before the uploads
         for fmt in {v.format for v in job.variants}:
             VARIANT_SECONDS.labels(fmt).observe(elapsed)
@@ -336,7 +332,7 @@ class Consumer:
             )
         except StorageError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
-        _STAGE["upload"].observe(time.perf_counter() - started)
+        JOB_STAGE["upload"].observe(time.perf_counter() - started)
         return [
             VariantResult(
                 name=r.name, format=r.format, width=r.width, height=r.height, bytes=len(r.data), key=k
@@ -356,7 +352,7 @@ class Consumer:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         except FetchError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
-        _STAGE["fetch"].observe(time.perf_counter() - started)
+        JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         return data
 
 
