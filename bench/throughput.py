@@ -164,7 +164,7 @@ class Pipeline:
         connection, publisher = await open_publisher(self.stack.namespace)
         try:
             variants = _variants(names)
-            await publisher._open()  # declare before the clock starts
+            await publisher.open()  # declare before the clock starts
             tasks = _tasks(count, names, images)
             started = time.monotonic()
 

@@ -194,6 +194,33 @@ async def test_publish_job(
     assert REQUEST_ID_HEADER not in message.headers
 
 
+async def test_open_declares_the_topology_before_any_publish(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    await publisher.open()
+    channel = await connection.channel()
+    for name in topology.queue_names():
+        await channel.declare_queue(name, passive=True)  # a missing one closes the channel with 404
+    await channel.close()
+
+
+async def test_a_closed_channel_is_replaced_with_its_exchanges(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    """The exchanges kept from one channel are not used on the next one."""
+    await publisher.publish_job(_job())
+    queue = await _queue(connection, topology.jobs_queue)
+    await (await _get(queue)).ack()
+    assert publisher._channel is not None
+    await publisher._channel.close()  # as a channel error would close it
+
+    job = _job()
+    await publisher.publish_job(job)
+    message = await _get(queue)
+    await message.ack()
+    assert message.message_id == job.id
+
+
 async def test_publish_retry_comes_back_after_the_delay(
     connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
 ) -> None:

@@ -7,12 +7,16 @@ pipelines it opens (a spy on the real client's `pipeline`, every command still g
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.coalesce import Coalescer
+from imgpipe.limits import Limits
+from imgpipe.store import JobStore
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -90,6 +94,32 @@ async def test_calls_made_while_a_batch_is_out_go_together_after_it(
     assert await first is None
     assert sorted(await asyncio.gather(*later)) == [1, 2, 3, 4, 5]
     assert (counted.single, counted.pipelines) == (1, [5])
+
+
+async def test_the_store_and_the_limits_on_one_coalescer_send_their_calls_together(
+    redis_client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `POST /uploads` makes under load: budget hits and grants of concurrent requests. The api
+    # gives its limits the store's coalescer, so they travel in one pipeline, not in two at once.
+    store = JobStore(redis_client, prefix, retention=timedelta(hours=1))
+    limits = Limits(redis_client, prefix, ttl_s=3600, calls=store.calls)
+    expires_at = time.time() + 600
+    # Once each first, so that both scripts are in Redis and none of the calls below reloads one.
+    await limits.hit("uploads", "user-0", limit=5, period_s=60)
+    await store.record_grant(f"uploads/{prefix}/0", expires_at, content_type="image/png", size=10)
+    counted = _Counted(redis_client, monkeypatch)
+
+    await asyncio.gather(
+        *(limits.hit("uploads", f"user-{i}", limit=5, period_s=60) for i in range(10)),
+        *(
+            store.record_grant(f"uploads/{prefix}/{i}", expires_at, content_type="image/png", size=10 + i)
+            for i in range(10)
+        ),
+    )
+
+    assert (counted.single, counted.pipelines) == (0, [20])
+    grants = await asyncio.gather(*(store.grant(f"uploads/{prefix}/{i}") for i in range(10)))
+    assert [(g.content_type, g.size) for g in grants] == [("image/png", 10 + i) for i in range(10)]
 
 
 async def test_a_command_error_reaches_its_caller_only(redis_client: aioredis.Redis, prefix: str) -> None:

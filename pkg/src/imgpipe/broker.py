@@ -304,6 +304,7 @@ class Publisher:
         self._connection = connection
         self.topology = topology
         self._channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}  # of `_channel`, by name
         self._lock = asyncio.Lock()
 
     @property
@@ -311,14 +312,26 @@ class Publisher:
         """Whether the connection to RabbitMQ is up right now."""
         return not self._connection.is_closed and self._connection.connected.is_set()
 
-    async def _open(self) -> AbstractChannel:
-        async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                # on_return_raises: an unroutable message (queue deleted) is an error, not a silent drop.
-                channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                await self.topology.declare(channel)
-                self._channel = channel
-            return self._channel
+    async def open(self) -> None:
+        """Open the channel and declare the topology now, instead of at the first publish."""
+        await self._exchange(self.topology.jobs_exchange)
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        """The exchange `name` on the open channel, opening (and declaring) a new channel if needed."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            # Only here, not on every publish, is the lock taken: the channel is open nearly always.
+            async with self._lock:
+                if self._channel is None or self._channel.is_closed:
+                    # on_return_raises: an unroutable message (queue deleted) is an error, not a silent drop.
+                    opened = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                    await self.topology.declare(opened)
+                    self._channel, self._exchanges = opened, {}
+                channel = self._channel
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = await channel.get_exchange(name, ensure=False)
+        return exchange
 
     async def _publish(
         self,
@@ -338,8 +351,7 @@ class Publisher:
         try:
             # One deadline for opening the channel, declaring and the confirm.
             async with asyncio.timeout(timeout_s):
-                channel = await self._open()
-                target = await channel.get_exchange(exchange, ensure=False)
+                target = await self._exchange(exchange)
                 await target.publish(message, routing_key=routing_key, mandatory=True)
         except aio_pika.exceptions.DeliveryError:
             raise  # the broker answered (returned or nacked): not an outage

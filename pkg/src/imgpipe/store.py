@@ -145,8 +145,8 @@ class JobStore:
         self._script = client.register_script(_TRANSITION)
         self._reopen_script = client.register_script(_REOPEN)
         self._grant_script = client.register_script(_RECORD_GRANT)
-        # The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
-        self._calls = Coalescer(client)
+        #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
+        self.calls = Coalescer(client)
 
     def job_key(self, job_id: str) -> str:
         return f"{self.namespace}:job:{job_id}"
@@ -167,7 +167,7 @@ class JobStore:
         keys = [self.job_key(record.id)]
         if isinstance(record.source, KeySource):
             keys.append(self.source_marker(record.source.key))
-        applied, version, *stored = await self._calls.script(
+        applied, version, *stored = await self.calls.script(
             self._script,
             keys,
             [
@@ -190,7 +190,7 @@ class JobStore:
         return await self._apply(record, create=True)
 
     async def get(self, job_id: str) -> JobRecord | None:
-        version, data = await self._calls.command("HMGET", self.job_key(job_id), "version", "data")
+        version, data = await self.calls.command("HMGET", self.job_key(job_id), "version", "data")
         return _parse(int(version or 0), data)
 
     async def delete(self, job_id: str) -> None:
@@ -308,9 +308,10 @@ class JobStore:
         keys = [self.grants_key]
         if content_type is not None and size is not None:
             keys.append(self.grant_key(key))
-        await self._grant_script(
-            keys=keys,
-            args=[
+        await self.calls.script(
+            self._grant_script,
+            keys,
+            [
                 key,
                 repr(expires_at),
                 repr(expires_at - 7 * 24 * 3600),
@@ -323,7 +324,7 @@ class JobStore:
 
     async def grant(self, key: str) -> Grant | None:
         """What the grant for upload `key` allowed; None when none was recorded (or it is gone)."""
-        content_type, size, expires_at = await self._calls.command(
+        content_type, size, expires_at = await self.calls.command(
             "HMGET", self.grant_key(key), "content_type", "size", "expires_at"
         )
         if content_type is None or size is None or expires_at is None:

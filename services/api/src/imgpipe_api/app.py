@@ -346,9 +346,9 @@ async def create_job(request: web.Request) -> web.Response:
 
 
 async def _quotas(app: web.Application) -> AsyncIterator[None]:
-    """The per-user limits, on the job store's Redis connection pool."""
+    """The per-user limits, on the job store's Redis client, their calls batched with the store's."""
     store = app[resources.STORE]
-    app[QUOTAS] = Limits(store.redis, store.namespace, ttl_s=store.retention_s)
+    app[QUOTAS] = Limits(store.redis, store.namespace, ttl_s=store.retention_s, calls=store.calls)
     yield
 
 
