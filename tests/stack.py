@@ -154,6 +154,13 @@ def drop_namespace(namespace: str) -> None:
         client.close()
 
 
+async def delete_keys(client: Any, pattern: str) -> None:
+    """Delete every key of the async Redis `client` that matches `pattern` (a test's own keys)."""
+    keys = [key async for key in client.scan_iter(pattern, count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
 BIN = REPO / ".venv" / "bin"
 
 

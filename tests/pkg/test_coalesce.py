@@ -20,7 +20,7 @@ from imgpipe.store import JobStore
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from tests.stack import REDIS_URL, free_port
+from tests.stack import REDIS_URL, delete_keys, free_port
 
 _ECHO_PLUS = "return {KEYS[1], tonumber(ARGV[1]) + 1}"
 
@@ -31,9 +31,7 @@ async def prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
     try:
         yield name
     finally:
-        keys = [key async for key in redis_client.scan_iter(f"{name}:*")]
-        if keys:
-            await redis_client.delete(*keys)
+        await delete_keys(redis_client, f"{name}:*")
 
 
 class _Counted:

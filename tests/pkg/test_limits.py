@@ -18,7 +18,7 @@ from imgpipe.limits import RATE_LIMITED, TOO_MANY_ACTIVE_JOBS, Limits
 from imgpipe.models import PRESETS, JobRecord, KeySource
 from imgpipe.store import JobStore, owner_id
 
-from tests.stack import REDIS_URL
+from tests.stack import REDIS_URL, delete_keys
 
 T0 = 1_800_000_000.0  # a fixed "now" (epoch seconds)
 TTL_S = 3600
@@ -30,9 +30,7 @@ async def ns(redis_client: aioredis.Redis, namespace: str) -> AsyncIterator[str]
     try:
         yield ns
     finally:
-        keys = [key async for key in redis_client.scan_iter(f"{ns}:*", count=1000)]
-        if keys:
-            await redis_client.delete(*keys)
+        await delete_keys(redis_client, f"{ns}:*")
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
 from imgpipe.store import Grant, IdempotencyConflict, JobStore, Transition, owner_id
 
+from tests.stack import delete_keys
+
 RETENTION = timedelta(hours=2)
 
 
@@ -23,9 +25,7 @@ async def store(redis_client: aioredis.Redis, namespace: str) -> AsyncIterator[J
         yield JobStore(redis_client, ns, retention=RETENTION)
     finally:
         # `{ns}*`, not `{ns}:*`: a test also writes a neighbouring `{ns}-other` namespace.
-        keys = [key async for key in redis_client.scan_iter(f"{ns}*", count=1000)]
-        if keys:
-            await redis_client.delete(*keys)
+        await delete_keys(redis_client, f"{ns}*")
 
 
 def _record(job_id: str | None = None, owner: str = "alice") -> JobRecord:

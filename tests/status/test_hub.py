@@ -19,7 +19,7 @@ from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow
 from imgpipe.store import JobStore
 from imgpipe_status.hub import End, Event, Hub, Listener
 
-from tests.stack import REDIS_URL
+from tests.stack import REDIS_URL, delete_keys
 
 
 class CountingStore(JobStore):
@@ -41,9 +41,7 @@ async def store() -> AsyncIterator[CountingStore]:
     try:
         yield store
     finally:
-        keys = [key async for key in client.scan_iter(f"{namespace}:*")]
-        if keys:
-            await client.delete(*keys)
+        await delete_keys(client, f"{namespace}:*")
         await client.aclose()
 
 
