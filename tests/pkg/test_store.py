@@ -215,6 +215,15 @@ async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -
     assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == "job-d"
 
 
+async def test_concurrent_claims_of_one_idempotency_key_have_one_winner(store: JobStore) -> None:
+    claims = await asyncio.gather(
+        *(store.claim_idempotency("alice", "key-race", f"job-{i}", "fp") for i in range(10))
+    )
+    winners = [f"job-{i}" for i, held in enumerate(claims) if held is None]
+    assert len(winners) == 1
+    assert [held for held in claims if held is not None] == winners * 9
+
+
 async def test_record_grant_prunes_week_old_entries(store: JobStore, redis_client: aioredis.Redis) -> None:
     now = time.time()
     await store.record_grant("uploads/o/old", now - 8 * 24 * 3600)

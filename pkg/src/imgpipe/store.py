@@ -98,6 +98,16 @@ end
 return 1
 """
 
+# Claim an Idempotency-Key: KEYS[1] the claim; ARGV: the claim's value, its life (s). Nothing (nil)
+# when it is ours now, else the value that holds it, read in the same step, so the holder cannot
+# expire between the two.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  return false
+end
+return redis.call('GET', KEYS[1])
+"""
+
 
 def owner_id(sub: str) -> str:
     """A stable, path-safe id for a token subject (subjects may hold any character)."""
@@ -145,6 +155,7 @@ class JobStore:
         self._script = client.register_script(_TRANSITION)
         self._reopen_script = client.register_script(_REOPEN)
         self._grant_script = client.register_script(_RECORD_GRANT)
+        self._claim_script = client.register_script(_CLAIM)
         #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
         self.calls = Coalescer(client)
 
@@ -271,18 +282,15 @@ class JobStore:
         Raises `IdempotencyConflict` when the key holds a different request.
         """
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
-        name = self._idem_key(owner, key)
-        # The holder can expire between SET NX and GET; then the key is free again: try again.
-        for _ in range(3):
-            if await self.redis.set(name, value, nx=True, ex=self.retention_s):
-                return None
-            existing = await self.redis.get(name)
-            if existing is not None:
-                held = json.loads(existing)
-                if held["fingerprint"] != fingerprint:
-                    raise IdempotencyConflict(key)
-                return str(held["job_id"])
-        raise RuntimeError(f"idempotency key {name} keeps vanishing")
+        existing = await self.calls.script(
+            self._claim_script, [self._idem_key(owner, key)], [value, self.retention_s]
+        )
+        if existing is None:
+            return None
+        held = json.loads(existing)
+        if held["fingerprint"] != fingerprint:
+            raise IdempotencyConflict(key)
+        return str(held["job_id"])
 
     async def release_idempotency(self, owner: str, key: str) -> None:
         await self.redis.delete(self._idem_key(owner, key))
