@@ -4,7 +4,9 @@
   answers 202 with a small JSON body (`python -m bench.api --bare PORT`).
 - imgpipe: the real api service and its real path: JWT check, model validation, ownership, an S3 HEAD of
   the uploaded source (moto here; a real S3 or MinIO has a different cost), the `pending` record in Redis
-  (Lua) and the publish with confirm. No worker runs, so the queue just fills. Also `POST /uploads`,
+  (Lua) and the publish with confirm. No worker runs, so the queue just fills. The same again with
+  a new `Idempotency-Key` on every request, as a client that retries safely sends it (each one a
+  first claim, never a replay). Also `POST /uploads`,
   the other call a client makes for each image (JWT, validation, a signed upload form, the grant in
   Redis); it has no target of its own, and is there for its rate and CPU per request.
 
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from bench.harness import OWNER, BenchStack, cpu_seconds, median, token
@@ -47,6 +50,25 @@ def bare_server(port: int) -> None:
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+IDEMPOTENT = "imgpipe POST /jobs, a new Idempotency-Key each"
+
+
+def _with_new_keys(script: str) -> str:
+    """`script` made to send a new Idempotency-Key with every request: a fresh prefix, then a count.
+
+    The claims stay in Redis for the job retention, so every run needs a prefix of its own (wrk's
+    `math.random` starts from the same seed in every run).
+    """
+    return (
+        script
+        + f'local prefix = "{uuid.uuid4().hex}"\n'
+        + "local n = 0\n"
+        + "request = function()\n"
+        + "  n = n + 1\n"
+        + '  wrk.headers["Idempotency-Key"] = prefix .. "-" .. n\n'
+        + "  return wrk.format()\n"
+        + "end\n"
+    )
 
 
 def _wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
@@ -113,24 +135,31 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
         upload_script = logdir / "post-upload.lua"
         upload_body = json.dumps({"content_type": "image/jpeg", "size": 5_000_000})
         upload_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(upload_body)))
+        idempotent_script = logdir / "post-idempotent.lua"
         targets = {
             "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
             "imgpipe POST /jobs": f"{api.url}/jobs",
+            IDEMPOTENT: f"{api.url}/jobs",
             "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api.url}/jobs",
             "imgpipe POST /uploads": f"{api.url}/uploads",
         }
         scripts = {
             "bare aiohttp": script,
             "imgpipe POST /jobs": script,
+            IDEMPOTENT: idempotent_script,
             "imgpipe POST /jobs (URL source, no S3 HEAD)": url_script,
             "imgpipe POST /uploads": upload_script,
         }
         servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
         for name, url in targets.items():  # warm-up
+            if name == IDEMPOTENT:
+                idempotent_script.write_text(_with_new_keys(script.read_text()))
             _wrk(url, scripts[name], 1, connections)
         runs: dict[str, list[dict]] = {k: [] for k in targets}
         for r in range(rounds):
             for name, url in targets.items():
+                if name == IDEMPOTENT:
+                    idempotent_script.write_text(_with_new_keys(script.read_text()))
                 before = cpu_seconds(servers[name]), cpu_seconds([stack.moto.pid])
                 run = _wrk(url, scripts[name], seconds, connections)
                 served = max(run["rps"] * seconds, 1.0)

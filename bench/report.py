@@ -148,8 +148,14 @@ def rows(res: dict) -> list[dict]:
         )
         nohead = api["results"].get("imgpipe POST /jobs (URL source, no S3 HEAD)")
         uploads = api["results"].get("imgpipe POST /uploads")
+        idempotent = api["results"].get("imgpipe POST /jobs, a new Idempotency-Key each")
         # The other targets of the run, without targets of their own: their rate against the bare handler.
         for result, label, detail in (
+            (
+                idempotent,
+                "POST /jobs with a new Idempotency-Key each request, req/s, server CPU per request",
+                "{server_cpu_us:.0f} µs a request",
+            ),
             (
                 nohead,
                 "POST /jobs, URL source (no S3 HEAD) req/s, p50 / p99",
@@ -171,13 +177,13 @@ def rows(res: dict) -> list[dict]:
                     f"S3 server {real['s3_cpu_us']:.0f} µs a key-source POST",
                 )
             )
-        if real["non_2xx"] or bare["non_2xx"] or (uploads and uploads["non_2xx"]):
+        refused = {name: r["non_2xx"] for name, r in api["results"].items() if r["non_2xx"]}
+        if refused:
             out.append(
                 _row(
                     "api",
                     "non-2xx answers",
-                    f"{real['non_2xx']} (imgpipe), {bare['non_2xx']} (bare)"
-                    + (f", {uploads['non_2xx']} (uploads)" if uploads else ""),
+                    ", ".join(f"{count} ({name})" for name, count in refused.items()),
                     "",
                     "0",
                     False,
