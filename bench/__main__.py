@@ -43,6 +43,10 @@ def reconcile(outdir: Path, objects: int, log) -> dict:
         last = max(data["runs"], key=lambda r: r["objects"])
         figures = {
             f"scan rate over {last['objects']} objects": f"{last['scan_rate_per_s']} objects/s",
+            "scan rate / a bare listing of the same bucket": (
+                f"{last['scan_rate_per_s'] / last['listing_rate_per_s']:.2f}x "
+                f"(listing {last['listing_rate_per_s']} objects/s)"
+            ),
             "peak RSS": f"{last['peak_rss_mib']} MiB",
             "peak RSS growth across runs": f"{data.get('peak_rss_growth_mib')} MiB",
         }

@@ -5,6 +5,9 @@
 Starts a moto S3 server on a free port, fills a bucket with small orphaned uploads (plus a share of
 foreign keys), then runs `imgpipe-reconcile --dry-run` in a subprocess at 10% and at 100% of the
 objects and reports the scan rate and the child's peak RSS: flat memory means the two peaks match.
+The same-run baseline is a bare listing of the same bucket (boto3's `list_objects_v2` paginator,
+1,000 keys a page, as the reconciler pages), timed right after each run: moto's listing costs more
+per page the larger the bucket, and the ratio says how much of the scan is ours.
 Needs Redis and RabbitMQ on localhost (a throwaway namespace is used and removed).
 """
 
@@ -38,6 +41,15 @@ def fill(s3: object, bucket: str, start: int, stop: int) -> None:
 
     with ThreadPoolExecutor(32) as pool:
         list(pool.map(put, range(start, stop)))
+
+
+def list_all(s3: object, bucket: str) -> tuple[int, float]:
+    """Page through every key of `bucket` and do nothing else: the count and the seconds it took."""
+    started = time.perf_counter()
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):  # type: ignore[attr-defined]
+        count += page.get("KeyCount", 0)
+    return count, time.perf_counter() - started
 
 
 def reconcile(env: dict[str, str]) -> tuple[dict, float, float]:
@@ -99,11 +111,14 @@ def main() -> None:
             filled = target
             summary, elapsed, peak = reconcile(env)
             assert summary["scanned"] == target, summary
+            listed, listing_s = list_all(s3, "bench")
+            assert listed == target, listed
             results.append(
                 {
                     "objects": target,
                     "seconds": round(elapsed, 2),
                     "scan_rate_per_s": round(target / summary["duration_s"]),
+                    "listing_rate_per_s": round(target / listing_s),
                     "peak_rss_mib": round(peak, 1),
                     "orphans": summary["orphans"],
                     "skipped_foreign": summary["skipped_foreign"],
