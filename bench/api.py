@@ -151,17 +151,21 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
             "imgpipe POST /uploads": upload_script,
         }
         servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
-        for name, url in targets.items():  # warm-up
+
+        def script_for(name: str) -> Path:
+            """The target's script; for `IDEMPOTENT` written anew, with keys no run has sent."""
             if name == IDEMPOTENT:
                 idempotent_script.write_text(_with_new_keys(script.read_text()))
-            _wrk(url, scripts[name], 1, connections)
+            return scripts[name]
+
+        for name, url in targets.items():  # warm-up
+            _wrk(url, script_for(name), 1, connections)
         runs: dict[str, list[dict]] = {k: [] for k in targets}
         for r in range(rounds):
             for name, url in targets.items():
-                if name == IDEMPOTENT:
-                    idempotent_script.write_text(_with_new_keys(script.read_text()))
+                path = script_for(name)
                 before = cpu_seconds(servers[name]), cpu_seconds([stack.moto.pid])
-                run = _wrk(url, scripts[name], seconds, connections)
+                run = _wrk(url, path, seconds, connections)
                 served = max(run["rps"] * seconds, 1.0)
                 run["server_cpu_us"] = (cpu_seconds(servers[name]) - before[0]) / served * 1e6
                 run["s3_cpu_us"] = (cpu_seconds([stack.moto.pid]) - before[1]) / served * 1e6
