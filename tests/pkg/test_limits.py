@@ -265,3 +265,15 @@ async def test_concurrent_admissions_take_exactly_the_free_slots(
     )
     assert sum(d.allowed for d in decisions) == 4
     assert await limits.active_jobs("dave") == 4
+
+
+async def test_a_coalescer_on_another_client_is_refused(redis_client: aioredis.Redis, ns: str) -> None:
+    # Admissions would go out on the coalescer's client and their releases on the limits' own.
+    store = JobStore(redis_client, ns, retention=timedelta(hours=1))
+    assert Limits(redis_client, ns, ttl_s=TTL_S, calls=store.calls).redis is redis_client
+    other = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        with pytest.raises(ValueError, match="same Redis client"):
+            Limits(other, ns, ttl_s=TTL_S, calls=store.calls)
+    finally:
+        await other.aclose()

@@ -39,6 +39,11 @@ class Coalescer:
         # The batch out at Redis, if any: held so it is not garbage-collected while it waits.
         self._out: asyncio.Task | None = None
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client the batches go out on."""
+        return self._client
+
     async def command(self, *args: Any) -> Any:
         """Run one Redis command (`"HMGET", key, field, ...`): its reply, parsed as redis-py parses it."""
         return await self._queue(args, None)

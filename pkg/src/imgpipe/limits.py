@@ -174,7 +174,7 @@ class Limits:
     """The rate limits and the active-jobs quota of one namespace, for owners named by token `sub`.
 
     `calls` is the coalescer to send the calls through, a store's `JobStore.calls` on the same
-    client; by default, one of its own.
+    client (one on another client is refused); by default, one of its own.
     """
 
     def __init__(
@@ -196,6 +196,10 @@ class Limits:
         self._admit = client.register_script(_ADMIT)
         # Every request spends from a budget (see `coalesce`); `calls` lets these calls go out with
         # the job store's of the same moment, in one batch instead of two.
+        if calls is not None and calls.client is not client:
+            # The admission goes out in the batches and its release (`ZREM`) on `client`: on two
+            # clients, one user's active jobs could be counted in one Redis and released in another.
+            raise ValueError("calls must be a coalescer on the same Redis client as the limits")
         self._calls = calls or Coalescer(client)
 
     def rate_key(self, name: str, sub: str) -> str:
