@@ -194,12 +194,12 @@ class Limits:
         self.prune_scan = prune_scan
         self._hit = client.register_script(_HIT)
         self._admit = client.register_script(_ADMIT)
-        # Every request spends from a budget (see `coalesce`); `calls` lets these calls go out with
-        # the job store's of the same moment, in one batch instead of two.
         if calls is not None and calls.client is not client:
             # The admission goes out in the batches and its release (`ZREM`) on `client`: on two
             # clients, one user's active jobs could be counted in one Redis and released in another.
             raise ValueError("calls must be a coalescer on the same Redis client as the limits")
+        # Every request spends from a budget (see `coalesce`); `calls` lets these calls go out with
+        # the job store's of the same moment, in one batch instead of two.
         self._calls = calls or Coalescer(client)
 
     def rate_key(self, name: str, sub: str) -> str:
