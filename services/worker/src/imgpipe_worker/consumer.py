@@ -63,8 +63,8 @@ T = TypeVar("T")
 
 
 def _since_accepted(created_at: datetime) -> float:
-    """Seconds from the api's accepting a job (its `created_at`) until now, by the wall clock: the
-    api's and the worker's hosts may differ by a little, so never negative."""
+    """Seconds from the api's creating the job's record (its `created_at`) until now, by the wall
+    clock: the api's and the worker's hosts may differ by a little, so never negative."""
     return max(0.0, time.time() - created_at.timestamp())
 
 
