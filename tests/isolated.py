@@ -4,10 +4,13 @@
 and removes that namespace's queues and keys afterwards. `start_unready` starts a service that
 is not expected to become ready (a dependency is down). `sse` reads a Server-Sent Events stream
 line by line, keeping `id:` and comments; `metric` reads one sample from Prometheus text.
+`BrokerProxy` stands between one process and RabbitMQ, to cut or stall its connections;
+`raw_request` sends bytes an HTTP client library would refuse to.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +23,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pyvips
+import yarl
 from aiormq.exceptions import ChannelNotFoundEntity
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -124,3 +128,72 @@ def image(width: int = 64, height: int = 48, fmt: str = ".jpg") -> bytes:
 def without_urls(view: dict[str, Any]) -> dict[str, Any]:
     """A job view without the presigned variant URLs (their signatures carry the signing time)."""
     return {**view, "variants": [{**v, "url": None} for v in view["variants"]]}
+
+
+class BrokerProxy:
+    """A TCP relay to RabbitMQ that a test can cut or stall: the broker's outage as one process sees it."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        self._writers |= {client_writer, broker_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    await self._flowing.wait()  # stalled: held here, and dropped with the connection
+                    if writer.is_closing():
+                        break
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(client_reader, broker_writer), pipe(broker_reader, client_writer))
+
+    def stall(self) -> None:
+        """Hold everything the relayed connections send, as a broker that stopped answering."""
+        self._flowing.clear()
+
+    def reset(self) -> None:
+        """Drop every relayed connection (what a stall held goes with it) and relay new ones again."""
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        self._flowing.set()
+
+    async def cut(self) -> None:
+        """Stop listening and drop every relayed connection."""
+        assert self._server is not None
+        self._server.close()
+        self.reset()
+        await self._server.wait_closed()
+
+
+async def raw_request(base: str, head: list[bytes], body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of a request written byte for byte: `head` is the request line and headers."""
+    url = yarl.URL(base)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        lines = [*head, b"Host: localhost", b"Content-Length: %d" % len(body), b"Connection: close"]
+        writer.write(b"\r\n".join([*lines, b"", b""]) + body)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status_line, _, rest = answer.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split(b" ", 2)[1]), json.loads(payload)

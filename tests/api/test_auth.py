@@ -28,7 +28,7 @@ from imgpipe.storage import owns_key
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from multidict import CIMultiDictProxy
 
-from tests.isolated import image, isolated_stack
+from tests.isolated import image, isolated_stack, raw_request
 from tests.stack import JWT_SECRET, Client, Stack, free_port, token
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +107,21 @@ async def test_rejected_tokens(
         assert "error=" not in challenge  # RFC 6750 3.1: no error code without credentials
     else:
         assert 'error="invalid_token"' in challenge
+
+
+@pytest.mark.parametrize(("service", "method", "path", "body"), ROUTES)
+async def test_a_token_that_is_not_ascii_is_invalid(
+    stack: Stack, service: str, method: str, path: str, body: dict | None
+) -> None:
+    # Bytes no UTF-8 decoder takes: aiohttp hands them on as surrogates, which pyjwt cannot encode.
+    head = [
+        f"{method} {path} HTTP/1.1".encode(),
+        b"Authorization: Bearer \xff\xfe.\xfd",
+        b"Content-Type: application/json",
+    ]
+    payload = b"" if body is None else json.dumps(body).encode()
+    status, answer = await raw_request(stack.services[service].url, head, payload)
+    assert (status, answer["error"]["code"]) == (401, "invalid_token"), answer
 
 
 async def test_expired_within_leeway_is_accepted(http: aiohttp.ClientSession, stack: Stack) -> None:

@@ -31,7 +31,7 @@ from imgpipe.broker import ATTEMPT_HEADER, JOB_ROUTING_KEY, REASON_HEADER, REQUE
 from imgpipe.models import PRESETS, JobMessage, JobStatus, UrlSource, utcnow
 from imgpipe.store import JobStore
 
-from tests.isolated import image, isolated_stack, queue_depth, sse
+from tests.isolated import BrokerProxy, image, isolated_stack, queue_depth, sse
 from tests.stack import AMQP_URL, BIN, REDIS_URL, Client, Stack, local_http, token
 
 pytestmark = pytest.mark.e2e
@@ -444,43 +444,6 @@ async def test_list_refuses_a_bad_limit(dl: Stack, http: aiohttp.ClientSession, 
     async with http.get(f"{dl.api}/admin/dead-letters", params={"limit": limit}, headers=ADMIN) as response:
         assert response.status == 422
         assert (await response.json())["error"]["code"] == "invalid_request"
-
-
-class BrokerProxy:
-    """A TCP relay to RabbitMQ that a test can cut: an outage of the broker as one api process sees it."""
-
-    def __init__(self) -> None:
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
-        self._writers |= {client_writer, broker_writer}
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(client_reader, broker_writer), pipe(broker_reader, client_writer))
-
-    async def cut(self) -> None:
-        """Stop listening and drop every relayed connection."""
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
 
 
 async def test_broker_outage_is_503_broker_unavailable(

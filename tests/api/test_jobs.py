@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from imgpipe.broker import Topology
-from imgpipe.store import owner_id
+from imgpipe.store import JobStore, owner_id
 
-from tests.isolated import image, isolated_stack, metric, queue_depth
-from tests.stack import Client, Stack, local_http
+from tests.isolated import (
+    BrokerProxy,
+    fresh_namespace,
+    image,
+    isolated_stack,
+    metric,
+    queue_depth,
+    raw_request,
+)
+from tests.stack import AMQP_URL, Client, Stack, drop_namespace, local_http
+from tests.worker.test_consumer import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -128,6 +140,15 @@ async def test_sixteen_variants_are_allowed(alice: Client, alice_key: str) -> No
 async def test_invalid_body(alice: Client, body: Any) -> None:
     status, answer, _ = await _post_job(alice, body)
     assert (status, answer["error"]["code"]) == (422, "invalid_request"), answer
+
+
+async def test_deeply_nested_body_is_invalid_request(alice: Client) -> None:
+    body = b'{"source": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # within the 64 KiB body limit
+    async with alice.http.post(
+        f"{alice.stack.api}/jobs", data=body, headers={**alice.headers, "Content-Type": "application/json"}
+    ) as response:
+        assert response.status == 422
+        assert (await response.json())["error"]["code"] == "invalid_request"
 
 
 async def test_non_json_body(alice: Client) -> None:
@@ -290,9 +311,25 @@ async def test_accepted_jobs_report_the_rate_budget(alice: Client, alice_key: st
     assert "RateLimit-Remaining" not in replay
 
 
-async def test_idempotency_key_too_long(alice: Client, alice_key: str) -> None:
-    status, body, _ = await _post_job(alice, {"source": {"key": alice_key}}, **{"Idempotency-Key": "k" * 256})
-    assert (status, body["error"]["code"]) == (400, "invalid_idempotency_key")
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(b"k" * 256, id="too-long"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+        pytest.param("ключ".encode(), id="not-ascii"),
+        pytest.param(b"a\tb", id="tab"),
+    ],
+)
+async def test_invalid_idempotency_keys(alice: Client, alice_key: str, key: bytes) -> None:
+    head = [
+        b"POST /jobs HTTP/1.1",
+        b"Authorization: " + alice.headers["Authorization"].encode(),
+        b"Content-Type: application/json",
+        b"Idempotency-Key: " + key,
+    ]
+    body = json.dumps({"source": {"key": alice_key}}).encode()
+    status, answer = await raw_request(alice.stack.api, head, body)
+    assert (status, answer["error"]["code"]) == (400, "invalid_idempotency_key"), answer
 
 
 # 202 only once the broker has the job: a namespace with no worker.
@@ -328,3 +365,57 @@ async def test_accepted_job_waits_durably_in_the_queue(
     done = await client.wait(job["id"], within=30)
     assert done["status"] == "succeeded", done
     assert await queue_depth(queue) == 0
+
+
+async def test_a_replay_waits_while_the_first_request_can_still_withdraw_its_job(
+    http: aiohttp.ClientSession, base_env: dict[str, str], redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    # An api whose broker stops answering: its publish times out, and it withdraws the job it recorded.
+    # No worker: a job stays `pending`.
+    proxy = BrokerProxy()
+    await proxy.start()
+    amqp = AMQP_URL.replace(":5672/", f":{proxy.port}/")
+    own = Stack({**base_env, "IMGPIPE_NAMESPACE": fresh_namespace(), "IMGPIPE_AMQP_URL": amqp})
+    try:
+        own.services["api"] = await asyncio.to_thread(own.start, "api", tmp_path)
+        client = Client(http, own, "alice")
+        body = {"source": {"key": await client.upload(image())}}
+        store = JobStore(redis_client, own.env["IMGPIPE_NAMESPACE"], retention=timedelta(hours=1))
+        claim = store._idem_key("alice", "k-withdrawn")
+
+        proxy.stall()
+        first = asyncio.create_task(_post_job(client, body, **{"Idempotency-Key": "k-withdrawn"}))
+
+        async def recorded() -> str | None:
+            held = await redis_client.get(claim)
+            job_id = json.loads(held)["job_id"] if held else None
+            return job_id if job_id and await store.get(job_id) else None
+
+        withdrawn = await eventually(recorded)
+        # Its record is there, pending, but the broker has not confirmed it: no 202 for it yet.
+        status, answer, headers = await _post_job(client, body, **{"Idempotency-Key": "k-withdrawn"})
+        assert (status, answer["error"]["code"]) == (409, "idempotency_in_progress"), answer
+        assert headers["Retry-After"] == "1"
+        status, answer, _ = await first
+        assert (status, answer["error"]["code"]) == (503, "broker_unavailable"), answer
+        assert await store.get(withdrawn) is None
+        assert await redis_client.get(claim) is None
+
+        # The broker answers again: a retry with the key makes a new job, and its replay is at once.
+        proxy.reset()
+
+        async def accepted() -> tuple[int, dict, Any] | None:
+            answer = await _post_job(client, body, **{"Idempotency-Key": "k-withdrawn"})
+            return answer if answer[0] == 202 else None
+
+        _, job, headers = await eventually(accepted, within=30)
+        assert job["id"] != withdrawn
+        assert "Idempotent-Replayed" not in headers
+        status, replay, headers = await _post_job(client, body, **{"Idempotency-Key": "k-withdrawn"})
+        assert (status, replay["id"], replay["status"]) == (202, job["id"], "pending")
+        assert headers["Idempotent-Replayed"] == "true"
+    finally:
+        for service in own.services.values():
+            await asyncio.to_thread(own.stop, service)
+        await proxy.cut()
+        await asyncio.to_thread(drop_namespace, own.env["IMGPIPE_NAMESPACE"])

@@ -259,7 +259,11 @@ async def test_remembered_tokens_are_bounded(monkeypatch: pytest.MonkeyPatch) ->
     assert list(verifier._verified) == tokens[-8:]  # the oldest went first
 
 
-@pytest.mark.parametrize("garbage", ["", "abc", "a.b.c", "a.b", "....", "eyJhbGciOiJIUzI1NiJ9..x"])
+@pytest.mark.parametrize(
+    # The last: undecodable header bytes, as aiohttp passes them on (surrogates).
+    "garbage",
+    ["", "abc", "a.b.c", "a.b", "....", "eyJhbGciOiJIUzI1NiJ9..x", "\udcff\udcfe.\udcfd"],
+)
 async def test_garbage_is_invalid(garbage: str) -> None:
     assert (await _rejected(_verifier(), garbage)).code == "invalid_token"
 

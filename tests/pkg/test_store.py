@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
-from imgpipe.store import Grant, IdempotencyConflict, JobStore, Transition, owner_id
+from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, Transition, owner_id
 
 from tests.stack import delete_keys
 
@@ -200,19 +200,34 @@ async def test_records_expire_after_the_retention(store: JobStore, redis_client:
 
 async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -> None:
     assert await store.claim_idempotency("alice", "key-1", "job-a", "fp-1") is None
-    assert await store.claim_idempotency("alice", "key-1", "job-b", "fp-1") == "job-a"
+    assert await store.claim_idempotency("alice", "key-1", "job-b", "fp-1") == Claim("job-a", accepted=False)
     with pytest.raises(IdempotencyConflict):
         await store.claim_idempotency("alice", "key-1", "job-c", "fp-2")
     # Another owner's identical key is another key.
     assert await store.claim_idempotency("bob", "key-1", "job-d", "fp-2") is None
-    assert await store.claim_idempotency("bob", "key-1", "job-e", "fp-2") == "job-d"
+    assert await store.claim_idempotency("bob", "key-1", "job-e", "fp-2") == Claim("job-d", accepted=False)
     # The claim expires with the records it refers to.
     ttl = await redis_client.ttl(store._idem_key("alice", "key-1"))
     assert RETENTION.total_seconds() - 5 <= ttl <= RETENTION.total_seconds()
     # Released (the job could not be queued): the key is free again.
     await store.release_idempotency("alice", "key-1")
     assert await store.claim_idempotency("alice", "key-1", "job-f", "fp-3") is None
-    assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == "job-d"
+    assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == Claim("job-d", accepted=False)
+
+
+async def test_an_accepted_claim_says_so_and_keeps_its_expiry(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    assert await store.claim_idempotency("alice", "key-2", "job-a", "fp-1") is None
+    await redis_client.expire(store._idem_key("alice", "key-2"), 100)
+    await store.accept_idempotency("alice", "key-2", "job-a", "fp-1")
+    assert await store.claim_idempotency("alice", "key-2", "job-b", "fp-1") == Claim("job-a", accepted=True)
+    assert 90 <= await redis_client.ttl(store._idem_key("alice", "key-2")) <= 100
+    with pytest.raises(IdempotencyConflict):  # still the same request's key
+        await store.claim_idempotency("alice", "key-2", "job-c", "fp-2")
+    # A claim released meanwhile is not written back.
+    await store.accept_idempotency("alice", "key-3", "job-d", "fp-1")
+    assert await redis_client.exists(store._idem_key("alice", "key-3")) == 0
 
 
 async def test_concurrent_claims_of_one_idempotency_key_have_one_winner(store: JobStore) -> None:
@@ -221,7 +236,7 @@ async def test_concurrent_claims_of_one_idempotency_key_have_one_winner(store: J
     )
     winners = [f"job-{i}" for i, held in enumerate(claims) if held is None]
     assert len(winners) == 1
-    assert [held for held in claims if held is not None] == winners * 9
+    assert [held.job_id for held in claims if held is not None] == winners * 9
 
 
 async def test_record_grant_prunes_week_old_entries(store: JobStore, redis_client: aioredis.Redis) -> None:

@@ -304,6 +304,9 @@ class TokenVerifier:
     async def _verify(self, token: str) -> tuple[Principal, float]:
         import jwt  # on first use: see the note on the import at the top
 
+        # A JWT is ASCII; a header's other bytes reach us as surrogates, which pyjwt cannot encode.
+        if not token.isascii():
+            raise AuthError("invalid_token", "the token is not valid: it is not ASCII")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

@@ -43,6 +43,8 @@ REQUEST_ID_HEADER = "x-request-id"
 REASON_HEADER = "x-imgpipe-reason"
 #: Redeliveries (consumer crashed or nacked) after which the broker dead-letters on its own.
 DELIVERY_LIMIT = 10
+#: A publish's deadline (opening a channel, declaring, the broker's confirm), unless given another.
+PUBLISH_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -364,7 +366,9 @@ class Publisher:
                 self._channel = None
             raise
 
-    async def publish_job(self, job: JobMessage, *, attempt: int = 1, timeout_s: float = 5.0) -> None:
+    async def publish_job(
+        self, job: JobMessage, *, attempt: int = 1, timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> None:
         headers = {ATTEMPT_HEADER: attempt}
         if job.request_id:
             headers[REQUEST_ID_HEADER] = job.request_id
@@ -377,7 +381,9 @@ class Publisher:
             timeout_s=timeout_s,
         )
 
-    async def publish_reconcile(self, command: ReconcileCommand, *, timeout_s: float = 5.0) -> None:
+    async def publish_reconcile(
+        self, command: ReconcileCommand, *, timeout_s: float = PUBLISH_TIMEOUT_S
+    ) -> None:
         """Queue a reconciliation for whichever reconciler is the active consumer."""
         await self._publish(
             self.topology.reconcile_exchange,
@@ -389,7 +395,13 @@ class Publisher:
         )
 
     async def publish_retry(
-        self, body: bytes, headers: dict, *, message_id: str, attempt: int, timeout_s: float = 5.0
+        self,
+        body: bytes,
+        headers: dict,
+        *,
+        message_id: str,
+        attempt: int,
+        timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> int:
         """Park a message in the retry queue for its back-off; returns the delay chosen."""
         delay = self.topology.retry_delay(attempt)
@@ -404,7 +416,13 @@ class Publisher:
         return delay
 
     async def publish_dead(
-        self, body: bytes, headers: dict, *, message_id: str, reason: str, timeout_s: float = 5.0
+        self,
+        body: bytes,
+        headers: dict,
+        *,
+        message_id: str,
+        reason: str,
+        timeout_s: float = PUBLISH_TIMEOUT_S,
     ) -> None:
         await self._publish(
             self.topology.dead_exchange,

@@ -127,6 +127,15 @@ class IdempotencyConflict(Exception):
 
 
 @dataclass(frozen=True)
+class Claim:
+    """Who holds an Idempotency-Key: the job it was claimed for, and whether that job is known to be
+    in the broker (`accept_idempotency`); until then the first request may still withdraw it."""
+
+    job_id: str
+    accepted: bool
+
+
+@dataclass(frozen=True)
 class Grant:
     """What a presigned upload allowed: its key, content type, declared size and expiry (epoch s)."""
 
@@ -276,8 +285,8 @@ class JobStore:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"{self.namespace}:idem:{owner_id(owner)}:{digest}"
 
-    async def claim_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> str | None:
-        """Claim `key` for `job_id`; returns None when claimed, else the job id that holds it.
+    async def claim_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> Claim | None:
+        """Claim `key` for `job_id`; returns None when claimed, else the claim that holds it.
 
         Raises `IdempotencyConflict` when the key holds a different request.
         """
@@ -290,7 +299,15 @@ class JobStore:
         held = json.loads(existing)
         if held["fingerprint"] != fingerprint:
             raise IdempotencyConflict(key)
-        return str(held["job_id"])
+        return Claim(str(held["job_id"]), bool(held.get("accepted")))
+
+    async def accept_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> None:
+        """Note on the claim of `key` that its job is in the broker: a replay can answer for it at once.
+
+        Only an existing claim is rewritten, and it keeps its expiry.
+        """
+        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "accepted": True})
+        await self.calls.command("SET", self._idem_key(owner, key), value, "XX", "KEEPTTL")
 
     async def release_idempotency(self, owner: str, key: str) -> None:
         await self.redis.delete(self._idem_key(owner, key))

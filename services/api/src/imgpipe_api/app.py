@@ -23,9 +23,9 @@ from datetime import UTC, datetime
 from aiohttp import web
 from imgpipe import resources
 from imgpipe.auth import Principal, TokenVerifier
-from imgpipe.broker import Publisher
+from imgpipe.broker import PUBLISH_TIMEOUT_S, Publisher
 from imgpipe.limits import RATE_LIMITED, Decision, Limits
-from imgpipe.models import JobMessage, JobRecord, JobRequest, KeySource
+from imgpipe.models import JobMessage, JobRecord, JobRequest, JobStatus, KeySource
 from imgpipe.settings import (
     AmqpSettings,
     AuthSettings,
@@ -37,7 +37,7 @@ from imgpipe.settings import (
     load,
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
-from imgpipe.store import Grant, IdempotencyConflict
+from imgpipe.store import Claim, Grant, IdempotencyConflict
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
@@ -77,6 +77,10 @@ class UploadRequest(BaseModel):
 
 
 _IDEMPOTENCY_KEY_MAX = 255
+#: How long after its record was written a job whose claim is not marked accepted may still be
+#: withdrawn by the request that made it (its publish deadline, then the withdrawal; the margin also
+#: covers the clocks of two api replicas). A replay waits this out rather than answer 202 for it.
+_WITHDRAWAL_WINDOW_S = PUBLISH_TIMEOUT_S + 5.0
 
 
 def _too_many(decision: Decision, message: str) -> ApiError:
@@ -232,11 +236,28 @@ def _fingerprint(principal: Principal, job: JobRequest) -> str:
     return hashlib.sha256(f"{principal.sub}\n{job.model_dump_json()}".encode()).hexdigest()
 
 
-async def _replay(request: web.Request, principal: Principal, job_id: str) -> web.Response:
-    record = await request.app[resources.STORE].get(job_id)
+def _in_progress() -> ApiError:
+    return ApiError(
+        409,
+        "idempotency_in_progress",
+        "a request with this Idempotency-Key is in progress",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _replay(request: web.Request, principal: Principal, held: Claim) -> web.Response:
+    record = await request.app[resources.STORE].get(held.job_id)
     if record is None or record.owner != principal.sub:
         # The first request with this key is still in flight (or failed and is being released).
-        raise ApiError(409, "idempotency_in_progress", "a request with this Idempotency-Key is in progress")
+        raise _in_progress()
+    if not held.accepted and record.status is JobStatus.PENDING:
+        # The record is written before the publish; until the broker confirms it, the first request
+        # may still withdraw the job, and a 202 for it now would promise a job that never runs. Past
+        # the window the first request has ended: a job it neither withdrew nor marked (the api
+        # stopped in between) is one the reconciler re-publishes, so it is answered for.
+        age = datetime.now(UTC).timestamp() - record.created_at.timestamp()
+        if age < _WITHDRAWAL_WINDOW_S:
+            raise _in_progress()
     return _accepted(record, replayed=True)
 
 
@@ -253,7 +274,7 @@ def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
     """The `url_*` error for a URL source the model refused (its scheme), instead of `invalid_request`."""
     try:
         source = json.loads(raw).get("source")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting the model refused
         return None
     if not isinstance(source, dict) or set(source) != {"url"} or not isinstance(source["url"], str):
         return None
@@ -284,17 +305,20 @@ async def create_job(request: web.Request) -> web.Response:
     publisher: Publisher = request.app[resources.PUBLISHER]
 
     idem_key = request.headers.get("Idempotency-Key")
-    if idem_key is not None and not (0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX):
+    if idem_key is not None and not (
+        0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX and idem_key.isascii() and idem_key.isprintable()
+    ):
         raise ApiError(
-            400, "invalid_idempotency_key", f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} chars"
+            400,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
         )
 
     job_id = uuid.uuid4().hex
+    fingerprint = _fingerprint(principal, job) if idem_key else ""
     if idem_key:
         try:
-            held = await store.claim_idempotency(
-                principal.sub, idem_key, job_id, _fingerprint(principal, job)
-            )
+            held = await store.claim_idempotency(principal.sub, idem_key, job_id, fingerprint)
         except IdempotencyConflict:
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
@@ -330,16 +354,26 @@ async def create_job(request: web.Request) -> web.Response:
         # Not in the broker: take the job back so nothing claims a job that will never run.
         log.warning("publish failed, job withdrawn: %s", type(exc).__name__)
         await _release_slot(request, principal, job_id, admitted)
+        # Each on its own: a key left behind would hold a deleted job, and answer 409 to every retry.
         try:
             await store.delete(job_id)
-            if idem_key:
-                await store.release_idempotency(principal.sub, idem_key)
         except Exception:
             log.warning("could not withdraw job record after failed publish")
+        if idem_key:
+            try:
+                await store.release_idempotency(principal.sub, idem_key)
+            except Exception:
+                log.warning("could not release the Idempotency-Key after failed publish")
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
 
+    if idem_key:
+        try:
+            await store.accept_idempotency(principal.sub, idem_key, job_id, fingerprint)
+        except Exception:
+            # The job is in the broker all the same; replays answer for it once the window is past.
+            log.warning("could not mark the Idempotency-Key accepted")
     JOBS_ACCEPTED.inc()
     log.info("job accepted", extra={"variants": len(record.requested)})
     return _accepted(record, admitted=admitted)

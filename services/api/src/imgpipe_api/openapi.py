@@ -153,12 +153,17 @@ def operations() -> tuple[Operation, ...]:
                     headers=("Location",),
                     optional_headers=("Idempotent-Replayed", *_RATE),
                 ),
-                400: error("The Idempotency-Key header is empty or too long.", "invalid_idempotency_key"),
+                400: error(
+                    "The Idempotency-Key header is empty, too long, or not printable ASCII.",
+                    "invalid_idempotency_key",
+                ),
                 401: UNAUTHORIZED,
                 403: error("The source key is not under the caller's upload prefix.", "source_forbidden"),
                 409: error(
-                    "The first request with this Idempotency-Key is still being handled.",
+                    "The first request with this Idempotency-Key is still being handled: until the "
+                    "broker has confirmed its job, that request may still withdraw it.",
                     "idempotency_in_progress",
+                    headers=_RETRY,
                 ),
                 413: error(
                     "The source is bigger than its grant or the limit, or the body is too large.",
@@ -194,7 +199,7 @@ def operations() -> tuple[Operation, ...]:
                 Param(
                     "Idempotency-Key",
                     "header",
-                    {"type": "string", "minLength": 1, "maxLength": 255},
+                    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
                     "A retry with the same key and body answers the job the first request created.",
                 ),
             ),
