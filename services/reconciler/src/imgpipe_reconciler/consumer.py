@@ -3,8 +3,9 @@
 The queue has a single active consumer, so with several replicas the broker hands commands to one
 of them at a time; prefetch 1 keeps the next command in the broker while a run is going. A command
 is acknowledged once its outcome is recorded, whatever it is: a failed run is not retried in a
-loop, the next tick runs again. If the process stops mid-run, the unacknowledged command goes to
-the next active consumer, which runs it again (deletes are safe to repeat).
+loop, the next tick runs again. Recording is best effort: a command left unacknowledged because
+Redis failed would hold every later one back. If the process stops mid-run, the unacknowledged
+command goes to the next active consumer, which runs it again (deletes are safe to repeat).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from imgpipe import broker
 from imgpipe.broker import Topology
 from imgpipe.models import ReconcileCommand
-from imgpipe.runs import RunStore
+from imgpipe.runs import RunStatus, RunStore
 from pydantic import ValidationError
 
 from imgpipe_reconciler.lock import LockBusy, RunLock
@@ -89,7 +90,7 @@ class CommandConsumer:
             log.error("unparseable reconcile command dead-lettered: %s", exc.errors()[:1])
             await message.reject(requeue=False)
             return
-        await self._runs.update(command, "running")
+        await self._record(command, "running")
         try:
             summary = await reconcile_once(
                 self._reconciler,
@@ -99,12 +100,24 @@ class CommandConsumer:
                 trigger=command.trigger,
             )
         except LockBusy:
-            await self._runs.update(command, "skipped", error="another reconciliation was running")
+            await self._record(command, "skipped", error="another reconciliation was running")
         except asyncio.CancelledError:
-            await asyncio.shield(self._runs.update(command, "queued"))
+            await asyncio.shield(self._record(command, "queued"))
             raise
         except Exception as exc:
-            await self._runs.update(command, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            await self._record(command, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         else:
-            await self._runs.update(command, "succeeded", summary=summary.as_dict())
+            await self._record(command, "succeeded", summary=summary.as_dict())
         await message.ack()
+
+    async def _record(self, command: ReconcileCommand, status: RunStatus, **details: object) -> None:
+        """Write the run's state; on a Redis error, log it and go on (see the module)."""
+        try:
+            await self._runs.update(command, status, **details)
+        except Exception as exc:
+            log.warning(
+                "could not record the run as %s: %s",
+                status,
+                type(exc).__name__,
+                extra={"run_id": command.run_id},
+            )

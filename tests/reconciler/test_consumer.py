@@ -1,0 +1,53 @@
+"""The reconcile-command consumer in-process, against the real RabbitMQ, Redis and the moto S3."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from imgpipe import broker
+from imgpipe.models import ReconcileCommand
+from imgpipe.runs import RunStore
+from imgpipe.storage import Storage
+from imgpipe.store import JobStore
+from imgpipe_reconciler.consumer import CommandConsumer
+from imgpipe_reconciler.lock import RunLock
+
+from tests.isolated import queue_depth
+from tests.reconciler.test_reconcile import _reconciler
+from tests.stack import AMQP_URL, free_port
+from tests.worker.test_consumer import eventually
+
+
+async def test_a_run_that_cannot_be_recorded_does_not_hold_back_the_next(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+) -> None:
+    # The run records go to a Redis that refuses connections; the runs themselves work.
+    unreachable = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+    connection = await broker.connect(AMQP_URL)
+    consumer = CommandConsumer(
+        connection,
+        publisher.topology,
+        _reconciler(store, storage, publisher),
+        RunLock(redis_client, rc_namespace, ttl_s=30),
+        RunStore(unreachable, rc_namespace),
+    )
+    queue = publisher.topology.reconcile_queue
+    try:
+        await consumer.start()
+        await eventually(lambda: consumer.consuming)
+        for run in ("first", "second"):
+            await publisher.publish_reconcile(ReconcileCommand(run_id=run, dry_run=True))
+
+        async def both_done() -> bool:
+            # Prefetch 1: the second leaves the queue only once the first is acknowledged.
+            return await queue_depth(queue) == 0 and not consumer._tasks
+
+        await eventually(both_done, within=30)
+    finally:
+        await consumer.stop()
+        await connection.close()
+        await unreachable.aclose()
+    assert await queue_depth(queue) == 0, "a command was left unacknowledged and came back"
