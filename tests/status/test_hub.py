@@ -10,14 +10,17 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import ExitStack
+from contextlib import ExitStack, asynccontextmanager
 from datetime import timedelta
 
 import pytest
-import redis.asyncio as aioredis
+import redis
 from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow
+from imgpipe.resources import redis_client
+from imgpipe.settings import RedisSettings
 from imgpipe.store import JobStore
 from imgpipe_status.hub import End, Event, Hub, Listener
+from pydantic import SecretStr
 
 from tests.stack import REDIS_URL, delete_keys
 
@@ -32,11 +35,18 @@ class CountingStore(JobStore):
         return await super().get(job_id)
 
 
+def _client(url: str, name: str | None = None) -> redis.asyncio.Redis:
+    """A client as the services make it: its retry settings decide what a dropped connection does."""
+    if name is not None:
+        url += f"{'&' if '?' in url else '?'}client_name={name}"
+    return redis_client(RedisSettings(redis_url=SecretStr(url)))
+
+
 @pytest.fixture
 async def store() -> AsyncIterator[CountingStore]:
     namespace = f"imgpipe-hubtest-{uuid.uuid4().hex[:8]}"
     # A name of its own, so a test can find (and cut) exactly this client's subscription.
-    client = aioredis.from_url(REDIS_URL, client_name=namespace)
+    client = _client(REDIS_URL, namespace)
     store = CountingStore(client, namespace, retention=timedelta(minutes=10))
     try:
         yield store
@@ -129,6 +139,20 @@ async def _pending_job(store: JobStore) -> JobRecord:
     created = (await store.create(record)).record
     assert created is not None
     return created
+
+
+def _cut_subscription(store: JobStore) -> None:
+    """Drop the hub's subscriber connection, as `CLIENT KILL` or an output-buffer eviction would.
+
+    Only this test's: the store's client is named after its namespace. Blocking on purpose: the hub
+    gets no turn of the event loop (to notice and reconnect) before the caller's next command is sent.
+    """
+    with redis.Redis.from_url(REDIS_URL) as admin:
+        ours = [
+            c for c in admin.client_list() if c.get("name") == store.namespace and int(c.get("sub", 0)) > 0
+        ]
+        assert len(ours) == 1, ours
+        admin.client_kill_filter(_id=ours[0]["id"])
 
 
 async def test_a_change_is_rendered_once_for_every_stream(hub: Hub, store: CountingStore) -> None:
@@ -257,16 +281,114 @@ async def test_missed_changes_are_delivered_after_the_subscription_is_restored(
                 store.job_key(job.id),
                 mapping={"version": 2, "rank": 1, "data": moved.model_dump_json(exclude={"version"})},
             )
-            # Cut this hub's subscription (and only it: the client is named after the namespace).
-            ours = [
-                c
-                for c in await store.redis.client_list()
-                if c.get("name") == store.namespace and int(c.get("sub", 0)) > 0
-            ]
-            assert len(ours) == 1, ours
-            await store.redis.client_kill_filter(_id=ours[0]["id"])
+            _cut_subscription(store)
             data = await _read_until(client, b"event: processing\n")
     assert data == b"id: 2\nevent: processing\ndata: " + job.id.encode() + b"\n\n"
+
+
+async def test_a_change_published_while_the_subscription_is_cut_is_not_lost(
+    hub: Hub, store: CountingStore
+) -> None:
+    """The subscriber connection is dropped while Redis stays up. The client reconnects and subscribes
+    again by itself, so the hub sees no error; the change published in the gap is on no subscription."""
+    job = await _pending_job(store)
+    async with Sockets() as sockets:
+        with hub.listen(job.id) as listener:
+            current = await hub.current(job.id)
+            assert current is not None
+            transport, client = await sockets.pair()
+            hub.attach(listener, transport, chunked=False, version=current.version)
+            _cut_subscription(store)
+            await store.mark_failed(current, "decode_failed", "not an image")  # type: ignore[attr-defined]
+            # Not a stream that sends heartbeats for ever: it gets the terminal event, and ends.
+            await asyncio.wait_for(listener.ended.wait(), 5)
+            assert listener.reason is End.DONE
+            data = await _read_until(client, b"event: failed\n")
+    assert data == b"id: 2\nevent: failed\ndata: " + job.id.encode() + b"\n\n"
+    # And a stream that connects now starts from `failed`, not from what the hub knew before the cut.
+    with hub.listen(job.id):
+        now = await hub.current(job.id)
+        assert now is not None and now.status is JobStatus.FAILED
+
+
+class LateStore(CountingStore):
+    """Its subscriptions go to `down` while that is set: Redis is not up yet, as far as the hub's
+    subscription is concerned. Reads and changes go to the real Redis all along."""
+
+    down: JobStore | None = None
+    failures = 0
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
+        subscription = super().subscribe() if self.down is None else self.down.subscribe()
+        try:
+            async with subscription as changes:
+                yield changes
+        except Exception:
+            self.failures += 1
+            raise
+
+
+async def test_streams_that_connect_before_the_first_subscription_are_caught_up(
+    store: CountingStore,
+) -> None:
+    """The hub's first subscribe fails; a stream that connects during the back-off reads the current
+    state itself, and a change made before the subscription succeeds must still reach it."""
+    job = await _pending_job(store)
+    await store.mark_processing(job.id)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound and never listening: every connection is refused
+        unreachable = _client(f"redis://127.0.0.1:{closed.getsockname()[1]}/15")
+        late = LateStore(store.redis, store.namespace, retention=timedelta(minutes=10))
+        late.down = JobStore(unreachable, store.namespace, retention=timedelta(minutes=10))
+        hub = Hub(late, _render)
+        hub.start()
+        try:
+            async with asyncio.timeout(5):
+                while not late.failures:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert not hub.connected.is_set()
+            async with Sockets() as sockets:
+                with hub.listen(job.id) as listener:
+                    current = await hub.current(job.id)
+                    assert current is not None and current.status is JobStatus.PROCESSING
+                    transport, client = await sockets.pair()
+                    hub.attach(listener, transport, chunked=False, version=current.version)
+                    await store.mark_failed(current, "decode_failed", "not an image")  # type: ignore[attr-defined]
+                    late.down = None  # Redis is up for the hub's next attempt
+                    await asyncio.wait_for(listener.ended.wait(), 5)
+                    assert listener.reason is End.DONE
+                    data = await _read_until(client, b"event: failed\n")
+            assert hub.connected.is_set()
+        finally:
+            await hub.stop()
+            await unreachable.aclose()
+    assert data == b"id: 3\nevent: failed\ndata: " + job.id.encode() + b"\n\n"
+
+
+async def test_a_job_is_forgotten_when_its_read_fails_after_its_streams_left(
+    hub: Hub, store: CountingStore
+) -> None:
+    """A stream's handler is cancelled (its client left) while the hub's read of the job is out, and
+    the read fails: nothing is left behind for the job."""
+    job_id = uuid.uuid4().hex
+    await store.redis.set(store.job_key(job_id), "not a hash")  # so that reading it fails: WRONGTYPE
+
+    async def stream() -> None:
+        with hub.listen(job_id):
+            await hub.current(job_id)
+
+    handler = asyncio.create_task(stream())
+    await asyncio.sleep(0)  # it registered, and started the hub's read
+    reading = hub._watches[job_id].reading
+    assert reading is not None and not reading.done()
+    handler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    assert job_id in hub._watches  # kept for the read that is out
+    with pytest.raises(redis.ResponseError):
+        await reading
+    assert job_id not in hub._watches
 
 
 def test_listener_before_attach_writes_nothing() -> None:

@@ -366,12 +366,21 @@ class JobStore:
     async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
         """Subscribe to every change in this namespace; yields an iterator of `(version, record)`.
 
-        The subscription is live when the context is entered, so a caller that registers its
-        interest first and then reads the current state misses nothing in between.
+        The subscription is live when the context is entered (Redis has confirmed it), so a caller
+        that registers its interest first and then reads the current state misses nothing in between.
+
+        The iterator raises `redis.ConnectionError` when the subscription breaks, even when the client
+        has restored it by itself: what was published in between is lost, so the caller must read
+        again whatever it follows.
         """
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub()  # subscribe confirmations kept: `_changes` needs to see them
         try:
             await pubsub.subscribe(self.channel)
+            # Sending SUBSCRIBE is not enough: a read on another connection could still be served
+            # before it. And `_changes` takes every confirmation after this one for a reconnect.
+            confirmed = await pubsub.get_message(timeout=10.0)
+            if confirmed is None or confirmed["type"] != "subscribe":
+                raise aioredis.ConnectionError("Redis did not confirm the subscription")
             yield self._changes(pubsub)
         finally:
             await pubsub.aclose()
@@ -380,8 +389,15 @@ class JobStore:
     async def _changes(pubsub: PubSub) -> AsyncIterator[tuple[int, JobRecord]]:
         while True:
             # A bounded wait lets the client's health checks ping an idle subscription.
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10.0)
-            if message is None or message.get("type") != "message":
+            message = await pubsub.get_message(timeout=10.0)
+            if message is None:
+                continue
+            if message["type"] == "subscribe":
+                # The connection dropped (killed, evicted for its output buffer, reset) and redis-py,
+                # retrying the read on a new one, subscribed again by itself: this confirmation is
+                # the only trace of it. Changes published in the gap are lost, so this is a break.
+                raise aioredis.ConnectionError("the subscription was interrupted and restored")
+            if message["type"] != "message":
                 continue
             payload = json.loads(message["data"])
             record = JobRecord.model_validate(payload["record"])

@@ -9,8 +9,9 @@ one stalled client cannot grow the process's memory.
 
 The hub also knows each watched job's newest record, from one read plus every change since, so
 the many streams of one job that connect at once cost one Redis read, not one each. When the
-subscription breaks (Redis restarted), that knowledge is dropped, and after reconnecting the hub
-re-reads every watched job once and delivers what was missed.
+subscription breaks (Redis restarted, or its connection dropped, even if the Redis client restored
+it by itself), that knowledge is dropped, and after every (re)subscribe the hub re-reads every
+watched job once and delivers what was missed.
 """
 
 from __future__ import annotations
@@ -246,12 +247,12 @@ class Hub:
 
     async def _read(self, watch: _Watch) -> JobRecord | None:
         try:
-            record = await self._store.get(watch.job_id)
+            return watch.learn(await self._store.get(watch.job_id))
         finally:
             watch.reading = None
-        known = watch.learn(record)
-        self._forget_if_unused(watch)
-        return known
+            # Failed or not: the streams that waited for it may all have ended meanwhile (their
+            # handlers cancelled), and `listen` leaves a watch with a read out to this.
+            self._forget_if_unused(watch)
 
     def _forget_if_unused(self, watch: _Watch) -> None:
         if not watch.listeners and watch.reading is None and self._watches.get(watch.job_id) is watch:
@@ -285,19 +286,21 @@ class Hub:
 
     async def _run(self) -> None:
         delay = 0.1
-        first = True
         while True:
             try:
                 async with self._store.subscribe() as changes:
                     self.connected.set()
-                    if not first:
-                        await self._resync()
-                    first, delay = False, 0.1
+                    # After every subscribe, the first too: streams that connected while it was
+                    # failing (Redis not up yet) read a state the hub has not followed since.
+                    # Nothing watched, nothing read.
+                    await self._resync()
+                    delay = 0.1
                     async for _, record in changes:
                         await self._deliver(record)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # Also when the client restored the connection by itself (see `JobStore.subscribe`).
                 self.connected.clear()
                 # Changes while we are away are not seen: what we knew can no longer be trusted.
                 for watch in self._watches.values():
