@@ -525,6 +525,27 @@ def test_png_header_bomb_is_refused_fast() -> None:
     assert time.monotonic() - start < 1.0
 
 
+@pytest.mark.parametrize(
+    ("ctype", "count"),
+    [
+        pytest.param(b"tEXt", 1025, id="text-chunks"),  # empty: libspng warns about each, twice
+        pytest.param(b"IDAT", 100_001, id="image-data-chunks"),
+    ],
+)
+def test_png_chunk_floods_are_refused(ctype: bytes, count: int) -> None:
+    png = gradient(16, 16).pngsave_buffer()
+    # After IHDR (8-byte signature + 25-byte chunk); the file stays one libvips would decode.
+    flood = png[:33] + png_chunk(ctype, b"") * count + png[33:]
+    for call in (lambda: probe(flood, LIMITS), lambda: render(flood, [variant(width=8)], LIMITS)):
+        with pytest.raises(ImageError) as info:
+            call()
+        assert info.value.code == "corrupt_image"
+        assert "chunks" in info.value.message
+    # Under the limits, the same chunks make a PNG like any other.
+    fewer = png[:33] + png_chunk(b"tEXt", b"") * 1000 + png_chunk(b"IDAT", b"") * 1000 + png[33:]
+    assert probe(fewer, LIMITS).format == "png"
+
+
 def test_jpeg_header_bomb_is_refused_fast() -> None:
     data = bytearray(gradient(16, 16).jpegsave_buffer(interlace=False))
     sof = data.index(b"\xff\xc0")
