@@ -201,17 +201,17 @@ async def test_transfers_retry_what_s3_asks_to_retry(status: int) -> None:
 
 
 @pytest.mark.parametrize(("status", "code"), [(403, "storage_error"), (400, "storage_error")])
-async def test_transfers_do_not_retry_a_refusal(status: int, code: str) -> None:
+async def test_transfers_do_not_retry_a_refusal_but_a_job_does(status: int, code: str) -> None:
     s3 = FlakyS3(status, status)
     async with local_http(s3.app()) as endpoint:
         storage = Storage(s3_settings(endpoint, "bucket"))
         try:
             with pytest.raises(StorageError) as info:
                 await storage.get("uploads/k", max_bytes=100)
-            assert (info.value.code, info.value.transient) == (code, False)
+            assert (info.value.code, info.value.transient) == (code, True)
             with pytest.raises(StorageError) as info:
                 await storage.put("variants/k.jpg", b"data", "image/jpeg")
-            assert (info.value.code, info.value.transient) == (code, False)
+            assert (info.value.code, info.value.transient) == (code, True)
         finally:
             await storage.close()
     assert len(s3.seen) == 2

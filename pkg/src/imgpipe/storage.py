@@ -141,8 +141,11 @@ def _check(response: aiohttp.ClientResponse, verb: str, key: str) -> None:
         raise ObjectNotFound(key)
     if status >= 500 or status in (408, 429):
         raise _Retry(status)
-    # 403 (a policy, a clock skewed past the signature) and other 4xx: trying again will not help.
-    raise StorageError("storage_error", f"S3 {verb} {key!r}: HTTP {status}", transient=False)
+    # 403 (a policy, credentials, a clock skewed past the signature) and other 4xx: trying again at
+    # once will not help, so the transfer does not. But it is the deployment's fault, not the image's:
+    # transient, so a job goes through its back-off to the dead-letter queue, to be replayed once the
+    # deployment is fixed, and the api answers 503 storage_unavailable.
+    raise StorageError("storage_error", f"S3 {verb} {key!r}: HTTP {status}", transient=True)
 
 
 class Storage:
