@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
+from imgpipe_reconciler.reconcile import NAMESPACE_MARKER
 
 from tests.isolated import fresh_namespace
 from tests.stack import AMQP_URL, drop_namespace, s3_settings
@@ -56,8 +57,12 @@ def store(redis_client: aioredis.Redis, rc_namespace: str) -> JobStore:
 
 
 @pytest.fixture
-def storage(rc_env: dict[str, str]) -> Storage:
-    return Storage(s3_settings(rc_env["IMGPIPE_S3_ENDPOINT_URL"], rc_env["IMGPIPE_S3_BUCKET"]))
+async def storage(rc_env: dict[str, str]) -> AsyncIterator[Storage]:
+    storage = Storage(s3_settings(rc_env["IMGPIPE_S3_ENDPOINT_URL"], rc_env["IMGPIPE_S3_BUCKET"]))
+    try:
+        yield storage
+    finally:
+        await storage.close()
 
 
 @pytest.fixture
@@ -71,8 +76,9 @@ async def publisher(rc_namespace: str) -> AsyncIterator[broker.Publisher]:
         await connection.close()
 
 
-def keys(s3: Any, bucket: str) -> set[str]:
+def keys(s3: Any, bucket: str, *, marker: bool = False) -> set[str]:
+    """The bucket's keys; without the namespace marker a real run writes, unless `marker`."""
     found: set[str] = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         found.update(item["Key"] for item in page.get("Contents", ()))
-    return found
+    return found if marker else found - {NAMESPACE_MARKER}

@@ -57,6 +57,7 @@ async def reconciler(pipeline: Stack, redis_client: aioredis.Redis) -> AsyncIter
             store, storage, publisher, Policy(grace_s=0, stuck_pending_s=3600, stuck_processing_s=3600)
         )
     finally:
+        await storage.close()
         await publisher.close()
         await connection.close()
 

@@ -17,9 +17,9 @@ from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResu
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
-from imgpipe_reconciler.reconcile import Policy, Reconciler, reconcile_once
+from imgpipe_reconciler.reconcile import NAMESPACE_MARKER, BucketTaken, Policy, Reconciler, reconcile_once
 
-from tests.isolated import queue_depth
+from tests.isolated import fresh_namespace, queue_depth
 from tests.reconciler.conftest import keys
 
 OWNER = "alice"
@@ -79,6 +79,31 @@ async def test_referenced_young_old_and_foreign(
 
     again = await reconciler.run(dry_run=False)
     assert (again.orphans, again.deleted, again.scanned) == (0, 0, 9)
+
+
+async def test_a_bucket_is_one_namespaces(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    orphan = f"uploads/{OID}/never-submitted"
+    _put(s3, bucket, orphan)
+    reconciler = _reconciler(store, storage, publisher)
+    # A dry run claims nothing; the first real run claims the bucket for its namespace.
+    await reconciler.run(dry_run=True)
+    assert keys(s3, bucket, marker=True) == {orphan}
+    first = await reconciler.run(dry_run=False)
+    assert (first.deleted, first.scanned) == (1, 1)  # its own marker is neither judged nor counted
+    marker = s3.get_object(Bucket=bucket, Key=NAMESPACE_MARKER)["Body"].read()
+    assert marker == store.namespace.encode()
+
+    # Another namespace on the same bucket: its Redis references none of the objects, so each one
+    # would look orphaned to it. Its runs, dry or not, are refused before anything is judged.
+    other = JobStore(store.redis, fresh_namespace(), retention=timedelta(hours=1))
+    _put(s3, bucket, orphan)
+    for dry_run in (True, False):
+        with pytest.raises(BucketTaken, match=store.namespace):
+            await _reconciler(other, storage, publisher).run(dry_run=dry_run)
+    assert keys(s3, bucket, marker=True) == {orphan, NAMESPACE_MARKER}
+    assert (await reconciler.run(dry_run=False)).deleted == 1
 
 
 async def test_a_job_after_its_retention_leaves_nothing_behind(

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from tests.isolated import isolated_stack, metric
+from tests.reconciler.conftest import keys
 from tests.stack import REDIS_URL, Stack, token
 
 pytestmark = pytest.mark.e2e
@@ -73,7 +74,7 @@ async def test_admin_routes_health_and_metrics(
     assert runs["true"]["summary"]["orphans"] == 1 and runs["true"]["summary"]["deleted"] == 0
     assert runs["false"]["summary"]["deleted"] == 1
     assert runs["false"]["trigger"] == "admin" and runs["false"]["requested_by"] == "ops"
-    assert "Contents" not in s3.list_objects_v2(Bucket=bucket)
+    assert keys(s3, bucket) == set()
 
     service = stack.services["reconciler"].url
     async with http.get(f"{service}/healthz") as response:

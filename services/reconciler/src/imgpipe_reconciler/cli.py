@@ -68,11 +68,12 @@ async def _run(args: argparse.Namespace, common: CommonSettings, settings: Recon
     client = redis_client(redis_settings)
     connection = await broker.connect(amqp.amqp_url.get_secret_value())
     publisher = broker.Publisher(connection, broker.Topology(common.namespace, amqp.retry_delays_s))
+    storage = Storage(load(S3Settings))
     try:
         store = JobStore(
             client, common.namespace, retention=timedelta(days=redis_settings.job_retention_days)
         )
-        reconciler = Reconciler(store, Storage(load(S3Settings)), publisher, policy(settings))
+        reconciler = Reconciler(store, storage, publisher, policy(settings))
         return await reconcile_once(
             reconciler,
             RunLock(client, common.namespace, settings.reconcile_lock_ttl_s),
@@ -82,6 +83,7 @@ async def _run(args: argparse.Namespace, common: CommonSettings, settings: Recon
             progress=_Progress(),
         )
     finally:
+        await storage.close()
         await publisher.close()
         await connection.close()
         await client.aclose()

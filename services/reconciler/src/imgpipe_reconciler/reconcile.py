@@ -10,6 +10,10 @@ Anything else under those prefixes is unreferenced: an orphan once it is older t
 period (by the listing's LastModified), kept otherwise. Keys outside `uploads/` and `variants/`, or
 of a shape we never write, are not ours and are never touched.
 
+Object keys carry no namespace, so a bucket is one namespace's: on a bucket two namespaces share,
+each would take the other's objects for orphans. The first real run writes the namespace into
+`NAMESPACE_MARKER`, and every run refuses a bucket that marker gives to another namespace.
+
 The bucket is listed a page (1000 keys) at a time and each page is checked with one Redis
 pipeline, so memory stays flat and Redis sees two round trips per page, not one per object. Each
 page is checked after it is listed, and its orphans are checked once more right before the
@@ -28,7 +32,7 @@ from typing import Any
 
 from imgpipe.broker import Publisher
 from imgpipe.models import JobMessage, JobRecord, KeySource
-from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, Storage
+from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, ObjectNotFound, Storage
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
     RECONCILE_BYTES_FREED,
@@ -49,6 +53,13 @@ log = logging.getLogger("imgpipe.reconciler")
 _SCAN_BATCH = 1000
 #: The error code a job gets when it never reached a terminal state in time.
 TIMEOUT_CODE = "timeout"
+#: The object naming the namespace the bucket belongs to (outside the prefixes a run judges).
+NAMESPACE_MARKER = "imgpipe-namespace"
+
+
+class BucketTaken(Exception):
+    """The bucket belongs to another namespace: a run there would delete that namespace's objects."""
+
 
 # Set `republished_at` only on a pending record nobody changed since it was read, once.
 _CLAIM_REPUBLISH = """
@@ -128,6 +139,7 @@ class Reconciler:
         """One reconciliation. A dry run deletes nothing and changes no job, and reports the same counts."""
         started = time.monotonic()
         summary = Summary(dry_run=dry_run)
+        await self._claim_bucket(dry_run)
         # Jobs first: a record missing its source marker gets it back before the bucket is judged.
         await self._jobs(summary, dry_run)
         if not dry_run:
@@ -141,6 +153,22 @@ class Reconciler:
         return summary
 
     # The bucket.
+
+    async def _claim_bucket(self, dry_run: bool) -> None:
+        """Raise `BucketTaken` if the bucket is another namespace's; a real run claims a free one."""
+        namespace = self._store.namespace
+        try:
+            marker = await self._storage.get(NAMESPACE_MARKER, max_bytes=1024)
+        except ObjectNotFound:
+            if not dry_run:
+                await self._storage.put(NAMESPACE_MARKER, namespace.encode(), "text/plain; charset=utf-8")
+            return
+        owner = marker.decode("utf-8", "replace")
+        if owner != namespace:
+            raise BucketTaken(
+                f"bucket {self._storage.bucket!r} belongs to namespace {owner!r} (its {NAMESPACE_MARKER!r} "
+                f"object), not to {namespace!r}: each namespace needs a bucket of its own"
+            )
 
     async def _referenced(self, objects: Sequence[ObjectInfo]) -> list[bool]:
         """Whether each object is referenced now: one pipeline, one round trip."""
@@ -163,6 +191,7 @@ class Reconciler:
         return result
 
     async def _page(self, page: list[ObjectInfo], summary: Summary, dry_run: bool) -> None:
+        page = [obj for obj in page if obj.key != NAMESPACE_MARKER]  # the run's own, not counted
         summary.scanned += len(page)
         ours = []
         for obj in page:
