@@ -602,6 +602,7 @@ refuse "/api/pdb/minAvailable" --set api.pdb.minAvailable=half
 refuse "/config/jwt/algorithms/0" --set 'config.jwt.algorithms={none}'
 refuse "/irsaRoleArn" --set irsaRoleArn=my-role
 refuse "must be greater than worker.jobTimeoutSeconds" --set worker.terminationGracePeriodSeconds=150
+refuse "worker.renderTimeoutSeconds (120) must be shorter than worker.jobTimeoutSeconds (120)" --set worker.renderTimeoutSeconds=120
 refuse "secrets.amqpUrl is required" --set secrets.amqpUrl=
 refuse "secrets.redisUrl is required" --set secrets.redisUrl=
 refuse "rabbitmq.auth.password is required" --set rabbitmq.enabled=true

@@ -4,25 +4,39 @@ The consumer takes one message more than its concurrency so the next job's downl
 renders. A job that then waits behind another job's render must not have that wait counted against
 its own `job_timeout_s`: it would fail a healthy image with `processing_timeout`. Runs `Consumer._run`
 against the real (moto) S3, with the render slowed down so that the waits are long.
+
+Then a whole `Consumer`, in this process, on the real RabbitMQ, Redis and (moto) S3: a job that runs out
+of time mid-render keeps its slot until the render (which cannot be interrupted) has really ended, so
+the next job's clock does not run while its render queues behind it; and a job's source bytes are
+freed once its render is done, not held through the uploads and the status write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import pytest
 import pyvips
-from imgpipe.models import JobMessage, KeySource, Variant, utcnow
+import redis.asyncio as aioredis
+from imgpipe import broker
+from imgpipe.broker import Publisher, Topology
+from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
 from imgpipe.storage import Storage
+from imgpipe.store import JobStore
 from imgpipe_worker import consumer, imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
 
-from tests.stack import s3_settings
+from tests.stack import AMQP_URL, REDIS_URL, drop_namespace, s3_settings
+from tests.worker.test_consumer import jpeg
 
 RENDER_S = 0.5
 JOB_TIMEOUT_S = 1.5  # three renders' worth: the fourth job waits for three others before its own
@@ -93,3 +107,166 @@ async def test_renders_wait_for_a_slot_without_spending_their_timeout(
     assert most == 1  # one render at a time at concurrency 1
     # The last job spent more than its whole timeout waiting and rendering, and still succeeded.
     assert max(took) > JOB_TIMEOUT_S
+
+
+# --------------------------------------------------------------------------------------------------------
+# A whole Consumer, in this process, on the real RabbitMQ and Redis (a namespace of its own) and moto S3.
+
+
+@pytest.fixture
+def slot_namespace() -> Iterator[str]:
+    namespace = f"imgpipe-slots-{uuid.uuid4().hex[:10]}"
+    yield namespace
+    drop_namespace(namespace)  # sync: it runs its own event loop
+
+
+@dataclass
+class Running:
+    store: JobStore
+    publisher: Publisher
+
+    async def submit(self, key: str, variants: list[Variant]) -> str:
+        """Record and publish a job as the api does; returns its id."""
+        record = JobRecord.pending(uuid.uuid4().hex, "o", KeySource(key=key), variants)
+        assert (await self.store.create(record)).applied
+        await self.publisher.publish_job(
+            JobMessage(
+                id=record.id,
+                owner=record.owner,
+                source=record.source,
+                variants=record.requested,
+                created_at=record.created_at,
+            )
+        )
+        return record.id
+
+    async def settled(self, job_id: str, within: float = 10.0) -> JobRecord:
+        async with asyncio.timeout(within):
+            while True:
+                record = await self.store.get(job_id)
+                if record is not None and record.status.terminal:
+                    return record
+                await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_consumer(
+    namespace: str, storage: Storage, *, job_timeout_s: float
+) -> AsyncIterator[Running]:
+    connection = broker.robust_connection(AMQP_URL)
+    await broker.keep_connecting(connection)
+    publisher = Publisher(connection, Topology(namespace, (1, 2)))
+    client = aioredis.Redis.from_url(REDIS_URL)
+    store = JobStore(client, namespace, retention=timedelta(minutes=5))
+    config = ConsumerConfig(
+        concurrency=1,
+        job_timeout_s=job_timeout_s,
+        max_attempts=1,
+        limits=imaging.Limits(),
+        fetch=FetchPolicy(),
+        shutdown_grace_s=10,
+    )
+    worker = Consumer(connection, publisher, store, storage, config)
+    try:
+        await publisher.open()
+        await worker.start()
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await worker.ready()
+                    break
+                except ConnectionError:
+                    await asyncio.sleep(0.05)
+        yield Running(store, publisher)
+    finally:
+        await worker.stop()
+        worker._pool.shutdown(wait=True)  # an abandoned render must not outlive the test
+        await publisher.close()
+        await connection.close()
+        await client.aclose()
+
+
+async def test_a_timed_out_render_keeps_its_slot_until_it_ends(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose budget runs out mid-render fails, but its render goes on (libvips cannot be
+    interrupted): the next job must not take the slot, and start its clock, before that render ends."""
+    overrun_s, job_timeout_s = 3.0, 1.0
+    started = threading.Event()
+    renders: list[tuple[str, float, float]] = []
+    real = imaging.render
+
+    def render(data: bytes, variants: Sequence[Variant], limits: imaging.Limits) -> list[imaging.Rendered]:
+        begun = time.monotonic()
+        if variants[0].name == "stuck":  # an uninterruptible step far over the job's budget
+            started.set()
+            time.sleep(overrun_s)
+        try:
+            return real(data, variants, limits)
+        finally:
+            renders.append((variants[0].name, begun, time.monotonic()))
+
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    await storage.put("uploads/o/src", pyvips.Image.black(64, 48).write_to_buffer(".png"), "image/png")
+    stuck = Variant(name="stuck", width=16, height=16, format="jpeg")
+    quick = Variant(name="quick", width=16, height=16, format="jpeg")
+
+    async with running_consumer(slot_namespace, storage, job_timeout_s=job_timeout_s) as run:
+        first = await run.submit("uploads/o/src", [stuck])
+        assert await asyncio.to_thread(started.wait, 5)
+        second = await run.submit("uploads/o/src", [quick])  # waits for the slot, its clock stopped
+
+        failed = await run.settled(first)
+        assert failed.status is JobStatus.FAILED
+        assert failed.error is not None and failed.error.code == "processing_timeout"
+        done = await run.settled(second)
+
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert [v.name for v in done.variants] == ["quick"]
+    # One render at a time: the quick one began only after the abandoned one had ended.
+    (_, _, stuck_end), (name, quick_begin, _) = renders
+    assert name == "quick" and quick_begin >= stuck_end
+
+
+async def test_source_bytes_are_freed_after_the_render(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to IMGPIPE_MAX_UPLOAD_BYTES of source must not stay in memory through the uploads and the
+    status write. Bytes take no weak reference, so the source is a bytes subclass that notes its
+    `__del__`; it is checked when the variants are uploaded and when the job is marked succeeded."""
+    freed = threading.Event()
+
+    class Source(bytes):
+        def __del__(self) -> None:
+            freed.set()
+
+    real_get, real_put = storage.get, storage.put
+    freed_at: list[tuple[str, bool]] = []
+
+    async def get(key: str, **kwargs: Any) -> bytes:
+        return Source(await real_get(key, **kwargs))
+
+    async def put(key: str, data: bytes, content_type: str) -> None:
+        freed_at.append(("upload", freed.is_set()))
+        await real_put(key, data, content_type)
+
+    monkeypatch.setattr(storage, "get", get)
+    monkeypatch.setattr(storage, "put", put)
+    await real_put("uploads/o/big", jpeg(1200, 900), "image/jpeg")
+    variants = [
+        Variant(name="a", width=64, height=64, format="jpeg"),
+        Variant(name="b", width=32, height=32, format="webp"),
+    ]
+
+    async with running_consumer(slot_namespace, storage, job_timeout_s=20) as run:
+        real_succeeded = run.store.mark_succeeded
+
+        async def mark_succeeded(record: JobRecord, results: list[VariantResult]) -> Any:
+            freed_at.append(("status", freed.is_set()))
+            return await real_succeeded(record, results)
+
+        monkeypatch.setattr(run.store, "mark_succeeded", mark_succeeded)
+        done = await run.settled(await run.submit("uploads/o/big", variants))
+
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    assert freed_at == [("upload", True), ("upload", True), ("status", True)]

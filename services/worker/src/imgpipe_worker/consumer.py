@@ -14,12 +14,11 @@ a redelivered or duplicated message does no harm. Failures split in two:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +32,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from imgpipe import broker
 from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, BrokerUnavailable, Publisher
-from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, VariantResult
+from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, Variant, VariantResult
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
@@ -281,9 +280,10 @@ class Consumer:
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
-    @contextlib.asynccontextmanager
-    async def _render_slot(self, budget: asyncio.Timeout) -> AsyncIterator[None]:
-        """Hold one of the `concurrency` render slots for the block.
+    async def _render(
+        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytes]
+    ) -> list[imaging.Rendered]:
+        """Render the job's variants from the source in `held` on the pool, in one of the render slots.
 
         Waiting for a slot (behind another job's render) is not this job's time: `budget` is
         suspended meanwhile and then pushed back by the wait.
@@ -297,30 +297,44 @@ class Consumer:
             if deadline is not None:
                 budget.reschedule(deadline + loop.time() - waiting)
         JOB_STAGE["render_wait"].observe(loop.time() - waiting)
+        started = time.perf_counter()
         try:
-            yield
-        finally:
+            # Run in a copy of this context so libvips' log lines carry the job and request ids.
+            render = loop.run_in_executor(
+                self._pool,
+                contextvars.copy_context().run,
+                _render_held,
+                held,
+                job.variants,
+                self._config.limits,
+            )
+        except BaseException:
             self._render_slots.release()
-
-    async def _run(
-        self, job: JobMessage, budget: asyncio.Timeout, source: asyncio.Task[bytes]
-    ) -> list[VariantResult]:
-        data = await source  # cancelled with this await if the budget runs out
-        async with self._render_slot(budget):
-            started = time.perf_counter()
-            try:
-                # Run in a copy of this context so libvips' log lines carry the job and request ids.
-                context = contextvars.copy_context()
-                rendered = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, context.run, imaging.render, data, job.variants, self._config.limits
-                )
-            except imaging.ImageError as exc:
-                raise JobFailed(exc.code, exc.message, transient=False) from None
-            elapsed = time.perf_counter() - started
+            raise
+        # The slot is given back when the render has really ended, not when this job stops waiting
+        # for it. A job whose budget runs out is cancelled here, but libvips calls cannot be
+        # interrupted: the pool thread renders on until the render timeout's kill flag, or the end of
+        # a step that never checks it, stops it. Were the slot freed at once, the next job would take
+        # it and start its clock, and its render would queue in the pool (one thread per slot) behind
+        # the abandoned one: a healthy image failed with `processing_timeout`. `shield` keeps the
+        # cancellation off the future (cancelling it would run this callback at once, the thread still
+        # busy); the callback runs on the loop, once, however the render ends.
+        render.add_done_callback(lambda _: self._render_slots.release())
+        try:
+            rendered = await asyncio.shield(render)
+        except imaging.ImageError as exc:
+            raise JobFailed(exc.code, exc.message, transient=False) from None
+        elapsed = time.perf_counter() - started
         JOB_STAGE["render"].observe(elapsed)
-        del data  # the source is not needed any more: free it before the uploads
         for fmt in {v.format for v in job.variants}:
             VARIANT_SECONDS.labels(fmt).observe(elapsed)
+        return rendered
+
+    async def _run(
+        self, job: JobMessage, budget: asyncio.Timeout, source: asyncio.Task[list[bytes]]
+    ) -> list[VariantResult]:
+        held = await source  # cancelled with this await if the budget runs out
+        rendered = await self._render(job, budget, held)
         keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
         started = time.perf_counter()
         try:
@@ -340,7 +354,14 @@ class Consumer:
             for k, r in zip(keys, rendered, strict=True)
         ]
 
-    async def _source(self, job: JobMessage) -> bytes:
+    async def _source(self, job: JobMessage) -> list[bytes]:
+        """The source's bytes, as the one item of a list that the render empties.
+
+        A task keeps its result, and `_process` holds this task until the job has settled: bytes
+        returned as they are would stay in memory (up to `IMGPIPE_MAX_UPLOAD_BYTES` a job) through
+        the uploads and the status write. The render takes them out of the list instead
+        (`_render_held`), so they are freed as soon as it ends.
+        """
         source = job.source
         started = time.perf_counter()
         try:
@@ -353,7 +374,7 @@ class Consumer:
         except FetchError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
-        return data
+        return [data]
 
 
 def _attempt(headers: dict) -> int:
@@ -410,7 +431,19 @@ async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-def _drop(task: asyncio.Task[bytes]) -> None:
+def _render_held(
+    held: list[bytes], variants: list[Variant], limits: imaging.Limits
+) -> list[imaging.Rendered]:
+    """`imaging.render` of the source in `held`, run on a pool thread.
+
+    The bytes are taken out of `held` here, in the thread, so that once the render returns nothing
+    refers to them any more: not the task of `_source`, nor the pool's work item, which lives on
+    for a moment after the result is handed to the loop.
+    """
+    return imaging.render(held.pop(), variants, limits)
+
+
+def _drop(task: asyncio.Task[list[bytes]]) -> None:
     """Cancel a download nobody will wait for, and take its outcome so asyncio does not log it."""
     task.cancel()
     task.add_done_callback(lambda done: done.cancelled() or done.exception())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,10 +17,23 @@ class WorkerSettings(BaseSettings):
     vips_concurrency: int = Field(default=1, ge=1, le=64)
     #: Wall-clock limit for one job, fetch to upload.
     job_timeout_s: float = Field(default=120.0, gt=0, le=3600)
-    #: Wall-clock limit for decoding and encoding one job's variants.
+    #: Wall-clock limit for decoding and encoding one job's variants; shorter than `job_timeout_s`.
     render_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     #: Memory a decoder holding a whole frame may need, estimated from the header (`imaging.decode_bytes`);
     #: a source over it fails with `image_too_large` before any pixel is decoded.
     max_decode_bytes: int = Field(default=192 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
     #: On SIGTERM, how long jobs in flight may take to finish before they are handed back.
     shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _render_ends_within_the_job(self) -> WorkerSettings:
+        # The job's timeout cannot stop a render (libvips calls are not interruptible): it only
+        # stops the job waiting for one, which then renders on in its slot. The render timeout is
+        # what ends a slow render; one not shorter than the job's would never be the limit that
+        # applies, and every slow render would outlive its job and hold the slot meanwhile.
+        if self.render_timeout_s >= self.job_timeout_s:
+            raise ValueError(
+                f"IMGPIPE_RENDER_TIMEOUT_S ({self.render_timeout_s:g}) must be shorter than "
+                f"IMGPIPE_JOB_TIMEOUT_S ({self.job_timeout_s:g})"
+            )
+        return self
