@@ -125,6 +125,64 @@ async def test_no_token_is_401(http: aiohttp.ClientSession, stack: Stack) -> Non
         assert (await response.json())["error"]["code"] == "missing_token"
 
 
+# Last-Event-ID, which EventSource sends when it reconnects.
+
+
+async def _ended(client: Client) -> tuple[str, int]:
+    """A finished job of `client`'s and its terminal event's id (the record's version)."""
+    job = await client.submit({"key": await client.upload(image())})
+    await client.wait(job["id"])
+    async with _stream(client, job["id"]) as response:
+        events = await _all_events(response)
+    assert [e.event for e in events] == ["succeeded"] and events[0].id is not None
+    return job["id"], events[0].id
+
+
+async def test_ended_job_and_its_last_event_id_is_204(alice: Client) -> None:
+    """What stops an EventSource from reconnecting to a finished stream for as long as it is open."""
+    job_id, version = await _ended(alice)
+    for query_token, last in ((False, version), (True, version), (False, version + 1), (False, "9" * 5000)):
+        headers = {"Last-Event-ID": str(last), "X-Request-ID": "sse-204"}
+        async with _stream(alice, job_id, query_token=query_token, headers=headers) as response:
+            assert response.status == 204, (query_token, last)
+            assert await response.read() == b""
+            assert response.headers["X-Request-ID"] == "sse-204"
+
+
+async def test_ended_job_and_an_older_last_event_id_gets_the_end(alice: Client) -> None:
+    job_id, version = await _ended(alice)
+    async with _stream(alice, job_id, headers={"Last-Event-ID": str(version - 1)}) as response:
+        assert response.status == 200
+        events = await _all_events(response)
+    assert [(e.id, e.event) for e in events] == [(version, "succeeded")]
+    async with _stream(alice, job_id, headers={"Last-Event-ID": str(version)}) as response:
+        assert response.status == 204  # one newer version is the boundary
+
+
+async def test_malformed_last_event_id_is_ignored(alice: Client) -> None:
+    job_id, version = await _ended(alice)
+    for last in ("", "x", "-1", f"+{version}", f"{version}.0", f"{version}x", f"0x{version}"):
+        async with _stream(alice, job_id, headers={"Last-Event-ID": last}) as response:
+            assert response.status == 200, last
+            events = await _all_events(response)
+        assert [(e.id, e.event) for e in events] == [(version, "succeeded")], last
+    async with _stream(alice, job_id, headers={"Last-Event-ID": f"0{version}"}) as response:
+        assert response.status == 204  # leading zeros are still the number
+
+
+async def test_last_event_id_on_someone_elses_or_no_job_is_not_found(alice: Client, bob: Client) -> None:
+    """Ownership first: the 204 must not tell anyone else that a job exists or how far it got."""
+    job_id, version = await _ended(alice)
+    for query_token in (False, True):
+        for client, target in ((bob, job_id), (alice, "0" * 32)):
+            headers = {"Last-Event-ID": str(version)}
+            async with _stream(client, target, query_token=query_token, headers=headers) as response:
+                assert response.status == 404, (client.sub, target)
+                assert (await response.json())["error"]["code"] == "job_not_found"
+    async with _stream(alice, job_id, headers={"Last-Event-ID": str(version)}) as response:
+        assert response.status == 204  # while its owner gets the 204
+
+
 # On the quiet stack: jobs stay pending.
 
 
@@ -171,6 +229,28 @@ async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: 
     assert (first.event, first.id) == ("pending", 1)
 
 
+async def test_running_job_and_its_last_event_id_skips_the_state_the_client_has(
+    http: aiohttp.ClientSession, quiet: Stack
+) -> None:
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    items: list[SseItem] = []
+    async with _stream(alice, job["id"], headers={"Last-Event-ID": "1"}) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(HEARTBEAT_S * 5):
+                async for item in sse(response):
+                    items.append(item)
+    assert all(item.event is None for item in items), items
+    assert len([item for item in items if item.comment == "keep-alive"]) >= 2, items
+    # An older version (or one the job has not reached) gets the current state, as without one.
+    for last in ("0", "2"):
+        async with _stream(alice, job["id"], headers={"Last-Event-ID": last}) as response:
+            first = await asyncio.wait_for(anext(sse(response)), 2)
+        assert (first.event, first.id) == ("pending", 1), last
+
+
 async def test_http_1_0_stream_is_not_chunked(http: aiohttp.ClientSession, quiet: Stack) -> None:
     """The hub frames chunks itself for HTTP/1.1; an HTTP/1.0 client gets the bare event stream."""
     alice = Client(http, quiet, "alice")
@@ -206,23 +286,32 @@ async def test_one_subscription_per_process_and_fan_out(
     opened = asyncio.Event()
     ready = 0
     targets = [(job["id"], bases[i % 2]) for i in range(24)] + [(other["id"], base) for base in bases]
+    # Streams of clients that already have version 1: they get every change after it, and only those.
+    skipping = [(job["id"], base) for base in bases]
 
-    async def listen(job_id: str, base: str) -> list[SseItem]:
+    def opened_one() -> None:
         nonlocal ready
-        async with _stream(alice, job_id, base=base) as response:
+        ready += 1
+        if ready == len(targets) + len(skipping):
+            opened.set()
+
+    async def listen(job_id: str, base: str, last_event_id: str | None = None) -> list[SseItem]:
+        headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+        async with _stream(alice, job_id, base=base, headers=headers) as response:
             assert response.status == 200
+            if last_event_id is not None:
+                opened_one()  # the server listens before it answers, so nothing is lost from here on
             events = []
             async for item in sse(response):
                 if item.event is None:
                     continue
                 events.append(item)
-                if len(events) == 1:
-                    ready += 1
-                    if ready == len(targets):
-                        opened.set()
+                if len(events) == 1 and last_event_id is None:
+                    opened_one()
             return events
 
     tasks = [asyncio.create_task(listen(job_id, base)) for job_id, base in targets]
+    tasks += [asyncio.create_task(listen(job_id, base, "1")) for job_id, base in skipping]
     try:
         await asyncio.wait_for(opened.wait(), 10)
         channel = f"{quiet.env['IMGPIPE_NAMESPACE']}:events"
@@ -239,9 +328,12 @@ async def test_one_subscription_per_process_and_fan_out(
         for task in tasks:
             task.cancel()
 
-    for (job_id, _), events in zip(targets, results, strict=True):
+    for (job_id, _), events in zip(targets, results[: len(targets)], strict=True):
         _check_sequence(events, job_id)
         # Every listener saw every change, in order: created, taken up, done.
         assert [(e.id, e.event) for e in events] == [(1, "pending"), (2, "processing"), (3, "succeeded")]
+    for (job_id, _), events in zip(skipping, results[len(targets) :], strict=True):
+        _check_sequence(events, job_id)
+        assert [(e.id, e.event) for e in events] == [(2, "processing"), (3, "succeeded")]
     finals = {without_urls(events[-1].data or {})["updated_at"] for events in results[:24]}
     assert len(finals) == 1, "all listeners of one job got the same final record"

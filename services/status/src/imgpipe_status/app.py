@@ -2,6 +2,9 @@
 
 Each event's `event:` is the job's status, its `id:` the record's version and its `data:` the same
 JSON as `GET /jobs/{id}`. The stream starts with the current state and ends after a terminal one.
+A reconnecting EventSource sends `Last-Event-ID`: if the job is terminal and the client has its
+current version, the answer is 204 (which stops the reconnects); if the client has the current
+version of a job still running, the stream does not send that state again.
 The hub (`hub.py`) writes the changes to the streams; a stream's handler only opens it, sends
 heartbeats while it is idle, and closes it.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import resource
 from collections.abc import AsyncIterator
 
@@ -66,6 +70,20 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, record), headers={"Cache-Control": "no-store"})
 
 
+_LAST_EVENT_ID = re.compile(r"[0-9]+")
+#: Versions are Redis integers (64-bit): a longer number is past every one (and int() refuses the longest).
+_PAST_EVERY_VERSION = 2**64
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    """The version the client says it has (`Last-Event-ID`), or None when absent or malformed."""
+    value = request.headers.get("Last-Event-ID", "")
+    if not _LAST_EVENT_ID.fullmatch(value):
+        return None
+    digits = value.lstrip("0")
+    return int(digits or "0") if len(digits) <= 20 else _PAST_EVERY_VERSION
+
+
 def _render(app: web.Application, record: JobRecord) -> bytes:
     """`record` as one SSE event. The hub calls it once per change, whatever the number of streams."""
     data = json.dumps(record.public(app[resources.STORAGE].presign_download), separators=(",", ":"))
@@ -85,6 +103,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     with hub.listen(job_id) as listener:
         # Usually no Redis read at all: the hub already follows a job that other streams watch.
         current = _visible(await hub.current(job_id), principal)
+        has = _last_event_id(request)
+        if has is not None and has >= current.version and current.status.terminal:
+            # A finished stream's EventSource reconnects to it forever; 204 is what makes it stop.
+            return web.Response(status=204, headers={"Cache-Control": "no-store"})
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -102,7 +124,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         SSE_CONNECTIONS.inc()
         try:
             # The first event goes through aiohttp, which sends the headers with it.
-            first = hub.event(current).data
+            # Not resent to a client that says it has it: the hub sends only newer changes.
+            first = b"" if has == current.version else hub.event(current).data
             await response.write(f"retry: {settings.sse_retry_ms}\n\n".encode() + first)
             if not current.status.terminal:
                 hub.attach(listener, request.transport, chunked=chunked, version=current.version)

@@ -20,6 +20,13 @@ from imgpipe.openapi import (
 )
 
 _JOB_ID = Param("job_id", "path", {"type": "string"}, "The `id` that `POST /jobs` answered.", True)
+_LAST_EVENT_ID = Param(
+    "Last-Event-ID",
+    "header",
+    {"type": "integer", "minimum": 0},
+    "The `id:` (version) of the last event the client has; EventSource sends it when it reconnects. "
+    "Ignored unless a non-negative integer.",
+)
 _NOT_FOUND = error("No such job, or another user's: ids are not for probing.", "job_not_found")
 
 
@@ -50,21 +57,28 @@ def operations() -> tuple[Operation, ...]:
             "The job's changes as Server-Sent Events, until it ends.",
             {
                 200: Response(
-                    "An event stream: `retry:` first, then the current state and every change. Each "
-                    "event's `event:` is the status, `id:` the version and `data:` the job as "
-                    "`GET /jobs/{job_id}` shows it; `: keep-alive` comments fill idle time.",
+                    "An event stream: `retry:` first, then the current state (unless `Last-Event-ID` "
+                    "is its version) and every change. Each event's `event:` is the status, `id:` "
+                    "the version and `data:` the job as `GET /jobs/{job_id}` shows it; "
+                    "`: keep-alive` comments fill idle time.",
                     events=JobView,
                     event_names=tuple(status.value for status in JobStatus),
+                ),
+                204: Response(
+                    "The job has ended and `Last-Event-ID` is its current version (or later): the "
+                    "client has the last event already. No body; EventSource stops reconnecting."
                 ),
                 401: UNAUTHORIZED,
                 404: _NOT_FOUND,
                 503: unavailable("store_unavailable"),
             },
             description="The stream ends after a terminal status. EventSource clients cannot send "
-            "headers, so the token may come as `?access_token=` instead.",
+            "headers, so the token may come as `?access_token=` instead. When `Last-Event-ID` is "
+            "the job's current version, a running job's stream skips that state and only sends "
+            "later changes, and an ended job answers 204.",
             tags=("jobs",),
             security=(*BEARER, {"accessToken": []}),
-            params=(_JOB_ID,),
+            params=(_JOB_ID, _LAST_EVENT_ID),
         ),
         *meta_operations(),
     )
