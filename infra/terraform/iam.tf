@@ -14,8 +14,9 @@
 # | status     | presigned GET of variants (signed with its creds)    | s3:GetObject on variants/*              |
 # | worker     | HeadObject + GetObject of sources, PutObject variants| s3:GetObject on uploads/*,              |
 # |            |                                                      | s3:PutObject on variants/*              |
-# | reconciler | ListObjectsV2, DeleteObjects (batched) of orphans    | s3:ListBucket, s3:DeleteObject on       |
-# |            |                                                      | uploads/* and variants/*                |
+# | reconciler | ListObjectsV2, DeleteObjects (batched) of orphans;   | s3:ListBucket, s3:DeleteObject on       |
+# |            | GetObject + PutObject of its namespace marker        | uploads/* and variants/*; s3:GetObject, |
+# |            | (imgpipe-namespace, the bucket's one namespace)      | s3:PutObject on imgpipe-namespace       |
 #
 # s3:ListBucket is what HeadBucket needs, and it is also what makes HeadObject answer 404 (not 403)
 # for a missing key, which the api relies on to answer `source_not_found`. With s3_kms_key_arn set,
@@ -25,6 +26,8 @@ locals {
   bucket_arn   = aws_s3_bucket.images.arn
   uploads_arn  = "${aws_s3_bucket.images.arn}/uploads/*"
   variants_arn = "${aws_s3_bucket.images.arn}/variants/*"
+  # The object naming the namespace the bucket belongs to (services/reconciler reconcile.py).
+  marker_arn = "${aws_s3_bucket.images.arn}/imgpipe-namespace"
 
   s3_grants = {
     api = {
@@ -43,8 +46,8 @@ locals {
       delete = []
     }
     reconciler = {
-      read   = []
-      write  = []
+      read   = [local.marker_arn]
+      write  = [local.marker_arn]
       delete = [local.uploads_arn, local.variants_arn]
     }
   }

@@ -139,9 +139,10 @@ class Reconciler:
         """One reconciliation. A dry run deletes nothing and changes no job, and reports the same counts."""
         started = time.monotonic()
         summary = Summary(dry_run=dry_run)
-        await self._claim_bucket(dry_run)
         # Jobs first: a record missing its source marker gets it back before the bucket is judged.
+        # Stuck jobs are this namespace's alone, so they are settled even on a bucket it cannot claim.
         await self._jobs(summary, dry_run)
+        await self._claim_bucket(dry_run)
         if not dry_run:
             await self._store.prune_grants(self._clock())
         async for page in self._storage.iter_pages():
