@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from imgpipe.settings import ConfigError, load
-from imgpipe_worker.settings import WorkerSettings
+from imgpipe_worker.settings import WorkerSettings, available_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -17,15 +18,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def _timeouts(monkeypatch: pytest.MonkeyPatch, job: str | None, render: str | None) -> None:
+    """Set the job and render timeouts; None leaves one at its default."""
+    for name, value in (("IMGPIPE_JOB_TIMEOUT_S", job), ("IMGPIPE_RENDER_TIMEOUT_S", render)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize(("job", "render"), [("60", "60"), ("30", "45"), (None, "120"), ("50", None)])
 def test_render_timeout_must_be_shorter_than_job_timeout(
     monkeypatch: pytest.MonkeyPatch, job: str | None, render: str | None
 ) -> None:
     # The job's timeout cannot stop a render; a render limit at or over it would never apply.
-    if job is not None:
-        monkeypatch.setenv("IMGPIPE_JOB_TIMEOUT_S", job)
-    if render is not None:
-        monkeypatch.setenv("IMGPIPE_RENDER_TIMEOUT_S", render)
+    _timeouts(monkeypatch, job, render)
     with pytest.raises(ConfigError) as info:
         load(WorkerSettings)
     message = str(info.value)
@@ -37,10 +42,28 @@ def test_render_timeout_must_be_shorter_than_job_timeout(
 def test_render_timeout_shorter_than_job_timeout_accepted(
     monkeypatch: pytest.MonkeyPatch, job: str | None, render: str | None
 ) -> None:
-    if job is not None:
-        monkeypatch.setenv("IMGPIPE_JOB_TIMEOUT_S", job)
-    if render is not None:
-        monkeypatch.setenv("IMGPIPE_RENDER_TIMEOUT_S", render)
+    _timeouts(monkeypatch, job, render)
     settings = load(WorkerSettings)
     assert settings.render_timeout_s < settings.job_timeout_s
     assert (settings.job_timeout_s, settings.render_timeout_s) == (float(job or 120), float(render or 60))
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cap"),
+    [
+        ("max 100000\n", None),  # no limit: the CPUs the process may run on
+        ("150000 100000\n", 2),  # 1.5 CPUs: two renders, the second one partly throttled
+        ("50000 100000\n", 1),
+        ("100000 100000\n", 1),
+        ("garbled\n", None),
+        (None, None),  # no cgroup v2
+    ],
+)
+def test_the_default_concurrency_is_the_cpus_the_worker_can_use(
+    tmp_path: Path, cpu_max: str | None, cap: int | None
+) -> None:
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    usable = len(os.sched_getaffinity(0))
+    assert available_cpus(path) == (usable if cap is None else min(usable, cap))

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: cgroup v2's CPU limit of the process's container: "<quota> <period>" in microseconds, or "max".
+_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = _CPU_MAX) -> int:
+    """The CPUs this process can use: those it may run on, capped by its container's CPU limit.
+
+    `os.cpu_count()` is the host's: in a pod or a container with `cpus:` set it would give a worker a
+    render (and its memory) for every core of the node, not of the worker.
+    """
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 here, or a file we do not understand
+        pass
+    return max(1, count)
 
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", frozen=True)
 
     #: Renders at once in one worker process; it holds one message more (the next job downloading).
-    worker_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
+    worker_concurrency: int = Field(default_factory=available_cpus, ge=1, le=64)
     #: Threads libvips may use for one image; jobs already run in parallel, so 1 is usually best.
     vips_concurrency: int = Field(default=1, ge=1, le=64)
     #: Wall-clock limit for one job, fetch to upload.
