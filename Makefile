@@ -3,7 +3,10 @@
 SHELL := /bin/bash
 
 export UV_PYTHON_DOWNLOADS := never
-UV ?= uv
+# uv from PATH, or installed from PyPI on first use (ops/uv.sh) into .tools/uv, which the recipes
+# (and the lint scripts they run) then find on PATH.
+UV ?= $$(bash ops/uv.sh)
+export PATH := $(CURDIR)/.tools/uv/bin:$(PATH)
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -22,7 +25,6 @@ help: ## List the tasks
 
 .PHONY: install
 install: ## Install every package and the dev tools into .venv (from uv.lock)
-	@command -v $(UV) >/dev/null || python3 -m pip install --quiet 'uv>=0.5'
 	$(UV) sync --all-packages --frozen
 
 .PHONY: test
@@ -92,7 +94,6 @@ lint-deploy: install ## Validate the deployment (Dockerfiles, compose, gateway, 
 
 .PHONY: bench
 bench: ## Benchmarks against raw libvips, Pillow and thumbor (needs wrk; BENCH_ARGS=--quick for a short run)
-	@command -v $(UV) >/dev/null || python3 -m pip install --quiet 'uv>=0.5'
 	$(UV) sync --all-packages --group bench --frozen
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
