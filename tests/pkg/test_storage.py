@@ -174,7 +174,11 @@ class FlakyS3:
         self.queries.append(dict(request.query))
         await request.read()
         status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, body=b"stored bytes" if status == 200 else b"<Error/>")
+        # A redirect points back at the same request: a client that follows it loops.
+        headers = {"Location": request.path_qs} if 300 <= status < 400 else None
+        return web.Response(
+            status=status, body=b"stored bytes" if status == 200 else b"<Error/>", headers=headers
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -215,6 +219,26 @@ async def test_transfers_do_not_retry_a_refusal_but_a_job_does(status: int, code
         finally:
             await storage.close()
     assert len(s3.seen) == 2
+
+
+async def test_transfers_follow_no_redirect() -> None:
+    # S3 does not redirect a presigned request; whatever does is not followed (nor sent the signature).
+    s3 = FlakyS3(*[307] * 40)
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(s3_settings(endpoint, "bucket"))
+        try:
+            for call in (
+                lambda: storage.get("uploads/k", max_bytes=100),
+                lambda: storage.put("variants/k.jpg", b"data", "image/jpeg"),
+                lambda: storage.head("uploads/k"),
+            ):
+                with pytest.raises(StorageError) as info:
+                    await call()
+                assert "HTTP 307" in info.value.message
+                assert "X-Amz-" not in info.value.message
+        finally:
+            await storage.close()
+    assert [m for m, _, _ in s3.seen] == ["GET", "PUT", "HEAD"]
 
 
 async def test_head_without_a_date_is_refused() -> None:

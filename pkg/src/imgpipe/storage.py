@@ -204,7 +204,7 @@ class Storage:
         """
 
         async def send(http: aiohttp.ClientSession) -> dict[str, Any]:
-            async with http.head(self._transfer_url("HEAD", key)) as response:
+            async with http.head(self._transfer_url("HEAD", key), allow_redirects=False) as response:
                 _check(response, "HEAD", key)
                 try:
                     return {
@@ -250,8 +250,10 @@ class Storage:
                     "storage_error", f"S3 {verb} {key!r}: HTTP {exc.status}", transient=True
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
+                # The exception's text may hold the request's URL, signature and session token
+                # included, and this message ends up in the job record and the dead letter's reason.
                 failure = StorageError(
-                    "storage_unavailable", f"S3 {verb}: {type(exc).__name__} {exc}", transient=True
+                    "storage_unavailable", f"S3 {verb} {key!r}: {type(exc).__name__}", transient=True
                 )
         raise failure
 
@@ -266,7 +268,7 @@ class Storage:
         """
 
         async def send(http: aiohttp.ClientSession) -> bytes:
-            async with http.get(self._transfer_url("GET", key)) as response:
+            async with http.get(self._transfer_url("GET", key), allow_redirects=False) as response:
                 _check(response, "GET", key)
                 size = response.content_length
                 if size is not None and size > max_bytes:
@@ -290,7 +292,7 @@ class Storage:
         url = self._transfer_url("PUT", key, headers)  # signed: the PUT must send exactly these values
 
         async def send(http: aiohttp.ClientSession) -> None:
-            async with http.put(url, data=data, headers=headers) as response:
+            async with http.put(url, data=data, headers=headers, allow_redirects=False) as response:
                 _check(response, "PUT", key)
                 await response.read()
 
