@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,9 +36,13 @@ def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     noisy = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    # setup_logging also takes over these hooks; pytest watches through them.
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
     try:
         yield
     finally:
+        logging.captureWarnings(False)
         root.handlers[:] = handlers
         root.setLevel(level)
         for name, lvl in noisy.items():
@@ -362,3 +369,40 @@ def test_debug_keeps_libraries_at_warning(capsys: pytest.CaptureFixture[str]) ->
     logging.getLogger("aio_pika").info("theirs")
     [line] = _lines(capsys.readouterr().err)
     assert line["message"] == "ours"
+
+
+_UNCAUGHT_SCRIPT = """
+import sys, threading, warnings
+from imgpipe.telemetry import setup_logging
+setup_logging("api", env=sys.argv[1])
+warnings.warn("a deprecated call")
+def fail():
+    raise RuntimeError("in a thread")
+thread = threading.Thread(target=fail, name="renderer")
+thread.start()
+thread.join()
+raise ValueError("IMGPIPE_JWT_SECRET is too short")
+"""
+
+
+@pytest.mark.parametrize("env", ["production", "local"])
+def test_uncaught_exceptions_and_warnings_are_json_lines(env: str) -> None:
+    # In a child process: what escapes every handler reaches the hooks only at the top level.
+    done = subprocess.run(
+        [sys.executable, "-c", _UNCAUGHT_SCRIPT, env], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    lines = _lines(done.stderr)  # fails on any line that is not JSON
+    assert [(line["logger"], line["level"]) for line in lines] == [
+        ("py.warnings", "WARNING"),
+        ("imgpipe.uncaught", "ERROR"),
+        ("imgpipe.uncaught", "CRITICAL"),
+    ]
+    assert "a deprecated call" in lines[0]["message"]
+    assert lines[1]["message"] == "uncaught exception in thread renderer"
+    if env == "production":
+        assert lines[1]["error"] == "RuntimeError: in a thread"
+        assert lines[2]["error"] == "ValueError: IMGPIPE_JWT_SECRET is too short"
+        assert "Traceback" not in done.stderr
+    else:
+        assert "Traceback" in lines[2]["exc_info"] and "too short" in lines[2]["exc_info"]

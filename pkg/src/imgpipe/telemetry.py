@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -236,6 +237,32 @@ def setup_logging(service: str, *, env: str, level: str = "INFO", secrets: Itera
     root.setLevel(level)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # What no handler caught (a refused setting at start-up, a thread's exception) and warnings go
+    # out as JSON lines too, instead of Python's plain-text traceback, which production must not have.
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+_UNCAUGHT = logging.getLogger("imgpipe.uncaught")
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    _UNCAUGHT.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # what threading's own hook does
+    thread = args.thread.name if args.thread is not None else "?"
+    _UNCAUGHT.error(
+        "uncaught exception in thread %s",
+        thread,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 # The reconciler (orphaned objects, stuck jobs).
