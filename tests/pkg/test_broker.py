@@ -24,6 +24,7 @@ from imgpipe.broker import (
     connect,
     keep_connecting,
     robust_connection,
+    subscribe,
 )
 from imgpipe.models import PRESETS, JobMessage, KeySource
 
@@ -352,6 +353,42 @@ async def test_publisher_refuses_during_a_reconnect_and_publishes_after(topology
         await message.ack()
         assert message.message_id == job.id  # the refused one was never sent
         assert await _count(connection, topology.jobs_queue) == 0
+    finally:
+        await publisher.close()
+        await connection.close()
+
+
+async def test_a_consumer_cancelled_while_disconnected_is_not_restored(topology: Topology) -> None:
+    """A worker told to stop while the broker is away must not take new jobs once it is back."""
+    connection = robust_connection(AMQP_URL, reconnect_interval_s=1)
+    await keep_connecting(connection)
+    publisher = Publisher(connection, topology)
+    delivered: list[AbstractIncomingMessage] = []
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        delivered.append(message)
+
+    try:
+        await publisher.open()
+        subscription = await subscribe(connection, topology, topology.jobs_queue, on_message, prefetch=2)
+        assert connection.transport is not None
+        await connection.transport.connection.close(ConnectionResetError("connection lost"))
+        await _until(lambda: not subscription.active, within=5)
+        await subscription.cancel()
+
+        async with asyncio.timeout(30):
+            await connection.ready()
+        job = _job()
+        async with asyncio.timeout(30):  # the restored channel may still be re-declaring
+            while True:
+                try:
+                    await publisher.publish_job(job)
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # time enough for a restored consumer to get it
+        assert delivered == []
+        assert await _count(connection, topology.jobs_queue) == 1
     finally:
         await publisher.close()
         await connection.close()

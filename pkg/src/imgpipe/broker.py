@@ -238,14 +238,19 @@ class Subscription:
         return not self.channel.is_closed
 
     async def cancel(self) -> None:
-        """Stop the deliveries (the broker may already be gone: then they come back by themselves)."""
-        if not self.active:
-            return
+        """Stop the deliveries, now and after any reconnect.
+
+        Also while the broker is gone (its unacknowledged deliveries then come back by themselves):
+        the robust queue forgets the consumer before it asks the broker, so the channel does not
+        restore it when it reconnects, during a shutdown's grace period for instance.
+        """
+        was_active = self.active
         try:
             async with asyncio.timeout(5):
                 await self.queue.cancel(self.tag)
         except Exception as exc:
-            log.warning("could not cancel consumer: %s", type(exc).__name__)
+            if was_active:
+                log.warning("could not cancel consumer: %s", type(exc).__name__)
 
 
 async def subscribe(
