@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -239,6 +240,33 @@ async def test_transfers_follow_no_redirect() -> None:
         finally:
             await storage.close()
     assert [m for m, _, _ in s3.seen] == ["GET", "PUT", "HEAD"]
+
+
+async def test_readiness_probes_while_s3_hangs_share_one_call() -> None:
+    # An endpoint that takes connections and never answers: each probe gives up after its timeout.
+    connections: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()  # until the connection is closed
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = Storage(s3_settings(f"http://127.0.0.1:{port}", "bucket"))
+    try:
+        for _ in range(5):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await storage.ping()
+        assert len(connections) == 1  # one HeadBucket out, not one blocked thread per probe
+    finally:
+        server.close()
+        for writer in connections:
+            writer.close()
+        await server.wait_closed()
+        with pytest.raises(StorageError):  # the call in flight ends once its connection does
+            await storage.ping()
+        await storage.close()
 
 
 async def test_head_without_a_date_is_refused() -> None:

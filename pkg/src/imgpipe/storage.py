@@ -168,6 +168,7 @@ class Storage:
         self._download_ttl = settings.download_url_ttl_s
         self._pool = pool
         self._http: aiohttp.ClientSession | None = None
+        self._ping: asyncio.Future[Any] | None = None
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
         try:
@@ -361,4 +362,14 @@ class Storage:
             await self._call("create_bucket")
 
     async def ping(self) -> None:
-        await self._call("head_bucket")
+        """Whether the bucket answers (`HeadBucket`), for readiness.
+
+        One at a time: a probe's timeout ends the wait, not the boto3 call in its thread, so while S3
+        hangs every probe would leave a thread blocked in the default executor (which DNS lookups
+        share) for up to boto3's timeouts. A probe joins the call in flight instead.
+        """
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.ensure_future(self._call("head_bucket"))
+            # Its outcome is taken here too: a call every probe gave up on must not log as unretrieved.
+            self._ping.add_done_callback(lambda done: done.cancelled() or done.exception())
+        await asyncio.shield(self._ping)
