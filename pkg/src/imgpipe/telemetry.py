@@ -74,18 +74,21 @@ WORKER_CONCURRENCY = Gauge(
 )
 SSE_CONNECTIONS = Gauge("imgpipe_sse_connections", "Open Server-Sent Events streams")
 
-#: Library loggers kept at WARNING even at IMGPIPE_LOG_LEVEL=DEBUG: their INFO is chatter (every
-#: reconnect attempt, every request) and botocore's DEBUG spells out request signatures.
-NOISY_LOGGERS = (
-    "aiormq",
-    "aio_pika",
-    "botocore",
-    "boto3",
-    "s3transfer",
-    "urllib3",
-    "aiohttp.access",
-    "pyvips",
-)
+#: Library loggers and the least level they log at, even at IMGPIPE_LOG_LEVEL=DEBUG: their INFO is
+#: chatter (every reconnect attempt, every request) and botocore's DEBUG spells out request
+#: signatures. libvips warns about every oddity of an untrusted file, as often as the file makes it
+#: (a PNG of empty text chunks: two lines a chunk), from its own threads, where no job id is known;
+#: what fails a job is in the job's error instead.
+NOISY_LOGGERS = {
+    "aiormq": logging.WARNING,
+    "aio_pika": logging.WARNING,
+    "botocore": logging.WARNING,
+    "boto3": logging.WARNING,
+    "s3transfer": logging.WARNING,
+    "urllib3": logging.WARNING,
+    "aiohttp.access": logging.WARNING,
+    "pyvips": logging.ERROR,
+}
 #: What a scrubbed value is replaced with.
 REDACTED = "[REDACTED]"
 #: Secret values shorter than this are not scrubbed verbatim: "guest" or "testing" would blank out
@@ -235,8 +238,8 @@ def setup_logging(service: str, *, env: str, level: str = "INFO", secrets: Itera
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy, least in NOISY_LOGGERS.items():
+        logging.getLogger(noisy).setLevel(least)
     # What no handler caught (a refused setting at start-up, a thread's exception) and warnings go
     # out as JSON lines too, instead of Python's plain-text traceback, which production must not have.
     logging.captureWarnings(True)

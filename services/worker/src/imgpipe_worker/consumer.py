@@ -299,7 +299,8 @@ class Consumer:
         JOB_STAGE["render_wait"].observe(loop.time() - waiting)
         started = time.perf_counter()
         try:
-            # Run in a copy of this context so libvips' log lines carry the job and request ids.
+            # Run in a copy of this context so what the render logs carries the job and request ids
+            # (not what libvips logs from threads of its own: see `telemetry.NOISY_LOGGERS`).
             render = loop.run_in_executor(
                 self._pool,
                 contextvars.copy_context().run,
