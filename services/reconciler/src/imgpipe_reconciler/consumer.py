@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from imgpipe import broker
@@ -88,7 +89,7 @@ class CommandConsumer:
             command = ReconcileCommand.model_validate_json(message.body)
         except ValidationError as exc:
             log.error("unparseable reconcile command dead-lettered: %s", exc.errors()[:1])
-            await message.reject(requeue=False)
+            await _settle(message.reject(requeue=False))
             return
         await self._record(command, "running")
         try:
@@ -108,7 +109,7 @@ class CommandConsumer:
             await self._record(command, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         else:
             await self._record(command, "succeeded", summary=summary.as_dict())
-        await message.ack()
+        await _settle(message.ack(), run_id=command.run_id)
 
     async def _record(self, command: ReconcileCommand, status: RunStatus, **details: object) -> None:
         """Write the run's state; on a Redis error, log it and go on (see the module)."""
@@ -121,3 +122,12 @@ class CommandConsumer:
                 type(exc).__name__,
                 extra={"run_id": command.run_id},
             )
+
+
+async def _settle(answer: Awaitable[object], *, run_id: str | None = None) -> None:
+    """Acknowledge or reject, logged rather than raised when the channel is gone (the broker then
+    delivers the command again): nothing else would see this task's exception."""
+    try:
+        await answer
+    except Exception as exc:
+        log.warning("could not settle the command: %s", type(exc).__name__, extra={"run_id": run_id})

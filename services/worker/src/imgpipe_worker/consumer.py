@@ -190,7 +190,10 @@ class Consumer:
             # Unreadable: no retry can fix it. Rejecting dead-letters it through the queue's DLX.
             log.error("unparseable message dead-lettered: %s", exc.errors()[:1])
             JOBS_DEAD_LETTERED.inc()
-            await message.reject(requeue=False)
+            try:
+                await message.reject(requeue=False)
+            except Exception as exc:  # the channel is gone: the broker delivers it again, to be rejected
+                log.warning("could not reject: %s", type(exc).__name__)
             return
         job_id_var.set(job.id)
         if job.request_id:
