@@ -303,6 +303,20 @@ async def _until(condition: Callable[[], bool], within: float) -> None:
             await asyncio.sleep(0.01)
 
 
+async def _publish_once_reconnected(connection: AbstractRobustConnection, publisher: Publisher) -> JobMessage:
+    """Wait for the connection to come back, then publish a job as soon as the publisher can."""
+    async with asyncio.timeout(30):
+        await connection.ready()
+    job = _job()
+    async with asyncio.timeout(30):  # the restored channel may still be re-declaring
+        while True:
+            try:
+                await publisher.publish_job(job)
+                return job
+            except BrokerUnavailable:
+                await asyncio.sleep(0.1)
+
+
 async def test_publish_fails_fast_while_not_connected(topology: Topology) -> None:
     """No broker yet: a publish says so at once, instead of waiting out its timeout."""
     closed = free_port()  # nothing listens there
@@ -339,16 +353,7 @@ async def test_publisher_refuses_during_a_reconnect_and_publishes_after(topology
         with pytest.raises(BrokerUnavailable):
             await publisher.publish_job(refused, timeout_s=60)
 
-        async with asyncio.timeout(30):
-            await connection.ready()
-        job = _job()
-        async with asyncio.timeout(30):  # the restored channel may still be re-declaring
-            while True:
-                try:
-                    await publisher.publish_job(job)
-                    break
-                except BrokerUnavailable:
-                    await asyncio.sleep(0.1)
+        job = await _publish_once_reconnected(connection, publisher)
         message = await _get(await _queue(connection, topology.jobs_queue))
         await message.ack()
         assert message.message_id == job.id  # the refused one was never sent
@@ -376,16 +381,7 @@ async def test_a_consumer_cancelled_while_disconnected_is_not_restored(topology:
         await _until(lambda: not subscription.active, within=5)
         await subscription.cancel()
 
-        async with asyncio.timeout(30):
-            await connection.ready()
-        job = _job()
-        async with asyncio.timeout(30):  # the restored channel may still be re-declaring
-            while True:
-                try:
-                    await publisher.publish_job(job)
-                    break
-                except BrokerUnavailable:
-                    await asyncio.sleep(0.1)
+        await _publish_once_reconnected(connection, publisher)
         await asyncio.sleep(1.0)  # time enough for a restored consumer to get it
         assert delivered == []
         assert await _count(connection, topology.jobs_queue) == 1
