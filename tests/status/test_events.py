@@ -8,7 +8,6 @@ follow the job to its end.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -189,15 +188,14 @@ async def test_last_event_id_on_someone_elses_or_no_job_is_not_found(alice: Clie
 async def test_current_state_at_once_then_heartbeats(http: aiohttp.ClientSession, quiet: Stack) -> None:
     alice = Client(http, quiet, "alice")
     job = await alice.submit({"key": await alice.upload(image())})
-    started = time.monotonic()
     items: list[SseItem] = []
     async with _stream(alice, job["id"]) as response:
         assert response.status == 200
         stream = sse(response)
-        first = await asyncio.wait_for(anext(stream), HEARTBEAT_S * 0.9)
+        # `sse` yields comments too: the state comes first, before any heartbeat.
+        first = await asyncio.wait_for(anext(stream), 10)
         assert first.event == "pending"
         assert first.data is not None and first.data["id"] == job["id"]
-        assert time.monotonic() - started < 1
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(HEARTBEAT_S * 6):
                 async for item in stream:

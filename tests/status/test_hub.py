@@ -251,8 +251,11 @@ async def test_a_client_that_stops_reading_is_evicted(store: CountingStore) -> N
             assert most <= bound + len(big) + 64
             assert transport.is_closing()
             # Later changes are not written to it any more.
+            sent, written = listener.version, listener.last_write
             listener.offer(job.model_copy(update={"version": 5000}), Event(5000, big))
             listener.heartbeat()
+            assert (listener.version, listener.last_write) == (sent, written)
+            assert listener.reason is End.EVICTED
 
 
 async def test_heartbeat_is_a_comment_in_a_chunk(hub: Hub, store: CountingStore) -> None:

@@ -34,7 +34,16 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 from imgpipe.broker import ATTEMPT_HEADER, JOB_ROUTING_KEY, REASON_HEADER, Topology
-from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
+from imgpipe.models import (
+    PRESETS,
+    JobMessage,
+    JobRecord,
+    JobStatus,
+    KeySource,
+    Variant,
+    VariantResult,
+    utcnow,
+)
 from imgpipe.store import JobStore, owner_id
 
 from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack, drop_namespace, local_http
@@ -366,14 +375,13 @@ async def test_bad_image_fails_at_once_without_retry(
     key = await user.upload(data, content_type)
     stages_before = await _stage_figures(http, own.worker)
 
-    done, elapsed = await _timed_job(user, key)
+    done, _ = await _timed_job(user, key)
 
     assert done["status"] == "failed", done
     assert done["error"]["code"] == code, done
     assert "gave up" not in done["error"]["message"]
     assert done["variants"] == []
-    # A retry would wait the 1 s back-off first; this one failed on its first delivery.
-    assert elapsed < 1.5, f"took {elapsed:.2f}s to fail"
+    # Failed on its first delivery: no retry counted (below), nothing dead-lettered.
     assert await metric(http, own.worker, "imgpipe_jobs_retried_total") == retried
     assert await metric(http, own.worker, "imgpipe_jobs_failed_total", code=code) == failed + 1
     # It was taken, fetched and waited for its slot; the render failed, so nothing after it counts.
@@ -411,8 +419,8 @@ async def test_transient_failure_retries_with_backoff_then_dead_letters(
         # IMGPIPE_MAX_ATTEMPTS=3 requests, spaced by IMGPIPE_RETRY_DELAYS_S=[1, 2].
         assert len(hits) == 3, hits
         gaps = [b - a for a, b in itertools.pairwise(hits)]
-        assert 0.9 <= gaps[0] < 1.9, gaps
-        assert 1.9 <= gaps[1] < 2.9, gaps
+        # At least the back-off; the upper side is left open (a loaded machine delivers late).
+        assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
 
     assert await metric(http, worker, "imgpipe_jobs_retried_total", code="url_http_error") == retried + 2
     assert await metric(http, worker, "imgpipe_jobs_dead_lettered_total") == dead + 1
@@ -524,6 +532,38 @@ async def test_duplicate_message_changes_nothing(
     assert await metric(http, own.worker, "imgpipe_jobs_succeeded_total") == succeeded
     # Same objects, not written again, and no second set.
     assert s3_objects(own.s3_endpoint, prefix) == objects
+    assert await queue_depth(own.topology.jobs_queue) == 0
+
+
+async def test_a_message_whose_job_has_no_record_is_dropped(
+    own: OwnStack, user: Client, http: aiohttp.ClientSession, small_jpeg: bytes
+) -> None:
+    """A job withdrawn by the api (its publish timed out after the broker took it) or expired: the
+    message is acknowledged, nothing is rendered or stored, and no record is made up for it."""
+    key = await user.upload(small_jpeg)
+    job_id = uuid.uuid4().hex
+    body = JobMessage(
+        id=job_id,
+        owner=user.sub,
+        source=KeySource(key=key),
+        variants=[PRESETS["thumb"]],
+        created_at=utcnow(),
+    ).model_dump_json()
+    succeeded = await metric(http, own.worker, "imgpipe_jobs_succeeded_total")
+    await publish_raw(own.topology, body.encode(), message_id=job_id, headers={ATTEMPT_HEADER: 1})
+
+    def dropped() -> bool:
+        messages = [r["message"] for r in log_records(own.worker, job_id)]
+        return "no record for job (expired or withdrawn); dropping message" in messages
+
+    await eventually(dropped)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        assert await JobStore(client, own.namespace, retention=timedelta(days=1)).get(job_id) is None
+    finally:
+        await client.aclose()
+    assert s3_objects(own.s3_endpoint, job_prefix(user.sub, job_id)) == {}
+    assert await metric(http, own.worker, "imgpipe_jobs_succeeded_total") == succeeded
     assert await queue_depth(own.topology.jobs_queue) == 0
 
 
