@@ -230,6 +230,13 @@ async def test_an_accepted_claim_says_so_and_keeps_its_expiry(
     assert await redis_client.exists(store._idem_key("alice", "key-3")) == 0
 
 
+async def test_a_claim_made_again_by_its_own_request_is_still_its_own(store: JobStore) -> None:
+    # What a batch re-sent after a dropped connection does: the same claim, run twice.
+    assert await store.claim_idempotency("alice", "key-again", "job-a", "fp-1") is None
+    assert await store.claim_idempotency("alice", "key-again", "job-a", "fp-1") is None
+    assert await store.claim_idempotency("alice", "key-again", "job-b", "fp-1") == Claim("job-a", False)
+
+
 async def test_concurrent_claims_of_one_idempotency_key_have_one_winner(store: JobStore) -> None:
     claims = await asyncio.gather(
         *(store.claim_idempotency("alice", "key-race", f"job-{i}", "fp") for i in range(10))

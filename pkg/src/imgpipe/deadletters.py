@@ -245,13 +245,17 @@ class DeadLetters:
             headers[REQUEST_ID_HEADER] = request_id
         try:
             await session.publish_job(message.body, headers, message_id=job.id)
-        except BrokerUnavailable:
-            # Not in the jobs queue: put the job back as it was, so it does not sit `pending` until
-            # the reconciler times it out. Its dead letter goes back to the queue with the channel.
+        except (BrokerUnavailable, asyncio.CancelledError):
+            # Not known to be in the jobs queue (the broker is away, or the admin's request went
+            # away before the confirm): put the job back as it was, so it does not sit `pending`
+            # until the reconciler times it out. Its dead letter goes back to the queue with the
+            # channel. Shielded: a cancelled replay must still get this far.
             error = current.error
             if error is not None:
-                await self._store.mark_failed(
-                    reopened.record, error.code, error.message, only_if_unchanged=True
+                await asyncio.shield(
+                    self._store.mark_failed(
+                        reopened.record, error.code, error.message, only_if_unchanged=True
+                    )
                 )
             raise
         # Acknowledged only after the confirm: a crash in between leaves a duplicate, never a loss.

@@ -100,12 +100,18 @@ return 1
 
 # Claim an Idempotency-Key: KEYS[1] the claim; ARGV: the claim's value, its life (s). Nothing (nil)
 # when it is ours now, else the value that holds it, read in the same step, so the holder cannot
-# expire between the two.
+# expire between the two. A claim holding exactly our value is ours too: the Redis client re-sends
+# a batch whose connection dropped, replies already read or not, and the second run must not take
+# the first run's claim for someone else's (the key would answer 409 until it expired).
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   return false
 end
-return redis.call('GET', KEYS[1])
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  return false
+end
+return held
 """
 
 

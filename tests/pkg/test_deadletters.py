@@ -1,0 +1,90 @@
+"""Dead-letter replay in-process, against the real RabbitMQ (through a relay a test can stall) and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+from imgpipe import broker
+from imgpipe.deadletters import DeadLetters
+from imgpipe.models import PRESETS, JobMessage, JobRecord, JobStatus, KeySource
+from imgpipe.store import JobStore, Transition
+
+from tests.isolated import BrokerProxy, fresh_namespace
+from tests.stack import AMQP_URL, drop_namespace
+from tests.worker.test_consumer import eventually
+
+
+class StallingStore(JobStore):
+    """Stalls the broker's relay as soon as a job is reopened: the replay's publish then gets no confirm."""
+
+    proxy: BrokerProxy | None = None
+
+    async def reopen(self, current: JobRecord) -> Transition:
+        reopened = await super().reopen(current)
+        assert self.proxy is not None
+        self.proxy.stall()
+        return reopened
+
+
+@pytest.fixture
+async def namespace_() -> AsyncIterator[str]:
+    namespace = fresh_namespace()
+    yield namespace
+    await asyncio.to_thread(drop_namespace, namespace)
+
+
+async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
+    namespace_: str, redis_client: aioredis.Redis
+) -> None:
+    topology = broker.Topology(namespace_, (1, 2))
+    store = StallingStore(redis_client, namespace_, retention=timedelta(hours=1))
+    job = JobMessage(
+        id=uuid.uuid4().hex,
+        owner="alice",
+        source=KeySource(key="uploads/o/k"),
+        variants=[PRESETS["thumb"]],
+        created_at=datetime.now(UTC),
+    )
+    created = await store.create(JobRecord.pending(job.id, job.owner, job.source, job.variants))
+    assert created.applied and created.record is not None
+    assert (await store.mark_failed(created.record, "storage_unavailable", "S3 was away")).applied
+
+    direct = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(direct, topology)
+    proxy = BrokerProxy()
+    await proxy.start()
+    store.proxy = proxy
+    relayed = await broker.connect(AMQP_URL.replace(":5672/", f":{proxy.port}/"))
+    try:
+        await publisher.open()
+        body = job.model_dump_json().encode()
+        await publisher.publish_dead(body, {}, message_id=job.id, reason="gave up")
+
+        replay = asyncio.create_task(DeadLetters(relayed, topology, store).replay([job.id]))
+
+        async def reopened() -> bool:
+            record = await store.get(job.id)
+            return record is not None and record.status is JobStatus.PENDING
+
+        await eventually(reopened)
+        await asyncio.sleep(0.5)  # the publish is out, its confirm held by the relay
+        assert not replay.done()
+        replay.cancel()
+        proxy.reset()  # the broker answers again (on new connections), so the browse closes at once
+        with pytest.raises(asyncio.CancelledError):
+            await replay
+        # Failed again, as before the replay: not `pending` with no message behind it.
+        record = await store.get(job.id)
+        assert record is not None and record.status is JobStatus.FAILED, record
+        assert record.error is not None and record.error.code == "storage_unavailable"
+    finally:
+        proxy.reset()
+        await relayed.close()
+        await publisher.close()
+        await direct.close()
+        await proxy.cut()
