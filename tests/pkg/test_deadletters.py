@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.deadletters import DeadLetters
+from imgpipe.limits import Limits
 from imgpipe.models import PRESETS, JobMessage, JobRecord, JobStatus, KeySource
 from imgpipe.store import JobStore, Transition
 
@@ -38,11 +39,8 @@ async def namespace_() -> AsyncIterator[str]:
     await asyncio.to_thread(drop_namespace, namespace)
 
 
-async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
-    namespace_: str, redis_client: aioredis.Redis
-) -> None:
-    topology = broker.Topology(namespace_, (1, 2))
-    store = StallingStore(redis_client, namespace_, retention=timedelta(hours=1))
+async def _failed_job(store: JobStore) -> JobMessage:
+    """A job of alice's that failed, its record as the worker leaves it."""
     job = JobMessage(
         id=uuid.uuid4().hex,
         owner="alice",
@@ -53,6 +51,39 @@ async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
     created = await store.create(JobRecord.pending(job.id, job.owner, job.source, job.variants))
     assert created.applied and created.record is not None
     assert (await store.mark_failed(created.record, "storage_unavailable", "S3 was away")).applied
+    return job
+
+
+async def test_a_replayed_job_takes_its_owners_active_slot_again(
+    namespace_: str, redis_client: aioredis.Redis
+) -> None:
+    topology = broker.Topology(namespace_, (1, 2))
+    store = JobStore(redis_client, namespace_, retention=timedelta(hours=1))
+    limits = Limits(redis_client, namespace_, ttl_s=3600, calls=store.calls)
+    job = await _failed_job(store)  # its slot long given up (the admission prunes failed jobs)
+    assert await limits.active_jobs("alice") == 0
+    connection = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(connection, topology)
+    try:
+        await publisher.open()
+        await publisher.publish_dead(job.model_dump_json().encode(), {}, message_id=job.id, reason="gave up")
+        result = await DeadLetters(connection, topology, store).replay([job.id])
+    finally:
+        await publisher.close()
+        await connection.close()
+    assert result.replayed == [job.id]
+    assert await limits.active_jobs("alice") == 1
+    # Counted as the api counts it: a quota of one is full while the replayed job runs.
+    decision = await limits.admit_job("alice", uuid.uuid4().hex, rate_limit=0, period_s=60, max_active=1)
+    assert not decision.allowed and decision.code == "too_many_active_jobs"
+
+
+async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
+    namespace_: str, redis_client: aioredis.Redis
+) -> None:
+    topology = broker.Topology(namespace_, (1, 2))
+    store = StallingStore(redis_client, namespace_, retention=timedelta(hours=1))
+    job = await _failed_job(store)
 
     direct = await broker.connect(AMQP_URL)
     publisher = broker.Publisher(direct, topology)

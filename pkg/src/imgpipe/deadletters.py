@@ -59,6 +59,7 @@ from imgpipe.broker import (
     Topology,
     persistent_message,
 )
+from imgpipe.limits import Limits
 from imgpipe.models import JobMessage, JobRecord, JobStatus
 from imgpipe.store import JobStore
 
@@ -182,6 +183,8 @@ class DeadLetters:
         self._connection = connection
         self.topology = topology
         self._store = store
+        # A replayed job takes its owner's active slot again, as the api's limits count them.
+        self._limits = Limits(store.redis, store.namespace, ttl_s=store.retention_s, calls=store.calls)
         self._lock_key = f"{store.namespace}:deadletters:lock"
         self._release = store.redis.register_script(_RELEASE)
 
@@ -239,6 +242,7 @@ class DeadLetters:
         reopened = await self._store.reopen(current)
         if not reopened.applied or reopened.record is None:
             return False
+        await self._limits.hold_job(reopened.record.owner, job.id)
         headers = {ATTEMPT_HEADER: 1}
         request_id = _text((message.headers or {}).get(REQUEST_ID_HEADER)) or job.request_id
         if request_id:

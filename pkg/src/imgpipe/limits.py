@@ -129,6 +129,17 @@ return {1, 0, remaining, 0, active}
 )
 
 RATE_LIMITED = "rate_limited"
+# KEYS[1] the owner's active set. ARGV: now ('' = Redis clock), job id, set ttl (s). The job is
+# counted whatever the quota says: an admin put it back.
+_HOLD = (
+    _LUA_COMMON
+    + """
+redis.call('ZADD', KEYS[1], clock(ARGV[1]), ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+)
+
 TOO_MANY_ACTIVE_JOBS = "too_many_active_jobs"
 
 
@@ -194,6 +205,7 @@ class Limits:
         self.prune_scan = prune_scan
         self._hit = client.register_script(_HIT)
         self._admit = client.register_script(_ADMIT)
+        self._hold = client.register_script(_HOLD)
         if calls is not None and calls.client is not client:
             # The admission goes out in the batches and its release (`ZREM`) on `client`: on two
             # clients, one user's active jobs could be counted in one Redis and released in another.
@@ -282,6 +294,11 @@ class Limits:
             retry_after_s=QUOTA_RETRY_AFTER_S,
             active=int(active),
         )
+
+    async def hold_job(self, sub: str, job_id: str, *, now: float | None = None) -> None:
+        """Count a job in its owner's active jobs without asking the quota: a dead letter an admin
+        replays is active again (it left the set when it failed), and the owner's next jobs see it."""
+        await self._calls.script(self._hold, [self.active_key(sub)], [_now_arg(now), job_id, self.ttl_s])
 
     async def release_job(self, sub: str, job_id: str) -> None:
         """Give a job's active slot back (the job was withdrawn or refused after admission)."""
