@@ -62,12 +62,13 @@ def wait_http(
     raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
 
 
-def start_moto(stdout: Any = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on a free port (real HTTP for real boto3): the process and its URL.
+def start_moto(stdout: Any = subprocess.DEVNULL, *, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on `port` (by default a free one; real HTTP for real boto3): the process and
+    its URL. Its buckets live in its memory: a new one on an old port starts empty.
 
     The caller stops the process. Used by the tests, the benchmarks and `ops/lint/dashboards.sh`.
     """
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.s3server", str(port)],
         stdout=stdout,

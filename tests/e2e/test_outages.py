@@ -15,6 +15,9 @@ What is proved, with an api + status + worker started against them and a steady 
   one set of variants;
 - api, worker and reconciler started while RabbitMQ is not there yet serve `/healthz`, say 503 on
   `/readyz`, and become ready (and consume) once the broker appears, without a restart.
+
+S3 goes away too, on a private moto server: `POST /jobs` answers 503 `storage_unavailable` at once,
+and a job accepted before is retried with back-off by the worker until S3 is back, then succeeds.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import boto3
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -41,7 +45,7 @@ from imgpipe.models import JobStatus
 from imgpipe.store import JobStore
 
 from tests.isolated import fresh_namespace, start_unready
-from tests.stack import Client, Service, Stack, free_port, token
+from tests.stack import BUCKET, Client, Service, Stack, drop_namespace, free_port, start_moto, token
 from tests.worker.test_consumer import eventually, job_prefix, jpeg, log_records, s3_objects
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -592,3 +596,74 @@ async def test_services_start_before_rabbitmq_and_become_ready(
         for service in stack.services.values():
             stack.stop(service)
         node.stop()
+
+
+def _bucket(url: str) -> Any:
+    """The test bucket on the S3 at `url`, created; returns the client."""
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    return s3
+
+
+async def test_s3_outage_is_503_and_the_worker_retries_until_it_is_back(
+    base_env: dict[str, str], http: aiohttp.ClientSession, tmp_path: Path, picture: bytes
+) -> None:
+    port = free_port()
+    moto, url = await asyncio.to_thread(start_moto, port=port)
+    await asyncio.to_thread(_bucket, url)
+    env = {
+        **base_env,
+        "IMGPIPE_NAMESPACE": fresh_namespace(),
+        "IMGPIPE_S3_ENDPOINT_URL": url,
+        "IMGPIPE_RETRY_DELAYS_S": "[2, 4]",
+        "IMGPIPE_MAX_ATTEMPTS": "6",
+    }
+    stack = Stack(env)
+    try:
+        _start_all(stack, tmp_path, ("api", "status"))  # no worker yet: the job waits in the queue
+        client = Client(http, stack, "alice")
+        key = await client.upload(picture)
+        job = await client.submit({"key": key}, ["thumb"])
+
+        moto.kill()
+        await asyncio.to_thread(moto.wait)
+        body = await _until_ready(http, stack.services["api"], 503, within=20)
+        assert body["checks"]["s3"].startswith("error"), body
+        started = time.monotonic()
+        async with http.post(
+            f"{stack.api}/jobs", json={"source": {"key": key}}, headers=client.headers
+        ) as response:
+            refused = (response.status, (await response.json())["error"]["code"])
+        assert refused == (503, "storage_unavailable")
+        assert time.monotonic() - started < QUICK_S  # a refused connection, not a hang
+
+        # The worker takes the accepted job, cannot fetch its source, and parks it for a retry.
+        worker = await asyncio.to_thread(start_unready, "worker", env, tmp_path)
+        stack.services["worker"] = worker
+
+        def parked() -> bool:
+            return any(
+                r["message"] == "transient failure, retrying" and r.get("code") == "storage_unavailable"
+                for r in log_records(worker, job["id"])
+            )
+
+        await eventually(parked, within=30)
+        # S3 is back (empty, as moto starts): the source is there again, and a retry finds it.
+        moto, _ = await asyncio.to_thread(start_moto, port=port)
+        s3 = await asyncio.to_thread(_bucket, url)
+        await asyncio.to_thread(s3.put_object, Bucket=BUCKET, Key=key, Body=picture, ContentType="image/jpeg")
+        done = await client.wait(job["id"], within=60)
+        assert done["status"] == "succeeded", done
+        await _until_ready(http, stack.services["api"], 200, within=20)
+    finally:
+        for service in stack.services.values():
+            stack.stop(service)
+        moto.kill()
+        moto.wait()
+        await asyncio.to_thread(drop_namespace, env["IMGPIPE_NAMESPACE"])
