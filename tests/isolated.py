@@ -15,7 +15,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,18 @@ def isolated_stack(
         for service in stack.services.values():
             stack.stop(service)
         drop_namespace(stack.env["IMGPIPE_NAMESPACE"])
+
+
+@asynccontextmanager
+async def temporary_worker(stack: Stack, logdir: Path) -> AsyncIterator[Service]:
+    """A worker on `stack` for the block only: a module's shared stack is left as the next test expects."""
+    service = await asyncio.to_thread(stack.start, "worker", logdir)
+    stack.services["worker"] = service
+    try:
+        yield service
+    finally:
+        await asyncio.to_thread(stack.stop, service)
+        del stack.services["worker"]
 
 
 def start_unready(name: str, env: dict[str, str], logdir: Path) -> Service:

@@ -24,6 +24,7 @@ from tests.isolated import (
     metric,
     queue_depth,
     raw_request,
+    temporary_worker,
 )
 from tests.stack import AMQP_URL, Client, Stack, drop_namespace, local_http
 from tests.worker.test_consumer import eventually
@@ -360,9 +361,8 @@ async def test_accepted_job_waits_durably_in_the_queue(
     status, pending = await client.get(job["id"])
     assert (status, pending["status"]) == (200, "pending")
 
-    worker = await asyncio.to_thread(idle_stack.start, "worker", tmp_path)
-    idle_stack.services["worker"] = worker
-    done = await client.wait(job["id"], within=30)
+    async with temporary_worker(idle_stack, tmp_path):
+        done = await client.wait(job["id"], within=30)
     assert done["status"] == "succeeded", done
     assert await queue_depth(queue) == 0
 

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from imgpipe.broker import Topology
 from imgpipe.store import owner_id
 
-from tests.isolated import image, isolated_stack, start_unready
+from tests.isolated import image, isolated_stack, start_unready, temporary_worker
 from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, presigned_form, token
 
 pytestmark = pytest.mark.e2e
@@ -296,22 +296,22 @@ async def test_a_finished_job_frees_its_slot(
         jobs.append(body["id"])
     assert (await _job(http, next(apis), "quota-done", {"key": key}))[0] == 429
 
-    quota.services["worker"] = await asyncio.to_thread(quota.start, "worker", tmp_path)
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        ns = quota.env["IMGPIPE_NAMESPACE"]
-        async with asyncio.timeout(60):
-            while True:
-                ranks = [await client.hget(f"{ns}:job:{job_id}", "rank") for job_id in jobs]
-                if all(rank == b"2" for rank in ranks):
-                    break
-                await asyncio.sleep(0.2)
-    finally:
-        await client.aclose()
-    # The worker knows nothing of quotas: the api sees the jobs are done and frees their slots.
-    for _ in range(MAX_ACTIVE):
-        status, body, _ = await _job(http, next(apis), "quota-done", {"key": key})
-        assert status == 202, body
+    async with temporary_worker(quota, tmp_path):
+        client = aioredis.from_url(REDIS_URL)
+        try:
+            ns = quota.env["IMGPIPE_NAMESPACE"]
+            async with asyncio.timeout(60):
+                while True:
+                    ranks = [await client.hget(f"{ns}:job:{job_id}", "rank") for job_id in jobs]
+                    if all(rank == b"2" for rank in ranks):
+                        break
+                    await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+        # The worker knows nothing of quotas: the api sees the jobs are done and frees their slots.
+        for _ in range(MAX_ACTIVE):
+            status, body, _ = await _job(http, next(apis), "quota-done", {"key": key})
+            assert status == 202, body
 
 
 # Redis down.

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.isolated import SseItem, image, isolated_stack, sse, without_urls
+from tests.isolated import SseItem, image, isolated_stack, sse, temporary_worker, without_urls
 from tests.stack import REDIS_URL, Client, Stack
 
 pytestmark = pytest.mark.e2e
@@ -320,8 +320,8 @@ async def test_one_subscription_per_process_and_fan_out(
         finally:
             await client.aclose()
 
-        quiet.services["worker"] = await asyncio.to_thread(quiet.start, "worker", tmp_path)
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        async with temporary_worker(quiet, tmp_path):
+            results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
     finally:
         for task in tasks:
             task.cancel()
