@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
-from imgpipe import broker
+from imgpipe import broker, deadletters
 from imgpipe.deadletters import DeadLetters
 from imgpipe.limits import Limits
 from imgpipe.models import PRESETS, JobMessage, JobRecord, JobStatus, KeySource
@@ -119,3 +119,23 @@ async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
         await publisher.close()
         await direct.close()
         await proxy.cut()
+
+
+async def test_the_browse_lock_is_renewed_while_a_browse_runs(
+    namespace_: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deadletters, "LOCK_TTL_S", 1)
+    monkeypatch.setattr(deadletters, "LOCK_WAIT_S", 0.3)
+    dead = DeadLetters(
+        None,  # type: ignore[arg-type]  # no broker: only the lock is used
+        broker.Topology(namespace_, (1, 2)),
+        JobStore(redis_client, namespace_, retention=timedelta(hours=1)),
+    )
+    lock = f"{namespace_}:deadletters:lock"
+    async with dead._locked():
+        await asyncio.sleep(2.5)  # over twice the lock's life
+        assert await redis_client.exists(lock) == 1
+        with pytest.raises(deadletters.DeadLettersBusy):  # still held: a second browse waits
+            async with dead._locked():
+                pass
+    assert await redis_client.exists(lock) == 0  # released at the end

@@ -75,14 +75,20 @@ SCAN_LIMIT = 10_000
 BROKER_TIMEOUT_S = 10.0
 #: How long a browse waits for the messages it handed back to be in the queue again.
 RETURN_WAIT_S = 5.0
-#: Lifetime of the browse lock (a crashed holder blocks the next browse at most this long), and
-#: how long a browse waits for it.
+#: Lifetime of the browse lock (a crashed holder blocks the next browse at most this long; a live
+#: one renews it every third of it), and how long a browse waits for it.
 LOCK_TTL_S = 120
 LOCK_WAIT_S = 30.0
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
@@ -187,6 +193,7 @@ class DeadLetters:
         self._limits = Limits(store.redis, store.namespace, ttl_s=store.retention_s, calls=store.calls)
         self._lock_key = f"{store.namespace}:deadletters:lock"
         self._release = store.redis.register_script(_RELEASE)
+        self._renew = store.redis.register_script(_RENEW)
 
     async def list(self, limit: int = 100) -> tuple[int, list[DeadLetter]]:
         """The queue's depth and its first `limit` messages, which all stay in the queue."""
@@ -301,13 +308,27 @@ class DeadLetters:
             if loop.time() > deadline:
                 raise DeadLettersBusy("another listing or replay of the dead letters is running")
             await asyncio.sleep(0.1)
+        # A browse may outlive the lock (up to SCAN_LIMIT gets and MAX_LIMIT confirmed publishes):
+        # one that lost it would run beside the next, each seeing a queue short of what the other holds.
+        renewing = asyncio.create_task(self._keep(token))
         try:
             yield
         finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
             try:
                 await self._release(keys=[self._lock_key], args=[token])
             except RedisError as exc:  # it expires by itself
                 log.warning("dead-letter lock not released: %s", type(exc).__name__)
+
+    async def _keep(self, token: str) -> None:
+        """Renew the browse lock while it is ours; a failed renewal is tried again next time."""
+        while True:
+            await asyncio.sleep(LOCK_TTL_S / 3)
+            try:
+                await self._renew(keys=[self._lock_key], args=[token, LOCK_TTL_S])
+            except RedisError as exc:
+                log.warning("dead-letter lock not renewed: %s", type(exc).__name__)
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[_Session]:
