@@ -11,11 +11,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import boto3
 import pytest
 import redis.asyncio as aioredis
 
-from tests.stack import BUCKET, REDIS_URL, TESTDATA, Client, Stack, drop_namespace, service_env, start_moto
+from tests.stack import (
+    BUCKET,
+    REDIS_URL,
+    TESTDATA,
+    Client,
+    Stack,
+    drop_namespace,
+    s3_client,
+    service_env,
+    start_moto,
+)
 
 
 @pytest.fixture(scope="session")
@@ -56,13 +65,7 @@ def base_env(namespace: str, s3_endpoint: str) -> dict[str, str]:
         IMGPIPE_RATE_UPLOADS_PER_HOUR="1000000",
         IMGPIPE_MAX_ACTIVE_JOBS="100000",
     )
-    boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=BUCKET)
+    s3_client(s3_endpoint).create_bucket(Bucket=BUCKET)
     return env
 
 

@@ -85,6 +85,19 @@ def start_moto(stdout: Any = subprocess.DEVNULL, *, port: int | None = None) -> 
     return proc, url
 
 
+def s3_client(endpoint: str) -> Any:
+    """A boto3 client on the test S3 at `endpoint` (moto takes any credentials)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 def service_env(namespace: str, s3_url: str, *, bucket: str = BUCKET, **overrides: str) -> dict[str, str]:
     """The environment of services in `namespace` on the local RabbitMQ and Redis and `s3_url`."""
     return {

@@ -16,13 +16,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import boto3
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.store import owner_id
 
 from tests.isolated import image
-from tests.stack import BUCKET, Client, Stack, presigned_form
+from tests.stack import BUCKET, Client, Stack, presigned_form, s3_client
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +29,7 @@ MAX_UPLOAD_BYTES = 50 * 1024 * 1024  # the default IMGPIPE_MAX_UPLOAD_BYTES; the
 
 
 def _s3(endpoint: str):
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return s3_client(endpoint)
 
 
 async def _grant(client: Client, content_type: str, size: int) -> dict:

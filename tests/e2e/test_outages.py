@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import boto3
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -45,7 +44,17 @@ from imgpipe.models import JobStatus
 from imgpipe.store import JobStore
 
 from tests.isolated import fresh_namespace, start_unready
-from tests.stack import BUCKET, Client, Service, Stack, drop_namespace, free_port, start_moto, token
+from tests.stack import (
+    BUCKET,
+    Client,
+    Service,
+    Stack,
+    drop_namespace,
+    free_port,
+    s3_client,
+    start_moto,
+    token,
+)
 from tests.worker.test_consumer import eventually, job_prefix, jpeg, log_records, s3_objects
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
@@ -600,13 +609,7 @@ async def test_services_start_before_rabbitmq_and_become_ready(
 
 def _bucket(url: str) -> Any:
     """The test bucket on the S3 at `url`, created; returns the client."""
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=url,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = s3_client(url)
     s3.create_bucket(Bucket=BUCKET)
     return s3
 

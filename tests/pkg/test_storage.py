@@ -10,7 +10,6 @@ from http.client import HTTPConnection
 from urllib.parse import urlsplit
 
 import aiohttp
-import boto3
 import pytest
 from aiohttp import web
 from imgpipe.storage import (
@@ -25,17 +24,11 @@ from imgpipe.storage import (
 )
 from imgpipe.store import owner_id
 
-from tests.stack import free_port, local_http, presigned_form, s3_settings
+from tests.stack import free_port, local_http, presigned_form, s3_client, s3_settings
 
 
 def _raw(endpoint: str):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return s3_client(endpoint)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
-import boto3
 import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
@@ -17,18 +16,12 @@ from imgpipe.store import JobStore
 from imgpipe_reconciler.reconcile import NAMESPACE_MARKER
 
 from tests.isolated import fresh_namespace
-from tests.stack import AMQP_URL, drop_namespace, s3_settings
+from tests.stack import AMQP_URL, drop_namespace, s3_client, s3_settings
 
 
 @pytest.fixture
 def s3(s3_endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return s3_client(s3_endpoint)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aiohttp
-import boto3
 import pytest
 import pyvips
 import redis.asyncio as aioredis
@@ -46,7 +45,17 @@ from imgpipe.models import (
 )
 from imgpipe.store import JobStore, owner_id
 
-from tests.stack import AMQP_URL, BUCKET, REDIS_URL, Client, Service, Stack, drop_namespace, local_http
+from tests.stack import (
+    AMQP_URL,
+    BUCKET,
+    REDIS_URL,
+    Client,
+    Service,
+    Stack,
+    drop_namespace,
+    local_http,
+    s3_client,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -167,13 +176,7 @@ def log_records(service: Service, job_id: str | None = None) -> list[dict[str, A
 
 def s3_objects(endpoint: str, prefix: str) -> dict[str, tuple[str, Any]]:
     """Key -> (ETag, LastModified) of every object under `prefix`."""
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = s3_client(endpoint)
     objects: dict[str, tuple[str, Any]] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for item in page.get("Contents", []):
