@@ -5,6 +5,7 @@ the end of a job's life and the run lock."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from datetime import timedelta
@@ -60,11 +61,22 @@ async def test_referenced_young_old_and_foreign(
     ]
     foreign = ["backups/db.dump", "uploads/not-our-shape", "variants/a/b", "README"]
     _put(s3, bucket, *referenced, *old_orphans, *foreign, size=100)
-    await asyncio.sleep(2.2)  # LastModified has one-second resolution
+    # LastModified is in whole seconds (truncated): the young objects go in a later second than the
+    # old ones, and the reconciler's clock stands still at the grace period after the second they
+    # share, so how long the runs below take cannot age the young ones into orphans.
+    await asyncio.sleep(math.floor(time.time()) + 1.05 - time.time())
+    young_second = math.floor(time.time())
     young = [f"uploads/{OID}/just-uploaded", f"variants/{OID}/other-job/thumb.jpg"]
     _put(s3, bucket, *young)
     everything = {*referenced, *old_orphans, *foreign, *young}
-    reconciler = _reconciler(store, storage, publisher, grace_s=2.0)
+    grace_s = 60.0  # well inside the live grant's 900 s, which this clock must not outrun
+    reconciler = Reconciler(
+        store,
+        storage,
+        publisher,
+        Policy(grace_s=grace_s, stuck_pending_s=3600.0, stuck_processing_s=3600.0),
+        clock=lambda: young_second - 0.5 + grace_s,
+    )
 
     dry = await reconciler.run(dry_run=True)
     assert keys(s3, bucket) == everything  # a dry run deletes nothing
