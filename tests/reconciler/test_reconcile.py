@@ -8,6 +8,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -35,10 +36,25 @@ def _record(source: str, *, job_id: str | None = None, age_s: float = 0) -> JobR
 
 
 def _reconciler(
-    store: JobStore, storage: Storage, publisher: broker.Publisher, **policy: float
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    *,
+    clock: Callable[[], float] = time.time,
+    **policy: float,
 ) -> Reconciler:
     values = {"grace_s": 0.0, "stuck_pending_s": 3600.0, "stuck_processing_s": 3600.0, **policy}
-    return Reconciler(store, storage, publisher, Policy(**values))
+    return Reconciler(store, storage, publisher, Policy(**values), clock=clock)
+
+
+class Clock:
+    """A clock that moves only when a test moves it: how long a run takes changes nothing."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _put(s3: Any, bucket: str, *names: str, size: int = 10) -> None:
@@ -70,12 +86,8 @@ async def test_referenced_young_old_and_foreign(
     _put(s3, bucket, *young)
     everything = {*referenced, *old_orphans, *foreign, *young}
     grace_s = 60.0  # well inside the live grant's 900 s, which this clock must not outrun
-    reconciler = Reconciler(
-        store,
-        storage,
-        publisher,
-        Policy(grace_s=grace_s, stuck_pending_s=3600.0, stuck_processing_s=3600.0),
-        clock=lambda: young_second - 0.5 + grace_s,
+    reconciler = _reconciler(
+        store, storage, publisher, grace_s=grace_s, clock=lambda: young_second - 0.5 + grace_s
     )
 
     dry = await reconciler.run(dry_run=True)
@@ -157,7 +169,8 @@ async def test_a_stuck_pending_job_is_republished_once_then_failed(
 ) -> None:
     job = _record(f"uploads/{OID}/s", age_s=60)
     await store.create(job)
-    reconciler = _reconciler(store, storage, publisher, stuck_pending_s=1.0)
+    clock = Clock()
+    reconciler = _reconciler(store, storage, publisher, stuck_pending_s=1.0, clock=clock)
 
     dry = await reconciler.run(dry_run=True)
     assert (dry.stuck_republished, dry.stuck_failed) == (1, 0)
@@ -169,7 +182,7 @@ async def test_a_stuck_pending_job_is_republished_once_then_failed(
     second = await reconciler.run(dry_run=False)
     assert (second.stuck_republished, second.stuck_failed) == (0, 0)  # once, not every run
 
-    await asyncio.sleep(1.2)
+    clock.now += 1.2
     third = await reconciler.run(dry_run=False)
     assert (third.stuck_republished, third.stuck_failed) == (0, 1)
     record = await store.get(job.id)
@@ -184,11 +197,14 @@ async def test_a_stuck_processing_job_is_failed_and_a_live_one_is_not(
     for job in (stuck, live):
         await store.create(job)
         await store.mark_processing(job.id)
-    await asyncio.sleep(1.1)
     moved = await store.get(live.id)
     assert moved is not None
     await store.mark_succeeded(moved, [])
-    summary = await _reconciler(store, storage, publisher, stuck_processing_s=1.0).run(dry_run=False)
+    clock = Clock()
+    clock.now += 1.1
+    summary = await _reconciler(store, storage, publisher, stuck_processing_s=1.0, clock=clock).run(
+        dry_run=False
+    )
     assert summary.stuck_failed == 1
     failed, done = await store.get(stuck.id), await store.get(live.id)
     assert failed is not None and failed.status is JobStatus.FAILED and failed.error is not None
@@ -228,10 +244,10 @@ async def test_one_run_at_a_time_and_a_crashed_holder_expires(
         with pytest.raises(LockBusy):
             await reconcile_once(reconciler, lock, dry_run=True, run_id="r2", trigger="cli")
     # A holder that died without releasing: its lock lapses on its own.
-    await store.redis.set(lock.key, "dead-holder", px=300)
+    await store.redis.set(lock.key, "dead-holder", px=1000)  # long enough to still hold at the next line
     with pytest.raises(LockBusy):
         await reconcile_once(reconciler, lock, dry_run=True, run_id="r3", trigger="cli")
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(max(0.0, await store.redis.pttl(lock.key)) / 1000 + 0.05)
     summary = await reconcile_once(reconciler, lock, dry_run=True, run_id="r4", trigger="cli")
     assert summary.dry_run
     assert not await store.redis.exists(lock.key)  # released at the end
