@@ -410,3 +410,25 @@ def test_listener_before_attach_writes_nothing() -> None:
     listener.offer(record, Event(2, b"data: x\n\n"))  # no transport yet: it is only remembered by the hub
     listener.heartbeat()
     assert listener.version == 0 and listener.reason is None
+
+
+async def test_a_version_a_client_has_from_elsewhere_is_read_from_the_store(
+    hub: Hub, store: CountingStore
+) -> None:
+    """A client streamed by another replica reconnects here with a `Last-Event-ID` this hub has not
+    heard of yet (the change's message is still on its way): the hub must not answer its older record."""
+    job = await _pending_job(store)
+    with hub.listen(job.id):
+        assert (await hub.current(job.id)).version == 1  # type: ignore[union-attr]  # followed, cached
+        ahead = job.model_copy(update={"status": JobStatus.SUCCEEDED, "updated_at": utcnow()})
+        # Written as the store writes a change, but not published: no message reaches the hub.
+        await store.redis.hset(
+            store.job_key(job.id),
+            mapping={"version": 2, "rank": 2, "data": ahead.model_dump_json(exclude={"version"})},
+        )
+        assert (await hub.current(job.id)).version == 1  # type: ignore[union-attr]  # nothing says otherwise
+        reads = store.reads
+        current = await hub.current(job.id, at_least=2)
+        assert current is not None and (current.version, current.status) == (2, JobStatus.SUCCEEDED)
+        assert store.reads == reads + 1
+        assert (await hub.current(job.id)).version == 2  # type: ignore[union-attr]  # and learnt

@@ -102,8 +102,8 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     # Listen before reading, so a change between the read and the subscription is not lost.
     with hub.listen(job_id) as listener:
         # Usually no Redis read at all: the hub already follows a job that other streams watch.
-        current = _visible(await hub.current(job_id), principal)
         has = _last_event_id(request)
+        current = _visible(await hub.current(job_id, at_least=has or 0), principal)
         if has is not None and has >= current.version and current.status.terminal:
             # A finished stream's EventSource reconnects to it forever; 204 is what makes it stop.
             return web.Response(status=204, headers={"Cache-Control": "no-store"})
@@ -198,5 +198,6 @@ async def create_app() -> web.Application:
     )
     app.on_shutdown.append(_on_shutdown)
     app.router.add_get("/jobs/{job_id}", get_job)
-    app.router.add_get("/jobs/{job_id}/events", job_events)
+    # No HEAD: a stream has no headers-only form, and aiohttp would write its events as a body.
+    app.router.add_get("/jobs/{job_id}/events", job_events, allow_head=False)
     return app

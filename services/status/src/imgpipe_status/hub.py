@@ -192,15 +192,22 @@ class Hub:
             watch.listeners.discard(listener)
             self._forget_if_unused(watch)
 
-    async def current(self, job_id: str) -> JobRecord | None:
+    async def current(self, job_id: str, *, at_least: int = 0) -> JobRecord | None:
         """The job's record, at least as new as every change before the caller's `listen`.
 
         Call it inside `listen`. It reads Redis only when the hub does not follow the job already,
-        and concurrent callers share that one read.
+        and concurrent callers share that one read. `at_least` is a version the caller knows to
+        exist (a client's `Last-Event-ID`): a record the hub knows that is older than it is not
+        answered, and Redis is read on its own for this caller.
         """
         watch = self._watches[job_id]
-        if watch.known is not None and self.connected.is_set():
-            return watch.known
+        known = watch.known
+        if known is not None and known.version < at_least:
+            # The client was sent a change on another replica whose message has not reached this
+            # one yet: the store has it already. Not the shared read, which may predate the change.
+            return watch.learn(await self._store.get(job_id))
+        if known is not None and self.connected.is_set():
+            return known
         if watch.reading is None:
             watch.reading = asyncio.ensure_future(self._read(watch))
         # Shielded: one caller going away must not cancel the read the others wait for.

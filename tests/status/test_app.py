@@ -1,0 +1,80 @@
+"""The status application in-process (real Redis and S3): cases that need a hand on its hub's timing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from imgpipe import resources
+from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow
+from imgpipe.store import JobStore
+from imgpipe_status.app import HUB, create_app
+
+from tests.isolated import sse
+from tests.stack import local_http, token
+
+
+@pytest.fixture
+async def status(env: dict[str, str]) -> AsyncIterator[tuple[str, JobStore]]:
+    """The app's base URL and its job store, once its hub follows the job channel."""
+    app = await create_app()
+    async with local_http(app) as base:
+        await asyncio.wait_for(app[HUB].connected.wait(), 10)
+        yield base, app[resources.STORE]
+
+
+async def _pending(store: JobStore) -> JobRecord:
+    record = JobRecord.pending(uuid.uuid4().hex, "alice", KeySource(key="uploads/x/y"), [])
+    created = (await store.create(record)).record
+    assert created is not None
+    return created
+
+
+async def test_a_last_event_id_from_another_replica_is_not_answered_from_an_older_cache(
+    status: tuple[str, JobStore], http: aiohttp.ClientSession
+) -> None:
+    """The client was sent `succeeded` (id 2) by another replica and reconnects here before this
+    replica's hub has the change's message: it is told the stream is over, not sent `pending` again."""
+    base, store = status
+    job = await _pending(store)
+    url, auth = f"{base}/jobs/{job.id}/events", {"Authorization": f"Bearer {token('alice')}"}
+    async with http.get(url, headers=auth) as watching:  # keeps the job followed, cached at id 1
+        first = [item async for item in _events(watching, 1)]
+        assert [(item.id, item.event) for item in first] == [(1, "pending")]
+        done = job.model_copy(update={"status": JobStatus.SUCCEEDED, "updated_at": utcnow()})
+        # Written as the store writes a change, but not published: no message reaches this hub.
+        await store.redis.hset(
+            store.job_key(job.id),
+            mapping={"version": 2, "rank": 2, "data": done.model_dump_json(exclude={"version"})},
+        )
+        async with http.get(url, headers={**auth, "Last-Event-ID": "2"}) as again:
+            assert again.status == 204
+        async with http.get(url, headers={**auth, "Last-Event-ID": "1"}) as behind:
+            assert [(item.id, item.event) async for item in _events(behind, 1)] == [(2, "succeeded")]
+
+
+async def test_head_on_an_event_stream_is_refused(
+    status: tuple[str, JobStore], http: aiohttp.ClientSession
+) -> None:
+    """HEAD must not open a stream: aiohttp would write the events as a body nobody frames."""
+    base, store = status
+    job = await _pending(store)
+    auth = {"Authorization": f"Bearer {token('alice')}"}
+    async with asyncio.timeout(5), http.head(f"{base}/jobs/{job.id}/events", headers=auth) as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET"
+    async with asyncio.timeout(5), http.head(f"{base}/jobs/{job.id}", headers=auth) as polled:
+        assert polled.status == 200  # a plain GET route keeps its HEAD
+
+
+async def _events(response: aiohttp.ClientResponse, count: int) -> AsyncIterator:
+    async with asyncio.timeout(5):
+        async for item in sse(response):
+            if item.event is not None:
+                yield item
+                count -= 1
+                if count == 0:
+                    return
