@@ -250,9 +250,15 @@ def presigned_form(fields: Mapping[str, str], data: bytes, content_type: str) ->
 
 
 @asynccontextmanager
-async def local_http(app: web.Application) -> AsyncIterator[str]:
-    """Serve `app` on a free port of 127.0.0.1 for the block; yields its base URL."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+async def local_http(app: web.Application, *, handler_cancellation: bool = False) -> AsyncIterator[str]:
+    """Serve `app` on a free port of 127.0.0.1 for the block; yields its base URL.
+
+    `handler_cancellation` as the services are served (`imgpipe.web.serve`): a handler whose client
+    goes away is cancelled.
+    """
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=0.1, handler_cancellation=handler_cancellation
+    )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:

@@ -13,8 +13,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
+from imgpipe import resources
 from imgpipe.broker import Topology
 from imgpipe.store import JobStore, owner_id
+from imgpipe_api.app import create_app
 
 from tests.isolated import (
     BrokerProxy,
@@ -26,7 +28,7 @@ from tests.isolated import (
     raw_request,
     temporary_worker,
 )
-from tests.stack import AMQP_URL, Client, Stack, drop_namespace, local_http
+from tests.stack import AMQP_URL, Client, Stack, drop_namespace, local_http, token
 from tests.worker.test_consumer import eventually
 
 pytestmark = pytest.mark.e2e
@@ -419,3 +421,71 @@ async def test_a_replay_waits_while_the_first_request_can_still_withdraw_its_job
             await asyncio.to_thread(own.stop, service)
         await proxy.cut()
         await asyncio.to_thread(drop_namespace, own.env["IMGPIPE_NAMESPACE"])
+
+
+@pytest.fixture
+async def cancelling_api(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[str, web.Application, list[asyncio.Task]]]:
+    """An api in-process in a namespace of its own, served as production serves it (a client that goes
+    away cancels its handler), and the task of each request's handler."""
+    namespace = fresh_namespace()
+    monkeypatch.setenv("IMGPIPE_NAMESPACE", namespace)
+    app = await create_app()
+    handlers: list[asyncio.Task] = []
+
+    @web.middleware
+    async def remember(request: web.Request, handler: Any) -> web.StreamResponse:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        return await handler(request)
+
+    app.middlewares.append(remember)
+    try:
+        async with local_http(app, handler_cancellation=True) as base:
+            yield base, app, handlers
+    finally:
+        await asyncio.to_thread(drop_namespace, namespace)
+
+
+@pytest.mark.parametrize("step", ["claim_idempotency", "create"])
+async def test_a_client_that_goes_away_mid_request_leaves_one_whole_job(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    """The client gives up after the request's key claim, or its record, is written: the request goes
+    on to its end, and a retry with the key gets that job, not a second one beside a stray claim or
+    a `pending` record nothing publishes."""
+    base, app, handlers = cancelling_api
+    store = app[resources.STORE]
+    reached, release = asyncio.Event(), asyncio.Event()
+    done_in_redis = getattr(store, step)
+
+    async def slow_reply(*args: Any) -> Any:
+        result = await done_in_redis(*args)  # written; the reply is slow to come back
+        reached.set()
+        await release.wait()
+        return result
+
+    monkeypatch.setattr(store, step, slow_reply)
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": f"gone-{step}"}
+    async with aiohttp.ClientSession() as impatient:
+        first = asyncio.create_task(impatient.post(f"{base}/jobs", json=body, headers=headers))
+        await asyncio.wait_for(reached.wait(), 10)
+        first.cancel()
+    await eventually(lambda: handlers[0].done())  # the server saw the client go, and cancelled it
+    release.set()
+
+    async def accepted() -> tuple[dict, Any] | None:
+        async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
+            return (await response.json(), response.headers) if response.status == 202 else None
+
+    job, answer_headers = await eventually(accepted)
+    assert answer_headers.get("Idempotent-Replayed") == "true"  # the first request's job
+    assert await queue_depth(Topology(store.namespace).jobs_queue) == 1
+    assert [key async for key in redis_client.scan_iter(store.job_pattern)] == [
+        store.job_key(job["id"]).encode()
+    ]

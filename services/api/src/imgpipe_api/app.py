@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import partial
 
 from aiohttp import web
 from imgpipe import resources
@@ -51,6 +52,7 @@ LIMITS = web.AppKey("limits", LimitSettings)
 #: The allowed URL-source hosts and networks, parsed once (a bad network fails the start, not requests).
 URL_POLICY = web.AppKey("url_policy", tuple)
 QUOTAS = web.AppKey("quotas", Limits)
+SUBMISSIONS = web.AppKey("submissions", set)
 
 #: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
 #: (a grant's expiry) before an upload counts as written after its grant expired.
@@ -301,9 +303,6 @@ async def create_job(request: web.Request) -> web.Response:
         if refined is not None:
             raise refined from None
         raise
-    store = request.app[resources.STORE]
-    publisher: Publisher = request.app[resources.PUBLISHER]
-
     idem_key = request.headers.get("Idempotency-Key")
     if idem_key is not None and not (
         0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX and idem_key.isascii() and idem_key.isprintable()
@@ -314,7 +313,31 @@ async def create_job(request: web.Request) -> web.Response:
             f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
         )
 
+    # From its first write on, the request is carried to its end even when its client goes away (a
+    # disconnect cancels the handler): cut short between two writes, it would leave a claimed key, a
+    # taken slot or a `pending` record behind that nothing withdraws or publishes.
     job_id = uuid.uuid4().hex
+    job_id_var.set(job_id)  # here, for the error lines of the handler's own context too
+    submission = asyncio.ensure_future(_submit(request, principal, job, job_id, idem_key))
+    running = request.app[SUBMISSIONS]
+    running.add(submission)
+    submission.add_done_callback(partial(_submitted, running))
+    return await asyncio.shield(submission)
+
+
+def _submitted(running: set[asyncio.Task], submission: asyncio.Task) -> None:
+    running.discard(submission)
+    if not submission.cancelled():
+        # Its outcome (a 4xx/5xx included) is for the handler, which may be gone: nothing to report.
+        submission.exception()
+
+
+async def _submit(
+    request: web.Request, principal: Principal, job: JobRequest, job_id: str, idem_key: str | None
+) -> web.Response:
+    """Claim, admit, check, record and publish a validated job: all of it, or none of it."""
+    store = request.app[resources.STORE]
+    publisher: Publisher = request.app[resources.PUBLISHER]
     fingerprint = _fingerprint(principal, job) if idem_key else ""
     if idem_key:
         try:
@@ -325,7 +348,6 @@ async def create_job(request: web.Request) -> web.Response:
             ) from None
         if held is not None:
             return await _replay(request, principal, held)
-    job_id_var.set(job_id)
 
     # Limits come after the idempotency claim, so a replay above never spends the budget.
     admitted: Decision | None = None
@@ -379,6 +401,15 @@ async def create_job(request: web.Request) -> web.Response:
     return _accepted(record, admitted=admitted)
 
 
+async def _submissions(app: web.Application) -> AsyncIterator[None]:
+    """The submissions under way; at shutdown, those whose clients went away are let finish first."""
+    app[SUBMISSIONS] = running = set()
+    yield
+    if running:
+        # Before the Redis and broker connections close (this context is torn down before theirs).
+        await asyncio.wait(running, timeout=_WITHDRAWAL_WINDOW_S)
+
+
 async def _quotas(app: web.Application) -> AsyncIterator[None]:
     """The per-user limits, on the job store's Redis client, their calls batched with the store's."""
     store = app[resources.STORE]
@@ -403,6 +434,7 @@ async def create_app() -> web.Application:
             _quotas,
             resources.object_storage(load(S3Settings)),
             resources.amqp(load(AmqpSettings), common.namespace),
+            _submissions,
         ]
     )
     app.router.add_post("/uploads", create_upload)
