@@ -205,6 +205,8 @@ async def test_owned_key_that_does_not_exist(alice: Client) -> None:
         ("gopher://example.com/a", "url_forbidden"),
         ("http://256.1.1.1/a.jpg", "url_invalid"),
         ("http://exa mple.com/a.jpg", "url_invalid"),
+        ("http://-1.8/a.jpg", "url_invalid"),  # was a 500: int() took the sign
+        ("http://example.com/\ud800", "url_invalid"),  # was a 500: a lone surrogate
     ],
 )
 async def test_url_policy(alice: Client, url: str, code: str) -> None:

@@ -135,6 +135,13 @@ INVALID_URLS = [
     "http://example.com:8o/",
     "http://-bad-.example.com/",
     "http://a..b.example.com/",
+    # A sign on a numeric part: int() takes it, inet_aton does not (a negative address crashed).
+    "http://-1.8/",
+    "http://+1.8/",
+    "http://1.-8/",
+    # A lone surrogate (JSON can carry one): not text any HTTP client can send.
+    "http://example.com/\ud800",
+    "http://example.com/?q=\udcff",
 ]
 
 PUBLIC_URLS = [

@@ -509,6 +509,14 @@ def test_redirect_resolution_and_downgrade() -> None:
     assert info.value.code == "url_forbidden"
 
 
+@pytest.mark.parametrize("location", ["http://-1.8/", "/a\udcff"])  # aiohttp decodes bad bytes so
+def test_a_redirect_to_an_unusable_location_is_url_invalid(location: str) -> None:
+    """A hostile redirect fails the job as `url_invalid`, not as an internal error it retries."""
+    with pytest.raises(FetchError) as info:
+        _resolve_redirect("http://example.com/", location, FetchPolicy())
+    assert (info.value.code, info.value.transient) == ("url_invalid", False)
+
+
 # --------------------------------------------------------------------------- the address policy is real
 
 

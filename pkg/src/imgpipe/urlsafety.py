@@ -217,6 +217,8 @@ def _parse_inet_aton(host: str) -> IPv4Address | None:
         return None
     values: list[int] = []
     for part in parts:
+        if not _NUMERIC_LABEL_RE.fullmatch(part):
+            return None  # int() is laxer than inet_aton: signs, underscores, unicode digits
         try:
             if part[:2] in ("0x", "0X"):
                 if len(part) == 2:
@@ -228,8 +230,6 @@ def _parse_inet_aton(host: str) -> IPv4Address | None:
                 value = int(part, 10)
         except ValueError:
             return None
-        if not part.isascii() or "_" in part or not part[-1].isalnum():
-            return None  # int() is laxer than inet_aton (underscores, unicode digits, signs)
         values.append(value)
     *head, last = values
     if any(v > 0xFF for v in head) or last >= 1 << (8 * (4 - len(head))):
@@ -382,6 +382,10 @@ def check_url(
         raise _invalid(f"URL longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         raise _invalid("URL contains whitespace or control characters")
+    try:
+        url.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid("URL is not valid Unicode (a lone surrogate)") from None
     if "\\" in url:
         # Browsers and some libraries treat "\" as "/", others do not: a classic
         # source of parser differentials around the authority.
