@@ -58,6 +58,11 @@ async def test_admin_routes_health_and_metrics(
         assert response.status == 403
     async with http.post(url, params={"dry_run": "maybe"}, headers=admin) as response:
         assert response.status == 422
+    # Two answers to "may it delete?" are not one: refused, not the first (or the last) taken.
+    conflicting = [("dry_run", "false"), ("dry_run", "true")]
+    async with http.post(url, params=conflicting, headers=admin) as response:
+        assert response.status == 422
+        assert (await response.json())["error"]["code"] == "invalid_request"
     async with http.get(f"{url}/no-such-run", headers=admin) as response:
         assert response.status == 404
 

@@ -30,6 +30,14 @@ log = logging.getLogger("imgpipe.api")
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
+def _query(request: web.Request, name: str, default: str) -> str:
+    """The query parameter `name`, given at most once: `dry_run=false&dry_run=true` is not guessed at."""
+    values = request.query.getall(name, [default])
+    if len(values) > 1:
+        raise ApiError(422, "invalid_request", f"{name} given more than once")
+    return values[0]
+
+
 def _runs(request: web.Request) -> RunStore:
     store = request.app[resources.STORE]
     return RunStore(store.redis, store.namespace)
@@ -38,7 +46,7 @@ def _runs(request: web.Request) -> RunStore:
 async def queue_reconcile(request: web.Request) -> web.Response:
     principal = await authenticate(request)
     require_admin(principal)
-    raw = request.query.get("dry_run", "true").lower()
+    raw = _query(request, "dry_run", "true").lower()
     if raw not in _BOOLEANS:
         raise ApiError(422, "invalid_request", "dry_run must be true or false")
     # Without an explicit dry_run=false nothing is deleted: the safe default for a destructive run.
@@ -107,8 +115,9 @@ def _dead_letters(request: web.Request) -> DeadLetters:
 
 
 def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit", "100")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
+    raw = _query(request, "limit", "100")
+    # Length first: int() refuses more than 4,300 digits with an error of its own.
+    if not (len(raw) <= 6 and raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
         raise ApiError(422, "invalid_request", f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 
