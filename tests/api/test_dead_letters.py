@@ -431,6 +431,9 @@ async def test_routes_need_the_admin_scope(
         {"job_ids": [""]},
         {"job_ids": "abc"},
         {"all": True, "extra": 1},
+        {"all": "true"},
+        {"all": 1},
+        {"all": True, "limit": "5"},
     ],
 )
 async def test_replay_refuses_a_bad_body(dl: Stack, http: aiohttp.ClientSession, body: dict) -> None:

@@ -107,6 +107,9 @@ BAD_VARIANTS = [
     pytest.param([{"name": "thumb", "width": 10}, "thumb"], id="duplicate-names"),
     pytest.param([{"name": f"v{i}", "width": 10} for i in range(17)], id="seventeen"),
     pytest.param([{**VARIANT, "crop": "center"}], id="extra-field"),
+    pytest.param([{"name": "w", "width": True}], id="boolean-width"),  # was a 1-pixel variant
+    pytest.param([{"name": "w", "width": "100"}], id="string-width"),
+    pytest.param([{"name": "w", "width": 10, "quality": 80.0}], id="float-quality"),
     pytest.param("thumb", id="not-a-list"),
     pytest.param([42], id="number"),
 ]

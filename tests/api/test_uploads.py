@@ -181,6 +181,8 @@ async def test_upload_too_large(stack: Stack, alice: Client) -> None:
         pytest.param({"content_type": "image/jpeg", "size": -5}, id="size-negative"),
         pytest.param({"content_type": "image/jpeg", "size": 1.5}, id="size-fraction"),
         pytest.param({"content_type": "image/jpeg", "size": "ten"}, id="size-text"),
+        pytest.param({"content_type": "image/jpeg", "size": True}, id="size-boolean"),
+        pytest.param({"content_type": "image/jpeg", "size": "10"}, id="size-numeric-string"),
         pytest.param({"content_type": "image/jpeg", "size": None}, id="size-null"),
         pytest.param({"content_type": 5, "size": 10}, id="content-type-number"),
         pytest.param({"content_type": "image/" + "x" * 200, "size": 10}, id="content-type-long"),

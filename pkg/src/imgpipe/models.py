@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StrictInt, field_validator, model_validator
 
 #: Largest edge a variant may ask for; bigger outputs are a different product (originals).
 MAX_VARIANT_EDGE = 8192
@@ -42,11 +42,12 @@ class Variant(_Strict):
     """One output image: a box to fit into, a fit mode and an encoding."""
 
     name: VariantName
-    width: int | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
-    height: int | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
+    # Strict: JSON `true` or `"100"` is not a size (lax pydantic made `true` a 1-pixel variant).
+    width: StrictInt | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
+    height: StrictInt | None = Field(default=None, ge=1, le=MAX_VARIANT_EDGE)
     fit: Literal["inside", "cover"] = "inside"
     format: ImageFormat = "jpeg"
-    quality: int = Field(default=82, ge=1, le=100)
+    quality: StrictInt = Field(default=82, ge=1, le=100)
 
     @model_validator(mode="after")
     def _box(self) -> Variant:

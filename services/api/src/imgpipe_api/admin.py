@@ -23,7 +23,7 @@ from imgpipe.deadletters import MAX_LIMIT, DeadLetters, DeadLettersBusy
 from imgpipe.models import ReconcileCommand
 from imgpipe.runs import RunStore, new_run
 from imgpipe.web import ApiError, authenticate, read_model, require_admin
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 log = logging.getLogger("imgpipe.api")
 
@@ -97,8 +97,8 @@ class ReplayRequest(BaseModel):
     job_ids: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         default=None, min_length=1, max_length=MAX_LIMIT
     )
-    all: bool = False
-    limit: int = Field(default=100, ge=1, le=MAX_LIMIT)
+    all: StrictBool = False
+    limit: StrictInt = Field(default=100, ge=1, le=MAX_LIMIT)
 
     @model_validator(mode="after")
     def _one_selection(self) -> ReplayRequest:

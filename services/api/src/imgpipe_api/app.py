@@ -42,7 +42,7 @@ from imgpipe.store import Claim, Grant, IdempotencyConflict
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from imgpipe_api import admin, openapi
 
@@ -70,7 +70,7 @@ class UploadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     content_type: str = Field(max_length=100)
-    size: int = Field(ge=1)
+    size: StrictInt = Field(ge=1)
 
     @field_validator("content_type")
     @classmethod
