@@ -193,6 +193,21 @@ async def test_owned_key_that_does_not_exist(alice: Client) -> None:
     assert (status, body["error"]["code"]) == (422, "source_not_found")
 
 
+async def test_an_upload_being_deleted_as_an_orphan_is_source_not_found(
+    alice: Client, alice_key: str, redis_client: aioredis.Redis
+) -> None:
+    store = JobStore(redis_client, alice.stack.env["IMGPIPE_NAMESPACE"], retention=timedelta(hours=1))
+    await redis_client.set(store.deleting_mark(alice_key), "1", px=60_000)  # as the reconciler marks it
+    try:
+        status, body, _ = await _post_job(alice, {"source": {"key": alice_key}})
+    finally:
+        await redis_client.delete(store.deleting_mark(alice_key))
+    assert (status, body["error"]["code"]) == (422, "source_not_found"), body
+    assert "being deleted" in body["error"]["message"]
+    status, _, _ = await _post_job(alice, {"source": {"key": alice_key}})
+    assert status == 202
+
+
 @pytest.mark.parametrize(
     ("url", "code"),
     [

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
-from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, Transition, owner_id
+from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, SourceDeleted, Transition, owner_id
 
 from tests.stack import delete_keys
 
@@ -378,3 +378,26 @@ async def test_concurrent_reopens_apply_once(store: JobStore) -> None:
     assert sum(r.applied for r in results) == 1
     final = await store.get(failed.id)
     assert (final.status, final.version, final.replays) == (JobStatus.PENDING, failed.version + 1, 1)
+
+
+async def test_an_upload_marked_for_deletion_takes_no_new_job(store: JobStore) -> None:
+    """The reconciler's last check marks only what nothing references, and a create then refuses it."""
+    used, granted, orphan = (f"uploads/{owner_id('alice')}/{name}" for name in ("used", "granted", "orphan"))
+    await store.create(JobRecord.pending(uuid.uuid4().hex, "alice", KeySource(key=used), [PRESETS["thumb"]]))
+    await store.record_grant(granted, time.time() + 900)
+    now = time.time()
+    marked = await store.mark_deleting([used, granted, orphan], now=now, life_s=60)
+    assert marked == [False, False, True]
+    assert 0 < await store.redis.pttl(store.deleting_mark(orphan)) <= 60_000
+    assert not await store.redis.exists(store.deleting_mark(used), store.deleting_mark(granted))
+
+    late = JobRecord.pending(uuid.uuid4().hex, "alice", KeySource(key=orphan), [PRESETS["thumb"]])
+    with pytest.raises(SourceDeleted):
+        await store.create(late)
+    assert await store.get(late.id) is None
+    assert not await store.redis.exists(store.source_marker(orphan))  # nothing holds it after all
+
+    # S3 refused the delete: the object stays, and jobs may use it again.
+    await store.unmark_deleting([orphan])
+    assert (await store.create(late)).applied
+    assert await store.mark_deleting([orphan], now=now, life_s=60) == [False]  # now it is in use

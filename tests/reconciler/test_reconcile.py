@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.storage import Storage
-from imgpipe.store import JobStore, owner_id
+from imgpipe.store import JobStore, SourceDeleted, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
 from imgpipe_reconciler.reconcile import NAMESPACE_MARKER, BucketTaken, Policy, Reconciler, reconcile_once
 
@@ -261,3 +261,36 @@ async def test_pages_and_batched_deletes(storage: Storage, s3: Any, bucket: str)
     deleted = await storage.delete_many([f"uploads/o/{i}" for i in range(3)])
     assert deleted == [f"uploads/o/{i}" for i in range(3)]
     assert keys(s3, bucket) == {"uploads/o/3", "uploads/o/4"}
+
+
+async def test_a_job_submitted_between_the_last_check_and_the_delete_is_refused(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    """An old upload with no grant left is submitted just as the reconciler deletes it: the api found
+    it (HEAD), so its record must not be written for an object about to go, or a 202 job loses it."""
+    source, other = f"uploads/{OID}/uploaded-long-ago", f"uploads/{OID}/refused-by-s3"
+    _put(s3, bucket, source, other)
+    late = _record(source)
+    deleting = storage.delete_many
+    outcome: list[str] = []
+
+    async def submitted_meanwhile(keys_: list[str]) -> list[str]:
+        assert await storage.head(source)  # the api's check of the source passes
+        try:
+            await store.create(late)
+            outcome.append("created")
+        except SourceDeleted:
+            outcome.append("refused")
+        deleted = await deleting(keys_)
+        return [key for key in deleted if key != other]  # as if S3 refused that one
+
+    storage.delete_many = submitted_meanwhile  # type: ignore[method-assign]
+    summary = await _reconciler(store, storage, publisher).run(dry_run=False)
+    assert outcome == ["refused"]
+    assert await store.get(late.id) is None
+    assert summary.deleted == 1 and summary.delete_errors == 1
+    # The object S3 did not delete is free again for a new job; the deleted one stays refused.
+    assert not await store.redis.exists(store.deleting_mark(other))
+    assert (await store.create(_record(other))).applied
+    with pytest.raises(SourceDeleted):
+        await store.create(_record(source))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,15 +28,19 @@ from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantRe
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
 
-# KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: rank, data, ttl seconds, channel,
-# create-only flag, expected version ('' for any), job id (the marker's value).
+# KEYS[1] job hash, KEYS[2] (optional) the source marker, KEYS[3] (optional) the source's deletion
+# mark; ARGV: rank, data, ttl seconds, channel, create-only flag, expected version ('' for any), job
+# id (the marker's value).
 # Returns {1, new version} when applied, else {0, version, data} of the record as it stands (version 0
-# and no data when the job does not exist).
+# and no data when the job does not exist), or {0, -1} for a create whose source is being deleted.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'rank')
 if ARGV[5] == '1' then
   if cur then
     return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
+  end
+  if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
+    return {0, -1}
   end
 elseif not cur then
   return {0, 0, false}
@@ -132,6 +136,31 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different request."""
 
 
+class SourceDeleted(Exception):
+    """The job's uploaded source is being deleted as an orphan (`JobStore.mark_deleting`)."""
+
+
+# KEYS[1] the grants set, then for each upload: its source marker and its deletion mark; ARGV: now
+# (epoch s), the marks' life (ms), then the uploads' keys. Returns, for each, 1 when it was still
+# unreferenced and is now marked, else 0. One step, so a job's create (which writes the marker and
+# refuses a marked source, also in one step) lands wholly before or wholly after it.
+_MARK_DELETING = """
+local now = tonumber(ARGV[1])
+local marked = {}
+for i = 3, #ARGV do
+  local n = i - 2
+  local expiry = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if redis.call('EXISTS', KEYS[2 * n]) == 1 or (expiry and tonumber(expiry) > now) then
+    marked[n] = 0
+  else
+    redis.call('SET', KEYS[2 * n + 1], '1', 'PX', ARGV[2])
+    marked[n] = 1
+  end
+end
+return marked
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     """Who holds an Idempotency-Key: the job it was claimed for, and whether that job is known to be
@@ -171,6 +200,7 @@ class JobStore:
         self._reopen_script = client.register_script(_REOPEN)
         self._grant_script = client.register_script(_RECORD_GRANT)
         self._claim_script = client.register_script(_CLAIM)
+        self._mark_deleting = client.register_script(_MARK_DELETING)
         #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
         self.calls = Coalescer(client)
 
@@ -186,6 +216,30 @@ class JobStore:
         """The key that says "a job record uses this uploaded object as its source"."""
         return f"{self.namespace}:src:{key}"
 
+    def deleting_mark(self, key: str) -> str:
+        """The key that says "the reconciler is deleting this uploaded object": no new job may use it."""
+        return f"{self.namespace}:deleting:{key}"
+
+    async def mark_deleting(self, keys: Sequence[str], *, now: float, life_s: float) -> list[bool]:
+        """Mark for deletion each uploaded object of `keys` that no job and no live grant references,
+        at once: from then on, `create` refuses a job with that source. Whether each one was marked.
+
+        The mark outlives the delete by far (`life_s`): an api that looked the object up just before
+        it went may write its record long after.
+        """
+        if not keys:
+            return []
+        redis_keys = [self.grants_key]
+        for key in keys:
+            redis_keys += [self.source_marker(key), self.deleting_mark(key)]
+        marked = await self._mark_deleting(keys=redis_keys, args=[repr(now), int(life_s * 1000), *keys])
+        return [bool(flag) for flag in marked]
+
+    async def unmark_deleting(self, keys: Sequence[str]) -> None:
+        """Lift the marks of objects that were not deleted after all (S3 refused): jobs may use them again."""
+        if keys:
+            await self.redis.delete(*(self.deleting_mark(key) for key in keys))
+
     async def _apply(
         self, record: JobRecord, *, create: bool = False, expect_version: int | None = None
     ) -> Transition:
@@ -193,6 +247,8 @@ class JobStore:
         keys = [self.job_key(record.id)]
         if isinstance(record.source, KeySource):
             keys.append(self.source_marker(record.source.key))
+            if create:
+                keys.append(self.deleting_mark(record.source.key))
         applied, version, *stored = await self.calls.script(
             self._script,
             keys,
@@ -209,10 +265,15 @@ class JobStore:
         if applied:
             # The record as written is the one in hand: no need to send it back and parse it again.
             return Transition(True, record.model_copy(update={"version": int(version)}))
+        if version == -1:
+            raise SourceDeleted(record.source.key)  # type: ignore[union-attr]  # only a KeySource
         return Transition(False, _parse(version, stored[0]))
 
     async def create(self, record: JobRecord) -> Transition:
-        """Store a new `pending` record; not applied (returns the existing one) if the id exists."""
+        """Store a new `pending` record; not applied (returns the existing one) if the id exists.
+
+        Raises `SourceDeleted` when its uploaded source is being deleted as an orphan.
+        """
         return await self._apply(record, create=True)
 
     async def get(self, job_id: str) -> JobRecord | None:

@@ -38,7 +38,7 @@ from imgpipe.settings import (
     load,
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
-from imgpipe.store import Claim, Grant, IdempotencyConflict
+from imgpipe.store import Claim, Grant, IdempotencyConflict, SourceDeleted
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
@@ -355,7 +355,13 @@ async def _submit(
         admitted = await _admit_job(request, principal, job_id)
         await _check_source(request, principal, job)
         record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
-        await store.create(record)
+        try:
+            await store.create(record)
+        except SourceDeleted:
+            # Found by the HEAD a moment ago, but the reconciler has just taken it for an orphan.
+            raise ApiError(
+                422, "source_not_found", "the source is being deleted as an unused upload; upload it again"
+            ) from None
     except BaseException:
         await _release_slot(request, principal, job_id, admitted)
         if idem_key:

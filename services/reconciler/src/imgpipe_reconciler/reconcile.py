@@ -18,7 +18,9 @@ The bucket is listed a page (1000 keys) at a time and each page is checked with 
 pipeline, so memory stays flat and Redis sees two round trips per page, not one per object. Each
 page is checked after it is listed, and its orphans are checked once more right before the
 DeleteObjects call: an object that became referenced in between (a job submitted a moment ago)
-is kept.
+is kept. That last check of an upload also marks it as being deleted, in the same Redis step
+(`JobStore.mark_deleting`), and a job's create refuses a marked source: a job submitted after the
+check cannot slip in before the delete.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ _SCAN_BATCH = 1000
 TIMEOUT_CODE = "timeout"
 #: The object naming the namespace the bucket belongs to (outside the prefixes a run judges).
 NAMESPACE_MARKER = "imgpipe-namespace"
+#: How long an upload marked for deletion refuses new jobs: far longer than a DeleteObjects call, and
+#: than an api's gap between looking the object up and writing the job that uses it.
+DELETING_MARK_S = 600.0
 
 
 class BucketTaken(Exception):
@@ -213,19 +218,15 @@ class Reconciler:
                 candidates.append(obj)
         if not candidates:
             return
-        # Look again right before deleting: closes the window in which a job could have been
-        # written for one of them since the page was checked.
-        orphans = []
-        for obj, referenced in zip(candidates, await self._referenced(candidates), strict=True):
-            if referenced:
-                summary.referenced += 1
-            else:
-                orphans.append(obj)
+        orphans = await self._still_orphans(candidates, summary, dry_run)
         summary.orphans += len(orphans)
         summary.orphan_bytes += sum(o.size for o in orphans)
         if dry_run or not orphans:
             return
         deleted = set(await self._storage.delete_many([o.key for o in orphans]))
+        kept = [o.key for o in orphans if o.key not in deleted and _classify(o.key) == "upload"]
+        if kept:
+            await self._store.unmark_deleting(kept)
         freed = sum(o.size for o in orphans if o.key in deleted)
         summary.deleted += len(deleted)
         summary.bytes_freed += freed
@@ -234,6 +235,36 @@ class Reconciler:
         RECONCILE_BYTES_FREED.inc(freed)
         if len(deleted) < len(orphans):
             log.warning("S3 refused some deletes", extra={"refused": len(orphans) - len(deleted)})
+
+    async def _still_orphans(
+        self, candidates: list[ObjectInfo], summary: Summary, dry_run: bool
+    ) -> list[ObjectInfo]:
+        """The candidates still unreferenced right before the delete (a job may have been submitted
+        for one since the page was checked), the uploads among them marked so none can be from now on.
+        """
+        if dry_run:
+            referenced = await self._referenced(candidates)
+        else:
+            uploads = [o for o in candidates if _classify(o.key) == "upload"]
+            # A job's create and this mark are each one step in Redis: a create that comes first
+            # wrote the marker, and is kept; one that comes after is refused (the api's 422).
+            marked = await self._store.mark_deleting(
+                [o.key for o in uploads], now=self._clock(), life_s=DELETING_MARK_S
+            )
+            by_key = {o.key: not flag for o, flag in zip(uploads, marked, strict=True)}
+            # A variant's job id is never made again, so only a record that exists now can hold it.
+            variants = [o for o in candidates if o.key not in by_key]
+            by_key.update(
+                (o.key, flag) for o, flag in zip(variants, await self._referenced(variants), strict=True)
+            )
+            referenced = [by_key[o.key] for o in candidates]
+        orphans = []
+        for obj, held in zip(candidates, referenced, strict=True):
+            if held:
+                summary.referenced += 1
+            else:
+                orphans.append(obj)
+        return orphans
 
     # Jobs.
 
