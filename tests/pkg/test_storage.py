@@ -104,6 +104,13 @@ async def test_get_limits_and_missing(storage: Storage) -> None:
         await storage.head("uploads/nobody/nothing")
 
 
+async def test_put_if_absent_stores_once(storage: Storage) -> None:
+    key = f"claims/{uuid.uuid4().hex}"
+    assert await storage.put_if_absent(key, b"first", "text/plain")
+    assert not await storage.put_if_absent(key, b"second", "text/plain")
+    assert await storage.get(key, max_bytes=100) == b"first"
+
+
 async def test_put_then_presigned_download(storage: Storage, http: aiohttp.ClientSession) -> None:
     key = variant_key("alice", "job-1", "thumb", "webp")
     await storage.put(key, b"RIFF....WEBP", "image/webp")

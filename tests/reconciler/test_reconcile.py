@@ -16,13 +16,21 @@ import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
-from imgpipe.storage import Storage
+from imgpipe.storage import ObjectNotFound, Storage
 from imgpipe.store import JobStore, SourceDeleted, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
-from imgpipe_reconciler.reconcile import NAMESPACE_MARKER, BucketTaken, Policy, Reconciler, reconcile_once
+from imgpipe_reconciler.reconcile import (
+    NAMESPACE_MARKER,
+    BucketTaken,
+    Policy,
+    Reconciler,
+    Summary,
+    reconcile_once,
+)
 
 from tests.isolated import fresh_namespace, queue_depth
 from tests.reconciler.conftest import keys
+from tests.stack import delete_keys
 
 OWNER = "alice"
 OID = owner_id(OWNER)
@@ -294,3 +302,40 @@ async def test_a_job_submitted_between_the_last_check_and_the_delete_is_refused(
     assert (await store.create(_record(other))).applied
     with pytest.raises(SourceDeleted):
         await store.create(_record(source))
+
+
+async def test_two_namespaces_first_runs_at_once_claim_the_bucket_once(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    """Both runs find no namespace object, then both write it: only one of them may take the bucket,
+    or each deletes the other's sources as orphans."""
+    other = JobStore(store.redis, fresh_namespace(), retention=timedelta(hours=1))
+    mine, theirs = _record(f"uploads/{OID}/mine"), _record(f"uploads/{OID}/theirs")
+    await store.create(mine)
+    await other.create(theirs)
+    _put(s3, bucket, f"uploads/{OID}/mine", f"uploads/{OID}/theirs")
+    both_looked = asyncio.Barrier(2)
+    reading = storage.get
+
+    async def get(key: str, *, max_bytes: int) -> bytes:
+        try:
+            return await reading(key, max_bytes=max_bytes)
+        except ObjectNotFound:
+            await both_looked.wait()  # neither writes before the other has seen the bucket unclaimed
+            raise
+
+    storage.get = get  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(
+            _reconciler(store, storage, publisher).run(dry_run=False),
+            _reconciler(other, storage, publisher).run(dry_run=False),
+            return_exceptions=True,
+        )
+    finally:
+        await delete_keys(store.redis, f"{other.namespace}:*")
+    assert sorted(type(r).__name__ for r in results) == ["BucketTaken", "Summary"], results
+    winner, source = (store, mine) if isinstance(results[0], Summary) else (other, theirs)
+    # The bucket is the winner's alone; the loser's run judged nothing (its objects are the
+    # winner's orphans now: one bucket per namespace), and the winner kept its own source.
+    assert s3.get_object(Bucket=bucket, Key=NAMESPACE_MARKER)["Body"].read() == winner.namespace.encode()
+    assert source.source.key in keys(s3, bucket)  # type: ignore[union-attr]

@@ -299,6 +299,24 @@ class Storage:
 
         await self._transfer("PUT", key, send)
 
+    async def put_if_absent(self, key: str, data: bytes, content_type: str) -> bool:
+        """Store `data` under `key` unless an object is there already: whether it was stored.
+
+        A conditional PUT (`If-None-Match: *`), so of two callers racing for one key exactly one
+        stores it. A store that does not implement the condition (501) gets a plain PUT.
+        """
+        try:
+            await self._call("put_object", Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
+        except StorageError as exc:
+            cause = exc.__cause__
+            code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+            if code == "PreconditionFailed":
+                return False
+            if code != "NotImplemented":
+                raise
+            await self._call("put_object", Key=key, Body=data, ContentType=content_type)
+        return True
+
     async def close(self) -> None:
         """Close the connections `head`, `get` and `put` opened."""
         if self._http is not None:

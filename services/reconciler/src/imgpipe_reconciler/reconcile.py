@@ -12,7 +12,8 @@ of a shape we never write, are not ours and are never touched.
 
 Object keys carry no namespace, so a bucket is one namespace's: on a bucket two namespaces share,
 each would take the other's objects for orphans. The first real run writes the namespace into
-`NAMESPACE_MARKER`, and every run refuses a bucket that marker gives to another namespace.
+`NAMESPACE_MARKER` (only if no one has: a conditional PUT), and every run refuses a bucket that
+marker gives to another namespace.
 
 The bucket is listed a page (1000 keys) at a time and each page is checked with one Redis
 pipeline, so memory stays flat and Redis sees two round trips per page, not one per object. Each
@@ -166,9 +167,14 @@ class Reconciler:
         try:
             marker = await self._storage.get(NAMESPACE_MARKER, max_bytes=1024)
         except ObjectNotFound:
-            if not dry_run:
-                await self._storage.put(NAMESPACE_MARKER, namespace.encode(), "text/plain; charset=utf-8")
-            return
+            if dry_run:
+                return
+            # Conditional: two namespaces' first runs at once must not both take the bucket.
+            if await self._storage.put_if_absent(
+                NAMESPACE_MARKER, namespace.encode(), "text/plain; charset=utf-8"
+            ):
+                return
+            marker = await self._storage.get(NAMESPACE_MARKER, max_bytes=1024)
         owner = marker.decode("utf-8", "replace")
         if owner != namespace:
             raise BucketTaken(
