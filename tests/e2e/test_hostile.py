@@ -290,13 +290,29 @@ def crafted() -> list[Case]:
         # Under the decode budget, but its data is missing: refused as corrupt, not decoded as grey.
         Case(
             "png-interlaced-no-data",
-            _png(8000, 8000, zlib.compress(bytes(1024)), interlace=1),
+            _png(7500, 7500, zlib.compress(bytes(1024)), interlace=1),
             "image/png",
             "corrupt_image",
         ),
         # A real one under the pixel limit: 300 MB of pixels in ~300 KB. It streams, so it is fine.
         Case(
             "png-zeros-10000x10000", _png(10000, 10000, _deflated_zeros(10000 * (1 + 3 * 10000))), "image/png"
+        ),
+        # Streams too, but at 1,000,000 px wide its rows alone would take a worker to about 1 GB.
+        Case(
+            "png-wide-1000000x100",
+            _png(1_000_000, 100, _deflated_zeros(100 * (1 + 3 * 1_000_000))),
+            "image/png",
+            "image_too_large",
+        ),
+        # A row of 4096 x 4096 tiles, 24,400 px wide, is read whole: about 400 MB from 350 kB.
+        Case(
+            "tiff-tiled-wide",
+            (pyvips.Image.black(24400, 4096, bands=3) + 100)
+            .cast("uchar")
+            .tiffsave_buffer(compression="deflate", tile=True, tile_width=4096, tile_height=4096),
+            "image/tiff",
+            "image_too_large",
         ),
         Case(
             "png-ztxt-bomb",

@@ -627,7 +627,8 @@ def test_timeout(big_png: bytes, timeout_s: float) -> None:
     spec = [Variant(name="full", width=8000, format="png")]
     start = time.monotonic()
     with pytest.raises(ImageError) as info:
-        render(big_png, spec, Limits(timeout_s=timeout_s))
+        # A budget that lets this 64 MP PNG through: the deadline is what must stop it.
+        render(big_png, spec, Limits(timeout_s=timeout_s, max_decode_bytes=1 << 40))
     assert info.value.code == "processing_timeout"
     assert time.monotonic() - start < timeout_s + 0.5
 
@@ -674,8 +675,8 @@ def _avif_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _interlaced_png(width: int, height: int, depth: int, colour: int) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 1)
+def _interlaced_png(width: int, height: int, depth: int, colour: int, *, interlace: int = 1) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return (
         b"\x89PNG\r\n\x1a\n"
         + png_chunk(b"IHDR", ihdr)
@@ -690,10 +691,13 @@ def _interlaced_png(width: int, height: int, depth: int, colour: int) -> bytes:
         # A 40-byte GIF: libnsgif would allocate its whole RGBA canvas (and the previous one).
         (_gif_screen(10000, 10000), 762),
         (_claiming_jpeg(10000, 10000, progressive=True), 572),  # every coefficient kept: 2 B x 3 samples
-        (_interlaced_png(9000, 9000, 16, 6), 617),  # decoded whole: 8 bytes a pixel
+        (_interlaced_png(9000, 9000, 16, 6), 674),  # decoded whole (8 bytes a pixel), then its rows
         (_avif_claiming(9000, 9000), 1274),
+        # Not interlaced, so it streams, but 1,000,000 px wide: its rows alone are about 1 GB (a real
+        # 293 kB file of this shape took a worker from 45 MB to 962 MB for a 200 px thumbnail).
+        (_interlaced_png(1_000_000, 100, 8, 2, interlace=0), 915),
     ],
-    ids=["gif", "progressive-jpeg", "interlaced-png", "avif"],
+    ids=["gif", "progressive-jpeg", "interlaced-png", "avif", "wide-png"],
 )
 def test_decode_budget_refuses_bombs_under_the_pixel_limit(data: bytes, mib: int) -> None:
     # Every one of these is within max_pixels: only the decode budget stops them.
@@ -702,7 +706,7 @@ def test_decode_budget_refuses_bombs_under_the_pixel_limit(data: bytes, mib: int
         render(data, [variant(width=100)], LIMITS)
     assert info.value.code == "image_too_large"
     assert f"about {mib} MiB" in info.value.message
-    assert probe(data, Limits(max_decode_bytes=(mib + 1) * 1024 * 1024)).width in (9000, 10000)
+    assert probe(data, Limits(max_decode_bytes=(mib + 1) * 1024 * 1024)).width in (9000, 10000, 1_000_000)
     assert time.monotonic() - start < 1.0
 
 
@@ -711,24 +715,62 @@ def test_decode_estimates() -> None:
         return imaging.decode_bytes(sniff(data), decode(data))
 
     card = gradient(100, 80)
-    # Decoders that stream need no budget, whatever the size.
+    # Decoders that stream and shrink while they decode need no budget, whatever the size.
     for data in (
         card.jpegsave_buffer(),
-        card.pngsave_buffer(),
         card.webpsave_buffer(),
-        card.tiffsave_buffer(),
         _claiming_jpeg(10000, 10000, progressive=False),
     ):
         assert estimate(data) == 0
+    # PNG and TIFF stream at full width: the rows on their way to the resize (all 80 of these).
+    rows = math.ceil(100 * 3 * 80 * 3.2)
+    assert estimate(card.pngsave_buffer()) == estimate(card.tiffsave_buffer()) == rows
+    assert estimate(card.cast("ushort").pngsave_buffer()) == 2 * rows  # 16-bit samples
     pixels = 100 * 80
     assert estimate(card.jpegsave_buffer(interlace=True, subsample_mode="on")) == pixels * 3  # 4:2:0
     assert estimate(card.jpegsave_buffer(interlace=True, subsample_mode="off")) == pixels * 6  # 4:4:4
     assert estimate(card[0].jpegsave_buffer(interlace=True)) == pixels * 2  # grey
-    assert estimate(card.pngsave_buffer(interlace=True)) == pixels * 3
+    assert estimate(card.pngsave_buffer(interlace=True)) == pixels * 3 + rows
+    # A tiled TIFF also holds a row of its tiles (64 rows here).
+    tiled = card.tiffsave_buffer(tile=True, tile_width=64, tile_height=64)
+    assert estimate(tiled) == rows + math.ceil(100 * 3 * 64 * 1.4)
     assert estimate(card.gifsave_buffer()) == pixels * 8
     assert estimate(card.heifsave_buffer(compression="av1", effort=0)) == math.ceil(pixels * 16.5)
     animation = _frames_strip(3, 8)
     assert estimate(animation.webpsave_buffer()) == 8 * 8 * 8
+
+
+def test_a_variant_too_large_to_encode_is_refused_before_any_decoding() -> None:
+    """The encoders hold a whole output image: an 8192 x 8192 WebP took a worker 411 MB, an AVIF 1.4 GB."""
+    rgba = _interlaced_png(4096, 4096, 8, 6, interlace=0)  # a header: nothing past it is ever decoded
+    big = Variant(name="big", width=4096, format="webp")  # with alpha: ~40 bytes a pixel
+    with pytest.raises(ImageError) as info:
+        render(rgba, [variant(width=100), big], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert "encoding variant 'big' (4096x4096 webp) would need about 640 MiB" in info.value.message
+    # Within the budget, the same file goes on to be decoded (and is found to have no pixels).
+    for fine in (Variant(name="w", width=2000, format="webp"), Variant(name="j", width=4096)):
+        with pytest.raises(ImageError) as info:
+            render(rgba, [fine], LIMITS)
+        assert info.value.code == "corrupt_image"
+    assert imaging.encode_bytes("avif", 2000, 2000, alpha=False) == 2000 * 2000 * 26
+    assert imaging.encode_bytes("png", 100, 100, alpha=True) == 100 * 100 * 10
+
+
+def test_large_jpegs_are_written_baseline_so_they_stream() -> None:
+    """A progressive or Huffman-optimised JPEG keeps every coefficient (410 MB at 8192 x 8192)."""
+
+    def sof(data: bytes) -> bytes:
+        return next(
+            data[i : i + 2] for i in range(2, len(data)) if data[i : i + 2] in (b"\xff\xc0", b"\xff\xc2")
+        )
+
+    source = gradient(4000, 2200).jpegsave_buffer()  # 8.8 MP
+    small, large = render(source, [Variant(name="s", width=2000), Variant(name="l", width=4000)], LIMITS)
+    assert (small.width, large.width) == (2000, 4000)
+    assert sof(small.data) == b"\xff\xc2"  # progressive
+    assert sof(large.data) == b"\xff\xc0"  # baseline
+    assert imaging.encode_bytes("jpeg", 4000, 2200, alpha=False) == 4000 * 2200  # its output buffer
 
 
 def _frames_strip(count: int, size: int) -> pyvips.Image:

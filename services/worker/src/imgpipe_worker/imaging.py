@@ -42,6 +42,7 @@ __all__ = [
     "SourceInfo",
     "configure_libvips",
     "decode_bytes",
+    "encode_bytes",
     "probe",
     "render",
     "sniff",
@@ -119,7 +120,7 @@ class Limits:
     #: 192 MiB keeps a worker at concurrency 1 under 300 MB whatever it accepts (~100 MB idle plus the
     #: decode plus the variants), and still lets through a 12 MP HEIC/AVIF phone photo (the hungriest
     #: decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to 67 MP (4:4:4: 33 MP) and
-    #: an 8-bit RGB interlaced PNG up to 67 MP. A GIF or AVIF that claims 100 MP is refused instead of
+    #: an 8-bit RGB interlaced PNG up to 60 MP. A GIF or AVIF that claims 100 MP is refused instead of
     #: costing the worker over a gigabyte; raise it (and the memory limit) for 24 MP HEIC.
     max_decode_bytes: int = 192 * 1024 * 1024
 
@@ -298,16 +299,30 @@ _BUFFERED_BYTES_PER_PIXEL = {"heif": 16.5, "gif": 8.0, "webp-animated": 8.0}
 # Fraction of a full-resolution plane each chroma component has, by libvips' `jpeg-chroma-subsample`.
 _CHROMA_FRACTION = {"4:2:0": 0.25, "4:1:1": 0.25, "4:2:2": 0.5, "4:4:0": 0.5}
 
+# PNG and TIFF cannot shrink while they decode, so whole rows reach the resize, and libvips holds up to
+# about this many of them at full width at once (its sequential line cache, float copies for the
+# kernels), about this many bytes per byte of a row's samples. Measured with libvips 8.18 on 20,000 to
+# 1,000,000 px wide images, 100 to 2,000 rows, 8- and 16-bit, 3 and 4 bands, to 200 and 1280 px
+# targets: 55-311 MB, within -30%/+15% of this. Negligible for photos (a 6000 px wide RGB row costs
+# 18 kB), it is what a 300 kB PNG of 1,000,000 x 100 pixels would cost: about 1 GB.
+_STREAMED_ROWS = 256
+_STREAMED_ROW_FACTOR = 3.2
+# A tiled TIFF is read a row of tiles at a time, held whole (1.23-1.37 times its size measured).
+_TILE_ROW_FACTOR = 1.4
+_SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4}
+
 
 def decode_bytes(fmt: str, header: pyvips.Image) -> int:
     """Estimate how much memory decoding one frame of `header` holds at once, from its header alone.
 
-    Zero for decoders that stream (baseline JPEG, non-interlaced PNG, still WebP, TIFF strips and tiles):
-    their memory does not grow with the image. The others hold a whole frame:
+    Small for decoders that stream and shrink while they decode (baseline JPEG, still WebP): their
+    memory does not grow with the image. The others:
 
     * multi-scan JPEG (progressive, or baseline with one scan per component): libjpeg keeps every DCT
       coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has;
     * interlaced PNG: libspng decodes the whole image before the first row comes out;
+    * PNG and TIFF stream, but at full width: their rows on the way to the resize (`_STREAMED_ROWS`),
+      and a tiled TIFF's row of tiles, grow with the image's width;
     * HEIF/AVIF, GIF and animated WebP: see `_BUFFERED_BYTES_PER_PIXEL`.
     """
     pixels = header.width * header.height  # one frame: libvips reports the first page only
@@ -315,9 +330,15 @@ def decode_bytes(fmt: str, header: pyvips.Image) -> int:
         chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
         samples = 1 + (header.bands - 1) * chroma
         return math.ceil(pixels * samples * 2)
-    if fmt == "png" and _get(header, "interlaced", 0):
-        sample = 2 if header.format == "ushort" else 1
-        return pixels * header.bands * sample
+    if fmt in ("png", "tiff"):
+        row = header.width * header.bands * _SAMPLE_BYTES.get(header.format, 8)
+        held = math.ceil(row * min(header.height, _STREAMED_ROWS) * _STREAMED_ROW_FACTOR)
+        if fmt == "png" and _get(header, "interlaced", 0):
+            held += row * header.height
+        tile_height = _get(header, "tile-height", 0)
+        if fmt == "tiff" and isinstance(tile_height, int) and tile_height > 0:
+            held += math.ceil(row * min(header.height, tile_height) * _TILE_ROW_FACTOR)
+        return held
     if fmt == "webp" and _get(header, "n-pages", 1) > 1:
         fmt = "webp-animated"
     return math.ceil(pixels * _BUFFERED_BYTES_PER_PIXEL.get(fmt, 0))
@@ -601,9 +622,65 @@ def _prepare_for(image: pyvips.Image, fmt: str) -> pyvips.Image:
     return image
 
 
+# Memory an encoder holds for one output image, in bytes a pixel, measured with libvips 8.18 on noise (what
+# compresses least) at 2048 and 4096 px square: libwebp and libheif/aom hold the whole picture, and an
+# alpha plane goes through libwebp's lossless encoder, far hungrier again; libjpeg keeps every coefficient
+# of a progressive (or Huffman-optimised) JPEG; pngsave builds the whole file in memory. An 8192 x 8192
+# WebP took a worker 411 MB, an AVIF of it 1.4 GB.
+_ENCODE_BYTES_PER_PIXEL = {"jpeg": 10.0, "png": 7.5, "webp": 10.0, "avif": 26.0}
+_ENCODE_ALPHA_BYTES_PER_PIXEL = {"png": 10.0, "webp": 40.0, "avif": 43.0}
+# Larger JPEGs are written baseline with the standard Huffman tables, which stream (33 MB for 8192 x 8192
+# against 410 MB), for about 10% more bytes; a progressive JPEG pays off most on the web-sized ones.
+_JPEG_BUFFERED_MAX_PIXELS = 8 * 1024 * 1024
+_JPEG_STREAMED_BYTES_PER_PIXEL = 1.0  # the output buffer, and its copy to Python
+
+
+def _jpeg_streams(pixels: int) -> bool:
+    return pixels > _JPEG_BUFFERED_MAX_PIXELS
+
+
+def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool) -> int:
+    """Estimate the memory encoding a `width` x `height` variant as `fmt` holds."""
+    pixels = width * height
+    if fmt == "jpeg" and _jpeg_streams(pixels):
+        per_pixel = _JPEG_STREAMED_BYTES_PER_PIXEL
+    elif alpha and fmt in _ENCODE_ALPHA_BYTES_PER_PIXEL:
+        per_pixel = _ENCODE_ALPHA_BYTES_PER_PIXEL[fmt]
+    else:
+        per_pixel = _ENCODE_BYTES_PER_PIXEL[fmt]
+    return math.ceil(pixels * per_pixel)
+
+
+def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
+    """About the size `variant` comes out at from a `width` x `height` (upright) image."""
+    scale = _scale_needed(variant, width, height)
+    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    if variant.fit == "cover":
+        out_w, out_h = min(out_w, variant.width or out_w), min(out_h, variant.height or out_h)
+    return out_w, out_h
+
+
+def _check_encode_budget(header: pyvips.Image, variants: Sequence[Variant], limits: Limits) -> None:
+    """Refuse, before any work, a variant whose encoding alone would need more than the budget."""
+    width, height = _oriented_size(header)
+    for variant in variants:
+        out_w, out_h = _output_size(variant, width, height)
+        alpha = header.hasalpha() and variant.format != "jpeg"
+        needed = encode_bytes(variant.format, out_w, out_h, alpha=alpha)
+        if needed > limits.max_decode_bytes:
+            mib = 1024 * 1024
+            raise ImageError(
+                "image_too_large",
+                f"encoding variant {variant.name!r} ({out_w}x{out_h} {variant.format}) would need about "
+                f"{needed // mib} MiB, over the {limits.max_decode_bytes // mib} MiB budget",
+            )
+
+
 def _encode(image: pyvips.Image, variant: Variant) -> bytes:
     fmt = variant.format
     if fmt == "jpeg":
+        if _jpeg_streams(image.width * image.height):
+            return image.jpegsave_buffer(Q=variant.quality, keep=_KEEP_NONE)
         return image.jpegsave_buffer(Q=variant.quality, optimize_coding=True, interlace=True, keep=_KEEP_NONE)
     if fmt == "png":
         return image.pngsave_buffer(compression=6, palette=False, keep=_KEEP_NONE)
@@ -645,6 +722,7 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     _info, header = _probe(data, limits)
     if not variants:
         return []
+    _check_encode_budget(header, variants, limits)
     try:
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
