@@ -137,6 +137,12 @@ async def test_sixteen_variants_are_allowed(alice: Client, alice_key: str) -> No
         pytest.param({"variants": ["thumb"]}, id="no-source"),
         pytest.param({"source": {}}, id="empty-source"),
         pytest.param({"source": {"key": ""}}, id="empty-key"),
+        pytest.param({"source": {"key": "uploads/o/./x"}}, id="dot-segment"),
+        pytest.param({"source": {"key": "uploads/o/../p/x"}}, id="dot-dot-segment"),
+        pytest.param({"source": {"key": "../uploads/o/x"}}, id="leading-dot-dot"),
+        pytest.param({"source": {"key": "uploads/o/x/."}}, id="trailing-dot"),
+        pytest.param({"source": {"key": "uploads/o//x"}}, id="empty-segment"),
+        pytest.param({"source": {"key": "uploads/o/x/"}}, id="trailing-slash"),
         pytest.param({"source": {"key": "k", "url": "http://example.com/a.jpg"}}, id="key-and-url"),
         pytest.param({"source": {"key": "k"}, "priority": 1}, id="extra-field"),
         pytest.param({"source": "uploads/x"}, id="source-string"),
@@ -174,10 +180,8 @@ async def test_someone_elses_upload_is_forbidden(alice: Client, bob: Client, ali
     "key",
     [
         "variants/{alice}/job/thumb.jpg",
-        "uploads/{bob}/../{alice}/x",
         "uploads/{alice}x/y",
         "uploads/{bob}",
-        "../uploads/{bob}/x",
         "somewhere/else",
     ],
 )

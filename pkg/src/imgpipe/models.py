@@ -76,6 +76,15 @@ class KeySource(_Strict):
 
     key: str = Field(min_length=1, max_length=1024)
 
+    @field_validator("key")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        # S3 takes `a/./b` literally, but HTTP clients normalise the path they send, so the request
+        # would not be the one that was signed: real S3 answers 403, which reads as an outage.
+        if any(segment in ("", ".", "..") for segment in value.split("/")):
+            raise ValueError("a key has no empty, '.' or '..' path segments")
+        return value
+
 
 class UrlSource(_Strict):
     """An http(s) URL the worker fetches (safely: see `imgpipe.urlsafety`)."""
