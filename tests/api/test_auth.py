@@ -124,6 +124,22 @@ async def test_a_token_that_is_not_ascii_is_invalid(
     assert (status, answer["error"]["code"]) == (401, "invalid_token"), answer
 
 
+@pytest.mark.parametrize(("service", "method", "path", "body"), ROUTES)
+async def test_two_authorization_headers_are_invalid(
+    stack: Stack, service: str, method: str, path: str, body: dict | None
+) -> None:
+    # Two valid tokens of two users: no guess at which one is meant.
+    head = [
+        f"{method} {path} HTTP/1.1".encode(),
+        f"Authorization: Bearer {token('alice', 'admin')}".encode(),
+        f"Authorization: Bearer {token('bob', 'admin')}".encode(),
+        b"Content-Type: application/json",
+    ]
+    payload = b"" if body is None else json.dumps(body).encode()
+    status, answer = await raw_request(stack.services[service].url, head, payload)
+    assert (status, answer["error"]["code"]) == (401, "invalid_token"), answer
+
+
 async def test_expired_within_leeway_is_accepted(http: aiohttp.ClientSession, stack: Stack) -> None:
     headers = {"Authorization": f"Bearer {token('alice', ttl_s=-5)}"}
     async with http.get(f"{stack.status}/jobs/0123456789abcdef", headers=headers) as response:

@@ -16,7 +16,7 @@ from aiohttp import web
 from imgpipe import resources
 from imgpipe.broker import Topology
 from imgpipe.store import JobStore, owner_id
-from imgpipe_api.app import create_app
+from imgpipe_api.app import QUOTAS, create_app
 
 from tests.isolated import (
     BrokerProxy,
@@ -345,6 +345,7 @@ async def test_accepted_jobs_report_the_rate_budget(alice: Client, alice_key: st
         pytest.param(b"\xff\xfe", id="not-utf8"),
         pytest.param("ключ".encode(), id="not-ascii"),
         pytest.param(b"a\tb", id="tab"),
+        pytest.param(b"first\r\nIdempotency-Key: second", id="two-headers"),  # which one is meant?
     ],
 )
 async def test_invalid_idempotency_keys(alice: Client, alice_key: str, key: bytes) -> None:
@@ -513,3 +514,37 @@ async def test_a_client_that_goes_away_mid_request_leaves_one_whole_job(
     assert [key async for key in redis_client.scan_iter(store.job_pattern)] == [
         store.job_key(job["id"]).encode()
     ]
+
+
+async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The publish fails, and so does the withdrawal of the record: the record stays `pending`, and the
+    reconciler will publish it. So it is not withdrawn after all: a retry with its key gets it (409,
+    then the job) rather than a second job beside it, and it keeps counting against the quota."""
+    base, app, _ = cancelling_api
+    store, publisher = app[resources.STORE], app[resources.PUBLISHER]
+
+    async def broker_down(*_: Any) -> None:
+        raise ConnectionError("the broker went away")
+
+    async def redis_down(*_: Any) -> None:
+        raise ConnectionError("and Redis, a moment later")
+
+    monkeypatch.setattr(publisher, "publish_job", broker_down)
+    monkeypatch.setattr(store, "delete", redis_down)
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "withdrawal-fails"}
+    async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "broker_unavailable"
+    [key] = [key async for key in redis_client.scan_iter(store.job_pattern)]
+    job_id = key.decode().rsplit(":", 1)[1]
+    claim = await redis_client.get(store._idem_key("alice", "withdrawal-fails"))
+    assert json.loads(claim)["job_id"] == job_id
+    assert await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1) == [job_id.encode()]
+    async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
+        assert response.status == 409  # its job, still within the window a withdrawal could take

@@ -127,7 +127,11 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
 
 async def authenticate(request: web.Request, *, allow_query_token: bool = False) -> Principal:
     """The caller, from `Authorization: Bearer`; EventSource clients may pass `?access_token=`."""
-    header = request.headers.get("Authorization")
+    headers = request.headers.getall("Authorization", [])
+    if len(headers) > 1:
+        # Proxies and frameworks disagree on which of two wins; neither is guessed at.
+        raise AuthError("invalid_token", "send one Authorization header, not several")
+    header = headers[0] if headers else None
     if not header and allow_query_token and request.query.get("access_token"):
         return await request.app[VERIFIER].verify(request.query["access_token"])
     return await request.app[VERIFIER].verify(bearer_token(header))

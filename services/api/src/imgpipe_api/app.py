@@ -303,14 +303,16 @@ async def create_job(request: web.Request) -> web.Response:
         if refined is not None:
             raise refined from None
         raise
-    idem_key = request.headers.get("Idempotency-Key")
-    if idem_key is not None and not (
-        0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX and idem_key.isascii() and idem_key.isprintable()
+    idem_keys = request.headers.getall("Idempotency-Key", [])
+    idem_key = idem_keys[0] if idem_keys else None
+    if len(idem_keys) > 1 or (
+        idem_key is not None
+        and not (0 < len(idem_key) <= _IDEMPOTENCY_KEY_MAX and idem_key.isascii() and idem_key.isprintable())
     ):
         raise ApiError(
             400,
             "invalid_idempotency_key",
-            f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
+            f"send one Idempotency-Key of 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
         )
 
     # From its first write on, the request is carried to its end even when its client goes away (a
@@ -381,17 +383,21 @@ async def _submit(
     except (Exception, asyncio.CancelledError) as exc:
         # Not in the broker: take the job back so nothing claims a job that will never run.
         log.warning("publish failed, job withdrawn: %s", type(exc).__name__)
-        await _release_slot(request, principal, job_id, admitted)
-        # Each on its own: a key left behind would hold a deleted job, and answer 409 to every retry.
         try:
             await store.delete(job_id)
         except Exception:
+            # The record stays `pending`, and the reconciler will publish it: the job is not withdrawn
+            # after all, so it keeps its slot and its key (a retry with the key then gets this job,
+            # not a second one beside it).
             log.warning("could not withdraw job record after failed publish")
-        if idem_key:
-            try:
-                await store.release_idempotency(principal.sub, idem_key)
-            except Exception:
-                log.warning("could not release the Idempotency-Key after failed publish")
+        else:
+            await _release_slot(request, principal, job_id, admitted)
+            # Each on its own: a key left behind would hold a deleted job, and answer 409 to every retry.
+            if idem_key:
+                try:
+                    await store.release_idempotency(principal.sub, idem_key)
+                except Exception:
+                    log.warning("could not release the Idempotency-Key after failed publish")
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
