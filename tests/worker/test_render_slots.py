@@ -96,7 +96,7 @@ async def test_renders_wait_for_a_slot_without_spending_their_timeout(
         )
         started = time.monotonic()
         async with asyncio.timeout(JOB_TIMEOUT_S) as budget:
-            results = await worker._run(message, budget, asyncio.create_task(worker._source(message)))
+            results = await worker._run(message, budget, asyncio.create_task(worker._source(message)), [""])
         assert [r.width for r in results] == [16]
         return time.monotonic() - started
 
@@ -226,6 +226,27 @@ async def test_a_timed_out_render_keeps_its_slot_until_it_ends(
     # One render at a time: the quick one began only after the abandoned one had ended.
     (_, _, stuck_end), (name, quick_begin, _) = renders
     assert name == "quick" and quick_begin >= stuck_end
+
+
+@pytest.mark.parametrize("hung", ["get", "put"])
+async def test_a_job_that_runs_out_of_time_waiting_for_s3_is_retried_not_failed_for_good(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, hung: str
+) -> None:
+    """S3 stops answering mid-request (a hung connection): the job's budget runs out while it waits.
+    That is S3's failure, not the image's: `storage_unavailable`, retried (here, with one attempt,
+    dead-lettered to be replayed), not the final `processing_timeout` a render that overruns gets."""
+    await storage.put("uploads/o/src", pyvips.Image.black(64, 48).write_to_buffer(".png"), "image/png")
+
+    async def hangs(*_: Any, **__: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(storage, hung, hangs)
+    async with running_consumer(slot_namespace, storage, job_timeout_s=1.0) as run:
+        job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
+        failed = await run.settled(job)
+    assert failed.status is JobStatus.FAILED and failed.error is not None
+    assert failed.error.code == "storage_unavailable", failed.error
+    assert "gave up after 1 attempt" in failed.error.message
 
 
 async def test_source_bytes_are_freed_after_the_render(

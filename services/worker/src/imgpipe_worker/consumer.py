@@ -229,15 +229,14 @@ class Consumer:
             log.info("job already %s; duplicate delivery acknowledged", record.status.value)
             await message.ack()
             return
+        stage = ["fetch"]
         try:
             async with asyncio.timeout(self._config.job_timeout_s) as budget:
-                results = await self._run(job, budget, source)
+                results = await self._run(job, budget, source, stage)
         except JobFailed as exc:
             failure = exc
         except TimeoutError:
-            failure = JobFailed(
-                "processing_timeout", f"the job took over {self._config.job_timeout_s:g}s", transient=False
-            )
+            failure = _timed_out(job, stage[0], self._config.job_timeout_s)
         except Exception as exc:
             # A bug or an unforeseen condition: retried like a transient failure, then dead-lettered.
             log.exception("unexpected error while processing")
@@ -335,10 +334,19 @@ class Consumer:
         return rendered
 
     async def _run(
-        self, job: JobMessage, budget: asyncio.Timeout, source: asyncio.Task[list[bytes]]
+        self,
+        job: JobMessage,
+        budget: asyncio.Timeout,
+        source: asyncio.Task[list[bytes]],
+        stage: list[str],
     ) -> list[VariantResult]:
+        """Fetch, render and upload the job's variants, noting in `stage[0]` which one it is at: when
+        the budget runs out, that says who is to blame (`_timed_out`)."""
+        stage[0] = "fetch"
         held = await source  # cancelled with this await if the budget runs out
+        stage[0] = "render"
         rendered = await self._render(job, budget, held)
+        stage[0] = "upload"
         keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
         started = time.perf_counter()
         try:
@@ -379,6 +387,17 @@ class Consumer:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         return [data]
+
+
+def _timed_out(job: JobMessage, stage: str, limit_s: float) -> JobFailed:
+    """Why a job whose budget ran out failed. In its render, the image is to blame: final. Waiting
+    for S3 or for the source's server, they are (a hung connection, an outage): retried with back-off
+    like any other failure of theirs, not failed for good as if the image were."""
+    if stage == "render":
+        return JobFailed("processing_timeout", f"the job took over {limit_s:g}s", transient=False)
+    if stage == "fetch" and not isinstance(job.source, KeySource):
+        return JobFailed("url_timeout", f"the source's server did not answer in {limit_s:g}s", transient=True)
+    return JobFailed("storage_unavailable", f"S3 did not answer in the job's {limit_s:g}s", transient=True)
 
 
 def _attempt(headers: dict) -> int:
