@@ -488,8 +488,8 @@ async def test_a_client_that_goes_away_mid_request_leaves_one_whole_job(
     reached, release = asyncio.Event(), asyncio.Event()
     done_in_redis = getattr(store, step)
 
-    async def slow_reply(*args: Any) -> Any:
-        result = await done_in_redis(*args)  # written; the reply is slow to come back
+    async def slow_reply(*args: Any, **kwargs: Any) -> Any:
+        result = await done_in_redis(*args, **kwargs)  # written; the reply is slow to come back
         reached.set()
         await release.wait()
         return result

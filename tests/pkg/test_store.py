@@ -11,7 +11,16 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
-from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, SourceDeleted, Transition, owner_id
+from imgpipe.store import (
+    CLAIM_HOLD_S,
+    Claim,
+    Grant,
+    IdempotencyConflict,
+    JobStore,
+    SourceDeleted,
+    Transition,
+    owner_id,
+)
 
 from tests.stack import delete_keys
 
@@ -206,9 +215,13 @@ async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -
     # Another owner's identical key is another key.
     assert await store.claim_idempotency("bob", "key-1", "job-d", "fp-2") is None
     assert await store.claim_idempotency("bob", "key-1", "job-e", "fp-2") == Claim("job-d", accepted=False)
-    # The claim expires with the records it refers to.
+    # The claim holds briefly until its job's record is written, then as long as the record.
+    ttl = await redis_client.ttl(store._idem_key("alice", "key-1"))
+    assert CLAIM_HOLD_S - 5 <= ttl <= CLAIM_HOLD_S < RETENTION.total_seconds()
+    await store.create(_record("job-a"), claim=("alice", "key-1"))
     ttl = await redis_client.ttl(store._idem_key("alice", "key-1"))
     assert RETENTION.total_seconds() - 5 <= ttl <= RETENTION.total_seconds()
+    assert await redis_client.ttl(store._idem_key("bob", "key-1")) <= CLAIM_HOLD_S  # not bob's
     # Released (the job could not be queued): the key is free again.
     await store.release_idempotency("alice", "key-1")
     assert await store.claim_idempotency("alice", "key-1", "job-f", "fp-3") is None

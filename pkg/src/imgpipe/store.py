@@ -30,7 +30,8 @@ _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, 
 
 # KEYS[1] job hash, KEYS[2] (optional) the source marker, KEYS[3] (optional) the source's deletion
 # mark; ARGV: rank, data, ttl seconds, channel, create-only flag, expected version ('' for any), job
-# id (the marker's value).
+# id (the marker's value), the Idempotency-Key claim a create makes last as long as the record ('' for
+# none; a name, not a KEY, as the job hashes `Limits` reads: fine on one Redis).
 # Returns {1, new version} when applied, else {0, version, data} of the record as it stands (version 0
 # and no data when the job does not exist), or {0, -1} for a create whose source is being deleted.
 _TRANSITION = """
@@ -53,6 +54,9 @@ redis.call('HSET', KEYS[1], 'rank', ARGV[1], 'data', ARGV[2])
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[3]))
+end
+if ARGV[8] ~= '' then
+  redis.call('EXPIRE', ARGV[8], tonumber(ARGV[3]))
 end
 redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. '}')
 return {1, v}
@@ -130,6 +134,11 @@ class Transition:
 
     applied: bool
     record: JobRecord | None
+
+
+#: How long an Idempotency-Key claim holds before its job's record is written: far longer than a
+#: request can take from its claim to its record (its S3 look-up included), much shorter than a retention.
+CLAIM_HOLD_S = 600
 
 
 class IdempotencyConflict(Exception):
@@ -241,7 +250,12 @@ class JobStore:
             await self.redis.delete(*(self.deleting_mark(key) for key in keys))
 
     async def _apply(
-        self, record: JobRecord, *, create: bool = False, expect_version: int | None = None
+        self,
+        record: JobRecord,
+        *,
+        create: bool = False,
+        expect_version: int | None = None,
+        claim: tuple[str, str] | None = None,
     ) -> Transition:
         data = record.model_dump_json(exclude={"version"})
         keys = [self.job_key(record.id)]
@@ -260,6 +274,7 @@ class JobStore:
                 "1" if create else "0",
                 "" if expect_version is None else str(expect_version),
                 record.id,
+                "" if claim is None else self._idem_key(*claim),
             ],
         )
         if applied:
@@ -269,12 +284,14 @@ class JobStore:
             raise SourceDeleted(record.source.key)  # type: ignore[union-attr]  # only a KeySource
         return Transition(False, _parse(version, stored[0]))
 
-    async def create(self, record: JobRecord) -> Transition:
+    async def create(self, record: JobRecord, *, claim: tuple[str, str] | None = None) -> Transition:
         """Store a new `pending` record; not applied (returns the existing one) if the id exists.
 
-        Raises `SourceDeleted` when its uploaded source is being deleted as an orphan.
+        `claim` is the (owner, Idempotency-Key) claimed for it: written with the record, it is kept
+        as long as the record (see `claim_idempotency`). Raises `SourceDeleted` when its uploaded
+        source is being deleted as an orphan.
         """
-        return await self._apply(record, create=True)
+        return await self._apply(record, create=True, claim=claim)
 
     async def get(self, job_id: str) -> JobRecord | None:
         version, data = await self.calls.command("HMGET", self.job_key(job_id), "version", "data")
@@ -355,11 +372,14 @@ class JobStore:
     async def claim_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> Claim | None:
         """Claim `key` for `job_id`; returns None when claimed, else the claim that holds it.
 
-        Raises `IdempotencyConflict` when the key holds a different request.
+        The claim holds for `CLAIM_HOLD_S` only, until `create` writes its job's record and makes it
+        last as long: a request that dies in between (a crash) leaves the key taken for minutes,
+        not for the whole retention. Raises `IdempotencyConflict` when the key holds a different
+        request.
         """
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         existing = await self.calls.script(
-            self._claim_script, [self._idem_key(owner, key)], [value, self.retention_s]
+            self._claim_script, [self._idem_key(owner, key)], [value, min(CLAIM_HOLD_S, self.retention_s)]
         )
         if existing is None:
             return None

@@ -358,7 +358,7 @@ async def _submit(
         await _check_source(request, principal, job)
         record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
         try:
-            await store.create(record)
+            await store.create(record, claim=(principal.sub, idem_key) if idem_key else None)
         except SourceDeleted:
             # Found by the HEAD a moment ago, but the reconciler has just taken it for an orphan.
             raise ApiError(
