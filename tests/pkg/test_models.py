@@ -10,6 +10,7 @@ from imgpipe.models import (
     MAX_VARIANTS,
     PRESETS,
     ErrorInfo,
+    JobMessage,
     JobRecord,
     JobRequest,
     JobStatus,
@@ -182,3 +183,22 @@ def test_public_view_of_a_failed_job_carries_the_error() -> None:
 
 def test_terminal_statuses() -> None:
     assert {s for s in JobStatus if s.terminal} == {JobStatus.SUCCEEDED, JobStatus.FAILED}
+
+
+def test_a_stored_key_with_odd_segments_stays_readable() -> None:
+    """Submitting `a//b` is refused (`JobRequest`), but a record or message that already holds one
+    (written before that check, or by a backfill) must still parse: one unreadable record would stop
+    the reconciler's runs and the job's status."""
+    key = "uploads/o/batch//photo.jpg"
+    with pytest.raises(ValidationError):
+        JobRequest.model_validate({"source": {"key": key}})
+    record = JobRecord.pending("j", "alice", KeySource(key=key), [PRESETS["thumb"]])
+    assert JobRecord.model_validate_json(record.model_dump_json()).source == KeySource(key=key)
+    message = JobMessage(
+        id="j",
+        owner="alice",
+        source=KeySource(key=key),
+        variants=[PRESETS["thumb"]],
+        created_at=record.created_at,
+    )
+    assert JobMessage.model_validate_json(message.model_dump_json()).source == KeySource(key=key)
