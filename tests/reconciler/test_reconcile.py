@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
-from imgpipe.storage import ObjectNotFound, Storage
+from imgpipe.storage import ObjectNotFound, Storage, StorageError
 from imgpipe.store import JobStore, SourceDeleted, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
 from imgpipe_reconciler.reconcile import (
@@ -339,3 +339,35 @@ async def test_two_namespaces_first_runs_at_once_claim_the_bucket_once(
     # winner's orphans now: one bucket per namespace), and the winner kept its own source.
     assert s3.get_object(Bucket=bucket, Key=NAMESPACE_MARKER)["Body"].read() == winner.namespace.encode()
     assert source.source.key in keys(s3, bucket)  # type: ignore[union-attr]
+
+
+async def test_a_record_nobody_can_read_does_not_stop_the_runs(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    stuck = _record(f"uploads/{OID}/s", age_s=60)
+    await store.create(stuck)
+    await store.redis.hset(store.job_key("unreadable"), mapping={"rank": 0, "version": 1, "data": "{}"})
+    await store.redis.expire(store.job_key("unreadable"), 3600)
+    _put(s3, bucket, f"uploads/{OID}/orphan")
+    summary = await _reconciler(store, storage, publisher, stuck_pending_s=1.0).run(dry_run=False)
+    assert (summary.stuck_republished, summary.deleted) == (1, 1)  # the rest of the run went on
+    assert await store.redis.exists(store.job_key("unreadable"))  # and that record was left alone
+
+
+async def test_a_failed_delete_lifts_its_marks(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+) -> None:
+    """S3 fails the DeleteObjects call: nothing is known deleted, so the uploads may take jobs again
+    at once rather than be refused for the marks' ten minutes."""
+    source = f"uploads/{OID}/still-there"
+    _put(s3, bucket, source)
+
+    async def outage(keys_: list[str]) -> list[str]:
+        assert await store.redis.exists(store.deleting_mark(source))  # marked for this call
+        raise StorageError("storage_unavailable", "S3 DeleteObjects: timed out", transient=True)
+
+    storage.delete_many = outage  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        await _reconciler(store, storage, publisher).run(dry_run=False)
+    assert not await store.redis.exists(store.deleting_mark(source))
+    assert (await store.create(_record(source))).applied

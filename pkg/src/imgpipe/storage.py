@@ -303,14 +303,15 @@ class Storage:
         """Store `data` under `key` unless an object is there already: whether it was stored.
 
         A conditional PUT (`If-None-Match: *`), so of two callers racing for one key exactly one
-        stores it. A store that does not implement the condition (501) gets a plain PUT.
+        stores it: the other is told 412, or (AWS, both in flight at once) 409, and gets False. A store
+        that does not implement the condition (501) gets a plain PUT.
         """
         try:
             await self._call("put_object", Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
         except StorageError as exc:
             cause = exc.__cause__
             code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
-            if code == "PreconditionFailed":
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return False
             if code != "NotImplemented":
                 raise

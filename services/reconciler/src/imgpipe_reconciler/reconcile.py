@@ -47,6 +47,7 @@ from imgpipe.telemetry import (
     RECONCILE_SECONDS,
     STUCK_JOBS,
 )
+from pydantic import ValidationError
 
 from imgpipe_reconciler.lock import LockBusy, RunLock
 
@@ -229,8 +230,14 @@ class Reconciler:
         summary.orphan_bytes += sum(o.size for o in orphans)
         if dry_run or not orphans:
             return
-        deleted = set(await self._storage.delete_many([o.key for o in orphans]))
-        kept = [o.key for o in orphans if o.key not in deleted and _classify(o.key) == "upload"]
+        uploads = [o.key for o in orphans if _classify(o.key) == "upload"]
+        try:
+            deleted = set(await self._storage.delete_many([o.key for o in orphans]))
+        except BaseException:
+            # Nothing is known to be deleted: the uploads may take jobs again at once, not in 10 minutes.
+            await self._store.unmark_deleting(uploads)
+            raise
+        kept = [key for key in uploads if key not in deleted]
         if kept:
             await self._store.unmark_deleting(kept)
         freed = sum(o.size for o in orphans if o.key in deleted)
@@ -299,7 +306,13 @@ class Reconciler:
             (rank, version, data, republished_at), pttl = answers[2 * i], answers[2 * i + 1]
             if rank is None or not data or pttl is None or pttl <= 0:
                 continue  # expired since the SCAN saw it, or not a record
-            record = JobRecord.model_validate_json(data)
+            try:
+                record = JobRecord.model_validate_json(data)
+            except ValidationError:
+                # One record nobody can read (another version's, a hand edit) must not stop every
+                # run of the namespace until it expires: it is left alone, and said so.
+                log.warning("job record not readable; skipped", extra={"job_id": keys[i].rsplit(":", 1)[-1]})
+                continue
             record.version = int(version or 0)
             if isinstance(record.source, KeySource):
                 markers.append((self._store.source_marker(record.source.key), record.id, pttl))
