@@ -432,3 +432,36 @@ async def test_a_version_a_client_has_from_elsewhere_is_read_from_the_store(
         assert current is not None and (current.version, current.status) == (2, JobStatus.SUCCEEDED)
         assert store.reads == reads + 1
         assert (await hub.current(job.id)).version == 2  # type: ignore[union-attr]  # and learnt
+
+
+async def test_a_version_a_client_has_is_not_answered_from_a_read_begun_before_it(
+    hub: Hub, store: CountingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another stream's read of the job is on its way when a client with `Last-Event-ID: 2` connects;
+    that read began before version 2 was written, so its answer will not do for this client."""
+    job = await _pending_job(store)
+    go, reading = asyncio.Event(), asyncio.Event()
+    read = store.get
+
+    async def slow_first_read(job_id: str) -> JobRecord | None:
+        if not reading.is_set():
+            reading.set()
+            record = await read(job_id)  # version 1, read before the change...
+            await go.wait()  # ...and answered after it
+            return record
+        return await read(job_id)
+
+    monkeypatch.setattr(store, "get", slow_first_read)
+    with hub.listen(job.id), hub.listen(job.id):
+        first = asyncio.create_task(hub.current(job.id))
+        await asyncio.wait_for(reading.wait(), 5)
+        ahead = job.model_copy(update={"status": JobStatus.SUCCEEDED, "updated_at": utcnow()})
+        await store.redis.hset(
+            store.job_key(job.id),
+            mapping={"version": 2, "rank": 2, "data": ahead.model_dump_json(exclude={"version"})},
+        )
+        second = asyncio.create_task(hub.current(job.id, at_least=2))
+        await asyncio.sleep(0.05)  # it joins the shared read
+        go.set()
+        assert (await first).version == 1  # type: ignore[union-attr]  # what it asked for
+        assert (await second).version == 2  # type: ignore[union-attr]

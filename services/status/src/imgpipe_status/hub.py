@@ -202,16 +202,18 @@ class Hub:
         """
         watch = self._watches[job_id]
         known = watch.known
-        if known is not None and known.version < at_least:
-            # The client was sent a change on another replica whose message has not reached this
-            # one yet: the store has it already. Not the shared read, which may predate the change.
-            return watch.learn(await self._store.get(job_id))
-        if known is not None and self.connected.is_set():
-            return known
-        if watch.reading is None:
-            watch.reading = asyncio.ensure_future(self._read(watch))
-        # Shielded: one caller going away must not cancel the read the others wait for.
-        return await asyncio.shield(watch.reading)
+        if known is None or known.version >= at_least:
+            if known is not None and self.connected.is_set():
+                return known
+            if watch.reading is None:
+                watch.reading = asyncio.ensure_future(self._read(watch))
+            # Shielded: one caller going away must not cancel the read the others wait for.
+            record = await asyncio.shield(watch.reading)
+            if record is None or record.version >= at_least:
+                return record
+        # The client was sent a change on another replica whose message has not reached this one
+        # yet: the store has it already. Read on its own: a shared read may have begun before it.
+        return watch.learn(await self._store.get(job_id))
 
     def attach(
         self, listener: Listener, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int
