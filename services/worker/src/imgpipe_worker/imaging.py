@@ -116,12 +116,14 @@ class Limits:
     max_pixels: int = 100_000_000  # width*height of one frame, as stated by the header
     max_frames: int = 256  # n-pages of animated / multi-page input
     timeout_s: float = 30.0  # wall time for one render() call
-    #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`).
-    #: 192 MiB keeps a worker at concurrency 1 under 300 MB whatever it accepts (~100 MB idle plus the
-    #: decode plus the variants), and still lets through a 12 MP HEIC/AVIF phone photo (the hungriest
-    #: decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to 67 MP (4:4:4: 33 MP) and
-    #: an 8-bit RGB interlaced PNG up to 60 MP. A GIF or AVIF that claims 100 MP is refused instead of
-    #: costing the worker over a gigabyte; raise it (and the memory limit) for 24 MP HEIC.
+    #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`),
+    #: and, on its own, the most one variant's encoding may need (`encode_bytes`). 192 MiB keeps a worker
+    #: at concurrency 1 under 300 MB for any source made into web-sized variants (~100 MB idle plus the
+    #: decode plus the variants; a large variant adds its encoding), and still lets through a 12 MP
+    #: HEIC/AVIF phone photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive
+    #: JPEG up to 67 MP (4:4:4: 33 MP) and an 8-bit RGB interlaced PNG up to 60 MP. A GIF or AVIF that
+    #: claims 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory
+    #: limit) for 24 MP HEIC.
     max_decode_bytes: int = 192 * 1024 * 1024
 
 
@@ -623,11 +625,11 @@ def _prepare_for(image: pyvips.Image, fmt: str) -> pyvips.Image:
 
 
 # Memory an encoder holds for one output image, in bytes a pixel, measured with libvips 8.18 on noise (what
-# compresses least) at 2048 and 4096 px square: libwebp and libheif/aom hold the whole picture, and an
+# compresses least) from 2048 to 4400 px square: libwebp and libheif/aom hold the whole picture, and an
 # alpha plane goes through libwebp's lossless encoder, far hungrier again; libjpeg keeps every coefficient
 # of a progressive (or Huffman-optimised) JPEG; pngsave builds the whole file in memory. An 8192 x 8192
-# WebP took a worker 411 MB, an AVIF of it 1.4 GB.
-_ENCODE_BYTES_PER_PIXEL = {"jpeg": 10.0, "png": 7.5, "webp": 10.0, "avif": 26.0}
+# WebP took a worker 411 MB, an AVIF of it 1.4 GB; a 4400 x 4400 WebP 270 MB (14 bytes a pixel).
+_ENCODE_BYTES_PER_PIXEL = {"jpeg": 10.0, "png": 7.5, "webp": 15.0, "avif": 26.0}
 _ENCODE_ALPHA_BYTES_PER_PIXEL = {"png": 10.0, "webp": 40.0, "avif": 43.0}
 # Larger JPEGs are written baseline with the standard Huffman tables, which stream (33 MB for 8192 x 8192
 # against 410 MB), for about 10% more bytes; a progressive JPEG pays off most on the web-sized ones.
