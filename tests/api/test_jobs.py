@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -548,3 +549,42 @@ async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
     assert await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1) == [job_id.encode()]
     async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
         assert response.status == 409  # its job, still within the window a withdrawal could take
+
+
+async def test_a_submission_that_fails_after_its_client_went_away_is_logged(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No handler is left to answer (or log) an unexpected failure: the submission logs it itself."""
+    base, app, handlers = cancelling_api
+    store = app[resources.STORE]
+    reached, release = asyncio.Event(), asyncio.Event()
+
+    async def breaks(*_: Any, **__: Any) -> None:
+        reached.set()
+        await release.wait()
+        raise RuntimeError("a bug, say")
+
+    monkeypatch.setattr(store, "create", breaks)
+    records: list[logging.LogRecord] = []
+    collect = logging.Handler()
+    collect.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("imgpipe.api").addHandler(collect)
+    try:
+        async with aiohttp.ClientSession() as impatient:
+            first = asyncio.create_task(
+                impatient.post(
+                    f"{base}/jobs",
+                    json={"source": {"url": "https://example.com/photo.jpg"}},
+                    headers={"Authorization": f"Bearer {token('alice')}"},
+                )
+            )
+            await asyncio.wait_for(reached.wait(), 10)
+            first.cancel()
+        await eventually(lambda: handlers[0].done())
+        release.set()
+        [line] = await eventually(lambda: [r for r in records if r.msg.startswith("job submission failed")])
+    finally:
+        logging.getLogger("imgpipe.api").removeHandler(collect)
+    assert line.levelno == logging.ERROR and line.exc_info and line.exc_info[0] is RuntimeError
+    assert line.job_id  # type: ignore[attr-defined]

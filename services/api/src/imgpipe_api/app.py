@@ -319,19 +319,35 @@ async def create_job(request: web.Request) -> web.Response:
     # disconnect cancels the handler): cut short between two writes, it would leave a claimed key, a
     # taken slot or a `pending` record behind that nothing withdraws or publishes.
     job_id = uuid.uuid4().hex
-    job_id_var.set(job_id)  # here, for the error lines of the handler's own context too
     submission = asyncio.ensure_future(_submit(request, principal, job, job_id, idem_key))
     running = request.app[SUBMISSIONS]
     running.add(submission)
     submission.add_done_callback(partial(_submitted, running))
-    return await asyncio.shield(submission)
+    try:
+        return await asyncio.shield(submission)
+    except asyncio.CancelledError:
+        # Its client is gone: how the submission ends is for no handler any more, so for the log.
+        submission.add_done_callback(partial(_ended_unseen, job_id))
+        raise
+    except Exception:
+        job_id_var.set(job_id)  # for the line the error middleware writes (the task set its own copy)
+        raise
 
 
 def _submitted(running: set[asyncio.Task], submission: asyncio.Task) -> None:
     running.discard(submission)
     if not submission.cancelled():
-        # Its outcome (a 4xx/5xx included) is for the handler, which may be gone: nothing to report.
-        submission.exception()
+        submission.exception()  # retrieved: the handler re-raises it, or `_ended_unseen` reports it
+
+
+def _ended_unseen(job_id: str, submission: asyncio.Task) -> None:
+    """Log how a submission whose client went away ended, when it failed other than with an answer."""
+    error = None if submission.cancelled() else submission.exception()
+    if error is not None and not isinstance(error, ApiError):
+        # In the handler's context (request id), not the task's: the job id goes in by hand.
+        log.error(
+            "job submission failed after its client went away", exc_info=error, extra={"job_id": job_id}
+        )
 
 
 async def _submit(
@@ -350,6 +366,7 @@ async def _submit(
             ) from None
         if held is not None:
             return await _replay(request, principal, held)
+    job_id_var.set(job_id)  # in this task's context: what it logs from here on is about this job
 
     # Limits come after the idempotency claim, so a replay above never spends the budget.
     admitted: Decision | None = None
