@@ -37,7 +37,13 @@ module "eks" {
     aws-ebs-csi-driver = {
       most_recent              = true
       service_account_role_arn = aws_iam_role.ebs_csi.arn
+      # EKS 1.30+ clusters have no default StorageClass: without one the bundled RabbitMQ and Redis
+      # PVCs (which name none) stay Pending. The add-on makes an encrypted gp3 one, marked default.
+      configuration_values = jsonencode({ defaultStorageClass = { enabled = true } })
     }
+    # The CPU HPAs of api and status (and the worker's when KEDA is off) read the resource metrics
+    # API, which EKS does not serve by itself (KEDA serves only external metrics).
+    metrics-server = { most_recent = true }
   }
 
   eks_managed_node_groups = {
