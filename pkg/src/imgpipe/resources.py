@@ -63,13 +63,19 @@ def job_store(settings: RedisSettings, namespace: str) -> CleanupCtx:
     return ctx
 
 
-def object_storage(settings: S3Settings, *, pool: int = 16, create_bucket: bool = False) -> CleanupCtx:
+def object_storage(
+    settings: S3Settings, *, pool: int = 16, create_bucket: bool = False, probe: bool = True
+) -> CleanupCtx:
+    """The bucket. `probe=False` for a service that only signs URLs (no S3 call): S3 being out of
+    reach does not keep it from its work, so it is not one of its readiness checks."""
+
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         storage = Storage(settings, pool=pool)
         if create_bucket:
             await storage.ensure_bucket()
         app[STORAGE] = storage
-        app[READINESS]["s3"] = storage.ping
+        if probe:
+            app[READINESS]["s3"] = storage.ping
         yield
         await storage.close()
 

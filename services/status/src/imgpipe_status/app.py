@@ -192,7 +192,9 @@ async def create_app() -> web.Application:
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),
-            resources.object_storage(load(S3Settings)),
+            # Only to sign download links, which needs no call to S3: an S3 outage does not take
+            # every status replica out of its Service (and their streams' reconnects with it).
+            resources.object_storage(load(S3Settings), probe=False),
             _hub_ctx,
         ]
     )
