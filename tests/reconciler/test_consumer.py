@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aio_pika
 import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.models import ReconcileCommand
@@ -51,3 +54,45 @@ async def test_a_run_that_cannot_be_recorded_does_not_hold_back_the_next(
         await connection.close()
         await unreachable.aclose()
     assert await queue_depth(queue) == 0, "a command was left unacknowledged and came back"
+
+
+async def test_a_command_whose_run_died_holding_the_lock_runs_when_the_lock_lapses(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+) -> None:
+    """A replica is killed mid-run: the broker hands its command to the next consumer at once, while
+    the dead run's lock still has its TTL to live. The command must wait for it, not be recorded as
+    skipped and acknowledged, which would drop a run that never happened."""
+    lock = RunLock(redis_client, rc_namespace, ttl_s=2)
+    runs = RunStore(redis_client, rc_namespace)
+    queue = publisher.topology.reconcile_queue
+    await publisher.publish_reconcile(ReconcileCommand(run_id="orphaned", dry_run=True))
+    # The first replica: takes the command and the lock, then dies (its channel closes, no ack).
+    dead = await aio_pika.connect(AMQP_URL)
+    async with dead:
+        channel = await dead.channel()
+        await channel.set_qos(prefetch_count=1)
+        taken: asyncio.Queue[object] = asyncio.Queue()
+        await (await channel.get_queue(queue, ensure=False)).consume(taken.put)  # never acknowledged
+        await asyncio.wait_for(taken.get(), 5)
+        await redis_client.set(lock.key, "the-dead-replica", px=2000)
+    connection = await broker.connect(AMQP_URL)
+    consumer = CommandConsumer(
+        connection, publisher.topology, _reconciler(store, storage, publisher), lock, runs
+    )
+    try:
+        await consumer.start()
+
+        async def finished() -> str | None:
+            record = await runs.get("orphaned")
+            status = record.status if record is not None else None
+            return status if status in ("succeeded", "skipped", "failed") else None
+
+        assert await eventually(finished, within=20) == "succeeded"
+    finally:
+        await consumer.stop()
+        await connection.close()
+    assert await queue_depth(queue) == 0

@@ -5,7 +5,9 @@ of them at a time; prefetch 1 keeps the next command in the broker while a run i
 is acknowledged once its outcome is recorded, whatever it is: a failed run is not retried in a
 loop, the next tick runs again. Recording is best effort: a command left unacknowledged because
 Redis failed would hold every later one back. If the process stops mid-run, the unacknowledged
-command goes to the next active consumer, which runs it again (deletes are safe to repeat).
+command goes to the next active consumer, which runs it again (deletes are safe to repeat). The
+stopped run's lock outlives it by up to its TTL, so a command that comes back waits that long for
+the lock rather than be skipped as if another run were going: it would never run at all.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from imgpipe.runs import RunStatus, RunStore
 from pydantic import ValidationError
 
 from imgpipe_reconciler.lock import LockBusy, RunLock
-from imgpipe_reconciler.reconcile import Reconciler, reconcile_once
+from imgpipe_reconciler.reconcile import Reconciler, Summary, reconcile_once
 
 log = logging.getLogger("imgpipe.reconciler")
 
@@ -93,13 +95,7 @@ class CommandConsumer:
             return
         await self._record(command, "running")
         try:
-            summary = await reconcile_once(
-                self._reconciler,
-                self._lock,
-                dry_run=command.dry_run,
-                run_id=command.run_id,
-                trigger=command.trigger,
-            )
+            summary = await self._run(command, wait_s=self._lock.ttl_s + 1 if message.redelivered else 0)
         except LockBusy:
             await self._record(command, "skipped", error="another reconciliation was running")
         except asyncio.CancelledError:
@@ -110,6 +106,25 @@ class CommandConsumer:
         else:
             await self._record(command, "succeeded", summary=summary.as_dict())
         await _settle(message.ack(), run_id=command.run_id)
+
+    async def _run(self, command: ReconcileCommand, *, wait_s: float) -> Summary:
+        """Run `command`, trying again for the lock for up to `wait_s` (a redelivered command's own
+        earlier run may have died holding it); `LockBusy` once that is over."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + wait_s
+        while True:
+            try:
+                return await reconcile_once(
+                    self._reconciler,
+                    self._lock,
+                    dry_run=command.dry_run,
+                    run_id=command.run_id,
+                    trigger=command.trigger,
+                )
+            except LockBusy:
+                if loop.time() >= give_up:
+                    raise
+                await asyncio.sleep(min(1.0, max(0.0, give_up - loop.time())))
 
     async def _record(self, command: ReconcileCommand, status: RunStatus, **details: object) -> None:
         """Write the run's state; on a Redis error, log it and go on (see the module)."""

@@ -39,6 +39,7 @@ class LockLost(Exception):
 class RunLock:
     def __init__(self, client: aioredis.Redis, namespace: str, ttl_s: int) -> None:
         self.key = f"{namespace}:reconcile:lock"
+        self.ttl_s = ttl_s
         self._redis = client
         self._ttl_ms = ttl_s * 1000
         self._renew = client.register_script(_RENEW)
