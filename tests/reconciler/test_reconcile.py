@@ -20,6 +20,7 @@ from imgpipe.storage import ObjectNotFound, Storage, StorageError
 from imgpipe.store import JobStore, SourceDeleted, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
 from imgpipe_reconciler.reconcile import (
+    DELETING_MARK_S,
     NAMESPACE_MARKER,
     BucketTaken,
     Policy,
@@ -354,20 +355,22 @@ async def test_a_record_nobody_can_read_does_not_stop_the_runs(
     assert await store.redis.exists(store.job_key("unreadable"))  # and that record was left alone
 
 
-async def test_a_failed_delete_lifts_its_marks(
+async def test_a_failed_delete_keeps_its_marks(
     store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
 ) -> None:
-    """S3 fails the DeleteObjects call: nothing is known deleted, so the uploads may take jobs again
-    at once rather than be refused for the marks' ten minutes."""
-    source = f"uploads/{OID}/still-there"
+    """The DeleteObjects call fails (a timeout, the run cancelled): S3 may have deleted all the same
+    (boto3's thread runs on, the answer may be what was lost), so the uploads stay refused to new
+    jobs for the marks' life rather than be given to a job whose source then goes."""
+    source = f"uploads/{OID}/maybe-gone"
     _put(s3, bucket, source)
 
-    async def outage(keys_: list[str]) -> list[str]:
-        assert await store.redis.exists(store.deleting_mark(source))  # marked for this call
-        raise StorageError("storage_unavailable", "S3 DeleteObjects: timed out", transient=True)
+    async def lost_answer(keys_: list[str]) -> list[str]:
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys_]})  # done...
+        raise StorageError("storage_unavailable", "S3 DeleteObjects: timed out", transient=True)  # ...unsaid
 
-    storage.delete_many = outage  # type: ignore[method-assign]
+    storage.delete_many = lost_answer  # type: ignore[method-assign]
     with pytest.raises(StorageError):
         await _reconciler(store, storage, publisher).run(dry_run=False)
-    assert not await store.redis.exists(store.deleting_mark(source))
-    assert (await store.create(_record(source))).applied
+    assert 0 < await store.redis.pttl(store.deleting_mark(source)) <= DELETING_MARK_S * 1000
+    with pytest.raises(SourceDeleted):
+        await store.create(_record(source))

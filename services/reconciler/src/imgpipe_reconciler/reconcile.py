@@ -230,14 +230,11 @@ class Reconciler:
         summary.orphan_bytes += sum(o.size for o in orphans)
         if dry_run or not orphans:
             return
-        uploads = [o.key for o in orphans if _classify(o.key) == "upload"]
-        try:
-            deleted = set(await self._storage.delete_many([o.key for o in orphans]))
-        except BaseException:
-            # Nothing is known to be deleted: the uploads may take jobs again at once, not in 10 minutes.
-            await self._store.unmark_deleting(uploads)
-            raise
-        kept = [key for key in uploads if key not in deleted]
+        # A call that fails (a timeout, the run cancelled) may still delete: boto3's thread goes on,
+        # and S3 may have acted before the answer was lost. Its marks stay, for their 10 minutes.
+        deleted = set(await self._storage.delete_many([o.key for o in orphans]))
+        # What S3 answered it did not delete is still there: jobs may use it again at once.
+        kept = [o.key for o in orphans if o.key not in deleted and _classify(o.key) == "upload"]
         if kept:
             await self._store.unmark_deleting(kept)
         freed = sum(o.size for o in orphans if o.key in deleted)
