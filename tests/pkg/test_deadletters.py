@@ -139,3 +139,44 @@ async def test_the_browse_lock_is_renewed_while_a_browse_runs(
             async with dead._locked():
                 pass
     assert await redis_client.exists(lock) == 0  # released at the end
+
+
+class SlowHoldLimits(Limits):
+    """Its `hold_job` (the step between the reopen and the publish) takes a while, and says so."""
+
+    holding: asyncio.Event
+
+    async def hold_job(self, sub: str, job_id: str) -> None:
+        self.holding.set()
+        await asyncio.sleep(5)
+        await super().hold_job(sub, job_id)
+
+
+async def test_a_replay_cancelled_between_the_reopen_and_the_publish_puts_the_job_back(
+    namespace_: str, redis_client: aioredis.Redis
+) -> None:
+    """The admin's request goes away after the job is reopened but before its publish is sent: the
+    job must be failed again, not left `pending` with no message behind it."""
+    topology = broker.Topology(namespace_, (1, 2))
+    store = JobStore(redis_client, namespace_, retention=timedelta(hours=1))
+    limits = SlowHoldLimits(redis_client, namespace_, ttl_s=3600, calls=store.calls)
+    limits.holding = asyncio.Event()
+    job = await _failed_job(store)
+    connection = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(connection, topology)
+    try:
+        await publisher.open()
+        await publisher.publish_dead(job.model_dump_json().encode(), {}, message_id=job.id, reason="gave up")
+        letters = DeadLetters(connection, topology, store)
+        letters._limits = limits
+        replay = asyncio.create_task(letters.replay([job.id]))
+        await asyncio.wait_for(limits.holding.wait(), 10)
+        replay.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await replay
+    finally:
+        await publisher.close()
+        await connection.close()
+    record = await store.get(job.id)
+    assert record is not None and record.status is JobStatus.FAILED, record
+    assert record.error is not None and record.error.code == "storage_unavailable"

@@ -61,7 +61,7 @@ from imgpipe.broker import (
 )
 from imgpipe.limits import Limits
 from imgpipe.models import JobMessage, JobRecord, JobStatus
-from imgpipe.store import JobStore
+from imgpipe.store import JobStore, Transition
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,22 @@ class DeadLetters:
             result.not_found.extend(job_id for job_id in wanted if job_id not in handled)
         return result
 
+    async def _put_back(self, current: JobRecord, reopening: asyncio.Future[Transition]) -> None:
+        """Undo a replay's reopen, once it has landed, if it was applied: the job is failed again."""
+        try:
+            reopened = await reopening
+        except Exception:
+            return  # not reopened: nothing to undo
+        if not reopened.applied or reopened.record is None or current.error is None:
+            return
+        try:
+            error = current.error
+            await self._store.mark_failed(reopened.record, error.code, error.message, only_if_unchanged=True)
+        except Exception as exc:
+            log.warning(
+                "a replay's job could not be put back: %s", type(exc).__name__, extra={"job_id": current.id}
+            )
+
     async def _replay_one(self, session: _Session, message: AbstractIncomingMessage, job: JobMessage) -> bool:
         current = await self._store.get(job.id)
         if current is None or current.status is not JobStatus.FAILED:
@@ -246,28 +262,25 @@ class DeadLetters:
                 extra={"job_id": job.id},
             )
             return False
-        reopened = await self._store.reopen(current)
-        if not reopened.applied or reopened.record is None:
-            return False
-        await self._limits.hold_job(reopened.record.owner, job.id)
         headers = {ATTEMPT_HEADER: 1}
         request_id = _text((message.headers or {}).get(REQUEST_ID_HEADER)) or job.request_id
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
+        # Its own task, so that a cancel cannot lose sight of a reopen the server has applied.
+        reopening = asyncio.ensure_future(self._store.reopen(current))
         try:
+            reopened = await asyncio.shield(reopening)
+            if not reopened.applied or reopened.record is None:
+                return False
+            await self._limits.hold_job(reopened.record.owner, job.id)
             await session.publish_job(message.body, headers, message_id=job.id)
-        except (BrokerUnavailable, asyncio.CancelledError):
-            # Not known to be in the jobs queue (the broker is away, or the admin's request went
-            # away before the confirm): put the job back as it was, so it does not sit `pending`
-            # until the reconciler times it out. Its dead letter goes back to the queue with the
-            # channel. Shielded: a cancelled replay must still get this far.
-            error = current.error
-            if error is not None:
-                await asyncio.shield(
-                    self._store.mark_failed(
-                        reopened.record, error.code, error.message, only_if_unchanged=True
-                    )
-                )
+        except BaseException:
+            # Reopened, but not known to be in the jobs queue (the broker is away, Redis failed, or
+            # the admin's request went away, anywhere from the reopen to the confirm): put the job
+            # back as it was, so it does not sit `pending` with no message until the reconciler
+            # times it out. Its dead letter goes back to the queue with the channel. Shielded: a
+            # cancelled replay must still get this far.
+            await asyncio.shield(self._put_back(current, reopening))
             raise
         # Acknowledged only after the confirm: a crash in between leaves a duplicate, never a loss.
         await session.ack(message)
