@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from imgpipe.auth import TokenVerifier
 from imgpipe.settings import (
     _DEV_SECRET,
     AmqpSettings,
@@ -96,6 +97,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (AmqpSettings, "IMGPIPE_MAX_ATTEMPTS", "0"),
         (AmqpSettings, "IMGPIPE_MAX_ATTEMPTS", "many"),
         (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "soon"),
+        (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "[]"),  # the first retry failed on it
+        (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "[1, -5]"),  # the queue's declare failed on it
         (RedisSettings, "IMGPIPE_JOB_RETENTION_DAYS", "0"),
         (RedisSettings, "IMGPIPE_REDIS_MAX_CONNECTIONS", "1"),
         (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
@@ -275,6 +278,16 @@ def test_empty_jwks_url_means_the_shared_secret(monkeypatch: pytest.MonkeyPatch)
     settings = load(AuthSettings)
     assert settings.jwt_jwks_url is None
     assert settings.jwt_algorithms == ("HS256",)
+
+
+async def test_empty_audience_and_issuer_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `.env.example` writes them: an empty value demanded an empty claim, a 401 for every token."""
+    monkeypatch.setenv("IMGPIPE_JWT_AUDIENCE", "")
+    monkeypatch.setenv("IMGPIPE_JWT_ISSUER", "")
+    settings = load(AuthSettings)
+    assert (settings.jwt_audience, settings.jwt_issuer) == (None, None)
+    verifier = TokenVerifier(settings)
+    assert (await verifier.verify(verifier.issue("alice"))).sub == "alice"
 
 
 def test_default_secret_still_refused_without_a_jwks(monkeypatch: pytest.MonkeyPatch) -> None:

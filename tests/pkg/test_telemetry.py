@@ -169,6 +169,25 @@ def test_bearer_tokens_and_jwts_are_scrubbed(capsys: pytest.CaptureFixture[str])
     assert line["message"] == f"Authorization: bearer {REDACTED}"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Cred(user='u', password='hunter2hunter2', session_token='FwoGZXIvYXdz')",  # a repr
+        "M(jwt_token='opaque-token-value-123')",
+        'signature="abcdefabcdef"',
+        "password = 'hunter2hunter2'",
+        "token = opaque-token-value-123",
+    ],
+)
+def test_quoted_and_spaced_assignments_are_scrubbed(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Dataclass and pydantic reprs write `key='value'`: how secrets most often reach an error text."""
+    setup_logging("api", env="production")
+    err, [logged] = _logged(capsys, line)
+    for secret in ("hunter2hunter2", "FwoGZXIvYXdz", "opaque-token-value-123", "abcdefabcdef"):
+        assert secret not in err
+    assert REDACTED in logged["message"]
+
+
 def test_query_tokens_are_scrubbed(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("status", env="production")
     err, [line] = _logged(
@@ -382,6 +401,10 @@ def fail():
 thread = threading.Thread(target=fail, name="renderer")
 thread.start()
 thread.join()
+class Finalised:
+    def __del__(self):
+        raise OSError("in a finalizer")
+Finalised()  # Python cannot raise this one: it goes to sys.unraisablehook
 raise ValueError("IMGPIPE_JWT_SECRET is too short")
 """
 
@@ -397,13 +420,16 @@ def test_uncaught_exceptions_and_warnings_are_json_lines(env: str) -> None:
     assert [(line["logger"], line["level"]) for line in lines] == [
         ("py.warnings", "WARNING"),
         ("imgpipe.uncaught", "ERROR"),
+        ("imgpipe.uncaught", "ERROR"),
         ("imgpipe.uncaught", "CRITICAL"),
     ]
     assert "a deprecated call" in lines[0]["message"]
     assert lines[1]["message"] == "uncaught exception in thread renderer"
+    assert lines[2]["message"].startswith("exception ignored in ")
     if env == "production":
         assert lines[1]["error"] == "RuntimeError: in a thread"
-        assert lines[2]["error"] == "ValueError: IMGPIPE_JWT_SECRET is too short"
+        assert lines[2]["error"] == "OSError: in a finalizer"
+        assert lines[3]["error"] == "ValueError: IMGPIPE_JWT_SECRET is too short"
         assert "Traceback" not in done.stderr
     else:
-        assert "Traceback" in lines[2]["exc_info"] and "too short" in lines[2]["exc_info"]
+        assert "Traceback" in lines[3]["exc_info"] and "too short" in lines[3]["exc_info"]

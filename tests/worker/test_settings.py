@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from imgpipe.settings import ConfigError, load
+from imgpipe_worker import settings as settings_module
 from imgpipe_worker.settings import WorkerSettings, available_cpus
 
 
@@ -67,3 +68,11 @@ def test_the_default_concurrency_is_the_cpus_the_worker_can_use(
         path.write_text(cpu_max)
     usable = len(os.sched_getaffinity(0))
     assert available_cpus(path) == (usable if cap is None else min(usable, cap))
+
+
+def test_the_default_concurrency_fits_its_bound_on_a_large_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """96 CPUs and no cgroup limit: the default (one render slot a CPU) is capped at the bound, not
+    refused as if IMGPIPE_WORKER_CONCURRENCY had been set too high."""
+    monkeypatch.delenv("IMGPIPE_WORKER_CONCURRENCY", raising=False)
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: 96)
+    assert load(WorkerSettings).worker_concurrency == 64

@@ -47,6 +47,18 @@ class AmqpSettings(BaseSettings):
     #: Back-off before each retry, in seconds; the last value repeats.
     retry_delays_s: tuple[int, ...] = (1, 5, 30, 120)
 
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _delays(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        # Empty failed the first retry (nothing to wait), a negative one the queue's declare, both
+        # long after start-up and without naming the variable.
+        if not 1 <= len(value) <= 20 or not all(0 <= delay <= 86_400 for delay in value):
+            raise ValueError("1 to 20 delays, each 0 to 86400 seconds")
+        return value
+
+
+_EMPTY_IS_UNSET = frozenset({"jwt_audience", "jwt_issuer", "jwt_jwks_url"})
+
 
 class RedisSettings(BaseSettings):
     model_config = _config()
@@ -110,6 +122,9 @@ class AuthSettings(BaseSettings):
         # Cognito and Keycloak sign with) with a JWKS. An empty variable means unset.
         if not isinstance(data, dict):
             return data
+        # `.env.example` lists these empty: an empty audience or issuer demanded an empty claim of
+        # every token (each one a 401), not none.
+        data = {k: v for k, v in data.items() if not (k in _EMPTY_IS_UNSET and v == "")}
         if not data.get("jwt_jwks_url"):
             return {k: v for k, v in data.items() if k != "jwt_jwks_url"}
         if "jwt_algorithms" not in data:

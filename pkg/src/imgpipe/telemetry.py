@@ -114,7 +114,8 @@ _RULES = (
     # - quoted, as in JSON and Python reprs: {"x-amz-signature": "…"}, {'X-Amz-Security-Token': b'…'};
     rf"(?P<quoted>\\?[\"']{_GAP}:{_GAP}b?\\?[\"'])[^\"'\\]+"
     # - in query strings, forms and headers: access_token=…, X-Amz-Signature=…, Credential=…;
-    r"|(?P<assign>=)[^\s\"'\\&,;<>#)\]}]+"
+    # (also `password = 'x'` and `token="x"`, as dataclass and pydantic reprs write them);
+    rf"|(?P<assign>{_GAP}={_GAP}\\?[\"']?)[^\s\"'\\&,;<>#)\]}}]+"
     # - `Signature:\n<hex>` (botocore at DEBUG): long values only, so that ordinary sentences such as
     #   "token: Signature has expired" stay readable.
     rf"|(?P<colon>{_GAP}:{_GAP})[A-Za-z0-9+/=_.~%-]{{16,}})",
@@ -245,6 +246,7 @@ def setup_logging(service: str, *, env: str, level: str = "INFO", secrets: Itera
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
 
 
 _UNCAUGHT = logging.getLogger("imgpipe.uncaught")
@@ -255,6 +257,17 @@ def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: Any) -> Non
         sys.__excepthook__(kind, exc, tb)
         return
     _UNCAUGHT.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_unraisable(args: Any) -> None:
+    """An exception Python could not raise (in a `__del__`, a finalizer): logged, not printed."""
+    if args.exc_type is None:
+        return
+    _UNCAUGHT.error(
+        "exception ignored in %s",
+        args.err_msg or repr(args.object),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )
 
 
 def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:

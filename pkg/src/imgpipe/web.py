@@ -96,11 +96,14 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = error_response(503, "store_unavailable", "the job store is unavailable; retry later")
         except StorageError as exc:
             if not exc.transient:
-                raise
-            log.warning("storage unavailable: %s", exc.message)
-            response = error_response(
-                503, "storage_unavailable", "object storage is unavailable; retry later"
-            )
+                # Not an outage: a bug or an answer we cannot use. Still the JSON shape and our log.
+                log.error("storage error: %s", exc.message, extra={"path": request.path})
+                response = error_response(500, "internal_error", "an internal error occurred")
+            else:
+                log.warning("storage unavailable: %s", exc.message)
+                response = error_response(
+                    503, "storage_unavailable", "object storage is unavailable; retry later"
+                )
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -111,6 +114,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             }
             response = error_response(exc.status, code, exc.reason or code, kept or None)
         except (asyncio.CancelledError, ConnectionResetError):
+            status = 499  # the client went away (nginx's code): not a server error in the metrics
             raise
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})

@@ -33,7 +33,8 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", frozen=True)
 
     #: Renders at once in one worker process; it holds one message more (the next job downloading).
-    worker_concurrency: int = Field(default_factory=available_cpus, ge=1, le=64)
+    # Capped: the default must pass its own bound on a host with more CPUs than that.
+    worker_concurrency: int = Field(default_factory=lambda: min(available_cpus(), 64), ge=1, le=64)
     #: Threads libvips may use for one image; jobs already run in parallel, so 1 is usually best.
     vips_concurrency: int = Field(default=1, ge=1, le=64)
     #: Wall-clock limit for one job, fetch to upload.

@@ -1,0 +1,55 @@
+"""The shared web layer in-process: what the middleware answers and counts for requests that go wrong."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from imgpipe.storage import StorageError
+from imgpipe.web import base_app
+from prometheus_client import REGISTRY
+
+from tests.stack import local_http
+from tests.worker.test_consumer import eventually
+
+
+def _requests(route: str, status: str) -> float:
+    labels = {"service": "webtest", "method": "GET", "route": route, "status": status}
+    return REGISTRY.get_sample_value("imgpipe_http_requests_total", labels) or 0.0
+
+
+async def test_a_storage_error_no_retry_helps_is_a_json_500(http: aiohttp.ClientSession) -> None:
+    """Not an outage (S3 answered something we cannot use): still the JSON shape and a request id,
+    not aiohttp's plain-text page."""
+
+    async def broken(_: web.Request) -> web.Response:
+        raise StorageError("storage_error", "S3 HEAD 'k': no usable size or date", transient=False)
+
+    app = base_app("webtest", environment="test")
+    app.router.add_get("/broken", broken)
+    async with local_http(app) as base, http.get(f"{base}/broken") as response:
+        assert response.status == 500
+        assert (await response.json())["error"]["code"] == "internal_error"
+        assert response.headers["X-Request-ID"]
+
+
+async def test_a_client_that_goes_away_is_not_counted_as_a_server_error() -> None:
+    """Counted 500, it set off the 5xx alert for clients that merely hung up."""
+    started = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    app = base_app("webtest", environment="test")
+    app.router.add_get("/slow", slow)
+    before = _requests("/slow", "500"), _requests("/slow", "499")
+    async with local_http(app, handler_cancellation=True) as base:
+        async with aiohttp.ClientSession() as impatient:
+            request = asyncio.create_task(impatient.get(f"{base}/slow"))
+            await asyncio.wait_for(started.wait(), 5)
+            request.cancel()
+        await eventually(lambda: _requests("/slow", "499") == before[1] + 1)
+    assert _requests("/slow", "500") == before[0]
