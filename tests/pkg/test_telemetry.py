@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -433,3 +434,16 @@ def test_uncaught_exceptions_and_warnings_are_json_lines(env: str) -> None:
         assert "Traceback" not in done.stderr
     else:
         assert "Traceback" in lines[3]["exc_info"] and "too short" in lines[3]["exc_info"]
+
+
+@pytest.mark.parametrize("service", ["imgpipe_api", "imgpipe_status", "imgpipe_worker", "imgpipe_reconciler"])
+def test_a_refused_common_setting_is_a_json_line_without_a_trace(service: str) -> None:
+    """`IMGPIPE_ENV` itself is wrong: logging is set up before it is read, as for no trace."""
+    env = {**os.environ, "IMGPIPE_ENV": "prod"}  # neither a known environment nor local
+    done = subprocess.run(
+        [sys.executable, "-m", service, "--port", "1"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode != 0
+    lines = _lines(done.stderr)  # fails on any line that is not JSON
+    assert "Traceback" not in done.stderr
+    assert any("IMGPIPE_ENV" in line.get("error", "") for line in lines), lines

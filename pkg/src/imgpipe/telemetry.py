@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client import Counter, Gauge, Histogram
 from pythonjsonlogger.json import JsonFormatter
 
+from imgpipe.settings import LOCAL_ENVIRONMENTS, CommonSettings, load
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
@@ -215,6 +217,19 @@ class _Formatter(JsonFormatter):
     def format(self, record: logging.LogRecord) -> str:
         # The finished line, so the message, every `extra` field and the exception text are covered.
         return self._redact(super().format(record))
+
+
+def start_logging(service: str) -> CommonSettings:
+    """A service's first step: its logging, then its common settings, then its logging as they say.
+
+    Logging comes first so that a refused common setting (a bad `IMGPIPE_ENV` itself) is a JSON line
+    too; until the settings are read, an environment not known to be local or test gets no traces.
+    """
+    raw = os.environ.get("IMGPIPE_ENV", "local")
+    setup_logging(service, env=raw if raw in LOCAL_ENVIRONMENTS else "production")
+    common = load(CommonSettings)
+    setup_logging(service, env=common.env, level=common.log_level)
+    return common
 
 
 def setup_logging(service: str, *, env: str, level: str = "INFO", secrets: Iterable[str] = ()) -> None:

@@ -30,7 +30,6 @@ from imgpipe.models import JobMessage, JobRecord, JobRequest, JobStatus, KeySour
 from imgpipe.settings import (
     AmqpSettings,
     AuthSettings,
-    CommonSettings,
     LimitSettings,
     RedisSettings,
     S3Settings,
@@ -39,7 +38,7 @@ from imgpipe.settings import (
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
 from imgpipe.store import Claim, Grant, IdempotencyConflict, SourceDeleted
-from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, setup_logging
+from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, start_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -448,8 +447,7 @@ async def _quotas(app: web.Application) -> AsyncIterator[None]:
 
 async def create_app() -> web.Application:
     """The api application; every setting comes from the environment."""
-    common = load(CommonSettings)
-    setup_logging("api", env=common.env, level=common.log_level)
+    common = start_logging("api")
     auth = load(AuthSettings)
     limits = load(LimitSettings)
     app = base_app("api", environment=common.env, client_max_size=64 * 1024, openapi=openapi.document())

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from imgpipe import resources
 from imgpipe.runs import RunStore
-from imgpipe.settings import AmqpSettings, CommonSettings, RedisSettings, S3Settings, load
-from imgpipe.telemetry import setup_logging
+from imgpipe.settings import AmqpSettings, RedisSettings, S3Settings, load
+from imgpipe.telemetry import start_logging
 from imgpipe.web import base_app
 
 from imgpipe_reconciler.consumer import CommandConsumer
@@ -59,8 +59,7 @@ def _reconciler_ctx(settings: ReconcileSettings, namespace: str):
 
 async def create_app() -> web.Application:
     """The reconciler application; every setting comes from the environment."""
-    common = load(CommonSettings)
-    setup_logging("reconciler", env=common.env, level=common.log_level)
+    common = start_logging("reconciler")
     settings = load(ReconcileSettings)
     app = base_app("reconciler", environment=common.env)
     app.cleanup_ctx.extend(

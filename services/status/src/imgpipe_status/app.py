@@ -22,8 +22,8 @@ from aiohttp import HttpVersion11, web
 from imgpipe import resources
 from imgpipe.auth import Principal, TokenVerifier
 from imgpipe.models import JobRecord
-from imgpipe.settings import AuthSettings, CommonSettings, RedisSettings, S3Settings, load
-from imgpipe.telemetry import SSE_CONNECTIONS, job_id_var, request_id_var, setup_logging
+from imgpipe.settings import AuthSettings, RedisSettings, S3Settings, load
+from imgpipe.telemetry import SSE_CONNECTIONS, job_id_var, request_id_var, start_logging
 from imgpipe.web import READINESS, VERIFIER, ApiError, authenticate, base_app
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -183,8 +183,7 @@ def _raise_fd_limit() -> None:
 
 async def create_app() -> web.Application:
     """The status application; every setting comes from the environment."""
-    common = load(CommonSettings)
-    setup_logging("status", env=common.env, level=common.log_level)
+    common = start_logging("status")
     app = base_app("status", environment=common.env, openapi=openapi.document())
     _raise_fd_limit()
     app[VERIFIER] = TokenVerifier(load(AuthSettings))

@@ -8,14 +8,13 @@ from aiohttp import web
 from imgpipe import resources
 from imgpipe.settings import (
     AmqpSettings,
-    CommonSettings,
     LimitSettings,
     RedisSettings,
     S3Settings,
     UrlSourceSettings,
     load,
 )
-from imgpipe.telemetry import setup_logging
+from imgpipe.telemetry import start_logging
 from imgpipe.web import READINESS, base_app
 
 from imgpipe_worker import imaging
@@ -74,8 +73,7 @@ def _consumer_ctx(config: ConsumerConfig):
 
 async def create_app() -> web.Application:
     """The worker application; every setting comes from the environment."""
-    common = load(CommonSettings)
-    setup_logging("worker", env=common.env, level=common.log_level)
+    common = start_logging("worker")
     worker = load(WorkerSettings)
     amqp = load(AmqpSettings)
     imaging.configure_libvips(concurrency=worker.vips_concurrency)
