@@ -596,6 +596,8 @@ refuse "/metrics/serviceMonitor/enabled" --set metrics.serviceMonitor.enabled=ma
 refuse "/reconciler/cron" --set reconciler.cron=hourly
 refuse "reconciler.graceSeconds (600) must be at least" --set reconciler.graceSeconds=600
 refuse "reconciler.stuckProcessingSeconds (100) must be longer" --set reconciler.stuckProcessingSeconds=100
+# Over one job's time limit, but not over its every attempt and back-off (5 x 120 + 1 + 5 + 30 + 120).
+refuse "reconciler.stuckProcessingSeconds (700) must be longer than config.maxAttempts x worker.jobTimeoutSeconds plus the config.retryDelaysSeconds between them (756)" --set reconciler.stuckProcessingSeconds=700
 refuse "does not match pattern '^IMGPIPE_RECONCILE_" --set reconciler.config.OTHER_VAR=1
 refuse "/api/livenessProbe/successThreshold" --set api.livenessProbe.successThreshold=2
 refuse "/api/pdb/minAvailable" --set api.pdb.minAvailable=half

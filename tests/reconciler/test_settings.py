@@ -15,7 +15,19 @@ def test_defaults_cover_an_upload_window(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = load(ReconcileSettings)
     assert settings.reconcile_cron == "0 * * * *"
     assert settings.reconcile_grace_seconds >= settings.presign_ttl_s + settings.job_timeout_s
-    assert settings.stuck_processing_s > settings.job_timeout_s
+    assert settings.stuck_processing_s > settings.longest_processing_s() == 5 * 120 + 1 + 5 + 30 + 120
+
+
+def test_a_stuck_processing_time_a_retrying_job_outlasts_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job keeps `processing`, unchanged, through every attempt and back-off: a shorter limit
+    would fail jobs that are still being retried."""
+    monkeypatch.setenv("IMGPIPE_ENV", "production")
+    monkeypatch.setenv("IMGPIPE_STUCK_PROCESSING_S", "300")  # over one job's 120 s, under 756 s
+    with pytest.raises(ConfigError, match=r"IMGPIPE_STUCK_PROCESSING_S.*IMGPIPE_MAX_ATTEMPTS.*\(756\)"):
+        load(ReconcileSettings)
+    monkeypatch.setenv("IMGPIPE_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("IMGPIPE_RETRY_DELAYS_S", "[10]")
+    assert load(ReconcileSettings).longest_processing_s() == 2 * 120 + 10  # 250 < 300: accepted
 
 
 def test_a_short_grace_is_refused_outside_test(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,16 @@ class ReconcileSettings(BaseSettings):
     # the grace period covers an upload's whole window (the worker package is not a dependency).
     presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
     job_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # And AmqpSettings': a job retrying stays `processing`, unchanged, through all its attempts.
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    retry_delays_s: tuple[int, ...] = (1, 5, 30, 120)
+
+    def longest_processing_s(self) -> float:
+        """How long a job may stay `processing`, unchanged, while it is still being worked on: every
+        attempt's time limit and every back-off between them (the last delay repeats)."""
+        delays = self.retry_delays_s or (0,)
+        waits = sum(delays[min(i, len(delays) - 1)] for i in range(self.max_attempts - 1))
+        return self.max_attempts * self.job_timeout_s + waits
 
     @field_validator("reconcile_cron")
     @classmethod
@@ -50,10 +60,12 @@ class ReconcileSettings(BaseSettings):
                 f"IMGPIPE_RECONCILE_GRACE_SECONDS must be at least IMGPIPE_PRESIGN_TTL_S + "
                 f"IMGPIPE_JOB_TIMEOUT_S ({minimum}) when IMGPIPE_ENV={self.env}"
             )
-        if self.env not in LOCAL_ENVIRONMENTS and self.stuck_processing_s <= self.job_timeout_s:
+        longest = self.longest_processing_s()
+        if self.env not in LOCAL_ENVIRONMENTS and self.stuck_processing_s <= longest:
             raise ValueError(
-                f"IMGPIPE_STUCK_PROCESSING_S must be longer than IMGPIPE_JOB_TIMEOUT_S "
-                f"({self.job_timeout_s:g}) when IMGPIPE_ENV={self.env}"
+                f"IMGPIPE_STUCK_PROCESSING_S must be longer than IMGPIPE_MAX_ATTEMPTS x "
+                f"IMGPIPE_JOB_TIMEOUT_S plus the IMGPIPE_RETRY_DELAYS_S between them ({longest:g}) "
+                f"when IMGPIPE_ENV={self.env}"
             )
         return self
 
