@@ -100,6 +100,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "[]"),  # the first retry failed on it
         (AmqpSettings, "IMGPIPE_RETRY_DELAYS_S", "[1, -5]"),  # the queue's declare failed on it
         (RedisSettings, "IMGPIPE_JOB_RETENTION_DAYS", "0"),
+        (RedisSettings, "IMGPIPE_REDIS_URL", "redis//:pw@127.0.0.1:6379/15"),  # a missing colon
+        (RedisSettings, "IMGPIPE_REDIS_URL", "http://127.0.0.1:6379/0"),
         (RedisSettings, "IMGPIPE_REDIS_MAX_CONNECTIONS", "1"),
         (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
         (S3Settings, "IMGPIPE_S3_FORCE_PATH_STYLE", "maybe"),
@@ -121,6 +123,7 @@ def test_load_names_the_bad_variable(
     message = str(info.value)
     assert message.startswith(f"invalid configuration: {variable}: "), message
     assert "validation error" not in message  # one readable line, not pydantic's dump
+    assert ":pw@" not in message  # a URL's password is not repeated
 
 
 def test_load_names_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -68,6 +69,16 @@ class RedisSettings(BaseSettings):
     redis_max_connections: int = Field(default=64, ge=2, le=10_000)
     #: How long a job record is kept after its last change.
     job_retention_days: int = Field(default=7, ge=1, le=3650)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        # Checked here so that the error names the variable (redis-py's own, at the first call,
+        # does not); the value is not repeated, as it may hold a password.
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise ValueError("must be redis://[:password@]host[:port][/db], rediss://… or unix://…")
+        return value
 
 
 class S3Settings(BaseSettings):
