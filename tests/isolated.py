@@ -143,21 +143,24 @@ def without_urls(view: dict[str, Any]) -> dict[str, Any]:
 
 
 class BrokerProxy:
-    """A TCP relay to RabbitMQ that a test can cut or stall: the broker's outage as one process sees it."""
+    """A TCP relay to RabbitMQ (or to `target`, another local port) that a test can cut or stall: the
+    server's outage as one process sees it, with the server itself, and what it holds, untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: int = 5672) -> None:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._target = target
         self.port = 0
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        """Listen on `port` (by default a free one; after `cut`, the same one again: the outage ends)."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", port or self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers |= {client_writer, broker_writer}
 
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

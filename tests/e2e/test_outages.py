@@ -43,7 +43,7 @@ import redis.asyncio as aioredis
 from imgpipe.models import JobStatus
 from imgpipe.store import JobStore
 
-from tests.isolated import fresh_namespace, start_unready
+from tests.isolated import BrokerProxy, fresh_namespace, start_unready
 from tests.stack import (
     BUCKET,
     Client,
@@ -620,21 +620,26 @@ async def test_s3_outage_is_503_and_the_worker_retries_until_it_is_back(
     port = free_port()
     moto, url = await asyncio.to_thread(start_moto, port=port)
     await asyncio.to_thread(_bucket, url)
+    # The services reach S3 through a relay: cut, S3 is out of reach for them, and comes back with
+    # everything it held (a restarted moto would come back empty, and a retry could find the
+    # source missing before the test had put it back).
+    relay = BrokerProxy(target=port)
+    await relay.start()
     env = {
         **base_env,
         "IMGPIPE_NAMESPACE": fresh_namespace(),
-        "IMGPIPE_S3_ENDPOINT_URL": url,
+        "IMGPIPE_S3_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}",
         "IMGPIPE_MAX_ATTEMPTS": "6",  # retries 1 s, then 2 s apart: about 9 s for S3 to come back
     }
     stack = Stack(env)
     try:
-        _start_all(stack, tmp_path, ("api", "status"))  # no worker yet: the job waits in the queue
+        # In a thread: the relay runs on this event loop, and must answer their readiness checks.
+        await asyncio.to_thread(_start_all, stack, tmp_path, ("api", "status"))  # no worker: the job waits
         client = Client(http, stack, "alice")
         key = await client.upload(picture)
         job = await client.submit({"key": key}, ["thumb"])
 
-        moto.kill()
-        await asyncio.to_thread(moto.wait)
+        await relay.cut()
         body = await _until_ready(http, stack.services["api"], 503, within=20)
         assert body["checks"]["s3"].startswith("error"), body
         started = time.monotonic()
@@ -656,16 +661,14 @@ async def test_s3_outage_is_503_and_the_worker_retries_until_it_is_back(
             )
 
         await eventually(parked, within=30)
-        # S3 is back (empty, as moto starts): the source is there again, and a retry finds it.
-        moto, _ = await asyncio.to_thread(start_moto, port=port)
-        s3 = await asyncio.to_thread(_bucket, url)
-        await asyncio.to_thread(s3.put_object, Bucket=BUCKET, Key=key, Body=picture, ContentType="image/jpeg")
+        await relay.start()  # S3 is back, its source with it: a retry finds it
         done = await client.wait(job["id"], within=60)
         assert done["status"] == "succeeded", done
         await _until_ready(http, stack.services["api"], 200, within=20)
     finally:
         for service in stack.services.values():
             stack.stop(service)
+        await relay.cut()
         moto.kill()
         moto.wait()
         await asyncio.to_thread(drop_namespace, env["IMGPIPE_NAMESPACE"])
