@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from aio_pika.connection import make_url
 
 from imgpipe.models import JobMessage, ReconcileCommand
+from imgpipe.settings import retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Topology:
 
     def retry_delay(self, attempt: int) -> int:
         """Back-off before delivery number `attempt + 1`; the last configured delay repeats."""
-        return self.retry_delays_s[min(max(attempt, 1), len(self.retry_delays_s)) - 1]
+        return retry_delay(self.retry_delays_s, attempt)
 
     def queue_names(self) -> list[str]:
         return [

@@ -7,10 +7,18 @@ an error that names the exact variable (see `load`).
 from __future__ import annotations
 
 import re
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from imgpipe.urlsafety import IPNetwork, parse_networks
@@ -39,23 +47,32 @@ class CommonSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+def _retry_delays(value: tuple[int, ...]) -> tuple[int, ...]:
+    # Empty failed the first retry (nothing to wait), a negative one the queue's declare, both long
+    # after start-up and without naming the variable.
+    if not 1 <= len(value) <= 20 or not all(0 <= delay <= 86_400 for delay in value):
+        raise ValueError("1 to 20 delays, each 0 to 86400 seconds")
+    return value
+
+
+#: `IMGPIPE_RETRY_DELAYS_S`: the back-off before each retry, in seconds; the last value repeats.
+RetryDelays = Annotated[tuple[int, ...], AfterValidator(_retry_delays)]
+#: `IMGPIPE_MAX_ATTEMPTS`: attempts (first delivery included) before a transiently failing job is
+#: dead-lettered.
+MaxAttempts = Annotated[int, Field(ge=1, le=50)]
+
+
+def retry_delay(delays: tuple[int, ...], attempt: int) -> int:
+    """The back-off before delivery number `attempt + 1`: the last configured delay repeats."""
+    return delays[min(max(attempt, 1), len(delays)) - 1]
+
+
 class AmqpSettings(BaseSettings):
     model_config = _config()
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    #: Attempts (first delivery included) before a transiently failing job is dead-lettered.
-    max_attempts: int = Field(default=5, ge=1, le=50)
-    #: Back-off before each retry, in seconds; the last value repeats.
-    retry_delays_s: tuple[int, ...] = (1, 5, 30, 120)
-
-    @field_validator("retry_delays_s")
-    @classmethod
-    def _delays(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        # Empty failed the first retry (nothing to wait), a negative one the queue's declare, both
-        # long after start-up and without naming the variable.
-        if not 1 <= len(value) <= 20 or not all(0 <= delay <= 86_400 for delay in value):
-            raise ValueError("1 to 20 delays, each 0 to 86400 seconds")
-        return value
+    max_attempts: MaxAttempts = 5
+    retry_delays_s: RetryDelays = (1, 5, 30, 120)
 
 
 _EMPTY_IS_UNSET = frozenset({"jwt_audience", "jwt_issuer", "jwt_jwks_url"})

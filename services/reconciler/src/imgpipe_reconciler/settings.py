@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from apscheduler.triggers.cron import CronTrigger
-from imgpipe.settings import LOCAL_ENVIRONMENTS, Environment
+from imgpipe.settings import LOCAL_ENVIRONMENTS, Environment, MaxAttempts, RetryDelays, retry_delay
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -34,14 +34,13 @@ class ReconcileSettings(BaseSettings):
     presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
     job_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     # And AmqpSettings': a job retrying stays `processing`, unchanged, through all its attempts.
-    max_attempts: int = Field(default=5, ge=1, le=50)
-    retry_delays_s: tuple[int, ...] = (1, 5, 30, 120)
+    max_attempts: MaxAttempts = 5
+    retry_delays_s: RetryDelays = (1, 5, 30, 120)
 
     def longest_processing_s(self) -> float:
         """How long a job may stay `processing`, unchanged, while it is still being worked on: every
-        attempt's time limit and every back-off between them (the last delay repeats)."""
-        delays = self.retry_delays_s or (0,)
-        waits = sum(delays[min(i, len(delays) - 1)] for i in range(self.max_attempts - 1))
+        attempt's time limit and every back-off between them."""
+        waits = sum(retry_delay(self.retry_delays_s, attempt) for attempt in range(1, self.max_attempts))
         return self.max_attempts * self.job_timeout_s + waits
 
     @field_validator("reconcile_cron")
