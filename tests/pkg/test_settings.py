@@ -149,7 +149,7 @@ def test_load_names_an_aliased_variable(monkeypatch: pytest.MonkeyPatch) -> None
     assert str(info.value).startswith("invalid configuration: AWS_REGION: ")
 
 
-@pytest.mark.parametrize("secret", [None, _DEV_SECRET, "short-but-not-default", "x" * 31])
+@pytest.mark.parametrize("secret", [None, "", _DEV_SECRET, "short-but-not-default", "x" * 31])
 @pytest.mark.parametrize("env", ["production", "staging"])
 def test_weak_jwt_secret_refused_outside_local(
     monkeypatch: pytest.MonkeyPatch, env: str, secret: str | None
@@ -177,6 +177,14 @@ def test_strong_jwt_secret_accepted_in_production(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("env", ["local", "test"])
 def test_default_jwt_secret_tolerated_locally(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
     monkeypatch.setenv("IMGPIPE_ENV", env)
+    assert load(AuthSettings).jwt_secret.get_secret_value() == _DEV_SECRET
+
+
+def test_an_empty_jwt_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `.env.example` lists IMGPIPE_JWT_SECRET empty: copied as is, it must not key HS256 with no key
+    # (where any token could be forged), but mean the development default, as if it were not there.
+    monkeypatch.setenv("IMGPIPE_ENV", "local")
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "")
     assert load(AuthSettings).jwt_secret.get_secret_value() == _DEV_SECRET
 
 

@@ -75,7 +75,8 @@ class AmqpSettings(BaseSettings):
     retry_delays_s: RetryDelays = (1, 5, 30, 120)
 
 
-_EMPTY_IS_UNSET = frozenset({"jwt_audience", "jwt_issuer", "jwt_jwks_url"})
+#: `.env.example` lists these empty; an empty value means the variable is not set.
+_EMPTY_IS_UNSET = frozenset({"jwt_secret", "jwt_audience", "jwt_issuer", "jwt_jwks_url"})
 
 
 class RedisSettings(BaseSettings):
@@ -150,8 +151,8 @@ class AuthSettings(BaseSettings):
         # Cognito and Keycloak sign with) with a JWKS. An empty variable means unset.
         if not isinstance(data, dict):
             return data
-        # `.env.example` lists these empty: an empty audience or issuer demanded an empty claim of
-        # every token (each one a 401), not none.
+        # An empty audience or issuer demanded an empty claim of every token (each one a 401), not
+        # none; an empty secret keyed HS256 with no key at all, so anyone could mint a local token.
         data = {k: v for k, v in data.items() if not (k in _EMPTY_IS_UNSET and v == "")}
         if not data.get("jwt_jwks_url"):
             return {k: v for k, v in data.items() if k != "jwt_jwks_url"}
