@@ -220,15 +220,16 @@ async def _malformed(url: str, token: str) -> None:
         await writer.wait_closed()
 
 
-async def _side_door_jobs(stack: Stack, keys: Secrets, source_job: str) -> dict[str, str]:
-    """Two jobs published straight to the jobs exchange, each with the request id in only one place.
+async def _side_door_jobs(stack: Stack, keys: Secrets, source_job: str) -> dict[str, str | None]:
+    """Jobs published straight to the jobs exchange, each with the request id in only one place.
 
     The api always sets both; an older api or another publisher may set only one, and the worker
-    must still put it on its lines. Returns job id → the request id its lines must carry.
+    must still put it on its lines (unless it is not a sane id). Returns job id → the request id its
+    lines must carry.
     """
     namespace = stack.env["IMGPIPE_NAMESPACE"]
     client = aioredis.from_url(_with_password(REDIS_URL, keys.redis_password))
-    expected: dict[str, str] = {}
+    expected: dict[str, str | None] = {}
     try:
         store = JobStore(client, namespace, retention=timedelta(days=1))
         template = await store.get(source_job)
@@ -237,8 +238,9 @@ async def _side_door_jobs(stack: Stack, keys: Secrets, source_job: str) -> dict[
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(Topology(namespace).jobs_exchange)
-            for where in ("header", "body"):
+            for where in ("header", "body", "bad-header"):
                 job_id, rid = uuid.uuid4().hex, _rid(f"only-in-{where}")
+                sent: str | None = rid
                 now = datetime.now(UTC)
                 record = template.model_copy(
                     update={
@@ -261,6 +263,11 @@ async def _side_door_jobs(stack: Stack, keys: Secrets, source_job: str) -> dict[
                 headers: dict[str, Any] = {ATTEMPT_HEADER: 1}
                 if where == "header":
                     headers[REQUEST_ID_HEADER] = rid
+                if where == "bad-header":
+                    # Not an id a client could have sent (X-Request-ID is refused in this shape):
+                    # the worker's lines carry none rather than a forged or unbounded one.
+                    headers[REQUEST_ID_HEADER] = f'{rid}" \n{"x" * 300}'
+                    sent = None
                 await exchange.publish(
                     aio_pika.Message(
                         message.model_dump_json().encode(),
@@ -272,7 +279,7 @@ async def _side_door_jobs(stack: Stack, keys: Secrets, source_job: str) -> dict[
                     routing_key=JOB_ROUTING_KEY,
                     mandatory=True,
                 )
-                expected[job_id] = rid
+                expected[job_id] = sent
         for job_id in expected:
             record = await _terminal(store, job_id)
             assert record.status is JobStatus.SUCCEEDED, record

@@ -26,6 +26,20 @@ from imgpipe.settings import LOCAL_ENVIRONMENTS, CommonSettings, load
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def clean_request_id(value: object) -> str | None:
+    """`value` if it is a sane request id (what a client or another publisher sent), else None.
+
+    Ids come from outside (X-Request-ID, an AMQP header) and end up on every log line of the request
+    or job: a bounded, plain one is kept, anything else is dropped rather than logged.
+    """
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+
+
 # Buckets sized for image work: tens of milliseconds up to the job time limit.
 _JOB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 

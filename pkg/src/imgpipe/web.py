@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,7 +25,7 @@ from imgpipe.auth import AuthError, Principal, TokenVerifier, bearer_token
 from imgpipe.openapi import add_routes as add_openapi_routes
 from imgpipe.openapi import health_document
 from imgpipe.storage import StorageError
-from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, request_id_var
+from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, clean_request_id, request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ ENVIRONMENT = web.AppKey("environment", str)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 READINESS = web.AppKey("readiness", dict)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _DEFAULT_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -73,8 +71,7 @@ def error_response(
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id (taken from X-Request-ID when sane), JSON errors and HTTP metrics."""
-    incoming = request.headers.get("X-Request-ID", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = clean_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
     token = request_id_var.set(request_id)
     service = request.app[SERVICE]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"

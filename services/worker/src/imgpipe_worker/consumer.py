@@ -46,6 +46,7 @@ from imgpipe.telemetry import (
     JOBS_SUCCEEDED,
     VARIANT_SECONDS,
     WORKER_CONCURRENCY,
+    clean_request_id,
     job_id_var,
     request_id_var,
 )
@@ -183,7 +184,7 @@ class Consumer:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
         attempt = _attempt(headers)
-        request_id_var.set(str(headers.get(REQUEST_ID_HEADER) or "") or None)
+        request_id_var.set(clean_request_id(headers.get(REQUEST_ID_HEADER)))
         try:
             job = JobMessage.model_validate_json(message.body)
         except ValidationError as exc:
@@ -196,7 +197,7 @@ class Consumer:
                 log.warning("could not reject: %s", type(exc).__name__)
             return
         job_id_var.set(job.id)
-        if job.request_id:
+        if clean_request_id(job.request_id):
             request_id_var.set(job.request_id)
         if attempt == 1 and not message.redelivered:  # a redelivery's wait includes a lost worker's time
             JOB_STAGE["queued"].observe(_since_accepted(job.created_at))
