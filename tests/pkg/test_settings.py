@@ -103,6 +103,14 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (RedisSettings, "IMGPIPE_REDIS_URL", "redis//:pw@127.0.0.1:6379/15"),  # a missing colon
         (RedisSettings, "IMGPIPE_REDIS_URL", "http://127.0.0.1:6379/0"),
         (RedisSettings, "IMGPIPE_REDIS_MAX_CONNECTIONS", "1"),
+        (RedisSettings, "IMGPIPE_REDIS_URL", "redis://:pw@127.0.0.1:99999/0"),  # a ValueError at first use
+        (RedisSettings, "IMGPIPE_REDIS_URL", "redis://:pw@127.0.0.1:6379/1x"),  # redis-py used db 0
+        (AmqpSettings, "IMGPIPE_AMQP_URL", "http://guest:pw@127.0.0.1:5672/"),  # retried forever
+        (AmqpSettings, "IMGPIPE_AMQP_URL", "amqp://guest:pw@127.0.0.1:56720000/"),
+        (AmqpSettings, "IMGPIPE_AMQP_URL", "127.0.0.1:5672"),
+        (S3Settings, "IMGPIPE_S3_ENDPOINT_URL", "minio:9000"),  # botocore's "Invalid endpoint"
+        (S3Settings, "IMGPIPE_S3_ENDPOINT_URL", "http://minio:90000"),
+        (S3Settings, "IMGPIPE_S3_PUBLIC_ENDPOINT_URL", "localhost:9000"),
         (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
         (S3Settings, "IMGPIPE_S3_FORCE_PATH_STYLE", "maybe"),
         (AuthSettings, "IMGPIPE_JWT_LEEWAY_S", "-1"),
@@ -124,6 +132,33 @@ def test_load_names_the_bad_variable(
     assert message.startswith(f"invalid configuration: {variable}: "), message
     assert "validation error" not in message  # one readable line, not pydantic's dump
     assert ":pw@" not in message  # a URL's password is not repeated
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IMGPIPE_AMQP_URL", "amqps://u:p@mq.example:5671/vh?heartbeat=30"),
+        ("IMGPIPE_REDIS_URL", "rediss://:p@cache.example:6380/15?ssl_cert_reqs=required"),
+        ("IMGPIPE_REDIS_URL", "redis://cache"),
+        ("IMGPIPE_REDIS_URL", "unix:///run/redis.sock?db=2"),
+        ("IMGPIPE_S3_ENDPOINT_URL", "http://minio:9000"),
+        ("IMGPIPE_S3_PUBLIC_ENDPOINT_URL", "https://s3.example/prefix"),
+    ],
+)
+def test_service_urls_of_every_shape_accepted(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    for cls in (AmqpSettings, RedisSettings, S3Settings):
+        load(cls)
+
+
+def test_empty_s3_endpoints_mean_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `.env.example` lists both empty; botocore refused "" as an endpoint when the client was made.
+    monkeypatch.setenv("IMGPIPE_S3_ENDPOINT_URL", "")
+    monkeypatch.setenv("IMGPIPE_S3_PUBLIC_ENDPOINT_URL", "")
+    settings = load(S3Settings)
+    assert (settings.s3_endpoint_url, settings.s3_public_endpoint_url) == (None, None)
 
 
 def test_load_names_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -67,12 +67,37 @@ def retry_delay(delays: tuple[int, ...], attempt: int) -> int:
     return delays[min(max(attempt, 1), len(delays)) - 1]
 
 
+def _check_url(url: str, schemes: tuple[str, ...], shape: str) -> None:
+    """Refuse a service URL its client would only refuse at the first call, or misread.
+
+    Checked here so that the error names the variable (the clients' own errors, at the first
+    connection, do not); the value is not repeated, as it may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or (parts.scheme != "unix" and not parts.hostname):
+        raise ValueError(f"must be {shape}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError:
+        raise ValueError(f"has a port that is not a number from 0 to 65535; must be {shape}") from None
+
+
 class AmqpSettings(BaseSettings):
     model_config = _config()
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     max_attempts: MaxAttempts = 5
     retry_delays_s: RetryDelays = (1, 5, 30, 120)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        _check_url(
+            value.get_secret_value(),
+            ("amqp", "amqps"),
+            "amqp://user:password@host[:port]/[vhost] or amqps://…",
+        )
+        return value
 
 
 #: `.env.example` lists these empty; an empty value means the variable is not set.
@@ -91,11 +116,14 @@ class RedisSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
-        # Checked here so that the error names the variable (redis-py's own, at the first call,
-        # does not); the value is not repeated, as it may hold a password.
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
-            raise ValueError("must be redis://[:password@]host[:port][/db], rediss://… or unix://…")
+        shape = "redis://[:password@]host[:port][/db], rediss://… or unix://…"
+        url = value.get_secret_value()
+        _check_url(url, ("redis", "rediss", "unix"), shape)
+        # redis-py takes a database it cannot read as a number for database 0, silently: a typo
+        # would put this deployment's keys beside another's.
+        parts = urlsplit(url)
+        if parts.scheme != "unix" and not re.fullmatch(r"/?(?:[0-9]{1,5})?", parts.path):
+            raise ValueError(f"has a database that is not a number; must be {shape}")
         return value
 
 
@@ -118,6 +146,15 @@ class S3Settings(BaseSettings):
     s3_force_path_style: bool = False
     presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
     download_url_ttl_s: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+
+    @field_validator("s3_endpoint_url", "s3_public_endpoint_url", mode="before")
+    @classmethod
+    def _endpoint(cls, value: object) -> object:
+        if value == "":  # `.env.example` lists both empty: unset, i.e. AWS
+            return None
+        if isinstance(value, str):
+            _check_url(value, ("http", "https"), "http(s)://host[:port], or empty for AWS")
+        return value
 
 
 class AuthSettings(BaseSettings):
