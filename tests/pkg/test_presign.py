@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
 from botocore.client import Config
+from botocore.credentials import RefreshableCredentials
 from botocore.exceptions import NoCredentialsError
+from imgpipe import presign
 from imgpipe.presign import Presigner
 
 _OPERATIONS = {"GET": "get_object", "HEAD": "head_object", "PUT": "put_object"}
@@ -128,19 +132,55 @@ def test_temporary_credentials_sign_their_token() -> None:
     ]
 
 
-def test_credentials_are_read_for_every_url() -> None:
-    # A refresh (temporary credentials renewed) shows in the next URL, with a new signing key.
-    session = _session()
-    client = _client(session, endpoint_url="http://127.0.0.1:9000", style="path")
-    credentials = session.get_credentials()
-    presigner = Presigner(client, credentials, "b")
-    first = parse_qs(urlsplit(presigner.url("GET", "k", expires_s=60)).query)
-    credentials.access_key, credentials.secret_key = "AKIDROTATED", "another-secret"
-    ours, theirs = _both(client, session, "b", "GET", "k", {})
-    _assert_same(ours, theirs)
-    second = parse_qs(urlsplit(presigner.url("GET", "k", expires_s=60)).query)
-    assert first["X-Amz-Credential"][0].startswith("AKIDEXAMPLE/")
-    assert second["X-Amz-Credential"][0].startswith("AKIDROTATED/")
+def _metadata(access_key: str, minutes: int) -> dict[str, str]:
+    expiry = datetime.now(UTC) + timedelta(minutes=minutes)
+    return {
+        "access_key": access_key,
+        "secret_key": f"secret-of-{access_key}",
+        "token": f"token-of-{access_key}",
+        "expiry_time": expiry.isoformat(),
+    }
+
+
+def _access_key(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["X-Amz-Credential"][0].split("/")[0]
+
+
+def test_temporary_credentials_are_renewed_off_the_callers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # botocore renews temporary credentials (IRSA, an instance role) with a call to STS from inside
+    # whatever reads them when they are due, for up to its 60 s timeouts. The caller here is the event
+    # loop making a URL: it must go on signing with the copy it has while a thread renews them.
+    monkeypatch.setattr(presign, "CREDENTIALS_RECHECK_S", 0.0)
+    release = threading.Event()
+    fetched_by: list[str] = []
+
+    def fetch() -> dict[str, str]:
+        fetched_by.append(threading.current_thread().name)
+        if len(fetched_by) == 1:
+            return _metadata("AKIDFIRST", minutes=12)  # due for renewal (under 15 minutes left)
+        release.wait(10)
+        return _metadata("AKIDRENEWED", minutes=60)
+
+    credentials = RefreshableCredentials.create_from_metadata(_metadata("AKIDSTART", 12), fetch, "test")
+    client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    presigner = Presigner(client, credentials, "b")  # reads them (and renews them: due) at start-up
+    assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDFIRST"
+    for _ in range(200):  # the renewal has begun, in its thread, and waits for STS
+        if len(fetched_by) == 2:
+            break
+        time.sleep(0.05)
+    assert fetched_by[1:] == ["imgpipe-credentials"]
+    for _ in range(3):  # meanwhile URLs are made at once, with the copy
+        assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDFIRST"
+    release.set()
+    for _ in range(200):
+        if _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDRENEWED":
+            break
+        time.sleep(0.05)
+    url = presigner.url("GET", "k", expires_s=60)
+    assert _access_key(url) == "AKIDRENEWED"
+    assert parse_qs(urlsplit(url).query)["X-Amz-Security-Token"] == ["token-of-AKIDRENEWED"]
+    assert len(fetched_by) <= 3  # one renewal at a time, not one per URL
 
 
 def test_signed_headers_change_the_signature() -> None:

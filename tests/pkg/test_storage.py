@@ -7,11 +7,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
+from imgpipe.settings import S3Settings
 from imgpipe.storage import (
     UPLOAD_PREFIX,
     ObjectNotFound,
@@ -169,9 +171,11 @@ class FlakyS3:
         self.statuses = list(statuses)
         self.seen: list[tuple[str, str, dict[str, str]]] = []
         self.queries: list[dict[str, str]] = []
+        self.raw_paths: list[str] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append((request.method, request.path, dict(request.headers)))
+        self.raw_paths.append(request.raw_path.partition("?")[0])
         self.queries.append(dict(request.query))
         await request.read()
         status = self.statuses.pop(0) if self.statuses else 200
@@ -306,6 +310,69 @@ async def test_put_signs_the_headers_it_sends() -> None:
     assert headers["Cache-Control"] == "public, max-age=31536000"
     assert s3.queries[0]["X-Amz-SignedHeaders"] == "cache-control;content-type;host"
     assert s3.queries[0]["X-Amz-Signature"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "uploads/o/IMG_0001 (1).jpg",
+        "uploads/o/backfill:2024=a,b;c@d!e$f&g'h*i.png",
+        "uploads/o/ümlaut+plus.jpg",
+    ],
+)
+async def test_transfers_send_the_path_they_signed(key: str) -> None:
+    # S3 checks a presigned request's signature against the path it receives. Signed as botocore
+    # quotes the key, the path must go out byte for byte so: yarl un-escaped `(`, `:`, `=`, ... on
+    # the way (S3: 403 SignatureDoesNotMatch; moto checks no signature, hence this capture).
+    s3 = FlakyS3()
+    async with local_http(s3.app()) as endpoint:
+        storage = Storage(s3_settings(endpoint, "bucket"))
+        try:
+            await storage.get(key, max_bytes=100)
+            await storage.put(key, b"data", "image/png")
+        finally:
+            await storage.close()
+    signed = "/bucket/" + quote(key, safe="/~")
+    assert s3.raw_paths == [signed, signed]
+    assert [path for _, path, _ in s3.seen] == ["/bucket/" + key] * 2  # the same object, for S3
+
+
+async def test_without_credentials_storage_is_unavailable_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No keys and none in the default chain: every call fails as S3 being out of reach does
+    # (transient: the api answers 503, a job is retried and dead-lettered), not as a bug (a 500).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("AWS_WEB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3 = FlakyS3()
+    async with local_http(s3.app()) as endpoint:
+        settings = S3Settings(s3_endpoint_url=endpoint, s3_bucket="bucket", s3_force_path_style=True)
+        storage = Storage(settings)
+        try:
+            for call in (
+                lambda: storage.head("uploads/k"),
+                lambda: storage.get("uploads/k", max_bytes=100),
+                lambda: storage.put("variants/k.jpg", b"data", "image/jpeg"),
+            ):
+                with pytest.raises(StorageError) as info:
+                    await call()
+                assert (info.value.code, info.value.transient) == ("storage_unavailable", True)
+            for sign in (
+                lambda: storage.presign_upload("uploads/k", "image/jpeg", 10),
+                lambda: storage.presign_download("variants/k.jpg"),
+            ):
+                with pytest.raises(StorageError) as info:
+                    sign()
+                assert (info.value.code, info.value.transient) == ("storage_unavailable", True)
+        finally:
+            await storage.close()
+    assert s3.seen == []  # nothing was sent unsigned
 
 
 async def test_public_endpoint_is_used_for_presigned_urls(s3_endpoint: str, storage: Storage) -> None:

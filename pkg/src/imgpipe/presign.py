@@ -22,17 +22,24 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
 from botocore.exceptions import NoCredentialsError
+
+log = logging.getLogger("imgpipe.storage")
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 _PROBE_KEY = "imgpipe-presign-probe"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Most seconds between two reads of credentials that refresh themselves (IRSA, an instance role).
+#: botocore renews them 15 minutes before they expire, so a copy this old is still good for long.
+CREDENTIALS_RECHECK_S = 60.0
 
 
 def _hmac(key: bytes, message: str) -> bytes:
@@ -49,13 +56,19 @@ class Presigner:
     it (`post`), for the credentials of `client`.
 
     `client` is a boto3 S3 client: it presigns once, for a probe key, to show where the bucket is
-    and which region signs for it. `credentials` are the ones it signs with (its session's, which
-    refresh themselves); they are read again for every URL and form.
+    and which region signs for it. `credentials` are the ones it signs with (its session's); they
+    are read once here, and temporary ones again in a thread at most `CREDENTIALS_RECHECK_S` later
+    whenever a URL is made: their refresh is a call to STS (or the instance's metadata service),
+    which on the event loop would stall every request while it lasts (botocore's timeouts are 60 s).
     """
 
     def __init__(self, client: Any, credentials: Credentials | None, bucket: str) -> None:
         self._client = client
         self._credentials = credentials
+        # Blocking, but at start-up, where the session has just fetched them (or failed to) anyway.
+        self._frozen = credentials.get_frozen_credentials() if credentials is not None else None
+        self._frozen_at = time.monotonic()
+        self._refreshing = False
         self._bucket = bucket
         self._origin: str | None = None  # scheme://host[:port]
         self._prefix = ""  # the path before the quoted key: "/" or "/{bucket}/"
@@ -81,6 +94,28 @@ class Presigner:
         self._prefix = url.path[: -len(_PROBE_KEY)]
         self._origin = f"{url.scheme}://{url.netloc}"
 
+    def _current_credentials(self) -> ReadOnlyCredentials:
+        if self._frozen is None:
+            raise NoCredentialsError()
+        if (
+            isinstance(self._credentials, RefreshableCredentials)
+            and not self._refreshing
+            and time.monotonic() - self._frozen_at >= CREDENTIALS_RECHECK_S
+        ):
+            self._refreshing = True
+            threading.Thread(target=self._refresh, name="imgpipe-credentials", daemon=True).start()
+        return self._frozen
+
+    def _refresh(self) -> None:
+        assert self._credentials is not None
+        try:
+            self._frozen = self._credentials.get_frozen_credentials()
+        except Exception as exc:  # keep the copy: it works until S3 refuses it (a 403, transient)
+            log.warning("could not refresh the S3 credentials: %s", type(exc).__name__)
+        finally:
+            self._frozen_at = time.monotonic()
+            self._refreshing = False
+
     def _key(self, secret: str, day: str) -> bytes:
         # One signing key per secret and UTC day: four HMACs, then reused until either changes.
         cached_secret, cached_day, key = self._signing_key
@@ -95,9 +130,7 @@ class Presigner:
         """What every signature starts from: the credentials, now (epoch s), its SigV4 stamp, the scope."""
         if self._origin is None:
             self._learn_bucket_url()
-        if self._credentials is None:
-            raise NoCredentialsError()
-        credentials = self._credentials.get_frozen_credentials()  # refreshes temporary ones when due
+        credentials = self._current_credentials()
         now = time.time()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
         return credentials, now, stamp, f"{stamp[:8]}/{self._region}/s3/aws4_request"

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import boto3
+import yarl
 from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -148,6 +149,12 @@ def _check(response: aiohttp.ClientResponse, verb: str, key: str) -> None:
     raise StorageError("storage_error", f"S3 {verb} {key!r}: HTTP {status}", transient=True)
 
 
+def _no_credentials(exc: BotoCoreError) -> StorageError:
+    # A deployment without credentials (none configured, none found in the default chain): transient,
+    # like a refused signature, so that the api answers 503 and a job waits in the dead-letter queue.
+    return StorageError("storage_unavailable", f"S3: no credentials: {type(exc).__name__}", transient=True)
+
+
 class Storage:
     """The bucket, as the services use it."""
 
@@ -185,17 +192,23 @@ class Storage:
 
     def presign_upload(self, key: str, content_type: str, max_bytes: int) -> PresignedUpload:
         """A POST form bound to this key, this content type and at most `max_bytes`."""
-        url, fields = self._public_presigner.post(
-            key,
-            expires_s=self._upload_ttl,
-            fields={"Content-Type": content_type},
-            conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
-        )
+        try:
+            url, fields = self._public_presigner.post(
+                key,
+                expires_s=self._upload_ttl,
+                fields={"Content-Type": content_type},
+                conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
+            )
+        except BotoCoreError as exc:
+            raise _no_credentials(exc) from exc
         return PresignedUpload(key, url, fields, time.time() + self._upload_ttl)
 
     def presign_download(self, key: str) -> str:
         """A time-limited GET link for clients (a variant in `GET /jobs/{id}` and every SSE event)."""
-        return self._public_presigner.url("GET", key, expires_s=self._download_ttl)
+        try:
+            return self._public_presigner.url("GET", key, expires_s=self._download_ttl)
+        except BotoCoreError as exc:
+            raise _no_credentials(exc) from exc
 
     async def head(self, key: str) -> dict[str, Any]:
         """The object's `ContentLength`, `ContentType` and `LastModified` (named as boto3 names them).
@@ -230,8 +243,11 @@ class Storage:
             )
         return self._http
 
-    def _transfer_url(self, method: str, key: str, headers: dict[str, str] | None = None) -> str:
-        return self._presigner.url(method, key, expires_s=_TRANSFER_URL_TTL_S, headers=headers)
+    def _transfer_url(self, method: str, key: str, headers: dict[str, str] | None = None) -> yarl.URL:
+        url = self._presigner.url(method, key, expires_s=_TRANSFER_URL_TTL_S, headers=headers)
+        # Sent exactly as signed: yarl would otherwise decode what it thinks needs no escape, such as
+        # the `(`, `:` or `=` of a key, and S3 checks the signature against the path it receives.
+        return yarl.URL(url, encoded=True)
 
     async def _transfer(
         self, verb: str, key: str, send: Callable[[aiohttp.ClientSession], Awaitable[T]]
@@ -256,6 +272,8 @@ class Storage:
                 failure = StorageError(
                     "storage_unavailable", f"S3 {verb} {key!r}: {type(exc).__name__}", transient=True
                 )
+            except BotoCoreError as exc:  # no credentials to sign with: not a retry away
+                raise _no_credentials(exc) from exc
         raise failure
 
     async def get(self, key: str, *, max_bytes: int) -> bytes:
@@ -290,9 +308,9 @@ class Storage:
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Store `data` under `key` (over a presigned URL, as `get` does)."""
         headers = {"Content-Type": content_type, "Cache-Control": _VARIANT_CACHE_CONTROL}
-        url = self._transfer_url("PUT", key, headers)  # signed: the PUT must send exactly these values
 
         async def send(http: aiohttp.ClientSession) -> None:
+            url = self._transfer_url("PUT", key, headers)  # signed: the PUT must send exactly these
             async with http.put(url, data=data, headers=headers, allow_redirects=False) as response:
                 _check(response, "PUT", key)
                 await response.read()
