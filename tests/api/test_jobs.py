@@ -17,7 +17,9 @@ from aiohttp import web
 from imgpipe import resources
 from imgpipe.broker import Topology
 from imgpipe.store import JobStore, owner_id
+from imgpipe_api import app as api_app
 from imgpipe_api.app import QUOTAS, create_app
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.isolated import (
     BrokerProxy,
@@ -536,7 +538,7 @@ async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
         raise ConnectionError("and Redis, a moment later")
 
     monkeypatch.setattr(publisher, "publish_job", broker_down)
-    monkeypatch.setattr(store, "delete", redis_down)
+    monkeypatch.setattr(store, "withdraw", redis_down)
     body = {"source": {"url": "https://example.com/photo.jpg"}}
     headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "withdrawal-fails"}
     async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
@@ -549,6 +551,92 @@ async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
     assert await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1) == [job_id.encode()]
     async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
         assert response.status == 409  # its job, still within the window a withdrawal could take
+
+
+async def test_a_replay_answered_past_the_window_keeps_the_job_from_its_withdrawal(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first request outlasts the window a withdrawal is waited for (Redis slow to answer, then a
+    publish timing out): a replay past it answers 202 for the job, so the first request's withdrawal
+    must not take that job away. It stays `pending`, with its key and its slot, for the reconciler."""
+    base, app, _ = cancelling_api
+    store, publisher = app[resources.STORE], app[resources.PUBLISHER]
+    monkeypatch.setattr(api_app, "_WITHDRAWAL_WINDOW_S", 0.2)
+    replayed = asyncio.Event()
+
+    async def broker_down_after_the_replay(*_: Any) -> None:
+        await asyncio.wait_for(replayed.wait(), 10)
+        raise ConnectionError("the broker went away")
+
+    monkeypatch.setattr(publisher, "publish_job", broker_down_after_the_replay)
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "slow-first"}
+    first = asyncio.create_task(_post(http, f"{base}/jobs", body, headers))
+    claim = store._idem_key("alice", "slow-first")
+
+    async def recorded() -> bool:
+        held = await redis_client.get(claim)
+        return bool(held) and await store.get(json.loads(held)["job_id"]) is not None
+
+    await eventually(recorded)  # the first request is at its publish
+
+    async def answered() -> dict | None:
+        status, answer = await _post(http, f"{base}/jobs", body, headers)
+        return answer if status == 202 else None
+
+    job = await eventually(answered)  # 409 until the window is past, then the job
+    replayed.set()
+    status, answer = await first
+    assert (status, answer["error"]["code"]) == (503, "broker_unavailable")
+    record = await store.get(job["id"])
+    assert record is not None and record.status.value == "pending"  # the reconciler publishes it
+    assert json.loads(await redis_client.get(claim))["job_id"] == job["id"]
+    assert await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1) == [job["id"].encode()]
+    assert (await _post(http, f"{base}/jobs", body, headers))[1]["id"] == job["id"]
+
+
+async def test_a_record_written_before_its_reply_was_lost_is_withdrawn(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis writes the record, and its reply is lost (a timeout): the request answers 503, so the
+    record must go with the slot and the key, or a retry with the key would make a second job beside
+    one the reconciler publishes."""
+    base, app, _ = cancelling_api
+    store = app[resources.STORE]
+    create = store.create
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        await create(*args, **kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store, "create", reply_lost)
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "lost-reply"}
+    status, answer = await _post(http, f"{base}/jobs", body, headers)
+    assert (status, answer["error"]["code"]) == (503, "store_unavailable")
+    assert [key async for key in redis_client.scan_iter(store.job_pattern)] == []
+    assert await redis_client.get(store._idem_key("alice", "lost-reply")) is None
+    assert await redis_client.zcard(app[QUOTAS].active_key("alice")) == 0
+
+    monkeypatch.setattr(store, "create", create)
+    status, job = await _post(http, f"{base}/jobs", body, headers)
+    assert status == 202
+    assert [key async for key in redis_client.scan_iter(store.job_pattern)] == [
+        store.job_key(job["id"]).encode()
+    ]
+
+
+async def _post(
+    http: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str]
+) -> tuple[int, dict]:
+    async with http.post(url, json=body, headers=headers) as response:
+        return response.status, await response.json()
 
 
 async def test_a_submission_that_fails_after_its_client_went_away_is_logged(

@@ -228,6 +228,35 @@ async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -
     assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == Claim("job-d", accepted=False)
 
 
+async def test_a_job_is_withdrawn_or_answered_for_never_both(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    # Withdrawn: the record and the claim holding it go, in one step; a late replay cannot answer.
+    assert await store.claim_idempotency("alice", "k-1", "job-1", "fp") is None
+    await store.create(_record("job-1"), claim=("alice", "k-1"))
+    assert await store.withdraw("job-1", claim=("alice", "k-1"))
+    assert await store.get("job-1") is None
+    assert await redis_client.get(store._idem_key("alice", "k-1")) is None
+    assert not await store.answer_replay("alice", "k-1", "job-1")
+    # Answered for: the withdrawal changes nothing, and later replays see the claim as answered.
+    assert await store.claim_idempotency("alice", "k-2", "job-2", "fp") is None
+    await store.create(_record("job-2"), claim=("alice", "k-2"))
+    assert await store.answer_replay("alice", "k-2", "job-2")
+    assert not await store.withdraw("job-2", claim=("alice", "k-2"))
+    assert await store.get("job-2") is not None
+    assert await store.claim_idempotency("alice", "k-2", "job-x", "fp") == Claim("job-2", accepted=True)
+    # A claim holding another job (the key was released and claimed again) is neither's to decide.
+    assert await store.claim_idempotency("alice", "k-3", "job-4", "fp") is None
+    await store.create(_record("job-3"))
+    assert not await store.answer_replay("alice", "k-3", "job-3")
+    assert await store.withdraw("job-3", claim=("alice", "k-3"))
+    assert await store.claim_idempotency("alice", "k-3", "job-y", "fp") == Claim("job-4", accepted=False)
+    # Without a key, a withdrawal deletes the record.
+    await store.create(_record("job-5"))
+    assert await store.withdraw("job-5")
+    assert await store.get("job-5") is None
+
+
 async def test_an_accepted_claim_says_so_and_keeps_its_expiry(
     store: JobStore, redis_client: aioredis.Redis
 ) -> None:

@@ -231,13 +231,13 @@ UNAUTHORIZED = error(
 FORBIDDEN = error("The token lacks the `admin` scope.", "forbidden")
 
 
-def unavailable(*codes: str) -> Response:
+def unavailable(*codes: str, description: str = "A dependency is down; retry later.") -> Response:
     """The 503 of an authenticated operation whose dependencies (`codes`) may be down.
 
     `auth_unavailable` is always possible: the identity provider's keys may be out of reach.
     """
     return error(
-        "A dependency is down; nothing was done, so retry later.",
+        description,
         *codes,
         "auth_unavailable",
         optional_headers=("Retry-After",),

@@ -123,6 +123,39 @@ return held
 """
 
 
+# KEYS[1] a job's record, KEYS[2] (optional) its Idempotency-Key claim; ARGV[1] the job id. Deletes the
+# record, and the claim if it holds this job, unless a replay has answered for the job (`_ANSWER`):
+# then nothing, and 0. One step, so that a job is either withdrawn or answered for, never both.
+_WITHDRAW = """
+if KEYS[2] then
+  local held = redis.call('GET', KEYS[2])
+  if held then
+    local claim = cjson.decode(held)
+    if claim.job_id == ARGV[1] then
+      if claim.answered then return 0 end
+      redis.call('DEL', KEYS[2])
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS[1] an Idempotency-Key claim, KEYS[2] its job's record; ARGV[1] the job id. Notes on the claim
+# that a replay answered 202 for the job, if the claim still holds it and its record still exists.
+_ANSWER = """
+local held = redis.call('GET', KEYS[1])
+if not held or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+local claim = cjson.decode(held)
+if claim.job_id ~= ARGV[1] then return 0 end
+if not (claim.accepted or claim.answered) then
+  claim.answered = true
+  redis.call('SET', KEYS[1], cjson.encode(claim), 'KEEPTTL')
+end
+return 1
+"""
+
+
 def owner_id(sub: str) -> str:
     """A stable, path-safe id for a token subject (subjects may hold any character)."""
     return hashlib.sha256(sub.encode()).hexdigest()[:32]
@@ -209,6 +242,8 @@ class JobStore:
         self._reopen_script = client.register_script(_REOPEN)
         self._grant_script = client.register_script(_RECORD_GRANT)
         self._claim_script = client.register_script(_CLAIM)
+        self._withdraw_script = client.register_script(_WITHDRAW)
+        self._answer_script = client.register_script(_ANSWER)
         self._mark_deleting = client.register_script(_MARK_DELETING)
         #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
         self.calls = Coalescer(client)
@@ -386,7 +421,7 @@ class JobStore:
         held = json.loads(existing)
         if held["fingerprint"] != fingerprint:
             raise IdempotencyConflict(key)
-        return Claim(str(held["job_id"]), bool(held.get("accepted")))
+        return Claim(str(held["job_id"]), bool(held.get("accepted") or held.get("answered")))
 
     async def accept_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> None:
         """Note on the claim of `key` that its job is in the broker: a replay can answer for it at once.
@@ -398,6 +433,23 @@ class JobStore:
 
     async def release_idempotency(self, owner: str, key: str) -> None:
         await self.redis.delete(self._idem_key(owner, key))
+
+    async def answer_replay(self, owner: str, key: str, job_id: str) -> bool:
+        """Note that a replay of `key` answers for `job_id`, which is not known to be in the broker.
+
+        False when that cannot be: the job has been withdrawn, or its claim released. Once noted,
+        `withdraw` leaves the job alone (the reconciler publishes a `pending` job nobody did).
+        """
+        keys = [self._idem_key(owner, key), self.job_key(job_id)]
+        return bool(await self.calls.script(self._answer_script, keys, [job_id]))
+
+    async def withdraw(self, job_id: str, *, claim: tuple[str, str] | None = None) -> bool:
+        """Take back a job that did not reach the broker: delete its record, and release `claim`
+        (owner, Idempotency-Key) if it holds the job. False, changing nothing, when a replay has
+        answered for the job (`answer_replay`): it stays, to be published by the reconciler.
+        """
+        keys = [self.job_key(job_id)] + ([self._idem_key(*claim)] if claim else [])
+        return bool(await self.calls.script(self._withdraw_script, keys, [job_id]))
 
     # Upload grants: presigned uploads not yet expired count as referenced (the reconciler reads them).
 

@@ -37,7 +37,7 @@ from imgpipe.settings import (
     load,
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
-from imgpipe.store import Claim, Grant, IdempotencyConflict, SourceDeleted
+from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, SourceDeleted
 from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, start_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
@@ -246,18 +246,20 @@ def _in_progress() -> ApiError:
     )
 
 
-async def _replay(request: web.Request, principal: Principal, held: Claim) -> web.Response:
-    record = await request.app[resources.STORE].get(held.job_id)
+async def _replay(request: web.Request, principal: Principal, held: Claim, idem_key: str) -> web.Response:
+    store = request.app[resources.STORE]
+    record = await store.get(held.job_id)
     if record is None or record.owner != principal.sub:
         # The first request with this key is still in flight (or failed and is being released).
         raise _in_progress()
     if not held.accepted and record.status is JobStatus.PENDING:
         # The record is written before the publish; until the broker confirms it, the first request
         # may still withdraw the job, and a 202 for it now would promise a job that never runs. Past
-        # the window the first request has ended: a job it neither withdrew nor marked (the api
-        # stopped in between) is one the reconciler re-publishes, so it is answered for.
+        # the window the first request has usually ended: a job it neither withdrew nor marked (the
+        # api stopped in between) is one the reconciler re-publishes, so it is answered for, once
+        # noted so (a first request slower than the window then cannot withdraw it any more).
         age = datetime.now(UTC).timestamp() - record.created_at.timestamp()
-        if age < _WITHDRAWAL_WINDOW_S:
+        if age < _WITHDRAWAL_WINDOW_S or not await store.answer_replay(principal.sub, idem_key, record.id):
             raise _in_progress()
     return _accepted(record, replayed=True)
 
@@ -364,26 +366,34 @@ async def _submit(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
             ) from None
         if held is not None:
-            return await _replay(request, principal, held)
+            return await _replay(request, principal, held, idem_key)
     job_id_var.set(job_id)  # in this task's context: what it logs from here on is about this job
 
     # Limits come after the idempotency claim, so a replay above never spends the budget.
+    claim = (principal.sub, idem_key) if idem_key else None
     admitted: Decision | None = None
+    kept = False  # a record may be in Redis after all: its slot and key stay with it
     try:
         admitted = await _admit_job(request, principal, job_id)
         await _check_source(request, principal, job)
         record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
         try:
-            await store.create(record, claim=(principal.sub, idem_key) if idem_key else None)
+            await store.create(record, claim=claim)
         except SourceDeleted:
             # Found by the HEAD a moment ago, but the reconciler has just taken it for an orphan.
             raise ApiError(
                 422, "source_not_found", "the source is being deleted as an unused upload; upload it again"
             ) from None
+        except BaseException:
+            # A lost reply (a timeout, a dropped connection) may hide a record Redis did write, one
+            # the reconciler would publish: take it back before its slot and key are let go.
+            kept = not await _withdraw(store, job_id, claim)
+            raise
     except BaseException:
-        await _release_slot(request, principal, job_id, admitted)
-        if idem_key:
-            await store.release_idempotency(principal.sub, idem_key)
+        if not kept:
+            await _release_slot(request, principal, job_id, admitted)
+            if idem_key:
+                await store.release_idempotency(principal.sub, idem_key)
         raise
 
     message = JobMessage(
@@ -398,22 +408,9 @@ async def _submit(
         await publisher.publish_job(message)  # within its own deadline (5 s): then a 503, not a hang
     except (Exception, asyncio.CancelledError) as exc:
         # Not in the broker: take the job back so nothing claims a job that will never run.
-        log.warning("publish failed, job withdrawn: %s", type(exc).__name__)
-        try:
-            await store.delete(job_id)
-        except Exception:
-            # The record stays `pending`, and the reconciler will publish it: the job is not withdrawn
-            # after all, so it keeps its slot and its key (a retry with the key then gets this job,
-            # not a second one beside it).
-            log.warning("could not withdraw job record after failed publish")
-        else:
+        log.warning("publish failed: %s", type(exc).__name__)
+        if await _withdraw(store, job_id, claim):
             await _release_slot(request, principal, job_id, admitted)
-            # Each on its own: a key left behind would hold a deleted job, and answer 409 to every retry.
-            if idem_key:
-                try:
-                    await store.release_idempotency(principal.sub, idem_key)
-                except Exception:
-                    log.warning("could not release the Idempotency-Key after failed publish")
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
@@ -427,6 +424,25 @@ async def _submit(
     JOBS_ACCEPTED.inc()
     log.info("job accepted", extra={"variants": len(record.requested)})
     return _accepted(record, admitted=admitted)
+
+
+async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None) -> bool:
+    """Take back a job that is not in the broker, with its Idempotency-Key: True when it is gone.
+
+    Not withdrawn (Redis out of reach, or a replay has already answered 202 for it), its `pending`
+    record stays for the reconciler to publish: the job is not withdrawn after all, so it keeps its
+    slot and its key (a retry with the key then gets this job, not a second one beside it).
+    """
+    try:
+        withdrawn = await store.withdraw(job_id, claim=claim)
+    except Exception as exc:
+        log.warning("could not withdraw the job: %s; left for the reconciler", type(exc).__name__)
+        return False
+    if withdrawn:
+        log.info("job withdrawn")
+    else:
+        log.warning("job not withdrawn: a replay has answered for it; left for the reconciler")
+    return withdrawn
 
 
 async def _submissions(app: web.Application) -> AsyncIterator[None]:

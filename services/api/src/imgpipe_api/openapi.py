@@ -188,7 +188,14 @@ def operations() -> tuple[Operation, ...]:
                     headers=_RETRY,
                     optional_headers=_RATE,
                 ),
-                503: unavailable("broker_unavailable", "store_unavailable", "storage_unavailable"),
+                503: unavailable(
+                    "broker_unavailable",
+                    "store_unavailable",
+                    "storage_unavailable",
+                    description="A dependency is down; retry later, with the same `Idempotency-Key`. The job "
+                    "was not accepted, but one the api could not take back (Redis failing too) stays "
+                    "`pending` and is queued later: the key then answers with it instead of a second job.",
+                ),
             },
             description="Answered 202 only once the job is recorded as `pending` and the broker has "
             "confirmed it. Follow it with `GET /jobs/{id}` or `GET /jobs/{id}/events` on the status "
@@ -284,7 +291,12 @@ def operations() -> tuple[Operation, ...]:
                 413: error("The body is too large.", _TOO_LARGE_BODY),
                 415: error("The body is not application/json.", "unsupported_media_type"),
                 422: error("The body does not validate; the message says where.", "invalid_request"),
-                503: unavailable("broker_unavailable", "store_unavailable"),
+                503: unavailable(
+                    "broker_unavailable",
+                    "store_unavailable",
+                    description="A dependency is down; retry later. Jobs replayed before it went down stay "
+                    "replayed (a retry of the same ids lists them under `not_found`).",
+                ),
             },
             tags=("admin",),
             security=ADMIN,
