@@ -675,6 +675,83 @@ def _avif_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _webp_claiming(width: int, height: int, *, lossless: bool) -> bytes:
+    """A small WebP whose header says `width` x `height` (its pixels are never decoded)."""
+    data = bytearray(gradient(64, 48).webpsave_buffer(lossless=lossless, keep="none"))  # simple format
+    assert data[12:16] == (b"VP8L" if lossless else b"VP8 ")
+    if lossless:  # VP8L: after its 0x2f signature, 14 bits of width - 1, then 14 of height - 1
+        bits = int.from_bytes(data[21:25], "little") & ~((1 << 28) - 1)
+        struct.pack_into("<I", data, 21, bits | (width - 1) | (height - 1) << 14)
+    else:  # VP8: after the frame's 9d 01 2a start code, 14-bit width and height
+        start = data.index(b"\x9d\x01\x2a") + 3
+        struct.pack_into("<HH", data, start, width, height)
+    return bytes(data)
+
+
+def _box(kind: bytes, body: bytes, *, version: int | None = None) -> bytes:
+    if version is not None:  # a "full box": version and flags first
+        body = struct.pack(">I", version << 24) + body
+    return struct.pack(">I4s", 8 + len(body), kind) + body
+
+
+def _avif_with_thumbnail(primary: tuple[int, int], thumbnail: tuple[int, int]) -> bytes:
+    """An AVIF of a `primary` image and, as its thumbnail item (`thmb`), a `thumbnail` one."""
+
+    def child(data: bytes, kind: bytes) -> bytes:
+        at = data.index(kind) - 4
+        return data[at : at + struct.unpack_from(">I", data, at)[0]]
+
+    def coded(width: int, height: int) -> tuple[bytes, bytes]:
+        made = pyvips.Image.black(width, height, bands=3).heifsave_buffer(
+            compression="av1", effort=0, keep="none"
+        )
+        return b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi")), child(made, b"mdat")[8:]
+
+    (props1, data1), (props2, data2) = coded(*primary), coded(*thumbnail)
+    # Properties 1-3 are the primary's (av1C essential), 4-6 the thumbnail's.
+    ipma = struct.pack(">IHB3BHB3B", 2, 1, 3, 0x81, 2, 3, 2, 3, 0x84, 5, 6)
+    infe = b"".join(_box(b"infe", struct.pack(">HH", i, 0) + b"av01\0", version=2) for i in (1, 2))
+
+    def meta(offset: int) -> bytes:
+        extents = struct.pack(">HHHII", 1, 0, 1, offset, len(data1))
+        extents += struct.pack(">HHHII", 2, 0, 1, offset + len(data1), len(data2))
+        return _box(
+            b"meta",
+            _box(b"hdlr", b"\0" * 4 + b"pict" + b"\0" * 13, version=0)
+            + _box(b"pitm", struct.pack(">H", 1), version=0)
+            + _box(b"iloc", bytes([0x44, 0]) + struct.pack(">H", 2) + extents, version=0)
+            + _box(b"iinf", struct.pack(">H", 2) + infe, version=0)
+            + _box(b"iprp", _box(b"ipco", props1 + props2) + _box(b"ipma", ipma, version=0))
+            + _box(b"iref", _box(b"thmb", struct.pack(">HHH", 2, 1, 1)), version=0),
+            version=0,
+        )
+
+    ftyp = _box(b"ftyp", b"avif\0\0\0\0mif1avifmiaf")
+    offset = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(offset) + _box(b"mdat", data1 + data2)
+
+
+def test_an_avifs_embedded_thumbnail_is_held_to_the_budget() -> None:
+    # libvips' thumbnail decodes a HEIF's thumbnail item instead of its primary image whenever that is
+    # large enough for the target, whatever its size (a 64 x 64 photo with a 10,000 x 10,000 thumbnail
+    # took a worker 1.5 GB): the probe of the primary alone let it through.
+    bomb = _avif_with_thumbnail((64, 48), (5000, 4000))
+    assert probe(bomb, Limits(max_decode_bytes=1 << 40)).width == 64
+    with pytest.raises(ImageError) as info:
+        render(bomb, [variant(width=100)], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert "its embedded 5000x4000 thumbnail would need about 314 MiB" in info.value.message
+    with pytest.raises(ImageError) as info:
+        probe(bomb, Limits(max_pixels=19_999_999))
+    assert "its embedded 5000x4000 thumbnail is over 19999999 pixels" in info.value.message
+    # A thumbnail of a usual size is what it is for: the small variants come from it.
+    photo = _avif_with_thumbnail((640, 480), (160, 120))
+    assert [r.width for r in render(photo, [variant(width=100), variant(name="b", width=400)], LIMITS)] == [
+        100,
+        400,
+    ]
+
+
 def _interlaced_png(width: int, height: int, depth: int, colour: int, *, interlace: int = 1) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return (
@@ -693,11 +770,14 @@ def _interlaced_png(width: int, height: int, depth: int, colour: int, *, interla
         (_claiming_jpeg(10000, 10000, progressive=True), 572),  # every coefficient kept: 2 B x 3 samples
         (_interlaced_png(9000, 9000, 16, 6), 674),  # decoded whole (8 bytes a pixel), then its rows
         (_avif_claiming(9000, 9000), 1274),
+        # libwebp's lossless decoder holds the whole picture, whatever the target: a 34 kB file of
+        # 10,000 x 10,000 took 461 MB for a 200 px thumbnail.
+        (_webp_claiming(10000, 10000, lossless=True), 400),
         # Not interlaced, so it streams, but 1,000,000 px wide: its rows alone are about 1 GB (a real
         # 293 kB file of this shape took a worker from 45 MB to 962 MB for a 200 px thumbnail).
         (_interlaced_png(1_000_000, 100, 8, 2, interlace=0), 915),
     ],
-    ids=["gif", "progressive-jpeg", "interlaced-png", "avif", "wide-png"],
+    ids=["gif", "progressive-jpeg", "interlaced-png", "avif", "lossless-webp", "wide-png"],
 )
 def test_decode_budget_refuses_bombs_under_the_pixel_limit(data: bytes, mib: int) -> None:
     # Every one of these is within max_pixels: only the decode budget stops them.
@@ -712,7 +792,7 @@ def test_decode_budget_refuses_bombs_under_the_pixel_limit(data: bytes, mib: int
 
 def test_decode_estimates() -> None:
     def estimate(data: bytes) -> int:
-        return imaging.decode_bytes(sniff(data), decode(data))
+        return imaging.decode_bytes(sniff(data), decode(data), data)
 
     card = gradient(100, 80)
     # Decoders that stream and shrink while they decode need no budget, whatever the size.
@@ -736,6 +816,18 @@ def test_decode_estimates() -> None:
     assert estimate(tiled) == rows + math.ceil(100 * 3 * 64 * 1.4)
     assert estimate(card.gifsave_buffer()) == pixels * 8
     assert estimate(card.heifsave_buffer(compression="av1", effort=0)) == math.ceil(pixels * 16.5)
+    # libheif's output grows with alpha and with deeper samples (4:4:4 assumed but for 8-bit RGB).
+    alpha = card.bandjoin(255)
+    assert estimate(alpha.heifsave_buffer(compression="av1", effort=0)) == math.ceil(pixels * 19.5)
+    deep = card.cast("ushort").copy(interpretation="rgb16") * 256
+    assert estimate(deep.heifsave_buffer(compression="av1", effort=0, bitdepth=10)) == pixels * 22.5
+    deep_alpha = deep.bandjoin(65535)
+    assert estimate(deep_alpha.heifsave_buffer(compression="av1", effort=0, bitdepth=12)) == pixels * 26
+    # A still WebP: lossy decodes at the target's size; lossless whole; a lossy one's alpha whole.
+    assert estimate(card.webpsave_buffer(lossless=True)) == math.ceil(pixels * 4.2)
+    assert estimate(alpha.webpsave_buffer(lossless=True)) == math.ceil(pixels * 4.2)
+    translucent = card.bandjoin(card[0])  # libwebp drops an alpha plane that is all opaque
+    assert estimate(translucent.webpsave_buffer()) == math.ceil(pixels * 1.3)
     animation = _frames_strip(3, 8)
     assert estimate(animation.webpsave_buffer()) == 8 * 8 * 8
 
@@ -747,7 +839,7 @@ def test_a_variant_too_large_to_encode_is_refused_before_any_decoding() -> None:
     with pytest.raises(ImageError) as info:
         render(rgba, [variant(width=100), big], LIMITS)
     assert info.value.code == "image_too_large"
-    assert "encoding variant 'big' (4096x4096 webp) would need about 640 MiB" in info.value.message
+    assert "making variant 'big' (4096x4096 webp) would need about 640 MiB" in info.value.message
     # Within the budget, the same file goes on to be decoded (and is found to have no pixels).
     for fine in (Variant(name="w", width=2000, format="webp"), Variant(name="j", width=4096)):
         with pytest.raises(ImageError) as info:
@@ -755,6 +847,19 @@ def test_a_variant_too_large_to_encode_is_refused_before_any_decoding() -> None:
         assert info.value.code == "corrupt_image"
     assert imaging.encode_bytes("avif", 2000, 2000, alpha=False) == 2000 * 2000 * 26
     assert imaging.encode_bytes("png", 100, 100, alpha=True) == 100 * 100 * 10
+
+
+def test_a_lossy_webp_is_held_to_the_budget_at_the_size_it_decodes_to() -> None:
+    # libwebp decodes a lossy still WebP whole, into an RGBA buffer of the size asked for: nothing for a
+    # thumbnail, but 4 bytes a pixel of a large variant on top of its encoding (100 MP to 8192 px: 607 MB).
+    big = _webp_claiming(10000, 10000, lossless=False)
+    assert probe(big, LIMITS).width == 10000
+    with pytest.raises(ImageError) as info:
+        render(big, [variant(width=100), Variant(name="xl", width=8192)], LIMITS)
+    assert "making variant 'xl' (8192x8192 jpeg) would need about 332 MiB" in info.value.message
+    with pytest.raises(ImageError) as info:  # a thumbnail of it is let through (to fail on its pixels)
+        render(big, [variant(width=100)], LIMITS)
+    assert info.value.code == "corrupt_image"
 
 
 def test_large_jpegs_are_written_baseline_so_they_stream() -> None:

@@ -119,7 +119,7 @@ class Limits:
     #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`),
     #: and, on its own, the most one variant's encoding may need (`encode_bytes`). 192 MiB keeps a worker
     #: at concurrency 1 under 300 MB for any source made into web-sized variants (~100 MB idle plus the
-    #: decode plus the variants; a large variant adds its encoding), and still lets through a 12 MP
+    #: decode plus the variants; a large variant adds its encoding), and still lets through a 12 MP 8-bit
     #: HEIC/AVIF phone photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive
     #: JPEG up to 67 MP (4:4:4: 33 MP) and an 8-bit RGB interlaced PNG up to 60 MP. A GIF or AVIF that
     #: claims 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory
@@ -238,10 +238,10 @@ def _is_heif_ftyp(data: bytes) -> bool:
     return any(data[i : i + 4] in _HEIF_BRANDS for i in range(16, end - 3, 4))
 
 
-def _header(data: bytes) -> pyvips.Image:
+def _header(data: bytes, **options: object) -> pyvips.Image:
     # new_from_buffer is lazy: with sequential access it parses the header and stops; no pixels decoded.
     try:
-        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON)
+        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON, **options)
     except pyvips.Error as exc:
         raise ImageError("corrupt_image", f"cannot read the image header: {_vips_reason(exc)}") from exc
 
@@ -278,25 +278,44 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
         )
     if frames > limits.max_frames:
         raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
-    needed = decode_bytes(fmt, header)
-    if needed > limits.max_decode_bytes:
-        mib = 1024 * 1024
-        raise ImageError(
-            "image_too_large",
-            f"decoding this {width}x{height} {fmt} would need about {needed // mib} MiB, "
-            f"over the {limits.max_decode_bytes // mib} MiB budget",
-        )
+    _check_decode_budget(f"this {width}x{height} {fmt}", decode_bytes(fmt, header, data), limits)
+    if fmt == "heif":
+        # `thumbnail` decodes the file's own thumbnail item instead of its primary image whenever that
+        # is at least as large as the target, whatever its size: a 64 x 64 photo with a 10,000 x 10,000
+        # "thumbnail" took 1.5 GB. It is held to the same limits as the primary.
+        thumb = _header(data, thumbnail=True)
+        what = f"its embedded {thumb.width}x{thumb.height} thumbnail"
+        if thumb.width * thumb.height > limits.max_pixels:
+            raise ImageError("image_too_large", f"{what} is over {limits.max_pixels} pixels")
+        _check_decode_budget(what, decode_bytes(fmt, thumb, data), limits)
     if fmt == "tiff":
         _check_tiff_data(data)
     return SourceInfo(format=fmt, width=width, height=height, frames=frames), header
 
 
+def _check_decode_budget(what: str, needed: int, limits: Limits) -> None:
+    if needed > limits.max_decode_bytes:
+        mib = 1024 * 1024
+        raise ImageError(
+            "image_too_large",
+            f"decoding {what} would need about {needed // mib} MiB, "
+            f"over the {limits.max_decode_bytes // mib} MiB budget",
+        )
+
+
 # Bytes per pixel that the decoders which cannot stream hold for one frame, measured with libvips 8.18
-# (peak RSS over the process' baseline, rounded up): libheif decodes the whole image and converts it to
-# RGB (15.7-16.2 B/px measured on 12 and 24 MP AVIFs); libnsgif composes every frame on a full RGBA canvas
+# (peak RSS over the process' baseline, rounded up): libnsgif composes every frame on a full RGBA canvas
 # and keeps the previous one for "restore to previous" disposal; libwebp's animation decoder keeps two
-# RGBA canvases too. Interlaced PNG and multi-scan JPEG are handled in `decode_bytes`.
-_BUFFERED_BYTES_PER_PIXEL = {"heif": 16.5, "gif": 8.0, "webp-animated": 8.0}
+# RGBA canvases too, and its lossless (VP8L) decoder one, for a still image (3.84-3.9 B/px measured at 24,
+# 49 and 100 MP, whatever the target); a lossy still WebP with alpha has its alpha plane decoded whole
+# (1.15 B/px). HEIF, interlaced PNG and multi-scan JPEG are handled in `decode_bytes`.
+_BUFFERED_BYTES_PER_PIXEL = {"gif": 8.0, "webp-animated": 8.0, "webp-lossless": 4.2, "webp-alpha": 1.3}
+# libheif decodes the whole image and converts it to RGB(A), 8 or 16 bits a sample, by the header's
+# sample format and bands. Measured on 4000 x 3000 AVIFs (peak over baseline): 8-bit 4:2:0 15.8 B/px
+# (15.7-16.2 at 12 and 24 MP), with alpha 17.2, with alpha 4:4:4 19.3; 10- and 12-bit 19.0, with
+# alpha 21.5, with alpha 4:4:4 25.7. The header does not tell the chroma subsampling: 4:4:4 is assumed
+# but for 8-bit RGB (phones write 4:2:0, and a 12 MP phone photo must fit the default budget).
+_HEIF_BYTES_PER_PIXEL = {("uchar", 3): 16.5, ("uchar", 4): 19.5, ("ushort", 3): 22.5, ("ushort", 4): 26.0}
 
 # Fraction of a full-resolution plane each chroma component has, by libvips' `jpeg-chroma-subsample`.
 _CHROMA_FRACTION = {"4:2:0": 0.25, "4:1:1": 0.25, "4:2:2": 0.5, "4:4:0": 0.5}
@@ -314,18 +333,21 @@ _TILE_ROW_FACTOR = 1.4
 _SAMPLE_BYTES = {"uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4, "float": 4}
 
 
-def decode_bytes(fmt: str, header: pyvips.Image) -> int:
-    """Estimate how much memory decoding one frame of `header` holds at once, from its header alone.
+def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
+    """Estimate how much memory decoding one frame of `header` holds at once, from its header alone
+    (and, for WebP, the chunk that says which codec: `data`, the file).
 
-    Small for decoders that stream and shrink while they decode (baseline JPEG, still WebP): their
-    memory does not grow with the image. The others:
+    Small for decoders that stream and shrink while they decode (baseline JPEG), or decode at the
+    target's size (lossy still WebP without alpha: see `_decoded_at_target`): their memory does not
+    grow with the image. The others:
 
     * multi-scan JPEG (progressive, or baseline with one scan per component): libjpeg keeps every DCT
       coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has;
     * interlaced PNG: libspng decodes the whole image before the first row comes out;
     * PNG and TIFF stream, but at full width: their rows on the way to the resize (`_STREAMED_ROWS`),
       and a tiled TIFF's row of tiles, grow with the image's width;
-    * HEIF/AVIF, GIF and animated WebP: see `_BUFFERED_BYTES_PER_PIXEL`.
+    * HEIF/AVIF: see `_HEIF_BYTES_PER_PIXEL`;
+    * GIF, animated WebP, lossless WebP and a lossy one's alpha: see `_BUFFERED_BYTES_PER_PIXEL`.
     """
     pixels = header.width * header.height  # one frame: libvips reports the first page only
     if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
@@ -341,9 +363,45 @@ def decode_bytes(fmt: str, header: pyvips.Image) -> int:
         if fmt == "tiff" and isinstance(tile_height, int) and tile_height > 0:
             held += math.ceil(row * min(header.height, tile_height) * _TILE_ROW_FACTOR)
         return held
-    if fmt == "webp" and _get(header, "n-pages", 1) > 1:
-        fmt = "webp-animated"
+    if fmt == "heif":
+        sample = "uchar" if header.format == "uchar" else "ushort"
+        return math.ceil(pixels * _HEIF_BYTES_PER_PIXEL[(sample, 4 if header.bands >= 4 else 3)])
+    if fmt == "webp":
+        fmt = "webp-animated" if _get(header, "n-pages", 1) > 1 else f"webp-{_webp_codec(data)}"
     return math.ceil(pixels * _BUFFERED_BYTES_PER_PIXEL.get(fmt, 0))
+
+
+def _webp_codec(data: bytes) -> str:
+    """How a still WebP is coded: "lossless" (VP8L), "alpha" (lossy with an ALPH plane) or "lossy".
+
+    From its RIFF chunks: the first one of a simple file, or those after a VP8X header. Unknown is
+    taken for lossless, the hungrier decoder.
+    """
+    fourcc = bytes(data[12:16])
+    if fourcc == b"VP8 ":
+        return "lossy"
+    if fourcc != b"VP8X":
+        return "lossless"
+    offset, end, alpha = 12, min(len(data), 12 + 64 * 1024 * 1024), False
+    for _ in range(64):  # the image chunk follows a few metadata ones (ICCP, ANIM, ALPH)
+        if offset + 8 > end:
+            break
+        fourcc = bytes(data[offset : offset + 4])
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if fourcc == b"VP8L":
+            return "lossless"
+        if fourcc == b"ALPH":
+            alpha = True
+        if fourcc == b"VP8 ":
+            return "alpha" if alpha else "lossy"
+        offset += 8 + size + (size & 1)
+    return "lossless"
+
+
+def _decoded_at_target(fmt: str, header: pyvips.Image, data: bytes) -> bool:
+    """Whether the decoder holds the whole image at the size it is asked for (shrink-on-load): lossy
+    still WebP, decoded by libwebp straight to an RGBA buffer of the variant's (or intermediate's) size."""
+    return fmt == "webp" and _get(header, "n-pages", 1) == 1 and _webp_codec(data) != "lossless"
 
 
 def _get(image: pyvips.Image, name: str, default: object) -> object:
@@ -662,18 +720,28 @@ def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
     return out_w, out_h
 
 
-def _check_encode_budget(header: pyvips.Image, variants: Sequence[Variant], limits: Limits) -> None:
-    """Refuse, before any work, a variant whose encoding alone would need more than the budget."""
+# What libwebp's scaled decode holds, in bytes a pixel of the size it decodes to: an RGBA buffer.
+_AT_TARGET_BYTES_PER_PIXEL = 4.2
+
+
+def _check_encode_budget(
+    fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant], limits: Limits
+) -> None:
+    """Refuse, before any work, a variant whose encoding alone would need more than the budget (with,
+    for a source decoded whole at the variant's size, that decode)."""
     width, height = _oriented_size(header)
+    at_target = _decoded_at_target(fmt, header, data)
     for variant in variants:
         out_w, out_h = _output_size(variant, width, height)
         alpha = header.hasalpha() and variant.format != "jpeg"
         needed = encode_bytes(variant.format, out_w, out_h, alpha=alpha)
+        if at_target:
+            needed += math.ceil(out_w * out_h * _AT_TARGET_BYTES_PER_PIXEL)
         if needed > limits.max_decode_bytes:
             mib = 1024 * 1024
             raise ImageError(
                 "image_too_large",
-                f"encoding variant {variant.name!r} ({out_w}x{out_h} {variant.format}) would need about "
+                f"making variant {variant.name!r} ({out_w}x{out_h} {variant.format}) would need about "
                 f"{needed // mib} MiB, over the {limits.max_decode_bytes // mib} MiB budget",
             )
 
@@ -721,10 +789,10 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     process it, and `processing_timeout` when the whole call takes longer than `limits.timeout_s`.
     """
     deadline = _Deadline(limits.timeout_s)
-    _info, header = _probe(data, limits)
+    info, header = _probe(data, limits)
     if not variants:
         return []
-    _check_encode_budget(header, variants, limits)
+    _check_encode_budget(info.format, header, data, variants, limits)
     try:
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
