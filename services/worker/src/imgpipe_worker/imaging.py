@@ -121,7 +121,7 @@ class Limits:
     #: at concurrency 1 under 300 MB for any source made into web-sized variants (~100 MB idle plus the
     #: decode plus the variants; a large variant adds its encoding), and still lets through a 12 MP 8-bit
     #: HEIC/AVIF phone photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive
-    #: JPEG up to 67 MP (4:4:4: 33 MP) and an 8-bit RGB interlaced PNG up to 60 MP. A GIF or AVIF that
+    #: JPEG up to 67 MP (4:4:4: 33 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that
     #: claims 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory
     #: limit) for 24 MP HEIC.
     max_decode_bytes: int = 192 * 1024 * 1024
@@ -322,11 +322,14 @@ _CHROMA_FRACTION = {"4:2:0": 0.25, "4:1:1": 0.25, "4:2:2": 0.5, "4:4:0": 0.5}
 
 # PNG and TIFF cannot shrink while they decode, so whole rows reach the resize, and libvips holds up to
 # about this many of them at full width at once (its sequential line cache, float copies for the
-# kernels), about this many bytes per byte of a row's samples. Measured with libvips 8.18 on 20,000 to
-# 1,000,000 px wide images, 100 to 2,000 rows, 8- and 16-bit, 3 and 4 bands, to 200 and 1280 px
-# targets: 55-311 MB, within -30%/+15% of this. Negligible for photos (a 6000 px wide RGB row costs
-# 18 kB), it is what a 300 kB PNG of 1,000,000 x 100 pixels would cost: about 1 GB.
-_STREAMED_ROWS = 256
+# kernels), about this many bytes per byte of a row's samples. First measured with libvips 8.18 on
+# 20,000 to 1,000,000 px wide images of 100 to 2,000 rows (256 rows); images of 2,500 to 3,000 rows
+# then held two to three times that (8,000 to 40,000 px wide, 8- and 16-bit, RGB and RGBA, PNG and
+# TIFF, "inside" 200 and 2048 px and "cover" 1280 x 720 targets: 28-373 MB over the baseline, each
+# 20-40% under this estimate; a 40,000 x 2,500 RGBA PNG to a 1280 x 720 crop, 373 MB). Negligible for
+# photos (a 6000 px wide RGB row costs 18 kB), it is what a 300 kB PNG of 1,000,000 x 100 pixels would
+# cost: about 1 GB.
+_STREAMED_ROWS = 1024
 _STREAMED_ROW_FACTOR = 3.2
 # A tiled TIFF is read a row of tiles at a time, held whole (1.23-1.37 times its size measured).
 _TILE_ROW_FACTOR = 1.4
