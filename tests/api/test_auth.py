@@ -52,29 +52,32 @@ def _now() -> int:
     return int(time.time())
 
 
+# Each Authorization is made when its test runs: a token minted at collection would expire in a long run.
 BAD_AUTHORIZATION = [
-    pytest.param(None, "missing_token", id="absent"),
-    pytest.param("", "missing_token", id="empty"),
-    pytest.param("Basic YWxpY2U6cHc=", "missing_token", id="basic-scheme"),
-    pytest.param("Bearer ", "missing_token", id="bearer-without-token"),
-    pytest.param("Bearer not-a-jwt", "invalid_token", id="garbage"),
+    pytest.param(lambda: None, "missing_token", id="absent"),
+    pytest.param(lambda: "", "missing_token", id="empty"),
+    pytest.param(lambda: "Basic YWxpY2U6cHc=", "missing_token", id="basic-scheme"),
+    pytest.param(lambda: "Bearer ", "missing_token", id="bearer-without-token"),
+    pytest.param(lambda: "Bearer not-a-jwt", "invalid_token", id="garbage"),
     pytest.param(
-        "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, key="another-secret-" + "y" * 32),
+        lambda: "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, key="another-secret-" + "y" * 32),
         "invalid_token",
         id="wrong-secret",
     ),
-    pytest.param("Bearer " + token("alice", ttl_s=-120), "token_expired", id="expired"),
-    pytest.param("Bearer " + _jwt({"sub": "alice"}), "invalid_token", id="no-exp"),
-    pytest.param("Bearer " + _jwt({"exp": _now() + 600}), "invalid_token", id="no-sub"),
-    pytest.param("Bearer " + _jwt({"sub": "", "exp": _now() + 600}), "invalid_token", id="empty-sub"),
-    pytest.param("Bearer " + _jwt({"sub": 42, "exp": _now() + 600}), "invalid_token", id="non-string-sub"),
+    pytest.param(lambda: "Bearer " + token("alice", ttl_s=-120), "token_expired", id="expired"),
+    pytest.param(lambda: "Bearer " + _jwt({"sub": "alice"}), "invalid_token", id="no-exp"),
+    pytest.param(lambda: "Bearer " + _jwt({"exp": _now() + 600}), "invalid_token", id="no-sub"),
+    pytest.param(lambda: "Bearer " + _jwt({"sub": "", "exp": _now() + 600}), "invalid_token", id="empty-sub"),
     pytest.param(
-        "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, algorithm="HS512"),
+        lambda: "Bearer " + _jwt({"sub": 42, "exp": _now() + 600}), "invalid_token", id="non-string-sub"
+    ),
+    pytest.param(
+        lambda: "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, algorithm="HS512"),
         "invalid_token",
         id="hs512",
     ),
     pytest.param(
-        "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, key=None, algorithm="none"),
+        lambda: "Bearer " + _jwt({"sub": "alice", "exp": _now() + 600}, key=None, algorithm="none"),
         "invalid_token",
         id="alg-none",
     ),
@@ -90,10 +93,11 @@ async def test_rejected_tokens(
     method: str,
     path: str,
     body: dict | None,
-    authorization: str | None,
+    authorization: Callable[[], str | None],
     code: str,
 ) -> None:
-    headers = {} if authorization is None else {"Authorization": authorization}
+    sent = authorization()
+    headers = {} if sent is None else {"Authorization": sent}
     url = f"{stack.services[service].url}{path}"
     async with http.request(method, url, json=body, headers=headers) as response:
         assert response.status == 401

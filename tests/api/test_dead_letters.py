@@ -36,7 +36,10 @@ from tests.stack import AMQP_URL, BIN, REDIS_URL, Client, Stack, local_http, tok
 
 pytestmark = pytest.mark.e2e
 
-ADMIN = {"Authorization": f"Bearer {token('ops', 'read admin')}"}
+
+def _admin() -> dict[str, str]:
+    # Minted when a request is made: a token made at import time would expire in a long run.
+    return {"Authorization": f"Bearer {token('ops', 'read admin')}"}
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +129,12 @@ async def list_dead(
     http: aiohttp.ClientSession, stack: Stack, limit: int | None = None
 ) -> tuple[int, dict[str, Any]]:
     params = {"limit": str(limit)} if limit is not None else None
-    async with http.get(f"{stack.api}/admin/dead-letters", params=params, headers=ADMIN) as response:
+    async with http.get(f"{stack.api}/admin/dead-letters", params=params, headers=_admin()) as response:
         return response.status, await response.json()
 
 
 async def replay(http: aiohttp.ClientSession, stack: Stack, body: dict[str, Any]) -> tuple[int, dict]:
-    async with http.post(f"{stack.api}/admin/dead-letters/replay", json=body, headers=ADMIN) as response:
+    async with http.post(f"{stack.api}/admin/dead-letters/replay", json=body, headers=_admin()) as response:
         return response.status, await response.json()
 
 
@@ -445,7 +448,7 @@ async def test_replay_refuses_a_bad_body(dl: Stack, http: aiohttp.ClientSession,
 @pytest.mark.parametrize("limit", ["0", "1001", "-1", "ten", "1.5", "", "9" * 4301, ["5", "7"]])
 async def test_list_refuses_a_bad_limit(dl: Stack, http: aiohttp.ClientSession, limit: str | list) -> None:
     params = [("limit", value) for value in limit] if isinstance(limit, list) else {"limit": limit}
-    async with http.get(f"{dl.api}/admin/dead-letters", params=params, headers=ADMIN) as response:
+    async with http.get(f"{dl.api}/admin/dead-letters", params=params, headers=_admin()) as response:
         assert response.status == 422
         assert (await response.json())["error"]["code"] == "invalid_request"
 

@@ -35,7 +35,7 @@ from imgpipe.urlsafety import is_forbidden_ip
 from tests.isolated import isolated_stack, metric
 from tests.stack import REDIS_URL, TESTDATA, Client, Stack, presigned_form
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]  # its corpus waits up to 180 s
 
 #: Peak RSS (VmHWM) the worker may reach, at concurrency 1, while it works through every case below
 #: (measured: 155-168 MB; README, "Untrusted input"). Without the decode budget the GIF bomb alone would

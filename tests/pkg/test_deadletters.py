@@ -103,7 +103,7 @@ async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
             return record is not None and record.status is JobStatus.PENDING
 
         await eventually(reopened)
-        await asyncio.sleep(0.5)  # the publish is out, its confirm held by the relay
+        await asyncio.sleep(0.5)  # the publish is sent, and held by the relay: it never reaches the broker
         assert not replay.done()
         replay.cancel()
         proxy.reset()  # the broker answers again (on new connections), so the browse closes at once

@@ -209,11 +209,16 @@ async def test_settling_outlasts_a_long_redis_outage(tmp_path: Path, monkeypatch
             assert await settle is True
         assert await client.get("settled") == b"yes"
 
+        calls = 0
+
         async def broken() -> None:
+            nonlocal calls
+            calls += 1
             raise ValueError("not an outage")
 
         with pytest.raises(ValueError):  # anything else still gives up after the bounded retries
             await consumer._persist(broken)
+        assert calls == len(consumer._SETTLE_BACKOFF_S) + 1
     finally:
         await client.aclose()
         server.kill()
