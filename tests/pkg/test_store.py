@@ -443,3 +443,21 @@ async def test_an_upload_marked_for_deletion_takes_no_new_job(store: JobStore) -
     await store.unmark_deleting([orphan])
     assert (await store.create(late)).applied
     assert await store.mark_deleting([orphan], now=now, life_s=60) == [False]  # now it is in use
+
+
+async def test_a_change_that_cannot_be_read_is_skipped_not_a_break(store: JobStore) -> None:
+    """A message this version cannot parse (a newer version's status, a hand edit, not even JSON) is
+    skipped and its job named to the subscriber; the subscription goes on with the next change.
+    Raised, it ended the iterator as if the subscription had broken."""
+    named: list[str] = []
+    async with store.subscribe(unreadable=named.append) as changes:
+        newer = _record()
+        data = newer.model_dump_json(exclude={"version"}).replace('"pending"', '"queued"')
+        await store.redis.publish(store.channel, f'{{"version":2,"record":{data}}}')
+        await store.redis.publish(store.channel, b"\xff not json")
+        await store.redis.publish(store.channel, '{"version":1}')
+        readable = await store.create(_record())
+        async with asyncio.timeout(5):
+            version, record = await anext(aiter(changes))
+    assert (version, record) == (1, readable.record)
+    assert named == [newer.id]  # the others name no job

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aio_pika
+import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
 from imgpipe.models import ReconcileCommand
@@ -13,6 +15,7 @@ from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 from imgpipe_reconciler.consumer import CommandConsumer
 from imgpipe_reconciler.lock import RunLock
+from prometheus_client import REGISTRY
 
 from tests.isolated import queue_depth
 from tests.reconciler.test_reconcile import _reconciler
@@ -96,3 +99,53 @@ async def test_a_command_whose_run_died_holding_the_lock_runs_when_the_lock_laps
         await consumer.stop()
         await connection.close()
     assert await queue_depth(queue) == 0
+
+
+async def test_a_redelivered_command_that_waits_out_a_running_run_is_skipped_once(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A redelivered command tries for the lock for its TTL; the run holding it outlasts that. The
+    command is `skipped` once, in the run record, the metric and the log, not once per try."""
+    lock = RunLock(redis_client, rc_namespace, ttl_s=2)  # tries for 3 s: at least 3 tries
+    runs = RunStore(redis_client, rc_namespace)
+    queue = publisher.topology.reconcile_queue
+    await publisher.publish_reconcile(ReconcileCommand(run_id="copy", dry_run=True))
+    # Taken once and handed back unacknowledged: the consumer below gets it redelivered.
+    first = await aio_pika.connect(AMQP_URL)
+    async with first:
+        channel = await first.channel()
+        taken: asyncio.Queue[object] = asyncio.Queue()
+        await (await channel.get_queue(queue, ensure=False)).consume(taken.put)
+        await asyncio.wait_for(taken.get(), 5)
+    # The run still going, somewhere else: it holds the lock for longer than the command waits.
+    await redis_client.set(lock.key, "the-first-run", px=60_000)
+    skipped = {"result": "skipped", "dry_run": "true"}
+    before = REGISTRY.get_sample_value("imgpipe_reconcile_runs_total", skipped) or 0.0
+    connection = await broker.connect(AMQP_URL)
+    consumer = CommandConsumer(
+        connection, publisher.topology, _reconciler(store, storage, publisher), lock, runs
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="imgpipe.reconciler"):
+            await consumer.start()
+
+            async def given_up() -> bool:
+                record = await runs.get("copy")
+                return record is not None and record.status == "skipped" and not consumer._tasks
+
+            await eventually(given_up, within=20)
+    finally:
+        await consumer.stop()
+        await connection.close()
+        await redis_client.delete(lock.key)
+    assert (REGISTRY.get_sample_value("imgpipe_reconcile_runs_total", skipped) or 0.0) - before == 1
+    said = [r for r in caplog.records if r.getMessage().startswith("reconciliation skipped")]
+    assert [r.run_id for r in said] == ["copy"]  # type: ignore[attr-defined]
+    record = await runs.get("copy")
+    assert record is not None and record.error == "another reconciliation was running"
+    assert await queue_depth(queue) == 0  # acknowledged

@@ -8,12 +8,16 @@ import asyncio
 import math
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+from xml.sax.saxutils import escape
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
 from imgpipe import broker
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.storage import ObjectNotFound, Storage, StorageError
@@ -28,10 +32,12 @@ from imgpipe_reconciler.reconcile import (
     Summary,
     reconcile_once,
 )
+from prometheus_client import REGISTRY
+from yarl import URL
 
 from tests.isolated import fresh_namespace, queue_depth
 from tests.reconciler.conftest import keys
-from tests.stack import delete_keys
+from tests.stack import delete_keys, local_http, s3_settings
 
 OWNER = "alice"
 OID = owner_id(OWNER)
@@ -374,3 +380,96 @@ async def test_a_failed_delete_keeps_its_marks(
     assert 0 < await store.redis.pttl(store.deleting_mark(source)) <= DELETING_MARK_S * 1000
     with pytest.raises(SourceDeleted):
         await store.create(_record(source))
+
+
+def _sample(name: str, **labels: str) -> float:
+    """The value of a metric of this process (the reconciler runs in-process here)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class RefusingS3:
+    """The test S3 behind a relay that answers every DeleteObjects with a per-key error for each key,
+    as S3 does when a bucket policy or Object Lock refuses them: HTTP 200, nothing deleted."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.refused: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.method == "POST" and "delete" in request.query:
+            names = [el.text or "" for el in ET.fromstring(body).iter() if el.tag.endswith("Key")]
+            self.refused += names
+            errors = "".join(
+                f"<Error><Key>{escape(n)}</Key><Code>AccessDenied</Code><Message>denied</Message></Error>"
+                for n in names
+            )
+            return web.Response(
+                body=f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>{errors}</DeleteResult>',
+                content_type="application/xml",
+            )
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            url = URL(self.target + request.raw_path, encoded=True)
+            async with session.request(request.method, url, headers=headers, data=body) as answer:
+                passed = {
+                    k: v
+                    for k, v in answer.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")
+                }
+                return web.Response(status=answer.status, headers=passed, body=await answer.read())
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+async def test_deletes_s3_refuses_are_counted_for_an_alert(
+    store: JobStore, publisher: broker.Publisher, s3: Any, s3_endpoint: str, bucket: str, rc_namespace: str
+) -> None:
+    """The run still succeeds (the orphans are tried again next run); the summary's `delete_errors`
+    and `imgpipe_reconcile_delete_errors_total` are what says S3 refused."""
+    orphans = [f"uploads/{OID}/refused-{i}" for i in range(3)]
+    _put(s3, bucket, *orphans)
+    relay = RefusingS3(s3_endpoint)
+    lock = RunLock(store.redis, rc_namespace, ttl_s=30)
+    before = _sample("imgpipe_reconcile_delete_errors_total")
+    async with local_http(relay.app()) as endpoint:
+        storage = Storage(s3_settings(endpoint, bucket))
+        try:
+            summary = await reconcile_once(
+                _reconciler(store, storage, publisher), lock, dry_run=False, run_id="refused", trigger="cli"
+            )
+        finally:
+            await storage.close()
+    assert sorted(relay.refused) == orphans  # each one was asked for, and refused
+    assert keys(s3, bucket) == set(orphans)
+    assert (summary.orphans, summary.deleted, summary.delete_errors) == (3, 0, 3)
+    assert _sample("imgpipe_reconcile_delete_errors_total") - before == 3
+
+
+async def test_a_stuck_job_the_run_fails_counts_as_a_failed_job(
+    store: JobStore, storage: Storage, publisher: broker.Publisher
+) -> None:
+    """`imgpipe_jobs_failed_total{code="timeout"}` counts the jobs the reconciler fails, as the worker's
+    failures count: once, when the job is really failed (not by a dry run, not again later)."""
+    stuck = _record(f"uploads/{OID}/stuck")
+    await store.create(stuck)
+    await store.mark_processing(stuck.id)
+    clock = Clock()
+    clock.now += 1.1
+    reconciler = _reconciler(store, storage, publisher, stuck_processing_s=1.0, clock=clock)
+    before = _sample("imgpipe_jobs_failed_total", code="timeout")
+
+    dry = await reconciler.run(dry_run=True)
+    assert dry.stuck_failed == 1
+    assert _sample("imgpipe_jobs_failed_total", code="timeout") == before
+
+    real = await reconciler.run(dry_run=False)
+    assert real.stuck_failed == 1
+    assert _sample("imgpipe_jobs_failed_total", code="timeout") == before + 1
+
+    again = await reconciler.run(dry_run=False)  # failed already: nothing to do, nothing counted
+    assert again.stuck_failed == 0
+    assert _sample("imgpipe_jobs_failed_total", code="timeout") == before + 1

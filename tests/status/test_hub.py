@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -322,8 +323,8 @@ class LateStore(CountingStore):
     failures = 0
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
-        subscription = super().subscribe() if self.down is None else self.down.subscribe()
+    async def subscribe(self, **kw: Any) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
+        subscription = super().subscribe(**kw) if self.down is None else self.down.subscribe(**kw)
         try:
             async with subscription as changes:
                 yield changes
@@ -465,3 +466,75 @@ async def test_a_version_a_client_has_is_not_answered_from_a_read_begun_before_i
         go.set()
         assert (await first).version == 1  # type: ignore[union-attr]  # what it asked for
         assert (await second).version == 2  # type: ignore[union-attr]
+
+
+async def _unreadable(store: JobStore, job: JobRecord, *, publish: bool) -> None:
+    """Rewrite `job` as a newer version would (a status this one does not know), as the next version;
+    with `publish`, its change message goes out as the store's script sends one."""
+    data = job.model_dump_json(exclude={"version"}).replace('"pending"', '"queued"')
+    await store.redis.hset(store.job_key(job.id), mapping={"data": data, "version": job.version + 1})
+    if publish:
+        await store.redis.publish(store.channel, f'{{"version":{job.version + 1},"record":{data}}}')
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["its-change-published", "read-on-resync"])
+async def test_a_record_this_version_cannot_read_ends_its_streams_only(
+    hub: Hub, store: CountingStore, published: bool
+) -> None:
+    """A job rewritten in a form this version cannot read (a newer version's status in a rolling
+    upgrade, a hand edit): its streams end, and the hub goes on with every other job. Before, its
+    message (or its re-read after a reconnect) was taken for a lost subscription, and every re-read
+    after the reconnect failed again: the hub never sent another change, and /readyz stayed 503."""
+    bad, good = await _pending_job(store), await _pending_job(store)
+    async with Sockets() as sockets:
+        with hub.listen(bad.id) as stuck, hub.listen(good.id) as fine:
+            for listener, job in ((stuck, bad), (fine, good)):
+                current = await hub.current(job.id)
+                assert current is not None and current.version == 1
+                transport, client = await sockets.pair()
+                hub.attach(listener, transport, chunked=False, version=current.version)
+            await _unreadable(store, bad, publish=published)
+            if not published:
+                _cut_subscription(store)  # the hub re-reads every job it follows
+            await asyncio.wait_for(stuck.ended.wait(), 10)
+            assert stuck.reason is End.UNREADABLE
+            await store.mark_processing(good.id)
+            data = await _read_until(client, b"event: processing\n")
+            assert not fine.ended.is_set()
+            assert hub.connected.is_set()
+            # What the hub knew of the bad job is dropped: a stream that comes for it now reads it
+            # (and fails as `GET /jobs/{id}` does), rather than be answered its outdated state.
+            with hub.listen(bad.id), pytest.raises(ValueError):
+                await hub.current(bad.id)
+    assert data == b"id: 2\nevent: processing\ndata: " + good.id.encode() + b"\n\n"
+
+
+async def test_a_job_whose_rendering_fails_ends_its_streams_only(store: CountingStore) -> None:
+    """Rendering is per job as reading is: one job's failing must not stop the hub for the others."""
+    broken: set[str] = set()
+
+    def render(record: JobRecord) -> bytes:
+        if record.id in broken:
+            raise RuntimeError("cannot render this one")
+        return _render(record)
+
+    hub = Hub(store, render)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        bad, good = await _pending_job(store), await _pending_job(store)
+        async with Sockets() as sockets:
+            with hub.listen(bad.id) as stuck, hub.listen(good.id) as fine:
+                for listener, job in ((stuck, bad), (fine, good)):
+                    transport, client = await sockets.pair()
+                    hub.attach(listener, transport, chunked=False, version=job.version)
+                broken.add(bad.id)
+                await store.mark_processing(bad.id)
+                await asyncio.wait_for(stuck.ended.wait(), 10)
+                assert stuck.reason is End.UNREADABLE
+                await store.mark_processing(good.id)
+                data = await _read_until(client, b"event: processing\n")
+                assert not fine.ended.is_set() and hub.connected.is_set()
+    finally:
+        await hub.stop()
+    assert data == b"id: 2\nevent: processing\ndata: " + good.id.encode() + b"\n\n"

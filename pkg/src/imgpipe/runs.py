@@ -62,7 +62,11 @@ class RunStore:
         await self.redis.delete(self.key(run_id))
 
     async def update(self, command: ReconcileCommand, status: RunStatus, **fields: Any) -> RunRecord:
-        """Write the run's new status, creating the record if nobody queued it (a scheduled run)."""
+        """Write the run's new status, creating the record if nobody queued it (a scheduled run).
+
+        `summary` and `error` are the new status's, None unless given: what they said belongs to
+        the status they were written with.
+        """
         current = await self.get(command.run_id)
         now = utcnow()
         base = current or RunRecord(
@@ -74,7 +78,12 @@ class RunStore:
             created_at=command.requested_at,
             updated_at=now,
         )
-        record = base.model_copy(update={"status": status, "updated_at": now, **fields})
+        # Not merged into the old ones: a redelivered copy of the command may have recorded `skipped`
+        # with its error while this run went on, and a run that succeeds must not keep that error
+        # (nor a run started again keep its last summary).
+        record = base.model_copy(
+            update={"status": status, "updated_at": now, "summary": None, "error": None, **fields}
+        )
         await self.put(record)
         return record
 

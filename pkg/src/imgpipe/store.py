@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from imgpipe.coalesce import Coalescer
 from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+
+log = logging.getLogger("imgpipe.store")
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
 
@@ -502,7 +506,9 @@ class JobStore:
         return int(await self.redis.zremrangebyscore(self.grants_key, "-inf", now))
 
     @asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
+    async def subscribe(
+        self, *, unreadable: Callable[[str], None] | None = None
+    ) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
         """Subscribe to every change in this namespace; yields an iterator of `(version, record)`.
 
         The subscription is live when the context is entered (Redis has confirmed it), so a caller
@@ -511,6 +517,10 @@ class JobStore:
         The iterator raises `redis.ConnectionError` when the subscription breaks, even when the client
         has restored it by itself: what was published in between is lost, so the caller must read
         again whatever it follows.
+
+        A change this version cannot read (another version's record, a hand edit) is logged and
+        skipped, and `unreadable` is told its job id when the message names one: what the caller
+        knew of that job is out of date, and reading the job again would fail the same way.
         """
         pubsub = self.redis.pubsub()  # subscribe confirmations kept: `_changes` needs to see them
         try:
@@ -520,12 +530,14 @@ class JobStore:
             confirmed = await pubsub.get_message(timeout=10.0)
             if confirmed is None or confirmed["type"] != "subscribe":
                 raise aioredis.ConnectionError("Redis did not confirm the subscription")
-            yield self._changes(pubsub)
+            yield self._changes(pubsub, unreadable)
         finally:
             await pubsub.aclose()
 
     @staticmethod
-    async def _changes(pubsub: PubSub) -> AsyncIterator[tuple[int, JobRecord]]:
+    async def _changes(
+        pubsub: PubSub, unreadable: Callable[[str], None] | None = None
+    ) -> AsyncIterator[tuple[int, JobRecord]]:
         while True:
             # A bounded wait lets the client's health checks ping an idle subscription.
             message = await pubsub.get_message(timeout=10.0)
@@ -538,7 +550,27 @@ class JobStore:
                 raise aioredis.ConnectionError("the subscription was interrupted and restored")
             if message["type"] != "message":
                 continue
-            payload = json.loads(message["data"])
-            record = JobRecord.model_validate(payload["record"])
-            record.version = int(payload["version"])
+            payload: Any = None
+            try:
+                payload = json.loads(message["data"])
+                record = JobRecord.model_validate(payload["record"])
+                record.version = int(payload["version"])
+            except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+                # One message this version cannot read (a newer version's status during a rolling
+                # upgrade, a hand edit) is no break of the subscription: taken for one, it made every
+                # subscriber resubscribe and re-read, for ever if the record stays unreadable.
+                job_id = _job_id_of(payload)
+                log.warning(
+                    "job change not readable; skipped: %s", type(exc).__name__, extra={"job_id": job_id}
+                )
+                if job_id is not None and unreadable is not None:
+                    unreadable(job_id)
+                continue
             yield record.version, record
+
+
+def _job_id_of(payload: object) -> str | None:
+    """The job id an unreadable change names, if it names one (to tell who follows that job)."""
+    record = payload.get("record") if isinstance(payload, dict) else None
+    job_id = record.get("id") if isinstance(record, dict) else None
+    return job_id if isinstance(job_id, str) else None

@@ -326,6 +326,11 @@ RECONCILE_KEPT_YOUNG = Counter(
     "Unreferenced objects kept because they are inside the grace period",
 )
 RECONCILE_BYTES_FREED = Counter("imgpipe_reconcile_bytes_freed_total", "Bytes freed by deleting orphans")
+# A run S3 refuses deletes to still succeeds (the orphans are tried again next run): only this says so.
+RECONCILE_DELETE_ERRORS = Counter(
+    "imgpipe_reconcile_delete_errors_total",
+    "Orphaned objects S3 refused to delete (per-key DeleteObjects errors); tried again next run",
+)
 RECONCILE_LAST_SUCCESS = Gauge(
     "imgpipe_reconcile_last_success_timestamp_seconds", "Unix time of the last successful reconciliation"
 )

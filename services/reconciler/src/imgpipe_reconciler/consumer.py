@@ -24,7 +24,7 @@ from imgpipe.runs import RunStatus, RunStore
 from pydantic import ValidationError
 
 from imgpipe_reconciler.lock import LockBusy, RunLock
-from imgpipe_reconciler.reconcile import Reconciler, Summary, reconcile_once
+from imgpipe_reconciler.reconcile import Reconciler, Summary, note_skipped, reconcile_once
 
 log = logging.getLogger("imgpipe.reconciler")
 
@@ -120,9 +120,13 @@ class CommandConsumer:
                     dry_run=command.dry_run,
                     run_id=command.run_id,
                     trigger=command.trigger,
+                    # Counted and logged once, below, when the command is given up: a try a second for
+                    # the lock's TTL made ~120 `skipped` runs and log lines of one command that waited.
+                    report_skipped=False,
                 )
             except LockBusy:
                 if loop.time() >= give_up:
+                    note_skipped(dry_run=command.dry_run, run_id=command.run_id, trigger=command.trigger)
                     raise
                 await asyncio.sleep(min(1.0, max(0.0, give_up - loop.time())))
 

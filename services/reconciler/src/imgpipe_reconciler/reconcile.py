@@ -38,7 +38,9 @@ from imgpipe.models import JobMessage, JobRecord, KeySource
 from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, ObjectNotFound, Storage
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
+    JOBS_FAILED,
     RECONCILE_BYTES_FREED,
+    RECONCILE_DELETE_ERRORS,
     RECONCILE_DELETED,
     RECONCILE_KEPT_YOUNG,
     RECONCILE_LAST_SUCCESS,
@@ -240,11 +242,13 @@ class Reconciler:
         freed = sum(o.size for o in orphans if o.key in deleted)
         summary.deleted += len(deleted)
         summary.bytes_freed += freed
-        summary.delete_errors += len(orphans) - len(deleted)
+        refused = len(orphans) - len(deleted)
+        summary.delete_errors += refused
         RECONCILE_DELETED.inc(len(deleted))
         RECONCILE_BYTES_FREED.inc(freed)
-        if len(deleted) < len(orphans):
-            log.warning("S3 refused some deletes", extra={"refused": len(orphans) - len(deleted)})
+        if refused:
+            RECONCILE_DELETE_ERRORS.inc(refused)
+            log.warning("S3 refused some deletes", extra={"refused": refused})
 
     async def _still_orphans(
         self, candidates: list[ObjectInfo], summary: Summary, dry_run: bool
@@ -382,7 +386,15 @@ class Reconciler:
         if done.applied:
             summary.stuck_failed += 1
             STUCK_JOBS.labels("failed").inc()
+            # A job failed is a job failed, whoever failed it: the failure rate counts these too.
+            JOBS_FAILED.labels(code=TIMEOUT_CODE).inc()
             log.info("stuck job failed", extra={"job_id": record.id, "reason": why})
+
+
+def note_skipped(*, dry_run: bool, run_id: str, trigger: str) -> None:
+    """Count and log a run that did not happen because another one held the lock."""
+    RECONCILE_RUNS.labels("skipped", "true" if dry_run else "false").inc()
+    log.info("reconciliation skipped: another one is running", extra={"run_id": run_id, "trigger": trigger})
 
 
 async def reconcile_once(
@@ -393,18 +405,21 @@ async def reconcile_once(
     run_id: str,
     trigger: str,
     progress: Callable[[Summary], None] | None = None,
+    report_skipped: bool = True,
 ) -> Summary:
-    """A run under the lock, with its metrics and its one log line. Raises `LockBusy` if one is running."""
+    """A run under the lock, with its metrics and its one log line. Raises `LockBusy` if one is running.
+
+    With `report_skipped` False, a `LockBusy` is neither counted nor logged: for a caller that tries
+    again, and calls `note_skipped` once if it gives up.
+    """
     label = "true" if dry_run else "false"
     started = time.monotonic()
     try:
         async with lock.held():
             summary = await reconciler.run(dry_run=dry_run, progress=progress)
     except LockBusy:
-        RECONCILE_RUNS.labels("skipped", label).inc()
-        log.info(
-            "reconciliation skipped: another one is running", extra={"run_id": run_id, "trigger": trigger}
-        )
+        if report_skipped:
+            note_skipped(dry_run=dry_run, run_id=run_id, trigger=trigger)
         raise
     except BaseException as exc:
         RECONCILE_RUNS.labels("failed", label).inc()

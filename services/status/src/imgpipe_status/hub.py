@@ -12,6 +12,10 @@ the many streams of one job that connect at once cost one Redis read, not one ea
 subscription breaks (Redis restarted, or its connection dropped, even if the Redis client restored
 it by itself), that knowledge is dropped, and after every (re)subscribe the hub re-reads every
 watched job once and delivers what was missed.
+
+A job this version cannot read or render (a newer version's record during a rolling upgrade, a
+hand edit) ends its own streams, and only those: the hub goes on with every other job. Its clients
+reconnect and get what `GET /jobs/{id}` gets for it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class End(enum.Enum):
     DONE = "done"  # a terminal event was sent
     CLOSE = "close"  # the process is shutting down
     GONE = "gone"  # the job expired while the subscription was down
+    UNREADABLE = "unreadable"  # the job's record is one this version cannot read or render
     EVICTED = "evicted"  # the client stopped reading
     DISCONNECTED = "disconnected"  # the connection is closed
 
@@ -267,6 +272,26 @@ class Hub:
         if not watch.listeners and watch.reading is None and self._watches.get(watch.job_id) is watch:
             del self._watches[watch.job_id]
 
+    def _unfollowable(self, job_id: str, why: str) -> None:
+        """Stop following a job the hub cannot read or render: end its streams, forget what it knew.
+
+        What it knew is older than the store's record, and no stream of the job can be sent its
+        changes any more. An ended stream's client reconnects, and its read of the job then fails as
+        `GET /jobs/{id}` does, instead of the stream waiting silently on an outdated state.
+        """
+        watch = self._watches.get(job_id)
+        if watch is None:
+            return
+        watch.known = None
+        watch.event = None
+        log.warning(
+            "job not readable by this version; ending its streams: %s",
+            why,
+            extra={"job_id": job_id, "streams": len(watch.listeners)},
+        )
+        for listener in tuple(watch.listeners):
+            listener.end(End.UNREADABLE)
+
     async def _deliver(self, record: JobRecord) -> None:
         watch = self._watches.get(record.id)
         if watch is None:
@@ -275,7 +300,13 @@ class Hub:
         watch.learn(record)
         if not watch.listeners:
             return
-        event = self.event(record)  # once for all of them
+        try:
+            event = self.event(record)  # once for all of them
+        except Exception as exc:
+            # One job's rendering failing must not reach `_run`, which would take it for a lost
+            # subscription, resubscribe, re-read the job, fail again: no job's changes sent, ever.
+            self._unfollowable(record.id, type(exc).__name__)
+            return
         for n, listener in enumerate(tuple(watch.listeners), 1):
             listener.offer(record, event)
             if n % FAN_OUT_SLICE == 0:
@@ -286,18 +317,28 @@ class Hub:
         for watch in tuple(self._watches.values()):
             if not watch.listeners:
                 continue
-            record = await self._store.get(watch.job_id)
+            try:
+                record = await self._store.get(watch.job_id)
+            except ValueError as exc:  # pydantic's ValidationError is one: a record we cannot read
+                # Raised out of here, it would fail every resync the same way and stop the hub for
+                # every job; the record stays unreadable until it changes or expires.
+                self._unfollowable(watch.job_id, type(exc).__name__)
+                continue
             if record is None:  # expired while we were away
                 for listener in tuple(watch.listeners):
                     listener.end(End.GONE)
                 continue
             await self._deliver(record)
 
+    def _unreadable_change(self, job_id: str) -> None:
+        """A change of `job_id` was published that this version cannot read (the store skipped it)."""
+        self._unfollowable(job_id, "change not readable")
+
     async def _run(self) -> None:
         delay = 0.1
         while True:
             try:
-                async with self._store.subscribe() as changes:
+                async with self._store.subscribe(unreadable=self._unreadable_change) as changes:
                     self.connected.set()
                     # After every subscribe, the first too: streams that connected while it was
                     # failing (Redis not up yet) read a state the hub has not followed since.

@@ -44,7 +44,8 @@ def operations() -> tuple[Operation, ...]:
                 404: _NOT_FOUND,
                 503: unavailable("store_unavailable"),
             },
-            description="`status` goes pending → processing → succeeded | failed and never back. "
+            description="`status` goes pending → processing → succeeded | failed and never back, "
+            "except when an admin replays a failed job: failed → pending, at a higher version. "
             "Each variant's `url` is a time-limited GET link.",
             tags=("jobs",),
             security=BEARER,
