@@ -6,6 +6,7 @@ meet another run's, and removes them at the end.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -122,3 +123,11 @@ def alice(http: aiohttp.ClientSession, stack: Stack) -> Client:
 @pytest.fixture
 def bob(http: aiohttp.ClientSession, stack: Stack) -> Client:
     return Client(http, stack, "bob")
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray IMGPIPE_* or AWS_* in the developer's shell must not change what settings tests see."""
+    for name in list(os.environ):
+        if name.startswith(("IMGPIPE_", "AWS_")):
+            monkeypatch.delenv(name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from imgpipe.auth import TokenVerifier
 from imgpipe.settings import (
@@ -19,15 +17,7 @@ from imgpipe.settings import (
 )
 from pydantic import AliasChoices, Field
 
-_ALIASES = ("AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stray IMGPIPE_* or AWS_* in the developer's shell must not change what these tests see."""
-    for name in list(os.environ):
-        if name.startswith("IMGPIPE_") or name in _ALIASES:
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_defaults() -> None:

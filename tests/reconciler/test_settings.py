@@ -9,6 +9,8 @@ from imgpipe.settings import ConfigError, load
 from imgpipe_reconciler.schedule import parse_cron, tick_time
 from imgpipe_reconciler.settings import ReconcileSettings
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 
 def test_defaults_cover_an_upload_window(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMGPIPE_ENV", "production")

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from imgpipe.settings import load
+from imgpipe_status.app import SseSettings
 
 from tests.isolated import SseItem, image, isolated_stack, sse, temporary_worker, without_urls
 from tests.stack import REDIS_URL, Client, Stack
@@ -205,8 +207,14 @@ async def test_current_state_at_once_then_heartbeats(http: aiohttp.ClientSession
     assert len(heartbeats) >= 3, items
 
 
+@pytest.mark.usefixtures("clean_env")
+def test_the_default_heartbeat_is_15_s() -> None:
+    # Idle proxies and load balancers cut a silent connection after 30-60 s; 15 s keeps well inside.
+    assert load(SseSettings).sse_heartbeat_s == 15
+
+
 async def test_default_heartbeat_is_not_fast(http: aiohttp.ClientSession, quiet: Stack) -> None:
-    """The other status process keeps its 15 s default: heartbeats follow the setting."""
+    """The other status process keeps its 15 s default (above): heartbeats follow the setting."""
     alice = Client(http, quiet, "alice")
     job = await alice.submit({"key": await alice.upload(image())})
     items: list[SseItem] = []

@@ -10,13 +10,7 @@ from imgpipe.settings import ConfigError, load
 from imgpipe_worker import settings as settings_module
 from imgpipe_worker.settings import WorkerSettings, available_cpus
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stray IMGPIPE_* in the developer's shell must not change what these tests see."""
-    for name in list(os.environ):
-        if name.startswith("IMGPIPE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _timeouts(monkeypatch: pytest.MonkeyPatch, job: str | None, render: str | None) -> None:
