@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyvips
@@ -238,10 +238,10 @@ def _is_heif_ftyp(data: bytes) -> bool:
     return any(data[i : i + 4] in _HEIF_BRANDS for i in range(16, end - 3, 4))
 
 
-def _header(data: bytes, **options: object) -> pyvips.Image:
+def _header(data: bytes) -> pyvips.Image:
     # new_from_buffer is lazy: with sequential access it parses the header and stops; no pixels decoded.
     try:
-        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON, **options)
+        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON)
     except pyvips.Error as exc:
         raise ImageError("corrupt_image", f"cannot read the image header: {_vips_reason(exc)}") from exc
 
@@ -279,15 +279,6 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
     if frames > limits.max_frames:
         raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
     _check_decode_budget(f"this {width}x{height} {fmt}", decode_bytes(fmt, header, data), limits)
-    if fmt == "heif":
-        # `thumbnail` decodes the file's own thumbnail item instead of its primary image whenever that
-        # is at least as large as the target, whatever its size: a 64 x 64 photo with a 10,000 x 10,000
-        # "thumbnail" took 1.5 GB. It is held to the same limits as the primary.
-        thumb = _header(data, thumbnail=True)
-        what = f"its embedded {thumb.width}x{thumb.height} thumbnail"
-        if thumb.width * thumb.height > limits.max_pixels:
-            raise ImageError("image_too_large", f"{what} is over {limits.max_pixels} pixels")
-        _check_decode_budget(what, decode_bytes(fmt, thumb, data), limits)
     if fmt == "tiff":
         _check_tiff_data(data)
     return SourceInfo(format=fmt, width=width, height=height, frames=frames), header
@@ -618,11 +609,118 @@ def _from_buffer(
         kwargs["output_profile"] = "srgb"
     if header is not None and _get(header, "vips-loader", "") in _NO_SHRINK_ON_LOAD:
         return header.thumbnail_image(width, **kwargs)  # opened with fail_on already
+    loader = _get(header, "vips-loader", "") if header is not None else ""
+    if loader == "heifload_buffer" and not _heif_thumbnails_fit(data, header):
+        # `thumbnail` would decode the file's own thumbnail item instead of its primary image (the one
+        # the probe checked) whenever that is large enough for the target, whatever its size: a 64 x 64
+        # photo with a 10,000 x 10,000 "thumbnail" took 1.5 GB. Such a file gets its primary decoded.
+        return header.thumbnail_image(width, **kwargs)
     if header is not None and _shrinks_by_8_on_load(header, width, kwargs):
         reduced = _dc_only_image(data)
         if reduced is not None:
             return reduced.thumbnail_image(width, **kwargs)
     return pyvips.Image.thumbnail_buffer(data, width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
+
+
+def _heif_thumbnails_fit(data: bytes, primary: pyvips.Image) -> bool:
+    """Whether every thumbnail item of a HEIF file is no larger than its primary image (which the
+    probe held to the limits), by the sizes its boxes declare (libheif refuses an image that decodes
+    to another size). False when the boxes cannot be read: then no thumbnail is trusted."""
+    sizes = _heif_thumbnail_sizes(data)
+    return sizes is not None and all(w * h <= primary.width * primary.height for w, h in sizes)
+
+
+def _heif_thumbnail_sizes(data: bytes) -> list[tuple[int, int]] | None:
+    """The declared sizes of a HEIF file's thumbnail items (`thmb` references, `ispe` properties),
+    read from its `meta` box without decoding anything; None when that box cannot be read."""
+    try:
+        meta = _bmff_child(data, 0, len(data), b"meta")
+        if meta is None:
+            return None
+        body = (meta[0] + 4, meta[1])  # a full box: version and flags first
+        thumbnails = _heif_thumbnail_items(data, _bmff_child(data, *body, b"iref"))
+        if not thumbnails:
+            return []
+        iprp = _bmff_child(data, *body, b"iprp")
+        if iprp is None:
+            return None
+        sizes = _heif_item_sizes(data, _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma"))
+        return [sizes[item] for item in thumbnails]  # a KeyError: a thumbnail with no size
+    except (struct.error, KeyError, IndexError, ValueError):
+        return None
+
+
+_BMFF_MAX_BOXES = 4096  # more children than any real file has: a bound on the work, not a format limit
+
+
+def _bmff_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """The (type, body start, body end) of each box between `start` and `end`."""
+    for _ in range(_BMFF_MAX_BOXES):
+        if start + 8 > end:
+            return
+        size, kind = struct.unpack_from(">I4s", data, start)
+        header = 8
+        if size == 1:
+            (size,) = struct.unpack_from(">Q", data, start + 8)
+            header = 16
+        elif size == 0:
+            size = end - start
+        if size < header or start + size > end:
+            raise ValueError("a box runs past its parent")
+        yield kind, start + header, start + size
+        start += size
+    raise ValueError("too many boxes")
+
+
+def _bmff_child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
+    return next(((s, e) for k, s, e in _bmff_boxes(data, start, end) if k == kind), None)
+
+
+def _heif_thumbnail_items(data: bytes, iref: tuple[int, int] | None) -> list[int]:
+    if iref is None:
+        return []
+    start, end = iref
+    id_format = ">I" if data[start] >= 1 else ">H"  # version 1: 32-bit item ids
+    return [
+        struct.unpack_from(id_format, data, ref_start)[0]  # the thumbnail is the reference's "from" item
+        for kind, ref_start, _ in _bmff_boxes(data, start + 4, end)
+        if kind == b"thmb"
+    ]
+
+
+def _heif_item_sizes(
+    data: bytes, ipco: tuple[int, int] | None, ipma: tuple[int, int] | None
+) -> dict[int, tuple[int, int]]:
+    """Each item's `ispe` (width, height), through the property associations."""
+    if ipco is None or ipma is None:
+        return {}
+    properties = [(kind, start) for kind, start, _ in _bmff_boxes(data, *ipco)]  # indexed from 1
+    start, _ = ipma
+    version, flags = data[start], int.from_bytes(data[start + 1 : start + 4], "big")
+    offset = start + 4
+    (count,) = struct.unpack_from(">I", data, offset)
+    offset += 4
+    sizes = {}
+    for _ in range(min(count, _BMFF_MAX_BOXES)):
+        if version < 1:
+            (item,) = struct.unpack_from(">H", data, offset)
+            offset += 2
+        else:
+            (item,) = struct.unpack_from(">I", data, offset)
+            offset += 4
+        associations = data[offset]
+        offset += 1
+        for _ in range(associations):
+            if flags & 1:
+                (index,) = struct.unpack_from(">H", data, offset)
+                index &= 0x7FFF
+                offset += 2
+            else:
+                index = data[offset] & 0x7F
+                offset += 1
+            if 0 < index <= len(properties) and properties[index - 1][0] == b"ispe":
+                sizes[item] = struct.unpack_from(">II", data, properties[index - 1][1] + 4)
+    return sizes
 
 
 # `thumbnail` decodes a JPEG at 1/8 scale when the image is to shrink this many times or more (libvips
@@ -822,13 +920,15 @@ def _render_many(
     inter_h = min(height, math.ceil(height * scale))
     managed = _needs_colour_management(header)
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
-        # Too big to hold: decode per variant instead, each one streaming.
+        # Too big to hold: decode per variant instead, each one streaming. A HEIF's decode is chosen by
+        # its header (`_from_buffer`): each gets its own, as a sequential image serves one pass only.
+        heif = _get(header, "vips-loader", "") == "heifload_buffer"
         results = []
         for variant in variants:
             target_w, kwargs = _thumbnail_args(variant)
-            results.append(
-                _finish(_from_buffer(data, target_w, managed=managed, **kwargs), variant, deadline)
-            )
+            own = _header(data) if heif else None
+            image = _from_buffer(data, target_w, managed=managed, header=own, **kwargs)
+            results.append(_finish(image, variant, deadline))
         return results
 
     deadline.check()
