@@ -52,6 +52,17 @@ resource "helm_release" "ingress_nginx" {
         "proxy-buffering"    = "off"
         "proxy-read-timeout" = "3600"
         "proxy-send-timeout" = "3600"
+        # The default access log format logs "$request", the request line with its query string,
+        # and event-stream clients (EventSource cannot send headers) put their JWT in it:
+        # GET /jobs/{id}/events?access_token=<JWT>. The same fields as the default, with the path
+        # ($uri, no query) in place of $request.
+        "log-format-upstream" = join(" ", [
+          "$remote_addr - $remote_user [$time_local]",
+          "\"$request_method $uri $server_protocol\"",
+          "$status $body_bytes_sent \"$http_referer\" \"$http_user_agent\"",
+          "$request_length $request_time [$proxy_upstream_name] [$proxy_alternative_upstream_name]",
+          "$upstream_addr $upstream_response_length $upstream_response_time $upstream_status $req_id",
+        ])
       }
     }
   })]

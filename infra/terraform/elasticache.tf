@@ -3,6 +3,11 @@
 # kept in Secrets Manager. Cluster mode stays off: imgpipe uses Lua scripts over several keys of one
 # job and PUBLISH/SUBSCRIBE, which want a single shard. redis_multi_az adds a replica in another zone
 # with automatic failover. When disabled, the chart's bundled Redis is used instead.
+#
+# Eviction: every imgpipe key has a TTL, and the default parameter groups (default.redis7) use
+# maxmemory-policy volatile-lru, which under memory pressure silently evicts any key with a TTL:
+# job records included, so a job answered 202 would vanish. The parameter group below sets
+# noeviction: a full Redis refuses writes (new jobs get a 503) and keeps the accepted ones.
 
 resource "aws_elasticache_subnet_group" "redis" {
   count = var.enable_elasticache ? 1 : 0
@@ -35,6 +40,31 @@ resource "aws_vpc_security_group_ingress_rule" "redis_from_nodes" {
   to_port                      = 6379
 }
 
+locals {
+  # ElastiCache names the parameter group families redis6.x (Redis 6) and redis7 (Redis 7).
+  redis_major_version = split(".", var.redis_engine_version)[0]
+  redis_family        = local.redis_major_version == "6" ? "redis6.x" : "redis${local.redis_major_version}"
+}
+
+resource "aws_elasticache_parameter_group" "redis" {
+  count = var.enable_elasticache && var.redis_parameter_group_name == null ? 1 : 0
+
+  # The family is in the name so that an engine upgrade creates the new group before the old one
+  # is deleted (create_before_destroy; names are unique).
+  name        = "${var.name}-redis-${replace(local.redis_family, ".", "-")}"
+  family      = local.redis_family
+  description = "imgpipe: maxmemory-policy noeviction (every key has a TTL; volatile-lru would evict job records)"
+
+  parameter {
+    name  = "maxmemory-policy"
+    value = "noeviction"
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
 resource "random_password" "redis" {
   count = var.enable_elasticache ? 1 : 0
 
@@ -51,7 +81,7 @@ resource "aws_elasticache_replication_group" "redis" {
 
   engine               = "redis"
   engine_version       = var.redis_engine_version
-  parameter_group_name = var.redis_parameter_group_name
+  parameter_group_name = coalesce(var.redis_parameter_group_name, one(aws_elasticache_parameter_group.redis[*].name))
   node_type            = var.redis_node_type
   port                 = 6379
 

@@ -39,8 +39,10 @@ locals {
             }
           }
         },
-        # Without KEDA the worker falls back to a CPU HorizontalPodAutoscaler.
-        c == "worker" && !var.enable_keda ? { autoscaling = { type = "hpa" } } : {},
+        # KEDA when this configuration installs it, else a CPU HorizontalPodAutoscaler. Stated
+        # rather than left to the chart's `auto`, which decides from the cluster's APIs and so
+        # renders the HPA wherever the chart is rendered offline (helm template, GitOps).
+        c == "worker" ? { autoscaling = { type = var.enable_keda ? "keda" : "hpa" } } : {},
       )
     },
   )

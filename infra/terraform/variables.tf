@@ -306,25 +306,30 @@ variable "s3_abort_incomplete_multipart_days" {
   }
 }
 
+# The two expirations below delete objects whatever references them: a job record (kept
+# IMGPIPE_JOB_RETENTION_DAYS after its last change; the chart's config.jobRetentionDays, 7 by
+# default, which this configuration does not set) would then point at deleted variants, or a
+# pending job at a deleted source. Hence at least 7 days, and at least the retention you deploy.
+
 variable "variants_expiration_days" {
-  description = "Delete objects under variants/ this many days after creation. null = keep them (the reconciler still deletes orphans)."
+  description = "Delete objects under variants/ this many days after creation. Must be at least IMGPIPE_JOB_RETENTION_DAYS (the chart's config.jobRetentionDays, 7 by default), or S3 deletes variants that job records still link to; at least 7 is enforced. null = keep them (the reconciler still deletes orphans)."
   type        = number
   default     = null
 
   validation {
-    condition     = var.variants_expiration_days == null || try(var.variants_expiration_days >= 1, false)
-    error_message = "variants_expiration_days must be null or at least 1."
+    condition     = var.variants_expiration_days == null || try(var.variants_expiration_days >= 7, false)
+    error_message = "variants_expiration_days must be null or at least 7 (and at least the chart's config.jobRetentionDays / IMGPIPE_JOB_RETENTION_DAYS)."
   }
 }
 
 variable "uploads_expiration_days" {
-  description = "Delete source images under uploads/ this many days after upload. null = keep them."
+  description = "Delete source images under uploads/ this many days after upload. Must be at least IMGPIPE_JOB_RETENTION_DAYS (the chart's config.jobRetentionDays, 7 by default), or S3 deletes sources of jobs still on record (a pending or retried job then fails); at least 7 is enforced. null = keep them."
   type        = number
   default     = null
 
   validation {
-    condition     = var.uploads_expiration_days == null || try(var.uploads_expiration_days >= 1, false)
-    error_message = "uploads_expiration_days must be null or at least 1."
+    condition     = var.uploads_expiration_days == null || try(var.uploads_expiration_days >= 7, false)
+    error_message = "uploads_expiration_days must be null or at least 7 (and at least the chart's config.jobRetentionDays / IMGPIPE_JOB_RETENTION_DAYS)."
   }
 }
 
@@ -432,15 +437,25 @@ variable "enable_elasticache" {
 }
 
 variable "redis_engine_version" {
-  description = "Redis engine version of the replication group."
+  description = "Redis engine version of the replication group (6.x or 7.x; the parameter group created here follows its major version)."
   type        = string
   default     = "7.1"
+
+  validation {
+    condition     = can(regex("^[67]\\.([0-9]+|x)$", var.redis_engine_version))
+    error_message = "redis_engine_version must be a Redis 6 or 7 version such as 7.1 or 6.x."
+  }
 }
 
 variable "redis_parameter_group_name" {
-  description = "Parameter group matching redis_engine_version."
+  description = "An existing parameter group to use instead of the one created here, matching redis_engine_version. It must set maxmemory-policy to noeviction: every imgpipe key has a TTL, so a volatile-* policy (the default groups' volatile-lru) or an allkeys-* one evicts job records under memory pressure and accepted jobs are lost. null = create a group with noeviction."
   type        = string
-  default     = "default.redis7"
+  default     = null
+
+  validation {
+    condition     = var.redis_parameter_group_name == null || !startswith(coalesce(var.redis_parameter_group_name, "-"), "default.")
+    error_message = "redis_parameter_group_name cannot be an AWS default group (default.redis*): they use maxmemory-policy volatile-lru, which evicts imgpipe's job records. Leave it null, or give a group with noeviction."
+  }
 }
 
 variable "redis_node_type" {

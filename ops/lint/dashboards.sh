@@ -5,9 +5,10 @@
 #  2. every metric name in every PromQL expression (dashboards and alerts.yml) is one the services
 #     really export: api, status, worker and reconciler are started here, against the local RabbitMQ
 #     and Redis (a namespace of their own, removed afterwards) and a moto S3 server, and their live
-#     /metrics is read; `rabbitmq_*` names must be on the allow-list below (RabbitMQ's own
+#     /metrics is read (imgpipe_* names, and the process_* ones prometheus_client adds, such as
+#     process_start_time_seconds); `rabbitmq_*` names must be on the allow-list below (RabbitMQ's own
 #     rabbitmq_prometheus plugin), which is also checked against a local RabbitMQ's :15692 when one
-#     answers.
+#     answers; and Prometheus's own per-target series (`up`) on theirs.
 # Needs `make install` (.venv), RabbitMQ on 127.0.0.1:5672 and Redis on 127.0.0.1:6379, like the tests.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,6 +43,9 @@ RABBITMQ_ALLOWED = {
     "rabbitmq_queue_messages_unacked",
     "rabbitmq_queue_consumers",
 }
+
+# Series Prometheus itself writes for every scrape target (no exporter serves them).
+PROMETHEUS_SYNTHETIC = {"up"}
 
 problems: list[str] = []
 
@@ -267,8 +271,11 @@ if rabbit_live:
 for name, wheres in sorted(used.items()):
     if name.startswith("rabbitmq_"):
         ok = name in RABBITMQ_ALLOWED
+    elif name in PROMETHEUS_SYNTHETIC:
+        ok = True
     else:
-        ok = name.startswith("imgpipe_") and name in live
+        # The services' own metrics, and the process collector's (the reconciler's start time).
+        ok = name.startswith(("imgpipe_", "process_")) and name in live
     if not ok:
         fail(f"metric {name!r} is not exported (used in {'; '.join(sorted(wheres))})")
 

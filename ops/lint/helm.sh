@@ -6,7 +6,10 @@
 #      here), and files/prometheus/alerts.yml and files/dashboards/*.json get stand-ins when
 #      they do not exist yet, so their templates are still exercised;
 #   2. for every value set deploy/helm/imgpipe/ci/*-values.yaml: `helm lint --strict`, then
-#      `helm template` for each Kubernetes version in KUBE_VERSIONS, then
+#      `helm template` for each Kubernetes version in KUBE_VERSIONS, each twice: on a bare cluster
+#      and on one serving the operators' APIs (`--api-versions` keda.sh/v1alpha1 and
+#      monitoring.coreos.com/v1), so that both branches of every `auto` (the worker's autoscaler,
+#      the ServiceMonitor, the PrometheusRule) are rendered and validated; then
 #        - built-in kinds: `kubernetes-validate --strict` (the Kubernetes OpenAPI schemas; a kind
 #          it has no schema for is an error, not a warning),
 #        - CRD kinds (KEDA ScaledObject/TriggerAuthentication, Prometheus Operator
@@ -533,18 +536,23 @@ for values in "${SETS[@]}"; do
 		fail "$set_name: helm lint --strict"; printf '%s\n' "$out" | sed 's/^/       /'
 	fi
 	for kube in $KUBE_VERSIONS; do
-		rendered="$WORK/$set_name-$kube.yaml"
+	for apis in bare operators; do
+		# bare: no CRD APIs (auto = HPA for the worker, no monitors); operators: KEDA and the
+		# Prometheus Operator installed (auto = ScaledObject, ServiceMonitor, PrometheusRule).
+		api_args=()
+		[ "$apis" = operators ] && api_args=(--api-versions keda.sh/v1alpha1 --api-versions monitoring.coreos.com/v1)
+		rendered="$WORK/$set_name-$kube-$apis.yaml"
 		if ! "$HELM" template imgpipe "$STAGED" -f "$values" --namespace imgpipe \
-			--kube-version "$kube" >"$rendered" 2>"$WORK/err"; then
-			fail "$set_name: helm template (kube $kube)"; sed 's/^/       /' "$WORK/err"; continue
+			--kube-version "$kube" "${api_args[@]}" >"$rendered" 2>"$WORK/err"; then
+			fail "$set_name: helm template (kube $kube, $apis)"; sed 's/^/       /' "$WORK/err"; continue
 		fi
 		if summary="$("$PY" "$WORK/check.py" "$rendered" "$values" "$WORK/builtin.yaml" "$WORK/rules.yaml" 2>"$WORK/err")"; then
-			ok "kube $kube: CRD schemas and house rules $summary"
+			ok "kube $kube, $apis: CRD schemas and house rules $summary"
 		else
-			fail "$set_name: CRD schemas / house rules (kube $kube)"; sed 's/^/       /' "$WORK/err"
+			fail "$set_name: CRD schemas / house rules (kube $kube, $apis)"; sed 's/^/       /' "$WORK/err"
 		fi
 		DOCS=$((DOCS + $(grep -c '^kind: ' "$rendered" || true)))
-		if [ "$kube" = "${KUBE_VERSIONS%% *}" ]; then
+		if [ "$kube" = "${KUBE_VERSIONS%% *}" ] && [ "$apis" = bare ]; then
 			if [ -z "$HAVE_PROJECT" ]; then
 				echo "  skip the services' settings: no project .venv with imgpipe (make install)"
 			elif "$PY" "$WORK/env.py" "$rendered" "$values" "$WORK/env.json" \
@@ -555,17 +563,18 @@ for values in "${SETS[@]}"; do
 			fi
 		fi
 		if kv="$("$KV" --strict --quiet -k "$kube" "$WORK/builtin.yaml" 2>&1)" && ! grep -q "find schema" <<<"$kv"; then
-			ok "kube $kube: kubernetes-validate --strict"
+			ok "kube $kube, $apis: kubernetes-validate --strict"
 		else
-			fail "$set_name: kubernetes-validate --strict (kube $kube)"; printf '%s\n' "$kv" | sed 's/^/       /'
+			fail "$set_name: kubernetes-validate --strict (kube $kube, $apis)"; printf '%s\n' "$kv" | sed 's/^/       /'
 		fi
 		if [ -s "$WORK/rules.yaml" ] && [ -n "$PROMTOOL" ]; then
 			if out="$("$PROMTOOL" check rules "$WORK/rules.yaml" 2>&1)"; then
-				ok "kube $kube: promtool check rules (PrometheusRule groups)"
+				ok "kube $kube, $apis: promtool check rules (PrometheusRule groups)"
 			else
-				fail "$set_name: promtool check rules"; printf '%s\n' "$out" | sed 's/^/       /'
+				fail "$set_name: promtool check rules ($apis)"; printf '%s\n' "$out" | sed 's/^/       /'
 			fi
 		fi
+	done
 	done
 done
 
@@ -647,9 +656,16 @@ expect "no ServiceMonitor/PrometheusRule without the operator (auto)" "ServiceMo
 expect "ServiceMonitor with the operator's API (auto)" "1 kind: ServiceMonitor" present --api-versions monitoring.coreos.com/v1
 expect "PrometheusRule with the operator's API (auto)" "1 kind: PrometheusRule" present --api-versions monitoring.coreos.com/v1
 expect "no ServiceMonitor when disabled, even with the API" "ServiceMonitor" absent --api-versions monitoring.coreos.com/v1 --set metrics.serviceMonitor.enabled=false
-expect "KEDA by default: ScaledObject" " 1 kind: ScaledObject;" present
-expect "KEDA by default: TriggerAuthentication" " 1 kind: TriggerAuthentication;" present
-expect "KEDA by default: HPAs for api and status only" " 2 kind: HorizontalPodAutoscaler;" present
+# worker.autoscaling.type=auto (the default): KEDA where the cluster serves its API, an HPA elsewhere.
+KEDA_API=(--api-versions keda.sh/v1alpha1)
+expect "auto without KEDA: no ScaledObject/TriggerAuthentication" "ScaledObject|TriggerAuthentication" absent
+expect "auto without KEDA: a worker HPA beside api's and status's" " 3 kind: HorizontalPodAutoscaler;" present
+expect "auto with KEDA's API: ScaledObject" " 1 kind: ScaledObject;" present "${KEDA_API[@]}"
+expect "auto with KEDA's API: TriggerAuthentication" " 1 kind: TriggerAuthentication;" present "${KEDA_API[@]}"
+expect "auto with KEDA's API: HPAs for api and status only" " 2 kind: HorizontalPodAutoscaler;" present "${KEDA_API[@]}"
+expect "keda forced without the API (helm template for GitOps): ScaledObject" " 1 kind: ScaledObject;" present --set worker.autoscaling.type=keda
+expect "keda forced: HPAs for api and status only" " 2 kind: HorizontalPodAutoscaler;" present --set worker.autoscaling.type=keda
+expect "hpa forced with KEDA's API: no ScaledObject" "ScaledObject|TriggerAuthentication" absent --set worker.autoscaling.type=hpa "${KEDA_API[@]}"
 expect "worker HPA instead of KEDA" "3 kind: HorizontalPodAutoscaler" present --set worker.autoscaling.type=hpa
 expect "no ScaledObject with worker HPA" "ScaledObject|TriggerAuthentication" absent --set worker.autoscaling.type=hpa
 expect "fixed workers with type none: no ScaledObject" "ScaledObject|TriggerAuthentication" absent --set worker.autoscaling.type=none
@@ -665,6 +681,30 @@ if "$HELM" template imgpipe "$STAGED" -f "$BASE" | grep -q 'IMGPIPE_JWT_SECRET:'
 	ok "a JWT secret generated without a JWKS"
 else
 	fail "no JWT secret generated in HS mode"
+fi
+# The reconciler's alerts only where a reconciler runs (they would fire for its absence otherwise).
+for args in "" "--set reconciler.enabled=false" "--set reconciler.replicas=0"; do
+	# shellcheck disable=SC2086 # $args is one or two words on purpose
+	alerts="$("$HELM" template imgpipe "$STAGED" -f "$BASE" --api-versions monitoring.coreos.com/v1 $args 2>&1 | grep -c 'alert: ImgpipeReconciler' || true)"
+	want=2; [ -n "$args" ] && want=0
+	if [ "$alerts" = "$want" ]; then ok "reconciler alerts in the PrometheusRule: $want${args:+ with $args}"; else fail "reconciler alerts in the PrometheusRule${args:+ with $args}: $alerts, not $want"; fi
+done
+# Numbers from a values file arrive as float64, which prints 1000000 as "1e+06" (refused by an
+# integer setting): the ConfigMap must spell every whole number in digits.
+cat >"$WORK/big-numbers.yaml" <<'YAML'
+config:
+  limits: {maxFrames: 1000000, maxPixels: 250000000}
+  extra: {IMGPIPE_CI_NUMBER: 2000000, IMGPIPE_CI_FRACTION: 0.5}
+reconciler:
+  config: {IMGPIPE_RECONCILE_CI_NUMBER: 3000000}
+YAML
+cm="$("$HELM" template imgpipe "$STAGED" -f "$BASE" -f "$WORK/big-numbers.yaml" -s templates/configmap.yaml 2>&1 || true)"
+if grep -q 'IMGPIPE_MAX_FRAMES: "1000000"' <<<"$cm" && grep -q 'IMGPIPE_CI_NUMBER: "2000000"' <<<"$cm" \
+	&& grep -q 'IMGPIPE_RECONCILE_CI_NUMBER: "3000000"' <<<"$cm" && grep -q 'IMGPIPE_CI_FRACTION: "0.5"' <<<"$cm" \
+	&& ! grep -qE ': "[0-9.]+e[+-]?[0-9]+"' <<<"$cm"; then
+	ok "large numbers in the ConfigMap are spelled in digits"
+else
+	fail "large numbers in the ConfigMap: $(grep -E 'FRAMES|CI_|e\+' <<<"$cm" | tr -s ' ' | tr '\n' ';')"
 fi
 expect "Grafana dashboards ConfigMap(s)" " ([2-9]|[0-9]{2,}) kind: ConfigMap;" present --set metrics.grafanaDashboards.enabled=true
 

@@ -182,6 +182,34 @@ services do (values.schema.json already does; this holds with --skip-schema-vali
 {{- $algs | toJson -}}
 {{- end -}}
 
+{{/*
+The worker's autoscaler: `keda`, `hpa` or `none`. `auto` is `keda` where the cluster serves
+keda.sh/v1alpha1 (KEDA installed; `.Capabilities`, known during `helm install`/`upgrade`), and
+`hpa` otherwise, so that a default install works on a cluster without KEDA (a ScaledObject there
+fails the whole install on the unknown kind).
+*/}}
+{{- define "imgpipe.workerAutoscaler" -}}
+{{- $type := toString .Values.worker.autoscaling.type -}}
+{{- if eq $type "auto" -}}
+{{- ternary "keda" "hpa" (.Capabilities.APIVersions.Has "keda.sh/v1alpha1") -}}
+{{- else -}}
+{{- $type -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A value of `config.extra` / `reconciler.config` as the variable's text. Numbers from a values file
+reach the template as float64, which prints 1000000 as "1e+06" (an integer setting refuses that):
+whole numbers are printed as integers, other values as they are.
+*/}}
+{{- define "imgpipe.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The queue the KEDA trigger watches. */}}
 {{- define "imgpipe.jobsQueue" -}}
 {{- default (printf "%s.jobs" .Values.config.namespace) .Values.worker.autoscaling.keda.queueName -}}
