@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aio_pika
 import pytest
@@ -59,6 +61,20 @@ async def test_a_run_that_cannot_be_recorded_does_not_hold_back_the_next(
     assert await queue_depth(queue) == 0, "a command was left unacknowledged and came back"
 
 
+@asynccontextmanager
+async def _taken_unacknowledged(queue: str) -> AsyncIterator[None]:
+    """Another replica takes the queue's next message and never acknowledges it: the broker hands it
+    back, redelivered, when the context ends (that replica's connection closes)."""
+    replica = await aio_pika.connect(AMQP_URL)
+    async with replica:
+        channel = await replica.channel()
+        await channel.set_qos(prefetch_count=1)
+        taken: asyncio.Queue[object] = asyncio.Queue()
+        await (await channel.get_queue(queue, ensure=False)).consume(taken.put)
+        await asyncio.wait_for(taken.get(), 5)
+        yield
+
+
 async def test_a_command_whose_run_died_holding_the_lock_runs_when_the_lock_lapses(
     store: JobStore,
     storage: Storage,
@@ -74,13 +90,7 @@ async def test_a_command_whose_run_died_holding_the_lock_runs_when_the_lock_laps
     queue = publisher.topology.reconcile_queue
     await publisher.publish_reconcile(ReconcileCommand(run_id="orphaned", dry_run=True))
     # The first replica: takes the command and the lock, then dies (its channel closes, no ack).
-    dead = await aio_pika.connect(AMQP_URL)
-    async with dead:
-        channel = await dead.channel()
-        await channel.set_qos(prefetch_count=1)
-        taken: asyncio.Queue[object] = asyncio.Queue()
-        await (await channel.get_queue(queue, ensure=False)).consume(taken.put)  # never acknowledged
-        await asyncio.wait_for(taken.get(), 5)
+    async with _taken_unacknowledged(queue):
         await redis_client.set(lock.key, "the-dead-replica", px=2000)
     connection = await broker.connect(AMQP_URL)
     consumer = CommandConsumer(
@@ -116,12 +126,8 @@ async def test_a_redelivered_command_that_waits_out_a_running_run_is_skipped_onc
     queue = publisher.topology.reconcile_queue
     await publisher.publish_reconcile(ReconcileCommand(run_id="copy", dry_run=True))
     # Taken once and handed back unacknowledged: the consumer below gets it redelivered.
-    first = await aio_pika.connect(AMQP_URL)
-    async with first:
-        channel = await first.channel()
-        taken: asyncio.Queue[object] = asyncio.Queue()
-        await (await channel.get_queue(queue, ensure=False)).consume(taken.put)
-        await asyncio.wait_for(taken.get(), 5)
+    async with _taken_unacknowledged(queue):
+        pass
     # The run still going, somewhere else: it holds the lock for longer than the command waits.
     await redis_client.set(lock.key, "the-first-run", px=60_000)
     skipped = {"result": "skipped", "dry_run": "true"}
