@@ -22,6 +22,7 @@ from imgpipe.settings import RedisSettings
 from imgpipe.store import JobStore
 from imgpipe_status.hub import End, Event, Hub, Listener
 from pydantic import SecretStr
+from redis.exceptions import ResponseError
 
 from tests.stack import REDIS_URL, delete_keys
 
@@ -477,9 +478,13 @@ async def _unreadable(store: JobStore, job: JobRecord, *, publish: bool) -> None
         await store.redis.publish(store.channel, f'{{"version":{job.version + 1},"record":{data}}}')
 
 
-@pytest.mark.parametrize("published", [True, False], ids=["its-change-published", "read-on-resync"])
+@pytest.mark.parametrize(
+    ("published", "wrong_type"),
+    [(True, False), (False, False), (False, True)],
+    ids=["its-change-published", "read-on-resync", "not-a-hash-on-resync"],
+)
 async def test_a_record_this_version_cannot_read_ends_its_streams_only(
-    hub: Hub, store: CountingStore, published: bool
+    hub: Hub, store: CountingStore, published: bool, wrong_type: bool
 ) -> None:
     """A job rewritten in a form this version cannot read (a newer version's status in a rolling
     upgrade, a hand edit): its streams end, and the hub goes on with every other job. Before, its
@@ -493,7 +498,11 @@ async def test_a_record_this_version_cannot_read_ends_its_streams_only(
                 assert current is not None and current.version == 1
                 transport, client = await sockets.pair()
                 hub.attach(listener, transport, chunked=False, version=current.version)
-            await _unreadable(store, bad, publish=published)
+            if wrong_type:  # a hand edit that left a string where the job's hash was: WRONGTYPE
+                await store.redis.delete(store.job_key(bad.id))
+                await store.redis.set(store.job_key(bad.id), "edited by hand")
+            else:
+                await _unreadable(store, bad, publish=published)
             if not published:
                 _cut_subscription(store)  # the hub re-reads every job it follows
             await asyncio.wait_for(stuck.ended.wait(), 10)
@@ -504,7 +513,7 @@ async def test_a_record_this_version_cannot_read_ends_its_streams_only(
             assert hub.connected.is_set()
             # What the hub knew of the bad job is dropped: a stream that comes for it now reads it
             # (and fails as `GET /jobs/{id}` does), rather than be answered its outdated state.
-            with hub.listen(bad.id), pytest.raises(ValueError):
+            with hub.listen(bad.id), pytest.raises(ResponseError if wrong_type else ValueError):
                 await hub.current(bad.id)
     assert data == b"id: 2\nevent: processing\ndata: " + good.id.encode() + b"\n\n"
 

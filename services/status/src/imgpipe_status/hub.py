@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
 from imgpipe.store import JobStore
+from redis.exceptions import ResponseError
 
 log = logging.getLogger("imgpipe.status.hub")
 
@@ -319,7 +320,7 @@ class Hub:
                 continue
             try:
                 record = await self._store.get(watch.job_id)
-            except ValueError as exc:  # pydantic's ValidationError is one: a record we cannot read
+            except (ValueError, ResponseError) as exc:  # ValidationError, or WRONGTYPE: not our record
                 # Raised out of here, it would fail every resync the same way and stop the hub for
                 # every job; the record stays unreadable until it changes or expires.
                 self._unfollowable(watch.job_id, type(exc).__name__)
