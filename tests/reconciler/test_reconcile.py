@@ -452,8 +452,9 @@ async def test_deletes_s3_refuses_are_counted_for_an_alert(
 async def test_a_stuck_job_the_run_fails_counts_as_a_failed_job(
     store: JobStore, storage: Storage, publisher: broker.Publisher
 ) -> None:
-    """`imgpipe_jobs_failed_total{code="timeout"}` counts the jobs the reconciler fails, as the worker's
-    failures count: once, when the job is really failed (not by a dry run, not again later)."""
+    """`imgpipe_jobs_failed_total{code="timeout"}` and `imgpipe_job_latency_seconds{outcome="failed"}`
+    count the jobs the reconciler fails, as the worker's failures count: once, when the job is really
+    failed (not by a dry run, not again later)."""
     stuck = _record(f"uploads/{OID}/stuck")
     await store.create(stuck)
     await store.mark_processing(stuck.id)
@@ -461,15 +462,19 @@ async def test_a_stuck_job_the_run_fails_counts_as_a_failed_job(
     clock.now += 1.1
     reconciler = _reconciler(store, storage, publisher, stuck_processing_s=1.0, clock=clock)
     before = _sample("imgpipe_jobs_failed_total", code="timeout")
+    latencies = _sample("imgpipe_job_latency_seconds_count", outcome="failed")
 
     dry = await reconciler.run(dry_run=True)
     assert dry.stuck_failed == 1
     assert _sample("imgpipe_jobs_failed_total", code="timeout") == before
+    assert _sample("imgpipe_job_latency_seconds_count", outcome="failed") == latencies
 
     real = await reconciler.run(dry_run=False)
     assert real.stuck_failed == 1
     assert _sample("imgpipe_jobs_failed_total", code="timeout") == before + 1
+    assert _sample("imgpipe_job_latency_seconds_count", outcome="failed") == latencies + 1
 
     again = await reconciler.run(dry_run=False)  # failed already: nothing to do, nothing counted
     assert again.stuck_failed == 0
     assert _sample("imgpipe_jobs_failed_total", code="timeout") == before + 1
+    assert _sample("imgpipe_job_latency_seconds_count", outcome="failed") == latencies + 1

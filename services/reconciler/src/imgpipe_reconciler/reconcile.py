@@ -38,6 +38,7 @@ from imgpipe.models import JobMessage, JobRecord, KeySource
 from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, ObjectNotFound, Storage
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
+    JOB_LATENCY,
     JOBS_FAILED,
     RECONCILE_BYTES_FREED,
     RECONCILE_DELETE_ERRORS,
@@ -386,8 +387,10 @@ class Reconciler:
         if done.applied:
             summary.stuck_failed += 1
             STUCK_JOBS.labels("failed").inc()
-            # A job failed is a job failed, whoever failed it: the failure rate counts these too.
+            # A job failed is a job failed, whoever failed it: the failure rate and the end-to-end
+            # latency (by the wall clock, as the worker measures it) count these too.
             JOBS_FAILED.labels(code=TIMEOUT_CODE).inc()
+            JOB_LATENCY["failed"].observe(max(0.0, time.time() - record.created_at.timestamp()))
             log.info("stuck job failed", extra={"job_id": record.id, "reason": why})
 
 
