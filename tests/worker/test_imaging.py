@@ -694,8 +694,11 @@ def _box(kind: bytes, body: bytes, *, version: int | None = None) -> bytes:
     return struct.pack(">I4s", 8 + len(body), kind) + body
 
 
-def _avif_with_thumbnail(primary: tuple[int, int], thumbnail: tuple[int, int]) -> bytes:
-    """An AVIF of a `primary` image and, as its thumbnail item (`thmb`), a `thumbnail` one."""
+def _avif_with_thumbnail(
+    primary: tuple[int, int], thumbnail: tuple[int, int], *, also_claims: tuple[int, int] | None = None
+) -> bytes:
+    """An AVIF of a `primary` image and, as its thumbnail item (`thmb`), a `thumbnail` one; with
+    `also_claims`, the thumbnail has a second `ispe` property, of that size, after its real one."""
 
     def child(data: bytes, kind: bytes) -> bytes:
         at = data.index(kind) - 4
@@ -708,8 +711,13 @@ def _avif_with_thumbnail(primary: tuple[int, int], thumbnail: tuple[int, int]) -
         return b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi")), child(made, b"mdat")[8:]
 
     (props1, data1), (props2, data2) = coded(*primary), coded(*thumbnail)
-    # Properties 1-3 are the primary's (av1C essential), 4-6 the thumbnail's.
-    ipma = struct.pack(">IHB3BHB3B", 2, 1, 3, 0x81, 2, 3, 2, 3, 0x84, 5, 6)
+    # Properties 1-3 are the primary's (av1C essential), 4-6 (and 7) the thumbnail's.
+    ipma = struct.pack(">IHB3B", 2, 1, 3, 0x81, 2, 3)
+    if also_claims is None:
+        ipma += struct.pack(">HB3B", 2, 3, 0x84, 5, 6)
+    else:
+        props2 += _box(b"ispe", struct.pack(">II", *also_claims), version=0)
+        ipma += struct.pack(">HB4B", 2, 4, 0x84, 5, 6, 7)
     infe = b"".join(_box(b"infe", struct.pack(">HH", i, 0) + b"av01\0", version=2) for i in (1, 2))
 
     def meta(offset: int) -> bytes:
@@ -741,6 +749,13 @@ def test_an_avifs_embedded_thumbnail_larger_than_it_is_not_decoded() -> None:
     [small, same] = render(bomb, [variant(width=40), variant(name="b", width=64)], LIMITS)
     assert [(small.width, small.height), (same.width, same.height)] == [(40, 30), (64, 48)]
     [single] = render(bomb, [variant(width=40)], LIMITS)
+    assert (single.width, single.height) == (40, 30)
+    # A second, small size after the real one does not get the thumbnail past the check: libvips
+    # picked the thumbnail by that size and libheif decoded all 5000 x 4000 of it before refusing it
+    # as "bad image dimensions". Sizes that disagree trust no thumbnail at all.
+    disguised = _avif_with_thumbnail((64, 48), (5000, 4000), also_claims=(50, 40))
+    assert imaging._heif_thumbnail_sizes(disguised) is None
+    [single] = render(disguised, [variant(width=40)], LIMITS)
     assert (single.width, single.height) == (40, 30)
     # A thumbnail of a usual size is what it is for: a small variant comes from it (5:4 here).
     photo = _avif_with_thumbnail((640, 480), (160, 128))

@@ -691,7 +691,9 @@ def _heif_thumbnail_items(data: bytes, iref: tuple[int, int] | None) -> list[int
 def _heif_item_sizes(
     data: bytes, ipco: tuple[int, int] | None, ipma: tuple[int, int] | None
 ) -> dict[int, tuple[int, int]]:
-    """Each item's `ispe` (width, height), through the property associations."""
+    """Each item's `ispe` (width, height), through the property associations. A ValueError when an
+    item is listed twice or has two sizes: which one libheif believes is not ours to guess (a real
+    large size first and a small one after it got a "thumbnail" past the check that way)."""
     if ipco is None or ipma is None:
         return {}
     properties = [(kind, start) for kind, start, _ in _bmff_boxes(data, *ipco)]  # indexed from 1
@@ -700,7 +702,8 @@ def _heif_item_sizes(
     offset = start + 4
     (count,) = struct.unpack_from(">I", data, offset)
     offset += 4
-    sizes = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    listed = set()
     for _ in range(min(count, _BMFF_MAX_BOXES)):
         if version < 1:
             (item,) = struct.unpack_from(">H", data, offset)
@@ -708,6 +711,9 @@ def _heif_item_sizes(
         else:
             (item,) = struct.unpack_from(">I", data, offset)
             offset += 4
+        if item in listed:
+            raise ValueError("an item listed twice in ipma")
+        listed.add(item)
         associations = data[offset]
         offset += 1
         for _ in range(associations):
@@ -719,6 +725,8 @@ def _heif_item_sizes(
                 index = data[offset] & 0x7F
                 offset += 1
             if 0 < index <= len(properties) and properties[index - 1][0] == b"ispe":
+                if item in sizes:
+                    raise ValueError("an item with two sizes")
                 sizes[item] = struct.unpack_from(">II", data, properties[index - 1][1] + 4)
     return sizes
 
