@@ -879,6 +879,11 @@ def test_a_lossy_webp_is_held_to_the_budget_at_the_size_it_decodes_to() -> None:
     with pytest.raises(ImageError) as info:
         render(big, [variant(width=100), Variant(name="xl", width=8192)], LIMITS)
     assert "making variant 'xl' (8192x8192 jpeg) would need about 332 MiB" in info.value.message
+    # A "cover" crop to a strip decodes the whole scaled image first, 8192 x 8192 here.
+    strip = Variant(name="strip", width=8192, height=1, fit="cover")
+    with pytest.raises(ImageError) as info:
+        render(big, [strip], LIMITS)
+    assert "making variant 'strip' (8192x1 jpeg) would need about 268 MiB" in info.value.message
     with pytest.raises(ImageError) as info:  # a thumbnail of it is let through (to fail on its pixels)
         render(big, [variant(width=100)], LIMITS)
     assert info.value.code == "corrupt_image"

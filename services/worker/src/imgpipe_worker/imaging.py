@@ -845,7 +845,11 @@ def _check_encode_budget(
         alpha = header.hasalpha() and variant.format != "jpeg"
         needed = encode_bytes(variant.format, out_w, out_h, alpha=alpha)
         if at_target:
-            needed += math.ceil(out_w * out_h * _AT_TARGET_BYTES_PER_PIXEL)
+            # Decoded at the scaled size, before a "cover" crop: an 8192 x 1 strip of a 10,000 px square
+            # decodes all 8192 x 8192 of it first.
+            scale = _scale_needed(variant, width, height)
+            decoded = max(1, round(width * scale)) * max(1, round(height * scale))
+            needed += math.ceil(decoded * _AT_TARGET_BYTES_PER_PIXEL)
         if needed > limits.max_decode_bytes:
             mib = 1024 * 1024
             raise ImageError(
