@@ -8,9 +8,11 @@ policies, so each case signs the same request both ways in the same second and c
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import pytest
 from botocore.client import Config
-from botocore.credentials import RefreshableCredentials
+from botocore.credentials import DeferredRefreshableCredentials, RefreshableCredentials
 from botocore.exceptions import NoCredentialsError
 from imgpipe import presign
 from imgpipe.presign import Presigner
@@ -146,11 +148,25 @@ def _access_key(url: str) -> str:
     return parse_qs(urlsplit(url).query)["X-Amz-Credential"][0].split("/")[0]
 
 
+def _renewers(before: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t not in before and t.name == "imgpipe-credentials"]
+
+
+def _wait_for(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("not within 10 s")
+
+
 def test_temporary_credentials_are_renewed_off_the_callers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     # botocore renews temporary credentials (IRSA, an instance role) with a call to STS from inside
     # whatever reads them when they are due, for up to its 60 s timeouts. The caller here is the event
-    # loop making a URL: it must go on signing with the copy it has while a thread renews them.
-    monkeypatch.setattr(presign, "CREDENTIALS_RECHECK_S", 0.0)
+    # loop making a URL: it must go on signing with the copy it has while a thread renews them. The
+    # thread renews on its own schedule, with no URL asked for: after an idle hour, the first URL
+    # would otherwise be signed with a copy that has expired.
+    monkeypatch.setattr(presign, "CREDENTIALS_RECHECK_S", 0.05)
     release = threading.Event()
     fetched_by: list[str] = []
 
@@ -163,24 +179,53 @@ def test_temporary_credentials_are_renewed_off_the_callers_thread(monkeypatch: p
 
     credentials = RefreshableCredentials.create_from_metadata(_metadata("AKIDSTART", 12), fetch, "test")
     client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    before = set(threading.enumerate())
     presigner = Presigner(client, credentials, "b")  # reads them (and renews them: due) at start-up
-    assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDFIRST"
-    for _ in range(200):  # the renewal has begun, in its thread, and waits for STS
-        if len(fetched_by) == 2:
-            break
-        time.sleep(0.05)
+    assert fetched_by == [threading.current_thread().name]
+    _wait_for(lambda: len(fetched_by) == 2)  # the renewal has begun, unasked, and waits for STS
     assert fetched_by[1:] == ["imgpipe-credentials"]
     for _ in range(3):  # meanwhile URLs are made at once, with the copy
         assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDFIRST"
     release.set()
-    for _ in range(200):
-        if _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDRENEWED":
-            break
-        time.sleep(0.05)
+    _wait_for(lambda: _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDRENEWED")
     url = presigner.url("GET", "k", expires_s=60)
-    assert _access_key(url) == "AKIDRENEWED"
     assert parse_qs(urlsplit(url).query)["X-Amz-Security-Token"] == ["token-of-AKIDRENEWED"]
-    assert len(fetched_by) <= 3  # one renewal at a time, not one per URL
+    time.sleep(0.3)
+    assert len(fetched_by) == 2  # one renewal at a time, and only when due
+    # One nobody closes does not keep its thread.
+    [renewer] = _renewers(before)
+    del presigner
+    gc.collect()
+    renewer.join(5)
+    assert not renewer.is_alive()
+
+
+def test_credentials_that_fail_at_start_up_are_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # IRSA's credentials are fetched on first use: an STS error then must not kill the process (it would
+    # restart in a loop while STS is down). URLs are refused as "no credentials" (a 503) until a
+    # thread's next try gets them.
+    monkeypatch.setattr(presign, "CREDENTIALS_RETRY_S", 0.05)
+    monkeypatch.setattr(presign, "CREDENTIALS_RECHECK_S", 0.05)
+    answers = iter([None, _metadata("AKIDLATE", minutes=60)])
+
+    def fetch() -> dict[str, str]:
+        answer = next(answers)
+        if answer is None:
+            raise ConnectionError("STS is down")
+        return answer
+
+    credentials = DeferredRefreshableCredentials(fetch, "assume-role-with-web-identity")
+    client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    before = set(threading.enumerate())
+    presigner = Presigner(client, credentials, "b")
+    with pytest.raises(NoCredentialsError):
+        presigner.url("GET", "k", expires_s=60)
+    _wait_for(lambda: presigner._frozen is not None)
+    assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDLATE"
+    [renewer] = _renewers(before)
+    presigner.close()
+    renewer.join(5)
+    assert not renewer.is_alive()
 
 
 def test_signed_headers_change_the_signature() -> None:

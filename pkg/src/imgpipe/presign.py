@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -37,9 +38,23 @@ log = logging.getLogger("imgpipe.storage")
 ALGORITHM = "AWS4-HMAC-SHA256"
 _PROBE_KEY = "imgpipe-presign-probe"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-#: Most seconds between two reads of credentials that refresh themselves (IRSA, an instance role).
-#: botocore renews them 15 minutes before they expire, so a copy this old is still good for long.
+#: Seconds between two reads of credentials that refresh themselves (IRSA, an instance role), by a
+#: thread of their own whether or not URLs are being made: botocore renews them 15 minutes before
+#: they expire, so a copy this old is still good for long, even after an idle hour.
 CREDENTIALS_RECHECK_S = 60.0
+#: Seconds before trying again when there is no copy yet (STS failed at start-up).
+CREDENTIALS_RETRY_S = 5.0
+
+
+def _keep_fresh(presigner: weakref.ref[Presigner], closed: threading.Event, wait: float) -> None:
+    """Renew a presigner's temporary credentials every `wait` seconds until it is closed (or gone)."""
+    while not closed.wait(wait):
+        current = presigner()
+        if current is None:
+            return
+        current._refresh()
+        wait = CREDENTIALS_RECHECK_S if current._frozen is not None else CREDENTIALS_RETRY_S
+        del current  # not held while waiting, so that it can be collected
 
 
 def _hmac(key: bytes, message: str) -> bytes:
@@ -57,18 +72,28 @@ class Presigner:
 
     `client` is a boto3 S3 client: it presigns once, for a probe key, to show where the bucket is
     and which region signs for it. `credentials` are the ones it signs with (its session's); they
-    are read once here, and temporary ones again in a thread at most `CREDENTIALS_RECHECK_S` later
-    whenever a URL is made: their refresh is a call to STS (or the instance's metadata service),
-    which on the event loop would stall every request while it lasts (botocore's timeouts are 60 s).
+    are read once here, and temporary ones again every `CREDENTIALS_RECHECK_S` by a thread until
+    `close`: their refresh is a call to STS (or the instance's metadata service), which on the
+    event loop would stall every request while it lasts (botocore's timeouts are 60 s).
     """
 
     def __init__(self, client: Any, credentials: Credentials | None, bucket: str) -> None:
         self._client = client
         self._credentials = credentials
-        # Blocking, but at start-up, where the session has just fetched them (or failed to) anyway.
-        self._frozen = credentials.get_frozen_credentials() if credentials is not None else None
-        self._frozen_at = time.monotonic()
-        self._refreshing = False
+        self._frozen: ReadOnlyCredentials | None = None
+        self._closed = threading.Event()
+        if credentials is not None:
+            # Blocking, but at start-up, where the session has just fetched them (or failed to) anyway.
+            self._refresh()
+        if isinstance(credentials, RefreshableCredentials):
+            # It holds the presigner weakly: one nobody closed still lets its thread end.
+            wait = CREDENTIALS_RECHECK_S if self._frozen is not None else CREDENTIALS_RETRY_S
+            threading.Thread(
+                target=_keep_fresh,
+                args=(weakref.ref(self), self._closed, wait),
+                name="imgpipe-credentials",
+                daemon=True,
+            ).start()
         self._bucket = bucket
         self._origin: str | None = None  # scheme://host[:port]
         self._prefix = ""  # the path before the quoted key: "/" or "/{bucket}/"
@@ -94,27 +119,24 @@ class Presigner:
         self._prefix = url.path[: -len(_PROBE_KEY)]
         self._origin = f"{url.scheme}://{url.netloc}"
 
+    def close(self) -> None:
+        """Stop renewing the credentials."""
+        self._closed.set()
+
     def _current_credentials(self) -> ReadOnlyCredentials:
-        if self._frozen is None:
+        if self._frozen is None:  # none configured, or STS has not answered yet: a 503 for now
             raise NoCredentialsError()
-        if (
-            isinstance(self._credentials, RefreshableCredentials)
-            and not self._refreshing
-            and time.monotonic() - self._frozen_at >= CREDENTIALS_RECHECK_S
-        ):
-            self._refreshing = True
-            threading.Thread(target=self._refresh, name="imgpipe-credentials", daemon=True).start()
         return self._frozen
 
     def _refresh(self) -> None:
         assert self._credentials is not None
         try:
             self._frozen = self._credentials.get_frozen_credentials()
-        except Exception as exc:  # keep the copy: it works until S3 refuses it (a 403, transient)
+        except Exception as exc:
+            # Keep the copy: it works until S3 refuses it (a 403, transient). Without one (STS down at
+            # start-up, IRSA's first fetch), URLs wait for the thread's next try, rather than the
+            # process dying and restarting in a loop.
             log.warning("could not refresh the S3 credentials: %s", type(exc).__name__)
-        finally:
-            self._frozen_at = time.monotonic()
-            self._refreshing = False
 
     def _key(self, secret: str, day: str) -> bytes:
         # One signing key per secret and UTC day: four HMACs, then reused until either changes.

@@ -337,7 +337,9 @@ class Storage:
         return True
 
     async def close(self) -> None:
-        """Close the connections `head`, `get` and `put` opened."""
+        """Close the connections `head`, `get` and `put` opened, and stop renewing credentials."""
+        self._presigner.close()
+        self._public_presigner.close()
         if self._http is not None:
             await self._http.close()
             self._http = None
