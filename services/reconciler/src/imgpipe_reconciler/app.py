@@ -51,7 +51,7 @@ def _reconciler_ctx(settings: ReconcileSettings, namespace: str):
         await consumer.start()
         ticker.start()
         yield
-        ticker.stop()
+        await ticker.stop()
         await consumer.stop()
 
     return ctx

@@ -8,6 +8,7 @@ a lock, so even a tick published twice (a replica firing very late) never runs t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,8 @@ log = logging.getLogger("imgpipe.reconciler")
 MISFIRE_GRACE_S = 30
 #: How long a tick's claim is kept: far longer than any replica can be late.
 _TICK_TTL_S = 3600
+#: How long `Ticker.stop` waits for a tick being published (a confirm takes milliseconds).
+STOP_WAIT_S = 10.0
 
 
 def parse_cron(expr: str) -> CronTrigger:
@@ -78,21 +81,39 @@ class Ticker:
         self._dry_run = dry_run
         self._replica = uuid.uuid4().hex[:12]
         self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._firing: set[asyncio.Task] = set()
 
     def start(self) -> None:
         self._scheduler.add_job(
-            self.tick,
+            self._fire,
             self._trigger,
             id="reconcile",
             coalesce=True,
-            max_instances=1,
             misfire_grace_time=MISFIRE_GRACE_S,
         )
         self._scheduler.start()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """Fire no more ticks, and let one being published finish (before the broker's connection
+        closes)."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        if self._firing:
+            await asyncio.wait(self._firing, timeout=STOP_WAIT_S)
+
+    async def _fire(self) -> None:
+        # The tick runs apart from the scheduler, whose shutdown cancels the jobs it is running: a
+        # tick cancelled between its claim and the broker's confirm kept the claim with no command
+        # queued, and no replica ran that tick.
+        task = asyncio.create_task(self._tick())
+        self._firing.add(task)
+        task.add_done_callback(self._firing.discard)
+
+    async def _tick(self) -> None:
+        try:
+            await self.tick()
+        except Exception as exc:  # Redis down: the next tick tries again
+            log.error("could not claim the scheduled reconciliation: %s", type(exc).__name__)
 
     async def tick(self, now: datetime | None = None) -> ReconcileCommand | None:
         """Claim this tick; the replica that wins publishes the command and returns it."""
@@ -107,9 +128,12 @@ class Ticker:
         command = ReconcileCommand(run_id=f"scheduled-{stamp}", dry_run=self._dry_run, trigger="schedule")
         try:
             await self._publisher.publish_reconcile(command)
-        except Exception as exc:
-            # Give the tick back: it is lost now, but a retried or late tick of another replica may use it.
-            await self._redis.delete(claim)
+        except BaseException as exc:
+            # Give the tick back (cancelled too, by an exit after `STOP_WAIT_S`): it is lost now,
+            # but a retried or late tick of another replica may use it.
+            await asyncio.shield(self._redis.delete(claim))
+            if not isinstance(exc, Exception):
+                raise
             log.error("could not queue the scheduled reconciliation: %s", type(exc).__name__)
             return None
         log.info("scheduled reconciliation queued", extra={"tick": stamp, "run_id": command.run_id})
