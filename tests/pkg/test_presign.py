@@ -187,7 +187,7 @@ def test_temporary_credentials_are_renewed_off_the_callers_thread(monkeypatch: p
     for _ in range(3):  # meanwhile URLs are made at once, with the copy
         assert _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDFIRST"
     release.set()
-    _wait_for(lambda: _access_key(presigner.url("GET", "k", expires_s=60)) == "AKIDRENEWED")
+    _wait_for(lambda p=presigner: _access_key(p.url("GET", "k", expires_s=60)) == "AKIDRENEWED")
     url = presigner.url("GET", "k", expires_s=60)
     assert parse_qs(urlsplit(url).query)["X-Amz-Security-Token"] == ["token-of-AKIDRENEWED"]
     time.sleep(0.3)
