@@ -223,9 +223,22 @@ async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -
     assert RETENTION.total_seconds() - 5 <= ttl <= RETENTION.total_seconds()
     assert await redis_client.ttl(store._idem_key("bob", "key-1")) <= CLAIM_HOLD_S  # not bob's
     # Released (the job could not be queued): the key is free again.
-    await store.release_idempotency("alice", "key-1")
+    await store.release_idempotency("alice", "key-1", "job-a")
     assert await store.claim_idempotency("alice", "key-1", "job-f", "fp-3") is None
     assert await store.claim_idempotency("bob", "key-1", "job-g", "fp-2") == Claim("job-d", accepted=False)
+
+
+async def test_a_release_frees_only_its_own_jobs_claim(store: JobStore) -> None:
+    """A request whose record write failed withdrew its job, which let go of the claim; a retry
+    claimed the key; then the first request's release deleted the retry's claim, and a third request
+    with the key made the job a second time beside the retry's."""
+    assert await store.claim_idempotency("alice", "k", "job-1", "fp") is None
+    assert await store.withdraw("job-1", claim=("alice", "k"))
+    assert await store.claim_idempotency("alice", "k", "job-2", "fp") is None  # the retry
+    await store.release_idempotency("alice", "k", "job-1")
+    assert await store.claim_idempotency("alice", "k", "job-3", "fp") == Claim("job-2", accepted=False)
+    await store.release_idempotency("alice", "k", "job-2")
+    assert await store.claim_idempotency("alice", "k", "job-3", "fp") is None
 
 
 async def test_a_job_is_withdrawn_or_answered_for_never_both(

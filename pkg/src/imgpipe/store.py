@@ -145,6 +145,15 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS[1] an Idempotency-Key claim; ARGV[1] a job id. Deletes the claim if it holds that job.
+_RELEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and cjson.decode(held).job_id == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # KEYS[1] an Idempotency-Key claim, KEYS[2] its job's record; ARGV[1] the job id. Notes on the claim
 # that a replay answered 202 for the job, if the claim still holds it and its record still exists.
 _ANSWER = """
@@ -248,6 +257,7 @@ class JobStore:
         self._claim_script = client.register_script(_CLAIM)
         self._withdraw_script = client.register_script(_WITHDRAW)
         self._answer_script = client.register_script(_ANSWER)
+        self._release_script = client.register_script(_RELEASE)
         self._mark_deleting = client.register_script(_MARK_DELETING)
         #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
         self.calls = Coalescer(client)
@@ -435,8 +445,13 @@ class JobStore:
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "accepted": True})
         await self.calls.command("SET", self._idem_key(owner, key), value, "XX", "KEEPTTL")
 
-    async def release_idempotency(self, owner: str, key: str) -> None:
-        await self.redis.delete(self._idem_key(owner, key))
+    async def release_idempotency(self, owner: str, key: str, job_id: str) -> None:
+        """Free `key` for another request, if its claim still holds `job_id`.
+
+        Only then: once a withdrawal has let go of the claim, a retry may have claimed the key for
+        its own job, and deleting that claim would let a third request make the job again.
+        """
+        await self.calls.script(self._release_script, [self._idem_key(owner, key)], [job_id])
 
     async def answer_replay(self, owner: str, key: str, job_id: str) -> bool:
         """Note that a replay of `key` answers for `job_id`, which is not known to be in the broker.

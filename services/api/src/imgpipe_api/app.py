@@ -393,7 +393,7 @@ async def _submit(
         if not kept:
             await _release_slot(request, principal, job_id, admitted)
             if idem_key:
-                await store.release_idempotency(principal.sub, idem_key)
+                await store.release_idempotency(principal.sub, idem_key, job_id)
         raise
 
     message = JobMessage(
