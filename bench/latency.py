@@ -91,7 +91,9 @@ async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
 
     The api's HEAD of the source, the worker's GET of it and its PUT of the thumbnail, through
     `imgpipe.storage` against the same S3 server. On moto these take a large, fixed share of the
-    latency that S3 or MinIO would not, so the report also gives the overhead net of them.
+    latency that S3 or MinIO would not, so the report also gives the overhead net of them. Timed
+    from the client, they hold the client's own work too (signing, the HTTP round trip), work the
+    services do in the job as well: the net figure is a floor, not the pipeline's cost without S3.
     """
     from imgpipe.storage import Storage
 

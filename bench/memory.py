@@ -1,9 +1,10 @@
 """Worker memory: peak RSS (VmHWM) of a fresh worker process doing one kind of job, alone.
 
 For each image a new worker is started (so its high-water mark belongs to that image only), at
-concurrency 1 with one job, and at its configured (default) concurrency with that many jobs of the same
-image at once. Jobs ask for the four presets (thumb, small, medium, large), the heaviest of the
-built-in requests. The idle RSS of a started worker is reported for reference.
+concurrency 1 and at its configured (default) concurrency, with twice its prefetch (concurrency + 1)
+jobs of the same image queued at once: every render slot is busy while the job held ahead downloads
+its source, the worker's fullest state. Jobs ask for the four presets (thumb, small, medium, large),
+the heaviest of the built-in requests. The idle RSS of a started worker is reported for reference.
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def measure(logdir: Path, *, log=print) -> dict:
                 env = {"IMGPIPE_WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}
                 worker = stack.start("worker", env)
                 idle = vm_rss_mb(worker.proc.pid)
-                result = asyncio.run(_run(stack, key, concurrency or default_concurrency))
+                # Twice the prefetch: the second half waits in the queue while the first is held.
+                result = asyncio.run(_run(stack, key, 2 * ((concurrency or default_concurrency) + 1)))
                 row[label] = {"peak_rss_mb": vm_hwm_mb(worker.proc.pid), "idle_rss_mb": idle, "jobs": result}
                 stack.stop(worker)
             out["images"][name] = row
             log(
                 f"    {name}: "
-                + ", ".join(f"{k} {v['peak_rss_mb']:.0f} MB {v['jobs']}" for k, v in row.items())
+                + ", ".join(f"{k} {v['peak_rss_mb']:.0f} MiB {v['jobs']}" for k, v in row.items())
             )
     finally:
         stack.close()

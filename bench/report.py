@@ -24,7 +24,7 @@ def rows(res: dict) -> list[dict]:
     if tp:
         for label, s in tp["sets"].items():
             ips = s["images_per_s"]
-            best = s["best_layout"]
+            best = s["headline_layout"]
             target = 0.9 if label.startswith("1 variant") else 1.0
             r = s["pipeline_vs_raw"]
             out.append(
@@ -55,8 +55,8 @@ def rows(res: dict) -> list[dict]:
                 out.append(
                     _row(
                         "throughput",
-                        f"{label}: CPU per image, worker processes vs raw loop (per-core efficiency)",
-                        f"{cpu[best]:.0f} ms vs {cpu['raw libvips']:.0f} ms = {s['worker_cpu_vs_raw']:.2f}x",
+                        f"{label}: per-core efficiency, raw loop's CPU per image / the worker processes'",
+                        f"{cpu['raw libvips']:.0f} ms / {cpu[best]:.0f} ms = {s['worker_cpu_vs_raw']:.2f}x",
                         f"S3 server {moto:.1f} ms a job on the same cores" if moto is not None else "",
                         "",
                         None,
@@ -105,7 +105,7 @@ def rows(res: dict) -> list[dict]:
             out.append(
                 _row(
                     "latency",
-                    "overhead net of the S3 server's time for the job's 3 calls, p50",
+                    "overhead less the job's 3 S3 calls timed alone (client and server work), p50",
                     f"{lat['overhead_net_of_s3_ms']['p50']:.1f} ms",
                     f"HEAD+GET+PUT alone {lat['s3_calls_ms']['p50']:.1f} ms",
                 )
@@ -212,17 +212,18 @@ def rows(res: dict) -> list[dict]:
                 f"{n} clients: delivery p50 / p99",
                 f"{d['p50']:.0f} / {d['p99']:.0f} ms",
                 "",
-                "p99 <= 250 ms",
-                d["p99"] <= 250,
+                f"p99 <= 250 ms, to all {n}",
+                # A percentile of the streams that got the change says nothing of those that did not.
+                d["p99"] <= 250 and ok_all,
             )
         )
         out.append(
             _row(
                 "sse",
                 f"{n} clients: status process peak RSS",
-                f"{m['peak']:.0f} MB",
-                f"idle {m['idle']:.0f} MB",
-                "<= 300 MB",
+                f"{m['peak']:.0f} MiB",
+                f"idle {m['idle']:.0f} MiB",
+                "<= 300 MiB",
                 m["peak"] <= 300,
             )
         )
@@ -230,17 +231,17 @@ def rows(res: dict) -> list[dict]:
     if mem:
         for name, r in mem["images"].items():
             for label, v in r.items():
-                target = "<= 300 MB" if label == "concurrency 1" else ""
-                ok = v["peak_rss_mb"] <= 300 if label == "concurrency 1" else None
                 jobs = ", ".join(f"{k} {c}" for k, c in v["jobs"].items())
+                # Held to the target only with every job done: a refused one proves no peak.
+                done = set(v["jobs"]) == {"succeeded"}
                 out.append(
                     _row(
                         "memory",
-                        f"worker peak RSS, {name}, {label}",
-                        f"{v['peak_rss_mb']:.0f} MB",
-                        f"idle {v['idle_rss_mb']:.0f} MB; {jobs}",
-                        target,
-                        ok,
+                        f"worker peak RSS, {name}, {label}, {sum(v['jobs'].values())} jobs queued",
+                        f"{v['peak_rss_mb']:.0f} MiB",
+                        f"idle {v['idle_rss_mb']:.0f} MiB; {jobs}",
+                        "<= 300 MiB, all succeeded" if label == "concurrency 1" else "all succeeded",
+                        (v["peak_rss_mb"] <= 300 and done) if label == "concurrency 1" else done,
                     )
                 )
     rec = res.get("reconcile")
