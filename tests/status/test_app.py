@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
 from imgpipe import resources
-from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow
+from imgpipe.models import JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.store import JobStore
 from imgpipe_status.app import HUB, create_app
 
@@ -68,6 +69,38 @@ async def test_head_on_an_event_stream_is_refused(
         assert response.headers["Allow"] == "GET"
     async with asyncio.timeout(5), http.head(f"{base}/jobs/{job.id}", headers=auth) as polled:
         assert polled.status == 200  # a plain GET route keeps its HEAD
+
+
+async def test_a_replica_that_cannot_sign_urls_refuses_the_stream_before_it_starts(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A replica with no S3 credentials (STS down at its start) can sign no variant URL. `GET /jobs/{id}`
+    answered 503 for a succeeded job, but its stream sent a 200's headers and then, inside the chunked
+    body, a second response (the 503): EventSource took it for a network error, reconnecting forever."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    app = await create_app()
+    async with local_http(app) as base:
+        await asyncio.wait_for(app[HUB].connected.wait(), 10)
+        store = app[resources.STORE]
+        job = await _pending(store)
+        url, auth = f"{base}/jobs/{job.id}", {"Authorization": f"Bearer {token('alice')}"}
+        async with http.get(f"{url}/events", headers=auth) as watching:
+            assert [(item.id, item.event) async for item in _events(watching, 1)] == [(1, "pending")]
+            processing = (await store.mark_processing(job.id)).record
+            assert processing is not None
+            variant = VariantResult(name="thumb", format="jpeg", width=1, height=1, bytes=1, key="variants/k")
+            await store.mark_succeeded(processing, [variant])
+            async with asyncio.timeout(5):  # ended, with nothing it could send
+                rest = [item async for item in sse(watching) if item.event is not None]
+            assert [item.event for item in rest] == ["processing"]
+        for path in (url, f"{url}/events"):  # the reconnect is refused as the poll is
+            async with http.get(path, headers=auth) as response:
+                assert response.status == 503
+                assert (await response.json())["error"]["code"] == "storage_unavailable"
 
 
 async def _events(response: aiohttp.ClientResponse, count: int) -> AsyncIterator:

@@ -107,6 +107,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         if has is not None and has >= current.version and current.status.terminal:
             # A finished stream's EventSource reconnects to it forever; 204 is what makes it stop.
             return web.Response(status=204, headers={"Cache-Control": "no-store"})
+        # Rendered before anything is sent: a failure here (no S3 credentials to sign the variants'
+        # URLs with) is then a 503 like `GET /jobs/{id}`'s, not a second response after a 200's headers.
+        # Not resent to a client that says it has it: the hub sends only newer changes.
+        first = b"" if has == current.version else hub.event(current).data
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -124,8 +128,6 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         SSE_CONNECTIONS.inc()
         try:
             # The first event goes through aiohttp, which sends the headers with it.
-            # Not resent to a client that says it has it: the hub sends only newer changes.
-            first = b"" if has == current.version else hub.event(current).data
             await response.write(f"retry: {settings.sse_retry_ms}\n\n".encode() + first)
             if not current.status.terminal:
                 hub.attach(listener, request.transport, chunked=chunked, version=current.version)

@@ -286,7 +286,7 @@ class Hub:
         watch.known = None
         watch.event = None
         log.warning(
-            "job not readable by this version; ending its streams: %s",
+            "job not readable or renderable here; ending its streams: %s",
             why,
             extra={"job_id": job_id, "streams": len(watch.listeners)},
         )
@@ -306,7 +306,10 @@ class Hub:
         except Exception as exc:
             # One job's rendering failing must not reach `_run`, which would take it for a lost
             # subscription, resubscribe, re-read the job, fail again: no job's changes sent, ever.
-            self._unfollowable(record.id, type(exc).__name__)
+            # Not always this version's fault: with no S3 credentials no variant URL can be signed
+            # (`storage_unavailable`), and the reconnecting client is answered 503 until there are.
+            code = getattr(exc, "code", None)
+            self._unfollowable(record.id, type(exc).__name__ + (f" ({code})" if code else ""))
             return
         for n, listener in enumerate(tuple(watch.listeners), 1):
             listener.offer(record, event)
