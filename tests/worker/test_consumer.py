@@ -39,6 +39,7 @@ from imgpipe.models import (
     JobRecord,
     JobStatus,
     KeySource,
+    UrlSource,
     Variant,
     VariantResult,
     utcnow,
@@ -568,6 +569,57 @@ async def test_a_message_whose_job_has_no_record_is_dropped(
     assert s3_objects(own.s3_endpoint, job_prefix(user.sub, job_id)) == {}
     assert await metric(http, own.worker, "imgpipe_jobs_succeeded_total") == succeeded
     assert await queue_depth(own.topology.jobs_queue) == 0
+
+
+async def test_a_copy_failing_after_another_succeeded_leaves_no_dead_letter(
+    own: OwnStack, http: aiohttp.ClientSession, small_jpeg: bytes
+) -> None:
+    """Two copies of a job's message run at once (a redelivery, the reconciler's re-publish); the one
+    on its last attempt fails, transiently, after the other has succeeded. It dead-lettered the done
+    job (an alert, a letter its replay cannot use) and counted a failure that was not recorded."""
+    served: list[float] = []
+
+    async def handle(_: web.Request) -> web.Response:
+        served.append(time.monotonic())
+        if len(served) == 1:  # the first copy's fetch: slow, and then refused
+            await asyncio.sleep(1.5)
+            return web.Response(status=503, text="busy")
+        return web.Response(body=small_jpeg, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/{name}", handle)
+    failed = await metric(http, own.worker, "imgpipe_jobs_failed_total", code="url_http_error")
+    dead = await metric(http, own.worker, "imgpipe_jobs_dead_lettered_total")
+    client = aioredis.Redis.from_url(REDIS_URL)
+    async with local_http(app) as base:
+        try:
+            store = JobStore(client, own.namespace, retention=timedelta(days=1))
+            source = UrlSource(url=f"{base}/{uuid.uuid4().hex}.jpg")
+            record = JobRecord.pending(uuid.uuid4().hex, "alice", source, [PRESETS["thumb"]])
+            await store.create(record)
+            body = JobMessage(
+                id=record.id,
+                owner=record.owner,
+                source=source,
+                variants=record.requested,
+                created_at=record.created_at,
+            ).model_dump_json()
+            await publish_raw(own.topology, body.encode(), message_id=record.id, headers={ATTEMPT_HEADER: 3})
+            await eventually(lambda: len(served) == 1)
+            await publish_raw(own.topology, body.encode(), message_id=record.id, headers={ATTEMPT_HEADER: 1})
+
+            def settled() -> bool:
+                messages = [r["message"] for r in log_records(own.worker, record.id)]
+                return "job already succeeded; this copy's failure not recorded" in messages
+
+            await eventually(settled)
+            done = await store.get(record.id)
+        finally:
+            await client.aclose()
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+    assert await metric(http, own.worker, "imgpipe_jobs_failed_total", code="url_http_error") == failed
+    assert await metric(http, own.worker, "imgpipe_jobs_dead_lettered_total") == dead
+    assert await queue_depth(own.topology.dead_queue) == 0
 
 
 # --------------------------------------------------------------------------------------------------------

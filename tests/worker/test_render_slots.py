@@ -151,7 +151,7 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_consumer(
-    namespace: str, storage: Storage, *, job_timeout_s: float
+    namespace: str, storage: Storage, *, job_timeout_s: float, render_timeout_s: float | None = None
 ) -> AsyncIterator[Running]:
     connection = broker.robust_connection(AMQP_URL)
     await broker.keep_connecting(connection)
@@ -162,7 +162,8 @@ async def running_consumer(
         concurrency=1,
         job_timeout_s=job_timeout_s,
         max_attempts=1,
-        limits=imaging.Limits(),
+        # Shorter than the job's, as the settings require (a render's own limit fires first).
+        limits=imaging.Limits(timeout_s=render_timeout_s or job_timeout_s / 2),
         fetch=FetchPolicy(),
         shutdown_grace_s=10,
     )
@@ -243,6 +244,33 @@ async def test_a_job_that_runs_out_of_time_waiting_for_s3_is_retried_not_failed_
     monkeypatch.setattr(storage, hung, hangs)
     # Time enough for the (tiny) render even on a loaded machine: the budget must run out in S3.
     async with running_consumer(slot_namespace, storage, job_timeout_s=2.0) as run:
+        job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
+        failed = await run.settled(job)
+    assert failed.status is JobStatus.FAILED and failed.error is not None
+    assert failed.error.code == "storage_unavailable", failed.error
+    assert "gave up after 1 attempt" in failed.error.message
+
+
+async def test_a_render_left_short_of_time_by_a_slow_fetch_is_retried_not_failed_for_good(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 sends the source slowly, and the render, well within its own limit, then outlasts what is
+    left of the job's time. The image is not to blame: retried (here, with one attempt, dead-lettered
+    to be replayed), not failed for good as `processing_timeout` as if the render had overrun."""
+    await storage.put("uploads/o/src", pyvips.Image.black(64, 48).write_to_buffer(".png"), "image/png")
+    real_get, real_render = storage.get, imaging.render
+
+    async def slow_get(*args: Any, **kwargs: Any) -> bytes:
+        await asyncio.sleep(1.6)  # the job's 2 s nearly gone when the source arrives
+        return await real_get(*args, **kwargs)
+
+    def render(*args: Any) -> list[imaging.Rendered]:
+        time.sleep(0.8)  # within the render's own 1 s limit
+        return real_render(*args)
+
+    monkeypatch.setattr(storage, "get", slow_get)
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    async with running_consumer(slot_namespace, storage, job_timeout_s=2.0, render_timeout_s=1.0) as run:
         job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
         failed = await run.settled(job)
     assert failed.status is JobStatus.FAILED and failed.error is not None

@@ -244,10 +244,13 @@ class Consumer:
             failure = JobFailed("internal_error", f"{type(exc).__name__}", transient=True)
         else:
             finishing = time.perf_counter()
-            await _persist(lambda: self._store.mark_succeeded(record, results))
+            finished = await _persist(lambda: self._store.mark_succeeded(record, results))
             JOB_STAGE["finish"].observe(time.perf_counter() - finishing)
-            JOB_LATENCY["succeeded"].observe(_since_accepted(record.created_at))
             await message.ack()
+            if not finished.applied:
+                _settled_elsewhere(finished.record, "result")
+                return
+            JOB_LATENCY["succeeded"].observe(_since_accepted(record.created_at))
             JOBS_SUCCEEDED.inc()
             log.info("job succeeded", extra={"variants": len(results), "attempt": attempt})
             return
@@ -256,6 +259,14 @@ class Consumer:
     async def _fail(
         self, record: JobRecord, message: AbstractIncomingMessage, failure: JobFailed, attempt: int
     ) -> None:
+        # Another copy of the message (a redelivery, the reconciler's re-publish of a job that waited
+        # long) may have finished the job meanwhile: this copy then neither schedules a retry nor
+        # leaves a dead letter for a job that is done, and is not counted as a failure.
+        current = await _persist(lambda: self._store.get(record.id))
+        if current is None or current.status.terminal:
+            await message.ack()
+            _settled_elsewhere(current, "failure")
+            return
         headers = dict(message.headers or {})
         if failure.transient and attempt < self._config.max_attempts:
             delay = await _persist(
@@ -277,9 +288,12 @@ class Consumer:
                 lambda: self._publisher.publish_dead(message.body, headers, message_id=record.id, reason=text)
             )
             JOBS_DEAD_LETTERED.inc()
-        await _persist(lambda: self._store.mark_failed(record, failure.code, text))
-        JOB_LATENCY["failed"].observe(_since_accepted(record.created_at))
+        failed = await _persist(lambda: self._store.mark_failed(record, failure.code, text))
         await message.ack()
+        if not failed.applied:
+            _settled_elsewhere(failed.record, "failure")
+            return
+        JOB_LATENCY["failed"].observe(_since_accepted(record.created_at))
         JOBS_FAILED.labels(failure.code).inc()
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
@@ -345,7 +359,13 @@ class Consumer:
         the budget runs out, that says who is to blame (`_timed_out`)."""
         stage[0] = "fetch"
         held = await source  # cancelled with this await if the budget runs out
-        stage[0] = "render"
+        # A render that starts with less than its own limit left can run out of the job's time
+        # through no fault of the image's: the fetch before it was slow (`_timed_out`).
+        deadline = budget.when()
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        stage[0] = (
+            "render" if left is None or left >= self._config.limits.timeout_s else "render after slow fetch"
+        )
         rendered = await self._render(job, budget, held)
         stage[0] = "upload"
         keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
@@ -390,13 +410,28 @@ class Consumer:
         return [data]
 
 
+def _settled_elsewhere(current: JobRecord | None, what: str) -> None:
+    """Log that this copy's outcome (`what`) was not recorded: the job was done or gone by then."""
+    state = current.status.value if current is not None else "gone"
+    log.info("job already %s; this copy's %s not recorded", state, what)
+
+
 def _timed_out(job: JobMessage, stage: str, limit_s: float) -> JobFailed:
-    """Why a job whose budget ran out failed. In its render, the image is to blame: final. Waiting
-    for S3 or for the source's server, they are (a hung connection, an outage): retried with back-off
-    like any other failure of theirs, not failed for good as if the image were."""
+    """Why a job whose budget ran out failed. In a render given its whole limit, the image is to
+    blame: final. Waiting for S3 or for the source's server, they are (a hung connection, an outage):
+    retried with back-off like any other failure of theirs, not failed for good as if the image were;
+    so is a render that the slow fetch before it left short of time."""
     if stage == "render":
         return JobFailed("processing_timeout", f"the job took over {limit_s:g}s", transient=False)
-    if stage == "fetch" and not isinstance(job.source, KeySource):
+    url = not isinstance(job.source, KeySource)
+    if stage == "render after slow fetch":
+        slow = "the source's server" if url else "S3"
+        return JobFailed(
+            "url_timeout" if url else "storage_unavailable",
+            f"the job's {limit_s:g}s ran out in its render, after {slow} was slow to send the source",
+            transient=True,
+        )
+    if stage == "fetch" and url:
         return JobFailed("url_timeout", f"the source's server did not answer in {limit_s:g}s", transient=True)
     return JobFailed("storage_unavailable", f"S3 did not answer in the job's {limit_s:g}s", transient=True)
 
