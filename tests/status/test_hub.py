@@ -316,6 +316,34 @@ async def test_a_change_published_while_the_subscription_is_cut_is_not_lost(
         assert now is not None and now.status is JobStatus.FAILED
 
 
+async def test_streams_ahead_of_a_store_that_lost_changes_are_ended(hub: Hub, store: CountingStore) -> None:
+    """Redis fails over and loses its last write: the store is back at `pending` (1) after a stream
+    was sent `processing` (2). The worker's next write is version 2 again, `succeeded`: the hub sent
+    its cached rendering of the old version 2 (`processing`), which the stream dropped as one it had,
+    so it never ended; a stream connecting then was sent `processing` as if it were final."""
+    job = await _pending_job(store)
+    async with Sockets() as sockets:
+        with hub.listen(job.id) as listener:
+            transport, client = await sockets.pair()
+            hub.attach(listener, transport, chunked=False, version=job.version)
+            processing = (await store.mark_processing(job.id)).record
+            assert processing is not None
+            await _read_until(client, b"event: processing\n")
+            # The replica promoted had only `pending`; the hub's subscription broke with the primary.
+            pending = {"version": 1, "rank": 0, "data": job.model_dump_json(exclude={"version"})}
+            await store.redis.hset(store.job_key(job.id), mapping=pending)
+            _cut_subscription(store)
+            await asyncio.wait_for(listener.ended.wait(), 5)
+            assert listener.reason is End.ROLLED_BACK  # its client reconnects, and reads `pending`
+    with hub.listen(job.id):
+        await _hub_knows(hub, job.id, 1)
+        await store.mark_succeeded(processing, [])
+        await _hub_knows(hub, job.id, 2)
+        now = await hub.current(job.id)
+        assert now is not None and now.status is JobStatus.SUCCEEDED
+        assert hub.event(now).data == b"id: 2\nevent: succeeded\ndata: " + job.id.encode() + b"\n\n"
+
+
 class LateStore(CountingStore):
     """Its subscriptions go to `down` while that is set: Redis is not up yet, as far as the hub's
     subscription is concerned. Reads and changes go to the real Redis all along."""

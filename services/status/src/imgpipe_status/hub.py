@@ -50,6 +50,7 @@ class End(enum.Enum):
     DONE = "done"  # a terminal event was sent
     CLOSE = "close"  # the process is shutting down
     GONE = "gone"  # the job expired while the subscription was down
+    ROLLED_BACK = "rolled back"  # the store lost changes the client was sent (a Redis failover)
     UNREADABLE = "unreadable"  # the job's record is one this version cannot read or render
     EVICTED = "evicted"  # the client stopped reading
     DISCONNECTED = "disconnected"  # the connection is closed
@@ -332,6 +333,13 @@ class Hub:
                 for listener in tuple(watch.listeners):
                     listener.end(End.GONE)
                 continue
+            # A failover that lost the last writes (no AOF, or its last second) leaves the store
+            # behind what a stream was sent. The job's next change reuses a version that stream
+            # has, and would be dropped as one it has: end it, so that its client reconnects and
+            # starts again from what the store says.
+            for listener in tuple(watch.listeners):
+                if listener.version > record.version:
+                    listener.end(End.ROLLED_BACK)
             await self._deliver(record)
 
     def _unreadable_change(self, job_id: str) -> None:
@@ -356,9 +364,11 @@ class Hub:
             except Exception as exc:
                 # Also when the client restored the connection by itself (see `JobStore.subscribe`).
                 self.connected.clear()
-                # Changes while we are away are not seen: what we knew can no longer be trusted.
+                # Changes while we are away are not seen: what we knew can no longer be trusted,
+                # nor the cached rendering (a store that lost changes reuses their versions).
                 for watch in self._watches.values():
                     watch.known = None
+                    watch.event = None
                 log.warning("event subscription lost, reconnecting: %s", type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
