@@ -82,31 +82,44 @@ def object_storage(
     return ctx
 
 
-def amqp(settings: AmqpSettings, namespace: str) -> CleanupCtx:
-    """A robust connection and a confirming publisher on it.
+def amqp(settings: AmqpSettings, namespace: str, *, consume: bool = False) -> CleanupCtx:
+    """A robust connection (`AMQP`) and a confirming publisher (`PUBLISHER`).
 
-    The service starts whether or not RabbitMQ is up: the connection is made in the background
-    and retried until it succeeds, and `/readyz` fails its `rabbitmq` check until then (and during
+    With `consume`, the publisher has a connection of its own and `AMQP` is for consuming only.
+    During a resource alarm (memory, disk) RabbitMQ stops reading from every connection that
+    publishes, acknowledgements included: a worker whose retry publish was held there could not
+    acknowledge the jobs it finished meanwhile, and its prefetch stayed full until the alarm ended.
+    A connection that only consumes is never blocked.
+
+    The service starts whether or not RabbitMQ is up: the connections are made in the background
+    and retried until they succeed, and `/readyz` fails its `rabbitmq` check until then (and during
     any later outage). Meanwhile every publish raises `broker.BrokerUnavailable` at once.
     """
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        connection = broker.robust_connection(settings.amqp_url.get_secret_value())
-        connecting = asyncio.create_task(broker.keep_connecting(connection), name="amqp-connect")
+        url = settings.amqp_url.get_secret_value()
+        connection = broker.robust_connection(url)
+        consuming = broker.robust_connection(url) if consume else connection
+        connections = [connection, consuming] if consume else [connection]
+        connecting = [
+            asyncio.create_task(broker.keep_connecting(c), name="amqp-connect") for c in connections
+        ]
         topology = broker.Topology(namespace, settings.retry_delays_s)
         publisher = broker.Publisher(connection, topology)
-        app[AMQP] = connection
+        app[AMQP] = consuming
         app[PUBLISHER] = publisher
 
         async def ready() -> None:
-            if not publisher.connected:
+            if not publisher.connected or consuming.is_closed or not consuming.connected.is_set():
                 raise ConnectionError("not connected to RabbitMQ")
 
         app[READINESS]["rabbitmq"] = ready
         yield
-        connecting.cancel()
-        await asyncio.gather(connecting, return_exceptions=True)
+        for task in connecting:
+            task.cancel()
+        await asyncio.gather(*connecting, return_exceptions=True)
         await publisher.close()
-        await connection.close()
+        for c in connections:
+            await c.close()
 
     return ctx

@@ -66,7 +66,7 @@ async def create_app() -> web.Application:
         [
             resources.job_store(load(RedisSettings), common.namespace),
             resources.object_storage(load(S3Settings)),
-            resources.amqp(load(AmqpSettings), common.namespace),
+            resources.amqp(load(AmqpSettings), common.namespace, consume=True),
             _reconciler_ctx(settings, common.namespace),
         ]
     )

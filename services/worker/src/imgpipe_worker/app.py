@@ -83,7 +83,7 @@ async def create_app() -> web.Application:
         [
             resources.job_store(load(RedisSettings), common.namespace),
             resources.object_storage(load(S3Settings), pool=max(10, 4 * worker.worker_concurrency)),
-            resources.amqp(amqp, common.namespace),
+            resources.amqp(amqp, common.namespace, consume=True),
             _consumer_ctx(config),
         ]
     )
