@@ -124,6 +124,7 @@ def slot_namespace() -> Iterator[str]:
 class Running:
     store: JobStore
     publisher: Publisher
+    worker: Consumer
 
     async def submit(self, key: str, variants: list[Variant]) -> str:
         """Record and publish a job as the api does; returns its id."""
@@ -178,7 +179,7 @@ async def running_consumer(
                     break
                 except ConnectionError:
                     await asyncio.sleep(0.05)
-        yield Running(store, publisher)
+        yield Running(store, publisher, worker)
     finally:
         await worker.stop()
         worker._pool.shutdown(wait=True)  # an abandoned render must not outlive the test
@@ -276,6 +277,47 @@ async def test_a_render_left_short_of_time_by_a_slow_fetch_is_retried_not_failed
     assert failed.status is JobStatus.FAILED and failed.error is not None
     assert failed.error.code == "storage_unavailable", failed.error
     assert "gave up after 1 attempt" in failed.error.message
+
+
+async def test_jobs_whose_channel_closed_are_let_go(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer channel closes (a broker blip, RabbitMQ's `consumer_timeout`) while the worker
+    holds jobs it has not finished, and the reopened channel is sent them again. The first tasks went
+    on beside the new ones: every channel lost added a prefetch's worth of jobs (and of sources held
+    in memory) to the worker's load."""
+    await storage.put("uploads/o/src", pyvips.Image.black(64, 48).write_to_buffer(".png"), "image/png")
+    real_get, release, fetches = storage.get, asyncio.Event(), [0]
+
+    async def held_get(*args: Any, **kwargs: Any) -> bytes:
+        fetches[0] += 1
+        await release.wait()
+        return await real_get(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "get", held_get)
+    async with running_consumer(slot_namespace, storage, job_timeout_s=30.0) as run:
+        worker = run.worker
+        jobs = [
+            await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")]) for _ in range(3)
+        ]
+        for lost in range(1, 4):
+            async with asyncio.timeout(10):
+                while fetches[0] < worker.prefetch * lost:  # the prefetch's worth held, (again) fetching
+                    await asyncio.sleep(0.02)
+            assert worker._subscription is not None
+            channel = await worker._subscription.channel.get_underlay_channel()
+            # An acknowledgement of a tag the broker never sent: it closes the channel, which reopens.
+            await channel.basic_ack(999_999)
+            async with asyncio.timeout(10):
+                while not channel.is_closed:
+                    await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            while fetches[0] < worker.prefetch * 4:
+                await asyncio.sleep(0.02)
+        assert len(worker._tasks) <= worker.prefetch
+        release.set()
+        done = [await run.settled(job) for job in jobs]
+    assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 3
 
 
 async def test_source_bytes_are_freed_after_the_render(

@@ -29,6 +29,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
 )
+from aiormq.abc import AbstractChannel as AbstractUnderlayChannel
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from imgpipe import broker
 from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, BrokerUnavailable, Publisher
@@ -117,6 +118,9 @@ class Consumer:
         # next render at once instead of idling a core through a GET (see `_run`).
         self._render_slots = asyncio.Semaphore(config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The channel each task's message came on: once it closes, the broker has put the message
+        # back in the queue, and the task's acknowledgement can no longer be sent.
+        self._delivered_on: dict[asyncio.Task[None], AbstractUnderlayChannel] = {}
         self._subscription: broker.Subscription | None = None
         self._subscriber: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -177,9 +181,30 @@ class Consumer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._let_go_of_lost_deliveries()
         task = asyncio.create_task(self._handle(message))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._delivered_on[task] = message.channel
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._delivered_on.pop(task, None)
+
+    def _let_go_of_lost_deliveries(self) -> None:
+        """Cancel the jobs whose channel has closed (a broker blip, its `consumer_timeout`).
+
+        Their messages are back in the queue, and the reopened channel is sent them again: left
+        running beside their new copies, every channel lost would add a prefetch's worth of jobs
+        (and sources) to what the worker holds. A render already running keeps its slot until it
+        ends, so the renders stay within `concurrency`.
+        """
+        lost = [task for task, channel in self._delivered_on.items() if channel.is_closed]
+        for task in lost:
+            task.cancel()
+            del self._delivered_on[task]
+        if lost:
+            log.warning("consumer channel lost; letting go of its jobs", extra={"jobs": len(lost)})
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
