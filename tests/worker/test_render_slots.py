@@ -36,7 +36,7 @@ from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
 
 from tests.stack import AMQP_URL, REDIS_URL, drop_namespace, s3_settings
-from tests.worker.test_consumer import jpeg
+from tests.worker.test_consumer import eventually, jpeg
 
 RENDER_S = 0.5
 JOB_TIMEOUT_S = 1.5  # three renders' worth: the fourth job waits for three others before its own
@@ -301,19 +301,14 @@ async def test_jobs_whose_channel_closed_are_let_go(
             await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")]) for _ in range(3)
         ]
         for lost in range(1, 4):
-            async with asyncio.timeout(10):
-                while fetches[0] < worker.prefetch * lost:  # the prefetch's worth held, (again) fetching
-                    await asyncio.sleep(0.02)
+            # The prefetch's worth held, (again) fetching.
+            await eventually(lambda n=lost: fetches[0] >= worker.prefetch * n)
             assert worker._subscription is not None
             channel = await worker._subscription.channel.get_underlay_channel()
             # An acknowledgement of a tag the broker never sent: it closes the channel, which reopens.
             await channel.basic_ack(999_999)
-            async with asyncio.timeout(10):
-                while not channel.is_closed:
-                    await asyncio.sleep(0.02)
-        async with asyncio.timeout(10):
-            while fetches[0] < worker.prefetch * 4:
-                await asyncio.sleep(0.02)
+            await eventually(lambda c=channel: c.is_closed)
+        await eventually(lambda: fetches[0] >= worker.prefetch * 4)
         assert len(worker._tasks) <= worker.prefetch
         release.set()
         done = [await run.settled(job) for job in jobs]
