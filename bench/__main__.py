@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import api, corpus, latency, memory, report, sse, throughput
-from bench.harness import cpu_count
+from bench.harness import cpu_count, worker_allocator
 
 HERE = Path(__file__).resolve().parent
 SECTIONS = ("throughput", "latency", "api", "sse", "memory", "reconcile")
@@ -90,6 +90,7 @@ def main() -> None:
             "cpus": cpu_count(),
             "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
             "python": sys.version.split()[0],
+            "worker_allocator": worker_allocator(),
         }
     }
     t0 = time.monotonic()

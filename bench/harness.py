@@ -34,6 +34,28 @@ REPO = Path(__file__).resolve().parent.parent
 BUCKET = "imgpipe-bench"
 OWNER = "bench"
 
+#: The worker runs with the allocator its image gives it (services/worker/Dockerfile: jemalloc, and
+#: this MALLOC_CONF), when this machine has the library: memory and CPU figures of a worker on
+#: glibc's malloc would not be those of the deployed one.
+WORKER_MALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+_JEMALLOC = next(
+    (
+        path
+        for path in (
+            Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+            Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
+            Path("/usr/local/lib/libjemalloc.so.2"),
+        )
+        if path.exists()
+    ),
+    None,
+)
+
+
+def worker_allocator() -> str:
+    """The allocator bench workers run with, for the report."""
+    return f"jemalloc ({_JEMALLOC}, {WORKER_MALLOC_CONF})" if _JEMALLOC else "glibc malloc (no jemalloc here)"
+
 
 def pct(values: list[float], p: float) -> float:
     """The p-th percentile (nearest-rank on the sorted values, linear in between)."""
@@ -108,6 +130,8 @@ class BenchStack:
     # services
 
     def start(self, name: str, extra_env: dict[str, str] | None = None) -> Service:
+        if name == "worker" and _JEMALLOC is not None:
+            extra_env = {"LD_PRELOAD": str(_JEMALLOC), "MALLOC_CONF": WORKER_MALLOC_CONF, **(extra_env or {})}
         service = self.stack.start(name, self.logdir, extra_env)
         self._services.append(service)
         return service

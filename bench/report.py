@@ -260,6 +260,8 @@ def markdown(res: dict) -> str:
         f"imgpipe bench {meta['started']} ({meta['mode']}, {meta['cpus']} CPUs, libvips {meta['libvips']}, "
         f"{meta['duration_s']:.0f} s)",
         "",
+        f"Workers run on {meta.get('worker_allocator', 'the default allocator')}.",
+        "",
         "| area | figure | value | same-run baseline | target | |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
