@@ -245,8 +245,13 @@ async def test_a_job_that_runs_out_of_time_waiting_for_s3_is_retried_not_failed_
     monkeypatch.setattr(storage, hung, hangs)
     # Time enough for the (tiny) render even on a loaded machine: the budget must run out in S3.
     async with running_consumer(slot_namespace, storage, job_timeout_s=2.0) as run:
-        job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
-        failed = await run.settled(job)
+        await _fails_as_s3_unavailable(run)
+
+
+async def _fails_as_s3_unavailable(run: Running) -> None:
+    """A job run to its end fails as S3 being out of reach: retried, here dead-lettered (one attempt)."""
+    job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
+    failed = await run.settled(job)
     assert failed.status is JobStatus.FAILED and failed.error is not None
     assert failed.error.code == "storage_unavailable", failed.error
     assert "gave up after 1 attempt" in failed.error.message
@@ -272,11 +277,7 @@ async def test_a_render_left_short_of_time_by_a_slow_fetch_is_retried_not_failed
     monkeypatch.setattr(storage, "get", slow_get)
     monkeypatch.setattr(consumer.imaging, "render", render)
     async with running_consumer(slot_namespace, storage, job_timeout_s=2.0, render_timeout_s=1.0) as run:
-        job = await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")])
-        failed = await run.settled(job)
-    assert failed.status is JobStatus.FAILED and failed.error is not None
-    assert failed.error.code == "storage_unavailable", failed.error
-    assert "gave up after 1 attempt" in failed.error.message
+        await _fails_as_s3_unavailable(run)
 
 
 async def test_jobs_whose_channel_closed_are_let_go(
