@@ -36,19 +36,24 @@ OWNER = "bench"
 
 #: The worker runs with the allocator its image gives it (services/worker/Dockerfile: jemalloc, and
 #: this MALLOC_CONF), when this machine has the library: memory and CPU figures of a worker on
-#: glibc's malloc would not be those of the deployed one.
+#: glibc's malloc would not be those of the deployed one. `BENCH_WORKER_MALLOC=glibc` runs them on
+#: glibc's, for an A/B.
 WORKER_MALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
-_JEMALLOC = next(
-    (
-        path
-        for path in (
-            Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
-            Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
-            Path("/usr/local/lib/libjemalloc.so.2"),
-        )
-        if path.exists()
-    ),
-    None,
+_JEMALLOC = (
+    None
+    if os.environ.get("BENCH_WORKER_MALLOC") == "glibc"
+    else next(
+        (
+            path
+            for path in (
+                Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+                Path("/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"),
+                Path("/usr/local/lib/libjemalloc.so.2"),
+            )
+            if path.exists()
+        ),
+        None,
+    )
 )
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bench import corpus
 from bench.harness import (
+    REPO,
     BenchStack,
     cpu_count,
     cpu_seconds,
@@ -209,11 +210,15 @@ def thumbor_install() -> tuple[bool, str]:
         return True, "thumbor " + _thumbor_version()
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never"}
     try:
+        # The uv `make` uses: the one on PATH, or the one ops/uv.sh installed from PyPI.
+        uv = subprocess.run(
+            ["bash", str(REPO / "ops" / "uv.sh")], check=True, capture_output=True, text=True, timeout=300
+        ).stdout.strip()
         subprocess.run(
-            ["uv", "venv", "-q", "-p", sys.executable, str(THUMBOR_VENV)], check=True, env=env, timeout=120
+            [uv, "venv", "-q", "-p", sys.executable, str(THUMBOR_VENV)], check=True, env=env, timeout=120
         )
         subprocess.run(
-            ["uv", "pip", "install", "-q", "-p", str(THUMBOR_VENV / "bin" / "python"), "thumbor"],
+            [uv, "pip", "install", "-q", "-p", str(THUMBOR_VENV / "bin" / "python"), "thumbor"],
             check=True,
             env=env,
             timeout=600,
