@@ -17,10 +17,12 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
+import redis
 import redis.asyncio as aioredis
 from imgpipe.broker import Topology
 from imgpipe.store import owner_id
 
+from tests.e2e.test_outages import PrivateRedis
 from tests.isolated import image, isolated_stack, start_unready, temporary_worker
 from tests.stack import AMQP_URL, REDIS_URL, Stack, free_port, presigned_form, token
 
@@ -315,6 +317,39 @@ async def test_a_finished_job_frees_its_slot(
 
 
 # Redis down.
+
+
+async def test_a_full_redis_is_a_503_not_an_internal_error(
+    base_env: dict[str, str], http: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    """Under the `noeviction` policy the README asks for, a full Redis refuses writes (OOM). The api
+    answered 500 internal_error with a stack trace in its log, where the README promises the 503 a
+    client retries; the same for a replica after a failover (READONLY) or a full disk (MISCONF)."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    api = None
+    try:
+        api = start_unready("api", {**base_env, "IMGPIPE_REDIS_URL": server.url}, tmp_path)
+        with redis.Redis.from_url(server.url) as admin:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", 1)  # far below what it holds already
+            for path, body in (
+                ("/uploads", {"content_type": "image/jpeg", "size": 10}),
+                ("/jobs", {"source": URL_SOURCE}),
+            ):
+                async with http.post(f"{api.url}{path}", json=body, headers=_auth("full")) as response:
+                    answer = await response.json()
+                    assert (response.status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+            admin.config_set("maxmemory", 0)
+        upload = {"content_type": "image/jpeg", "size": 10}
+        async with http.post(f"{api.url}/uploads", json=upload, headers=_auth("full")) as response:
+            assert response.status == 201, await response.text()
+    finally:
+        if api is not None:
+            api.proc.terminate()
+            api.proc.wait(30)
+        server.kill()
+    assert "Traceback" not in api.log.read_text()
 
 
 async def test_redis_down_is_a_503_not_a_free_pass(

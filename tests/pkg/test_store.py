@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,8 +21,12 @@ from imgpipe.store import (
     SourceDeleted,
     Transition,
     owner_id,
+    redis_unavailable,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from tests.e2e.test_outages import PrivateRedis
 from tests.stack import delete_keys
 
 RETENTION = timedelta(hours=2)
@@ -474,3 +479,33 @@ async def test_a_change_that_cannot_be_read_is_skipped_not_a_break(store: JobSto
             version, record = await anext(aiter(changes))
     assert (version, record) == (1, readable.record)
     assert named == [newer.id]  # the others name no job
+
+
+async def test_a_redis_refusing_writes_is_unavailable_a_wrong_command_is_not(tmp_path: Path) -> None:
+    """What the api answers 503 (and a worker waits out) against what is a bug: told apart on the
+    errors a real Redis gives. A full one (OOM under `noeviction`) was taken for a bug."""
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        store = JobStore(client, "refusals", retention=timedelta(minutes=5))
+        await client.config_set("maxmemory", 1)
+        with pytest.raises(ResponseError) as full:
+            await store.create(_record())
+        assert redis_unavailable(full.value), full.value
+        await client.config_set("maxmemory", 0)
+        await client.set("refusals:a-string", "x")
+        with pytest.raises(ResponseError) as wrong:
+            await client.hget("refusals:a-string", "field")  # WRONGTYPE
+        assert not redis_unavailable(wrong.value)
+    finally:
+        await client.aclose()
+        server.kill()
+    # And out of reach, as the api's Redis is when it is down.
+    gone = aioredis.Redis.from_url(server.url, socket_connect_timeout=1)
+    try:
+        with pytest.raises(RedisConnectionError) as down:
+            await gone.ping()
+        assert redis_unavailable(down.value)
+    finally:
+        await gone.aclose()

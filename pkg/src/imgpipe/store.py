@@ -24,6 +24,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgpipe.coalesce import Coalescer
 from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, utcnow
@@ -167,6 +176,21 @@ if not (claim.accepted or claim.answered) then
 end
 return 1
 """
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the job store cannot be used right now, as opposed to a bug.
+
+    Out of reach (connection refused or lost, a timeout, still loading its data), and also up but
+    refusing writes for a while: full under `noeviction` (OOM), a replica after a failover
+    (READONLY), its disk full (MISCONF), a script running (BUSY). All are outages to wait out:
+    a 503 to a client, a write a worker retries.
+    """
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError)):
+        return True
+    if isinstance(exc, (MasterDownError, TryAgainError)):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(("MISCONF", "BUSY "))
 
 
 def owner_id(sub: str) -> str:

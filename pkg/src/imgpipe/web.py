@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from imgpipe.auth import AuthError, Principal, TokenVerifier, bearer_token
 from imgpipe.openapi import add_routes as add_openapi_routes
 from imgpipe.openapi import health_document
 from imgpipe.storage import StorageError
+from imgpipe.store import redis_unavailable
 from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, clean_request_id, request_id_var
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def error_response(
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
+def _internal_error() -> web.Response:
+    return error_response(500, "internal_error", "an internal error occurred")
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id (taken from X-Request-ID when sane), JSON errors and HTTP metrics."""
@@ -88,14 +92,22 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             # A 503 auth_unavailable (the IdP's keys are out of reach) carries Retry-After instead.
             headers = {"WWW-Authenticate": challenge} if exc.status == 401 else exc.headers or None
             response = error_response(exc.status, exc.code, exc.message, headers)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("redis unavailable: %s: %s", type(exc).__name__, exc, extra={"path": request.path})
-            response = error_response(503, "store_unavailable", "the job store is unavailable; retry later")
+        except RedisError as exc:
+            if not redis_unavailable(exc):
+                log.exception("unhandled error", extra={"path": request.path})
+                response = _internal_error()
+            else:
+                log.warning(
+                    "redis unavailable: %s: %s", type(exc).__name__, exc, extra={"path": request.path}
+                )
+                response = error_response(
+                    503, "store_unavailable", "the job store is unavailable; retry later"
+                )
         except StorageError as exc:
             if not exc.transient:
                 # Not an outage: a bug or an answer we cannot use. Still the JSON shape and our log.
                 log.error("storage error: %s", exc.message, extra={"path": request.path})
-                response = error_response(500, "internal_error", "an internal error occurred")
+                response = _internal_error()
             else:
                 log.warning("storage unavailable: %s", exc.message)
                 response = error_response(
@@ -115,7 +127,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             raise
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
-            response = error_response(500, "internal_error", "an internal error occurred")
+            response = _internal_error()
         status = response.status
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id

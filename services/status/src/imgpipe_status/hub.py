@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
-from imgpipe.store import JobStore
+from imgpipe.store import JobStore, redis_unavailable
 from redis.exceptions import ResponseError
 
 log = logging.getLogger("imgpipe.status.hub")
@@ -325,6 +325,8 @@ class Hub:
             try:
                 record = await self._store.get(watch.job_id)
             except (ValueError, ResponseError) as exc:  # ValidationError, or WRONGTYPE: not our record
+                if redis_unavailable(exc):  # BUSY, a failover's MASTERDOWN: resubscribe and try again
+                    raise
                 # Raised out of here, it would fail every resync the same way and stop the hub for
                 # every job; the record stays unreadable until it changes or expires.
                 self._unfollowable(watch.job_id, type(exc).__name__)

@@ -35,7 +35,7 @@ from imgpipe import broker
 from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, BrokerUnavailable, Publisher
 from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, Variant, VariantResult
 from imgpipe.storage import Storage, StorageError, variant_key
-from imgpipe.store import JobStore
+from imgpipe.store import JobStore, redis_unavailable
 from imgpipe.telemetry import (
     JOB_LATENCY,
     JOB_SECONDS,
@@ -52,8 +52,6 @@ from imgpipe.telemetry import (
     request_id_var,
 )
 from pydantic import ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgpipe_worker import imaging
 from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_session
@@ -475,12 +473,11 @@ def _attempt(headers: dict) -> int:
 
 
 def _dependency_down(exc: BaseException) -> bool:
-    """Redis or RabbitMQ cannot be reached (as opposed to a bug or a refused command)."""
-    return isinstance(
+    """Redis or RabbitMQ cannot be used now (as opposed to a bug or a refused command): out of
+    reach, or a Redis refusing writes for a while (full, read-only after a failover)."""
+    return redis_unavailable(exc) or isinstance(
         exc,
         (
-            RedisConnectionError,
-            RedisTimeoutError,
             BrokerUnavailable,
             AMQPConnectionError,
             ChannelInvalidStateError,
