@@ -632,6 +632,34 @@ async def test_a_record_written_before_its_reply_was_lost_is_withdrawn(
     ]
 
 
+async def test_a_claim_made_before_its_reply_was_lost_is_let_go(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis makes the Idempotency-Key's claim and its reply is lost: the request answers 503, and the
+    retry it asks for was answered 409 idempotency_in_progress for ten minutes, with nothing in progress."""
+    base, app, _ = cancelling_api
+    store = app[resources.STORE]
+    claim = store.claim_idempotency
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        await claim(*args, **kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store, "claim_idempotency", reply_lost)
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "lost-claim"}
+    status, answer = await _post(http, f"{base}/jobs", body, headers)
+    assert (status, answer["error"]["code"]) == (503, "store_unavailable")
+    assert await redis_client.get(store._idem_key("alice", "lost-claim")) is None
+
+    monkeypatch.setattr(store, "claim_idempotency", claim)
+    status, job = await _post(http, f"{base}/jobs", body, headers)
+    assert (status, job["status"]) == (202, "pending")
+
+
 async def _post(
     http: aiohttp.ClientSession, url: str, body: dict, headers: dict[str, str]
 ) -> tuple[int, dict]:

@@ -365,6 +365,11 @@ async def _submit(
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
             ) from None
+        except BaseException:
+            # A lost reply (a timeout) may hide a claim Redis did make: the retry the 503 asks for
+            # would be told "in progress" until the claim expired, with nothing in progress.
+            await _release_claim(store, principal.sub, idem_key, job_id)
+            raise
         if held is not None:
             return await _replay(request, principal, held, idem_key)
     job_id_var.set(job_id)  # in this task's context: what it logs from here on is about this job
@@ -393,7 +398,7 @@ async def _submit(
         if not kept:
             await _release_slot(request, principal, job_id, admitted)
             if idem_key:
-                await store.release_idempotency(principal.sub, idem_key, job_id)
+                await _release_claim(store, principal.sub, idem_key, job_id)
         raise
 
     message = JobMessage(
@@ -424,6 +429,15 @@ async def _submit(
     JOBS_ACCEPTED.inc()
     log.info("job accepted", extra={"variants": len(record.requested)})
     return _accepted(record, admitted=admitted)
+
+
+async def _release_claim(store: JobStore, owner: str, key: str, job_id: str) -> None:
+    """Free an Idempotency-Key this request claimed, if it still holds its job; best effort: the
+    request's own error is what its client is answered, and a claim left holds for `CLAIM_HOLD_S`."""
+    try:
+        await store.release_idempotency(owner, key, job_id)
+    except Exception as exc:
+        log.warning("could not release the Idempotency-Key: %s", type(exc).__name__)
 
 
 async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None) -> bool:
