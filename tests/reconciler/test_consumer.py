@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aio_pika
 import pytest
@@ -14,12 +15,13 @@ from imgpipe import broker
 from imgpipe.models import ReconcileCommand
 from imgpipe.runs import RunStore
 from imgpipe.storage import Storage
-from imgpipe.store import JobStore
+from imgpipe.store import JobStore, owner_id
 from imgpipe_reconciler.consumer import CommandConsumer
 from imgpipe_reconciler.lock import RunLock
 from prometheus_client import REGISTRY
 
 from tests.isolated import queue_depth
+from tests.reconciler.conftest import keys
 from tests.reconciler.test_reconcile import _reconciler
 from tests.stack import AMQP_URL, free_port
 from tests.worker.test_consumer import eventually
@@ -154,4 +156,46 @@ async def test_a_redelivered_command_that_waits_out_a_running_run_is_skipped_onc
     assert [r.run_id for r in said] == ["copy"]  # type: ignore[attr-defined]
     record = await runs.get("copy")
     assert record is not None and record.error == "another reconciliation was running"
+    assert await queue_depth(queue) == 0  # acknowledged
+
+
+async def test_a_redelivered_command_whose_first_run_ends_while_it_waits_does_not_run_again(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+    s3: Any,
+    bucket: str,
+) -> None:
+    """The consuming connection drops mid-run: the command comes back, redelivered, and waits for the
+    lock its own first run holds. That run then ends; the copy took the lock and ran the tick again,
+    and its record (`deleted: 0`) replaced the first run's summary."""
+    lock = RunLock(redis_client, rc_namespace, ttl_s=10)
+    runs = RunStore(redis_client, rc_namespace)
+    queue = publisher.topology.reconcile_queue
+    command = ReconcileCommand(run_id="tick-1", dry_run=False)
+    await publisher.publish_reconcile(command)
+    async with _taken_unacknowledged(queue):  # the first run's channel closes: redelivered
+        await runs.update(command, "running")
+        await redis_client.set(lock.key, "the-first-run", px=10_000)
+    orphan = f"uploads/{owner_id('alice')}/left-behind"
+    s3.put_object(Bucket=bucket, Key=orphan, Body=b"x")  # the next tick's to delete, not this one's
+    connection = await broker.connect(AMQP_URL)
+    consumer = CommandConsumer(
+        connection, publisher.topology, _reconciler(store, storage, publisher), lock, runs
+    )
+    try:
+        await consumer.start()
+        await eventually(lambda: consumer._tasks)  # the copy, waiting for the lock
+        await asyncio.sleep(1.5)
+        await runs.update(command, "succeeded", summary={"deleted": 3})  # the first run ends
+        await redis_client.delete(lock.key)
+        await eventually(lambda: not consumer._tasks, within=20)
+    finally:
+        await consumer.stop()
+        await connection.close()
+    record = await runs.get("tick-1")
+    assert record is not None and (record.status, record.summary) == ("succeeded", {"deleted": 3})
+    assert orphan in keys(s3, bucket)
     assert await queue_depth(queue) == 0  # acknowledged

@@ -93,9 +93,17 @@ class CommandConsumer:
             log.error("unparseable reconcile command dead-lettered: %s", exc.errors()[:1])
             await _settle(message.reject(requeue=False))
             return
-        await self._record(command, "running")
         try:
+            # Redelivered after its run ended (only the acknowledgement was lost): one run a command.
+            if message.redelivered and await self._finished(command):
+                raise _AlreadyRan()
+            await self._record(command, "running")
             summary = await self._run(command, wait_s=self._lock.ttl_s + 1 if message.redelivered else 0)
+        except _AlreadyRan:
+            log.info(
+                "reconciliation already finished; redelivered command acknowledged",
+                extra={"run_id": command.run_id},
+            )
         except LockBusy:
             await self._record(command, "skipped", error="another reconciliation was running")
         except asyncio.CancelledError:
@@ -113,6 +121,10 @@ class CommandConsumer:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
+            # A redelivered command may be waiting for its own first run (its channel closed
+            # mid-run): once that has ended, running again would make two runs of one command.
+            if wait_s and await self._finished(command):
+                raise _AlreadyRan()
             try:
                 return await reconcile_once(
                     self._reconciler,
@@ -130,6 +142,14 @@ class CommandConsumer:
                     raise
                 await asyncio.sleep(min(1.0, max(0.0, give_up - loop.time())))
 
+    async def _finished(self, command: ReconcileCommand) -> bool:
+        """Whether the command's run has ended (best effort: unknown, it runs)."""
+        try:
+            record = await self._runs.get(command.run_id)
+        except Exception:
+            return False
+        return record is not None and record.status in ("succeeded", "failed")
+
     async def _record(self, command: ReconcileCommand, status: RunStatus, **details: object) -> None:
         """Write the run's state; on a Redis error, log it and go on (see the module)."""
         try:
@@ -141,6 +161,10 @@ class CommandConsumer:
                 type(exc).__name__,
                 extra={"run_id": command.run_id},
             )
+
+
+class _AlreadyRan(Exception):
+    """A redelivered command's first run ended while the copy waited for the lock."""
 
 
 async def _settle(answer: Awaitable[object], *, run_id: str | None = None) -> None:
