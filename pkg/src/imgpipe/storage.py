@@ -13,7 +13,9 @@ client's credentials, inline (local computation). Key layout:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,10 +37,16 @@ from imgpipe.store import owner_id
 
 T = TypeVar("T")
 
+log = logging.getLogger("imgpipe.storage")
+
 UPLOAD_PREFIX = "uploads/"
 VARIANT_PREFIX = "variants/"
 #: Most keys S3 takes in one DeleteObjects request (and the size of one listing page).
 BATCH = 1000
+
+
+#: Characters XML 1.0 cannot carry, not even escaped (botocore escapes CR and LF itself).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 class StorageError(Exception):
@@ -383,6 +391,20 @@ class Storage:
         failing the batch, so the caller counts only what is really gone.
         """
         deleted: list[str] = []
+        # A key with a character XML 1.0 cannot carry (a control character: S3 takes any UTF-8)
+        # made the whole batch's request malformed, so no key of the page was ever deleted. Such
+        # keys go one by one, the key in the URL.
+        odd = [k for k in keys if _NOT_XML.search(k)]
+        for key in odd:
+            try:
+                await self._call("delete_object", Key=key)
+            except StorageError as exc:
+                if exc.transient:
+                    raise
+                log.warning("S3 refused to delete a key: %s", exc.message)
+            else:
+                deleted.append(key)
+        keys = [k for k in keys if not _NOT_XML.search(k)] if odd else keys
         for start in range(0, len(keys), BATCH):
             batch = keys[start : start + BATCH]
             answer = await self._call(
