@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -609,13 +609,7 @@ async def test_a_record_written_before_its_reply_was_lost_is_withdrawn(
     one the reconciler publishes."""
     base, app, _ = cancelling_api
     store = app[resources.STORE]
-    create = store.create
-
-    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
-        await create(*args, **kwargs)
-        raise RedisTimeoutError("Timeout reading from socket")
-
-    monkeypatch.setattr(store, "create", reply_lost)
+    restore = _reply_lost(monkeypatch, store, "create")
     body = {"source": {"url": "https://example.com/photo.jpg"}}
     headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "lost-reply"}
     status, answer = await _post(http, f"{base}/jobs", body, headers)
@@ -624,7 +618,7 @@ async def test_a_record_written_before_its_reply_was_lost_is_withdrawn(
     assert await redis_client.get(store._idem_key("alice", "lost-reply")) is None
     assert await redis_client.zcard(app[QUOTAS].active_key("alice")) == 0
 
-    monkeypatch.setattr(store, "create", create)
+    restore()
     status, job = await _post(http, f"{base}/jobs", body, headers)
     assert status == 202
     assert [key async for key in redis_client.scan_iter(store.job_pattern)] == [
@@ -642,22 +636,28 @@ async def test_a_claim_made_before_its_reply_was_lost_is_let_go(
     retry it asks for was answered 409 idempotency_in_progress for ten minutes, with nothing in progress."""
     base, app, _ = cancelling_api
     store = app[resources.STORE]
-    claim = store.claim_idempotency
-
-    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
-        await claim(*args, **kwargs)
-        raise RedisTimeoutError("Timeout reading from socket")
-
-    monkeypatch.setattr(store, "claim_idempotency", reply_lost)
+    restore = _reply_lost(monkeypatch, store, "claim_idempotency")
     body = {"source": {"url": "https://example.com/photo.jpg"}}
     headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "lost-claim"}
     status, answer = await _post(http, f"{base}/jobs", body, headers)
     assert (status, answer["error"]["code"]) == (503, "store_unavailable")
     assert await redis_client.get(store._idem_key("alice", "lost-claim")) is None
 
-    monkeypatch.setattr(store, "claim_idempotency", claim)
+    restore()
     status, job = await _post(http, f"{base}/jobs", body, headers)
     assert (status, job["status"]) == (202, "pending")
+
+
+def _reply_lost(monkeypatch: pytest.MonkeyPatch, store: Any, method: str) -> Callable[[], None]:
+    """Make `store.<method>` reach Redis and then lose its reply (a timeout); returns the undo."""
+    real = getattr(store, method)
+
+    async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        await real(*args, **kwargs)
+        raise RedisTimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(store, method, reply_lost)
+    return lambda: monkeypatch.setattr(store, method, real)
 
 
 async def _post(

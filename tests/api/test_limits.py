@@ -319,6 +319,17 @@ async def test_a_finished_job_frees_its_slot(
 # Redis down.
 
 
+async def _writes_refused_as_unavailable(http: aiohttp.ClientSession, api: Any, user: str) -> None:
+    """`POST /uploads` and `POST /jobs` answer the 503 a client retries."""
+    for path, body in (
+        ("/uploads", {"content_type": "image/jpeg", "size": 10}),
+        ("/jobs", {"source": URL_SOURCE}),
+    ):
+        async with http.post(f"{api.url}{path}", json=body, headers=_auth(user)) as response:
+            answer = await response.json()
+            assert (response.status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+
+
 async def test_a_full_redis_is_a_503_not_an_internal_error(
     base_env: dict[str, str], http: aiohttp.ClientSession, tmp_path: Any
 ) -> None:
@@ -333,13 +344,7 @@ async def test_a_full_redis_is_a_503_not_an_internal_error(
         with redis.Redis.from_url(server.url) as admin:
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)  # far below what it holds already
-            for path, body in (
-                ("/uploads", {"content_type": "image/jpeg", "size": 10}),
-                ("/jobs", {"source": URL_SOURCE}),
-            ):
-                async with http.post(f"{api.url}{path}", json=body, headers=_auth("full")) as response:
-                    answer = await response.json()
-                    assert (response.status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+            await _writes_refused_as_unavailable(http, api, "full")
             admin.config_set("maxmemory", 0)
         upload = {"content_type": "image/jpeg", "size": 10}
         async with http.post(f"{api.url}/uploads", json=upload, headers=_auth("full")) as response:
@@ -358,13 +363,7 @@ async def test_redis_down_is_a_503_not_a_free_pass(
     env = {**base_env, "IMGPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/15"}
     api = start_unready("api", env, tmp_path)
     try:
-        for path, body in (
-            ("/uploads", {"content_type": "image/jpeg", "size": 10}),
-            ("/jobs", {"source": URL_SOURCE}),
-        ):
-            async with http.post(f"{api.url}{path}", json=body, headers=_auth("redis-down")) as response:
-                answer = await response.json()
-                assert (response.status, answer["error"]["code"]) == (503, "store_unavailable"), answer
+        await _writes_refused_as_unavailable(http, api, "redis-down")
     finally:
         api.proc.terminate()
         api.proc.wait(30)
