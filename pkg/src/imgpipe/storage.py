@@ -394,7 +394,10 @@ class Storage:
         # A key with a character XML 1.0 cannot carry (a control character: S3 takes any UTF-8)
         # made the whole batch's request malformed, so no key of the page was ever deleted. Such
         # keys go one by one, the key in the URL.
-        odd = [k for k in keys if _NOT_XML.search(k)]
+        odd: list[str] = []
+        plain: list[str] = []
+        for key in keys:
+            (odd if _NOT_XML.search(key) else plain).append(key)
         for key in odd:
             try:
                 await self._call("delete_object", Key=key)
@@ -404,9 +407,8 @@ class Storage:
                 log.warning("S3 refused to delete a key: %s", exc.message)
             else:
                 deleted.append(key)
-        keys = [k for k in keys if not _NOT_XML.search(k)] if odd else keys
-        for start in range(0, len(keys), BATCH):
-            batch = keys[start : start + BATCH]
+        for start in range(0, len(plain), BATCH):
+            batch = plain[start : start + BATCH]
             answer = await self._call(
                 "delete_objects", Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
             )

@@ -178,6 +178,16 @@ return 1
 """
 
 
+_REDIS_OUTAGES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    MasterDownError,
+    TryAgainError,
+)
+
+
 def redis_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the job store cannot be used right now, as opposed to a bug.
 
@@ -186,9 +196,7 @@ def redis_unavailable(exc: BaseException) -> bool:
     (READONLY), its disk full (MISCONF), a script running (BUSY). All are outages to wait out:
     a 503 to a client, a write a worker retries.
     """
-    if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OutOfMemoryError, ReadOnlyError)):
-        return True
-    if isinstance(exc, (MasterDownError, TryAgainError)):
+    if isinstance(exc, _REDIS_OUTAGES):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(("MISCONF", "BUSY "))
 
