@@ -24,21 +24,21 @@ def rows(res: dict) -> list[dict]:
     if tp:
         for label, s in tp["sets"].items():
             ips = s["images_per_s"]
-            best = s["headline_layout"]
+            headline = s["headline_layout"]
             target = 0.9 if label.startswith("1 variant") else 1.0
             r = s["pipeline_vs_raw"]
             out.append(
                 _row(
                     "throughput",
-                    f"{label}: {best} vs raw libvips loop",
-                    f"{ips[best]:.2f} img/s = {r:.2f}x",
+                    f"{label}: {headline} vs raw libvips loop",
+                    f"{ips[headline]:.2f} img/s = {r:.2f}x",
                     f"raw {ips['raw libvips']:.2f} img/s",
                     f">= {target}x",
                     r >= target,
                 )
             )
             for k, v in ips.items():
-                if k.startswith("imgpipe") and k != best:
+                if k.startswith("imgpipe") and k != headline:
                     out.append(
                         _row(
                             "throughput",
@@ -51,12 +51,13 @@ def rows(res: dict) -> list[dict]:
                     )
             if "worker_cpu_vs_raw" in s:
                 cpu = s["cpu_ms_per_image"]
-                moto = cpu.get(f"S3 server (moto), {best.removeprefix('imgpipe (').rstrip(')')}")
+                moto = cpu.get(f"S3 server (moto), {headline.removeprefix('imgpipe (').rstrip(')')}")
                 out.append(
                     _row(
                         "throughput",
                         f"{label}: per-core efficiency, raw loop's CPU per image / the worker processes'",
-                        f"{cpu['raw libvips']:.0f} ms / {cpu[best]:.0f} ms = {s['worker_cpu_vs_raw']:.2f}x",
+                        f"{cpu['raw libvips']:.0f} ms / {cpu[headline]:.0f} ms"
+                        f" = {s['worker_cpu_vs_raw']:.2f}x",
                         f"S3 server {moto:.1f} ms a job on the same cores" if moto is not None else "",
                         "",
                         None,

@@ -409,29 +409,31 @@ def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], i
     into.setdefault(key, []).append((cpu_seconds(pids) - before) / images * 1000)
 
 
-def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], best: str) -> dict:
-    """Medians of the rounds, and the ratios of the layout `best` (the headline) to the baselines."""
+def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], headline: str) -> dict:
+    """Medians of the rounds, and the ratios of the layout `headline` to the baselines."""
     raw = figures["raw libvips"]
     out = {
         "images_per_s": {k: median(v) for k, v in figures.items()},
         "rounds": figures,
-        "headline_layout": best,
+        "headline_layout": headline,
         # Per-round ratios against the raw loop of the same round, then the median of those: rates
         # drift with the machine from round to round, the ratio to the same round's raw loop much less.
         "ratio_vs_raw": {k: median([x / b for x, b in zip(v, raw, strict=True)]) for k, v in figures.items()},
     }
-    out["pipeline_vs_raw"] = out["ratio_vs_raw"][best]
-    out["pipeline_vs_pillow"] = median([x / b for x, b in zip(figures[best], figures["Pillow"], strict=True)])
+    out["pipeline_vs_raw"] = out["ratio_vs_raw"][headline]
+    out["pipeline_vs_pillow"] = median(
+        [x / b for x, b in zip(figures[headline], figures["Pillow"], strict=True)]
+    )
     if "thumbor" in figures:
         out["pipeline_vs_thumbor"] = median(
-            [x / b for x, b in zip(figures[best], figures["thumbor"], strict=True)]
+            [x / b for x, b in zip(figures[headline], figures["thumbor"], strict=True)]
         )
     # Throughput per core of the worker itself: the raw loop's CPU per image over the worker
     # processes' (render, S3 transfers, broker, status), without the S3 server, Redis, RabbitMQ and
     # this process, which share the two cores here but not a production worker's.
     out["cpu_ms_per_image"] = {k: median(v) for k, v in cpu.items()}
     out["cpu_rounds"] = cpu
-    out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[best], strict=True)])
+    out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[headline], strict=True)])
     return out
 
 
