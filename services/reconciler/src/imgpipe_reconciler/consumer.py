@@ -121,10 +121,6 @@ class CommandConsumer:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + wait_s
         while True:
-            # A redelivered command may be waiting for its own first run (its channel closed
-            # mid-run): once that has ended, running again would make two runs of one command.
-            if wait_s and await self._finished(command):
-                raise _AlreadyRan()
             try:
                 return await reconcile_once(
                     self._reconciler,
@@ -141,6 +137,10 @@ class CommandConsumer:
                     note_skipped(dry_run=command.dry_run, run_id=command.run_id, trigger=command.trigger)
                     raise
                 await asyncio.sleep(min(1.0, max(0.0, give_up - loop.time())))
+                # The run it waited for may have been its own first one (its channel closed
+                # mid-run): once that has ended, running again would make two runs of one command.
+                if await self._finished(command):
+                    raise _AlreadyRan() from None
 
     async def _finished(self, command: ReconcileCommand) -> bool:
         """Whether the command's run has ended (best effort: unknown, it runs)."""
