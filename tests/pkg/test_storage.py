@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection
-from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -337,19 +336,9 @@ async def test_transfers_send_the_path_they_signed(key: str) -> None:
     assert [path for _, path, _ in s3.seen] == ["/bucket/" + key] * 2  # the same object, for S3
 
 
-async def test_without_credentials_storage_is_unavailable_not_an_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+async def test_without_credentials_storage_is_unavailable_not_an_error(no_aws_credentials: None) -> None:
     # No keys and none in the default chain: every call fails as S3 being out of reach does
     # (transient: the api answers 503, a job is retried and dead-lettered), not as a bug (a 500).
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    for name in ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("AWS_WEB_IDENTITY_TOKEN_FILE", raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     s3 = FlakyS3()
     async with local_http(s3.app()) as endpoint:
         settings = S3Settings(s3_endpoint_url=endpoint, s3_bucket="bucket", s3_force_path_style=True)

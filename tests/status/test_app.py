@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -72,16 +71,11 @@ async def test_head_on_an_event_stream_is_refused(
 
 
 async def test_a_replica_that_cannot_sign_urls_refuses_the_stream_before_it_starts(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, http: aiohttp.ClientSession
+    env: dict[str, str], no_aws_credentials: None, http: aiohttp.ClientSession
 ) -> None:
     """A replica with no S3 credentials (STS down at its start) can sign no variant URL. `GET /jobs/{id}`
     answered 503 for a succeeded job, but its stream sent a 200's headers and then, inside the chunked
     body, a second response (the 503): EventSource took it for a network error, reconnecting forever."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     app = await create_app()
     async with local_http(app) as base:
         await asyncio.wait_for(app[HUB].connected.wait(), 10)
