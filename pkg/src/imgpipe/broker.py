@@ -179,6 +179,11 @@ def robust_connection(
     )
 
 
+def is_up(connection: AbstractRobustConnection) -> bool:
+    """Whether a robust connection is connected right now (not closed, not reconnecting)."""
+    return not connection.is_closed and connection.connected.is_set()
+
+
 async def keep_connecting(connection: AbstractRobustConnection, *, timeout_s: float = 10.0) -> None:
     """Connect `connection`, retrying for as long as it takes; returns once it is connected.
 
@@ -318,7 +323,7 @@ class Publisher:
     @property
     def connected(self) -> bool:
         """Whether the connection to RabbitMQ is up right now."""
-        return not self._connection.is_closed and self._connection.connected.is_set()
+        return is_up(self._connection)
 
     async def open(self) -> None:
         """Open the channel and declare the topology now, instead of at the first publish."""

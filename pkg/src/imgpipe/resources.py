@@ -110,7 +110,7 @@ def amqp(settings: AmqpSettings, namespace: str, *, consume: bool = False) -> Cl
         app[PUBLISHER] = publisher
 
         async def ready() -> None:
-            if not publisher.connected or consuming.is_closed or not consuming.connected.is_set():
+            if not (broker.is_up(connection) and broker.is_up(consuming)):
                 raise ConnectionError("not connected to RabbitMQ")
 
         app[READINESS]["rabbitmq"] = ready
