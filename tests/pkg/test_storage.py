@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection
@@ -103,6 +104,23 @@ async def test_get_limits_and_missing(storage: Storage) -> None:
     assert (missing.value.code, missing.value.transient) == ("source_not_found", False)
     with pytest.raises(ObjectNotFound):
         await storage.head("uploads/nobody/nothing")
+
+
+async def test_get_holds_the_body_once(storage: Storage, s3_endpoint: str) -> None:
+    # A worker downloads a source while another renders: a body held twice at its end (a join of
+    # the chunks, or bytes() of a buffer) put one source more on the worker's peak memory. The S3
+    # server is another process: what is traced here is the client's memory alone.
+    size = 8 * 1024 * 1024
+    _raw(s3_endpoint).put_object(Bucket=storage.bucket, Key="source", Body=bytes(range(256)) * (size // 256))
+    await storage.get("source", max_bytes=size)  # the connection and its buffers exist from here on
+    tracemalloc.start()
+    try:
+        body = await storage.get("source", max_bytes=size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert body == bytes(range(256)) * (size // 256)
+    assert peak < 1.25 * size, f"{peak / size:.2f} times the body"
 
 
 async def test_put_if_absent_stores_once(storage: Storage) -> None:

@@ -11,8 +11,12 @@ import asyncio
 import gzip
 import json
 import socket
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -29,6 +33,8 @@ from imgpipe_worker.fetch import (
     fetch_url,
     make_session,
 )
+
+from tests.stack import free_port, wait_http
 
 LOCAL = (IPv4Network("127.0.0.0/8"),)
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 80  # ~20 KiB
@@ -298,6 +304,39 @@ async def test_streamed_body_over_cap_is_refused(server: Server) -> None:
     error = await fetch_error(server.url("/big-chunked"), local_policy(max_bytes=CAP))
     assert (error.code, error.transient) == ("url_too_large", False)
     assert "Content-Length" not in error.message
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """`python -m http.server` on a directory, in a process of its own: (the directory, its URL)."""
+    port = free_port()
+    command = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    server = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", proc=server)
+        yield tmp_path, f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+async def test_body_is_held_once(file_server: tuple[Path, str]) -> None:
+    # The worker downloads one source while another renders: a body held twice at its end (bytes() of
+    # the buffer it was read into) put one source more on its peak memory. The server is another
+    # process, so what is traced is the client's memory alone.
+    directory, base = file_server
+    size = 8 * 1024 * 1024
+    (directory / "source.jpg").write_bytes(bytes(range(256)) * (size // 256))
+    url, policy = f"{base}/source.jpg", local_policy(max_bytes=size)
+    await fetch_url(url, policy)  # imports and first-use allocations happen before the trace
+    tracemalloc.start()
+    try:
+        result = await fetch_url(url, policy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.data == bytes(range(256)) * (size // 256)
+    assert peak < 1.25 * size, f"{peak / size:.2f} times the body"
 
 
 async def test_compressed_body_is_refused(server: Server) -> None:

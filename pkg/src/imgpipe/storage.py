@@ -30,6 +30,7 @@ import yarl
 from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from imgpipe.bodies import BodyTooLarge, read_body
 from imgpipe.models import EXTENSIONS
 from imgpipe.presign import Presigner
 from imgpipe.settings import S3Settings
@@ -284,32 +285,26 @@ class Storage:
                 raise _no_credentials(exc) from exc
         raise failure
 
-    async def get(self, key: str, *, max_bytes: int) -> bytes:
+    async def get(self, key: str, *, max_bytes: int) -> bytearray:
         """The object's bytes; refuses one over `max_bytes` before reading its body.
 
         The bytes move over a presigned URL with aiohttp, on the event loop: boto3 would cost a
         thread hop and about twice the CPU per transfer, and the worker makes two per job. The URL
         is signed with the boto3 session's own credentials (`imgpipe.presign`), so keys, IRSA and
         instance roles work exactly as for every other call. One request: the size comes from the
-        GET's own `Content-Length` (no HEAD first).
+        GET's own `Content-Length` (no HEAD first). A `bytearray`, the body held once
+        (`imgpipe.bodies`).
         """
 
-        async def send(http: aiohttp.ClientSession) -> bytes:
+        async def send(http: aiohttp.ClientSession) -> bytearray:
             async with http.get(self._transfer_url("GET", key), allow_redirects=False) as response:
                 _check(response, "GET", key)
-                size = response.content_length
-                if size is not None and size > max_bytes:
-                    raise ObjectTooLarge(key, size, max_bytes)
-                if size is not None:
-                    return await response.read()
-                # No length given: read no more than one byte past the limit.
-                chunks, total = [], 0
-                async for chunk in response.content.iter_any():
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise ObjectTooLarge(key, total, max_bytes)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                try:
+                    return await read_body(
+                        response.content, length=response.content_length, max_bytes=max_bytes
+                    )
+                except BodyTooLarge as exc:
+                    raise ObjectTooLarge(key, exc.size, max_bytes) from None
 
         return await self._transfer("GET", key, send)
 

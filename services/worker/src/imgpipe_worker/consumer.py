@@ -321,7 +321,7 @@ class Consumer:
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
     async def _render(
-        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytes]
+        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytearray]
     ) -> list[imaging.Rendered]:
         """Render the job's variants from the source in `held` on the pool, in one of the render slots.
 
@@ -375,7 +375,7 @@ class Consumer:
         self,
         job: JobMessage,
         budget: asyncio.Timeout,
-        source: asyncio.Task[list[bytes]],
+        source: asyncio.Task[list[bytearray]],
         stage: list[str],
     ) -> list[VariantResult]:
         """Fetch, render and upload the job's variants, noting in `stage[0]` which one it is at: when
@@ -410,7 +410,7 @@ class Consumer:
             for k, r in zip(keys, rendered, strict=True)
         ]
 
-    async def _source(self, job: JobMessage) -> list[bytes]:
+    async def _source(self, job: JobMessage) -> list[bytearray]:
         """The source's bytes, as the one item of a list that the render empties.
 
         A task keeps its result, and `_process` holds this task until the job has settled: bytes
@@ -513,7 +513,7 @@ async def _persist(operation: Callable[[], Awaitable[T]]) -> T:
 
 
 def _render_held(
-    held: list[bytes], variants: list[Variant], limits: imaging.Limits
+    held: list[bytearray], variants: list[Variant], limits: imaging.Limits
 ) -> list[imaging.Rendered]:
     """`imaging.render` of the source in `held`, run on a pool thread.
 
@@ -524,7 +524,7 @@ def _render_held(
     return imaging.render(held.pop(), variants, limits)
 
 
-def _drop(task: asyncio.Task[list[bytes]]) -> None:
+def _drop(task: asyncio.Task[list[bytearray]]) -> None:
     """Cancel a download nobody will wait for, and take its outcome so asyncio does not log it."""
     task.cancel()
     task.add_done_callback(lambda done: done.cancelled() or done.exception())

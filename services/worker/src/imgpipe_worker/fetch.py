@@ -50,6 +50,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
+from imgpipe.bodies import BodyTooLarge, read_body
 from imgpipe.urlsafety import UrlRejected, check_url, is_forbidden_ip
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _TRANSIENT_4XX = frozenset({408, 425, 429})
-_CHUNK = 64 * 1024
 # getaddrinfo errors meaning "this name does not exist" (as opposed to "DNS is down").
 _NO_SUCH_NAME = frozenset(
     e for e in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if e is not None
@@ -85,9 +85,9 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class Fetched:
-    """A successfully fetched body. ``url`` is the final URL after redirects."""
+    """A successfully fetched body (held once: `imgpipe.bodies`). ``url`` is the final URL after redirects."""
 
-    data: bytes
+    data: bytearray
     content_type: str | None
     url: str
 
@@ -265,20 +265,18 @@ def _status_error(status: int, reason: str | None) -> FetchError:
     return FetchError("url_http_error", text)
 
 
-async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy) -> bytes:
+async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy) -> bytearray:
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise FetchError("url_http_error", f"compressed response (Content-Encoding: {encoding}) refused")
-    length = response.headers.get("Content-Length")
-    if length is not None and length.strip().isdigit() and int(length) > policy.max_bytes:
-        raise FetchError("url_too_large", f"Content-Length {int(length)} exceeds {policy.max_bytes} bytes")
-    body = bytearray()
-    # Stop as soon as we are past the cap: never buffer more than max_bytes + one chunk.
-    async for chunk in response.content.iter_chunked(_CHUNK):
-        body += chunk
-        if len(body) > policy.max_bytes:
-            raise FetchError("url_too_large", f"body exceeds {policy.max_bytes} bytes")
-    return bytes(body)
+    length = response.content_length
+    if length is not None and length > policy.max_bytes:
+        raise FetchError("url_too_large", f"Content-Length {length} exceeds {policy.max_bytes} bytes")
+    try:
+        # Without a length, stops as soon as it is past the cap: never more than max_bytes + one chunk.
+        return await read_body(response.content, length=length, max_bytes=policy.max_bytes)
+    except BodyTooLarge:
+        raise FetchError("url_too_large", f"body exceeds {policy.max_bytes} bytes") from None
 
 
 async def _fetch(url: str, policy: FetchPolicy, session: aiohttp.ClientSession) -> Fetched:

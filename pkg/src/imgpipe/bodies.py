@@ -1,0 +1,54 @@
+"""HTTP response bodies read into one buffer, held once.
+
+aiohttp's `read()` collects the chunks and joins them at the end, and a `bytearray` filled chunk by
+chunk is copied again when made `bytes`: either way a body is in memory twice at the moment it
+completes. For the sources a worker downloads (one while another renders, up to
+`IMGPIPE_MAX_UPLOAD_BYTES` each) that is the size of a source on the worker's peak memory. Here the
+chunks go straight into one `bytearray`, sized from `Content-Length` when the response gives one.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+__all__ = ["BodyTooLarge", "read_body"]
+
+
+class BodyTooLarge(Exception):
+    """The body is longer than the caller's limit; `size` is what was seen of it (at least limit + 1)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"body of at least {size} bytes")
+        self.size = size
+
+
+async def read_body(content: aiohttp.StreamReader, *, length: int | None, max_bytes: int) -> bytearray:
+    """The whole body of a response as one `bytearray`.
+
+    `length` is the response's `Content-Length` (None without one); a caller refuses one over
+    `max_bytes` before calling. Without a length, reading stops one chunk past `max_bytes`
+    (`BodyTooLarge`). A body that ends short of its length, or runs past it, raises
+    `aiohttp.ClientPayloadError`.
+    """
+    if length is None:
+        grown = bytearray()
+        async for chunk in content.iter_any():
+            grown += chunk
+            if len(grown) > max_bytes:
+                raise BodyTooLarge(len(grown))
+        return grown
+    if length > max_bytes:
+        raise BodyTooLarge(length)
+    body = bytearray(length)
+    filled = 0
+    with memoryview(body) as view:
+        async for chunk in content.iter_any():
+            end = filled + len(chunk)
+            if end > length:
+                # aiohttp stops at Content-Length itself; this is a guard, not a path it takes.
+                raise aiohttp.ClientPayloadError(f"body runs past its Content-Length of {length} bytes")
+            view[filled:end] = chunk
+            filled = end
+    if filled != length:
+        raise aiohttp.ClientPayloadError(f"body ended at {filled} of its {length} bytes")
+    return body

@@ -1,0 +1,90 @@
+"""Response bodies read into one buffer, from a raw HTTP server that sends exactly what each test says."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from imgpipe.bodies import BodyTooLarge, read_body
+
+
+@asynccontextmanager
+async def _serving(response: bytes) -> AsyncIterator[str]:
+    """A server that answers every request with `response`, as is, then closes the connection."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _with_length(body: bytes, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size + body
+
+
+def _chunked(*chunks: bytes) -> bytes:
+    coded = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+    return (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + coded + b"0\r\n\r\n"
+    )
+
+
+async def _read(
+    response: bytes, max_bytes: int, length: Callable[[aiohttp.ClientResponse], int | None]
+) -> bytearray:
+    async with _serving(response) as url, aiohttp.ClientSession() as http, http.get(url) as got:
+        return await read_body(got.content, length=length(got), max_bytes=max_bytes)
+
+
+def _declared(response: aiohttp.ClientResponse) -> int | None:
+    return response.content_length
+
+
+async def test_a_body_of_known_length_is_read_whole_into_one_buffer_of_its_size() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB: several reads of the socket
+    got = await _read(_with_length(body), len(body), _declared)
+    assert isinstance(got, bytearray)
+    assert got == body
+    assert len(got) == len(body)
+
+
+async def test_a_body_without_a_length_is_read_up_to_the_limit() -> None:
+    got = await _read(_chunked(b"abc", b"defg", b"h"), 8, _declared)
+    assert got == b"abcdefgh"
+
+
+async def test_a_body_without_a_length_stops_past_the_limit() -> None:
+    with pytest.raises(BodyTooLarge) as too_large:
+        await _read(_chunked(b"abc", b"defg", b"hi"), 8, _declared)
+    assert too_large.value.size > 8
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    with pytest.raises(BodyTooLarge) as too_large:
+        await _read(_with_length(b"x" * 9), 8, _declared)
+    assert too_large.value.size == 9
+
+
+async def test_a_body_that_ends_short_of_its_length_is_a_payload_error() -> None:
+    # The server says 100 bytes, sends 10 and closes: a truncated transfer, never a short image.
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await _read(_with_length(b"x" * 10, length=100), 1000, _declared)
+
+
+async def test_a_body_longer_than_the_length_given_is_a_payload_error() -> None:
+    # A caller's length that undercounts what the stream holds (aiohttp stops at Content-Length
+    # itself, so this is the guard for a length the caller got wrong).
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await _read(_with_length(b"x" * 10), 1000, lambda _: 5)
