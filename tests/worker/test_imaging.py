@@ -6,11 +6,13 @@ Real-world corpora (EXIF orientation samples, PngSuite) are read from outside th
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,66 @@ def test_foreign_loaders_are_blocked_even_when_called_directly(tmp_path: Path) -
             pyvips.Operation.call(name, pyvips.Source.new_from_memory(data))
     # ... while an allowed loader still works when called the same way.
     assert pyvips.Operation.call("jpegload_buffer", gradient(8, 8).jpegsave_buffer()).width == 8
+
+
+def test_file_flavours_of_the_allowed_decoders_stay_blocked(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(gradient(8, 8).jpegsave_buffer())
+    with pytest.raises(pyvips.Error):
+        pyvips.Image.new_from_file(str(path))
+    with pytest.raises(pyvips.Error):
+        pyvips.Image.thumbnail(str(path), 4)
+    # ... while the same bytes from memory, as a buffer or as a source, decode.
+    assert pyvips.Image.new_from_source(pyvips.Source.new_from_memory(path.read_bytes()), "").width == 8
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
+    ] + [(name, ctypes.c_size_t) for name in ("fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    """Bytes glibc's malloc has handed out (heap and mmap), C code's included."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
+def test_the_shrinking_decode_refers_to_the_source_instead_of_copying_it() -> None:
+    # pyvips copies a bytes argument of an operation (thumbnail_buffer's) into memory of libvips' own:
+    # the source would be held twice through the whole render, 29 MB more for a 100 MP JPEG.
+    data = pyvips.Image.gaussnoise(2000, 2000).cast("uchar").jpegsave_buffer(Q=95)
+    header = imaging._header(data)
+    before = _malloc_in_use()
+    image = imaging._from_buffer(data, 100, managed=False, header=header)
+    held = _malloc_in_use() - before
+    assert image.width == 100
+    assert held < len(data) / 2, f"{held} bytes allocated for a {len(data)}-byte source"
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        lambda image: image.jpegsave_buffer(),
+        lambda image: image.jpegsave_buffer(interlace=True),  # multi-scan: its own decode at 1/8
+        lambda image: image.pngsave_buffer(),
+        lambda image: image.webpsave_buffer(),
+        lambda image: image.gifsave_buffer(),
+        lambda image: image.tiffsave_buffer(),
+        lambda image: image.heifsave_buffer(compression="av1", effort=0),
+    ],
+    ids=["jpeg", "progressive-jpeg", "png", "webp", "gif", "tiff", "avif"],
+)
+def test_a_bytearray_source_renders_as_its_bytes_do(save: Callable[[pyvips.Image], bytes]) -> None:
+    # The worker's downloads are bytearrays (`imgpipe.bodies`), which pyvips takes for a source
+    # from memory but not for a buffer argument.
+    data = save(gradient(640, 480))
+    variants = [variant(width=32), variant(width=300, format="png")]
+    assert render(bytearray(data), variants, LIMITS) == render(data, variants, LIMITS)
 
 
 # ------------------------------------------------------------------------------------------------ sniff

@@ -49,28 +49,28 @@ __all__ = [
 ]
 
 #: libvips loader classes we re-enable after blocking every loader (names as in libvips 8.18). Only the
-#: in-memory (`*Buffer`) variants: we never load from files or sources, so the file and source flavours
-#: of even the allowed decoders stay blocked. Everything else stays off: SVG (librsvg, can fetch and
-#: parse XML), the libvips `.v` format, CSV/matrix, raw, and Ultra HDR (a second JPEG code path; with it
-#: blocked such files decode as ordinary JPEG).
-ALLOWED_LOADERS: tuple[str, ...] = (
-    "VipsForeignLoadJpegBuffer",
-    "VipsForeignLoadPngBuffer",
-    "VipsForeignLoadWebpBuffer",
-    "VipsForeignLoadNsgifBuffer",
-    "VipsForeignLoadHeifBuffer",
-    "VipsForeignLoadTiffBuffer",
+#: in-memory flavours of six decoders: `*Source`, as the worker opens every source from memory
+#: (`_memory`), and `*Buffer` (libvips' buffer loaders are the same code over a source made of the
+#: buffer). We never load from files, so the file flavours stay blocked, and make no source but from
+#: memory.
+#: Everything else stays off: SVG (librsvg, can fetch and parse XML), the libvips `.v` format,
+#: CSV/matrix, raw, and Ultra HDR (a second JPEG code path; with it blocked such files decode as
+#: ordinary JPEG).
+ALLOWED_LOADERS: tuple[str, ...] = tuple(
+    f"VipsForeignLoad{decoder}{flavour}"
+    for decoder in ("Jpeg", "Png", "Webp", "Nsgif", "Heif", "Tiff")
+    for flavour in ("Buffer", "Source")
 )
 
 # Which libvips loader (the `vips-loader` header field) belongs to which sniffed format. Used to refuse a
 # polyglot file whose magic bytes say one thing while libvips picks a different decoder.
 _LOADER_FORMAT: dict[str, str] = {
-    "jpegload_buffer": "jpeg",
-    "pngload_buffer": "png",
-    "webpload_buffer": "webp",
-    "gifload_buffer": "gif",
-    "heifload_buffer": "heif",
-    "tiffload_buffer": "tiff",
+    "jpegload": "jpeg",
+    "pngload": "png",
+    "webpload": "webp",
+    "gifload": "gif",
+    "heifload": "heif",
+    "tiffload": "tiff",
 }
 
 # ISO-BMFF brands that mean HEIF (HEIC) or AVIF; anything else in an `ftyp` box (MP4, MOV, ...) is refused.
@@ -233,17 +233,30 @@ def _is_heif_ftyp(data: bytes) -> bool:
     # ftyp box: size(4) "ftyp" major_brand(4) minor_version(4) compatible_brands(4 each)...
     size = int.from_bytes(data[0:4], "big")
     end = min(size if size >= 16 else 16, len(data), 4096)
-    if data[8:12] in _HEIF_BRANDS:
+    if bytes(data[8:12]) in _HEIF_BRANDS:  # bytes(): a bytearray's slice cannot be looked up in a set
         return True
-    return any(data[i : i + 4] in _HEIF_BRANDS for i in range(16, end - 3, 4))
+    return any(bytes(data[i : i + 4]) in _HEIF_BRANDS for i in range(16, end - 3, 4))
+
+
+def _memory(data: bytes) -> pyvips.Source:
+    # A memory source refers to `data` as it is, whatever kind of buffer it is (the worker's are
+    # bytearrays: `imgpipe.bodies`). pyvips takes only `bytes` for a buffer argument, and copies it
+    # into memory of libvips' own where an operation takes one (`thumbnail_buffer`): the source held
+    # twice for the whole render, 29 MB more for a 100 MP JPEG.
+    return pyvips.Source.new_from_memory(data)
 
 
 def _header(data: bytes) -> pyvips.Image:
-    # new_from_buffer is lazy: with sequential access it parses the header and stops; no pixels decoded.
+    # Lazy: with sequential access it parses the header and stops; no pixels decoded.
     try:
-        return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on=_FAIL_ON)
+        return pyvips.Image.new_from_source(_memory(data), "", access="sequential", fail_on=_FAIL_ON)
     except pyvips.Error as exc:
         raise ImageError("corrupt_image", f"cannot read the image header: {_vips_reason(exc)}") from exc
+
+
+def _loader(image: pyvips.Image) -> str:
+    """The libvips loader that opened `image`, without its flavour: `jpegload` for `jpegload_source`."""
+    return str(_get(image, "vips-loader", "")).removesuffix("_source").removesuffix("_buffer")
 
 
 def probe(data: bytes, limits: Limits) -> SourceInfo:
@@ -266,7 +279,7 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
     if fmt == "png":
         _check_png_chunks(data)  # before libvips reads the header: see the chunk limits
     header = _header(data)
-    loader = header.get("vips-loader") if header.get_typeof("vips-loader") else ""
+    loader = _loader(header)
     if _LOADER_FORMAT.get(loader) != fmt:
         # The bytes start like one format but libvips recognised another: a polyglot, refuse it.
         raise ImageError("unsupported_format", f"looks like {fmt} but decodes as {loader or 'unknown'}")
@@ -584,9 +597,9 @@ def _needs_colour_management(header: pyvips.Image) -> bool:
     return not (header.format == "uchar" and header.interpretation == "srgb")
 
 
-# Loaders that cannot shrink while decoding: for them `thumbnail_buffer` would only parse the header a
+# Loaders that cannot shrink while decoding: for them `thumbnail` would only parse the header a
 # second time (9 ms of a 12 MB PNG's 100), so the thumbnail is cut from the probed header image instead.
-_NO_SHRINK_ON_LOAD = frozenset({"pngload_buffer"})
+_NO_SHRINK_ON_LOAD = frozenset({"pngload"})
 
 
 def _from_buffer(
@@ -603,14 +616,14 @@ def _from_buffer(
     # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
     # input to 8-bit by scaling. `managed=False` (see `_needs_colour_management`) skips the transform for
     # input that is 8-bit sRGB already.
-    # fail_on goes in the loader option string: in libvips 8.18 thumbnail_buffer's own `fail_on` argument
+    # fail_on goes in the loader option string: in libvips 8.18 thumbnail's own `fail_on` argument
     # does not reach the loader, so a truncated file would silently come out half grey.
     if managed:
         kwargs["output_profile"] = "srgb"
-    if header is not None and _get(header, "vips-loader", "") in _NO_SHRINK_ON_LOAD:
+    loader = _loader(header) if header is not None else ""
+    if loader in _NO_SHRINK_ON_LOAD:
         return header.thumbnail_image(width, **kwargs)  # opened with fail_on already
-    loader = _get(header, "vips-loader", "") if header is not None else ""
-    if loader == "heifload_buffer" and not _heif_thumbnails_fit(data, header):
+    if loader == "heifload" and not _heif_thumbnails_fit(data, header):
         # `thumbnail` would decode the file's own thumbnail item instead of its primary image (the one
         # the probe checked) whenever that is large enough for the target, whatever its size: a 64 x 64
         # photo with a 10,000 x 10,000 "thumbnail" took 1.5 GB. Such a file gets its primary decoded.
@@ -619,7 +632,7 @@ def _from_buffer(
         reduced = _dc_only_image(data)
         if reduced is not None:
             return reduced.thumbnail_image(width, **kwargs)
-    return pyvips.Image.thumbnail_buffer(data, width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
+    return pyvips.Image.thumbnail_source(_memory(data), width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
 
 
 def _heif_thumbnails_fit(data: bytes, primary: pyvips.Image) -> bool:
@@ -738,7 +751,7 @@ _JPEG_SHRINK_8_FROM = 16
 
 def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, object]) -> bool:
     """Whether `thumbnail` would decode this multi-scan JPEG at 1/8 scale for this target."""
-    if _get(header, "vips-loader", "") != "jpegload_buffer" or not _get(header, "jpeg-multiscan", 0):
+    if _loader(header) != "jpegload" or not _get(header, "jpeg-multiscan", 0):
         return False
     source_w, source_h = _oriented_size(header)
     target_h = kwargs.get("height")
@@ -752,7 +765,7 @@ def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, ob
 def _dc_only_image(data: bytes) -> pyvips.Image | None:
     """A progressive JPEG opened at 1/8 scale from its DC coefficients (`progressive.dc_only`).
 
-    The same pixels as the 1/8 decode `thumbnail_buffer` makes of the whole file, at a fraction of
+    The same pixels as the 1/8 decode `thumbnail` makes of the whole file, at a fraction of
     the cost; None when the file is not one `dc_only` rewrites, and the caller decodes it whole.
     """
     reduced = progressive.dc_only(data)
@@ -934,7 +947,7 @@ def _render_many(
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         # Too big to hold: decode per variant instead, each one streaming. A HEIF's decode is chosen by
         # its header (`_from_buffer`): each gets its own, as a sequential image serves one pass only.
-        heif = _get(header, "vips-loader", "") == "heifload_buffer"
+        heif = _loader(header) == "heifload"
         results = []
         for variant in variants:
             target_w, kwargs = _thumbnail_args(variant)
