@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -34,11 +35,20 @@ REPO = Path(__file__).resolve().parent.parent
 BUCKET = "imgpipe-bench"
 OWNER = "bench"
 
+
+def _image_malloc_conf() -> str:
+    """The `MALLOC_CONF` the worker's image sets (read from its Dockerfile, so the two cannot drift)."""
+    found = re.search(r"\bMALLOC_CONF=(\S+)", (REPO / "services/worker/Dockerfile").read_text())
+    if found is None:
+        raise RuntimeError("services/worker/Dockerfile sets no MALLOC_CONF")
+    return found.group(1)
+
+
 #: The worker runs with the allocator its image gives it (services/worker/Dockerfile: jemalloc, and
-#: this MALLOC_CONF), when this machine has the library: memory and CPU figures of a worker on
-#: glibc's malloc would not be those of the deployed one. `BENCH_WORKER_MALLOC=glibc` runs them on
-#: glibc's, for an A/B.
-WORKER_MALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+#: its MALLOC_CONF), when this machine has the library: memory and CPU figures of a worker on
+#: glibc's malloc would not be those of the deployed one. For an A/B, `BENCH_WORKER_MALLOC=glibc`
+#: runs them on glibc's, and `BENCH_WORKER_MALLOC_CONF` sets another jemalloc configuration.
+WORKER_MALLOC_CONF = os.environ.get("BENCH_WORKER_MALLOC_CONF") or _image_malloc_conf()
 _JEMALLOC = (
     None
     if os.environ.get("BENCH_WORKER_MALLOC") == "glibc"
