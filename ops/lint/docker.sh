@@ -86,7 +86,9 @@ if [ "${DOCKER_LINT_SKIP_SYNC:-0}" != 1 ]; then
 			# libjemalloc2, as in the image).
 			preload=""
 			for lib in /usr/lib/*-linux-gnu/libjemalloc.so.2; do [ -f "$lib" ] && preload="$lib"; done
-			LD_PRELOAD="$preload" MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0 \
+			conf="$(sed -n 's/.*MALLOC_CONF=\([^ ]*\).*/\1/p' "$df")"
+			[ -n "$conf" ] || err "$df: no MALLOC_CONF for the worker's jemalloc"
+			LD_PRELOAD="$preload" MALLOC_CONF="$conf" \
 				"$venv/bin/python" -c 'import pyvips; pyvips.Image.black(64, 64).write_to_buffer(".webp")' \
 				|| err "$df: pyvips (pyvips-binary) does not work${preload:+ under $preload}"
 		elif [ -d "$site/pyvips" ]; then
