@@ -170,7 +170,7 @@ def test_file_flavours_of_the_allowed_decoders_stay_blocked(tmp_path: Path) -> N
         pyvips.Image.new_from_file(str(path))
     with pytest.raises(pyvips.Error):
         pyvips.Image.thumbnail(str(path), 4)
-    # ... while the same bytes from memory, as a buffer or as a source, decode.
+    # ... while the same bytes from memory, as a source, decode.
     assert pyvips.Image.new_from_source(pyvips.Source.new_from_memory(path.read_bytes()), "").width == 8
 
 
