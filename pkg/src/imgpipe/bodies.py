@@ -25,9 +25,9 @@ class BodyTooLarge(Exception):
 async def read_body(content: aiohttp.StreamReader, *, length: int | None, max_bytes: int) -> bytearray:
     """The whole body of a response as one `bytearray`.
 
-    `length` is the response's `Content-Length` (None without one); a caller refuses one over
-    `max_bytes` before calling. Without a length, reading stops one chunk past `max_bytes`
-    (`BodyTooLarge`). A body that ends short of its length, or runs past it, raises
+    `length` is the response's `Content-Length` (None without one). A length over `max_bytes` is
+    refused before anything is read, and without a length reading stops one chunk past `max_bytes`:
+    both raise `BodyTooLarge`. A body that ends short of its length, or runs past it, raises
     `aiohttp.ClientPayloadError`.
     """
     if length is None:

@@ -270,13 +270,13 @@ async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy) -> b
     if encoding not in ("", "identity"):
         raise FetchError("url_http_error", f"compressed response (Content-Encoding: {encoding}) refused")
     length = response.content_length
-    if length is not None and length > policy.max_bytes:
-        raise FetchError("url_too_large", f"Content-Length {length} exceeds {policy.max_bytes} bytes")
     try:
-        # Without a length, stops as soon as it is past the cap: never more than max_bytes + one chunk.
+        # A length over the cap is refused before reading; without one, reading stops as soon as it is
+        # past the cap: never more than max_bytes + one chunk.
         return await read_body(response.content, length=length, max_bytes=policy.max_bytes)
     except BodyTooLarge:
-        raise FetchError("url_too_large", f"body exceeds {policy.max_bytes} bytes") from None
+        said = f"Content-Length {length}" if length is not None else "body"
+        raise FetchError("url_too_large", f"{said} exceeds {policy.max_bytes} bytes") from None
 
 
 async def _fetch(url: str, policy: FetchPolicy, session: aiohttp.ClientSession) -> Fetched:
