@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
+import redis
+
 from tests.stack import (
     AMQP_URL,
     REDIS_URL,
@@ -101,6 +103,40 @@ def cpu_seconds(pids: list[int]) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all the cores of this machine have spent busy so far (neither idle nor waiting for
+    I/O), seconds: what every process and the kernel's own threads took, together."""
+    # The first line of /proc/stat: user nice system idle iowait irq softirq steal (guest time is
+    # counted in user already), in clock ticks.
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def local_server_pids() -> dict[str, int]:
+    """The processes of the RabbitMQ and the Redis the benchmark uses, by name, where they run on
+    this machine (and so share its cores with the worker); a server found elsewhere is left out."""
+    found: dict[str, int] = {}
+    try:
+        with redis.Redis.from_url(REDIS_URL) as client:
+            pid = int(client.info("server")["process_id"])
+        if Path(f"/proc/{pid}/comm").read_text().strip().startswith("redis"):
+            found["Redis"] = pid
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        pass
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        # The Erlang VM that boots the `rabbit` application (`-s rabbit boot`).
+        if b"beam.smp" in cmdline.split(b"\0", 1)[0] and b"rabbit" in cmdline:
+            found["RabbitMQ"] = int(proc.name)
+            break
+    return found
 
 
 def vm_hwm_mb(pid: int) -> float:

@@ -18,6 +18,30 @@ def _row(area, figure, value, baseline="", target="", ok=None):
     }
 
 
+def _machine_row(label: str, s: dict) -> dict:
+    """The whole machine's CPU per image, raw loop against pipeline, and what the pipeline's went to."""
+    cpu = s["cpu_ms_per_image"]
+    layout = s["headline_layout"].removeprefix("imgpipe (").removesuffix(")")
+    machine = cpu[f"machine, {layout}"]
+    parts = {
+        "the worker": cpu[s["headline_layout"]],
+        "S3 server": cpu[f"S3 server (moto), {layout}"],
+        "RabbitMQ and Redis": cpu.get(f"RabbitMQ and Redis, {layout}"),
+        "this benchmark's process": cpu.get(f"benchmark process, {layout}"),
+    }
+    known = {k: v for k, v in parts.items() if v is not None}
+    # Medians of each part, so they need not add up exactly: "the rest" is an estimate.
+    known["the rest (kernel threads, other work)"] = machine - sum(known.values())
+    return _row(
+        "throughput",
+        f"{label}: the machine's CPU per image, raw loop / pipeline",
+        f"{cpu['machine, raw libvips']:.0f} ms / {machine:.0f} ms = {s['machine_cpu_vs_raw']:.2f}x",
+        "pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in known.items()) + " ms",
+        "",
+        None,
+    )
+
+
 def rows(res: dict) -> list[dict]:
     out = []
     tp = res.get("throughput")
@@ -63,6 +87,8 @@ def rows(res: dict) -> list[dict]:
                         None,
                     )
                 )
+            if "machine_cpu_vs_raw" in s:
+                out.append(_machine_row(label, s))
             p = s["pipeline_vs_pillow"]
             out.append(
                 _row(

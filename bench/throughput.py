@@ -22,7 +22,12 @@ with all of their variants.
 
 Three sets (`VARIANT_SETS`): one variant and four over the whole corpus, and one variant over the
 corpus without its progressive JPEG. Beside the rates, each round records the CPU the raw loop's pool
-and the worker processes spend per image, and the S3 server's per job (`/proc/<pid>/stat`).
+and the worker processes spend per image, and the S3 server's per job (`/proc/<pid>/stat`); and, for
+the pipeline, the CPU of the other processes on the same cores (RabbitMQ and Redis where they run on
+this machine, and this process, which publishes the jobs and follows their status), and the whole
+machine's busy CPU per image for both the raw loop and the pipeline (`/proc/stat`). Where both keep
+every core busy, the ratio of the two machine figures is the throughput ratio; the breakdown says
+which process the difference went to.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ from bench.harness import (
     BenchStack,
     cpu_count,
     cpu_seconds,
+    local_server_pids,
+    machine_busy_seconds,
     median,
     open_publisher,
     submit_and_wait,
@@ -372,11 +379,16 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
             if peer:
                 asyncio.run(peer.run(len(corpus.THROUGHPUT), names, 2 * n))
         pool_pids = [child.pid for child in mp.active_children()]
+        servers = local_server_pids()  # on the same cores as the worker: counted beside it
+        result["local_servers"] = sorted(servers)
         for label, (names, images) in VARIANT_SETS.items():
             figures: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}  # CPU ms per image, by process group
             for r in range(rounds):
-                with _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs):
+                with (
+                    _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs),
+                    _machine_ms_per_image(cpu, "machine, raw libvips", jobs),
+                ):
                     row = {"raw libvips": run_pool(pool, _raw_job, jobs, names, images)}
                 row["Pillow"] = run_pool(pool, _pillow_job, jobs, names, images)
                 for layout in layouts:
@@ -384,6 +396,11 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
                     with (
                         _cpu_ms_per_image(cpu, key, layout.pids(), jobs),
                         _cpu_ms_per_image(cpu, f"S3 server (moto), {layout.label}", [layout.moto_pid], jobs),
+                        _cpu_ms_per_image(
+                            cpu, f"RabbitMQ and Redis, {layout.label}", [*servers.values()], jobs
+                        ),
+                        _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
+                        _machine_ms_per_image(cpu, f"machine, {layout.label}", jobs),
                     ):
                         row[key] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
@@ -407,6 +424,14 @@ def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], i
     before = cpu_seconds(pids)
     yield
     into.setdefault(key, []).append((cpu_seconds(pids) - before) / images * 1000)
+
+
+@contextlib.contextmanager
+def _machine_ms_per_image(into: dict[str, list[float]], key: str, images: int):
+    """Append to `into[key]` the busy CPU (ms) of the whole machine per image."""
+    before = machine_busy_seconds()
+    yield
+    into.setdefault(key, []).append((machine_busy_seconds() - before) / images * 1000)
 
 
 def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], headline: str) -> dict:
@@ -434,6 +459,12 @@ def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], hea
     out["cpu_ms_per_image"] = {k: median(v) for k, v in cpu.items()}
     out["cpu_rounds"] = cpu
     out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[headline], strict=True)])
+    # The same on the whole machine: everything the pipeline needs here (S3 server, broker, Redis,
+    # this process, the kernel's threads) against everything the raw loop needs.
+    machine = cpu[f"machine, {headline.removeprefix('imgpipe (').removesuffix(')')}"]
+    out["machine_cpu_vs_raw"] = median(
+        [r / p for r, p in zip(cpu["machine, raw libvips"], machine, strict=True)]
+    )
     return out
 
 
