@@ -21,22 +21,21 @@ def _row(area, figure, value, baseline="", target="", ok=None):
 def _machine_row(label: str, s: dict) -> dict:
     """The whole machine's CPU per image, raw loop against pipeline, and what the pipeline's went to."""
     cpu = s["cpu_ms_per_image"]
-    layout = s["headline_layout"].removeprefix("imgpipe (").removesuffix(")")
+    layout = s["headline_label"]
     machine = cpu[f"machine, {layout}"]
     parts = {
         "the worker": cpu[s["headline_layout"]],
         "S3 server": cpu[f"S3 server (moto), {layout}"],
-        "RabbitMQ and Redis": cpu.get(f"RabbitMQ and Redis, {layout}"),
-        "this benchmark's process": cpu.get(f"benchmark process, {layout}"),
+        "RabbitMQ and Redis": cpu[f"RabbitMQ and Redis, {layout}"],
+        "this benchmark's process": cpu[f"benchmark process, {layout}"],
     }
-    known = {k: v for k, v in parts.items() if v is not None}
     # Medians of each part, so they need not add up exactly: "the rest" is an estimate.
-    known["the rest (kernel threads, other work)"] = machine - sum(known.values())
+    parts["the rest (kernel threads, other work)"] = machine - sum(parts.values())
     return _row(
         "throughput",
         f"{label}: the machine's CPU per image, raw loop / pipeline",
         f"{cpu['machine, raw libvips']:.0f} ms / {machine:.0f} ms = {s['machine_cpu_vs_raw']:.2f}x",
-        "pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in known.items()) + " ms",
+        "pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + " ms",
         "",
         None,
     )
@@ -75,7 +74,7 @@ def rows(res: dict) -> list[dict]:
                     )
             if "worker_cpu_vs_raw" in s:
                 cpu = s["cpu_ms_per_image"]
-                moto = cpu.get(f"S3 server (moto), {headline.removeprefix('imgpipe (').rstrip(')')}")
+                moto = cpu.get(f"S3 server (moto), {s['headline_label']}")
                 out.append(
                     _row(
                         "throughput",

@@ -41,6 +41,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bench import corpus
@@ -357,7 +359,7 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
     ctx = mp.get_context("spawn")  # a fresh libvips per process, nothing inherited from the parent
     pool = ctx.Pool(n, initializer=_pool_init)
     layouts = [Pipeline(logdir / "a", n, 1), Pipeline(logdir / "b", 1, n)]
-    headline = f"imgpipe ({layouts[1].label})"  # one worker at its default concurrency (= cores)
+    headline = layouts[1].label  # one worker at its default concurrency (= cores)
     peer = None
     if thumbor:
         ok, note = thumbor_install()
@@ -387,7 +389,7 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
             for r in range(rounds):
                 with (
                     _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs),
-                    _machine_ms_per_image(cpu, "machine, raw libvips", jobs),
+                    _ms_per_image(cpu, "machine, raw libvips", machine_busy_seconds, jobs),
                 ):
                     row = {"raw libvips": run_pool(pool, _raw_job, jobs, names, images)}
                 row["Pillow"] = run_pool(pool, _pillow_job, jobs, names, images)
@@ -400,7 +402,7 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
                             cpu, f"RabbitMQ and Redis, {layout.label}", [*servers.values()], jobs
                         ),
                         _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
-                        _machine_ms_per_image(cpu, f"machine, {layout.label}", jobs),
+                        _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
                     ):
                         row[key] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
@@ -419,28 +421,28 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
 
 
 @contextlib.contextmanager
+def _ms_per_image(into: dict[str, list[float]], key: str, seconds: Callable[[], float], images: int):
+    """Append to `into[key]` the CPU (ms) that `seconds` (a running total: `cpu_seconds` of some
+    processes, `machine_busy_seconds`) counted per image while the block ran."""
+    before = seconds()
+    yield
+    into.setdefault(key, []).append((seconds() - before) / images * 1000)
+
+
 def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], images: int):
     """Append to `into[key]` the CPU (user + system, ms) the processes `pids` spent per image."""
-    before = cpu_seconds(pids)
-    yield
-    into.setdefault(key, []).append((cpu_seconds(pids) - before) / images * 1000)
+    return _ms_per_image(into, key, partial(cpu_seconds, pids), images)
 
 
-@contextlib.contextmanager
-def _machine_ms_per_image(into: dict[str, list[float]], key: str, images: int):
-    """Append to `into[key]` the busy CPU (ms) of the whole machine per image."""
-    before = machine_busy_seconds()
-    yield
-    into.setdefault(key, []).append((machine_busy_seconds() - before) / images * 1000)
-
-
-def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], headline: str) -> dict:
-    """Medians of the rounds, and the ratios of the layout `headline` to the baselines."""
+def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], layout: str) -> dict:
+    """Medians of the rounds, and the ratios of the pipeline in `layout` (its label) to the baselines."""
+    headline = f"imgpipe ({layout})"
     raw = figures["raw libvips"]
     out = {
         "images_per_s": {k: median(v) for k, v in figures.items()},
         "rounds": figures,
         "headline_layout": headline,
+        "headline_label": layout,
         # Per-round ratios against the raw loop of the same round, then the median of those: rates
         # drift with the machine from round to round, the ratio to the same round's raw loop much less.
         "ratio_vs_raw": {k: median([x / b for x, b in zip(v, raw, strict=True)]) for k, v in figures.items()},
@@ -461,7 +463,7 @@ def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], hea
     out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[headline], strict=True)])
     # The same on the whole machine: everything the pipeline needs here (S3 server, broker, Redis,
     # this process, the kernel's threads) against everything the raw loop needs.
-    machine = cpu[f"machine, {headline.removeprefix('imgpipe (').removesuffix(')')}"]
+    machine = cpu[f"machine, {layout}"]
     out["machine_cpu_vs_raw"] = median(
         [r / p for r, p in zip(cpu["machine, raw libvips"], machine, strict=True)]
     )

@@ -46,6 +46,7 @@ def _summary(machine_raw: float, machine_pipeline: float) -> dict:
     layout = "1 worker x concurrency 2"
     return {
         "headline_layout": f"imgpipe ({layout})",
+        "headline_label": layout,
         "machine_cpu_vs_raw": machine_raw / machine_pipeline,
         "cpu_ms_per_image": {
             "raw libvips": 80.0,
