@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from imgpipe.telemetry import JOB_STAGES
+from imgpipe.telemetry import API_SUBMIT_STAGES, JOB_STAGES
 
 from bench import corpus
 from bench.harness import OWNER, BenchStack, median, pct, token
@@ -34,6 +34,8 @@ from tests.stack import s3_settings
 IMAGE = "jpeg-12mp"
 VARIANTS = ["thumb"]
 STAGES = JOB_STAGES  # the worker's, in their order
+# The api's steps that a request without an Idempotency-Key takes, in their order.
+API_STEPS = tuple(step for step in API_SUBMIT_STAGES if step not in ("claim", "accept"))
 
 
 def raw_renderer() -> Callable[[], float]:
@@ -86,8 +88,9 @@ async def _jobs(
     return out, raws
 
 
-async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
-    """Time, one after the other, the three S3 calls a job makes, as the services make them.
+async def _s3_calls(stack: BenchStack, key: str, count: int, *, pause_s: float) -> list[float]:
+    """Time, one after the other, the three S3 calls a job makes, as the services make them, with
+    `pause_s` of idleness before each set (a job's pause, or none: back to back).
 
     The api's HEAD of the source, the worker's GET of it and its PUT of the thumbnail, through
     `imgpipe.storage` against the same S3 server. On moto these take a large, fixed share of the
@@ -109,7 +112,7 @@ async def _s3_calls(stack: BenchStack, key: str, count: int) -> list[float]:
             await storage.put(f"variants/bench/{i}.jpg", thumb, "image/jpeg")
             if i >= 2:  # the first two warm the connections up
                 out.append(time.perf_counter() - started)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause_s)
     finally:
         await storage.close()
     return out
@@ -121,7 +124,8 @@ def _scrape(url: str) -> str:
 
 
 def _stage_totals(api: str, worker: str) -> dict[str, tuple[float, float]]:
-    """(count, seconds) so far of the api's `POST /jobs` and of each of the worker's job stages."""
+    """(count, seconds) so far of the api's `POST /jobs` and its steps, and of each of the worker's
+    job stages."""
     api_text, worker_text = _scrape(api), _scrape(worker)
     route = {"service": "api", "method": "POST", "route": "/jobs"}
     totals = {
@@ -130,6 +134,11 @@ def _stage_totals(api: str, worker: str) -> dict[str, tuple[float, float]]:
             metric(api_text, "imgpipe_http_request_duration_seconds_sum", **route),
         )
     }
+    for step in API_STEPS:
+        totals[f"api {step}"] = (
+            metric(api_text, "imgpipe_api_submit_stage_seconds_count", stage=step),
+            metric(api_text, "imgpipe_api_submit_stage_seconds_sum", stage=step),
+        )
     for stage in STAGES:
         totals[stage] = (
             metric(worker_text, "imgpipe_job_stage_seconds_count", stage=stage),
@@ -158,8 +167,9 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         asyncio.run(_jobs(api, status, key, 3, raw_once))  # warm-up
         before = _stage_totals(api, worker)
         latencies, raw = asyncio.run(_jobs(api, status, key, jobs, raw_once))
-        stages = _stage_means_ms(before, _stage_totals(api, worker))
-        s3 = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3)))
+        means = _stage_means_ms(before, _stage_totals(api, worker))
+        s3 = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3), pause_s=0.05))
+        s3_warm = asyncio.run(_s3_calls(stack, key, max(10, jobs // 3), pause_s=0))
     finally:
         stack.close()
     raw_med = median(raw)
@@ -174,7 +184,11 @@ def measure(logdir: Path, *, jobs: int, log=print) -> dict:
         "overhead_ms": {p: pct(overhead, q) * ms for p, q in (("p50", 50), ("p95", 95), ("p99", 99))},
         # The S3 server's share: HEAD + GET of the source and PUT of a thumbnail, one job's worth.
         "s3_calls_ms": {"p50": median(s3) * ms, "min": min(s3) * ms},
+        # The same calls back to back: what a pause's idleness adds to them on this machine.
+        "s3_calls_back_to_back_ms": {"p50": median(s3_warm) * ms, "min": min(s3_warm) * ms},
         "overhead_net_of_s3_ms": {"p50": (pct(overhead, 50) - median(s3)) * ms},
-        # Means over the measured jobs, from the services' metrics: the api's request, then the worker.
-        "stages_ms": stages,
+        # Means over the measured jobs, from the services' metrics: the api's request, then the worker;
+        # and the api's request step by step.
+        "stages_ms": {k: v for k, v in means.items() if not k.startswith("api ")},
+        "api_steps_ms": {k.removeprefix("api "): v for k, v in means.items() if k.startswith("api ")},
     }

@@ -133,7 +133,12 @@ def rows(res: dict) -> list[dict]:
                     "latency",
                     "overhead less the job's 3 S3 calls timed alone (client and server work), p50",
                     f"{lat['overhead_net_of_s3_ms']['p50']:.1f} ms",
-                    f"HEAD+GET+PUT alone {lat['s3_calls_ms']['p50']:.1f} ms",
+                    f"HEAD+GET+PUT alone {lat['s3_calls_ms']['p50']:.1f} ms"
+                    + (
+                        f" (back to back, without the pause before each job: {warm['p50']:.1f} ms)"
+                        if (warm := lat.get("s3_calls_back_to_back_ms"))
+                        else ""
+                    ),
                 )
             )
         out.append(
@@ -149,6 +154,14 @@ def rows(res: dict) -> list[dict]:
                     "latency",
                     "where a job's time goes, means from the services' metrics (api request; worker stages)",
                     "; ".join(f"{k} {v:.1f}" for k, v in lat["stages_ms"].items()) + " ms",
+                )
+            )
+        if "api_steps_ms" in lat:
+            out.append(
+                _row(
+                    "latency",
+                    "the api's request step by step, means (imgpipe_api_submit_stage_seconds)",
+                    "; ".join(f"{k} {v:.1f}" for k, v in lat["api_steps_ms"].items()) + " ms",
                 )
             )
     api = res.get("api")

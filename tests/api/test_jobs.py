@@ -341,6 +341,62 @@ async def test_accepted_jobs_report_the_rate_budget(alice: Client, alice_key: st
     assert "RateLimit-Remaining" not in replay
 
 
+SUBMIT_STAGES = ("claim", "admit", "source", "record", "publish", "accept")
+
+
+async def _submit_figures(client: Client) -> dict[str, tuple[float, float]]:
+    """(count, sum) of each step's histogram, and of the api's own timing of its `POST /jobs` answers."""
+    async with client.http.get(f"{client.stack.api}/metrics") as response:
+        text = await response.text()
+    figures = {
+        stage: (
+            metric(text, "imgpipe_api_submit_stage_seconds_count", stage=stage),
+            metric(text, "imgpipe_api_submit_stage_seconds_sum", stage=stage),
+        )
+        for stage in SUBMIT_STAGES
+    }
+    request = {"service": "api", "method": "POST", "route": "/jobs"}
+    figures["request"] = (
+        metric(text, "imgpipe_http_request_duration_seconds_count", **request),
+        metric(text, "imgpipe_http_request_duration_seconds_sum", **request),
+    )
+    return figures
+
+
+async def _submit_deltas(client: Client, before: dict) -> dict[str, tuple[float, float]]:
+    after = await _submit_figures(client)
+    return {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in before}
+
+
+async def test_submit_stage_metrics_time_each_step_once(alice: Client, alice_key: str) -> None:
+    body = {"source": {"key": alice_key}}
+    before = await _submit_figures(alice)
+    status, _, _ = await _post_job(alice, body, **{"Idempotency-Key": "k-stages"})
+    assert status == 202
+    delta = await _submit_deltas(alice, before)
+    assert {k: count for k, (count, _) in delta.items()} == {**dict.fromkeys(SUBMIT_STAGES, 1), "request": 1}
+    assert all(seconds > 0 for _, seconds in delta.values()), delta
+    # The steps follow one another inside the request, so together they take no longer than it.
+    assert sum(delta[stage][1] for stage in SUBMIT_STAGES) <= delta["request"][1], delta
+
+    # A replay only claims its key; a request without a key neither claims nor accepts one.
+    before = await _submit_figures(alice)
+    assert (await _post_job(alice, body, **{"Idempotency-Key": "k-stages"}))[0] == 202
+    assert (await _post_job(alice, body))[0] == 202
+    counts = {k: count for k, (count, _) in (await _submit_deltas(alice, before)).items()}
+    assert counts == {**dict.fromkeys(SUBMIT_STAGES, 1), "claim": 1, "accept": 0, "request": 2}
+
+
+async def test_a_step_that_refuses_the_request_is_not_timed(alice: Client) -> None:
+    missing = f"uploads/{owner_id('alice')}/{'1' * 32}"
+    before = await _submit_figures(alice)
+    status, answer, _ = await _post_job(alice, {"source": {"key": missing}})
+    assert (status, answer["error"]["code"]) == (422, "source_not_found")
+    counts = {k: count for k, (count, _) in (await _submit_deltas(alice, before)).items()}
+    # Admitted, then refused at its source: nothing from that step on counts.
+    assert counts == {**dict.fromkeys(SUBMIT_STAGES, 0), "admit": 1, "request": 1}
+
+
 @pytest.mark.parametrize(
     "key",
     [

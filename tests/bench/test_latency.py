@@ -30,8 +30,16 @@ def test_latency_section_measures_every_stage_and_reports_it(tmp_path: Path) -> 
         assert mean >= 0, stages
     for name in ("api", "queued", "fetch", "render", "upload", "finish"):
         assert stages[name] > 0, stages
+    # The api's request step by step, each taken by every measured job, and inside the request.
+    steps = result["api_steps_ms"]
+    assert list(steps) == ["admit", "source", "record", "publish"]
+    assert all(math.isfinite(mean) and mean > 0 for mean in steps.values()), steps
+    assert sum(steps.values()) <= stages["api"], (steps, stages)
+    assert set(result["s3_calls_back_to_back_ms"]) == {"p50", "min"}
 
     rows = [row for row in report.rows({"latency": result}) if row["area"] == "latency"]
     breakdown = [row["value"] for row in rows if row["figure"].startswith("where a job's time goes")]
     assert len(breakdown) == 1, rows
     assert all(f"{name} " in breakdown[0] for name in stages), breakdown
+    by_step = [row["value"] for row in rows if row["figure"].startswith("the api's request step by step")]
+    assert len(by_step) == 1 and all(f"{name} " in by_step[0] for name in steps), rows

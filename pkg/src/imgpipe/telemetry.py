@@ -71,6 +71,19 @@ JOB_STAGE_SECONDS = Histogram(
     ["stage"],
     buckets=_STAGE_BUCKETS,
 )
+#: The steps of `POST /jobs` in the api, in order: `claim` (the Idempotency-Key's claim, sent with one
+#: only), `admit` (the caller's rate and active-job budgets; not for admins), `source` (the source's
+#: HEAD on S3 beside its upload grant, or the URL's policy check), `record` (the `pending` record
+#: written), `publish` (the job in the broker, its confirm received: a quorum queue confirms once the
+#: message is on disk) and `accept` (the Idempotency-Key marked accepted). Each is observed when it
+#: completes, so a request refused at a step adds none from that step on.
+API_SUBMIT_STAGES = ("claim", "admit", "source", "record", "publish", "accept")
+API_SUBMIT_STAGE_SECONDS = Histogram(
+    "imgpipe_api_submit_stage_seconds",
+    "Time of each step of POST /jobs in the api (claim, admit, source, record, publish, accept)",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
 JOB_LATENCY_SECONDS = Histogram(
     "imgpipe_job_latency_seconds",
     "Record created by the api to terminal status written, by outcome (succeeded, failed)",
@@ -80,6 +93,7 @@ JOB_LATENCY_SECONDS = Histogram(
 # One series per stage and per outcome, made here so each exists from the start at zero (rates and
 # dashboards have data before the first job), and so the worker observes without a label lookup.
 JOB_STAGE = {stage: JOB_STAGE_SECONDS.labels(stage) for stage in JOB_STAGES}
+API_SUBMIT_STAGE = {stage: API_SUBMIT_STAGE_SECONDS.labels(stage) for stage in API_SUBMIT_STAGES}
 JOB_LATENCY = {outcome: JOB_LATENCY_SECONDS.labels(outcome) for outcome in ("succeeded", "failed")}
 VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -38,7 +39,7 @@ from imgpipe.settings import (
 )
 from imgpipe.storage import ObjectNotFound, owns_key, upload_key
 from imgpipe.store import Claim, Grant, IdempotencyConflict, JobStore, SourceDeleted
-from imgpipe.telemetry import JOBS_ACCEPTED, job_id_var, request_id_var, start_logging
+from imgpipe.telemetry import API_SUBMIT_STAGE, JOBS_ACCEPTED, job_id_var, request_id_var, start_logging
 from imgpipe.urlsafety import UrlRejected, check_url
 from imgpipe.web import VERIFIER, ApiError, authenticate, base_app, read_model
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
@@ -355,6 +356,7 @@ async def _submit(
     request: web.Request, principal: Principal, job: JobRequest, job_id: str, idem_key: str | None
 ) -> web.Response:
     """Claim, admit, check, record and publish a validated job: all of it, or none of it."""
+    clock = _StageClock()
     store = request.app[resources.STORE]
     publisher: Publisher = request.app[resources.PUBLISHER]
     fingerprint = _fingerprint(principal, job) if idem_key else ""
@@ -370,6 +372,7 @@ async def _submit(
             # would be told "in progress" until the claim expired, with nothing in progress.
             await _release_claim(store, principal.sub, idem_key, job_id)
             raise
+        clock.lap("claim")
         if held is not None:
             return await _replay(request, principal, held, idem_key)
     job_id_var.set(job_id)  # in this task's context: what it logs from here on is about this job
@@ -380,7 +383,10 @@ async def _submit(
     kept = False  # a record may be in Redis after all: its slot and key stay with it
     try:
         admitted = await _admit_job(request, principal, job_id)
+        if admitted is not None:
+            clock.lap("admit")
         await _check_source(request, principal, job)
+        clock.lap("source")
         record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
         try:
             await store.create(record, claim=claim)
@@ -394,6 +400,7 @@ async def _submit(
             # the reconciler would publish: take it back before its slot and key are let go.
             kept = not await _withdraw(store, job_id, claim)
             raise
+        clock.lap("record")
     except BaseException:
         if not kept:
             await _release_slot(request, principal, job_id, admitted)
@@ -419,6 +426,7 @@ async def _submit(
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
+    clock.lap("publish")
 
     if idem_key:
         try:
@@ -426,9 +434,26 @@ async def _submit(
         except Exception:
             # The job is in the broker all the same; replays answer for it once the window is past.
             log.warning("could not mark the Idempotency-Key accepted")
+        else:
+            clock.lap("accept")
     JOBS_ACCEPTED.inc()
     log.info("job accepted", extra={"variants": len(record.requested)})
     return _accepted(record, admitted=admitted)
+
+
+class _StageClock:
+    """Times the steps of one submission (`imgpipe_api_submit_stage_seconds`), each from the end of
+    the step before it: what runs between two steps counts to the later one."""
+
+    __slots__ = ("_mark",)
+
+    def __init__(self) -> None:
+        self._mark = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        API_SUBMIT_STAGE[stage].observe(now - self._mark)
+        self._mark = now
 
 
 async def _release_claim(store: JobStore, owner: str, key: str, job_id: str) -> None:
