@@ -148,22 +148,16 @@ def rows(res: dict) -> list[dict]:
                 f"{lt['p50']:.1f} / {lt['p95']:.1f} / {lt['p99']:.1f} ms",
             )
         )
-        if "stages_ms" in lat:
-            out.append(
-                _row(
-                    "latency",
-                    "where a job's time goes, means from the services' metrics (api request; worker stages)",
-                    "; ".join(f"{k} {v:.1f}" for k, v in lat["stages_ms"].items()) + " ms",
-                )
-            )
-        if "api_steps_ms" in lat:
-            out.append(
-                _row(
-                    "latency",
-                    "the api's request step by step, means (imgpipe_api_submit_stage_seconds)",
-                    "; ".join(f"{k} {v:.1f}" for k, v in lat["api_steps_ms"].items()) + " ms",
-                )
-            )
+        for key, figure in (
+            (
+                "stages_ms",
+                "where a job's time goes, means from the services' metrics (api request; worker stages)",
+            ),
+            ("api_steps_ms", "the api's request step by step, means (imgpipe_api_submit_stage_seconds)"),
+        ):
+            if key in lat:
+                means = "; ".join(f"{k} {v:.1f}" for k, v in lat[key].items())
+                out.append(_row("latency", figure, f"{means} ms"))
     api = res.get("api")
     if api and "results" in api:
         real, bare = api["results"]["imgpipe POST /jobs"], api["results"]["bare aiohttp"]
