@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from tests.stack import Client
+from tests.stack import Client, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -46,6 +46,33 @@ async def test_upload_submit_watch_download(alice: Client) -> None:
     assert (card.width, card.height) == (300, 300)
     assert card.get("vips-loader").startswith("webpload")
     assert by_name["card"]["bytes"] == len(card_bytes)
+
+
+def _threads(pid: int) -> list[tuple[int, str, int]]:
+    """(thread id, name, nice value) of each thread of process `pid`, from /proc."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        threads.append((int(task.name), name, int(fields[16])))  # field 19 of stat(5), after pid and comm
+    return threads
+
+
+async def test_renders_run_below_the_workers_event_loop(alice: Client, stack: Stack) -> None:
+    """IMGPIPE_RENDER_NICE (10 by default): the render threads, and the libvips threads they start,
+    run at nice 10 above the worker's event loop, so the loop gets a core as soon as it has work."""
+    job = await alice.submit({"key": await alice.upload(_image(1600, 1200))})
+    assert (await alice.wait(job["id"]))["status"] == "succeeded"
+    pid = stack.services["worker"].proc.pid
+    threads = _threads(pid)
+    loop = next(nice for tid, _, nice in threads if tid == pid)
+    libvips = [nice for _, name, nice in threads if name == "libvips worker"]
+    assert libvips, threads
+    assert set(libvips) == {loop + 10}
+    # Python's threads keep the process's name; the pool starts its threads as renders come, up to
+    # IMGPIPE_WORKER_CONCURRENCY (2 here).
+    renders = [tid for tid, name, nice in threads if name != "libvips worker" and nice == loop + 10]
+    assert 1 <= len(renders) <= 2, threads
 
 
 async def test_sse_with_query_token_on_finished_job(alice: Client) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 from aiohttp import web
@@ -53,3 +54,28 @@ async def test_a_client_that_goes_away_is_not_counted_as_a_server_error() -> Non
             request.cancel()
         await eventually(lambda: _requests("/slow", "499") == before[1] + 1)
     assert _requests("/slow", "500") == before[0]
+
+
+def _lag(suffix: str, **labels: str) -> float:
+    return (
+        REGISTRY.get_sample_value(
+            f"imgpipe_event_loop_lag_seconds_{suffix}", {"service": "looptest", **labels}
+        )
+        or 0.0
+    )
+
+
+async def test_every_app_watches_its_event_loop_and_sees_it_blocked() -> None:
+    """A service's loop blocked for half a second shows as one late tick in its lag histogram; the
+    watch runs while the app does, and stops with it."""
+    app = base_app("looptest", environment="test")
+    async with local_http(app):
+        await eventually(lambda: _lag("count") >= 2)
+        late_before = _lag("count") - _lag("bucket", le="0.25")
+        time.sleep(0.5)  # noqa: ASYNC251  # the blocking call the watch is there to see
+        await eventually(lambda: _lag("count") - _lag("bucket", le="0.25") > late_before)
+        assert _lag("count") - _lag("bucket", le="0.25") == late_before + 1
+        assert _lag("sum") >= 0.4
+    stopped = _lag("count")
+    await asyncio.sleep(0.3)
+    assert _lag("count") == stopped

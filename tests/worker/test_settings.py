@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from imgpipe.settings import ConfigError, load
 from imgpipe_worker import settings as settings_module
+from imgpipe_worker.consumer import _lower_priority
 from imgpipe_worker.settings import WorkerSettings, available_cpus
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -70,3 +73,36 @@ def test_the_default_concurrency_fits_its_bound_on_a_large_host(monkeypatch: pyt
     monkeypatch.delenv("IMGPIPE_WORKER_CONCURRENCY", raising=False)
     monkeypatch.setattr(settings_module, "available_cpus", lambda: 96)
     assert load(WorkerSettings).worker_concurrency == 64
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), [(None, 10), ("0", 0), ("19", 19), ("20", None), ("-1", None)]
+)
+def test_render_nice_is_a_nice_increment(
+    monkeypatch: pytest.MonkeyPatch, value: str | None, accepted: int | None
+) -> None:
+    # Negative would ask for more priority than the loop's (root only); over 19 means nothing.
+    if value is not None:
+        monkeypatch.setenv("IMGPIPE_RENDER_NICE", value)
+    if accepted is None:
+        with pytest.raises(ConfigError, match="IMGPIPE_RENDER_NICE"):
+            load(WorkerSettings)
+    else:
+        assert load(WorkerSettings).render_nice == accepted
+
+
+@pytest.mark.parametrize(("nice", "expected"), [(0, 0), (4, 4), (10, 10), (30, 19)])
+def test_render_threads_add_their_nice_to_the_threads_own(nice: int, expected: int) -> None:
+    """Added, not set: a worker started at nice 5 (or 15) keeps its renders below its loop without
+    asking for a priority only root may take; capped at 19. The thread's own value only."""
+    seen: list[int] = []
+
+    def start() -> None:
+        _lower_priority(nice)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    with ThreadPoolExecutor(1, initializer=start) as pool:
+        pool.submit(lambda: None).result()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, base + expected)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (this thread) is untouched

@@ -103,6 +103,17 @@ WORKER_CONCURRENCY = Gauge(
     "imgpipe_worker_concurrency", "Jobs the worker may process at once (utilization = in_flight / this)"
 )
 SSE_CONNECTIONS = Gauge("imgpipe_sse_connections", "Open Server-Sent Events streams")
+#: How often every service checks its event loop for lag (`imgpipe.web.watch_event_loop`).
+LOOP_CHECK_INTERVAL_S = 0.1
+EVENT_LOOP_LAG = Histogram(
+    "imgpipe_event_loop_lag_seconds",
+    f"How late the event loop ran a timer due every {LOOP_CHECK_INTERVAL_S:g} s: how long ready work "
+    "waited behind whatever held the loop (a blocking call, a long stretch of Python, another thread "
+    "holding the GIL, a process short of CPU)",
+    ["service"],
+    # From the scheduler's own jitter (well under 0.5 ms on an idle loop) to a loop that stopped.
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 #: Library loggers and the least level they log at, even at IMGPIPE_LOG_LEVEL=DEBUG: their INFO is
 #: chatter (every reconnect attempt, every request) and botocore's DEBUG spells out request

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
@@ -25,7 +26,14 @@ from imgpipe.openapi import add_routes as add_openapi_routes
 from imgpipe.openapi import health_document
 from imgpipe.storage import StorageError
 from imgpipe.store import redis_unavailable
-from imgpipe.telemetry import HTTP_LATENCY, HTTP_REQUESTS, clean_request_id, request_id_var
+from imgpipe.telemetry import (
+    EVENT_LOOP_LAG,
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    LOOP_CHECK_INTERVAL_S,
+    clean_request_id,
+    request_id_var,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +217,32 @@ async def _metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def watch_event_loop(service: str, interval_s: float = LOOP_CHECK_INTERVAL_S) -> None:
+    """Observe, until cancelled, how late the running loop fires a timer due every `interval_s`.
+
+    Everything in a service shares one loop: a call that blocks it (a synchronous client, a large
+    join or parse, a thread that keeps the GIL) delays every request, message and heartbeat behind
+    it, and shows here as lag, in `imgpipe_event_loop_lag_seconds{service}`.
+    """
+    loop = asyncio.get_running_loop()
+    lag = EVENT_LOOP_LAG.labels(service)
+    while True:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        # asyncio may run a timer up to its clock's resolution early: that is no lag.
+        lag.observe(max(0.0, loop.time() - due))
+
+
+async def _loop_watch(app: web.Application) -> AsyncIterator[None]:
+    # First in `cleanup_ctx`, so it watches the loop from before the other resources start until
+    # after they have stopped (start-up and shutdown block too).
+    task = asyncio.create_task(watch_event_loop(app[SERVICE]))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def base_app(
     service: str,
     *,
@@ -216,7 +250,8 @@ def base_app(
     client_max_size: int = 1024**2,
     openapi: Mapping[str, Any] | None = None,
 ) -> web.Application:
-    """An application with the shared middleware and `/healthz`, `/readyz`, `/metrics`.
+    """An application with the shared middleware, `/healthz`, `/readyz`, `/metrics`, and a watch on
+    its event loop's lag.
 
     It also serves its OpenAPI document as `/openapi.json` and `/docs`: `openapi` when given (see
     `imgpipe.openapi`), otherwise one that describes just the routes above.
@@ -230,6 +265,7 @@ def base_app(
     app.router.add_get("/metrics", _metrics)
     add_openapi_routes(app, openapi if openapi is not None else health_document(service))
     app.on_cleanup.append(_close_verifier)
+    app.cleanup_ctx.append(_loop_watch)
     return app
 
 

@@ -47,6 +47,7 @@ def consumer_config(
             allowed_networks=urls.networks(),
         ),
         shutdown_grace_s=worker.shutdown_grace_s,
+        render_nice=worker.render_nice,
     )
 
 

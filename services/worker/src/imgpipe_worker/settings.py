@@ -9,6 +9,9 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: How much lower than the rest of the worker the render threads run (`IMGPIPE_RENDER_NICE`).
+DEFAULT_RENDER_NICE = 10
+
 #: cgroup v2's CPU limit of the process's container: "<quota> <period>" in microseconds, or "max".
 _CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 
@@ -37,6 +40,10 @@ class WorkerSettings(BaseSettings):
     worker_concurrency: int = Field(default_factory=lambda: min(available_cpus(), 64), ge=1, le=64)
     #: Threads libvips may use for one image; jobs already run in parallel, so 1 is usually best.
     vips_concurrency: int = Field(default=1, ge=1, le=64)
+    #: Added to the nice value of the render threads (and of the libvips threads they start), so the
+    #: event loop (the broker's heartbeats, S3 transfers, status writes, /healthz) runs as soon as it
+    #: has work instead of waiting a scheduler slice behind renders that fill every core. 0 turns it off.
+    render_nice: int = Field(default=DEFAULT_RENDER_NICE, ge=0, le=19)
     #: Wall-clock limit for one job, fetch to upload.
     job_timeout_s: float = Field(default=120.0, gt=0, le=3600)
     #: Wall-clock limit for decoding and encoding one job's variants; shorter than `job_timeout_s`.
