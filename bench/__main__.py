@@ -68,7 +68,8 @@ def main() -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help="record py-spy speedscope profiles of the measured services into DIR (sse)",
+        help="record py-spy speedscope profiles into DIR: the worker (throughput, a run more per set),"
+        " the api (api, a key-source and a URL-source run more) and the status process (sse)",
     )
     args = parser.parse_args()
     only = [s for s in args.only.split(",") if s]
@@ -98,10 +99,17 @@ def main() -> None:
     corpus.load((*corpus.THROUGHPUT, corpus.HUGE))
     plan = {
         "throughput": lambda: throughput.measure(
-            logdir / "throughput", rounds=3, jobs=24 if q else 48, thumbor=not (q or args.no_thumbor), log=log
+            logdir / "throughput",
+            rounds=3,
+            jobs=24 if q else 48,
+            thumbor=not (q or args.no_thumbor),
+            profile_dir=args.profile,
+            log=log,
         ),
         "latency": lambda: latency.measure(logdir / "latency", jobs=15 if q else 60, log=log),
-        "api": lambda: api.measure(logdir / "api", rounds=3, seconds=2 if q else 5, connections=32, log=log),
+        "api": lambda: api.measure(
+            logdir / "api", rounds=3, seconds=2 if q else 5, connections=32, profile_dir=args.profile, log=log
+        ),
         "sse": lambda: sse.measure(
             logdir / "sse",
             clients=1000 if q else 5000,

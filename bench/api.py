@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.harness import OWNER, BenchStack, cpu_seconds, median, token
+from bench.harness import OWNER, BenchStack, cpu_seconds, median, profiled, token
 from tests.stack import free_port, wait_http
 
 
@@ -51,6 +51,7 @@ def bare_server(port: int) -> None:
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 IDEMPOTENT = "imgpipe POST /jobs, a new Idempotency-Key each"
+URL_SOURCE = "imgpipe POST /jobs (URL source, no S3 HEAD)"
 
 
 def _with_new_keys(script: str) -> str:
@@ -93,7 +94,15 @@ def _wrk(url: str, script: Path, seconds: float, connections: int) -> dict:
     }
 
 
-def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=print) -> dict:
+def measure(
+    logdir: Path,
+    *,
+    rounds: int,
+    seconds: float,
+    connections: int,
+    profile_dir: Path | None = None,
+    log=print,
+) -> dict:
     if shutil.which("wrk") is None:
         return {"error": "wrk not installed (apt-get install wrk)"}
     stack = BenchStack(logdir)
@@ -140,14 +149,14 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
             "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
             "imgpipe POST /jobs": f"{api.url}/jobs",
             IDEMPOTENT: f"{api.url}/jobs",
-            "imgpipe POST /jobs (URL source, no S3 HEAD)": f"{api.url}/jobs",
+            URL_SOURCE: f"{api.url}/jobs",
             "imgpipe POST /uploads": f"{api.url}/uploads",
         }
         scripts = {
             "bare aiohttp": script,
             "imgpipe POST /jobs": script,
             IDEMPOTENT: idempotent_script,
-            "imgpipe POST /jobs (URL source, no S3 HEAD)": url_script,
+            URL_SOURCE: url_script,
             "imgpipe POST /uploads": upload_script,
         }
         servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
@@ -176,6 +185,10 @@ def measure(logdir: Path, *, rounds: int, seconds: float, connections: int, log=
                     f"{k} {v[-1]['rps']:.0f} req/s p99 {v[-1]['p99']:.1f} ms" for k, v in runs.items()
                 )
             )
+        if profile_dir is not None:  # runs more, not counted: py-spy slows what it samples
+            for name, out in (("imgpipe POST /jobs", "api-post-jobs"), (URL_SOURCE, "api-post-jobs-url")):
+                with profiled(api.proc.pid, profile_dir / f"{out}.speedscope.json", log):
+                    _wrk(targets[name], script_for(name), seconds, connections)
     finally:
         if bare is not None:
             bare.terminate()

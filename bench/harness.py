@@ -7,18 +7,25 @@ The services are the installed `imgpipe-*` commands started as processes, exactl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.stack import (
     AMQP_URL,
@@ -146,6 +153,89 @@ def vm_hwm_mb(pid: int) -> float:
 
 def vm_rss_mb(pid: int) -> float:
     return _proc_status(pid, "VmRSS")
+
+
+class PySpy:
+    """`py-spy record` of one process into a speedscope file (https://www.speedscope.app), from
+    its start until `stop`. Non-blocking: the process is sampled without being paused."""
+
+    def __init__(self, exe: str, pid: int, out: Path) -> None:
+        args = ["record", "--pid", str(pid), "--rate", "500", "--nonblocking", "--format", "speedscope"]
+        self.proc = subprocess.Popen(
+            [exe, *args, "--output", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.5)  # attached and sampling
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def py_spy_path() -> str | None:
+    """The py-spy of this environment (the bench group installs it), else one on PATH."""
+    found = Path(sys.executable).with_name("py-spy")
+    return str(found) if found.exists() else shutil.which("py-spy")
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path | None, log: Callable[[str], None] = print) -> Iterator[None]:
+    """A py-spy profile of process `pid` into `out` while the block runs; with no `out`, or no
+    py-spy, the block alone."""
+    exe = py_spy_path() if out is not None else None
+    if out is None or exe is None:
+        if out is not None:
+            log("  py-spy not found: no profile")
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = PySpy(exe, pid, out)
+    try:
+        yield
+    finally:
+        spy.stop()
+    log(f"  profile: {out}")
+
+
+LOOP_LAG = "imgpipe_event_loop_lag_seconds"
+
+
+def loop_lag_totals(urls: list[str]) -> Counter[str]:
+    """Running totals of the event-loop lag histograms (`imgpipe_event_loop_lag_seconds`) of the
+    services at `urls`, added up: `count`, `sum`, and the ticks at or under each bucket bound (`le`)."""
+    totals: Counter[str] = Counter()
+    for url in urls:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name != LOOP_LAG:
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    totals[sample.labels["le"]] += sample.value
+                else:
+                    totals[sample.name.removeprefix(f"{LOOP_LAG}_")] += sample.value  # count, sum
+    return totals
+
+
+def loop_lag_summary(ticks: Counter[str]) -> dict:
+    """`ticks` (what `loop_lag_totals` grew by over a measurement) as figures: the ticks, their mean
+    lag, the shares of them later than 5 and 25 ms, and the bucket bound the latest one is under."""
+    count = ticks["count"]
+    if not count:
+        return {"ticks": 0}
+    bounds = sorted((float(le), n) for le, n in ticks.items() if le not in ("count", "sum"))
+    return {
+        "ticks": int(count),
+        "mean_ms": ticks["sum"] / count * 1000,
+        "over_5ms": 1 - ticks["0.005"] / count,
+        "over_25ms": 1 - ticks["0.025"] / count,
+        "worst_under_ms": next(le for le, n in bounds if n >= count) * 1000,
+    }
 
 
 class BenchStack:

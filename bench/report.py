@@ -41,6 +41,28 @@ def _machine_row(label: str, s: dict) -> dict:
     )
 
 
+def _lag_row(label: str, s: dict) -> dict:
+    """How late the worker's event loop ran its 0.1 s tick while the pipeline ran (both layouts)."""
+
+    def figures(lag: dict) -> str:
+        return (
+            f"mean {lag['mean_ms']:.2f} ms, {lag['over_5ms']:.0%} of ticks over 5 ms,"
+            f" {lag['over_25ms']:.0%} over 25 ms, the latest under {lag['worst_under_ms']:g} ms"
+        )
+
+    lags = s["loop_lag"]
+    headline = lags[s["headline_label"]]
+    others = [f"{k}: {figures(v)}" for k, v in lags.items() if k != s["headline_label"] and v.get("ticks")]
+    return _row(
+        "throughput",
+        f"{label}: the worker's event-loop lag ({headline['ticks']} ticks)",
+        figures(headline),
+        "; ".join(others),
+        "",
+        None,
+    )
+
+
 def rows(res: dict) -> list[dict]:
     out = []
     tp = res.get("throughput")
@@ -88,6 +110,8 @@ def rows(res: dict) -> list[dict]:
                 )
             if "machine_cpu_vs_raw" in s:
                 out.append(_machine_row(label, s))
+            if s.get("loop_lag", {}).get(s["headline_label"], {}).get("ticks"):
+                out.append(_lag_row(label, s))
             p = s["pipeline_vs_pillow"]
             out.append(
                 _row(

@@ -25,13 +25,11 @@ import asyncio
 import multiprocessing as mp
 import os
 import resource
-import signal
-import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.harness import OWNER, BenchStack, median, pct, token, vm_hwm_mb, vm_rss_mb
+from bench.harness import OWNER, BenchStack, PySpy, median, pct, py_spy_path, token, vm_hwm_mb, vm_rss_mb
 
 #: Client processes. One leaves the other core to the status process: on 2 cores, two clients and
 #: the server compete for CPU and the clients' queueing shows up as delivery latency.
@@ -194,34 +192,6 @@ def _merge(into: dict[str, int], more: dict[str, int]) -> None:
         into[k] = into.get(k, 0) + v
 
 
-class _PySpy:
-    """`py-spy record` of one process into a speedscope file, from `start` until `stop`."""
-
-    def __init__(self, exe: str, pid: int, out: Path) -> None:
-        args = ["record", "--pid", str(pid), "--rate", "500", "--nonblocking", "--format", "speedscope"]
-        self.proc = subprocess.Popen(
-            [exe, *args, "--output", str(out)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1.5)  # attached and sampling
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def _py_spy_path() -> str | None:
-    import shutil
-    import sys
-
-    found = Path(sys.executable).with_name("py-spy")
-    return str(found) if found.exists() else shutil.which("py-spy")
-
-
 def measure(
     logdir: Path, *, clients: int, rounds: int = 3, profile_dir: Path | None = None, log=print
 ) -> dict:
@@ -268,7 +238,7 @@ def measure(
         procs = [ctx.Process(target=_client, args=(q, replies)) for q in commands]
         for p in procs:
             p.start()
-        py_spy = _py_spy_path() if profile_dir is not None else None
+        py_spy = py_spy_path() if profile_dir is not None else None
         if profile_dir is not None and py_spy is None:
             log("  py-spy not found: no profiles")
 
@@ -279,7 +249,7 @@ def measure(
             spy = None
             if py_spy and n == 0:
                 profile_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-                spy = _PySpy(py_spy, pid, profile_dir / "status-connect.speedscope.json")  # type: ignore[operator]
+                spy = PySpy(py_spy, pid, profile_dir / "status-connect.speedscope.json")  # type: ignore[operator]
             for q, share in zip(commands, shares, strict=True):
                 q.put((url, auth, share))
             answered, failed, connect_s = 0, {}, 0.0
@@ -294,7 +264,7 @@ def measure(
             time.sleep(1.0)  # let the server settle
             rss_connected = vm_rss_mb(pid)
             if py_spy and n == 0:
-                spy = _PySpy(py_spy, pid, profile_dir / "status-fanout.speedscope.json")  # type: ignore[operator]
+                spy = PySpy(py_spy, pid, profile_dir / "status-fanout.speedscope.json")  # type: ignore[operator]
             t0 = asyncio.run(move(record.id))
             arrivals: list[float] = []
             failed = {}  # the results count every failure of the round, the connect phase's too

@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -52,9 +53,12 @@ from bench.harness import (
     cpu_count,
     cpu_seconds,
     local_server_pids,
+    loop_lag_summary,
+    loop_lag_totals,
     machine_busy_seconds,
     median,
     open_publisher,
+    profiled,
     submit_and_wait,
     submit_direct,
 )
@@ -197,6 +201,9 @@ class Pipeline:
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers]
+
+    def urls(self) -> list[str]:
+        return [w.url for w in self.workers]
 
     @property
     def moto_pid(self) -> int:
@@ -352,7 +359,15 @@ class Thumbor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=print) -> dict:
+def measure(
+    logdir: Path,
+    *,
+    rounds: int,
+    jobs: int,
+    thumbor: bool = True,
+    profile_dir: Path | None = None,
+    log=print,
+) -> dict:
     n = cpu_count()
     corpus.load()
     result: dict = {"processes": n, "jobs_per_round": jobs, "rounds": rounds, "sets": {}}
@@ -386,6 +401,7 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
         for label, (names, images) in VARIANT_SETS.items():
             figures: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}  # CPU ms per image, by process group
+            lag: dict[str, Counter[str]] = {}  # the workers' event-loop ticks, over all rounds
             for r in range(rounds):
                 with (
                     _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs),
@@ -403,6 +419,7 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
                         ),
                         _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
                         _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
+                        _loop_lag(lag, layout.label, layout.urls()),
                     ):
                         row[key] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
@@ -411,6 +428,11 @@ def measure(logdir: Path, *, rounds: int, jobs: int, thumbor: bool = True, log=p
                     figures.setdefault(key, []).append(value)
                 log(f"    {label} round {r + 1}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items()))
             result["sets"][label] = _summarise(figures, cpu, headline)
+            if profile_dir is not None:  # one run more, not counted: py-spy slows what it samples
+                slug = label.replace(" ", "-").replace(",", "")
+                with profiled(layouts[1].pids()[0], profile_dir / f"worker-{slug}.speedscope.json", log):
+                    asyncio.run(layouts[1].run(jobs, names, images))
+            result["sets"][label]["loop_lag"] = {k: loop_lag_summary(v) for k, v in lag.items()}
     finally:
         pool.terminate()
         for layout in layouts:
@@ -427,6 +449,14 @@ def _ms_per_image(into: dict[str, list[float]], key: str, seconds: Callable[[], 
     before = seconds()
     yield
     into.setdefault(key, []).append((seconds() - before) / images * 1000)
+
+
+@contextlib.contextmanager
+def _loop_lag(into: dict[str, Counter[str]], key: str, urls: list[str]):
+    """Add to `into[key]` the event-loop ticks the services at `urls` counted while the block ran."""
+    before = loop_lag_totals(urls)
+    yield
+    into.setdefault(key, Counter()).update(loop_lag_totals(urls) - before)
 
 
 def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], images: int):

@@ -1,18 +1,33 @@
 """The throughput section's accounting of CPU beside the worker: who is found, what is counted, and
-how the report breaks the pipeline's machine CPU down. Nothing here asserts a timing."""
+how the report breaks the pipeline's machine CPU down, and the workers' event-loop lag read from
+their metrics. Nothing here asserts a timing of the machine."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from imgpipe.web import base_app
+from prometheus_client import REGISTRY
 
 from bench import report
-from bench.harness import cpu_seconds, local_server_pids, machine_busy_seconds
+from bench.harness import (
+    LOOP_LAG,
+    cpu_seconds,
+    local_server_pids,
+    loop_lag_summary,
+    loop_lag_totals,
+    machine_busy_seconds,
+)
+from tests.stack import local_http
+from tests.worker.test_consumer import eventually
 
 
 def test_the_local_rabbitmq_and_redis_are_found_as_their_own_processes() -> None:
@@ -68,4 +83,42 @@ def test_the_machine_row_gives_the_ratio_and_where_the_pipeline_spent_it(pipelin
     assert row["baseline"] == (
         "pipeline: the worker 85.0, S3 server 6.0, RabbitMQ and Redis 1.5, this benchmark's process 1.0, "
         f"the rest (kernel threads, other work) {rest} ms"
+    )
+
+
+async def test_the_event_loop_lag_of_a_service_is_read_from_its_metrics() -> None:
+    """Read from the service's /metrics as the section reads its workers': a loop blocked for 0.4 s
+    shows as one tick later than 25 ms whose bucket is 0.5 s, and the quiet ticks around it."""
+    app = base_app("benchlag", environment="test")
+    async with local_http(app) as url:
+        await eventually(lambda: REGISTRY.get_sample_value(f"{LOOP_LAG}_count", {"service": "benchlag"}))
+        before = await asyncio.to_thread(loop_lag_totals, [url])
+        await asyncio.sleep(0.35)  # three or four quiet ticks
+        time.sleep(0.4)  # noqa: ASYNC251  # the loop blocked
+        await asyncio.sleep(0.25)
+        after = await asyncio.to_thread(loop_lag_totals, [url])
+    lag = loop_lag_summary(after - before)
+
+    assert lag["ticks"] >= 4, lag
+    assert lag["worst_under_ms"] == 500, lag
+    assert 0 < lag["over_25ms"] <= 1 / 4, lag
+    assert lag["mean_ms"] >= 300 / lag["ticks"], lag
+
+
+def test_the_lag_row_gives_both_layouts() -> None:
+    ticks = Counter({"count": 10, "sum": 0.05, "0.005": 9, "0.025": 10, "0.05": 10, "+Inf": 10})
+    quiet = Counter({"count": 4, "sum": 0.001, "0.005": 4, "0.025": 4, "+Inf": 4})
+    s = {
+        "headline_label": "1 worker x concurrency 2",
+        "loop_lag": {
+            "1 worker x concurrency 2": loop_lag_summary(ticks),
+            "2 workers x concurrency 1": loop_lag_summary(quiet),
+        },
+    }
+    row = report._lag_row("1 variant", s)
+
+    assert row["figure"] == "1 variant: the worker's event-loop lag (10 ticks)"
+    assert row["value"] == "mean 5.00 ms, 10% of ticks over 5 ms, 0% over 25 ms, the latest under 25 ms"
+    assert row["baseline"] == (
+        "2 workers x concurrency 1: mean 0.25 ms, 0% of ticks over 5 ms, 0% over 25 ms, the latest under 5 ms"
     )
