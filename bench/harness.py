@@ -177,7 +177,7 @@ class PySpy:
 
 
 def py_spy_path() -> str | None:
-    """The py-spy of this environment (the bench group installs it), else one on PATH."""
+    """The py-spy of this environment (in the dev group), else one on PATH."""
     found = Path(sys.executable).with_name("py-spy")
     return str(found) if found.exists() else shutil.which("py-spy")
 
