@@ -59,18 +59,27 @@ JOB_SECONDS = Histogram(
 )
 # Finer at the low end: the steps of a job outside the render take milliseconds.
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def _stage_series(name: str, each: str, stages: tuple[str, ...]) -> dict[str, Histogram]:
+    """A histogram of the time of each of `stages` (its help lists them), as one series per stage.
+
+    The series are made here so each exists from the start at zero (rates and dashboards have data
+    before the first job), and so the services observe without a label lookup.
+    """
+    histogram = Histogram(
+        name, f"Time of each {each} ({', '.join(stages)})", ["stage"], buckets=_STAGE_BUCKETS
+    )
+    return {stage: histogram.labels(stage) for stage in stages}
+
+
 #: The stages of one delivery of a job in the worker, in order. `queued` runs from the api's creating
 #: the job's record to a worker taking it (first delivery only: a retry's wait is its back-off); `fetch` from
 #: then to the source's bytes in hand; `render_wait` is the wait for a render slot; then `render`,
 #: `upload` (the variants' PUTs) and `finish` (the `succeeded` status written). A stage is observed
 #: when it completes, so a job that fails adds no stage from the one it failed in onwards.
 JOB_STAGES = ("queued", "fetch", "render_wait", "render", "upload", "finish")
-JOB_STAGE_SECONDS = Histogram(
-    "imgpipe_job_stage_seconds",
-    "Time of each stage of a job in the worker (queued, fetch, render_wait, render, upload, finish)",
-    ["stage"],
-    buckets=_STAGE_BUCKETS,
-)
+JOB_STAGE = _stage_series("imgpipe_job_stage_seconds", "stage of a job in the worker", JOB_STAGES)
 #: The steps of `POST /jobs` in the api, in order: `claim` (the Idempotency-Key's claim, sent with one
 #: only), `admit` (the caller's rate and active-job budgets; not for admins), `source` (the source's
 #: HEAD on S3 beside its upload grant, or the URL's policy check), `record` (the `pending` record
@@ -78,11 +87,8 @@ JOB_STAGE_SECONDS = Histogram(
 #: message is on disk) and `accept` (the Idempotency-Key marked accepted). Each is observed when it
 #: completes, so a request refused at a step adds none from that step on.
 API_SUBMIT_STAGES = ("claim", "admit", "source", "record", "publish", "accept")
-API_SUBMIT_STAGE_SECONDS = Histogram(
-    "imgpipe_api_submit_stage_seconds",
-    "Time of each step of POST /jobs in the api (claim, admit, source, record, publish, accept)",
-    ["stage"],
-    buckets=_STAGE_BUCKETS,
+API_SUBMIT_STAGE = _stage_series(
+    "imgpipe_api_submit_stage_seconds", "step of POST /jobs in the api", API_SUBMIT_STAGES
 )
 JOB_LATENCY_SECONDS = Histogram(
     "imgpipe_job_latency_seconds",
@@ -90,10 +96,7 @@ JOB_LATENCY_SECONDS = Histogram(
     ["outcome"],
     buckets=_STAGE_BUCKETS,
 )
-# One series per stage and per outcome, made here so each exists from the start at zero (rates and
-# dashboards have data before the first job), and so the worker observes without a label lookup.
-JOB_STAGE = {stage: JOB_STAGE_SECONDS.labels(stage) for stage in JOB_STAGES}
-API_SUBMIT_STAGE = {stage: API_SUBMIT_STAGE_SECONDS.labels(stage) for stage in API_SUBMIT_STAGES}
+# One series per outcome, made here for the same reasons as the stages'.
 JOB_LATENCY = {outcome: JOB_LATENCY_SECONDS.labels(outcome) for outcome in ("succeeded", "failed")}
 VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS
