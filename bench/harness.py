@@ -201,6 +201,12 @@ def profiled(pid: int, out: Path | None, log: Callable[[str], None] = print) -> 
     log(f"  profile: {out}")
 
 
+def scrape(url: str) -> str:
+    """The Prometheus text of the service at `url` (its `/metrics`)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 LOOP_LAG = "imgpipe_event_loop_lag_seconds"
 
 
@@ -209,9 +215,7 @@ def loop_lag_totals(urls: list[str]) -> Counter[str]:
     services at `urls`, added up: `count`, `sum`, and the ticks at or under each bucket bound (`le`)."""
     totals: Counter[str] = Counter()
     for url in urls:
-        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(scrape(url)):
             if family.name != LOOP_LAG:
                 continue
             for sample in family.samples:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from imgpipe.telemetry import API_SUBMIT_STAGES, JOB_STAGES
 
 from bench import corpus
-from bench.harness import OWNER, BenchStack, median, pct, token
+from bench.harness import OWNER, BenchStack, median, pct, scrape, token
 from tests.isolated import metric
 from tests.stack import s3_settings
 
@@ -118,15 +117,10 @@ async def _s3_calls(stack: BenchStack, key: str, count: int, *, pause_s: float) 
     return out
 
 
-def _scrape(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
 def _stage_totals(api: str, worker: str) -> dict[str, tuple[float, float]]:
     """(count, seconds) so far of the api's `POST /jobs` and its steps, and of each of the worker's
     job stages."""
-    api_text, worker_text = _scrape(api), _scrape(worker)
+    api_text, worker_text = scrape(api), scrape(worker)
     route = {"service": "api", "method": "POST", "route": "/jobs"}
     totals = {
         "api": (
