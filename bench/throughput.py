@@ -163,7 +163,7 @@ class Pipeline:
     """A private stack with `workers` worker processes of `concurrency` each, corpus pre-uploaded."""
 
     def __init__(self, logdir: Path, workers: int, concurrency: int, extra_env=None) -> None:
-        self.label = f"{workers} worker x concurrency {concurrency}"
+        self.label = f"{workers} worker{'s' if workers != 1 else ''} x concurrency {concurrency}"
         self.stack = BenchStack(logdir, extra_env)
         self.keys = {
             s.name: self.stack.upload(s.name, s.path.read_bytes(), s.content_type) for s in corpus.THROUGHPUT

@@ -225,6 +225,33 @@ async def test_a_closed_channel_is_replaced_with_its_exchanges(
     assert message.message_id == job.id
 
 
+def _open_channels(connection: AbstractRobustConnection) -> int:
+    assert connection.transport is not None
+    return sum(1 for channel in connection.transport.connection.channels.values() if not channel.is_closed)
+
+
+async def test_a_publish_timed_out_while_opening_its_channel_leaves_no_channel(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    """A broker slow to open the channel and declare the topology (an alarm, a leader election)
+    fails the publish at its deadline; the channel it was opening must not outlive it. A robust
+    channel left behind would be reopened and re-declared on every reconnect, one more for every
+    publish refused that way, until the connection's channel limit."""
+    before = _open_channels(connection)
+    refused = 0
+    for _ in range(10):
+        try:
+            await publisher.publish_job(_job(), timeout_s=0.002)
+        except TimeoutError:
+            refused += 1
+    assert refused
+    await asyncio.sleep(1.5)  # a robust channel closed under it reopens at once
+    # At most the one channel the publisher keeps, should a publish have opened it in time.
+    assert _open_channels(connection) - before <= 1
+    await publisher.publish_job(_job())  # and a publish in normal time works as before
+    assert _open_channels(connection) - before == 1
+
+
 async def test_publish_retry_comes_back_after_the_delay(
     connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
 ) -> None:

@@ -294,9 +294,11 @@ async def subscribe(
 
 
 async def close_quietly(channel: AbstractChannel) -> None:
-    """Close a channel if it is open, within 5 s, whatever state its connection is in."""
-    if channel.is_closed:
-        return
+    """Close a channel within 5 s, whatever state it and its connection are in.
+
+    Closed by the broker or half-opened, a robust channel is still closed here: only a channel
+    closed by its owner is not reopened by aio-pika after a reconnect, on its own and unused.
+    """
     try:
         async with asyncio.timeout(5):
             await channel.close()
@@ -336,15 +338,31 @@ class Publisher:
             # Only here, not on every publish, is the lock taken: the channel is open nearly always.
             async with self._lock:
                 if self._channel is None or self._channel.is_closed:
-                    # on_return_raises: an unroutable message (queue deleted) is an error, not a silent drop.
-                    opened = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                    await self.topology.declare(opened)
-                    self._channel, self._exchanges = opened, {}
+                    if self._channel is not None:  # lost to a channel error: aio-pika is not to reopen it
+                        await close_quietly(self._channel)
+                    self._channel, self._exchanges = await self._open_channel(), {}
                 channel = self._channel
         exchange = self._exchanges.get(name)
         if exchange is None:
             exchange = self._exchanges[name] = await channel.get_exchange(name, ensure=False)
         return exchange
+
+    async def _open_channel(self) -> AbstractChannel:
+        """A new confirming channel, with the topology declared on it.
+
+        Cut short (the publish's deadline, on a broker slow to answer), the half-made channel is
+        closed: left behind, a robust channel is reopened and re-declared after every loss of it and
+        every reconnect, one more for each publish that timed out here, up to the connection's limit.
+        """
+        # on_return_raises: an unroutable message (queue deleted) is an error, not a silent drop.
+        opened = self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            await opened
+            await self.topology.declare(opened)
+        except BaseException:
+            await asyncio.shield(close_quietly(opened))
+            raise
+        return opened
 
     async def _publish(
         self,
@@ -370,11 +388,9 @@ class Publisher:
             raise  # the broker answered (returned or nacked): not an outage
         except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
             # The connection dropped while we waited (pending confirms are failed with it), or the
-            # channel broke: the next publish opens a fresh one.
+            # channel broke: the next publish opens a fresh one (`_exchange`).
             if not self.connected:
                 raise BrokerUnavailable("the connection to RabbitMQ was lost") from exc
-            if self._channel is not None and self._channel.is_closed:
-                self._channel = None
             raise
 
     async def publish_job(
@@ -446,9 +462,5 @@ class Publisher:
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            try:
-                async with asyncio.timeout(5):
-                    await channel.close()
-            except Exception as exc:  # the broker is gone: closing the connection is enough
-                log.warning("could not close the publishing channel: %s", type(exc).__name__)
+        if channel is not None:
+            await close_quietly(channel)
