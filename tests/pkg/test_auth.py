@@ -648,10 +648,53 @@ async def test_a_slow_refresh_does_not_hold_up_known_keys(
     refreshing.cancel()
     with pytest.raises(asyncio.CancelledError):
         await refreshing
-    # The request that was fetching went away: that fetch does not count against the interval.
-    rsa_idp.delay_s = 0
+    # The request that was fetching went away; its fetch goes on, and nobody fetches beside it.
+    assert (await verifier.verify(_signed(rsa_key, "rsa-1"))).sub == "alice"
+    assert rsa_idp.hits == 2
+
+
+async def test_a_fetch_outlives_the_request_that_started_it(
+    rsa_idp: Idp,
+    verifiers: Callable[..., TokenVerifier],
+    rsa_key: rsa.RSAPrivateKey,
+    other_rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    """Clients hanging up mid-fetch (a disconnect cancels the handler) cannot make the service fetch
+    once per request, and the keys the fetch brings back serve the requests after them."""
+    clock = Clock()
+    verifier = verifiers(rsa_idp.url, clock, jwt_jwks_min_refresh_s=10)
     await verifier.verify(_signed(rsa_key, "rsa-1"))
-    assert rsa_idp.hits == 3
+    rsa_idp.jwks = [*rsa_idp.jwks, _jwk(other_rsa_key, "rsa-2", "RS256")]
+    rsa_idp.delay_s = 0.5
+    clock.now += 10
+    for kid in ("rsa-2", "made-up-1", "rsa-2", "made-up-2"):  # each gives up after 50 ms
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await verifier.verify(_signed(other_rsa_key, kid))
+    assert rsa_idp.hits == 2
+    fetch = verifier.jwks._fetching  # type: ignore[union-attr]
+    assert fetch is not None
+    await asyncio.wait([fetch], timeout=10)
+    assert fetch.done() and verifier.jwks._fetching is None  # type: ignore[union-attr]
+    # Nobody waited for the fetch's end, and its keys are in use: no fetch is allowed yet.
+    assert (await verifier.verify(_signed(other_rsa_key, "rsa-2"))).sub == "alice"
+    await _refused(verifier, _signed(other_rsa_key, "made-up-3"))
+    assert rsa_idp.hits == 2
+
+
+async def test_close_stops_a_fetch_under_way(
+    rsa_idp: Idp, verifiers: Callable[..., TokenVerifier], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    rsa_idp.delay_s = 30
+    verifier = verifiers(rsa_idp.url)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await verifier.verify(_signed(rsa_key, "rsa-1"))
+    fetch = verifier.jwks._fetching  # type: ignore[union-attr]
+    assert fetch is not None and not fetch.done()
+    async with asyncio.timeout(5):
+        await verifier.close()
+    assert fetch.cancelled()
 
 
 async def _unavailable(verifier: TokenVerifier, token: str) -> AuthUnavailable:

@@ -80,8 +80,12 @@ class JwksKeys:
     """The public keys of a JWKS URL by `kid`: fetched lazily, cached, refreshed with a rate limit.
 
     Every fetch (on expiry, on an unknown `kid`, after a failure) waits at least `min_refresh_s`
-    after the previous attempt, and concurrent callers share one fetch. When a refresh fails the
-    keys already known stay in use, so a short provider outage does not log everybody out.
+    after the previous attempt, and concurrent callers share one fetch. A fetch runs in a task of
+    its own, to its end even when the request that started it goes away (a client's disconnect
+    cancels its handler): it counts as the attempt it is, so clients hanging up mid-fetch cannot
+    make the service fetch again and again, and the keys it brings back serve the requests after.
+    When a refresh fails the keys already known stay in use, so a short provider outage does not
+    log everybody out.
     """
 
     def __init__(
@@ -101,7 +105,7 @@ class JwksKeys:
         self._max_bytes = max_bytes
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
-        self._lock = asyncio.Lock()
+        self._fetching: asyncio.Task[None] | None = None  # the fetch under way
         self._jwks: dict[str, dict[str, Any]] | None = None  # kid → the JWK as published
         self._parsed: dict[tuple[str, str], jwt.PyJWK] = {}  # (kid, alg) → key, for this key set
         self._fetched_at = 0.0
@@ -111,13 +115,15 @@ class JwksKeys:
     async def key(self, kid: str, algorithm: str) -> jwt.PyJWK:
         """The key `kid`, bound to `algorithm`; `AuthError` (401) or `AuthUnavailable` (503)."""
         stale_but_known = self._jwks is not None and kid in self._jwks
-        if self._wanted(kid) and not (stale_but_known and self._lock.locked()):
-            # Under the lock, so a request arriving while a fetch is under way waits for its result
-            # instead of judging the token against the old (or no) key set. A key we already hold
-            # does not wait for somebody else's refresh: a slow provider must not slow every request.
-            async with self._lock:
-                if self._wanted(kid) and self._may_fetch():
-                    await self._refresh(kid)
+        if self._wanted(kid) and not (stale_but_known and self._fetching is not None):
+            # A request arriving while a fetch is under way waits for its result instead of judging
+            # the token against the old (or no) key set. A key we already hold does not wait for
+            # somebody else's refresh: a slow provider must not slow every request.
+            fetch = self._fetching
+            if fetch is None and self._may_fetch():
+                fetch = self._start_refresh(kid)
+            if fetch is not None:
+                await asyncio.shield(fetch)  # cancelled, this request stops waiting; the fetch goes on
         if self._jwks is None:
             raise self._unavailable()
         jwk = self._jwks.get(kid)
@@ -128,7 +134,10 @@ class JwksKeys:
         return self._bind(kid, jwk, algorithm)
 
     async def close(self) -> None:
-        """Close the HTTP session (opened on the first fetch)."""
+        """Stop a fetch under way and close the HTTP session (opened on the first fetch)."""
+        if self._fetching is not None:
+            self._fetching.cancel()
+            await asyncio.gather(self._fetching, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -164,21 +173,29 @@ class JwksKeys:
             self._parsed[(kid, algorithm)] = key
         return key
 
-    async def _refresh(self, kid: str) -> None:
-        """One fetch (the caller holds the lock); on failure the keys already known are kept."""
+    def _start_refresh(self, kid: str) -> asyncio.Task[None]:
+        """Start the one fetch, in a task of its own (see the class's docstring)."""
         if self._jwks is None:
             reason = "first use"
         elif kid in self._jwks:
             reason = "expired"
         else:
             reason = "unknown kid"
-        previous, self._attempted_at = self._attempted_at, self._clock()
+        self._attempted_at = self._clock()
+        fetch = self._fetching = asyncio.ensure_future(self._refresh(reason))
+        fetch.add_done_callback(self._fetched)
+        return fetch
+
+    def _fetched(self, fetch: asyncio.Task[None]) -> None:
+        self._fetching = None
+        if not fetch.cancelled() and fetch.exception() is not None:
+            # Raised past `_refresh`'s own handling: a bug. The waiters get it; without any, it is logged.
+            log.error("jwks refresh failed", exc_info=fetch.exception())
+
+    async def _refresh(self, reason: str) -> None:
+        """One fetch; on failure the keys already known are kept."""
         try:
             jwks = await self._fetch()
-        except asyncio.CancelledError:
-            # The client went away mid-fetch: that was no attempt, the next request may fetch at once.
-            self._attempted_at = previous
-            raise
         except JwksError as exc:
             self._failing = True
             log.warning(
