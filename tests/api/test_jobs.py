@@ -146,6 +146,8 @@ async def test_sixteen_variants_are_allowed(alice: Client, alice_key: str) -> No
         pytest.param({"source": {"key": "uploads/o/x/."}}, id="trailing-dot"),
         pytest.param({"source": {"key": "uploads/o//x"}}, id="empty-segment"),
         pytest.param({"source": {"key": "uploads/o/x/"}}, id="trailing-slash"),
+        # 1,010 characters, within `max_length`, but 2,010 bytes: S3 would answer 400 KeyTooLongError.
+        pytest.param({"source": {"key": "uploads/o/" + "é" * 1000}}, id="key-over-1024-bytes"),
         pytest.param({"source": {"key": "k", "url": "http://example.com/a.jpg"}}, id="key-and-url"),
         pytest.param({"source": {"key": "k"}, "priority": 1}, id="extra-field"),
         pytest.param({"source": "uploads/x"}, id="source-string"),

@@ -185,6 +185,16 @@ def test_terminal_statuses() -> None:
     assert {s for s in JobStatus if s.terminal} == {JobStatus.SUCCEEDED, JobStatus.FAILED}
 
 
+def test_a_submitted_key_is_at_most_1024_bytes() -> None:
+    """S3 counts a key's length in bytes of UTF-8, not in characters."""
+    prefix = "uploads/o/"
+    fits = prefix + "é" * ((1024 - len(prefix)) // 2)  # 1,024 bytes, 517 characters
+    assert len(fits.encode()) == 1024
+    assert JobRequest.model_validate({"source": {"key": fits}}).source == KeySource(key=fits)
+    with pytest.raises(ValidationError, match="at most 1024 bytes"):
+        JobRequest.model_validate({"source": {"key": fits + "x"}})
+
+
 def test_a_stored_key_with_odd_segments_stays_readable() -> None:
     """Submitting `a//b` is refused (`JobRequest`), but a record or message that already holds one
     (written before that check, or by a backfill) must still parse: one unreadable record would stop

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StrictInt, field_val
 MAX_VARIANT_EDGE = 8192
 #: How many variants one job may ask for.
 MAX_VARIANTS = 16
+#: The longest object key S3 takes, in bytes of UTF-8.
+MAX_KEY_BYTES = 1024
 
 VariantName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 ImageFormat = Literal["jpeg", "png", "webp", "avif"]
@@ -74,7 +76,7 @@ DEFAULT_VARIANTS: tuple[str, ...] = ("thumb",)
 class KeySource(_Strict):
     """An object already in the bucket, normally one uploaded through `POST /uploads`."""
 
-    key: str = Field(min_length=1, max_length=1024)
+    key: str = Field(min_length=1, max_length=MAX_KEY_BYTES)
 
 
 class UrlSource(_Strict):
@@ -96,8 +98,13 @@ class JobRequest(_Strict):
         # would not be the one that was signed: real S3 answers 403, which reads as an outage. Checked
         # here, on what clients submit, not on `KeySource`: records and messages already written with
         # such a key (a backfill's `a//b`) must stay readable.
-        if isinstance(value, KeySource) and any(s in ("", ".", "..") for s in value.key.split("/")):
-            raise ValueError("a key has no empty, '.' or '..' path segments")
+        if isinstance(value, KeySource):
+            if any(s in ("", ".", "..") for s in value.key.split("/")):
+                raise ValueError("a key has no empty, '.' or '..' path segments")
+            # S3's limit is in bytes (`max_length` counts characters): a longer key is answered 400
+            # KeyTooLongError, which reads as a broken deployment (503), not as the caller's mistake.
+            if len(value.key.encode()) > MAX_KEY_BYTES:
+                raise ValueError(f"a key is at most {MAX_KEY_BYTES} bytes in UTF-8")
         return value
 
     @field_validator("variants")
