@@ -128,6 +128,52 @@ def test_a_file_of_countless_tiny_segments_is_left_alone() -> None:
     assert dc_only(data[:2] + comment * 600 + data[2:]) is None
 
 
+# ----------------------------------------------------------------------------- scan count
+
+
+def _with_scans(data: bytes, extra: int) -> bytes:
+    """A progressive grey JPEG with `extra` more AC scans (EOB runs only) before its end marker:
+    a few bytes each, and each one a pass of libjpeg over every block."""
+    header = pyvips.Image.new_from_buffer(data, "")
+    scan = progressive._zero_ac_scan(1, -(-header.width // 8) * -(-header.height // 8))
+    return data[:-2] + progressive._AC_HUFFMAN_TABLE + scan * extra + b"\xff\xd9"
+
+
+def test_scan_count_counts_the_scans_libjpeg_reads() -> None:
+    data = progressive_jpeg(300, 200)
+    scans = len(_scan_headers(data))
+    assert scans >= 6
+    assert progressive.scan_count(data, 100) == scans
+    # Garbage before a marker, which libjpeg skips with a warning, hides no scan.
+    first_scan = data.index(b"\xff\xda")
+    assert progressive.scan_count(data[:first_scan] + b"garbage" + data[first_scan:], 100) == scans
+    # Nothing after the end marker is read (an MPF image, a gain map).
+    assert progressive.scan_count(data + data, 100) == scans
+    # The count stops once past `most`.
+    assert progressive.scan_count(_with_scans(data, 1000), 100) == 101
+    assert progressive.scan_count(_with_scans(data, 1000), 5000) == scans + 1000
+
+
+def test_a_file_of_countless_markers_counts_as_too_many_scans() -> None:
+    data = progressive_jpeg(300, 200)
+    comment = b"\xff\xfe\x00\x02"
+    assert progressive.scan_count(data[:2] + comment * 1000 + data[2:], 100) == len(_scan_headers(data))
+    assert progressive.scan_count(data[:2] + comment * 5000 + data[2:], 100) == 101
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() -> None:
+    """A render cannot be stopped inside libjpeg's reading of the scans: 20,000 tiny ones took 26 s
+    of a 4,000 x 4,000 image (and held a render slot that long) before this check."""
+    data = progressive_jpeg(640, 480, bands=1)
+    allowed = _with_scans(data, imaging._MAX_JPEG_SCANS - len(_scan_headers(data)))
+    assert progressive.scan_count(allowed, 1000) == imaging._MAX_JPEG_SCANS
+    assert render(allowed, [_thumb(200, 200)], Limits())[0].width == 200
+    with pytest.raises(imaging.ImageError) as caught:
+        render(_with_scans(data, imaging._MAX_JPEG_SCANS), [_thumb(200, 200)], Limits())
+    assert caught.value.code == "corrupt_image"
+    assert "scans" in caught.value.message
+
+
 def test_every_shared_test_image_is_parsed_without_error() -> None:
     files = [p for p in TESTDATA.rglob("*") if p.is_file()]
     assert len(files) > 100, f"test corpus missing under {TESTDATA}"
@@ -136,6 +182,7 @@ def test_every_shared_test_image_is_parsed_without_error() -> None:
         for cut in (len(data), len(data) // 2, 10):
             out = dc_only(data[:cut])
             assert out is None or out.startswith(b"\xff\xd8")
+            assert 0 <= progressive.scan_count(data[:cut], 100) <= 101
 
 
 # ----------------------------------------------------------------------------- render

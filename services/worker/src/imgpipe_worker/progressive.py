@@ -26,7 +26,7 @@ import math
 import re
 import struct
 
-__all__ = ["dc_only"]
+__all__ = ["dc_only", "scan_count"]
 
 _SOI = b"\xff\xd8"
 _EOI = 0xD9
@@ -38,6 +38,12 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # What ends an entropy-coded segment: 0xFF followed by anything but a stuffed 0x00, a restart marker
 # (RST0-RST7 live inside the segment) or another 0xFF (fill bytes before a marker).
 _SEGMENT_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+# A marker where libjpeg looks for one: 0xFF, any fill bytes, and a byte that is not a stuffed 0x00.
+_MARKER = re.compile(rb"\xff+[^\x00\xff]")
+# A file of more markers than this (before its end marker) counts as one of too many scans: no encoder
+# writes thousands, and `scan_count` spends a turn of a Python loop on each.
+_MAX_MARKERS = 4096
 
 # The synthetic scans use AC Huffman table 3, defined after every kept scan (a table may be redefined
 # between scans, and no original AC scan that could use the old one is left). It holds the 15 EOB-run
@@ -68,6 +74,43 @@ def dc_only(data: bytes) -> bytes | None:
         return _rewrite(data)
     except (struct.error, IndexError):
         return None
+
+
+def scan_count(data: bytes, most: int) -> int:
+    """How many scans libjpeg would read in the JPEG `data` before its end marker, counted up to
+    `most + 1` (the count stops there: the file is refused either way).
+
+    A multi-scan JPEG is decoded scan by scan into a whole-image coefficient buffer, and each scan is
+    a pass over every block of its components, however few bytes it has: a 4 MB file of 20,000 scans
+    of a few bytes each kept libjpeg busy for 26 s, in one call that no render deadline interrupts.
+    Markers are found as libjpeg finds them, past any bytes in between (it warns about those and goes
+    on), so garbage between segments hides no scan. A file of more than `_MAX_MARKERS` markers
+    counts as having too many scans.
+    """
+    scans = markers = 0
+    pos, end = 2, len(data)
+    while scans <= most:
+        found = _MARKER.search(data, pos)
+        if found is None:
+            break
+        marker, pos = data[found.end() - 1], found.end()
+        markers += 1
+        if marker == _EOI:
+            break
+        if markers > _MAX_MARKERS:
+            return most + 1
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            continue  # a standalone marker: no length follows
+        if pos + 2 > end:
+            break
+        pos += struct.unpack_from(">H", data, pos)[0]
+        if marker == _SOS:
+            scans += 1
+            found = _SEGMENT_END.search(data, pos)  # past the entropy-coded data and its restart markers
+            if found is None:
+                break
+            pos = found.start()
+    return scans
 
 
 def _rewrite(data: bytes) -> bytes | None:
