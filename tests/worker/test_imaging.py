@@ -6,13 +6,16 @@ Real-world corpora (EXIF orientation samples, PngSuite) are read from outside th
 
 from __future__ import annotations
 
+import array
 import ctypes
 import math
 import os
 import struct
+import sys
 import time
+import tracemalloc
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -1019,6 +1022,68 @@ def test_truncated_tiff_data_is_corrupt(order: str) -> None:
             render(data, [variant(width=32)], LIMITS)
         assert info.value.code == "corrupt_image"
         assert "past the end" in info.value.message
+
+
+def _striped_tiff(order: str, rows: int, *, short: int = 0, width: int = 8) -> bytes:
+    """An uncompressed 8-bit grey TIFF of one row a strip, its strip tables (LONG) after the IFD;
+    the last `short` bytes of the pixels are cut off."""
+    entries = 9
+    tables = 8 + 2 + entries * 12 + 4
+    pixels = tables + 8 * rows
+    tags = [
+        (256, 4, 1, width),
+        (257, 4, 1, rows),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (273, 4, rows, tables),  # StripOffsets
+        (277, 3, 1, 1),
+        (278, 4, 1, 1),
+        (279, 4, rows, tables + 4 * rows),  # StripByteCounts
+    ]
+    magic = b"II*\x00" if order == "<" else b"MM\x00*"
+    out = bytearray(magic + struct.pack(f"{order}IH", 8, entries))
+    for tag, kind, count, value in tags:
+        if kind == 3:
+            out += struct.pack(f"{order}HHIHH", tag, kind, count, value, 0)
+        else:
+            out += struct.pack(f"{order}HHII", tag, kind, count, value)
+    out += struct.pack(f"{order}I", 0)
+    out += _longs(order, range(pixels, pixels + width * rows, width))
+    out += _longs(order, [width] * rows)
+    out += bytes(range(width)) * rows
+    return bytes(out[: len(out) - short])
+
+
+def _longs(order: str, values: Iterable[int]) -> bytes:
+    table = array.array("I", values)
+    if (order == "<") != (sys.byteorder == "little"):
+        table.byteswap()
+    return table.tobytes()
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_strip_tables_are_read_in_either_byte_order(order: str) -> None:
+    whole = _striped_tiff(order, 300)
+    assert probe(whole, LIMITS).height == 300
+    assert one(whole, width=8, format="png").height == 300
+    with pytest.raises(ImageError) as info:
+        probe(_striped_tiff(order, 300, short=3), LIMITS)
+    assert info.value.code == "corrupt_image"
+    assert info.value.message == "TIFF image data runs past the end of the data"
+
+
+def test_a_table_of_millions_of_strips_is_checked_in_little_memory() -> None:
+    """2.5 million strips (a 100 MP image of 40 px rows) held as Python ints took 180 MB."""
+    rows = 2_500_000
+    data = _striped_tiff("<", rows, width=1)
+    tracemalloc.start()
+    try:
+        imaging._check_tiff_data(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 4 * rows  # the two tables (4 bytes a strip each) and change
 
 
 @pytest.mark.parametrize(
