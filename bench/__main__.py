@@ -96,7 +96,7 @@ def main() -> None:
     }
     t0 = time.monotonic()
     log("corpus ...")
-    corpus.load((*corpus.THROUGHPUT, corpus.HUGE))
+    corpus.load((*corpus.THROUGHPUT, *corpus.MEMORY))
     plan = {
         "throughput": lambda: throughput.measure(
             logdir / "throughput",

@@ -21,7 +21,7 @@ class Spec:
     name: str
     width: int
     height: int
-    fmt: str  # jpeg | jpeg-progressive | png-alpha | webp
+    fmt: str  # jpeg | jpeg-progressive | png-alpha | webp | avif
     seed: int
 
     @property
@@ -30,11 +30,13 @@ class Spec:
 
     @property
     def ext(self) -> str:
-        return {"jpeg": "jpg", "jpeg-progressive": "jpg", "png-alpha": "png", "webp": "webp"}[self.fmt]
+        return {"jpeg": "jpg", "jpeg-progressive": "jpg", "png-alpha": "png", "webp": "webp", "avif": "avif"}[
+            self.fmt
+        ]
 
     @property
     def content_type(self) -> str:
-        return {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}[self.ext]
+        return {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "avif": "image/avif"}[self.ext]
 
     @property
     def path(self) -> Path:
@@ -52,7 +54,14 @@ THROUGHPUT = (
 )
 #: The 100 MP image for the memory figures (the default IMGPIPE_MAX_PIXELS accepts it exactly).
 HUGE = Spec("jpeg-100mp", 10000, 10000, "jpeg", 100)
-BY_NAME = {s.name: s for s in (*THROUGHPUT, HUGE)}
+#: The hungriest decodes the default decode budget (IMGPIPE_MAX_DECODE_BYTES) lets through, for the
+#: memory figures: a progressive JPEG without chroma subsampling (libjpeg holds 6 bytes a pixel of
+#: coefficients; the generator's quality 90 turns subsampling off) just within it, and a 12 MP AVIF
+#: (libheif, about 16 bytes a pixel), as phones write them. `tests/bench` holds them to the budget.
+LARGEST_PROGRESSIVE = Spec("jpeg-26mp-progressive", 6220, 4147, "jpeg-progressive", 26)
+AVIF = Spec("avif-12mp", 4000, 3000, "avif", 14)
+MEMORY = (HUGE, LARGEST_PROGRESSIVE, AVIF)
+BY_NAME = {s.name: s for s in (*THROUGHPUT, *MEMORY)}
 
 
 def _photo(spec: Spec):
@@ -99,6 +108,8 @@ def generate(spec: Spec) -> Path:
         data = image.bandjoin(alpha).copy(interpretation="srgb").pngsave_buffer(compression=6, keep=0)
     elif spec.fmt == "webp":
         data = image.webpsave_buffer(Q=85, keep=0)
+    elif spec.fmt == "avif":
+        data = image.heifsave_buffer(compression="av1", Q=60, effort=2, keep=0)
     else:
         raise ValueError(spec.fmt)
     tmp.write_bytes(data)
@@ -114,7 +125,7 @@ def load(specs=THROUGHPUT) -> dict[str, bytes]:
 if __name__ == "__main__":
     import time
 
-    for s in (*THROUGHPUT, HUGE):
+    for s in (*THROUGHPUT, *MEMORY):
         t = time.perf_counter()
         p = generate(s)
         size = p.stat().st_size

@@ -25,7 +25,9 @@ from bench.harness import (
 )
 from bench.throughput import FOUR, _variants
 
-IMAGES = ("jpeg-24mp", "jpeg-24mp-progressive", "jpeg-100mp")
+#: A 24 MP photo, baseline and progressive; the largest image the default pixel limit takes; and the
+#: hungriest decodes the default decode budget takes (`corpus.MEMORY`): "any accepted input".
+IMAGES = ("jpeg-24mp", "jpeg-24mp-progressive", "jpeg-100mp", "jpeg-26mp-progressive", "avif-12mp")
 
 
 async def _run(stack: BenchStack, key: str, jobs: int) -> dict:

@@ -120,12 +120,13 @@ class Limits:
     timeout_s: float = 30.0  # wall time for one render() call
     #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`),
     #: and, on its own, the most one variant's encoding may need (`encode_bytes`). 192 MiB keeps a worker
-    #: at concurrency 1 under 300 MB for any source made into web-sized variants (~100 MB idle plus the
-    #: decode plus the variants; a large variant adds its encoding), and still lets through a 12 MP 8-bit
-    #: HEIC/AVIF phone photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive
-    #: JPEG up to 67 MP (4:4:4: 33 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that
-    #: claims 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory
-    #: limit) for 24 MP HEIC.
+    #: at concurrency 1 under 300 MiB for any source made into web-sized variants (~100 MiB idle plus the
+    #: decode plus the variants; the benchmark's hungriest accepted inputs, a 12 MP AVIF and a 26 MP 4:4:4
+    #: progressive JPEG, peaked at 294-295 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
+    #: photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to
+    #: 51 MP (4:4:4: 25 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that claims
+    #: 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory limit)
+    #: for 24 MP HEIC.
     max_decode_bytes: int = 192 * 1024 * 1024
 
 
@@ -339,6 +340,14 @@ _BUFFERED_BYTES_PER_PIXEL = {"gif": 8.0, "webp-animated": 8.0, "webp-lossless": 
 # but for 8-bit RGB (phones write 4:2:0, and a 12 MP phone photo must fit the default budget).
 _HEIF_BYTES_PER_PIXEL = {("uchar", 3): 16.5, ("uchar", 4): 19.5, ("ushort", 3): 22.5, ("ushort", 4): 26.0}
 
+# A multi-scan JPEG's coefficient buffer is all its decode holds (a thumbnail's peak over the process'
+# baseline: 0.98-0.99 times it at 24-63 MP), but a job of large variants holds their intermediate and
+# resizes beside it: the four presets of a 24 MP 4:4:4 progressive JPEG peaked at 1.23 times it, its
+# `large` alone at 1.30. Unlike the other decoders' figures (peaks of whole renders), the coefficients
+# alone let a 33 MP 4:4:4 progressive JPEG through the default budget, and a worker at concurrency 1
+# then peaked at 348 MiB (`make bench`, memory).
+_MULTISCAN_JOB_FACTOR = 1.3
+
 # Fraction of a full-resolution plane each chroma component has, by libvips' `jpeg-chroma-subsample`.
 _CHROMA_FRACTION = {"4:2:0": 0.25, "4:1:1": 0.25, "4:2:2": 0.5, "4:4:0": 0.5}
 
@@ -367,7 +376,8 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     grow with the image. The others:
 
     * multi-scan JPEG (progressive, or baseline with one scan per component): libjpeg keeps every DCT
-      coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has;
+      coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has
+      (with the variants' work beside it: `_MULTISCAN_JOB_FACTOR`);
     * interlaced PNG: libspng decodes the whole image before the first row comes out;
     * PNG and TIFF stream, but at full width: their rows on the way to the resize (`_STREAMED_ROWS`),
       and a tiled TIFF's row of tiles, grow with the image's width;
@@ -378,7 +388,7 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
         chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
         samples = 1 + (header.bands - 1) * chroma
-        return math.ceil(pixels * samples * 2)
+        return math.ceil(pixels * samples * 2 * _MULTISCAN_JOB_FACTOR)
     if fmt in ("png", "tiff"):
         row = header.width * header.bands * _SAMPLE_BYTES.get(header.format, 8)
         held = math.ceil(row * min(header.height, _STREAMED_ROWS) * _STREAMED_ROW_FACTOR)
@@ -863,7 +873,9 @@ def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool) -> int:
 
 
 def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
-    """About the size `variant` comes out at from a `width` x `height` (upright) image."""
+    """The size `variant` comes out at from a `width` x `height` (upright) image: exactly, from the
+    shared intermediate of several variants (`_render_many`); rendered alone, libvips' shrink-on-load
+    may leave the free side of an "inside" fit a pixel off it."""
     scale = _scale_needed(variant, width, height)
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
     if variant.fit == "cover":
@@ -996,8 +1008,15 @@ def _render_many(
     del lazy
     results = []
     for variant in variants:
-        target_w, kwargs = _thumbnail_args(variant)
         # The intermediate is already upright (thumbnail drops the orientation tag after rotating) and
         # already sRGB, so this is a pure resize/crop.
-        results.append(_finish(intermediate.thumbnail_image(target_w, **kwargs), variant, deadline))
+        if variant.fit == "cover":
+            target_w, kwargs = _thumbnail_args(variant)
+            image = intermediate.thumbnail_image(target_w, **kwargs)
+        else:
+            # Sized from the source, not from the intermediate: its sides are rounded, and the free
+            # side worked out from its aspect ratio came out a pixel off in about 1% of variants.
+            out_w, out_h = _output_size(variant, width, height)
+            image = intermediate.thumbnail_image(out_w, height=out_h, size="force")
+        results.append(_finish(image, variant, deadline))
     return results
