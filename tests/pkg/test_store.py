@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult
+from imgpipe.resources import redis_client as service_redis_client
+from imgpipe.settings import RedisSettings
 from imgpipe.store import (
     CLAIM_HOLD_S,
     Claim,
@@ -23,11 +25,14 @@ from imgpipe.store import (
     owner_id,
     redis_unavailable,
 )
+from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from yarl import URL
 
 from tests.e2e.test_outages import PrivateRedis
-from tests.stack import delete_keys
+from tests.isolated import BrokerProxy
+from tests.stack import REDIS_URL, delete_keys
 
 RETENTION = timedelta(hours=2)
 
@@ -479,6 +484,50 @@ async def test_a_change_that_cannot_be_read_is_skipped_not_a_break(store: JobSto
             version, record = await anext(aiter(changes))
     assert (version, record) == (1, readable.record)
     assert named == [newer.id]  # the others name no job
+
+
+async def test_a_quiet_subscription_is_not_taken_for_a_broken_one(store: JobStore) -> None:
+    """Nothing is published for many ping intervals: the subscription's PINGs are answered, and the
+    answers are not taken for changes nor for a break. Through a client made as the services make it,
+    whose own health check PINGs the same connection."""
+    client = service_redis_client(RedisSettings(redis_url=SecretStr(REDIS_URL)))
+    quiet = JobStore(client, store.namespace, retention=RETENTION)
+    try:
+        async with quiet.subscribe(ping_s=0.05) as changes:
+            received = asyncio.ensure_future(anext(aiter(changes)))
+            await asyncio.sleep(0.5)  # about five PINGs, each answered
+            assert not received.done()
+            created = await store.create(_record())
+            async with asyncio.timeout(5):
+                assert await received == (1, created.record)
+    finally:
+        await client.aclose()
+
+
+async def test_a_subscription_that_goes_silent_is_taken_for_broken(store: JobStore) -> None:
+    """The connection stays open and nothing comes through it any more (Redis killed without a FIN,
+    a partition, a proxy that stopped forwarding): the iterator raises, as for a dropped connection.
+    It waited for ever before: redis-py's health check sends PINGs and never misses their answers."""
+    relay = BrokerProxy(target=URL(REDIS_URL).port or 6379)
+    await relay.start()
+    url = str(URL(REDIS_URL).with_host("127.0.0.1").with_port(relay.port))
+    client = service_redis_client(RedisSettings(redis_url=SecretStr(url)))
+    relayed = JobStore(client, store.namespace, retention=RETENTION)
+    try:
+        async with relayed.subscribe(ping_s=0.2) as changes:
+            created = await store.create(_record())
+            async with asyncio.timeout(5):
+                assert await anext(aiter(changes)) == (1, created.record)  # live through the relay
+            relay.stall()
+            silent = asyncio.get_running_loop().time()
+            with pytest.raises(RedisConnectionError):
+                async with asyncio.timeout(5):
+                    await anext(aiter(changes))
+            # Within two ping intervals of the last thing heard (and a little for a busy machine).
+            assert asyncio.get_running_loop().time() - silent < 1.5
+    finally:
+        await relay.cut()
+        await client.aclose()
 
 
 async def test_a_redis_refusing_writes_is_unavailable_a_wrong_command_is_not(tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ from imgpipe.store import JobStore
 from imgpipe_status.hub import End, Event, Hub, Listener
 from pydantic import SecretStr
 from redis.exceptions import ResponseError
+from yarl import URL
 
+from tests.isolated import BrokerProxy
 from tests.stack import REDIS_URL, delete_keys
 
 
@@ -342,6 +344,76 @@ async def test_streams_ahead_of_a_store_that_lost_changes_are_ended(hub: Hub, st
         now = await hub.current(job.id)
         assert now is not None and now.status is JobStatus.SUCCEEDED
         assert hub.event(now).data == b"id: 2\nevent: succeeded\ndata: " + job.id.encode() + b"\n\n"
+
+
+async def test_a_subscription_that_goes_silent_is_noticed_and_resynced(store: CountingStore) -> None:
+    """The hub's connection to Redis stays open but nothing comes through it any more (Redis killed
+    without a FIN, a partition, a proxy that stopped forwarding). Before, the hub never noticed: it
+    stayed `connected` (/readyz 200), its streams got keep-alives only, and new streams were answered
+    the state it knew, while the job had failed. Now the subscription counts as lost within two ping
+    intervals, and once Redis can be reached again the resync sends the stream what it missed."""
+    relay = BrokerProxy(target=URL(REDIS_URL).port or 6379)
+    await relay.start()
+    relayed = _client(str(URL(REDIS_URL).with_host("127.0.0.1").with_port(relay.port)))
+    hub = Hub(JobStore(relayed, store.namespace, retention=timedelta(minutes=10)), _render, ping_s=0.2)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        job = await _pending_job(store)
+        async with Sockets() as sockets:
+            with hub.listen(job.id) as listener:
+                current = await hub.current(job.id)
+                assert current is not None and current.status is JobStatus.PENDING
+                transport, client = await sockets.pair()
+                hub.attach(listener, transport, chunked=False, version=current.version)
+                relay.stall()
+                # Written straight to Redis; its message to the hub is held in the relay.
+                await store.mark_failed(current, "decode_failed", "not an image")  # type: ignore[attr-defined]
+                async with asyncio.timeout(2):
+                    while hub.connected.is_set():  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                # What the hub knew is dropped: no new stream is answered `pending` from it.
+                assert hub._watches[job.id].known is None
+                assert not listener.ended.is_set()
+                relay.reset()  # the network heals: the hub subscribes again, and re-reads the job
+                await asyncio.wait_for(listener.ended.wait(), 5)
+                assert listener.reason is End.DONE
+                data = await _read_until(client, b"event: failed\n")
+        assert hub.connected.is_set()
+    finally:
+        await hub.stop()
+        await relay.cut()
+        await relayed.aclose()
+    assert data == b"id: 2\nevent: failed\ndata: " + job.id.encode() + b"\n\n"
+
+
+async def test_a_stream_ahead_of_a_store_that_lost_changes_is_ended_when_it_attaches(
+    hub: Hub, store: CountingStore
+) -> None:
+    """A stream's handler read `processing` (2); Redis then fails over to a replica that had only
+    `pending` (1), and the hub's resync reads that while the handler is still writing its first event.
+    The resync sees a stream that was sent nothing and lets it be. When it attaches, having sent 2,
+    it must end: the worker's next write is version 2 again (`succeeded`), which the stream would drop
+    as one it has, and it would never get its terminal event."""
+    job = await _pending_job(store)
+    processing = (await store.mark_processing(job.id)).record
+    assert processing is not None
+    async with Sockets() as sockets:
+        with hub.listen(job.id) as listener:
+            current = await hub.current(job.id)
+            assert current is not None and current.version == 2
+            # The first event is on its way through aiohttp; meanwhile the failover.
+            pending = {"version": 1, "rank": 0, "data": job.model_dump_json(exclude={"version"})}
+            await store.redis.hset(store.job_key(job.id), mapping=pending)
+            _cut_subscription(store)
+            async with asyncio.timeout(5):  # the resync has read the store as it is now
+                while (known := hub._watches[job.id].known) is None or known.version != 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert not listener.ended.is_set()
+            transport, _ = await sockets.pair()
+            hub.attach(listener, transport, chunked=False, version=current.version)
+            assert listener.reason is End.ROLLED_BACK  # its client reconnects, and reads `pending`
+            assert listener.ended.is_set()
 
 
 class LateStore(CountingStore):

@@ -12,6 +12,7 @@ look-up and the marker never outlives the last record that needs it by more than
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -217,6 +218,17 @@ class Transition:
 #: How long an Idempotency-Key claim holds before its job's record is written: far longer than a
 #: request can take from its claim to its record (its S3 look-up included), much shorter than a retention.
 CLAIM_HOLD_S = 600
+
+
+#: Seconds of silence on the change subscription before it is PINGed, and then without an answer
+#: before it counts as broken (`JobStore.subscribe`): a dead connection is noticed within twice this.
+#: The same 5 s the clients wait for any other reply (`socket_timeout`, resources.py), so a Redis
+#: that cannot answer a PING in it is out of reach for the subscription as for every command; and
+#: short enough that a status process stops answering from what it knew, and /readyz says so, within
+#: seconds. One PING per quiet 5 s per status process costs Redis nothing.
+SUBSCRIPTION_PING_S = 5.0
+# Not redis-py's own health-check payload: the answer to that one is swallowed by the client.
+_SUBSCRIPTION_PING = "imgpipe-subscription-ping"
 
 
 class IdempotencyConflict(Exception):
@@ -554,7 +566,10 @@ class JobStore:
 
     @asynccontextmanager
     async def subscribe(
-        self, *, unreadable: Callable[[str], None] | None = None
+        self,
+        *,
+        unreadable: Callable[[str], None] | None = None,
+        ping_s: float = SUBSCRIPTION_PING_S,
     ) -> AsyncIterator[AsyncIterator[tuple[int, JobRecord]]]:
         """Subscribe to every change in this namespace; yields an iterator of `(version, record)`.
 
@@ -563,7 +578,9 @@ class JobStore:
 
         The iterator raises `redis.ConnectionError` when the subscription breaks, even when the client
         has restored it by itself: what was published in between is lost, so the caller must read
-        again whatever it follows.
+        again whatever it follows. It also raises it when the connection goes silent: after `ping_s`
+        with nothing from Redis it sends a PING on the subscription, and when nothing (no change, no
+        answer) has come `ping_s` later, the subscription is taken for broken.
 
         A change this version cannot read (another version's record, a hand edit) is logged and
         skipped, and `unreadable` is told its job id when the message names one: what the caller
@@ -577,19 +594,38 @@ class JobStore:
             confirmed = await pubsub.get_message(timeout=10.0)
             if confirmed is None or confirmed["type"] != "subscribe":
                 raise aioredis.ConnectionError("Redis did not confirm the subscription")
-            yield self._changes(pubsub, unreadable)
+            yield self._changes(pubsub, unreadable, ping_s)
         finally:
             await pubsub.aclose()
 
     @staticmethod
     async def _changes(
-        pubsub: PubSub, unreadable: Callable[[str], None] | None = None
+        pubsub: PubSub, unreadable: Callable[[str], None] | None = None, ping_s: float = SUBSCRIPTION_PING_S
     ) -> AsyncIterator[tuple[int, JobRecord]]:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # when Redis last sent anything on this connection
+        pinged: float | None = None  # when our unanswered PING went out
         while True:
-            # A bounded wait lets the client's health checks ping an idle subscription.
-            message = await pubsub.get_message(timeout=10.0)
+            if pinged is None and loop.time() >= heard + ping_s:
+                # redis-py's own health check only sends a PING and drops its answer; it never
+                # notices one that does not come. A half-open connection (Redis killed without a
+                # FIN, a partition, a proxy that stopped forwarding) reads as a quiet channel for
+                # ever, and the caller would go on trusting what it knows. Our PING carries a
+                # payload of its own, so redis-py hands its answer to us instead of dropping it.
+                await pubsub.ping(_SUBSCRIPTION_PING)
+                pinged = loop.time()
+            deadline = (pinged + ping_s) if pinged is not None else (heard + ping_s)
+            # Never a zero wait: what the socket has already received must be read before the
+            # deadline is judged (the caller may have spent a while on the previous change).
+            message = await pubsub.get_message(timeout=max(deadline - loop.time(), 0.05))
             if message is None:
+                if pinged is not None and loop.time() >= pinged + ping_s:
+                    raise aioredis.ConnectionError(
+                        f"no answer on the subscription for {ping_s:g}s after a PING"
+                    )
                 continue
+            # Anything at all from Redis (a change, the answer) shows the connection carries it.
+            heard, pinged = loop.time(), None
             if message["type"] == "subscribe":
                 # The connection dropped (killed, evicted for its output buffer, reset) and redis-py,
                 # retrying the read on a new one, subscribed again by itself: this confirmation is

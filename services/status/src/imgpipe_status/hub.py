@@ -10,8 +10,8 @@ one stalled client cannot grow the process's memory.
 The hub also knows each watched job's newest record, from one read plus every change since, so
 the many streams of one job that connect at once cost one Redis read, not one each. When the
 subscription breaks (Redis restarted, or its connection dropped, even if the Redis client restored
-it by itself), that knowledge is dropped, and after every (re)subscribe the hub re-reads every
-watched job once and delivers what was missed.
+it by itself, or went silent: see `JobStore.subscribe`), that knowledge is dropped, and after every
+(re)subscribe the hub re-reads every watched job once and delivers what was missed.
 
 A job this version cannot read or render (a newer version's record during a rolling upgrade, a
 hand edit) ends its own streams, and only those: the hub goes on with every other job. Its clients
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
-from imgpipe.store import JobStore, redis_unavailable
+from imgpipe.store import SUBSCRIPTION_PING_S, JobStore, redis_unavailable
 from redis.exceptions import ResponseError
 
 log = logging.getLogger("imgpipe.status.hub")
@@ -165,7 +165,11 @@ class _Watch:
 
 
 class Hub:
-    """The fan-out. `render` turns a record into its SSE event bytes (`id:`, `event:`, `data:`)."""
+    """The fan-out. `render` turns a record into its SSE event bytes (`id:`, `event:`, `data:`).
+
+    `ping_s` is how long the subscription may be silent before the hub checks it is still alive
+    (`JobStore.subscribe`); a dead one is noticed within twice that.
+    """
 
     def __init__(
         self,
@@ -173,10 +177,12 @@ class Hub:
         render: Callable[[JobRecord], bytes],
         *,
         max_unsent: int = MAX_UNSENT_BYTES,
+        ping_s: float = SUBSCRIPTION_PING_S,
     ) -> None:
         self._store = store
         self._render = render
         self._max_unsent = max_unsent
+        self._ping_s = ping_s
         self._watches: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -225,13 +231,26 @@ class Hub:
     def attach(
         self, listener: Listener, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int
     ) -> None:
-        """Start writing changes to `listener`'s socket; it has been sent `version` so far."""
+        """Start writing changes to `listener`'s socket; it has been sent `version` so far.
+
+        A stream the store is behind (it lost changes the stream was sent) is ended at once, as
+        `End.ROLLED_BACK`: its client reconnects and starts again from what the store says.
+        """
         listener.attach(transport, chunked=chunked, version=version)
         watch = self._watches.get(listener.job_id)
         known = watch.known if watch is not None else None
-        if known is not None and known.version > version:
+        if known is None:
+            return  # nothing known since the subscription broke: the resync after it checks this stream
+        if known.version > version:
             # It changed while the first event was being written.
             listener.offer(known, self.event(known))
+        elif known.version < version:
+            # Behind what the stream was sent: what the hub knew was dropped when the subscription
+            # broke, and read again since from a store that lost changes (a failover that lost its
+            # last writes). The resync that read it found this stream not attached yet, sent
+            # nothing, and let it be. The job's next change would reuse a version the stream has and
+            # be dropped as one it has: its terminal event would never be sent.
+            listener.end(End.ROLLED_BACK)
 
     def event(self, record: JobRecord) -> Event:
         """`record` as an SSE event, rendered once per version while its job is watched."""
@@ -352,7 +371,9 @@ class Hub:
         delay = 0.1
         while True:
             try:
-                async with self._store.subscribe(unreadable=self._unreadable_change) as changes:
+                async with self._store.subscribe(
+                    unreadable=self._unreadable_change, ping_s=self._ping_s
+                ) as changes:
                     self.connected.set()
                     # After every subscribe, the first too: streams that connected while it was
                     # failing (Redis not up yet) read a state the hub has not followed since.
