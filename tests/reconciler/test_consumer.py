@@ -18,6 +18,7 @@ from imgpipe.storage import Storage
 from imgpipe.store import JobStore, owner_id
 from imgpipe_reconciler.consumer import CommandConsumer
 from imgpipe_reconciler.lock import RunLock
+from imgpipe_reconciler.reconcile import Policy, Reconciler, Summary
 from prometheus_client import REGISTRY
 
 from tests.isolated import queue_depth
@@ -48,8 +49,9 @@ async def test_a_run_that_cannot_be_recorded_does_not_hold_back_the_next(
     try:
         await consumer.start()
         await eventually(lambda: consumer.consuming)
+        # An admin's: a second tick queued behind the first would be skipped rather than run.
         for run in ("first", "second"):
-            await publisher.publish_reconcile(ReconcileCommand(run_id=run, dry_run=True))
+            await publisher.publish_reconcile(ReconcileCommand(run_id=run, dry_run=True, trigger="admin"))
 
         async def both_done() -> bool:
             # Prefetch 1: the second leaves the queue only once the first is acknowledged.
@@ -199,3 +201,81 @@ async def test_a_redelivered_command_whose_first_run_ends_while_it_waits_does_no
     assert record is not None and (record.status, record.summary) == ("succeeded", {"deleted": 3})
     assert orphan in keys(s3, bucket)
     assert await queue_depth(queue) == 0  # acknowledged
+
+
+class _HeldReconciler(Reconciler):
+    """The real reconciler, whose runs wait until `release` is set; it counts them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs = 0
+        self.running = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def run(self, **kwargs: Any) -> Summary:
+        self.runs += 1
+        self.running.set()
+        await self.release.wait()
+        return await super().run(**kwargs)
+
+
+async def test_ticks_that_come_up_during_a_run_are_skipped_not_queued_for_later(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    redis_client: aioredis.Redis,
+    rc_namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run outlasts the schedule's interval. Prefetch 1 kept the ticks that came up meanwhile in
+    the queue until the run was acknowledged, its lock released by then: each became a full run,
+    back to back, and a backlog that grew without end. They are `skipped`; an admin's run is not."""
+    policy = Policy(grace_s=0.0, stuck_pending_s=3600.0, stuck_processing_s=3600.0)
+    reconciler = _HeldReconciler(store, storage, publisher, policy)
+    runs = RunStore(redis_client, rc_namespace)
+    queue = publisher.topology.reconcile_queue
+    skipped = {"result": "skipped", "dry_run": "true"}
+    before = REGISTRY.get_sample_value("imgpipe_reconcile_runs_total", skipped) or 0.0
+    connection = await broker.connect(AMQP_URL)
+    consumer = CommandConsumer(
+        connection, publisher.topology, reconciler, RunLock(redis_client, rc_namespace, ttl_s=30), runs
+    )
+
+    async def status(run_id: str) -> str | None:
+        record = await runs.get(run_id)
+        return record.status if record is not None else None
+
+    async def done(*run_ids: str) -> bool:
+        statuses = [await status(run_id) for run_id in run_ids]
+        return all(s in ("succeeded", "skipped", "failed") for s in statuses) and not consumer._tasks
+
+    try:
+        caplog.set_level(logging.INFO, logger="imgpipe.reconciler")
+        await consumer.start()
+        await publisher.publish_reconcile(ReconcileCommand(run_id="scheduled-1", dry_run=True))
+        await asyncio.wait_for(reconciler.running.wait(), 10)
+        # Two ticks come up while the run goes on, and an admin asks for one too.
+        await publisher.publish_reconcile(ReconcileCommand(run_id="scheduled-2", dry_run=True))
+        await publisher.publish_reconcile(ReconcileCommand(run_id="scheduled-3", dry_run=True))
+        await publisher.publish_reconcile(ReconcileCommand(run_id="asked", dry_run=True, trigger="admin"))
+        reconciler.release.set()
+        await eventually(lambda: done("scheduled-1", "scheduled-2", "scheduled-3", "asked"), within=30)
+        # The next tick, once nothing is running, runs.
+        await publisher.publish_reconcile(ReconcileCommand(run_id="scheduled-4", dry_run=True))
+        await eventually(lambda: done("scheduled-4"), within=30)
+    finally:
+        await consumer.stop()
+        await connection.close()
+    assert {run_id: await status(run_id) for run_id in ("scheduled-1", "scheduled-2", "scheduled-3")} == {
+        "scheduled-1": "succeeded",
+        "scheduled-2": "skipped",
+        "scheduled-3": "skipped",
+    }
+    assert (await status("asked"), await status("scheduled-4")) == ("succeeded", "succeeded")
+    assert reconciler.runs == 3
+    record = await runs.get("scheduled-2")
+    assert record is not None and record.error == "the tick came up while another reconciliation was running"
+    assert (REGISTRY.get_sample_value("imgpipe_reconcile_runs_total", skipped) or 0.0) - before == 2
+    said = [r for r in caplog.records if r.getMessage().startswith("reconciliation skipped")]
+    assert [r.run_id for r in said] == ["scheduled-2", "scheduled-3"]  # type: ignore[attr-defined]
+    assert await queue_depth(queue) == 0  # all acknowledged

@@ -8,6 +8,10 @@ Redis failed would hold every later one back. If the process stops mid-run, the 
 command goes to the next active consumer, which runs it again (deletes are safe to repeat). The
 stopped run's lock outlives it by up to its TTL, so a command that comes back waits that long for
 the lock rather than be skipped as if another run were going: it would never run at all.
+
+A scheduled command that was requested before the consumer's last run ended is `skipped` rather
+than run: it is a tick that came up while that run was going, and waited behind it (see
+`_overtaken`). Commands of an admin or the command line always run.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
+from datetime import datetime
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from imgpipe import broker
 from imgpipe.broker import Topology
-from imgpipe.models import ReconcileCommand
+from imgpipe.models import ReconcileCommand, utcnow
 from imgpipe.runs import RunStatus, RunStore
 from pydantic import ValidationError
 
@@ -27,6 +32,9 @@ from imgpipe_reconciler.lock import LockBusy, RunLock
 from imgpipe_reconciler.reconcile import Reconciler, Summary, note_skipped, reconcile_once
 
 log = logging.getLogger("imgpipe.reconciler")
+
+#: The `error` of a scheduled command dropped because it came up while a run was going.
+OVERTAKEN = "the tick came up while another reconciliation was running"
 
 
 class CommandConsumer:
@@ -46,6 +54,8 @@ class CommandConsumer:
         self._subscription: broker.Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriber: asyncio.Task[None] | None = None
+        #: When this consumer's last run (one that got past the lock) ended; None before the first.
+        self._last_run_ended: datetime | None = None
 
     async def start(self) -> None:
         """Start consuming as soon as the broker is reachable; returns at once (see `_subscribe`)."""
@@ -97,6 +107,8 @@ class CommandConsumer:
             # Redelivered after its run ended (only the acknowledgement was lost): one run a command.
             if message.redelivered and await self._finished(command):
                 raise _AlreadyRan()
+            if self._overtaken(command):
+                raise _Overtaken()
             await self._record(command, "running")
             summary = await self._run(command, wait_s=self._lock.ttl_s + 1 if message.redelivered else 0)
         except _AlreadyRan:
@@ -104,14 +116,24 @@ class CommandConsumer:
                 "reconciliation already finished; redelivered command acknowledged",
                 extra={"run_id": command.run_id},
             )
+        except _Overtaken:
+            note_skipped(
+                dry_run=command.dry_run,
+                run_id=command.run_id,
+                trigger=command.trigger,
+                reason="the tick came up while another one was running",
+            )
+            await self._record(command, "skipped", error=OVERTAKEN)
         except LockBusy:
             await self._record(command, "skipped", error="another reconciliation was running")
         except asyncio.CancelledError:
             await asyncio.shield(self._record(command, "queued"))
             raise
         except Exception as exc:
+            self._last_run_ended = utcnow()
             await self._record(command, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
         else:
+            self._last_run_ended = utcnow()
             await self._record(command, "succeeded", summary=summary.as_dict())
         await _settle(message.ack(), run_id=command.run_id)
 
@@ -142,6 +164,24 @@ class CommandConsumer:
                 if await self._finished(command):
                     raise _AlreadyRan() from None
 
+    def _overtaken(self, command: ReconcileCommand) -> bool:
+        """Whether `command` is a tick that came up while this consumer's last run was going.
+
+        With prefetch 1 the broker hands over the next command only once the run before it is
+        acknowledged, its lock released by then, so such a tick would not find the lock taken: every
+        tick of a run longer than the schedule's interval became a full run of its own, back to
+        back, and the queue grew without end. Decided here rather than by a message TTL on the
+        queue, which would drop ticks unseen: a dropped tick is recorded and counted as `skipped`,
+        as one that finds the lock taken is. Only this process's runs are known; a replica that
+        becomes the active consumer runs the first tick it gets (at most one run too many), and
+        drops the ticks queued behind it. The command's time is by the ticker's clock and the run's
+        end by this one's: a tick that came up less than their difference after a run ended is
+        taken for one that came up during it, and skipped (the next tick runs).
+        """
+        if command.trigger != "schedule" or self._last_run_ended is None:
+            return False
+        return command.requested_at < self._last_run_ended
+
     async def _finished(self, command: ReconcileCommand) -> bool:
         """Whether the command's run has ended (best effort: unknown, it runs)."""
         try:
@@ -165,6 +205,10 @@ class CommandConsumer:
 
 class _AlreadyRan(Exception):
     """A redelivered command's first run ended while the copy waited for the lock."""
+
+
+class _Overtaken(Exception):
+    """A scheduled command that came up while the run before it was going."""
 
 
 async def _settle(answer: Awaitable[object], *, run_id: str | None = None) -> None:

@@ -394,10 +394,11 @@ class Reconciler:
             log.info("stuck job failed", extra={"job_id": record.id, "reason": why})
 
 
-def note_skipped(*, dry_run: bool, run_id: str, trigger: str) -> None:
-    """Count and log a run that did not happen because another one held the lock."""
+def note_skipped(*, dry_run: bool, run_id: str, trigger: str, reason: str = "another one is running") -> None:
+    """Count and log a run that did not happen because another one held the lock (or, `reason`,
+    was going when the command came up)."""
     RECONCILE_RUNS.labels("skipped", "true" if dry_run else "false").inc()
-    log.info("reconciliation skipped: another one is running", extra={"run_id": run_id, "trigger": trigger})
+    log.info("reconciliation skipped: %s", reason, extra={"run_id": run_id, "trigger": trigger})
 
 
 async def reconcile_once(
