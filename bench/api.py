@@ -2,6 +2,10 @@
 
 - bare: an aiohttp app in its own process whose `POST /jobs` reads and parses the same JSON body and
   answers 202 with a small JSON body (`python -m bench.api --bare PORT`).
+- durable floor: an aiohttp app in its own process that makes the three round trips a job is not
+  accepted without (the S3 HEAD, a Redis write, a confirmed publish to a quorum queue) with the
+  services' clients, and nothing else (`bench/floor.py`). `POST /jobs` against it is the cost of
+  imgpipe's own code; the floor against the bare handler, the cost of the design on this machine.
 - imgpipe: the real api service and its real path: JWT check, model validation, ownership, an S3 HEAD of
   the uploaded source (moto here; a real S3 or MinIO has a different cost), the `pending` record in Redis
   (Lua) and the publish with confirm. No worker runs, so the queue just fills. The same again with
@@ -18,7 +22,9 @@ when one process is saturated.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -27,8 +33,9 @@ import time
 import uuid
 from pathlib import Path
 
+from bench import floor
 from bench.harness import OWNER, BenchStack, cpu_seconds, median, profiled, token
-from tests.stack import free_port, wait_http
+from tests.stack import AMQP_URL, free_port, wait_http
 
 
 def bare_server(port: int) -> None:
@@ -50,6 +57,9 @@ def bare_server(port: int) -> None:
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+BARE = "bare aiohttp"
+FLOOR = "durable floor (HEAD, Redis, confirmed publish)"
+FLOOR_URL = "durable floor, URL source (Redis, confirmed publish)"
 IDEMPOTENT = "imgpipe POST /jobs, a new Idempotency-Key each"
 URL_SOURCE = "imgpipe POST /jobs (URL source, no S3 HEAD)"
 
@@ -106,7 +116,7 @@ def measure(
     if shutil.which("wrk") is None:
         return {"error": "wrk not installed (apt-get install wrk)"}
     stack = BenchStack(logdir)
-    bare = None
+    servers_started: list[subprocess.Popen] = []
     try:
         key = stack.upload("api-src", b"\xff\xd8\xff" + b"\0" * 1000, "image/jpeg")
         # 127.0.0.0/8 allowed so that a URL source on this machine passes the api's URL check. The
@@ -120,14 +130,20 @@ def measure(
                 "IMGPIPE_MAX_ACTIVE_JOBS": "0",
             },
         )
-        port = free_port()
-        bare_log = (logdir / "bare.log").open("wb")
-        bare = subprocess.Popen(
-            [sys.executable, "-m", "bench.api", "--bare", str(port)],
-            stdout=bare_log,
-            stderr=subprocess.STDOUT,
-        )
+        port, floor_port = free_port(), free_port()
+        for command, log_name, env in (
+            (["bench.api", "--bare", str(port)], "bare.log", None),
+            (["bench.floor", str(floor_port)], "floor.log", {**os.environ, **stack.env}),
+        ):
+            with (logdir / log_name).open("wb") as out:
+                servers_started.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", *command], stdout=out, stderr=subprocess.STDOUT, env=env
+                    )
+                )
+        bare, floor_server = servers_started
         wait_http(f"http://127.0.0.1:{port}/readyz", proc=bare)
+        wait_http(f"http://127.0.0.1:{floor_port}/readyz", proc=floor_server)
         body = json.dumps({"source": {"key": key}, "variants": ["thumb", "small"]})
         script = logdir / "post.lua"
         script.write_text(
@@ -146,20 +162,28 @@ def measure(
         upload_script.write_text(script.read_text().replace(json.dumps(body), json.dumps(upload_body)))
         idempotent_script = logdir / "post-idempotent.lua"
         targets = {
-            "bare aiohttp": f"http://127.0.0.1:{port}/jobs",
+            BARE: f"http://127.0.0.1:{port}/jobs",
+            FLOOR: f"http://127.0.0.1:{floor_port}/jobs",
+            FLOOR_URL: f"http://127.0.0.1:{floor_port}/jobs",
             "imgpipe POST /jobs": f"{api.url}/jobs",
             IDEMPOTENT: f"{api.url}/jobs",
             URL_SOURCE: f"{api.url}/jobs",
             "imgpipe POST /uploads": f"{api.url}/uploads",
         }
         scripts = {
-            "bare aiohttp": script,
+            BARE: script,
+            FLOOR: script,
+            FLOOR_URL: url_script,
             "imgpipe POST /jobs": script,
             IDEMPOTENT: idempotent_script,
             URL_SOURCE: url_script,
             "imgpipe POST /uploads": upload_script,
         }
-        servers = {k: [bare.pid] if k == "bare aiohttp" else [api.proc.pid] for k in targets}
+        servers = {k: [api.proc.pid] for k in targets} | {
+            BARE: [bare.pid],
+            FLOOR: [floor_server.pid],
+            FLOOR_URL: [floor_server.pid],
+        }
 
         def script_for(name: str) -> Path:
             """The target's script; for `IDEMPOTENT` written anew, with keys no run has sent."""
@@ -190,10 +214,13 @@ def measure(
                 with profiled(api.proc.pid, profile_dir / f"{out}.speedscope.json", log):
                     _wrk(targets[name], script_for(name), seconds, connections)
     finally:
-        if bare is not None:
-            bare.terminate()
-            bare.wait(10)
-        stack.close()
+        for server in servers_started:
+            server.terminate()
+            server.wait(10)
+        try:
+            asyncio.run(_delete_queue(floor.queue_name(stack.namespace)))
+        finally:
+            stack.close()
     summary = {
         name: {
             "rps": median([x["rps"] for x in v]),
@@ -205,17 +232,31 @@ def measure(
         }
         for name, v in runs.items()
     }
-    ratio = median(
-        [a["rps"] / b["rps"] for a, b in zip(runs["imgpipe POST /jobs"], runs["bare aiohttp"], strict=True)]
-    )
+
+    def ratio(name: str, baseline: str) -> float:
+        return median([a["rps"] / b["rps"] for a, b in zip(runs[name], runs[baseline], strict=True)])
+
     return {
         "connections": connections,
         "seconds": seconds,
         "rounds": rounds,
         "results": summary,
-        "ratio": ratio,
+        "ratio": ratio("imgpipe POST /jobs", BARE),
+        "floor_ratio": ratio("imgpipe POST /jobs", FLOOR),
+        "floor_vs_bare": ratio(FLOOR, BARE),
+        "url_floor_ratio": ratio(URL_SOURCE, FLOOR_URL),
+        "url_floor_vs_bare": ratio(FLOOR_URL, BARE),
         "runs": runs,
     }
+
+
+async def _delete_queue(name: str) -> None:
+    """Delete the floor's queue (there or not: RabbitMQ deletes a missing queue without an error)."""
+    import aio_pika
+
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        await (await connection.channel()).queue_delete(name)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.api import BARE, FLOOR, FLOOR_URL
+
 
 def _row(area, figure, value, baseline="", target="", ok=None):
     verdict = "" if ok is None else ("PASS" if ok else "FAIL")
@@ -184,7 +186,7 @@ def rows(res: dict) -> list[dict]:
                 out.append(_row("latency", figure, f"{means} ms"))
     api = res.get("api")
     if api and "results" in api:
-        real, bare = api["results"]["imgpipe POST /jobs"], api["results"]["bare aiohttp"]
+        real, bare = api["results"]["imgpipe POST /jobs"], api["results"][BARE]
         out.append(
             _row(
                 "api",
@@ -195,6 +197,32 @@ def rows(res: dict) -> list[dict]:
                 api["ratio"] >= 0.5,
             )
         )
+        # Against the durable floor (`bench/floor.py`): imgpipe's own cost, apart from the design's.
+        for floor_name, key, figure in (
+            (
+                FLOOR,
+                "floor",
+                "POST /jobs against the durable floor (the same S3 HEAD, Redis write and "
+                "confirmed publish, and nothing else)",
+            ),
+            (
+                FLOOR_URL,
+                "url_floor",
+                "POST /jobs, URL source, against the durable floor (its Redis write and confirmed publish)",
+            ),
+        ):
+            floor = api["results"].get(floor_name)
+            if floor:
+                out.append(
+                    _row(
+                        "api",
+                        figure,
+                        f"{api[f'{key}_ratio']:.2f}x",
+                        f"floor {floor['rps']:.0f} req/s = {api[f'{key}_vs_bare']:.2f}x the bare handler, "
+                        f"{floor['server_cpu_us']:.0f} µs a request, p50 / p99 {floor['p50_ms']:.1f} / "
+                        f"{floor['p99_ms']:.1f} ms",
+                    )
+                )
         out.append(
             _row(
                 "api",
