@@ -6,9 +6,11 @@ queue with its confirm). This handler makes those three with the same clients th
 (aiohttp with a presigned URL, redis-py, aio-pika with publisher confirms), one after the other as
 the api does, and nothing else: no token, no validation but that there is a source, no limits, no
 Idempotency-Key, no status to publish, no logs or metrics. A URL source, as in the api, has no HEAD.
-Its rate is what any service built this way reaches on the same machine, so `POST /jobs` against it
-says how much of the distance to the bare handler is imgpipe's own code, and the floor against the
-bare handler how much is the design.
+Each call is made plainly, one request's at a time: the api batches the Redis calls of concurrent
+requests (`imgpipe.coalesce`), which a service could do here too, so the floor is not a bound.
+Its rate is what such a service reaches on the same machine when it does nothing more, so
+`POST /jobs` against it says how much of the distance to the bare handler is imgpipe's own work, and
+the floor against the bare handler how much is the design's round trips.
 
 `python -m bench.floor PORT` serves it on 127.0.0.1 with the services' environment
 (`IMGPIPE_NAMESPACE`, `IMGPIPE_AMQP_URL`, `IMGPIPE_REDIS_URL`, the S3 settings): it publishes to the
