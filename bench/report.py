@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from bench.api import BARE, FLOOR, FLOOR_URL
+from bench.harness import THREAD_KINDS
 
 
 def _row(area, figure, value, baseline="", target="", ok=None):
@@ -38,6 +39,26 @@ def _machine_row(label: str, s: dict) -> dict:
         f"{label}: the machine's CPU per image, raw loop / pipeline",
         f"{cpu['machine, raw libvips']:.0f} ms / {machine:.0f} ms = {s['machine_cpu_vs_raw']:.2f}x",
         "pipeline: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()) + " ms",
+        "",
+        None,
+    )
+
+
+def _threads_row(label: str, s: dict) -> dict | None:
+    """The headline worker's CPU per image by kind of thread, beside the raw loop's (all image work)."""
+    cpu = s["cpu_ms_per_image"]
+    layout = s["headline_label"]
+    kinds = {kind: cpu.get(f"worker's {kind}, {layout}") for kind in THREAD_KINDS}
+    if any(ms is None for ms in kinds.values()):
+        return None  # results of a run from before the breakdown
+    user, system = kinds["event loop, user"], kinds["event loop, system"]
+    return _row(
+        "throughput",
+        f"{label}: the worker's CPU per image by thread",
+        f"libvips {kinds['libvips threads']:.1f}, Python threads (the renders' calls) "
+        f"{kinds['Python threads']:.1f}, event loop {user + system:.1f} (user {user:.1f}, system "
+        f"{system:.1f}), ended threads (libvips' idle workers) and others {kinds['ended and other']:.1f} ms",
+        f"raw loop {cpu['raw libvips']:.1f} ms",
         "",
         None,
     )
@@ -112,6 +133,8 @@ def rows(res: dict) -> list[dict]:
                 )
             if "machine_cpu_vs_raw" in s:
                 out.append(_machine_row(label, s))
+            if "cpu_ms_per_image" in s and (threads := _threads_row(label, s)):
+                out.append(threads)
             if s.get("loop_lag", {}).get(s["headline_label"], {}).get("ticks"):
                 out.append(_lag_row(label, s))
             p = s["pipeline_vs_pillow"]

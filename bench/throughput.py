@@ -27,7 +27,9 @@ the pipeline, the CPU of the other processes on the same cores (RabbitMQ and Red
 this machine, and this process, which publishes the jobs and follows their status), and the whole
 machine's busy CPU per image for both the raw loop and the pipeline (`/proc/stat`). Where both keep
 every core busy, the ratio of the two machine figures is the throughput ratio; the breakdown says
-which process the difference went to.
+which process the difference went to. Within the workers, their CPU by kind of thread
+(`thread_cpu_seconds`): libvips' threads, Python's (the render threads), and the event loop's, whose
+transfers, status writes and broker traffic the raw loop does not have.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pathlib import Path
 from bench import corpus
 from bench.harness import (
     REPO,
+    THREAD_KINDS,
     BenchStack,
     cpu_count,
     cpu_seconds,
@@ -61,6 +64,7 @@ from bench.harness import (
     profiled,
     submit_and_wait,
     submit_direct,
+    thread_cpu_seconds,
 )
 
 SINGLE = ["thumb"]
@@ -420,6 +424,7 @@ def measure(
                         _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
                         _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
                         _loop_lag(lag, layout.label, layout.urls()),
+                        _thread_ms_per_image(cpu, layout.label, layout.pids(), jobs),
                     ):
                         row[key] = asyncio.run(layout.run(jobs, names, images))
                 if peer:
@@ -457,6 +462,17 @@ def _loop_lag(into: dict[str, Counter[str]], key: str, urls: list[str]):
     before = loop_lag_totals(urls)
     yield
     into.setdefault(key, Counter()).update(loop_lag_totals(urls) - before)
+
+
+@contextlib.contextmanager
+def _thread_ms_per_image(into: dict[str, list[float]], label: str, pids: list[int], images: int):
+    """Append to `into["worker's <kind>, <label>"]` the CPU (ms) each kind of the worker processes'
+    threads (`thread_cpu_seconds`) spent per image while the block ran."""
+    before = thread_cpu_seconds(pids)
+    yield
+    after = thread_cpu_seconds(pids)
+    for kind in THREAD_KINDS:
+        into.setdefault(f"worker's {kind}, {label}", []).append((after[kind] - before[kind]) / images * 1000)
 
 
 def _cpu_ms_per_image(into: dict[str, list[float]], key: str, pids: list[int], images: int):

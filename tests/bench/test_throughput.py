@@ -20,11 +20,13 @@ from prometheus_client import REGISTRY
 from bench import report
 from bench.harness import (
     LOOP_LAG,
+    THREAD_KINDS,
     cpu_seconds,
     local_server_pids,
     loop_lag_summary,
     loop_lag_totals,
     machine_busy_seconds,
+    thread_cpu_seconds,
 )
 from tests.stack import local_http
 from tests.worker.test_consumer import eventually
@@ -122,3 +124,67 @@ def test_the_lag_row_gives_both_layouts() -> None:
     assert row["baseline"] == (
         "2 workers x concurrency 1: mean 0.25 ms, 0% of ticks over 5 ms, 0% over 25 ms, the latest under 5 ms"
     )
+
+
+# A child that spins in its main thread, in a Python thread that stays and in one that ends, and has
+# libvips make a thumbnail on two threads; then waits, so that its threads can be read.
+_THREADED = """
+import sys, threading, time
+import pyvips
+
+def spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+ended = threading.Thread(target=spin, args=(0.3,))
+ended.start()
+ended.join()
+staying = threading.Thread(target=lambda: (spin(0.3), threading.Event().wait()), daemon=True)
+staying.start()
+spin(0.3)
+pyvips.concurrency_set(2)
+image = pyvips.Image.gaussnoise(3000, 3000)
+image.resize(0.1).write_to_buffer(".png")
+time.sleep(0.5)  # the staying thread has spun by now
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_threads_of_a_process_are_counted_by_kind() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", _THREADED], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            kinds = thread_cpu_seconds([child.pid])
+            total = cpu_seconds([child.pid])
+        finally:
+            child.kill()
+
+    assert list(kinds) == list(THREAD_KINDS)
+    # 0.3 s each, read in clock ticks of 10 ms
+    assert kinds["event loop, user"] + kinds["event loop, system"] >= 0.25, kinds
+    assert kinds["Python threads"] >= 0.25, kinds  # the thread that stays
+    assert kinds["ended and other"] >= 0.25, kinds  # the thread that ended: in the process' total only
+    assert kinds["libvips threads"] > 0, kinds
+    assert abs(sum(kinds.values()) - total) <= 0.02, (kinds, total)
+
+
+def test_the_threads_row_breaks_the_worker_down_beside_the_raw_loop() -> None:
+    layout = "1 worker x concurrency 2"
+    s = _summary(84.0, 96.0)
+    parts = dict(zip(THREAD_KINDS, (64.0, 3.8, 4.1, 2.7, 0.2), strict=True))
+    s["cpu_ms_per_image"].update({f"worker's {kind}, {layout}": ms for kind, ms in parts.items()})
+
+    row = report._threads_row("1 variant", s)
+
+    assert row is not None
+    assert row["figure"] == "1 variant: the worker's CPU per image by thread"
+    assert row["value"] == (
+        "libvips 64.0, Python threads (the renders' calls) 3.8, event loop 6.8 (user 4.1, system 2.7), "
+        "ended threads (libvips' idle workers) and others 0.2 ms"
+    )
+    assert row["baseline"] == "raw loop 80.0 ms"
+    assert report._threads_row("1 variant", _summary(84.0, 96.0)) is None  # a run from before it
