@@ -133,7 +133,9 @@ def thread_cpu_seconds(pids: list[int]) -> Counter[str]:
 
     The event loop is the main thread (user and system time apart: the system time is the sockets and
     the page faults). Python's threads (the worker's render threads, asyncio's executor) keep the
-    process' command name, as CPython names no thread; libvips names its own ("libvips worker").
+    process' command name, as CPython names no thread: a render thread also runs the part of libvips'
+    work that happens on the thread that called it (the encoders, for one). libvips names its own
+    threads ("libvips worker").
     Threads that have ended are no longer listed, their time only in the process' total: that, and
     what any other thread took, is "ended and other". libvips ends worker threads that sit idle
     (8 of a worker's in 40 jobs, about 4 ms of CPU a job), so under load most of it is libvips'.

@@ -55,8 +55,8 @@ def _threads_row(label: str, s: dict) -> dict | None:
     return _row(
         "throughput",
         f"{label}: the worker's CPU per image by thread",
-        f"libvips {kinds['libvips threads']:.1f}, Python threads (the renders' calls) "
-        f"{kinds['Python threads']:.1f}, event loop {user + system:.1f} (user {user:.1f}, system "
+        f"libvips {kinds['libvips threads']:.1f}, Python threads (the renders, and the libvips work they "
+        f"run) {kinds['Python threads']:.1f}, event loop {user + system:.1f} (user {user:.1f}, system "
         f"{system:.1f}), ended threads (libvips' idle workers) and others {kinds['ended and other']:.1f} ms",
         f"raw loop {cpu['raw libvips']:.1f} ms",
         "",

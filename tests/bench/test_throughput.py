@@ -183,7 +183,8 @@ def test_the_threads_row_breaks_the_worker_down_beside_the_raw_loop() -> None:
     assert row is not None
     assert row["figure"] == "1 variant: the worker's CPU per image by thread"
     assert row["value"] == (
-        "libvips 64.0, Python threads (the renders' calls) 3.8, event loop 6.8 (user 4.1, system 2.7), "
+        "libvips 64.0, Python threads (the renders, and the libvips work they run) 3.8, event loop 6.8 "
+        "(user 4.1, system 2.7), "
         "ended threads (libvips' idle workers) and others 0.2 ms"
     )
     assert row["baseline"] == "raw loop 80.0 ms"
