@@ -218,7 +218,7 @@ def measure(
             server.terminate()
             server.wait(10)
         try:
-            asyncio.run(_delete_queue(floor.queue_name(stack.namespace)))
+            asyncio.run(floor.delete_queue(AMQP_URL, stack.namespace))
         finally:
             stack.close()
     summary = {
@@ -248,15 +248,6 @@ def measure(
         "url_floor_vs_bare": ratio(FLOOR_URL, BARE),
         "runs": runs,
     }
-
-
-async def _delete_queue(name: str) -> None:
-    """Delete the floor's queue (there or not: RabbitMQ deletes a missing queue without an error)."""
-    import aio_pika
-
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        await (await connection.channel()).queue_delete(name)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ the floor against the bare handler how much is the design's round trips.
 `python -m bench.floor PORT` serves it on 127.0.0.1 with the services' environment
 (`IMGPIPE_NAMESPACE`, `IMGPIPE_AMQP_URL`, `IMGPIPE_REDIS_URL`, the S3 settings): it publishes to the
 quorum queue `<namespace>.floor`, which it declares, and writes `<namespace>:floor:<id>` keys
-(`drop_namespace` removes those; the queue is for whoever started it to delete: `queue_name`).
+(`drop_namespace` removes those; the queue is for whoever started it to delete: `delete_queue`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ EXCHANGE = web.AppKey("exchange", aio_pika.abc.AbstractExchange)
 
 def queue_name(namespace: str) -> str:
     return f"{namespace}.floor"
+
+
+async def delete_queue(amqp_url: str, namespace: str) -> None:
+    """Delete the floor's queue of `namespace` (there or not: RabbitMQ deletes a missing queue without
+    an error)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        await (await connection.channel()).queue_delete(queue_name(namespace))
 
 
 def create_app(env: dict[str, str]) -> web.Application:

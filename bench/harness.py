@@ -102,12 +102,18 @@ def _proc_status(pid: int, field: str) -> float:
     return float("nan")
 
 
+def _stat_fields(path: str) -> tuple[str, list[str]]:
+    """The command name and the fields after it of a /proc `stat` file."""
+    text = Path(path).read_text()
+    return text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU the processes `pids` (all their threads) have used so far, seconds."""
     total = 0
     for pid in pids:
         # Fields 14 and 15 of /proc/<pid>/stat, counted after the ")" that ends the command name.
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        _, fields = _stat_fields(f"/proc/{pid}/stat")
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -120,12 +126,6 @@ THREAD_KINDS = (
     "event loop, system",
     "ended and other",
 )
-
-
-def _stat_fields(path: str) -> tuple[str, list[str]]:
-    """The command name and the fields after it of a /proc `stat` file."""
-    text = Path(path).read_text()
-    return text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
 
 
 def thread_cpu_seconds(pids: list[int]) -> Counter[str]:

@@ -29,10 +29,7 @@ async def floor_url(base_env: dict[str, str]) -> AsyncIterator[str]:
         yield str(server.make_url("/jobs"))
     finally:
         await server.close()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel()
-            await channel.queue_delete(floor.queue_name(base_env["IMGPIPE_NAMESPACE"]))
+        await floor.delete_queue(AMQP_URL, base_env["IMGPIPE_NAMESPACE"])
 
 
 async def test_an_accepted_job_is_in_redis_and_in_its_quorum_queue(
