@@ -1,0 +1,68 @@
+"""The report's figures held to a ratio: printed so that the verdict beside them can be read, and
+charted with the verdict the table gives (the chart itself needs matplotlib, which `make bench` adds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import report
+
+
+@pytest.mark.parametrize(
+    ("ratio", "goal", "text"),
+    [
+        (1.2656, 0.9, "1.27x"),
+        (0.8843, 0.9, "0.88x"),
+        (0.9, 0.9, "0.90x"),  # exactly the target: two decimals say it
+        (0.8972, 0.9, "0.897x"),  # "0.90x" beside a FAIL would read as a mistake
+        (0.9049, 0.9, "0.905x"),
+        (1.0041, 1.0, "1.004x"),  # beside "> 1.0x" and a PASS
+        (0.89996, 0.9, "0.89996x"),
+        (0.0512, 0.5, "0.05x"),
+        (0.8972, None, "0.90x"),  # no target, nothing to tell apart
+    ],
+)
+def test_a_ratio_gets_the_decimals_that_tell_it_from_its_target(ratio, goal, text) -> None:
+    assert report._times(ratio, goal) == text
+
+
+def _set(raw: float, pipeline: float, pillow: float) -> dict:
+    layout = "1 worker x concurrency 2"
+    headline = f"imgpipe ({layout})"
+    return {
+        "headline_layout": headline,
+        "headline_label": layout,
+        "images_per_s": {"raw libvips": raw, "Pillow": pillow, headline: pipeline},
+        "ratio_vs_raw": {headline: pipeline / raw},
+        "pipeline_vs_raw": pipeline / raw,
+        "pipeline_vs_pillow": pipeline / pillow,
+    }
+
+
+def test_the_chart_draws_each_ratio_with_the_tables_verdict() -> None:
+    res = {
+        "throughput": {
+            "processes": 2,
+            "sets": {
+                "1 variant": _set(9.73, 13.36, 9.53),
+                # 0.897x: below its 0.9x target, though two decimals would print it as 0.90x.
+                "1 variant, no progressive JPEG": _set(16.84, 15.11, 13.47),
+            },
+            "thumbor": "skipped (--no-thumbor)",
+        }
+    }
+    table = {r["figure"]: r for r in report.rows(res)}
+    bars = report.chart_bars(res)
+
+    assert [figure for figure, *_ in bars] == [
+        "1 variant: imgpipe (1 worker x concurrency 2) vs raw libvips loop",
+        "1 variant: vs Pillow loop",
+        "1 variant, no progressive JPEG: imgpipe (1 worker x concurrency 2) vs raw libvips loop",
+        "1 variant, no progressive JPEG: vs Pillow loop",
+    ]
+    for figure, *_, met in bars:
+        assert met == (table[figure]["verdict"] == "PASS"), figure
+    near = table["1 variant, no progressive JPEG: imgpipe (1 worker x concurrency 2) vs raw libvips loop"]
+    assert (near["value"], near["target"], near["verdict"]) == ("15.11 img/s = 0.897x", ">= 0.9x", "FAIL")
+    assert bars[2][1:] == (pytest.approx(15.11 / 16.84), 0.9, False)
+    assert bars[1][1:] == (pytest.approx(13.36 / 9.53), 1.0, True)
