@@ -38,6 +38,13 @@ def _times(ratio: float, goal: float | None = None) -> str:
     return f"{ratio:.{digits}f}x"
 
 
+def _spread(ratios: list[float] | None) -> str:
+    """The range of a median's per-round ratios: how far one round could be from another."""
+    if not ratios or len(ratios) < 2:
+        return ""
+    return f"; {len(ratios)} rounds, {min(ratios):.2f}-{max(ratios):.2f}x"
+
+
 def _machine_row(label: str, s: dict) -> dict:
     """The whole machine's CPU per image, raw loop against pipeline, and what the pipeline's went to."""
     cpu = s["cpu_ms_per_image"]
@@ -117,7 +124,7 @@ def rows(res: dict) -> list[dict]:
                     "throughput",
                     f"{label}: {headline} vs raw libvips loop",
                     f"{ips[headline]:.2f} img/s = {_times(r, target)}",
-                    f"raw {ips['raw libvips']:.2f} img/s",
+                    f"raw {ips['raw libvips']:.2f} img/s" + _spread(s.get("ratio_rounds", {}).get(headline)),
                     f">= {target}x",
                     r >= target,
                     ratio=r,
@@ -131,7 +138,7 @@ def rows(res: dict) -> list[dict]:
                             "throughput",
                             f"{label}: {k} (other layout)",
                             f"{v:.2f} img/s = {s['ratio_vs_raw'][k]:.2f}x",
-                            "",
+                            _spread(s.get("ratio_rounds", {}).get(k)).removeprefix("; "),
                             "",
                             None,
                         )

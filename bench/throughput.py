@@ -21,7 +21,9 @@ with all of their variants.
   2N requests in flight, each on a new connection so that a free process takes it.
 
 Three sets (`VARIANT_SETS`): one variant and four over the whole corpus, and one variant over the
-corpus without its progressive JPEG. Beside the rates, each round records the CPU the raw loop's pool
+corpus without its progressive JPEG. Every contender runs once a round, each round starting one
+contender later than the one before, and a figure is the median over the rounds of its ratio to the
+same round's raw loop (the report gives the rounds' range beside it). Beside the rates, each round records the CPU the raw loop's pool
 and the worker processes spend per image, and the S3 server's per job (`/proc/<pid>/stat`); and, for
 the pipeline, the CPU of the other processes on the same cores (RabbitMQ and Redis where they run on
 this machine, and this process, which publishes the jobs and follows their status), and the whole
@@ -73,11 +75,13 @@ EVERY_IMAGE = tuple(s.name for s in corpus.THROUGHPUT)
 # The progressive JPEG is the one image the pipeline decodes differently from `thumbnail_buffer` (from
 # its DC scans, `imgpipe_worker.progressive`): the third set shows the 1-variant figure without it.
 NO_PROGRESSIVE = tuple(s.name for s in corpus.THROUGHPUT if s.fmt != "jpeg-progressive")
-#: label -> (presets, images cycled through)
+#: label -> (presets, images cycled through, share of the run's jobs a round). A 4-variant round of the
+#: full count lasts five times a 1-variant one and its figures sit far from their targets: half the jobs
+#: leave time for the rounds the short, noisy 1-variant ones need.
 VARIANT_SETS = {
-    "1 variant": (SINGLE, EVERY_IMAGE),
-    "4 variants": (FOUR, EVERY_IMAGE),
-    "1 variant, no progressive JPEG": (SINGLE, NO_PROGRESSIVE),
+    "1 variant": (SINGLE, EVERY_IMAGE, 1.0),
+    "4 variants": (FOUR, EVERY_IMAGE, 0.5),
+    "1 variant, no progressive JPEG": (SINGLE, NO_PROGRESSIVE, 1.0),
 }
 
 
@@ -367,14 +371,14 @@ def measure(
     logdir: Path,
     *,
     rounds: int,
-    jobs: int,
+    jobs_per_round: int,
     thumbor: bool = True,
     profile_dir: Path | None = None,
     log=print,
 ) -> dict:
     n = cpu_count()
     corpus.load()
-    result: dict = {"processes": n, "jobs_per_round": jobs, "rounds": rounds, "sets": {}}
+    result: dict = {"processes": n, "jobs_per_round": jobs_per_round, "rounds": rounds, "sets": {}}
     ctx = mp.get_context("spawn")  # a fresh libvips per process, nothing inherited from the parent
     pool = ctx.Pool(n, initializer=_pool_init)
     layouts = [Pipeline(logdir / "a", n, 1), Pipeline(logdir / "b", 1, n)]
@@ -402,37 +406,37 @@ def measure(
         pool_pids = [child.pid for child in mp.active_children()]
         servers = local_server_pids()  # on the same cores as the worker: counted beside it
         result["local_servers"] = sorted(servers)
-        for label, (names, images) in VARIANT_SETS.items():
+        for label, (names, images, share) in VARIANT_SETS.items():
+            jobs = max(len(images), round(jobs_per_round * share))
             figures: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}  # CPU ms per image, by process group
             lag: dict[str, Counter[str]] = {}  # the workers' event-loop ticks, over all rounds
+            steps = [
+                ("raw libvips", partial(_raw_step, cpu, pool, pool_pids, jobs, names, images)),
+                ("Pillow", partial(run_pool, pool, _pillow_job, jobs, names, images)),
+                *(
+                    (
+                        f"imgpipe ({layout.label})",
+                        partial(_pipeline_step, cpu, lag, servers, layout, jobs, names, images),
+                    )
+                    for layout in layouts
+                ),
+                *((("thumbor", partial(_thumbor_step, peer, jobs, names, images, 2 * n)),) if peer else ()),
+            ]
             for r in range(rounds):
-                with (
-                    _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs),
-                    _ms_per_image(cpu, "machine, raw libvips", machine_busy_seconds, jobs),
-                ):
-                    row = {"raw libvips": run_pool(pool, _raw_job, jobs, names, images)}
-                row["Pillow"] = run_pool(pool, _pillow_job, jobs, names, images)
-                for layout in layouts:
-                    key = f"imgpipe ({layout.label})"
-                    with (
-                        _cpu_ms_per_image(cpu, key, layout.pids(), jobs),
-                        _cpu_ms_per_image(cpu, f"S3 server (moto), {layout.label}", [layout.moto_pid], jobs),
-                        _cpu_ms_per_image(
-                            cpu, f"RabbitMQ and Redis, {layout.label}", [*servers.values()], jobs
-                        ),
-                        _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
-                        _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
-                        _loop_lag(lag, layout.label, layout.urls()),
-                        _thread_ms_per_image(cpu, layout.label, layout.pids(), jobs),
-                    ):
-                        row[key] = asyncio.run(layout.run(jobs, names, images))
-                if peer:
-                    row["thumbor"] = asyncio.run(peer.run(jobs, names, 2 * n, images))
+                # Each round starts one contender later: the machine's speed drifts over a round, and a
+                # fixed order would put the same contenders always furthest from the raw loop they are
+                # divided by.
+                shift = r % len(steps)
+                ran = {key: step() for key, step in steps[shift:] + steps[:shift]}
+                row = {key: ran[key] for key, _ in steps}
                 for key, value in row.items():
                     figures.setdefault(key, []).append(value)
-                log(f"    {label} round {r + 1}: " + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items()))
-            result["sets"][label] = _summarise(figures, cpu, headline)
+                log(
+                    f"    {label} round {r + 1} (from {steps[shift][0]}): "
+                    + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items())
+                )
+            result["sets"][label] = _summarise(figures, cpu, headline) | {"jobs_per_round": jobs}
             if profile_dir is not None:  # one run more, not counted: py-spy slows what it samples
                 slug = label.replace(" ", "-").replace(",", "")
                 with profiled(layouts[1].pids()[0], profile_dir / f"worker-{slug}.speedscope.json", log):
@@ -445,6 +449,34 @@ def measure(
         if peer:
             peer.close()
     return result
+
+
+def _raw_step(cpu, pool, pool_pids, jobs, names, images) -> float:
+    """One round of the raw loop, with its pool's and the machine's CPU per image."""
+    with (
+        _cpu_ms_per_image(cpu, "raw libvips", pool_pids, jobs),
+        _ms_per_image(cpu, "machine, raw libvips", machine_busy_seconds, jobs),
+    ):
+        return run_pool(pool, _raw_job, jobs, names, images)
+
+
+def _pipeline_step(cpu, lag, servers, layout, jobs, names, images) -> float:
+    """One round of a pipeline layout, with the CPU per image of everything it runs on."""
+    key = f"imgpipe ({layout.label})"
+    with (
+        _cpu_ms_per_image(cpu, key, layout.pids(), jobs),
+        _cpu_ms_per_image(cpu, f"S3 server (moto), {layout.label}", [layout.moto_pid], jobs),
+        _cpu_ms_per_image(cpu, f"RabbitMQ and Redis, {layout.label}", [*servers.values()], jobs),
+        _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
+        _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
+        _loop_lag(lag, layout.label, layout.urls()),
+        _thread_ms_per_image(cpu, layout.label, layout.pids(), jobs),
+    ):
+        return asyncio.run(layout.run(jobs, names, images))
+
+
+def _thumbor_step(peer, jobs, names, images, concurrency) -> float:
+    return asyncio.run(peer.run(jobs, names, concurrency, images))
 
 
 @contextlib.contextmanager
@@ -491,8 +523,9 @@ def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], lay
         "headline_label": layout,
         # Per-round ratios against the raw loop of the same round, then the median of those: rates
         # drift with the machine from round to round, the ratio to the same round's raw loop much less.
-        "ratio_vs_raw": {k: median([x / b for x, b in zip(v, raw, strict=True)]) for k, v in figures.items()},
+        "ratio_rounds": {k: [x / b for x, b in zip(v, raw, strict=True)] for k, v in figures.items()},
     }
+    out["ratio_vs_raw"] = {k: median(v) for k, v in out["ratio_rounds"].items()}
     out["pipeline_vs_raw"] = out["ratio_vs_raw"][headline]
     out["pipeline_vs_pillow"] = median(
         [x / b for x, b in zip(figures[headline], figures["Pillow"], strict=True)]
@@ -524,7 +557,7 @@ if __name__ == "__main__":
     res = measure(
         Path(tempfile.mkdtemp(prefix="bench-tp-")),
         rounds=1 if quick else 3,
-        jobs=12,
+        jobs_per_round=12,
         thumbor="--no-thumbor" not in sys.argv,
     )
     print(json.dumps(res, indent=1, default=str))

@@ -26,10 +26,10 @@ def test_a_ratio_gets_the_decimals_that_tell_it_from_its_target(ratio, goal, tex
     assert report._times(ratio, goal) == text
 
 
-def _set(raw: float, pipeline: float, pillow: float) -> dict:
+def _set(raw: float, pipeline: float, pillow: float, rounds: list[float] | None = None) -> dict:
     layout = "1 worker x concurrency 2"
     headline = f"imgpipe ({layout})"
-    return {
+    out = {
         "headline_layout": headline,
         "headline_label": layout,
         "images_per_s": {"raw libvips": raw, "Pillow": pillow, headline: pipeline},
@@ -37,6 +37,9 @@ def _set(raw: float, pipeline: float, pillow: float) -> dict:
         "pipeline_vs_raw": pipeline / raw,
         "pipeline_vs_pillow": pipeline / pillow,
     }
+    if rounds:
+        out["ratio_rounds"] = {headline: rounds}
+    return out
 
 
 def test_the_chart_draws_each_ratio_with_the_tables_verdict() -> None:
@@ -46,7 +49,7 @@ def test_the_chart_draws_each_ratio_with_the_tables_verdict() -> None:
             "sets": {
                 "1 variant": _set(9.73, 13.36, 9.53),
                 # 0.897x: below its 0.9x target, though two decimals would print it as 0.90x.
-                "1 variant, no progressive JPEG": _set(16.84, 15.11, 13.47),
+                "1 variant, no progressive JPEG": _set(16.84, 15.11, 13.47, [0.897, 0.95, 0.81]),
             },
             "thumbor": "skipped (--no-thumbor)",
         }
@@ -64,5 +67,11 @@ def test_the_chart_draws_each_ratio_with_the_tables_verdict() -> None:
         assert met == (table[figure]["verdict"] == "PASS"), figure
     near = table["1 variant, no progressive JPEG: imgpipe (1 worker x concurrency 2) vs raw libvips loop"]
     assert (near["value"], near["target"], near["verdict"]) == ("15.11 img/s = 0.897x", ">= 0.9x", "FAIL")
+    # The rounds' range beside the median, where the run recorded them (runs before it did not).
+    assert near["baseline"] == "raw 16.84 img/s; 3 rounds, 0.81-0.95x"
+    assert (
+        table["1 variant: imgpipe (1 worker x concurrency 2) vs raw libvips loop"]["baseline"]
+        == "raw 9.73 img/s"
+    )
     assert bars[2][1:] == (pytest.approx(15.11 / 16.84), 0.9, False)
     assert bars[1][1:] == (pytest.approx(13.36 / 9.53), 1.0, True)
