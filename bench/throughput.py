@@ -20,18 +20,18 @@ with all of their variants.
   directory, one HTTP request per variant (thumbor has no multi-variant request), result storage off,
   2N requests in flight, each on a new connection so that a free process takes it.
 
-Three sets (`VARIANT_SETS`): one variant and four over the whole corpus, and one variant over the
-corpus without its progressive JPEG. Every contender runs once a round, each round starting one
-contender later than the one before, and a figure is the median over the rounds of its ratio to the
-same round's raw loop (the report gives the rounds' range beside it). Beside the rates, each round records the CPU the raw loop's pool
-and the worker processes spend per image, and the S3 server's per job (`/proc/<pid>/stat`); and, for
-the pipeline, the CPU of the other processes on the same cores (RabbitMQ and Redis where they run on
-this machine, and this process, which publishes the jobs and follows their status), and the whole
-machine's busy CPU per image for both the raw loop and the pipeline (`/proc/stat`). Where both keep
-every core busy, the ratio of the two machine figures is the throughput ratio; the breakdown says
-which process the difference went to. Within the workers, their CPU by kind of thread
-(`thread_cpu_seconds`): libvips' threads, Python's (the render threads), and the event loop's, whose
-transfers, status writes and broker traffic the raw loop does not have.
+Three sets (`VARIANT_SETS`): one variant and four over the whole corpus, and one variant over the corpus
+without its progressive JPEG. Every contender runs once a round, each round starting one contender later
+than the one before, and a figure is the median over the rounds of its ratio to the same round's raw
+loop (the report gives the rounds' range beside it). Beside the rates, each round records the CPU the
+raw loop's pool and the worker processes spend per image, and the S3 server's per job
+(`/proc/<pid>/stat`); and, for the pipeline, the CPU of the other processes on the same cores (RabbitMQ
+and Redis where they run on this machine, and this process, which publishes the jobs and follows their
+status), and the whole machine's busy CPU per image for both the raw loop and the pipeline
+(`/proc/stat`). Where both keep every core busy, the ratio of the two machine figures is the throughput
+ratio; the breakdown says which process the difference went to. Within the workers, their CPU by kind of
+thread (`thread_cpu_seconds`): libvips' threads, Python's (the render threads), and the event loop's,
+whose transfers, status writes and broker traffic the raw loop does not have.
 """
 
 from __future__ import annotations
@@ -424,16 +424,13 @@ def measure(
                 *((("thumbor", partial(_thumbor_step, peer, jobs, names, images, 2 * n)),) if peer else ()),
             ]
             for r in range(rounds):
-                # Each round starts one contender later: the machine's speed drifts over a round, and a
-                # fixed order would put the same contenders always furthest from the raw loop they are
-                # divided by.
-                shift = r % len(steps)
-                ran = {key: step() for key, step in steps[shift:] + steps[:shift]}
+                order = in_turn(steps, r)
+                ran = {key: step() for key, step in order}
                 row = {key: ran[key] for key, _ in steps}
                 for key, value in row.items():
                     figures.setdefault(key, []).append(value)
                 log(
-                    f"    {label} round {r + 1} (from {steps[shift][0]}): "
+                    f"    {label} round {r + 1} (from {order[0][0]}): "
                     + ", ".join(f"{k} {v:.2f}/s" for k, v in row.items())
                 )
             result["sets"][label] = _summarise(figures, cpu, headline) | {"jobs_per_round": jobs}
@@ -449,6 +446,17 @@ def measure(
         if peer:
             peer.close()
     return result
+
+
+def in_turn(steps: list, round_index: int) -> list:
+    """The contenders in the order they run in round `round_index`: each round starts one later.
+
+    The machine's speed drifts over a round, and a fixed order would always put the same contenders
+    furthest from the raw loop they are divided by; in turn, each takes every place once in
+    `len(steps)` rounds.
+    """
+    shift = round_index % len(steps)
+    return steps[shift:] + steps[:shift]
 
 
 def _raw_step(cpu, pool, pool_pids, jobs, names, images) -> float:

@@ -17,7 +17,7 @@ import pytest
 from imgpipe.web import base_app
 from prometheus_client import REGISTRY
 
-from bench import report
+from bench import report, throughput
 from bench.harness import (
     LOOP_LAG,
     THREAD_KINDS,
@@ -189,3 +189,18 @@ def test_the_threads_row_breaks_the_worker_down_beside_the_raw_loop() -> None:
     )
     assert row["baseline"] == "raw loop 80.0 ms"
     assert report._threads_row("1 variant", _summary(84.0, 96.0)) is None  # a run from before it
+
+
+def test_each_contender_takes_every_place_in_turn() -> None:
+    steps = [
+        "raw libvips",
+        "Pillow",
+        "imgpipe (2 workers x concurrency 1)",
+        "imgpipe (1 worker x concurrency 2)",
+    ]
+    orders = [throughput.in_turn(steps, r) for r in range(len(steps) + 1)]
+
+    assert orders[0] == steps  # the first round in the listed order
+    for place in range(len(steps)):
+        assert sorted(order[place] for order in orders[: len(steps)]) == sorted(steps)
+    assert orders[len(steps)] == steps  # and round again
