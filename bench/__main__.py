@@ -100,7 +100,7 @@ def main() -> None:
     plan = {
         "throughput": lambda: throughput.measure(
             logdir / "throughput",
-            # Rounds of a few seconds each on a shared machine: one can differ from the next by a tenth.
+            # Rounds of a few seconds each on a shared machine: one can differ from the next by a fifth.
             rounds=3 if q else 5,
             jobs_per_round=24 if q else 48,
             thumbor=not (q or args.no_thumbor),
