@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 from bench import floor
-from bench.harness import OWNER, BenchStack, cpu_seconds, median, profiled, token
+from bench.harness import OWNER, BenchStack, cpu_seconds, median, paired_ratios, profiled, token
 from tests.stack import AMQP_URL, free_port, wait_http
 
 
@@ -234,7 +234,7 @@ def measure(
     }
 
     def ratio(name: str, baseline: str) -> float:
-        return median([a["rps"] / b["rps"] for a, b in zip(runs[name], runs[baseline], strict=True)])
+        return median(paired_ratios([r["rps"] for r in runs[name]], [r["rps"] for r in runs[baseline]]))
 
     return {
         "connections": connections,

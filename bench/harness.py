@@ -95,6 +95,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def paired_ratios(values: list[float], baselines: list[float]) -> list[float]:
+    """Each round's figure over the same round's baseline. Rates drift with the machine from round to
+    round; the ratio to a baseline measured in the same round much less, so figures are medians of these."""
+    return [v / b for v, b in zip(values, baselines, strict=True)]
+
+
 def _proc_status(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):

@@ -63,6 +63,7 @@ from bench.harness import (
     machine_busy_seconds,
     median,
     open_publisher,
+    paired_ratios,
     profiled,
     submit_and_wait,
     submit_direct,
@@ -529,31 +530,22 @@ def _summarise(figures: dict[str, list[float]], cpu: dict[str, list[float]], lay
         "rounds": figures,
         "headline_layout": headline,
         "headline_label": layout,
-        # Per-round ratios against the raw loop of the same round, then the median of those: rates
-        # drift with the machine from round to round, the ratio to the same round's raw loop much less.
-        "ratio_rounds": {k: [x / b for x, b in zip(v, raw, strict=True)] for k, v in figures.items()},
+        "ratio_rounds": {k: paired_ratios(v, raw) for k, v in figures.items()},
     }
     out["ratio_vs_raw"] = {k: median(v) for k, v in out["ratio_rounds"].items()}
     out["pipeline_vs_raw"] = out["ratio_vs_raw"][headline]
-    out["pipeline_vs_pillow"] = median(
-        [x / b for x, b in zip(figures[headline], figures["Pillow"], strict=True)]
-    )
+    out["pipeline_vs_pillow"] = median(paired_ratios(figures[headline], figures["Pillow"]))
     if "thumbor" in figures:
-        out["pipeline_vs_thumbor"] = median(
-            [x / b for x, b in zip(figures[headline], figures["thumbor"], strict=True)]
-        )
+        out["pipeline_vs_thumbor"] = median(paired_ratios(figures[headline], figures["thumbor"]))
     # Throughput per core of the worker itself: the raw loop's CPU per image over the worker
     # processes' (render, S3 transfers, broker, status), without the S3 server, Redis, RabbitMQ and
     # this process, which share the two cores here but not a production worker's.
     out["cpu_ms_per_image"] = {k: median(v) for k, v in cpu.items()}
     out["cpu_rounds"] = cpu
-    out["worker_cpu_vs_raw"] = median([r / w for r, w in zip(cpu["raw libvips"], cpu[headline], strict=True)])
+    out["worker_cpu_vs_raw"] = median(paired_ratios(cpu["raw libvips"], cpu[headline]))
     # The same on the whole machine: everything the pipeline needs here (S3 server, broker, Redis,
     # this process, the kernel's threads) against everything the raw loop needs.
-    machine = cpu[f"machine, {layout}"]
-    out["machine_cpu_vs_raw"] = median(
-        [r / p for r, p in zip(cpu["machine, raw libvips"], machine, strict=True)]
-    )
+    out["machine_cpu_vs_raw"] = median(paired_ratios(cpu["machine, raw libvips"], cpu[f"machine, {layout}"]))
     return out
 
 
