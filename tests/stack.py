@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,10 +36,23 @@ JWT_SECRET = "test-secret-" + "x" * 32
 BUCKET = "imgpipe-test"
 
 
+# Ports `free_port` has handed out in this process. The port it returns is free only until someone
+# binds it: two callers close together (services started from a thread pool) could be given the same
+# one by the kernel, and the second service's health check was then answered by the first.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A local TCP port nothing listens on, never one this process has handed out before."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def wait_http(
