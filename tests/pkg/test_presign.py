@@ -12,6 +12,7 @@ import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,10 +48,17 @@ def _client(session: boto3.session.Session, **kwargs: Any) -> Any:
 
 
 def _both(
-    client: Any, session: boto3.session.Session, bucket: str, method: str, key: str, headers: dict[str, str]
+    client: Any,
+    session: boto3.session.Session,
+    bucket: str,
+    method: str,
+    key: str,
+    headers: dict[str, str],
+    presigner: Presigner | None = None,
 ) -> tuple[str, str]:
-    """Ours and botocore's URL for the same request, made within one second (the signed date)."""
-    presigner = Presigner(client, session.get_credentials(), bucket)
+    """Ours (`presigner`'s, by default one made from `client`) and botocore's URL for the same
+    request, made within one second (the signed date)."""
+    presigner = presigner or Presigner(client, session.get_credentials(), bucket)
     params = {"Bucket": bucket, "Key": key, **{_PARAMS[k.lower()]: v for k, v in headers.items()}}
     for _ in range(3):
         ours = presigner.url(method, key, expires_s=300, headers=headers)
@@ -261,10 +269,11 @@ def _policy(form: dict[str, str]) -> dict[str, Any]:
 
 
 def _both_posts(
-    client: Any, session: boto3.session.Session, bucket: str, key: str
+    client: Any, session: boto3.session.Session, bucket: str, key: str, presigner: Presigner | None = None
 ) -> tuple[tuple[str, dict[str, str]], tuple[str, dict[str, str]]]:
-    """Ours and botocore's form for the same upload, signed within one second."""
-    presigner = Presigner(client, session.get_credentials(), bucket)
+    """Ours (`presigner`'s, by default one made from `client`) and botocore's form for the same
+    upload, signed within one second."""
+    presigner = presigner or Presigner(client, session.get_credentials(), bucket)
     for _ in range(3):
         ours = presigner.post(key, expires_s=600, fields=_UPLOAD_FIELDS, conditions=_UPLOAD_CONDITIONS)
         post = client.generate_presigned_post(
@@ -308,6 +317,30 @@ def test_upload_forms_of_temporary_credentials_carry_their_token() -> None:
     assert ours == theirs
     assert ours[1]["x-amz-security-token"] == token
     assert {"x-amz-security-token": token} in _policy(ours[1])["conditions"]
+
+
+@pytest.mark.parametrize(("endpoint", "style", "region"), _LAYOUTS)
+def test_the_bucket_is_learnt_from_a_probe_client_that_is_then_let_go(
+    endpoint: str | None, style: str, region: str
+) -> None:
+    # `Storage` locates the bucket with a client of made-up credentials, so that the client, and
+    # S3's model it holds, can go: the URLs and forms signed afterwards must still be botocore's own.
+    session = _session(token="IQoJb3JpZ2luX2VjEPr//////////wEaCXVzLWVhc3QtMSJHMEUCIQ+/=")
+    client = _client(session, endpoint_url=endpoint, style=style, region=region)
+    probe_session = boto3.session.Session(aws_access_key_id="probe", aws_secret_access_key="probe")
+    probe = _client(probe_session, endpoint_url=endpoint, style=style, region=region)
+    gone = weakref.ref(probe)
+    presigner = Presigner(probe, session.get_credentials(), "imgpipe-media")
+    presigner.locate()
+    del probe, probe_session
+    gc.collect()
+    assert gone() is None
+    key = "uploads/with space/ünï+=&"
+    _assert_same(*_both(client, session, "imgpipe-media", "GET", key, {}, presigner))
+    headers = {"Content-Type": "image/webp", "Cache-Control": "public, max-age=31536000"}
+    _assert_same(*_both(client, session, "imgpipe-media", "PUT", key, headers, presigner))
+    ours, theirs = _both_posts(client, session, "imgpipe-media", key, presigner)
+    assert ours == theirs
 
 
 def test_an_upload_form_without_credentials_is_an_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import tracemalloc
 import uuid
@@ -121,6 +122,43 @@ async def test_get_holds_the_body_once(storage: Storage, s3_endpoint: str) -> No
         tracemalloc.stop()
     assert body == bytes(range(256)) * (size // 256)
     assert peak < 1.25 * size, f"{peak / size:.2f} times the body"
+
+
+async def test_a_storage_holds_no_s3_model_until_it_lists(s3_endpoint: str, storage: Storage) -> None:
+    # A boto3 client holds S3's service model and endpoint rules, about 10 MiB. The api, the status
+    # service and the worker only sign URLs, move objects and probe the bucket: none of that may keep
+    # one. The reconciler's listing needs a client, and shows the measure sees one.
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fresh = Storage(s3_settings(s3_endpoint, storage.bucket))
+        try:
+            await fresh.ping()
+            await fresh.put("uploads/o/a", b"bytes", "text/plain")
+            assert await fresh.get("uploads/o/a", max_bytes=10) == b"bytes"
+            assert (await fresh.head("uploads/o/a"))["ContentLength"] == 5
+            fresh.presign_upload("uploads/o/b", "image/png", 100)
+            fresh.presign_download("uploads/o/a")
+            gc.collect()
+            held, _ = tracemalloc.get_traced_memory()
+            assert held < 2 * 2**20, f"{held / 2**20:.1f} MiB held"
+            assert [[o.key for o in page] async for page in fresh.iter_pages("uploads/")] == [["uploads/o/a"]]
+            listed, _ = tracemalloc.get_traced_memory()
+            assert listed > held + 5 * 2**20, f"{listed / 2**20:.1f} MiB held after a listing"
+        finally:
+            await fresh.close()
+    finally:
+        tracemalloc.stop()
+
+
+async def test_ping_fails_for_a_missing_bucket(s3_endpoint: str) -> None:
+    storage = Storage(s3_settings(s3_endpoint, f"imgpipe-missing-{uuid.uuid4().hex[:12]}"))
+    try:
+        with pytest.raises(StorageError) as info:
+            await storage.ping()
+        assert info.value.message.startswith("S3: no bucket")
+    finally:
+        await storage.close()
 
 
 async def test_put_if_absent_stores_once(storage: Storage) -> None:

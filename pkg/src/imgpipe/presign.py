@@ -71,14 +71,16 @@ class Presigner:
     it (`post`), for the credentials of `client`.
 
     `client` is a boto3 S3 client: it presigns once, for a probe key, to show where the bucket is
-    and which region signs for it. `credentials` are the ones it signs with (its session's); they
+    and which region signs for it (on first use, or `locate`), and is let go of then: any client
+    of the same endpoint and settings shows the same, whatever its credentials, and a client holds
+    its service's model (about 10 MiB a process). `credentials` are the ones it signs with; they
     are read once here, and temporary ones again every `CREDENTIALS_RECHECK_S` by a thread until
     `close`: their refresh is a call to STS (or the instance's metadata service), which on the
     event loop would stall every request while it lasts (botocore's timeouts are 60 s).
     """
 
     def __init__(self, client: Any, credentials: Credentials | None, bucket: str) -> None:
-        self._client = client
+        self._client: Any = client  # until `locate`
         self._credentials = credentials
         self._frozen: ReadOnlyCredentials | None = None
         self._closed = threading.Event()
@@ -102,7 +104,11 @@ class Presigner:
         self._post_url: str | None = None  # where a browser form posts: the bucket's URL
         self._signing_key: tuple[str, str, bytes] = ("", "", b"")  # secret, day, key
 
-    def _learn_bucket_url(self) -> None:
+    def locate(self) -> None:
+        """Learn where the bucket is (its objects' URLs, where a form posts, the signing region) from
+        the client now, and let go of the client. Done on first use otherwise."""
+        if self._client is None:
+            return
         probe = self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self._bucket, "Key": _PROBE_KEY}, ExpiresIn=60
         )
@@ -117,7 +123,9 @@ class Presigner:
             host = f"{host}:{url.port}"
         self._host = host
         self._prefix = url.path[: -len(_PROBE_KEY)]
+        self._post_url = self._client.generate_presigned_post(self._bucket, _PROBE_KEY)["url"]
         self._origin = f"{url.scheme}://{url.netloc}"
+        self._client = None
 
     def close(self) -> None:
         """Stop renewing the credentials."""
@@ -151,7 +159,7 @@ class Presigner:
     def _start(self) -> tuple[ReadOnlyCredentials, float, str, str]:
         """What every signature starts from: the credentials, now (epoch s), its SigV4 stamp, the scope."""
         if self._origin is None:
-            self._learn_bucket_url()
+            self.locate()
         credentials = self._current_credentials()
         now = time.time()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
@@ -212,8 +220,7 @@ class Presigner:
         so the form is the one `generate_presigned_post` would give.
         """
         credentials, now, stamp, scope = self._start()
-        if self._post_url is None:
-            self._post_url = self._client.generate_presigned_post(self._bucket, _PROBE_KEY)["url"]
+        assert self._post_url is not None  # learnt by `_start`
         form = {**(fields or {}), "key": key}
         signed = {
             "x-amz-algorithm": ALGORITHM,

@@ -1,9 +1,10 @@
 """Object storage (S3, MinIO): presigned uploads and downloads, and the reads and writes of jobs.
 
 boto3 is blocking, so its network calls run in a thread (`asyncio.to_thread`), never on the event
-loop. The calls every job makes (`head` at submit, then `get` and `put`) go over presigned URLs with
-aiohttp instead, which costs half the CPU and no thread; `imgpipe.presign` signs them with the
-client's credentials, inline (local computation). Key layout:
+loop. The calls every job makes (`head` at submit, then `get` and `put`) and the readiness probe go
+over presigned URLs with aiohttp instead, which costs half the CPU and no thread; `imgpipe.presign`
+signs them with the session's credentials, inline (local computation). Only the reconciler's
+listing, deletes and conditional write need a boto3 client, made on first use. Key layout:
 
     uploads/{owner_id}/{random}              presigned uploads; the owner is part of the key, so
                                              ownership is checked without a lookup
@@ -13,12 +14,14 @@ client's credentials, inline (local computation). Key layout:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import re
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -108,6 +111,12 @@ def _session(settings: S3Settings) -> boto3.session.Session:
     return boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
 
 
+def _probe_session() -> boto3.session.Session:
+    """A session only for finding the bucket's URLs (`Presigner.locate`): they do not depend on the
+    credentials, so any will do, and none are fetched (from STS, an instance's metadata) for it."""
+    return boto3.session.Session(aws_access_key_id="imgpipe-probe", aws_secret_access_key="imgpipe-probe")
+
+
 def _client(session: boto3.session.Session, settings: S3Settings, endpoint: str | None, pool: int) -> Any:
     config = Config(
         region_name=settings.aws_region,
@@ -169,26 +178,52 @@ class Storage:
 
     def __init__(self, settings: S3Settings, *, pool: int = 16) -> None:
         self.bucket = settings.s3_bucket
-        session = _session(settings)
-        self._s3 = _client(session, settings, settings.s3_endpoint_url, pool)
-        credentials = session.get_credentials()
-        self._presigner = Presigner(self._s3, credentials, self.bucket)
+        self._settings = settings
+        self._boto3 = _session(settings)
+        credentials = self._boto3.get_credentials()
+        # The presigners learn the bucket's URLs from clients of a session of their own, which then
+        # go with all they loaded: a boto3 client holds S3's whole service model and endpoint rules
+        # (about 11 MiB of Python objects; without them a worker's idle RSS is 5 MiB lower), and the
+        # api, the status service and the worker make no call that needs one.
+        probe = _probe_session()
+        self._presigner = Presigner(
+            _client(probe, settings, settings.s3_endpoint_url, 1), credentials, self.bucket
+        )
         # Presigned URLs must name the endpoint clients can reach, which may differ from ours.
         public = settings.s3_public_endpoint_url
         self._public_presigner = (
-            Presigner(_client(session, settings, public, 1), credentials, self.bucket)
+            Presigner(_client(probe, settings, public, 1), credentials, self.bucket)
             if public
             else self._presigner
         )
+        self._presigner.locate()
+        self._public_presigner.locate()
+        # The probe session and its clients hold one another in cycles: without a full collection,
+        # rare in a long-lived process, what they loaded would stay (about 30 ms, once).
+        del probe
+        gc.collect()
+        self._s3_client: Any = None
+        self._s3_lock = threading.Lock()
         self._upload_ttl = settings.presign_ttl_s
         self._download_ttl = settings.download_url_ttl_s
         self._pool = pool
         self._http: aiohttp.ClientSession | None = None
         self._ping: asyncio.Future[Any] | None = None
 
+    def _s3(self) -> Any:
+        """The boto3 client, made on first use. Called in a worker thread: making one loads S3's
+        model (tens of milliseconds), and a session is not safe to make clients from in two threads
+        at once, hence the lock."""
+        with self._s3_lock:
+            if self._s3_client is None:
+                self._s3_client = _client(
+                    self._boto3, self._settings, self._settings.s3_endpoint_url, self._pool
+                )
+            return self._s3_client
+
     async def _call(self, method: str, **kwargs: Any) -> Any:
         try:
-            return await asyncio.to_thread(getattr(self._s3, method), Bucket=self.bucket, **kwargs)
+            return await asyncio.to_thread(lambda: getattr(self._s3(), method)(Bucket=self.bucket, **kwargs))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchKey", "NotFound") and "Key" in kwargs:
@@ -241,6 +276,18 @@ class Storage:
                     ) from None
 
         return await self._transfer("HEAD", key, send)
+
+    async def _head_bucket(self) -> None:
+        what = f"bucket {self.bucket}"
+
+        async def send(http: aiohttp.ClientSession) -> None:
+            # The bucket's own URL: the key's place in it left empty.
+            async with http.head(self._transfer_url("HEAD", ""), allow_redirects=False) as response:
+                if response.status == 404:
+                    raise StorageError("storage_error", f"S3: no {what}", transient=True)
+                _check(response, "HEAD", what)
+
+        await self._transfer("HEAD", what, send)
 
     def _session(self) -> aiohttp.ClientSession:
         # Made on first use, inside the running loop (an aiohttp session belongs to one loop).
@@ -355,11 +402,15 @@ class Storage:
         Only one page is held at once, so memory stays flat however many objects there are; each
         page is fetched in a thread.
         """
-        pages = iter(
-            self._s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+
+        def listing() -> Iterator[dict[str, Any]]:
+            return iter(
+                self._s3()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
             )
-        )
+
+        pages = await asyncio.to_thread(listing)
         while True:
             try:
                 page = await asyncio.to_thread(next, pages, None)
@@ -420,14 +471,14 @@ class Storage:
             await self._call("create_bucket")
 
     async def ping(self) -> None:
-        """Whether the bucket answers (`HeadBucket`), for readiness.
+        """Whether the bucket answers (`HeadBucket`, over a presigned URL like `head`), for readiness.
 
-        One at a time: a probe's timeout ends the wait, not the boto3 call in its thread, so while S3
-        hangs every probe would leave a thread blocked in the default executor (which DNS lookups
-        share) for up to boto3's timeouts. A probe joins the call in flight instead.
+        One at a time: a probe's timeout ends its wait, not the request, which goes on for up to its
+        timeouts and retries; while S3 hangs, every probe would add one more. A probe joins the call
+        in flight instead.
         """
         if self._ping is None or self._ping.done():
-            self._ping = asyncio.ensure_future(self._call("head_bucket"))
+            self._ping = asyncio.ensure_future(self._head_bucket())
             # Its outcome is taken here too: a call every probe gave up on must not log as unretrieved.
             self._ping.add_done_callback(lambda done: done.cancelled() or done.exception())
         await asyncio.shield(self._ping)
