@@ -94,7 +94,9 @@ lint-deploy: install ## Validate the deployment (Dockerfiles, compose, gateway, 
 
 .PHONY: bench
 bench: ## Benchmarks against raw libvips, Pillow and thumbor (needs wrk; BENCH_ARGS=--quick for a short run)
-	$(UV) sync --all-packages --group bench --frozen
+	@# Compiled bytecode, as in the images (UV_COMPILE_BYTECODE=1): without it, where
+	@# PYTHONDONTWRITEBYTECODE is set, every process compiles every module it imports as it starts.
+	$(UV) sync --all-packages --group bench --frozen --compile-bytecode
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 .PHONY: clean

@@ -120,9 +120,9 @@ class Limits:
     timeout_s: float = 30.0  # wall time for one render() call
     #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`),
     #: and, on its own, the most one variant's encoding may need (`encode_bytes`). 192 MiB keeps a worker
-    #: at concurrency 1 under 300 MiB for any source made into web-sized variants (~100 MiB idle plus the
+    #: at concurrency 1 under 300 MiB for any source made into web-sized variants (~92 MiB idle plus the
     #: decode plus the variants; the benchmark's hungriest accepted inputs, a 12 MP AVIF and a 26 MP 4:4:4
-    #: progressive JPEG, peaked at 294-295 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
+    #: progressive JPEG, peaked at 290-294 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
     #: photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to
     #: 51 MP (4:4:4: 25 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that claims
     #: 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory limit)
