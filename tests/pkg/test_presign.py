@@ -52,17 +52,20 @@ def _both(
     session: boto3.session.Session,
     bucket: str,
     method: str,
-    key: str,
+    key: str | None,
     headers: dict[str, str],
     presigner: Presigner | None = None,
 ) -> tuple[str, str]:
     """Ours (`presigner`'s, by default one made from `client`) and botocore's URL for the same
-    request, made within one second (the signed date)."""
+    request (`key` None: `HeadBucket`), made within one second (the signed date)."""
     presigner = presigner or Presigner(client, session.get_credentials(), bucket)
-    params = {"Bucket": bucket, "Key": key, **{_PARAMS[k.lower()]: v for k, v in headers.items()}}
+    operation = _OPERATIONS[method] if key is not None else "head_bucket"
+    params = {"Bucket": bucket, **{_PARAMS[k.lower()]: v for k, v in headers.items()}}
+    if key is not None:
+        params["Key"] = key
     for _ in range(3):
         ours = presigner.url(method, key, expires_s=300, headers=headers)
-        theirs = client.generate_presigned_url(_OPERATIONS[method], Params=params, ExpiresIn=300)
+        theirs = client.generate_presigned_url(operation, Params=params, ExpiresIn=300)
         if parse_qs(urlsplit(ours).query)["X-Amz-Date"] == parse_qs(urlsplit(theirs).query)["X-Amz-Date"]:
             return ours, theirs
         time.sleep(0.05)
@@ -317,6 +320,17 @@ def test_upload_forms_of_temporary_credentials_carry_their_token() -> None:
     assert ours == theirs
     assert ours[1]["x-amz-security-token"] == token
     assert {"x-amz-security-token": token} in _policy(ours[1])["conditions"]
+
+
+@pytest.mark.parametrize(("endpoint", "style", "region"), _LAYOUTS)
+def test_the_bucket_itself_as_botocore_presigns_head_bucket(
+    endpoint: str | None, style: str, region: str
+) -> None:
+    # The readiness probe: "/{bucket}" path-style (no slash after it), "/" virtual-hosted.
+    session = _session()
+    client = _client(session, endpoint_url=endpoint, style=style, region=region)
+    ours, theirs = _both(client, session, "imgpipe-media", "HEAD", None, {})
+    _assert_same(ours, theirs)
 
 
 @pytest.mark.parametrize(("endpoint", "style", "region"), _LAYOUTS)

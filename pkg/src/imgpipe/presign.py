@@ -170,8 +170,11 @@ class Presigner:
             self._key(credentials.secret_key, stamp[:8]), text.encode(), hashlib.sha256
         ).hexdigest()
 
-    def url(self, method: str, key: str, *, expires_s: int, headers: Mapping[str, str] | None = None) -> str:
-        """A URL that lets its holder send `method` for `key` for `expires_s` seconds.
+    def url(
+        self, method: str, key: str | None, *, expires_s: int, headers: Mapping[str, str] | None = None
+    ) -> str:
+        """A URL that lets its holder send `method` for `key` (`None`: the bucket itself, as for
+        `HeadBucket`) for `expires_s` seconds.
 
         `headers` are signed too: the request must then carry exactly these values.
         """
@@ -190,7 +193,10 @@ class Presigner:
         if credentials.token:
             params["X-Amz-Security-Token"] = credentials.token
         query = "&".join(f"{_encode(k)}={_encode(v)}" for k, v in sorted(params.items()))
-        path = self._prefix + quote(key, safe="/~")  # the key as botocore quotes it; signed as sent
+        if key is None:  # "/{bucket}" or, virtual-hosted, "/": as botocore writes it
+            path = self._prefix.rstrip("/") or "/"
+        else:
+            path = self._prefix + quote(key, safe="/~")  # the key as botocore quotes it; signed as sent
         canonical = "\n".join(
             [
                 method,

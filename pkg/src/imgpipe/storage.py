@@ -281,8 +281,7 @@ class Storage:
         what = f"bucket {self.bucket}"
 
         async def send(http: aiohttp.ClientSession) -> None:
-            # The bucket's own URL: the key's place in it left empty.
-            async with http.head(self._transfer_url("HEAD", ""), allow_redirects=False) as response:
+            async with http.head(self._transfer_url("HEAD", None), allow_redirects=False) as response:
                 if response.status == 404:
                     raise StorageError("storage_error", f"S3: no {what}", transient=True)
                 _check(response, "HEAD", what)
@@ -299,7 +298,7 @@ class Storage:
             )
         return self._http
 
-    def _transfer_url(self, method: str, key: str, headers: dict[str, str] | None = None) -> yarl.URL:
+    def _transfer_url(self, method: str, key: str | None, headers: dict[str, str] | None = None) -> yarl.URL:
         url = self._presigner.url(method, key, expires_s=_TRANSFER_URL_TTL_S, headers=headers)
         # Sent exactly as signed: yarl would otherwise decode what it thinks needs no escape, such as
         # the `(`, `:` or `=` of a key, and S3 checks the signature against the path it receives.
