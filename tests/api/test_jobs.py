@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -174,6 +175,32 @@ async def test_non_json_body(alice: Client) -> None:
     ) as response:
         assert response.status == 415
         assert (await response.json())["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "data"),
+    [
+        pytest.param("gzip", gzip.compress(b'{"source": {"url": "https://example.com/a.jpg"}}'), id="gzip"),
+        pytest.param("GZip", b"not gzip at all", id="gzip-that-does-not-inflate"),
+        pytest.param("identity, gzip", b"{}", id="gzip-after-identity"),
+    ],
+)
+async def test_a_compressed_body_is_refused_before_it_is_inflated(
+    alice: Client, encoding: str, data: bytes
+) -> None:
+    """aiohttp would inflate it; one that did not inflate came out as a 500 with an ERROR line."""
+    accepted = await _accepted_total(alice)
+    headers = {**alice.headers, "Content-Type": "application/json", "Content-Encoding": encoding}
+    async with alice.http.post(f"{alice.stack.api}/jobs", data=data, headers=headers) as response:
+        assert response.status == 415, await response.text()
+        assert (await response.json())["error"]["code"] == "unsupported_media_type"
+        assert response.headers["Accept-Encoding"] == "identity"
+    assert await _accepted_total(alice) == accepted
+    # Saying so changes nothing.
+    headers["Content-Encoding"] = "identity"
+    data = b'{"source": {"url": "https://example.com/a.jpg"}}'
+    async with alice.http.post(f"{alice.stack.api}/jobs", data=data, headers=headers) as response:
+        assert response.status == 202, await response.text()
 
 
 async def test_someone_elses_upload_is_forbidden(alice: Client, bob: Client, alice_key: str) -> None:

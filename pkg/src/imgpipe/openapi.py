@@ -79,6 +79,10 @@ HEADERS: dict[str, dict[str, Any]] = {
         "`Idempotency-Key` created.",
         "schema": {"type": "string", "enum": ["true"]},
     },
+    "Accept-Encoding": {
+        "description": "`identity`: the request body must be sent without a Content-Encoding (RFC 7694).",
+        "schema": {"type": "string", "enum": ["identity"]},
+    },
     "RateLimit-Limit": {
         "description": "The caller's limit in the current window.",
         "schema": {"type": "integer", "minimum": 0},

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
@@ -167,6 +167,17 @@ async def read_model(request: web.Request, model: type[M]) -> M:
     """The JSON body validated into `model`; any problem is a 4xx with a precise code."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    # aiohttp inflates a gzip or deflate body itself, and one that does not inflate would reach us
+    # as an error of its own (a 500). Our bodies are a few hundred bytes of JSON: compressing them
+    # gains nothing, so a coded body is refused before any of it is inflated (RFC 7694 says how).
+    coded = [c for c in request.headers.getall(hdrs.CONTENT_ENCODING, []) if c.strip().lower() != "identity"]
+    if coded:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the body without a Content-Encoding (not {coded[0][:32]!r})",
+            headers={"Accept-Encoding": "identity"},
+        )
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:

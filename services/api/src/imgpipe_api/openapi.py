@@ -94,6 +94,10 @@ class ReplayResult(Answer):
 
 
 _TOO_LARGE_BODY = "request_too_large"
+_CODED = ("Accept-Encoding",)  # on the 415 for a body sent with a Content-Encoding
+_NOT_PLAIN_JSON = (
+    "The body is not application/json, or has a Content-Encoding (bodies are sent uncompressed)."
+)
 _RETRY = ("Retry-After",)
 _RATE = ("RateLimit-Limit", "RateLimit-Remaining")
 _BUSY = error("Another listing or replay is running; retry shortly.", "dead_letters_busy")
@@ -122,9 +126,10 @@ def operations() -> tuple[Operation, ...]:
                     _TOO_LARGE_BODY,
                 ),
                 415: error(
-                    "The body is not JSON, or `content_type` is not an accepted image type.",
+                    f"{_NOT_PLAIN_JSON[:-1]}, or `content_type` is not an accepted image type.",
                     "unsupported_media_type",
                     "unsupported_content_type",
+                    optional_headers=_CODED,
                 ),
                 422: error("The body does not validate; the message says where.", "invalid_request"),
                 429: error(
@@ -170,7 +175,7 @@ def operations() -> tuple[Operation, ...]:
                     "source_too_large",
                     _TOO_LARGE_BODY,
                 ),
-                415: error("The body is not application/json.", "unsupported_media_type"),
+                415: error(_NOT_PLAIN_JSON, "unsupported_media_type", optional_headers=_CODED),
                 422: error(
                     "The request cannot be done as asked; the code says why.",
                     "invalid_request",
@@ -289,7 +294,7 @@ def operations() -> tuple[Operation, ...]:
                 403: FORBIDDEN,
                 409: _BUSY,
                 413: error("The body is too large.", _TOO_LARGE_BODY),
-                415: error("The body is not application/json.", "unsupported_media_type"),
+                415: error(_NOT_PLAIN_JSON, "unsupported_media_type", optional_headers=_CODED),
                 422: error("The body does not validate; the message says where.", "invalid_request"),
                 503: unavailable(
                     "broker_unavailable",
@@ -313,6 +318,7 @@ def document() -> dict[str, Any]:
         version=package_version("imgpipe"),
         description="Presigned uploads, job submission and the admin routes. Jobs are read and "
         'followed on the status service. Errors are `{"error": {"code", "message"}}`; branch '
-        "on `code`. Request bodies are JSON of at most 64 KiB (413 `request_too_large` beyond that).",
+        "on `code`. Request bodies are uncompressed JSON of at most 64 KiB (413 `request_too_large` "
+        "beyond that).",
         operations=operations(),
     )
