@@ -80,6 +80,21 @@ async def test_token_without_scope_is_not_admin() -> None:
     assert not (await _verifier().verify(_token(_claims(scope=["admin"])))).is_admin
 
 
+@pytest.mark.parametrize(
+    ("scope", "admin"),
+    [
+        ("admin", True),
+        ("read  admin ", True),
+        ("read\u00a0admin", False),  # str.split() split on these too, and granted `admin`
+        ("read\x1fadmin", False),
+        ("read\tadmin", False),
+        ("read\nadmin", False),
+    ],
+)
+async def test_scopes_are_separated_by_spaces_only(scope: str, admin: bool) -> None:
+    assert (await _verifier().verify(_token(_claims(scope=scope)))).is_admin is admin
+
+
 async def test_issue_round_trips() -> None:
     verifier = _verifier(jwt_audience="imgpipe", jwt_issuer="https://idp.example")
     principal = await verifier.verify(verifier.issue("bob", scopes="admin"))
@@ -99,7 +114,7 @@ async def test_missing_exp_is_invalid() -> None:
     assert "exp" in error.message
 
 
-@pytest.mark.parametrize("sub", [None, "", 42, "x" * 257])
+@pytest.mark.parametrize("sub", [None, "", 42, "x" * 257, "\ud800x"])  # the last: no UTF-8 (a 500 after)
 async def test_missing_or_bad_sub_is_invalid(sub: object) -> None:
     claims = _claims()
     if sub is None:
@@ -716,7 +731,16 @@ async def test_unreachable_jwks_is_a_503(
 
 @pytest.mark.parametrize(
     "trouble",
-    ["status-500", "not-json", "no-keys-list", "no-usable-key", "too-large", "too-slow", "redirect"],
+    [
+        "status-500",
+        "not-json",
+        "no-keys-list",
+        "no-usable-key",
+        "alg-not-a-string",
+        "too-large",
+        "too-slow",
+        "redirect",
+    ],
 )
 async def test_broken_jwks_is_a_503_and_recovers(
     rsa_idp: Idp,
@@ -736,6 +760,8 @@ async def test_broken_jwks_is_a_503_and_recovers(
             {"kty": "RSA", "kid": "rsa-1", "n": "AQAB"},
             {"kty": "oct", "kid": "x", "k": "c2VjcmV0"},
         ]
+    elif trouble == "alg-not-a-string":  # PyJWKSet raised TypeError on it: a 500, not a 503
+        rsa_idp.jwks = [{**key, "alg": [key["alg"]]} for key in good]
     elif trouble == "too-large":
         padding = [
             {"kid": f"pad-{i}", "kty": "unknown", "x": "y" * 1000} for i in range(MAX_JWKS_BYTES // 1000)

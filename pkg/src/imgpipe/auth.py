@@ -248,6 +248,8 @@ class JwksKeys:
             and jwk.get("use", "sig") == "sig"
             and isinstance(jwk.get("kid"), str)
             and jwk["kid"]
+            # PyJWKSet looks the algorithm up in a dict: a list there raised TypeError (a 500).
+            and isinstance(jwk.get("alg", ""), str)
         ]
         try:
             # PyJWKSet parses each key and drops those it cannot use.
@@ -302,7 +304,8 @@ class TokenVerifier:
         A token that verified is remembered (by its exact text, signature included) until its `exp`
         or for `VERIFIED_TTL_S`, whichever is sooner: clients send the same token with every
         request, and checking its signature again each time was a seventh of `POST /jobs`' CPU. The
-        short bound keeps a key withdrawn from the JWKS effective within a minute.
+        short bound keeps a key withdrawn from the JWKS from being honoured for more than a minute
+        after the key set is fetched again (on first use once `jwt_jwks_cache_s` has passed).
         """
         known = self._verified.get(token)
         if known is not None:
@@ -341,7 +344,8 @@ class TokenVerifier:
             key = self._hmac_keys[algorithm]
         claims = self._decode(token, key, algorithm)
         sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub or len(sub) > 256:
+        # A JSON string may hold a lone surrogate (`"\ud800"`), which no UTF-8 key or hash can take.
+        if not isinstance(sub, str) or not sub or len(sub) > 256 or not _is_unicode(sub):
             raise AuthError("invalid_token", "the token's sub must be a non-empty string")
         # `exp` is required and pyjwt has checked it is a number in the future.
         return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim))), float(claims["exp"])
@@ -376,7 +380,9 @@ class TokenVerifier:
 
     def _scopes(self, value: object) -> frozenset[str]:
         if isinstance(value, str):
-            return frozenset(value.split())
+            # Scopes are separated by spaces (RFC 6749 §3.3), and by nothing else: `str.split()`
+            # would also split "read\u00a0admin" or "read\x1fadmin", and grant `admin`.
+            return frozenset(scope for scope in value.split(" ") if scope)
         # `scope` is a space-separated string (RFC 8693 §4.2); other claims (Okta's `scp`) may be lists.
         if self._scope_claim != "scope" and isinstance(value, list):
             return frozenset(item for item in value if isinstance(item, str) and item and " " not in item)
@@ -402,6 +408,15 @@ class TokenVerifier:
         """Release the JWKS client session, if one was opened."""
         if self.jwks is not None:
             await self.jwks.close()
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def bearer_token(authorization: str | None) -> str:
