@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -569,6 +569,51 @@ async def test_a_message_whose_job_has_no_record_is_dropped(
     assert s3_objects(own.s3_endpoint, job_prefix(user.sub, job_id)) == {}
     assert await metric(http, own.worker, "imgpipe_jobs_succeeded_total") == succeeded
     assert await queue_depth(own.topology.jobs_queue) == 0
+
+
+async def test_a_message_with_a_naive_created_at_is_settled(
+    own: OwnStack, user: Client, small_jpeg: bytes
+) -> None:
+    """Only the api's own messages carry an aware `created_at`. Year 1 without a zone made the
+    `queued` metric raise before the job's guard: the message was never settled and held a consumer
+    slot until the broker's `consumer_timeout` (30 minutes). One message more than the worker's
+    prefetch: were any of them left unsettled, the good job after them would wait behind them."""
+    key = await user.upload(small_jpeg)
+    job_ids = [uuid.uuid4().hex for _ in range(4)]
+    sent = ["0001-01-01T00:00:00", "0001-01-01T00:00:00+10:00", "2026-01-01T00:00:00", "9999-12-31T23:59:59"]
+    for job_id, created_at in zip(job_ids, sent, strict=True):
+        body = JobMessage(
+            id=job_id,
+            owner=user.sub,
+            source=KeySource(key=key),
+            variants=[PRESETS["thumb"]],
+            created_at=created_at,  # type: ignore[arg-type]  # validated as the worker would
+        ).model_dump_json()
+        assert f'"created_at":"{created_at}"' in body  # as sent
+        await publish_raw(own.topology, body.encode(), message_id=job_id, headers={ATTEMPT_HEADER: 1})
+
+    def dropped() -> bool:  # no record: acknowledged, as any message of a job withdrawn or expired
+        return all(
+            "no record for job (expired or withdrawn); dropping message"
+            in [r["message"] for r in log_records(own.worker, job_id)]
+            for job_id in job_ids
+        )
+
+    await eventually(dropped)
+    await _good_job_succeeds(user, small_jpeg)
+    assert await queue_depth(own.topology.jobs_queue) == 0
+
+
+def test_the_wait_of_a_message_from_elsewhere_is_never_an_error() -> None:
+    from imgpipe_worker.consumer import _since_accepted
+
+    now = time.time()
+    assert _since_accepted(datetime.fromtimestamp(now - 5, UTC)) == pytest.approx(5, abs=1)
+    # A naive time is UTC, whatever this host's zone.
+    naive = datetime.fromtimestamp(now - 5, UTC).replace(tzinfo=None)
+    assert _since_accepted(naive) == pytest.approx(5, abs=1)
+    assert _since_accepted(datetime.min) > 6e10  # year 1, naive: `timestamp()` raised
+    assert _since_accepted(datetime.max.replace(tzinfo=UTC)) == 0.0  # in the future: never negative
 
 
 async def test_a_copy_failing_after_another_succeeded_leaves_no_dead_letter(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import itertools
 import math
 import os
 import struct
@@ -627,6 +628,28 @@ def test_png_chunk_floods_are_refused(ctype: bytes, count: int) -> None:
     # Under the limits, the same chunks make a PNG like any other.
     fewer = png[:33] + png_chunk(b"tEXt", b"") * 1000 + png_chunk(b"IDAT", b"") * 1000 + png[33:]
     assert probe(fewer, LIMITS).format == "png"
+
+
+def test_a_long_apng_is_not_a_chunk_flood() -> None:
+    """Every frame of an animated PNG is two chunks (fcTL, then fdAT); only the default image (IDAT)
+    is rendered, as libvips reads it. 1,500 frames were refused as `corrupt_image`, 300 rendered."""
+    raw = b"".join(b"\x00" + b"\x80\x40\x20" * 4 for _ in range(4))  # 4 x 4 RGB, filter 0
+    data = zlib.compress(raw)
+    frames = 1500
+    chunks = [png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))]
+    chunks.append(png_chunk(b"acTL", struct.pack(">II", frames, 0)))
+    sequence = itertools.count()
+    for frame in range(frames):
+        control = struct.pack(">IIIIIHHBB", next(sequence), 4, 4, 0, 0, 1, 10, 0, 0)
+        chunks.append(png_chunk(b"fcTL", control))
+        if frame == 0:
+            chunks.append(png_chunk(b"IDAT", data))
+        else:
+            chunks.append(png_chunk(b"fdAT", struct.pack(">I", next(sequence)) + data))
+    apng = b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + png_chunk(b"IEND", b"")
+    assert probe(apng, LIMITS).format == "png"
+    (out,) = render(apng, [variant(width=2, format="png")], LIMITS)
+    assert decode(out.data).getpoint(0, 0)[:3] == [128, 64, 32]
 
 
 def test_jpeg_header_bomb_is_refused_fast() -> None:

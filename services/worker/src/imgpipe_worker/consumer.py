@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import aiohttp
@@ -67,7 +67,13 @@ T = TypeVar("T")
 
 def _since_accepted(created_at: datetime) -> float:
     """Seconds from the api's creating the job's record (its `created_at`) until now, by the wall
-    clock: the api's and the worker's hosts may differ by a little, so never negative."""
+    clock: the api's and the worker's hosts may differ by a little, so never negative.
+
+    The api writes an aware time; a message from elsewhere may carry a naive one. That is taken as
+    UTC: read in this host's zone, year 1 raised (`timestamp()` goes through the C library there).
+    """
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
     return max(0.0, time.time() - created_at.timestamp())
 
 
@@ -232,11 +238,12 @@ class Consumer:
         job_id_var.set(job.id)
         if clean_request_id(job.request_id):
             request_id_var.set(job.request_id)
-        if attempt == 1 and not message.redelivered:  # a redelivery's wait includes a lost worker's time
-            JOB_STAGE["queued"].observe(_since_accepted(job.created_at))
         JOBS_IN_FLIGHT.inc()
         started = time.perf_counter()
-        try:
+        try:  # from here on, whatever goes wrong, the message is settled
+            # Not for a redelivery: its wait includes a lost worker's time.
+            if attempt == 1 and not message.redelivered:
+                JOB_STAGE["queued"].observe(_since_accepted(job.created_at))
             await self._process(job, message, attempt)
         except Exception as exc:
             log.error("job could not be settled; returned to the queue: %s", type(exc).__name__)
@@ -477,7 +484,7 @@ def _attempt(headers: dict) -> int:
     """
     try:
         return max(1, int(headers.get(ATTEMPT_HEADER, 1) or 1))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float
         log.warning("unreadable %s header; counting this delivery as the first", ATTEMPT_HEADER)
         return 1
 

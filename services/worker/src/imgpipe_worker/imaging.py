@@ -449,9 +449,11 @@ def _get(image: pyvips.Image, name: str, default: object) -> object:
 # also costs a warning (a log line) each time. 100,000 empty `tEXt` chunks (1.2 MB) took 5.7 s and
 # wrote 200,000 log lines; a 50 MB file would take minutes. Real files carry a handful of such
 # chunks, and image data in chunks of kilobytes, so these limits only refuse files made to do this.
-_PNG_MAX_METADATA_CHUNKS = 1024  # chunks other than image data (IDAT, and APNG's fdAT)
+_PNG_MAX_METADATA_CHUNKS = 1024  # chunks other than image data and frames
 _PNG_MAX_CHUNKS = 100_000
-_PNG_IMAGE_DATA = frozenset({b"IDAT", b"fdAT"})
+# IDAT, and an APNG's frames: each a control chunk (fcTL) and its data (fdAT). Counted as metadata,
+# a real animation of over a thousand frames was refused as corrupt.
+_PNG_IMAGE_DATA = frozenset({b"IDAT", b"fcTL", b"fdAT"})
 
 
 def _check_png_chunks(data: bytes) -> None:
