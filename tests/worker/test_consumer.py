@@ -479,6 +479,12 @@ async def test_poison_messages_are_dead_lettered_and_worker_keeps_serving(
         assert deaths and deaths[0]["reason"] == "rejected", letter.headers
         assert deaths[0]["queue"] == own.topology.jobs_queue
 
+    # Each is logged with what was wrong, not with what was sent (pydantic's errors carry the input:
+    # a body of up to the broker's message size, from any publisher, in the logs).
+    lines = [r["message"] for r in log_records(own.worker) if "unparseable" in r["message"]]
+    assert len(lines) >= len(poison), lines
+    assert not [line for line in lines if "garbage" in line or "hello" in line], lines
+
     await _good_job_succeeds(user, small_jpeg)
     assert await queue_depth(own.topology.jobs_queue) == 0
 

@@ -100,7 +100,7 @@ class CommandConsumer:
         try:
             command = ReconcileCommand.model_validate_json(message.body)
         except ValidationError as exc:
-            log.error("unparseable reconcile command dead-lettered: %s", exc.errors()[:1])
+            log.error("unparseable reconcile command dead-lettered: %s", exc.errors(include_input=False)[:1])
             await _settle(message.reject(requeue=False))
             return
         try:

@@ -228,7 +228,7 @@ class Consumer:
             job = JobMessage.model_validate_json(message.body)
         except ValidationError as exc:
             # Unreadable: no retry can fix it. Rejecting dead-letters it through the queue's DLX.
-            log.error("unparseable message dead-lettered: %s", exc.errors()[:1])
+            log.error("unparseable message dead-lettered: %s", exc.errors(include_input=False)[:1])
             JOBS_DEAD_LETTERED.inc()
             try:
                 await message.reject(requeue=False)
