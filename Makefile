@@ -65,7 +65,7 @@ COMPOSE ?= docker compose
 
 .PHONY: up
 up: ## Build and start everything in Docker: gateway :8080, Grafana :3000, MinIO :9000/:9001
-	$(COMPOSE) up -d --build --remove-orphans
+	$(COMPOSE) up -d --build --remove-orphans --wait
 	@echo "gateway    http://localhost:8080   (POST /uploads, POST /jobs, GET /jobs/{id}[/events])"
 	@echo "grafana    http://localhost:3000   (admin/admin; anonymous viewers allowed)"
 	@echo "prometheus http://localhost:9090   rabbitmq http://localhost:15672 (imgpipe/imgpipe-dev)"
