@@ -173,11 +173,14 @@ def thread_cpu_seconds(pids: list[int]) -> Counter[str]:
 
 def machine_busy_seconds() -> float:
     """CPU time all the cores of this machine have spent busy so far (neither idle nor waiting for
-    I/O), seconds: what every process and the kernel's own threads took, together."""
+    I/O), seconds: what every process and the kernel's own threads took, together. Steal (time a
+    virtual machine's core waited for its host) is not this machine's work, and is left out."""
     # The first line of /proc/stat: user nice system idle iowait irq softirq steal (guest time is
     # counted in user already), in clock ticks.
-    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, _steal = (
+        int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def local_server_pids() -> dict[str, int]:

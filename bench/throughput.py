@@ -6,9 +6,9 @@ with all of their variants.
 
 - raw libvips: a `multiprocessing` pool looping `pyvips.thumbnail_buffer` (one call per variant, libvips
   defaults) and the same savers and options as `imaging.py`; no queue, no S3, no status.
-- Pillow: the same pool running the common Pillow design: open, `draft` (JPEG shrink-on-load) to the
-  largest variant, decode once, then `copy().thumbnail()` + save per variant. No queue either, so it is
-  an upper bound for a Celery+Pillow pipeline.
+- Pillow: the same pool running a careful Pillow design: open, `draft` (JPEG shrink-on-load) to the
+  largest variant, decode once, then each variant resized (as `thumbnail` does) from the one before
+  it, largest first, and saved. No queue either, so it is an upper bound for a Celery+Pillow pipeline.
 - imgpipe: the worker processes, fed through the real broker with every job's source in S3 (moto) and
   its status in Redis. Jobs are published directly with the store and publisher the api uses (so the
   api's cost is excluded; it is measured on its own); the clock runs from the first publish to the
@@ -127,16 +127,24 @@ def _pillow_job(args: tuple[str, tuple[str, ...]]) -> int:
     from PIL import Image, ImageOps
 
     name, names = args
-    variants = _variants(names)
+    # Largest first, and the others resized from it: imgpipe cuts its variants from one intermediate
+    # of the largest's size. (A copy of the full-size image for each, then `thumbnail`, resized
+    # every variant from all of it: a fifth more CPU on four variants.) The presets fit "inside".
+    variants = sorted(_variants(names), key=lambda v: (v.width or 0) * (v.height or 0), reverse=True)
     with Image.open(io.BytesIO(_DATA[name])) as im:
         biggest = max((v.width or 0, v.height or 0) for v in variants)
         im.draft("RGB", biggest)  # JPEG only: DCT scaling, like libvips' shrink-on-load
         im = ImageOps.exif_transpose(im)
         im.load()
     total = 0
+    width, height = im.size  # each variant's size from the source's, as imgpipe's `_output_size`
     for v in variants:
-        out = im.copy()
-        out.thumbnail((v.width or 10_000_000, v.height or 10_000_000))
+        scale = min((v.width or width) / width, (v.height or height) / height, 1.0)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # What `thumbnail` does (bicubic, and `reduce` first for large factors), minus its copy.
+        out = im if size == im.size else im.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+        if v is variants[0]:
+            im = out  # the intermediate the others are cut from
         buf = io.BytesIO()
         if v.format == "jpeg":
             if out.mode in ("RGBA", "LA", "P"):

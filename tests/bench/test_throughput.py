@@ -59,6 +59,21 @@ def test_machine_busy_time_counts_the_work_of_every_process() -> None:
     assert busy >= spent - 0.05 * len(procs), (busy, spent)  # a clock tick of rounding per process
 
 
+def test_machine_busy_time_leaves_idle_time_out() -> None:
+    # One process spinning for 0.3 s of CPU on a machine otherwise left alone for a second: counted
+    # with its idle time, the figure would be about the cores' whole second each.
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    cores = os.cpu_count() or 1
+    started, before = time.monotonic(), machine_busy_seconds()
+    assert subprocess.run([sys.executable, "-c", spin], timeout=30).returncode == 0
+    time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    busy, wall = machine_busy_seconds() - before, time.monotonic() - started
+
+    assert busy >= 0.3 - 0.05, busy
+    # The rest of the machine (RabbitMQ, Redis, this process) stays far below the idle cores' time.
+    assert busy < 0.3 + 0.5 * (wall * cores - 0.3), (busy, wall, cores)
+
+
 def _summary(machine_raw: float, machine_pipeline: float) -> dict:
     layout = "1 worker x concurrency 2"
     return {
