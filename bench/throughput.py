@@ -7,8 +7,9 @@ with all of their variants.
 - raw libvips: a `multiprocessing` pool looping `pyvips.thumbnail_buffer` (one call per variant, libvips
   defaults) and the same savers and options as `imaging.py`; no queue, no S3, no status.
 - Pillow: the same pool running a careful Pillow design: open, `draft` (JPEG shrink-on-load) to the
-  largest variant, decode once, then each variant resized (as `thumbnail` does) from the one before
-  it, largest first, and saved. No queue either, so it is an upper bound for a Celery+Pillow pipeline.
+  largest variant, decode once, then the largest variant resized from it (as `thumbnail` does) and
+  the others from that one, each saved. No queue either, so it is an upper bound for a Celery+Pillow
+  pipeline.
 - imgpipe: the worker processes, fed through the real broker with every job's source in S3 (moto) and
   its status in Redis. Jobs are published directly with the store and publisher the api uses (so the
   api's cost is excluded; it is measured on its own); the clock runs from the first publish to the

@@ -346,7 +346,7 @@ class TokenVerifier:
         sub = claims.get("sub")
         # A JSON string may hold a lone surrogate (`"\ud800"`), which no UTF-8 key or hash can take.
         if not isinstance(sub, str) or not sub or len(sub) > 256 or not _is_unicode(sub):
-            raise AuthError("invalid_token", "the token's sub must be a non-empty string")
+            raise AuthError("invalid_token", "the token's sub must be 1 to 256 characters of Unicode text")
         # `exp` is required and pyjwt has checked it is a number in the future.
         return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim))), float(claims["exp"])
 
