@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 from bench import floor
-from bench.harness import OWNER, BenchStack, cpu_seconds, median, paired_ratios, profiled, token
+from bench.harness import OWNER, BenchStack, cpu_seconds, in_turn, median, paired_ratios, profiled, token
 from tests.stack import AMQP_URL, free_port, wait_http
 
 
@@ -196,10 +196,8 @@ def measure(
         for name, url in targets.items():  # warm-up
             _wrk(url, script_for(name), 1, connections)
         runs: dict[str, list[dict]] = {k: [] for k in targets}
-        order = list(targets.items())
         for r in range(rounds):
-            # Each round starts one target later: none is always the first (or the last) to run.
-            for name, url in order[r % len(order) :] + order[: r % len(order)]:
+            for name, url in in_turn(list(targets.items()), r):
                 path = script_for(name)
                 before = cpu_seconds(servers[name]), cpu_seconds([stack.moto.pid])
                 run = _wrk(url, path, seconds, connections)

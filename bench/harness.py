@@ -456,3 +456,14 @@ async def statuses(store, job_ids) -> dict[str, int]:
 
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def in_turn(steps: list, round_index: int) -> list:
+    """The contenders in the order they run in round `round_index`: each round starts one later.
+
+    The machine's speed drifts over a round, and a fixed order would always put the same contenders
+    furthest from the baseline they are divided by; in turn, each takes every place once in
+    `len(steps)` rounds. The throughput and api sections run their contenders this way.
+    """
+    shift = round_index % len(steps)
+    return steps[shift:] + steps[:shift]

@@ -58,6 +58,7 @@ from bench.harness import (
     BenchStack,
     cpu_count,
     cpu_seconds,
+    in_turn,
     local_server_pids,
     loop_lag_summary,
     loop_lag_totals,
@@ -456,17 +457,6 @@ def measure(
         if peer:
             peer.close()
     return result
-
-
-def in_turn(steps: list, round_index: int) -> list:
-    """The contenders in the order they run in round `round_index`: each round starts one later.
-
-    The machine's speed drifts over a round, and a fixed order would always put the same contenders
-    furthest from the raw loop they are divided by; in turn, each takes every place once in
-    `len(steps)` rounds.
-    """
-    shift = round_index % len(steps)
-    return steps[shift:] + steps[:shift]
 
 
 def _raw_step(cpu, pool, pool_pids, jobs, names, images) -> float:

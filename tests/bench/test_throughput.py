@@ -17,11 +17,12 @@ import pytest
 from imgpipe.web import base_app
 from prometheus_client import REGISTRY
 
-from bench import report, throughput
+from bench import report
 from bench.harness import (
     LOOP_LAG,
     THREAD_KINDS,
     cpu_seconds,
+    in_turn,
     local_server_pids,
     loop_lag_summary,
     loop_lag_totals,
@@ -213,7 +214,7 @@ def test_each_contender_takes_every_place_in_turn() -> None:
         "imgpipe (2 workers x concurrency 1)",
         "imgpipe (1 worker x concurrency 2)",
     ]
-    orders = [throughput.in_turn(steps, r) for r in range(len(steps) + 1)]
+    orders = [in_turn(steps, r) for r in range(len(steps) + 1)]
 
     assert orders[0] == steps  # the first round in the listed order
     for place in range(len(steps)):
