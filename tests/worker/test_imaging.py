@@ -972,7 +972,10 @@ def test_a_variant_too_large_to_encode_is_refused_before_any_decoding() -> None:
     with pytest.raises(ImageError) as info:
         render(rgba, [variant(width=100), big], LIMITS)
     assert info.value.code == "image_too_large"
-    assert "making variant 'big' (4096x4096 webp) would need about 640 MiB" in info.value.message
+    # 640 MiB for the encoder, and the 4096 x 4096 RGBA intermediate both variants are cut from.
+    assert "making variant 'big' (4096x4096 webp) from this 4096x4096 png would need about 704 MiB" in (
+        info.value.message
+    )
     # Within the budget, the same file goes on to be decoded (and is found to have no pixels).
     for fine in (Variant(name="w", width=2000, format="webp"), Variant(name="j", width=4096)):
         with pytest.raises(ImageError) as info:
@@ -989,12 +992,16 @@ def test_a_lossy_webp_is_held_to_the_budget_at_the_size_it_decodes_to() -> None:
     assert probe(big, LIMITS).width == 10000
     with pytest.raises(ImageError) as info:
         render(big, [variant(width=100), Variant(name="xl", width=8192)], LIMITS)
-    assert "making variant 'xl' (8192x8192 jpeg) would need about 332 MiB" in info.value.message
+    assert "making variant 'xl' (8192x8192 jpeg) from this 10000x10000 webp would need about 332 MiB" in (
+        info.value.message
+    )
     # A "cover" crop to a strip decodes the whole scaled image first, 8192 x 8192 here.
     strip = Variant(name="strip", width=8192, height=1, fit="cover")
     with pytest.raises(ImageError) as info:
         render(big, [strip], LIMITS)
-    assert "making variant 'strip' (8192x1 jpeg) would need about 268 MiB" in info.value.message
+    assert "making variant 'strip' (8192x1 jpeg) from this 10000x10000 webp would need about 268 MiB" in (
+        info.value.message
+    )
     with pytest.raises(ImageError) as info:  # a thumbnail of it is let through (to fail on its pixels)
         render(big, [variant(width=100)], LIMITS)
     assert info.value.code == "corrupt_image"
@@ -1080,6 +1087,66 @@ def test_one_variant_lets_go_of_a_decoder_that_holds_the_image_before_encoding(
     (out,) = render(source, [large], LIMITS)
     assert (out.width, out.height) == (2048, 1536)
     assert peaks == [pytest.approx(0, abs=coefficients / 3)]
+
+
+def _noisy_progressive_jpeg(width: int, height: int) -> bytes:
+    """A 4:4:4 progressive JPEG of a test card under noise: every coefficient kept by its decoder,
+    and outputs that compress about as badly as photos can."""
+    noise = [pyvips.Image.gaussnoise(width, height, sigma=40, seed=seed) for seed in (1, 2, 3)]
+    card = gradient(width, height).cast("float") * 0.7 + noise[0].bandjoin(noise[1:]) * 0.3
+    return (
+        card.cast("uchar").copy(interpretation="srgb").jpegsave_buffer(interlace=True, subsample_mode="off")
+    )
+
+
+def test_a_job_is_held_to_the_budget_as_a_whole() -> None:
+    """The decode and each encode used to be held to the budget each on its own, and a job needs
+    both: a full-size PNG of a 26 MP 4:4:4 progressive JPEG took a worker at concurrency 1 to 428 MiB."""
+    source = _noisy_progressive_jpeg(3000, 2000)
+    full = Variant(name="full", width=8192, format="png")
+    mib = 1024 * 1024
+    limits = Limits(max_decode_bytes=56 * mib)
+    assert imaging.decode_bytes("jpeg", decode(source), source) < 45 * mib  # the decode fits
+    assert imaging.encode_bytes("png", 3000, 2000, alpha=False) < 43 * mib  # and so does the encode
+    with pytest.raises(ImageError) as info:
+        render(source, [full], limits)
+    assert info.value.code == "image_too_large"
+    assert info.value.message == (
+        "making variant 'full' (3000x2000 png) from this 3000x2000 jpeg would need about 60 MiB, "
+        "over the 56 MiB budget"
+    )
+    # Several variants: the intermediate they are cut from is held while each of them is encoded.
+    with pytest.raises(ImageError) as info:
+        render(source, [variant(width=200), full], limits)
+    assert "making variant 'full' (3000x2000 png) from this 3000x2000 jpeg would need about 60 MiB" in (
+        info.value.message
+    )
+    # A smaller variant of the same source fits.
+    (out,) = render(source, [Variant(name="half", width=1500, format="png")], limits)
+    assert (out.width, out.height) == (1500, 1000)
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [
+        [Variant(name="full", width=8192, format="png")],
+        [Variant(name="full", width=8192, format="webp")],
+        [Variant(name="large", width=2048, format="jpeg")],
+        [Variant(name="thumb", width=200), Variant(name="web", width=2048, format="webp")],
+    ],
+    ids=["full-png", "full-webp", "large-jpeg", "thumb-and-webp"],
+)
+def test_what_a_job_holds_stays_within_its_estimate(variants: list[Variant]) -> None:
+    """`job_bytes` is what the budget holds a job to: the most glibc's malloc has handed out while
+    the job renders must not exceed it (the source excepted: it was allocated before), and must be
+    a good part of it, or the estimate would refuse jobs for nothing."""
+    source = _noisy_progressive_jpeg(3000, 2000)
+    header = decode(source)
+    estimate = imaging.job_bytes("jpeg", header, source, variants)
+    del header
+    with _MallocPeak() as measure:
+        render(source, variants, Limits(max_decode_bytes=estimate))
+    assert 0.6 * estimate < measure.peak <= estimate
 
 
 def _frames_strip(count: int, size: int) -> pyvips.Image:

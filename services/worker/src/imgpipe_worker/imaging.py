@@ -45,6 +45,7 @@ __all__ = [
     "configure_libvips",
     "decode_bytes",
     "encode_bytes",
+    "job_bytes",
     "probe",
     "render",
     "sniff",
@@ -119,10 +120,10 @@ class Limits:
     max_frames: int = 256  # n-pages of animated / multi-page input
     timeout_s: float = 30.0  # wall time for one render() call
     #: Memory a decoder that holds a whole frame would need, as estimated from the header (`decode_bytes`),
-    #: and, on its own, the most one variant's encoding may need (`encode_bytes`). 192 MiB keeps a worker
-    #: at concurrency 1 under 300 MiB for any source made into web-sized variants (~92 MiB idle plus the
-    #: decode plus the variants; the benchmark's hungriest accepted inputs, a 12 MP AVIF and a 26 MP 4:4:4
-    #: progressive JPEG, peaked at 290-294 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
+    #: and the most any step of a job may hold: the decoder's state, the pixels it writes, an encoder
+    #: (`job_bytes`). 192 MiB keeps a worker at concurrency 1 under 300 MiB for any job it accepts
+    #: (~97 MiB idle plus the job; the benchmark's hungriest accepted inputs, a 12 MP AVIF and a 26 MP
+    #: 4:4:4 progressive JPEG, peaked at 290-294 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
     #: photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to
     #: 51 MP (4:4:4: 25 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that claims
     #: 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory limit)
@@ -890,31 +891,133 @@ def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
 # What libwebp's scaled decode holds, in bytes a pixel of the size it decodes to: an RGBA buffer.
 _AT_TARGET_BYTES_PER_PIXEL = 4.2
 
+# While pixels are resampled on their way out of a decoder that holds the image (a multi-scan JPEG's
+# coefficients, a HEIF), libvips holds rows of it at full width (its sequential line cache, the
+# kernels' buffers). Measured with libvips 8.18 on 4:2:0 and 4:4:4 progressive JPEGs 4000 to 8000 px
+# wide, decoded to 1000-4096 px: 1,500-1,800 rows' worth of their samples (17-41 MiB) over the
+# coefficients and the pixels written; 500-700 rows at full size, with no resampling.
+_RESIZE_ROWS = 1900
+_COPY_ROWS = 800
 
-def _check_encode_budget(
-    fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant], limits: Limits
-) -> None:
-    """Refuse, before any work, a variant whose encoding alone would need more than the budget (with,
-    for a source decoded whole at the variant's size, that decode)."""
+
+@dataclass(frozen=True)
+class _Need:
+    """The memory one step of a job holds at once, and what to call that step in an error."""
+
+    bytes: int
+    what: str
+
+
+def _held_bytes(fmt: str, header: pyvips.Image, data: bytes) -> int:
+    """What the decoder keeps for as long as pixels flow out of it: a multi-scan JPEG's coefficients,
+    a HEIF's decoded image, and for the other decoders that cannot stream, their whole estimate
+    (canvases, a whole frame, full-width rows). Nothing for those that stream (baseline JPEG, lossy
+    still WebP: see `_decoded_at_target`)."""
+    pixels = header.width * header.height
+    if fmt == "jpeg":
+        if not _get(header, "jpeg-multiscan", 0):
+            return 0
+        chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
+        return math.ceil(pixels * (1 + (header.bands - 1) * chroma) * 2)
+    if fmt == "heif":
+        return pixels * (4 if header.bands >= 4 else 3) * (1 if header.format == "uchar" else 2)
+    return decode_bytes(fmt, header, data)
+
+
+def _rows_bytes(fmt: str, header: pyvips.Image, held: int, scale: float) -> int:
+    """The full-width rows resampling holds beside a decoder that keeps the image (`_RESIZE_ROWS`).
+    PNG and TIFF count theirs in `decode_bytes`; decoders that stream (nothing `held`) shrink while
+    they decode."""
+    if fmt in ("png", "tiff") or not held:
+        return 0
+    rows = _RESIZE_ROWS if scale < 1 else _COPY_ROWS
+    return header.width * max(3, header.bands) * rows
+
+
+def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant]) -> list[_Need]:
+    """What each step of rendering `variants` holds at once, following `render`'s own choices.
+
+    Held to one budget, so that no job (not just no decode, and no encode on its own) needs more:
+
+    * a variant streamed from the decoder: the decoder's state, the rows on their way through the
+      resize and the encoder, together;
+    * one variant decoded first (`_decode_first`), or the intermediate of several: the decoder's state,
+      the rows and the pixels written, then those pixels and each encoder in turn;
+    * several variants too large to share an intermediate: each streamed on its own.
+    """
     width, height = _oriented_size(header)
+    held = _held_bytes(fmt, header, data)
     at_target = _decoded_at_target(fmt, header, data)
-    for variant in variants:
+    bands = 4 if header.hasalpha() else 3
+    source = f"this {header.width}x{header.height} {fmt}"
+
+    def decoded_at(scale: float) -> int:
+        # Decoded at the scaled size, before a "cover" crop: an 8192 x 1 strip of a 10,000 px square
+        # decodes all 8192 x 8192 of it first.
+        if not at_target:
+            return 0
+        pixels = max(1, round(width * scale)) * max(1, round(height * scale))
+        return math.ceil(pixels * _AT_TARGET_BYTES_PER_PIXEL)
+
+    def encoding(variant: Variant) -> tuple[int, str]:
         out_w, out_h = _output_size(variant, width, height)
         alpha = header.hasalpha() and variant.format != "jpeg"
-        needed = encode_bytes(variant.format, out_w, out_h, alpha=alpha)
-        if at_target:
-            # Decoded at the scaled size, before a "cover" crop: an 8192 x 1 strip of a 10,000 px square
-            # decodes all 8192 x 8192 of it first.
-            scale = _scale_needed(variant, width, height)
-            decoded = max(1, round(width * scale)) * max(1, round(height * scale))
-            needed += math.ceil(decoded * _AT_TARGET_BYTES_PER_PIXEL)
-        if needed > limits.max_decode_bytes:
-            mib = 1024 * 1024
-            raise ImageError(
-                "image_too_large",
-                f"making variant {variant.name!r} ({out_w}x{out_h} {variant.format}) would need about "
-                f"{needed // mib} MiB, over the {limits.max_decode_bytes // mib} MiB budget",
-            )
+        what = f"making variant {variant.name!r} ({out_w}x{out_h} {variant.format}) from {source}"
+        return encode_bytes(variant.format, out_w, out_h, alpha=alpha), what
+
+    def streamed(variant: Variant) -> _Need:
+        scale = _scale_needed(variant, width, height)
+        encoder, what = encoding(variant)
+        return _Need(held + _rows_bytes(fmt, header, held, scale) + decoded_at(scale) + encoder, what)
+
+    needs = [_Need(decode_bytes(fmt, header, data), f"decoding {source}")]
+    if len(variants) == 1:
+        (variant,) = variants
+        if not _decode_first(fmt, header, data, variant):
+            return [*needs, streamed(variant)]
+        scale = _scale_needed(variant, width, height)
+        out_w, out_h = _output_size(variant, width, height)
+        pixels = out_w * out_h * bands
+        encoder, what = encoding(variant)
+        rows = _rows_bytes(fmt, header, held, scale)
+        return [*needs, _Need(held + rows + decoded_at(scale) + pixels, what), _Need(pixels + encoder, what)]
+    scale = max(_scale_needed(v, width, height) for v in variants)
+    inter_w, inter_h = min(width, math.ceil(width * scale)), min(height, math.ceil(height * scale))
+    if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
+        return [*needs, *(streamed(v) for v in variants)]
+    intermediate = inter_w * inter_h * bands
+    rows = _rows_bytes(fmt, header, held, scale)
+    needs.append(
+        _Need(
+            held + rows + decoded_at(scale) + intermediate,
+            f"decoding {source} to the {inter_w}x{inter_h} its variants are made from",
+        )
+    )
+    for variant in variants:
+        encoder, what = encoding(variant)
+        needs.append(_Need(intermediate + encoder, what))
+    return needs
+
+
+def job_bytes(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant]) -> int:
+    """Estimate the most memory rendering `variants` from `header`'s image holds at once, at any step:
+    the decode, the pixels it writes for the variants, and each variant's encoding. `render` refuses
+    a job over `Limits.max_decode_bytes` before it decodes anything."""
+    return max(need.bytes for need in _job_needs(fmt, header, data, variants))
+
+
+def _check_job_budget(
+    fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant], limits: Limits
+) -> None:
+    """Refuse, before any work, a job one of whose steps would need more than the budget."""
+    need = max(_job_needs(fmt, header, data, variants), key=lambda need: need.bytes)
+    if need.bytes > limits.max_decode_bytes:
+        mib = 1024 * 1024
+        raise ImageError(
+            "image_too_large",
+            f"{need.what} would need about {need.bytes // mib} MiB, "
+            f"over the {limits.max_decode_bytes // mib} MiB budget",
+        )
 
 
 def _decode_first(fmt: str, header: pyvips.Image, data: bytes, variant: Variant) -> bool:
@@ -981,7 +1084,7 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     info, header = _probe(data, limits)
     if not variants:
         return []
-    _check_encode_budget(info.format, header, data, variants, limits)
+    _check_job_budget(info.format, header, data, variants, limits)
     try:
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
