@@ -358,3 +358,44 @@ async def test_source_bytes_are_freed_after_the_render(
 
     assert done.status is JobStatus.SUCCEEDED, done.error
     assert freed_at == [("upload", True), ("upload", True), ("status", True)]
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small-outputs", "large-outputs"])
+async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    """The next job renders while a job's outputs upload, but not beside outputs over
+    `_OVERLAP_MAX_BYTES`: the render budget does not count them (a 4800 px PNG of a 100 MP JPEG,
+    uploaded while the next one rendered, took a worker at concurrency 1 to 326 MiB)."""
+    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
+    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb")
+    await storage.put("uploads/o/noise", source.write_to_buffer(".png"), "image/png")
+    png = Variant(name="p", width=300, format="png")  # noise: 172 kB
+    monkeypatch.setattr(consumer, "_OVERLAP_MAX_BYTES", 100_000 if large else 1_000_000)
+    renders: list[float] = []
+    uploads: list[tuple[float, float]] = []
+    real_render, real_put = imaging.render, storage.put
+
+    def render(*args: Any) -> list[imaging.Rendered]:
+        renders.append(time.monotonic())
+        return real_render(*args)
+
+    async def put(key: str, data: bytes, content_type: str) -> None:
+        begun = time.monotonic()
+        await asyncio.sleep(0.5)  # a slow upload: the next render has every chance to start beside it
+        await real_put(key, data, content_type)
+        uploads.append((begun, time.monotonic()))
+
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    monkeypatch.setattr(storage, "put", put)
+    async with running_consumer(slot_namespace, storage, job_timeout_s=20) as run:
+        jobs = [await run.submit("uploads/o/noise", [png]) for _ in range(2)]
+        done = [await run.settled(job) for job in jobs]
+
+    assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 2
+    assert all(100_000 < record.variants[0].bytes < 1_000_000 for record in done)
+    (first_upload_begun, first_upload_end), _ = uploads
+    if large:
+        assert renders[1] >= first_upload_end
+    else:
+        assert renders[1] < first_upload_begun + 0.5

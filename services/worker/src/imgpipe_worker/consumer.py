@@ -338,9 +338,9 @@ class Consumer:
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
     async def _render(
-        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytearray]
+        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytearray], slot: _RenderSlot
     ) -> list[imaging.Rendered]:
-        """Render the job's variants from the source in `held` on the pool, in one of the render slots.
+        """Render the job's variants from the source in `held` on the pool, in `slot`.
 
         Waiting for a slot (behind another job's render) is not this job's time: `budget` is
         suspended meanwhile and then pushed back by the wait.
@@ -349,7 +349,7 @@ class Consumer:
         deadline, waiting = budget.when(), loop.time()
         budget.reschedule(None)
         try:
-            await self._render_slots.acquire()
+            await slot.acquire()
         finally:
             if deadline is not None:
                 budget.reschedule(deadline + loop.time() - waiting)
@@ -367,17 +367,18 @@ class Consumer:
                 self._config.limits,
             )
         except BaseException:
-            self._render_slots.release()
+            slot.render_ended(None)
             raise
-        # The slot is given back when the render has really ended, not when this job stops waiting
-        # for it. A job whose budget runs out is cancelled here, but libvips calls cannot be
-        # interrupted: the pool thread renders on until the render timeout's kill flag, or the end of
-        # a step that never checks it, stops it. Were the slot freed at once, the next job would take
-        # it and start its clock, and its render would queue in the pool (one thread per slot) behind
-        # the abandoned one: a healthy image failed with `processing_timeout`. `shield` keeps the
-        # cancellation off the future (cancelling it would run this callback at once, the thread still
-        # busy); the callback runs on the loop, once, however the render ends.
-        render.add_done_callback(lambda _: self._render_slots.release())
+        # The slot is given back when the render has really ended (or, for large outputs, once they
+        # are uploaded: `_RenderSlot`), not when this job stops waiting for it. A job whose budget
+        # runs out is cancelled here, but libvips calls cannot be interrupted: the pool thread renders
+        # on until the render timeout's kill flag, or the end of a step that never checks it, stops
+        # it. Were the slot freed at once, the next job would take it and start its clock, and its
+        # render would queue in the pool (one thread per slot) behind the abandoned one: a healthy
+        # image failed with `processing_timeout`. `shield` keeps the cancellation off the future
+        # (cancelling it would run this callback at once, the thread still busy); the callback runs
+        # on the loop, once, however the render ends.
+        render.add_done_callback(slot.render_ended)
         try:
             rendered = await asyncio.shield(render)
         except imaging.ImageError as exc:
@@ -406,11 +407,12 @@ class Consumer:
         stage[0] = (
             "render" if left is None or left >= self._config.limits.timeout_s else "render after slow fetch"
         )
-        rendered = await self._render(job, budget, held)
-        stage[0] = "upload"
-        keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
-        started = time.perf_counter()
+        slot = _RenderSlot(self._render_slots)
         try:
+            rendered = await self._render(job, budget, held, slot)
+            stage[0] = "upload"
+            keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
+            started = time.perf_counter()
             await asyncio.gather(
                 *(
                     self._storage.put(key, r.data, CONTENT_TYPES[r.format])
@@ -419,6 +421,8 @@ class Consumer:
             )
         except StorageError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        finally:
+            slot.job_done()
         JOB_STAGE["upload"].observe(time.perf_counter() - started)
         return [
             VariantResult(
@@ -448,6 +452,51 @@ class Consumer:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         return [data]
+
+
+#: Outputs up to this size are uploaded while the next job renders in the slot; larger ones keep the
+#: slot until they are in S3. The render's budget (`Limits.max_decode_bytes`) is what keeps a worker
+#: at concurrency 1 under 300 MiB; the previous job's outputs held beside it are not in it. Those of
+#: the presets take a few hundred kB, but a full-size PNG of a 24 MP photo takes about 60 MB: a
+#: 4800 px PNG of a 100 MP JPEG, uploaded while the next one rendered, took a worker to 326 MiB.
+_OVERLAP_MAX_BYTES = 4 * 1024 * 1024
+
+
+class _RenderSlot:
+    """One job's hold on a render slot: taken for its render, and given back once, when the render
+    has ended (however it ends); but when it made outputs over `_OVERLAP_MAX_BYTES`, only once the
+    job is done with them too (`job_done`)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = self._rendering = self._job_done = False
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        self._held = self._rendering = True
+
+    def render_ended(self, render: asyncio.Future[list[imaging.Rendered]] | None) -> None:
+        """The render is over (`render` is its future; None: it never started)."""
+        self._rendering = False
+        large = (
+            render is not None
+            and not render.cancelled()
+            and render.exception() is None
+            and sum(len(r.data) for r in render.result()) > _OVERLAP_MAX_BYTES
+        )
+        if not large or self._job_done:
+            self._give_back()
+
+    def job_done(self) -> None:
+        """The job holds its outputs no more (uploaded, failed or cancelled)."""
+        self._job_done = True
+        if not self._rendering:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
 
 
 def _settled_elsewhere(current: JobRecord | None, what: str) -> None:
