@@ -3,17 +3,21 @@
 For each image and request a new worker is started (so its high-water mark belongs to that job
 only), with twice its prefetch (concurrency + 1) jobs of the same image and request queued at once:
 every render slot is busy while the job held ahead downloads its source, the worker's fullest state.
-At concurrency 1, the target's setting, each image is asked for each built-in preset alone and for
-the four together, and the worst of these is its figure: one variant is made straight from the
-decode and several from one intermediate, so either can be the hungrier (a progressive JPEG's
-`large` alone once peaked 11 MiB over its four presets). At the configured (default) concurrency,
-the four presets. The idle RSS of a started worker is reported for reference.
+At concurrency 1, the target's setting, each image is asked for each built-in preset alone, for
+the four together, and for two large custom variants (`CUSTOM`), and the worst of these is its
+figure: one variant is made straight from the decode and several from one intermediate, so either
+can be the hungrier (a progressive JPEG's `large` alone once peaked 11 MiB over its four presets).
+A custom variant may be refused by the worker's budget (`image_too_large`, before any decoding):
+then it proves no peak, and the report says so. At the configured (default) concurrency, the four
+presets. The idle RSS of a started worker is reported for reference.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+
+from imgpipe.models import PRESETS, Variant
 
 from bench import corpus
 from bench.harness import (
@@ -26,25 +30,46 @@ from bench.harness import (
     vm_hwm_mb,
     vm_rss_mb,
 )
-from bench.throughput import FOUR, _variants
+from bench.throughput import FOUR
 
 #: A 24 MP photo, baseline and progressive; the largest image the default pixel limit takes; and the
 #: hungriest decodes the default decode budget takes (`corpus.MEMORY`): "any accepted input".
 IMAGES = ("jpeg-24mp", "jpeg-24mp-progressive", "jpeg-100mp", "jpeg-26mp-progressive", "avif-12mp")
 
 
-#: The requests each image is measured with at concurrency 1: the four presets, and each alone.
-REQUESTS = {"4 presets": tuple(FOUR), **{f"{name} alone": (name,) for name in FOUR}}
+#: Custom variants with the largest outputs a client is likely to ask for: a full-size PNG (the
+#: hungriest output for what it holds) and a 4096 px WebP. Before the budget held a job as a whole,
+#: these took a worker at concurrency 1 to 428 and 312 MiB on the 26 MP progressive JPEG.
+CUSTOM = {
+    "full-size PNG": (Variant(name="full", width=8192, height=8192, format="png"),),
+    "4096 px WebP": (Variant(name="web", width=4096, height=4096, format="webp"),),
+}
+
+#: The requests each image is measured with at concurrency 1: the four presets, each alone, and
+#: `CUSTOM`.
+REQUESTS: dict[str, tuple[Variant, ...]] = {
+    "4 presets": tuple(PRESETS[name] for name in FOUR),
+    **{f"{name} alone": (PRESETS[name],) for name in FOUR},
+    **CUSTOM,
+}
+
+#: The status of a job the worker's budget refused (`imgpipe_worker.imaging`, before any decoding).
+REFUSED = "failed:image_too_large"
 
 
-async def _run(stack: BenchStack, key: str, presets: tuple[str, ...], jobs: int) -> dict:
+def refused(run: dict) -> bool:
+    """Whether every job of a request was refused by the budget: it then proves no peak."""
+    return set(run["jobs"]) == {REFUSED}
+
+
+async def _run(stack: BenchStack, key: str, variants: tuple[Variant, ...], jobs: int) -> dict:
     store = stack.job_store()
     connection, publisher = await open_publisher(stack.namespace)
     try:
 
         async def submit() -> list[str]:
             return await asyncio.gather(
-                *(submit_direct(store, publisher, key, _variants(presets)) for _ in range(jobs))
+                *(submit_direct(store, publisher, key, list(variants)) for _ in range(jobs))
             )
 
         ids, _ = await submit_and_wait(store, submit, 300)
@@ -54,13 +79,15 @@ async def _run(stack: BenchStack, key: str, presets: tuple[str, ...], jobs: int)
         await store.redis.aclose()
 
 
-def _peak(stack: BenchStack, key: str, presets: tuple[str, ...], concurrency: int | None, jobs: int) -> dict:
-    """A fresh worker's peak and idle RSS over `jobs` jobs of `presets`, queued at once."""
+def _peak(
+    stack: BenchStack, key: str, variants: tuple[Variant, ...], concurrency: int | None, jobs: int
+) -> dict:
+    """A fresh worker's peak and idle RSS over `jobs` jobs of `variants`, queued at once."""
     env = {"IMGPIPE_WORKER_CONCURRENCY": str(concurrency)} if concurrency else {}
     worker = stack.start("worker", env)
     try:
         idle = vm_rss_mb(worker.proc.pid)
-        result = asyncio.run(_run(stack, key, presets, jobs))
+        result = asyncio.run(_run(stack, key, variants, jobs))
         return {"peak_rss_mb": vm_hwm_mb(worker.proc.pid), "idle_rss_mb": idle, "jobs": result}
     finally:
         stack.stop(worker)
@@ -75,18 +102,23 @@ def measure(logdir: Path, *, log=print) -> dict:
             spec = corpus.BY_NAME[name]
             key = stack.upload(name, corpus.generate(spec).read_bytes(), spec.content_type)
             # Twice the prefetch: the second half waits in the queue while the first is held.
-            requests = {label: _peak(stack, key, presets, 1, 4) for label, presets in REQUESTS.items()}
-            worst = max(requests, key=lambda label: requests[label]["peak_rss_mb"])
+            requests = {label: _peak(stack, key, variants, 1, 4) for label, variants in REQUESTS.items()}
+            measured = [label for label, run in requests.items() if not (label in CUSTOM and refused(run))]
+            worst = max(measured, key=lambda label: requests[label]["peak_rss_mb"])
             row = {
-                "concurrency 1": requests[worst] | {"worst_request": worst, "requests": requests},
+                "concurrency 1": requests[worst]
+                | {"worst_request": worst, "requests": requests, "may_refuse": list(CUSTOM)},
                 f"concurrency {default_concurrency}": _peak(
-                    stack, key, tuple(FOUR), None, 2 * (default_concurrency + 1)
+                    stack, key, REQUESTS["4 presets"], None, 2 * (default_concurrency + 1)
                 ),
             }
             out["images"][name] = row
             log(
                 f"    {name}: concurrency 1 "
-                + ", ".join(f"{k} {v['peak_rss_mb']:.0f} MiB" for k, v in requests.items())
+                + ", ".join(
+                    f"{k} {'refused' if refused(v) else format(v['peak_rss_mb'], '.0f') + ' MiB'}"
+                    for k, v in requests.items()
+                )
                 + f"; concurrency {default_concurrency} (4 presets) "
                 + f"{row[f'concurrency {default_concurrency}']['peak_rss_mb']:.0f} MiB"
             )

@@ -7,7 +7,7 @@ import pyvips
 from imgpipe_worker import imaging
 from imgpipe_worker.settings import WorkerSettings
 
-from bench import corpus
+from bench import corpus, memory
 
 
 def _header(spec: corpus.Spec, fmt: str, **metadata: object) -> pyvips.Image:
@@ -33,6 +33,11 @@ def test_the_hungriest_images_are_just_within_the_default_decode_budget(
 ) -> None:
     budget = WorkerSettings().max_decode_bytes
     assert imaging.Limits().max_decode_bytes == budget
-    needed = imaging.decode_bytes(fmt, _header(spec, fmt, **metadata))
+    header = _header(spec, fmt, **metadata)
+    needed = imaging.decode_bytes(fmt, header)
     assert 0.95 * budget < needed <= budget
     assert spec.width * spec.height <= imaging.Limits().max_pixels
+    # And the whole of every request the memory section makes of them but its custom ones.
+    for label, variants in memory.REQUESTS.items():
+        if label not in memory.CUSTOM:
+            assert imaging.job_bytes(fmt, header, b"", variants) <= budget, label

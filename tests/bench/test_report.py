@@ -122,8 +122,38 @@ def test_memory_at_concurrency_1_is_the_worst_request(large: float, thumb_jobs: 
     assert one["figure"] == "worker peak RSS, jpeg-26mp-progressive, concurrency 1, the worst of 3 requests"
     assert one["value"] == f"{max(large, 288.0):.0f} MiB ({worst})"
     assert one["baseline"].startswith(
-        f"4 jobs queued each: 4 presets 288, thumb alone 150, large alone {large:.0f} MiB"
+        "4 jobs queued each: 4 presets 288 MiB, thumb alone 150 MiB, "
+        f"large alone {large:.0f} MiB; idle 92 MiB"
     )
     assert one["verdict"] == verdict
     # No target at the configured concurrency: its verdict is about the jobs only.
     assert (two["value"], two["target"], two["verdict"]) == ("483 MiB", "all succeeded", "PASS")
+
+
+@pytest.mark.parametrize(
+    ("refused", "verdict"),
+    [
+        ("full-size PNG", "PASS"),  # a custom request the budget refused proves no peak, and is allowed
+        ("large alone", "FAIL"),  # a preset must be done
+    ],
+)
+def test_memory_allows_only_custom_requests_to_be_refused(refused: str, verdict: str) -> None:
+    requests = {
+        "4 presets": _peak(288.0),
+        "large alone": _peak(290.0),
+        "full-size PNG": _peak(120.0),
+    }
+    requests[refused] = _peak(120.0, **{"failed:image_too_large": 4})
+    res = {
+        "memory": {
+            "images": {
+                "jpeg-26mp-progressive": {
+                    "concurrency 1": requests["4 presets"]
+                    | {"worst_request": "4 presets", "requests": requests, "may_refuse": ["full-size PNG"]},
+                }
+            }
+        }
+    }
+    (one,) = report.rows(res)
+    assert (f"{refused} refused by the budget" in one["baseline"]) is (verdict == "PASS")
+    assert one["verdict"] == verdict
