@@ -31,7 +31,7 @@ from imgpipe.broker import Publisher, Topology
 from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
-from imgpipe_worker import consumer, imaging
+from imgpipe_worker import consumer, holds, imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
 
@@ -95,8 +95,13 @@ async def test_renders_wait_for_a_slot_without_spending_their_timeout(
             created_at=utcnow(),
         )
         started = time.monotonic()
-        async with asyncio.timeout(JOB_TIMEOUT_S) as budget:
-            results = await worker._run(message, budget, asyncio.create_task(worker._source(message)), [""])
+        hold = worker._sources.hold()
+        try:
+            async with asyncio.timeout(JOB_TIMEOUT_S) as budget:
+                source = asyncio.create_task(worker._source(message, hold))
+                results = await worker._run(message, budget, source, hold, [""])
+        finally:
+            hold.job_done()
         assert [r.width for r in results] == [16]
         return time.monotonic() - started
 
@@ -302,7 +307,8 @@ async def test_jobs_whose_channel_closed_are_let_go(
             await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")]) for _ in range(3)
         ]
         for lost in range(1, 4):
-            # The prefetch's worth held, (again) fetching.
+            # The prefetch's worth held, (again) fetching: the job ahead of the renders after waiting
+            # for the download in flight, which never ends here (`holds.READ_AHEAD_IN_FLIGHT_WAIT_S`).
             await eventually(lambda n=lost: fetches[0] >= worker.prefetch * n)
             assert worker._subscription is not None
             channel = await worker._subscription.channel.get_underlay_channel()
@@ -365,13 +371,13 @@ async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
     storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, large: bool
 ) -> None:
     """The next job renders while a job's outputs upload, but not beside outputs over
-    `_OVERLAP_MAX_BYTES`: the render budget does not count them (a 4800 px PNG of a 100 MP JPEG,
-    uploaded while the next one rendered, took a worker at concurrency 1 to 326 MiB)."""
+    `holds.OVERLAP_MAX_BYTES`: the render budget does not count them (two full-size PNG jobs of a
+    26 MP progressive JPEG took a worker at concurrency 1 98 MiB over one)."""
     noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
     source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb")
     await storage.put("uploads/o/noise", source.write_to_buffer(".png"), "image/png")
     png = Variant(name="p", width=300, format="png")  # noise: 172 kB
-    monkeypatch.setattr(consumer, "_OVERLAP_MAX_BYTES", 100_000 if large else 1_000_000)
+    monkeypatch.setattr(holds, "OVERLAP_MAX_BYTES", 100_000 if large else 1_000_000)
     renders: list[float] = []
     uploads: list[tuple[float, float]] = []
     real_render, real_put = imaging.render, storage.put
@@ -399,3 +405,48 @@ async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
         assert renders[1] >= first_upload_end
     else:
         assert renders[1] < first_upload_begun + 0.5
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small-sources", "large-sources"])
+async def test_a_source_downloads_ahead_of_the_renders_only_within_the_read_ahead_budget(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    """The job held ahead of the renders downloads its source while they run, unless the sources
+    already held come to `holds.READ_AHEAD_MAX_BYTES`: they are not in the render's budget (a 4800 px
+    PNG of a 100 MP JPEG took a worker at concurrency 1 from 289 MiB alone to 321-328 MiB with the
+    next 29 MB source beside it). Its wait is not its time: the job's budget is shorter than the wait
+    and its render together."""
+    render_s, job_timeout_s = 0.8, 1.2
+    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
+    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
+    assert 100_000 < len(source) < 1_000_000
+    await storage.put("uploads/o/noise", source, "image/png")
+    monkeypatch.setattr(holds, "READ_AHEAD_MAX_BYTES", 100_000 if large else 1_000_000)
+    gets: list[float] = []
+    rendered: list[float] = []
+    real_get, real_render = storage.get, imaging.render
+
+    async def get(key: str, **kwargs: Any) -> bytearray:
+        gets.append(time.monotonic())
+        return await real_get(key, **kwargs)
+
+    def render(*args: Any) -> list[imaging.Rendered]:
+        time.sleep(render_s)
+        try:
+            return real_render(*args)
+        finally:
+            rendered.append(time.monotonic())
+
+    monkeypatch.setattr(storage, "get", get)
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    thumb = Variant(name="t", width=32, format="jpeg")
+    async with running_consumer(slot_namespace, storage, job_timeout_s=job_timeout_s) as run:
+        jobs = [await run.submit("uploads/o/noise", [thumb]) for _ in range(2)]
+        done = [await run.settled(job) for job in jobs]
+
+    assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 2, [r.error for r in done]
+    assert run.worker._sources.held_bytes == 0  # every source let go of, once
+    if large:
+        assert gets[1] >= rendered[0]
+    else:
+        assert gets[1] < rendered[0]

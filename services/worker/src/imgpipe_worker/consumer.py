@@ -58,6 +58,7 @@ from pydantic import ValidationError
 
 from imgpipe_worker import imaging
 from imgpipe_worker.fetch import FetchError, FetchPolicy, fetch_url, make_session
+from imgpipe_worker.holds import RenderSlot, SourceHold, Sources
 from imgpipe_worker.settings import DEFAULT_RENDER_NICE
 
 log = logging.getLogger("imgpipe.worker")
@@ -131,6 +132,8 @@ class Consumer:
         # the next job's download overlaps the renders and a render slot that frees up starts the
         # next render at once instead of idling a core through a GET (see `_run`).
         self._render_slots = asyncio.Semaphore(config.concurrency)
+        # The sources held, and how far ahead of the renders they may download (`holds.Sources`).
+        self._sources = Sources(config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         # The channel each task's message came on: once it closes, the broker has put the message
         # back in the queue, and the task's acknowledgement can no longer be sent.
@@ -253,9 +256,18 @@ class Consumer:
             JOB_SECONDS.observe(time.perf_counter() - started)
 
     async def _process(self, job: JobMessage, message: AbstractIncomingMessage, attempt: int) -> None:
+        hold = self._sources.hold()
+        try:
+            await self._process_holding(job, message, attempt, hold)
+        finally:
+            hold.job_done()
+
+    async def _process_holding(
+        self, job: JobMessage, message: AbstractIncomingMessage, attempt: int, hold: SourceHold
+    ) -> None:
         # The source downloads while the job is marked `processing`: the two Redis round trips of
         # that are off the job's path. A job found gone or finished drops its download.
-        source = asyncio.create_task(self._source(job))
+        source = asyncio.create_task(self._source(job, hold))
         record: JobRecord | None = None
         try:
             record = (await _persist(lambda: self._store.mark_processing(job.id))).record
@@ -273,7 +285,7 @@ class Consumer:
         stage = ["fetch"]
         try:
             async with asyncio.timeout(self._config.job_timeout_s) as budget:
-                results = await self._run(job, budget, source, stage)
+                results = await self._run(job, budget, source, hold, stage)
         except JobFailed as exc:
             failure = exc
         except TimeoutError:
@@ -338,21 +350,20 @@ class Consumer:
         log.info("job failed", extra={"code": failure.code, "error": text, "attempt": attempt})
 
     async def _render(
-        self, job: JobMessage, budget: asyncio.Timeout, held: list[bytearray], slot: _RenderSlot
+        self,
+        job: JobMessage,
+        budget: asyncio.Timeout,
+        held: list[bytearray],
+        slot: RenderSlot,
+        hold: SourceHold,
     ) -> list[imaging.Rendered]:
         """Render the job's variants from the source in `held` on the pool, in `slot`.
 
-        Waiting for a slot (behind another job's render) is not this job's time: `budget` is
-        suspended meanwhile and then pushed back by the wait.
+        Waiting for a slot (behind another job's render) is not this job's time (`_off_the_clock`).
         """
         loop = asyncio.get_running_loop()
-        deadline, waiting = budget.when(), loop.time()
-        budget.reschedule(None)
-        try:
-            await slot.acquire()
-        finally:
-            if deadline is not None:
-                budget.reschedule(deadline + loop.time() - waiting)
+        waiting = loop.time()
+        await _off_the_clock(budget, slot.acquire())
         JOB_STAGE["render_wait"].observe(loop.time() - waiting)
         started = time.perf_counter()
         try:
@@ -369,8 +380,10 @@ class Consumer:
         except BaseException:
             slot.render_ended(None)
             raise
+        hold.rendering()
+        render.add_done_callback(hold.render_ended)
         # The slot is given back when the render has really ended (or, for large outputs, once they
-        # are uploaded: `_RenderSlot`), not when this job stops waiting for it. A job whose budget
+        # are uploaded: `holds.RenderSlot`), not when this job stops waiting for it. A job whose budget
         # runs out is cancelled here, but libvips calls cannot be interrupted: the pool thread renders
         # on until the render timeout's kill flag, or the end of a step that never checks it, stops
         # it. Were the slot freed at once, the next job would take it and start its clock, and its
@@ -394,11 +407,14 @@ class Consumer:
         job: JobMessage,
         budget: asyncio.Timeout,
         source: asyncio.Task[list[bytearray]],
+        hold: SourceHold,
         stage: list[str],
     ) -> list[VariantResult]:
         """Fetch, render and upload the job's variants, noting in `stage[0]` which one it is at: when
         the budget runs out, that says who is to blame (`_timed_out`)."""
         stage[0] = "fetch"
+        # Waiting for the read-ahead's bytes (behind other jobs' sources) is not this job's time.
+        await _off_the_clock(budget, hold.admitted.wait())
         held = await source  # cancelled with this await if the budget runs out
         # A render that starts with less than its own limit left can run out of the job's time
         # through no fault of the image's: the fetch before it was slow (`_timed_out`).
@@ -407,9 +423,9 @@ class Consumer:
         stage[0] = (
             "render" if left is None or left >= self._config.limits.timeout_s else "render after slow fetch"
         )
-        slot = _RenderSlot(self._render_slots)
+        slot = RenderSlot(self._render_slots)
         try:
-            rendered = await self._render(job, budget, held, slot)
+            rendered = await self._render(job, budget, held, slot, hold)
             stage[0] = "upload"
             keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
             started = time.perf_counter()
@@ -431,14 +447,16 @@ class Consumer:
             for k, r in zip(keys, rendered, strict=True)
         ]
 
-    async def _source(self, job: JobMessage) -> list[bytearray]:
-        """The source's bytes, as the one item of a list that the render empties.
+    async def _source(self, job: JobMessage, hold: SourceHold) -> list[bytearray]:
+        """The source's bytes, as the one item of a list that the render empties, downloaded once
+        `hold` is admitted (`holds.Sources`).
 
         A task keeps its result, and `_process` holds this task until the job has settled: bytes
         returned as they are would stay in memory (up to `IMGPIPE_MAX_UPLOAD_BYTES` a job) through
         the uploads and the status write. The render takes them out of the list instead
         (`_render_held`), so they are freed as soon as it ends.
         """
+        await hold.admit()
         source = job.source
         started = time.perf_counter()
         try:
@@ -451,52 +469,22 @@ class Consumer:
         except FetchError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
+        hold.downloaded(len(data))
         return [data]
 
 
-#: Outputs up to this size are uploaded while the next job renders in the slot; larger ones keep the
-#: slot until they are in S3. The render's budget (`Limits.max_decode_bytes`) is what keeps a worker
-#: at concurrency 1 under 300 MiB; the previous job's outputs held beside it are not in it. Those of
-#: the presets take a few hundred kB, but a full-size PNG of a 24 MP photo takes about 60 MB: a
-#: 4800 px PNG of a 100 MP JPEG, uploaded while the next one rendered, took a worker to 326 MiB.
-_OVERLAP_MAX_BYTES = 4 * 1024 * 1024
-
-
-class _RenderSlot:
-    """One job's hold on a render slot: taken for its render, and given back once, when the render
-    has ended (however it ends); but when it made outputs over `_OVERLAP_MAX_BYTES`, only once the
-    job is done with them too (`job_done`)."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
-        self._held = self._rendering = self._job_done = False
-
-    async def acquire(self) -> None:
-        await self._slots.acquire()
-        self._held = self._rendering = True
-
-    def render_ended(self, render: asyncio.Future[list[imaging.Rendered]] | None) -> None:
-        """The render is over (`render` is its future; None: it never started)."""
-        self._rendering = False
-        large = (
-            render is not None
-            and not render.cancelled()
-            and render.exception() is None
-            and sum(len(r.data) for r in render.result()) > _OVERLAP_MAX_BYTES
-        )
-        if not large or self._job_done:
-            self._give_back()
-
-    def job_done(self) -> None:
-        """The job holds its outputs no more (uploaded, failed or cancelled)."""
-        self._job_done = True
-        if not self._rendering:
-            self._give_back()
-
-    def _give_back(self) -> None:
-        if self._held:
-            self._held = False
-            self._slots.release()
+async def _off_the_clock(budget: asyncio.Timeout, waiting: Awaitable[T]) -> T:
+    """Await `waiting` with the job's `budget` suspended, then push its deadline back by the wait:
+    waiting for the worker's own room (a render slot, the read-ahead's bytes) is not the job's time,
+    and counted against it would fail a healthy image behind another job's long render."""
+    loop = asyncio.get_running_loop()
+    deadline, since = budget.when(), loop.time()
+    budget.reschedule(None)
+    try:
+        return await waiting
+    finally:
+        if deadline is not None:
+            budget.reschedule(deadline + loop.time() - since)
 
 
 def _settled_elsewhere(current: JobRecord | None, what: str) -> None:
