@@ -111,3 +111,23 @@ async def test_a_slow_download_holds_up_the_job_ahead_for_a_moment_only() -> Non
     slow.job_done()
     behind.downloaded(1 * MB)
     await asyncio.wait_for(waiting, timeout=5)
+
+
+async def test_a_job_that_ends_while_its_download_waits_holds_nothing_once_admitted() -> None:
+    """The job was let go of (its channel lost) while its download waited to be admitted; the
+    download, admitted later, must not count its bytes for a job that is gone: they would stop every
+    later download ahead of the renders, for good."""
+    sources = Sources(concurrency=1, max_ahead_bytes=16 * MB)
+    rendering, gone = sources.hold(), sources.hold()
+    await rendering.admit()
+    rendering.downloaded(20 * MB)
+    rendering.rendering()
+    waiting = asyncio.create_task(gone.admit())
+    assert not await admitted(gone)
+    gone.job_done()
+    rendering.render_ended()
+    await waiting
+    gone.downloaded(20 * MB)
+    assert sources.held_bytes == 0
+    fresh = sources.hold()
+    await asyncio.wait_for(fresh.admit(), timeout=1)

@@ -320,6 +320,8 @@ async def test_jobs_whose_channel_closed_are_let_go(
         release.set()
         done = [await run.settled(job) for job in jobs]
     assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 3
+    # The downloads of the jobs let go of were dropped with them, or held nothing once admitted.
+    assert (run.worker._sources._holders, run.worker._sources.held_bytes) == (0, 0)
 
 
 async def test_source_bytes_are_freed_after_the_render(

@@ -256,18 +256,27 @@ class Consumer:
             JOB_SECONDS.observe(time.perf_counter() - started)
 
     async def _process(self, job: JobMessage, message: AbstractIncomingMessage, attempt: int) -> None:
+        # The source downloads while the job is marked `processing`: the two Redis round trips of
+        # that are off the job's path.
         hold = self._sources.hold()
+        source = asyncio.create_task(self._source(job, hold))
         try:
-            await self._process_holding(job, message, attempt, hold)
+            await self._process_holding(job, message, attempt, hold, source)
         finally:
+            # However the job ends, its download ends with it: one still waiting to be admitted, left
+            # to run, would be admitted later and hold its bytes for a job that is gone. A job found
+            # gone or finished, or let go of with its channel, drops it here.
+            _drop(source)  # a no-op for one done, but for taking its outcome
             hold.job_done()
 
     async def _process_holding(
-        self, job: JobMessage, message: AbstractIncomingMessage, attempt: int, hold: SourceHold
+        self,
+        job: JobMessage,
+        message: AbstractIncomingMessage,
+        attempt: int,
+        hold: SourceHold,
+        source: asyncio.Task[list[bytearray]],
     ) -> None:
-        # The source downloads while the job is marked `processing`: the two Redis round trips of
-        # that are off the job's path. A job found gone or finished drops its download.
-        source = asyncio.create_task(self._source(job, hold))
         record: JobRecord | None = None
         try:
             record = (await _persist(lambda: self._store.mark_processing(job.id))).record

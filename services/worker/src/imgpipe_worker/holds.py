@@ -153,12 +153,14 @@ class SourceHold:
     def __init__(self, sources: Sources) -> None:
         self._sources = sources
         self._size = 0
-        self._held = self._downloading = self._rendering = False
+        self._held = self._downloading = self._rendering = self._done = False
         self.admitted = asyncio.Event()
 
     async def admit(self) -> None:
         await self._sources._admit()
         self._held = self._downloading = True
+        if self._done:  # the job ended while this waited: it holds nothing
+            self._let_go()
         self.admitted.set()
 
     def downloaded(self, size: int) -> None:
@@ -176,6 +178,7 @@ class SourceHold:
         self._let_go()
 
     def job_done(self) -> None:
+        self._done = True
         if not self._rendering:
             self._let_go()
 
