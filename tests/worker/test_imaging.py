@@ -999,12 +999,43 @@ def test_a_lossy_webp_is_held_to_the_budget_at_the_size_it_decodes_to() -> None:
     strip = Variant(name="strip", width=8192, height=1, fit="cover")
     with pytest.raises(ImageError) as info:
         render(big, [strip], LIMITS)
-    assert "making variant 'strip' (8192x1 jpeg) from this 10000x10000 webp would need about 268 MiB" in (
+    # And the 8192 x 8192 RGB image `thumbnail` copies into memory before it crops (192 MiB).
+    assert "making variant 'strip' (8192x1 jpeg) from this 10000x10000 webp would need about 460 MiB" in (
         info.value.message
     )
     with pytest.raises(ImageError) as info:  # a thumbnail of it is let through (to fail on its pixels)
         render(big, [variant(width=100)], LIMITS)
     assert info.value.code == "corrupt_image"
+
+
+def test_a_crop_or_a_rotation_counts_the_image_thumbnail_copies_first() -> None:
+    """`thumbnail` copies the resized image into memory before a "cover" crop, and before it turns
+    an EXIF-rotated image upright: an 8192 x 1 strip of a 10,000 px square JPEG held all 8192 x 8192
+    of it (230 MiB over the process's baseline), and was counted as nothing."""
+    square = _claiming_jpeg(10000, 10000, progressive=False)
+    with pytest.raises(ImageError) as info:
+        render(square, [Variant(name="strip", width=8192, height=1, fit="cover")], LIMITS)
+    assert info.value.code == "image_too_large"
+    assert "making variant 'strip' (8192x1 jpeg) from this 10000x10000 jpeg would need about 269 MiB" in (
+        info.value.message
+    )
+    # Fitted inside the same box, it streams: let through.
+    (fitted,) = render(square, [Variant(name="fit", width=8192)], LIMITS)
+    assert (fitted.width, fitted.height) == (8192, 8192)
+
+    def header(orientation: int) -> pyvips.Image:
+        card = gradient(16, 16).copy()
+        card.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+        data = bytearray(card.jpegsave_buffer())
+        struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, 4000, 6000)
+        return decode(bytes(data))
+
+    full = [Variant(name="full", width=8192, format="png")]
+    upright, sideways = (
+        imaging.job_bytes("jpeg", header(1), b"", full),
+        imaging.job_bytes("jpeg", header(6), b"", full),
+    )
+    assert sideways - upright == 4000 * 6000 * 3
 
 
 def test_large_jpegs_are_written_baseline_so_they_stream() -> None:

@@ -891,12 +891,15 @@ def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
 # What libwebp's scaled decode holds, in bytes a pixel of the size it decodes to: an RGBA buffer.
 _AT_TARGET_BYTES_PER_PIXEL = 4.2
 
-# While pixels are resampled on their way out of a decoder that holds the image (a multi-scan JPEG's
-# coefficients, a HEIF), libvips holds rows of it at full width (its sequential line cache, the
-# kernels' buffers). Measured with libvips 8.18 on 4:2:0 and 4:4:4 progressive JPEGs 4000 to 8000 px
-# wide, decoded to 1000-4096 px: 1,500-1,800 rows' worth of their samples (17-41 MiB) over the
-# coefficients and the pixels written; 500-700 rows at full size, with no resampling.
+# While pixels are resampled on their way out of the decoder, libvips holds rows of the decoded image
+# (its sequential line cache, the kernels' buffers), measured with libvips 8.18 at concurrency 1 over
+# what the decoder keeps and the pixels written: beside a decoder that keeps the image (progressive
+# JPEGs 4000 to 8000 px wide, to 1000-4096 px) 1,500-1,800 rows' worth of its samples; from a
+# baseline JPEG, which streams, 1,000-2,650 rows of the width it decodes at (6000 x 4000 and 10,000
+# x 10,000, shrunk 1.1 to 5 times; up to the whole of a shrink-on-load decode of 2,000 rows). Fewer,
+# 500-700, when the size does not change.
 _RESIZE_ROWS = 1900
+_STREAMED_RESIZE_ROWS = 2700
 _COPY_ROWS = 800
 
 
@@ -924,14 +927,24 @@ def _held_bytes(fmt: str, header: pyvips.Image, data: bytes) -> int:
     return decode_bytes(fmt, header, data)
 
 
+def _jpeg_shrink_on_load(scale: float) -> int:
+    """The factor libjpeg decodes a JPEG at for a `scale` (libvips leaves at least a factor of two
+    to its resampling kernel)."""
+    shrink = 1 / scale
+    return next((factor for factor in (8, 4, 2) if shrink >= 2 * factor), 1)
+
+
 def _rows_bytes(fmt: str, header: pyvips.Image, held: int, scale: float) -> int:
-    """The full-width rows resampling holds beside a decoder that keeps the image (`_RESIZE_ROWS`).
-    PNG and TIFF count theirs in `decode_bytes`; decoders that stream (nothing `held`) shrink while
-    they decode."""
-    if fmt in ("png", "tiff") or not held:
+    """The rows of the decoded image resampling holds on their way to the variant (`_RESIZE_ROWS`).
+    PNG and TIFF count theirs in `decode_bytes`; a lossy still WebP is decoded at the target's size."""
+    bands = max(3, header.bands)
+    if fmt in ("png", "tiff") or (fmt == "webp" and not held):
         return 0
-    rows = _RESIZE_ROWS if scale < 1 else _COPY_ROWS
-    return header.width * max(3, header.bands) * rows
+    if not held:  # a baseline JPEG, decoded as it streams, shrunk while it decodes
+        factor = _jpeg_shrink_on_load(scale)
+        width, height = math.ceil(header.width / factor), math.ceil(header.height / factor)
+        return width * bands * min(height, _STREAMED_RESIZE_ROWS if scale < 1 else _COPY_ROWS)
+    return header.width * bands * (_RESIZE_ROWS if scale < 1 else _COPY_ROWS)
 
 
 def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant]) -> list[_Need]:
@@ -943,21 +956,28 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
       resize and the encoder, together;
     * one variant decoded first (`_decode_first`), or the intermediate of several: the decoder's state,
       the rows and the pixels written, then those pixels and each encoder in turn;
-    * several variants too large to share an intermediate: each streamed on its own.
+    * several variants too large to share an intermediate: each streamed on its own;
+    * and wherever `thumbnail` crops or rotates, the resized image it copies into memory first: a
+      "cover" crop to an 8192 x 1 strip of a 10,000 px square held all 8192 x 8192 of it (230 MiB).
     """
     width, height = _oriented_size(header)
     held = _held_bytes(fmt, header, data)
     at_target = _decoded_at_target(fmt, header, data)
     bands = 4 if header.hasalpha() else 3
+    rotated = _get(header, "orientation", 1) not in (1, 0)
     source = f"this {header.width}x{header.height} {fmt}"
 
+    def resized(scale: float) -> int:
+        return max(1, round(width * scale)) * max(1, round(height * scale)) * bands
+
     def decoded_at(scale: float) -> int:
-        # Decoded at the scaled size, before a "cover" crop: an 8192 x 1 strip of a 10,000 px square
-        # decodes all 8192 x 8192 of it first.
-        if not at_target:
-            return 0
-        pixels = max(1, round(width * scale)) * max(1, round(height * scale))
-        return math.ceil(pixels * _AT_TARGET_BYTES_PER_PIXEL)
+        # Decoded at the scaled size, before a "cover" crop.
+        return math.ceil(resized(scale) / bands * _AT_TARGET_BYTES_PER_PIXEL) if at_target else 0
+
+    def copies(variant: Variant, scale: float, *, upright: bool = False) -> int:
+        # `thumbnail` copies the resized image into memory before a crop, and again before it rotates
+        # it upright (the intermediate of several variants is upright already).
+        return resized(scale) * ((variant.fit == "cover") + (rotated and not upright))
 
     def encoding(variant: Variant) -> tuple[int, str]:
         out_w, out_h = _output_size(variant, width, height)
@@ -965,10 +985,13 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         what = f"making variant {variant.name!r} ({out_w}x{out_h} {variant.format}) from {source}"
         return encode_bytes(variant.format, out_w, out_h, alpha=alpha), what
 
+    def decoding(scale: float) -> int:
+        return held + _rows_bytes(fmt, header, held, scale) + decoded_at(scale)
+
     def streamed(variant: Variant) -> _Need:
         scale = _scale_needed(variant, width, height)
         encoder, what = encoding(variant)
-        return _Need(held + _rows_bytes(fmt, header, held, scale) + decoded_at(scale) + encoder, what)
+        return _Need(decoding(scale) + copies(variant, scale) + encoder, what)
 
     needs = [_Need(decode_bytes(fmt, header, data), f"decoding {source}")]
     if len(variants) == 1:
@@ -979,23 +1002,23 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         out_w, out_h = _output_size(variant, width, height)
         pixels = out_w * out_h * bands
         encoder, what = encoding(variant)
-        rows = _rows_bytes(fmt, header, held, scale)
-        return [*needs, _Need(held + rows + decoded_at(scale) + pixels, what), _Need(pixels + encoder, what)]
+        written = _Need(decoding(scale) + copies(variant, scale) + pixels, what)
+        return [*needs, written, _Need(pixels + encoder, what)]
     scale = max(_scale_needed(v, width, height) for v in variants)
     inter_w, inter_h = min(width, math.ceil(width * scale)), min(height, math.ceil(height * scale))
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         return [*needs, *(streamed(v) for v in variants)]
     intermediate = inter_w * inter_h * bands
-    rows = _rows_bytes(fmt, header, held, scale)
     needs.append(
         _Need(
-            held + rows + decoded_at(scale) + intermediate,
+            decoding(scale) + intermediate * (1 + rotated),
             f"decoding {source} to the {inter_w}x{inter_h} its variants are made from",
         )
     )
     for variant in variants:
         encoder, what = encoding(variant)
-        needs.append(_Need(intermediate + encoder, what))
+        cut = copies(variant, _scale_needed(variant, width, height), upright=True)
+        needs.append(_Need(intermediate + cut + encoder, what))
     return needs
 
 
