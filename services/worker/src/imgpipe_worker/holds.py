@@ -104,6 +104,7 @@ class Sources:
 
     @property
     def held_bytes(self) -> int:
+        """The bytes of the sources held now: downloaded, and not yet freed by their render."""
         return self._bytes
 
     def _may_start(self, waited_s: float) -> bool:

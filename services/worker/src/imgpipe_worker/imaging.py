@@ -389,9 +389,7 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     """
     pixels = header.width * header.height  # one frame: libvips reports the first page only
     if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
-        chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
-        samples = 1 + (header.bands - 1) * chroma
-        return math.ceil(pixels * samples * 2 * _MULTISCAN_JOB_FACTOR)
+        return math.ceil(_coefficients(header) * _MULTISCAN_JOB_FACTOR)
     if fmt in ("png", "tiff"):
         row = header.width * header.bands * _SAMPLE_BYTES.get(header.format, 8)
         held = math.ceil(row * min(header.height, _STREAMED_ROWS) * _STREAMED_ROW_FACTOR)
@@ -407,6 +405,13 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     if fmt == "webp":
         fmt = "webp-animated" if _get(header, "n-pages", 1) > 1 else f"webp-{_webp_codec(data)}"
     return math.ceil(pixels * _BUFFERED_BYTES_PER_PIXEL.get(fmt, 0))
+
+
+def _coefficients(header: pyvips.Image) -> float:
+    """The bytes of a multi-scan JPEG's DCT coefficients, which libjpeg keeps for the whole image:
+    2 a sample, and chroma subsampling decides how many samples a pixel has."""
+    chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
+    return header.width * header.height * (1 + (header.bands - 1) * chroma) * 2
 
 
 def _webp_codec(data: bytes) -> str:
@@ -916,14 +921,11 @@ def _held_bytes(fmt: str, header: pyvips.Image, data: bytes) -> int:
     a HEIF's decoded image, and for the other decoders that cannot stream, their whole estimate
     (canvases, a whole frame, full-width rows). Nothing for those that stream (baseline JPEG, lossy
     still WebP: see `_decoded_at_target`)."""
-    pixels = header.width * header.height
     if fmt == "jpeg":
-        if not _get(header, "jpeg-multiscan", 0):
-            return 0
-        chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
-        return math.ceil(pixels * (1 + (header.bands - 1) * chroma) * 2)
+        return math.ceil(_coefficients(header)) if _get(header, "jpeg-multiscan", 0) else 0
     if fmt == "heif":
-        return pixels * (4 if header.bands >= 4 else 3) * (1 if header.format == "uchar" else 2)
+        bands = 4 if header.bands >= 4 else 3
+        return header.width * header.height * bands * (1 if header.format == "uchar" else 2)
     return decode_bytes(fmt, header, data)
 
 
