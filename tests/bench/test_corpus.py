@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import pyvips
 from imgpipe_worker import imaging
 from imgpipe_worker.settings import WorkerSettings
 
 from bench import corpus, memory
-
-
-def _header(spec: corpus.Spec, fmt: str, **metadata: object) -> pyvips.Image:
-    """A stand-in for the header libvips reads of `spec`'s file: its size and what the estimate uses."""
-    header = pyvips.Image.black(spec.width, spec.height, bands=3).cast("uchar").copy()
-    for name, value in metadata.items():
-        kind = pyvips.GValue.gint_type if isinstance(value, int) else pyvips.GValue.gstr_type
-        header.set_type(kind, name, value)
-    return header
+from tests.worker.test_imaging import _stand_in
 
 
 @pytest.mark.parametrize(
@@ -33,7 +24,7 @@ def test_the_hungriest_images_are_just_within_the_default_decode_budget(
 ) -> None:
     budget = WorkerSettings().max_decode_bytes
     assert imaging.Limits().max_decode_bytes == budget
-    header = _header(spec, fmt, **metadata)
+    header = _stand_in(spec.width, spec.height, **metadata)  # the header libvips reads of its file
     needed = imaging.decode_bytes(fmt, header)
     assert 0.95 * budget < needed <= budget
     assert spec.width * spec.height <= imaging.Limits().max_pixels

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import pyvips
-from imgpipe.models import Variant
+from imgpipe.models import PRESETS, Variant
 from imgpipe_worker import imaging
 from imgpipe_worker.imaging import ImageError, Limits, Rendered, SourceInfo, probe, render, sniff
 
@@ -1036,6 +1036,46 @@ def test_a_crop_or_a_rotation_counts_the_image_thumbnail_copies_first() -> None:
         imaging.job_bytes("jpeg", header(6), b"", full),
     )
     assert sideways - upright == 4000 * 6000 * 3
+
+
+def _stand_in(width: int, height: int, bands: int = 3, **metadata: object) -> pyvips.Image:
+    """A header's stand-in: its size, bands and the fields the estimates read; no pixels."""
+    header = pyvips.Image.black(width, height, bands=bands).cast("uchar").copy()
+    for name, value in metadata.items():
+        kind = pyvips.GValue.gint_type if isinstance(value, int) else pyvips.GValue.gstr_type
+        header.set_type(kind, name, value)
+    return header
+
+
+@pytest.mark.parametrize(
+    ("fmt", "header"),
+    [
+        ("heif", _stand_in(4032, 3024)),  # a 12 MP phone photo
+        ("gif", _stand_in(6000, 4000, bands=4)),
+        ("jpeg", _stand_in(8000, 6000, **{"jpeg-multiscan": 1, "jpeg-chroma-subsample": "4:2:0"})),
+        ("jpeg", _stand_in(6220, 4147, **{"jpeg-multiscan": 1, "jpeg-chroma-subsample": "4:4:4"})),
+        (
+            "jpeg",
+            _stand_in(6000, 4000, orientation=6, **{"jpeg-multiscan": 1, "jpeg-chroma-subsample": "4:4:4"}),
+        ),
+        ("png", _stand_in(7300, 5475, interlaced=1)),
+    ],
+    ids=[
+        "heic-12mp",
+        "gif-24mp",
+        "progressive-420-48mp",
+        "progressive-444-26mp",
+        "rotated-444-24mp",
+        "png-40mp",
+    ],
+)
+def test_the_presets_fit_the_documented_sources(fmt: str, header: pyvips.Image) -> None:
+    """The sources the README and `Limits` say the default budget takes: the decode, and every
+    request of the presets, alone or together."""
+    budget = Limits().max_decode_bytes
+    assert imaging.decode_bytes(fmt, header) <= budget
+    for names in (("thumb", "small", "medium", "large"), ("thumb",), ("small",), ("medium",), ("large",)):
+        assert imaging.job_bytes(fmt, header, b"", [PRESETS[name] for name in names]) <= budget, names
 
 
 def test_large_jpegs_are_written_baseline_so_they_stream() -> None:

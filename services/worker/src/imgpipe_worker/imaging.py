@@ -123,9 +123,10 @@ class Limits:
     #: and the most any step of a job may hold: the decoder's state, the pixels it writes, an encoder
     #: (`job_bytes`). 192 MiB keeps a worker at concurrency 1 under 300 MiB for any job it accepts
     #: (~97 MiB idle plus the job; the benchmark's hungriest accepted inputs, a 12 MP AVIF and a 26 MP
-    #: 4:4:4 progressive JPEG, peaked at 290-294 MiB), and still lets through a 12 MP 8-bit HEIC/AVIF phone
-    #: photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0 progressive JPEG up to
-    #: 51 MP (4:4:4: 25 MP) and an 8-bit RGB interlaced PNG up to 45 MP. A GIF or AVIF that claims
+    #: 4:4:4 progressive JPEG, peaked at 290-294 MiB), and still takes, with the presets, a 12 MP 8-bit
+    #: HEIC/AVIF phone photo (the hungriest decoder, ~16 bytes a pixel), a 24 MP GIF, a 4:2:0
+    #: progressive JPEG up to 48 MP (4:4:4: 25 MP, 24 MP if EXIF-rotated) and an 8-bit RGB interlaced
+    #: PNG up to 40 MP (`test_the_presets_fit_the_documented_sources`). A GIF or AVIF that claims
     #: 100 MP is refused instead of costing the worker over a gigabyte; raise it (and the memory limit)
     #: for 24 MP HEIC.
     max_decode_bytes: int = 192 * 1024 * 1024
@@ -937,16 +938,19 @@ def _jpeg_shrink_on_load(scale: float) -> int:
 
 
 def _rows_bytes(fmt: str, header: pyvips.Image, held: int, scale: float) -> int:
-    """The rows of the decoded image resampling holds on their way to the variant (`_RESIZE_ROWS`).
-    PNG and TIFF count theirs in `decode_bytes`; a lossy still WebP is decoded at the target's size."""
+    """The rows of the decoded image resampling holds on their way to the variant (`_RESIZE_ROWS`):
+    for a JPEG at the size libjpeg decodes it at (shrink-on-load), for a HEIF at full size. The
+    figures of the other decoders are the peaks of whole renders, these rows included."""
     bands = max(3, header.bands)
-    if fmt in ("png", "tiff") or (fmt == "webp" and not held):
-        return 0
-    if not held:  # a baseline JPEG, decoded as it streams, shrunk while it decodes
+    if fmt == "jpeg":
         factor = _jpeg_shrink_on_load(scale)
         width, height = math.ceil(header.width / factor), math.ceil(header.height / factor)
-        return width * bands * min(height, _STREAMED_RESIZE_ROWS if scale < 1 else _COPY_ROWS)
-    return header.width * bands * (_RESIZE_ROWS if scale < 1 else _COPY_ROWS)
+        resize_rows = _RESIZE_ROWS if held else _STREAMED_RESIZE_ROWS  # multi-scan, or baseline
+    elif fmt == "heif":
+        width, height, resize_rows = header.width, header.height, _RESIZE_ROWS
+    else:
+        return 0
+    return width * bands * min(height, resize_rows if scale < 1 else _COPY_ROWS)
 
 
 def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[Variant]) -> list[_Need]:
