@@ -7,9 +7,9 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+from bench import memory
 from bench.api import BARE, FLOOR, FLOOR_URL
 from bench.harness import THREAD_KINDS
-from bench.memory import REFUSED
 
 
 def _row(area, figure, value, baseline="", target="", ok=None, *, ratio=None, goal=None):
@@ -377,7 +377,7 @@ def rows(res: dict) -> list[dict]:
                 runs = v.get("requests", {"4 presets": v})
                 # A custom request the worker's budget refused whole proves no peak, and is allowed;
                 # any other job not done fails the figure.
-                allowed = {k for k in v.get("may_refuse", ()) if set(runs[k]["jobs"]) == {REFUSED}}
+                allowed = {k for k in v.get("may_refuse", ()) if memory.refused(runs[k])}
                 jobs: Counter = Counter()
                 for k, run in runs.items():
                     if k not in allowed:
