@@ -794,9 +794,11 @@ def _heif_item_sizes(
     return sizes
 
 
-# `thumbnail` decodes a JPEG at 1/8 scale when the image is to shrink this many times or more (libvips
-# leaves at least a factor of two to its resampling kernel after the block shrink of the decoder).
-_JPEG_SHRINK_8_FROM = 16
+def _jpeg_shrink_on_load(shrink: float) -> int:
+    """The factor (1, 2, 4 or 8) `thumbnail` has libjpeg decode a JPEG at when the image is to shrink
+    `shrink` times: libvips leaves at least a factor of two to its resampling kernel after the block
+    shrink of the decoder, so 1/8 from 16 times on."""
+    return next((factor for factor in (8, 4, 2) if shrink >= 2 * factor), 1)
 
 
 def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, object]) -> bool:
@@ -809,7 +811,7 @@ def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, ob
     down = source_h / target_h if isinstance(target_h, int) and target_h > 0 else 0.0
     # "cover" (crop) shrinks by the smaller factor, to fill the box; "inside" by the larger, to fit it.
     shrink = min(across, down) if kwargs.get("crop") else max(across, down)
-    return shrink >= _JPEG_SHRINK_8_FROM
+    return _jpeg_shrink_on_load(shrink) == 8
 
 
 def _dc_only_image(data: bytes) -> pyvips.Image | None:
@@ -930,20 +932,13 @@ def _held_bytes(fmt: str, header: pyvips.Image, data: bytes) -> int:
     return decode_bytes(fmt, header, data)
 
 
-def _jpeg_shrink_on_load(scale: float) -> int:
-    """The factor libjpeg decodes a JPEG at for a `scale` (libvips leaves at least a factor of two
-    to its resampling kernel)."""
-    shrink = 1 / scale
-    return next((factor for factor in (8, 4, 2) if shrink >= 2 * factor), 1)
-
-
 def _rows_bytes(fmt: str, header: pyvips.Image, held: int, scale: float) -> int:
     """The rows of the decoded image resampling holds on their way to the variant (`_RESIZE_ROWS`):
     for a JPEG at the size libjpeg decodes it at (shrink-on-load), for a HEIF at full size. The
     figures of the other decoders are the peaks of whole renders, these rows included."""
     bands = max(3, header.bands)
     if fmt == "jpeg":
-        factor = _jpeg_shrink_on_load(scale)
+        factor = _jpeg_shrink_on_load(1 / scale)
         width, height = math.ceil(header.width / factor), math.ceil(header.height / factor)
         resize_rows = _RESIZE_ROWS if held else _STREAMED_RESIZE_ROWS  # multi-scan, or baseline
     elif fmt == "heif":
@@ -973,12 +968,15 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
     rotated = _get(header, "orientation", 1) not in (1, 0)
     source = f"this {header.width}x{header.height} {fmt}"
 
+    def scaled(scale: float) -> int:
+        return max(1, round(width * scale)) * max(1, round(height * scale))
+
     def resized(scale: float) -> int:
-        return max(1, round(width * scale)) * max(1, round(height * scale)) * bands
+        return scaled(scale) * bands
 
     def decoded_at(scale: float) -> int:
         # Decoded at the scaled size, before a "cover" crop.
-        return math.ceil(resized(scale) / bands * _AT_TARGET_BYTES_PER_PIXEL) if at_target else 0
+        return math.ceil(scaled(scale) * _AT_TARGET_BYTES_PER_PIXEL) if at_target else 0
 
     def copies(variant: Variant, scale: float, *, upright: bool = False) -> int:
         # `thumbnail` copies the resized image into memory before a crop, and again before it rotates
