@@ -40,33 +40,21 @@ READ_AHEAD_MAX_BYTES = 16 * 1024 * 1024
 READ_AHEAD_IN_FLIGHT_WAIT_S = 1.0
 
 
-class RenderSlot:
-    """One job's hold on a render slot: taken for its render, and given back once the render has
-    ended; but when it made outputs over `OVERLAP_MAX_BYTES`, only once the job is done with them
-    too (`job_done`)."""
+class _Hold:
+    """Something a job holds of the worker, given back once: when its render ends, unless it is
+    kept beyond that (`_render_ended(keep=True)`), and otherwise when the job is done with it and
+    no render of its runs (a render goes on after its job is cancelled, holding what it holds)."""
 
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots = slots
+    def __init__(self) -> None:
         self._held = self._rendering = self._job_done = False
 
-    async def acquire(self) -> None:
-        await self._slots.acquire()
-        self._held = self._rendering = True
-
-    def render_ended(self, render: asyncio.Future[list[imaging.Rendered]] | None) -> None:
-        """The render is over (`render` is its future; None: it never started)."""
+    def _render_ended(self, *, keep: bool) -> None:
         self._rendering = False
-        large = (
-            render is not None
-            and not render.cancelled()
-            and render.exception() is None
-            and sum(len(r.data) for r in render.result()) > OVERLAP_MAX_BYTES
-        )
-        if not large or self._job_done:
+        if not keep or self._job_done:
             self._give_back()
 
     def job_done(self) -> None:
-        """The job holds its outputs no more (uploaded, failed or cancelled)."""
+        """The job holds this no more (done with it, failed or cancelled)."""
         self._job_done = True
         if not self._rendering:
             self._give_back()
@@ -74,7 +62,37 @@ class RenderSlot:
     def _give_back(self) -> None:
         if self._held:
             self._held = False
-            self._slots.release()
+            self._release()
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+class RenderSlot(_Hold):
+    """One job's hold on a render slot: taken for its render, and given back once the render has
+    ended; but when it made outputs over `OVERLAP_MAX_BYTES`, only once the job is done with them
+    too (`job_done`: uploaded, failed or cancelled)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        super().__init__()
+        self._slots = slots
+
+    async def acquire(self) -> None:
+        await self._slots.acquire()
+        self._held = self._rendering = True
+
+    def render_ended(self, render: asyncio.Future[list[imaging.Rendered]] | None) -> None:
+        """The render is over (`render` is its future; None: it never started)."""
+        large = (
+            render is not None
+            and not render.cancelled()
+            and render.exception() is None
+            and sum(len(r.data) for r in render.result()) > OVERLAP_MAX_BYTES
+        )
+        self._render_ended(keep=large)
+
+    def _release(self) -> None:
+        self._slots.release()
 
 
 class Sources:
@@ -146,22 +164,23 @@ class Sources:
                 waiter.set_result(None)
 
 
-class SourceHold:
+class SourceHold(_Hold):
     """One job's source: admitted before it downloads (`admit`), counted once it is in memory
     (`downloaded`), and let go of when its render ends (`render_ended`: the render is what frees
     the bytes), or when the job is done (`job_done`) without a render running (`rendering`)."""
 
     def __init__(self, sources: Sources) -> None:
+        super().__init__()
         self._sources = sources
         self._size = 0
-        self._held = self._downloading = self._rendering = self._done = False
+        self._downloading = False
         self.admitted = asyncio.Event()
 
     async def admit(self) -> None:
         await self._sources._admit()
         self._held = self._downloading = True
-        if self._done:  # the job ended while this waited: it holds nothing
-            self._let_go()
+        if self._job_done:  # the job ended while this waited: it holds nothing
+            self._give_back()
         self.admitted.set()
 
     def downloaded(self, size: int) -> None:
@@ -175,16 +194,8 @@ class SourceHold:
 
     def render_ended(self, _: object = None) -> None:
         # The render took the bytes (`consumer._render_held`): they are freed with it.
-        self._rendering = False
-        self._let_go()
+        self._render_ended(keep=False)
 
-    def job_done(self) -> None:
-        self._done = True
-        if not self._rendering:
-            self._let_go()
-
-    def _let_go(self) -> None:
-        if self._held:
-            self._held = False
-            self._sources._let_go(self._size, downloading=self._downloading)
-            self._downloading = False
+    def _release(self) -> None:
+        self._sources._let_go(self._size, downloading=self._downloading)
+        self._downloading = False
