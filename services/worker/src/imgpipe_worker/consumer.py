@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -473,9 +474,8 @@ class Consumer:
                 data = await self._storage.get(source.key, max_bytes=self._config.limits.max_bytes)
             else:
                 data = (await fetch_url(str(source.url), self._config.fetch, session=self._http)).data
-        except StorageError as exc:
-            raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
-        except FetchError as exc:
+        except (StorageError, FetchError) as exc:
+            _clear_frames(exc)  # a body read part of the way is in them (`_render_held`)
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         hold.downloaded(len(data))
@@ -601,9 +601,30 @@ def _render_held(
 
     The bytes are taken out of `held` here, in the thread, so that once the render returns nothing
     refers to them any more: not the task of `_source`, nor the pool's work item, which lives on
-    for a moment after the result is handed to the loop.
+    for a moment after the result is handed to the loop. Nor once it raises: the frames of its
+    traceback (and of the errors it chains) hold the source, and the job's failure, which carries
+    them, sits in reference cycles that only the garbage collector breaks. Before their locals were
+    cleared, four refused jobs of a 35 MB source took a worker 137 MiB over idle.
     """
-    return imaging.render(held.pop(), variants, limits)
+    try:
+        return imaging.render(held.pop(), variants, limits)
+    except BaseException as exc:
+        _clear_frames(exc)
+        raise
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames in `exc`'s traceback and in those of what it chains
+    (the lines stay, for the log)."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 def _drop(task: asyncio.Task[list[bytearray]]) -> None:
