@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from imgpipe.bodies import BodyTooLarge, read_body
+from imgpipe.bodies import BodyNotAdmitted, BodyTooLarge, read_body
 
 
 @asynccontextmanager
@@ -88,3 +88,49 @@ async def test_a_body_longer_than_the_length_given_is_a_payload_error() -> None:
     # itself, so this is the guard for a length the caller got wrong).
     with pytest.raises(aiohttp.ClientPayloadError):
         await _read(_with_length(b"x" * 10), 1000, lambda _: 5)
+
+
+class _Room:
+    """An `Admit` that answers `room` and notes what it was asked."""
+
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+        self.asked: list[int | None] = []
+
+    def __call__(self, length: int | None) -> int | None:
+        self.asked.append(length)
+        return self.room
+
+
+async def _read_admitted(response: bytes, max_bytes: int, admit: _Room) -> bytearray:
+    async with _serving(response) as url, aiohttp.ClientSession() as http, http.get(url) as got:
+        return await read_body(got.content, length=got.content_length, max_bytes=max_bytes, admit=admit)
+
+
+async def test_a_body_is_read_only_if_admit_has_room_for_its_length() -> None:
+    room = _Room(8)
+    assert await _read_admitted(_with_length(b"x" * 8), 100, room) == b"x" * 8
+    with pytest.raises(BodyNotAdmitted) as refused:
+        await _read_admitted(_with_length(b"x" * 9), 100, room)
+    assert refused.value.size == 9
+    assert room.asked == [8, 9]
+    assert await _read_admitted(_with_length(b"x" * 9), 100, _Room(None)) == b"x" * 9  # None: any
+
+
+async def test_a_body_over_the_limit_is_too_large_without_asking_for_room() -> None:
+    room = _Room(None)
+    with pytest.raises(BodyTooLarge):
+        await _read_admitted(_with_length(b"x" * 9), 8, room)
+    assert room.asked == []
+
+
+async def test_a_body_without_a_length_stops_past_its_room() -> None:
+    room = _Room(4)
+    with pytest.raises(BodyNotAdmitted) as refused:
+        await _read_admitted(_chunked(b"abc", b"defg"), 100, room)
+    assert refused.value.size is None
+    assert room.asked == [None]
+    assert await _read_admitted(_chunked(b"abc", b"d"), 100, room) == b"abcd"
+    # A room over the limit is the limit's: past it, the body is too large.
+    with pytest.raises(BodyTooLarge):
+        await _read_admitted(_chunked(b"abc", b"defg"), 5, _Room(50))

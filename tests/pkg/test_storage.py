@@ -7,13 +7,14 @@ import gc
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from http.client import HTTPConnection
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
+from imgpipe.bodies import BodyNotAdmitted
 from imgpipe.settings import S3Settings
 from imgpipe.storage import (
     UPLOAD_PREFIX,
@@ -105,6 +106,25 @@ async def test_get_limits_and_missing(storage: Storage) -> None:
     assert (missing.value.code, missing.value.transient) == ("source_not_found", False)
     with pytest.raises(ObjectNotFound):
         await storage.head("uploads/nobody/nothing")
+
+
+async def test_get_reads_a_body_only_if_admit_has_room_for_it(storage: Storage) -> None:
+    await storage.put("sized", b"x" * 100, "application/octet-stream")
+    asked: list[int | None] = []
+
+    def room(size: int) -> Callable[[int | None], int | None]:
+        def admit(length: int | None) -> int | None:
+            asked.append(length)
+            return size
+
+        return admit
+
+    with pytest.raises(BodyNotAdmitted) as refused:
+        await storage.get("sized", max_bytes=1000, admit=room(99))
+    assert refused.value.size == 100
+    # The connection was not handed back with the body unread: the next request reads its own.
+    assert await storage.get("sized", max_bytes=1000, admit=room(100)) == b"x" * 100
+    assert asked == [100, 100]
 
 
 async def test_get_holds_the_body_once(storage: Storage, s3_endpoint: str) -> None:

@@ -1078,6 +1078,27 @@ def test_the_presets_fit_the_documented_sources(fmt: str, header: pyvips.Image) 
         assert imaging.job_bytes(fmt, header, b"", [PRESETS[name] for name in names]) <= budget, names
 
 
+def test_a_source_counts_against_the_budget_beyond_the_room_set_aside_for_sources(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The budget leaves `SOURCE_ROOM_BYTES` for the sources held beside a render; what a job's own
+    source takes beyond that is held to the budget with the render (a 26 MP 4:4:4 progressive
+    JPEG's `large` took a worker at concurrency 1 to 292 MiB from a 7 MB file, 314 from a 35 MB one)."""
+    data = gradient(1600, 1200).jpegsave_buffer(Q=90, interlace=True)
+    variants = [PRESETS["large"]]
+    need = imaging.job_bytes("jpeg", pyvips.Image.new_from_buffer(data, ""), data, variants)
+    monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", len(data) // 2)
+    beyond = len(data) - len(data) // 2
+    (large,) = render(data, variants, Limits(max_decode_bytes=need + beyond))
+    assert large.width == 1600  # `large` never scales up
+    with pytest.raises(ImageError) as refused:
+        render(data, variants, Limits(max_decode_bytes=need + beyond - 1))
+    assert refused.value.code == "image_too_large"
+    assert "source" in refused.value.message and "set aside for sources" in refused.value.message
+    monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", len(data))  # within the room: the render alone
+    assert render(data, variants, Limits(max_decode_bytes=need))[0].width == 1600
+
+
 def test_large_jpegs_are_written_baseline_so_they_stream() -> None:
     """A progressive or Huffman-optimised JPEG keeps every coefficient (410 MB at 8192 x 8192)."""
 

@@ -32,6 +32,7 @@ from imgpipe.broker import Publisher, Topology
 from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
+from imgpipe.telemetry import SOURCES_DEFERRED
 from imgpipe_worker import consumer, holds, imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
@@ -308,8 +309,7 @@ async def test_jobs_whose_channel_closed_are_let_go(
             await run.submit("uploads/o/src", [Variant(name="t", width=16, format="jpeg")]) for _ in range(3)
         ]
         for lost in range(1, 4):
-            # The prefetch's worth held, (again) fetching: the job ahead of the renders after waiting
-            # for the download in flight, which never ends here (`holds.READ_AHEAD_IN_FLIGHT_WAIT_S`).
+            # The prefetch's worth held, (again) fetching.
             await eventually(lambda n=lost: fetches[0] >= worker.prefetch * n)
             assert worker._subscription is not None
             channel = await worker._subscription.channel.get_underlay_channel()
@@ -321,8 +321,8 @@ async def test_jobs_whose_channel_closed_are_let_go(
         release.set()
         done = [await run.settled(job) for job in jobs]
     assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 3
-    # The downloads of the jobs let go of were dropped with them, or held nothing once admitted.
-    assert (run.worker._sources._holders, run.worker._sources.held_bytes) == (0, 0)
+    # The downloads of the jobs let go of were dropped with them: none holds bytes.
+    assert run.worker._sources.held_bytes == 0
 
 
 async def test_source_bytes_are_freed_after_the_render(
@@ -452,21 +452,23 @@ async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
         assert renders[1] < first_upload_begun + 0.5
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["small-sources", "large-sources"])
-async def test_a_source_downloads_ahead_of_the_renders_only_within_the_read_ahead_budget(
-    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, large: bool
+@pytest.mark.parametrize("room", [True, False], ids=["room", "no-room"])
+async def test_a_source_downloads_ahead_of_the_renders_only_into_the_room_the_sources_leave(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, room: bool
 ) -> None:
-    """The job held ahead of the renders downloads its source while they run, unless the sources
-    already held come to `holds.READ_AHEAD_MAX_BYTES`: they are not in the render's budget (a 4800 px
-    PNG of a 100 MP JPEG took a worker at concurrency 1 from 289 MiB alone to 321-328 MiB with the
-    next 29 MB source beside it). Its wait is not its time: the job's budget is shorter than the wait
+    """The job held ahead of the renders downloads its source while they run, but reads its body
+    only into what the sources held leave of their budget (`holds.Sources`): each render's leaves
+    `imaging.SOURCE_ROOM_BYTES` for them (a 4800 px PNG of a 100 MP JPEG took a worker at
+    concurrency 1 from 289 MiB alone to 321-328 MiB with the next 29 MB source beside it). With too
+    little room it gives the download up at the headers, and makes it again once the render before
+    it has freed its source. That wait is not its time: the job's budget is shorter than the wait
     and its render together."""
     render_s, job_timeout_s = 0.8, 1.2
     noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
     source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
-    assert 100_000 < len(source) < 1_000_000
+    assert 100_000 < len(source) < 400_000
     await storage.put("uploads/o/noise", source, "image/png")
-    monkeypatch.setattr(holds, "READ_AHEAD_MAX_BYTES", 100_000 if large else 1_000_000)
+    monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", 1_000_000 if room else len(source) * 3 // 2)
     gets: list[float] = []
     rendered: list[float] = []
     real_get, real_render = storage.get, imaging.render
@@ -484,6 +486,7 @@ async def test_a_source_downloads_ahead_of_the_renders_only_within_the_read_ahea
 
     monkeypatch.setattr(storage, "get", get)
     monkeypatch.setattr(consumer.imaging, "render", render)
+    deferred = SOURCES_DEFERRED._value.get()
     thumb = Variant(name="t", width=32, format="jpeg")
     async with running_consumer(slot_namespace, storage, job_timeout_s=job_timeout_s) as run:
         jobs = [await run.submit("uploads/o/noise", [thumb]) for _ in range(2)]
@@ -491,7 +494,8 @@ async def test_a_source_downloads_ahead_of_the_renders_only_within_the_read_ahea
 
     assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 2, [r.error for r in done]
     assert run.worker._sources.held_bytes == 0  # every source let go of, once
-    if large:
-        assert gets[1] >= rendered[0]
+    if room:
+        assert len(gets) == 2 and gets[1] < rendered[0]
     else:
-        assert gets[1] < rendered[0]
+        assert len(gets) == 3 and gets[1] < rendered[0] <= gets[2]
+    assert SOURCES_DEFERRED._value.get() - deferred == (not room)

@@ -9,9 +9,16 @@ chunks go straight into one `bytearray`, sized from `Content-Length` when the re
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import aiohttp
 
-__all__ = ["BodyTooLarge", "read_body"]
+__all__ = ["Admit", "BodyNotAdmitted", "BodyTooLarge", "read_body"]
+
+#: Asked once a response's headers are in, with its `Content-Length` (None without one): how many
+#: bytes its body may take now (None: up to the caller's limit). Whatever it answers for is the
+#: asker's to account for; a body it has no room for is not read (`BodyNotAdmitted`).
+Admit = Callable[[int | None], int | None]
 
 
 class BodyTooLarge(Exception):
@@ -22,23 +29,41 @@ class BodyTooLarge(Exception):
         self.size = size
 
 
-async def read_body(content: aiohttp.StreamReader, *, length: int | None, max_bytes: int) -> bytearray:
+class BodyNotAdmitted(Exception):
+    """`admit` had no room for the body now; `size` is its length (None: not given, and it ran past
+    the room)."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(f"no room now for a body of {size if size is not None else 'unknown'} bytes")
+        self.size = size
+
+
+async def read_body(
+    content: aiohttp.StreamReader, *, length: int | None, max_bytes: int, admit: Admit | None = None
+) -> bytearray:
     """The whole body of a response as one `bytearray`.
 
     `length` is the response's `Content-Length` (None without one). A length over `max_bytes` is
     refused before anything is read, and without a length reading stops one chunk past `max_bytes`:
-    both raise `BodyTooLarge`. A body that ends short of its length, or runs past it, raises
-    `aiohttp.ClientPayloadError`.
+    both raise `BodyTooLarge`. Under the limit, `admit` (if given) is asked for room first: a length
+    over its answer, or a body without one that runs past it, raises `BodyNotAdmitted`. A body that
+    ends short of its length, or runs past it, raises `aiohttp.ClientPayloadError`.
     """
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge(length)
+    room = admit(length) if admit is not None else None
     if length is None:
+        limit = max_bytes if room is None else min(room, max_bytes)
         grown = bytearray()
         async for chunk in content.iter_any():
             grown += chunk
-            if len(grown) > max_bytes:
+            if len(grown) > limit:
+                if limit < max_bytes:
+                    raise BodyNotAdmitted(None)
                 raise BodyTooLarge(len(grown))
         return grown
-    if length > max_bytes:
-        raise BodyTooLarge(length)
+    if room is not None and length > room:
+        raise BodyNotAdmitted(length)
     body = bytearray(length)
     filled = 0
     with memoryview(body) as view:

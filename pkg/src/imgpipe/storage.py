@@ -33,7 +33,7 @@ import yarl
 from botocore.client import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from imgpipe.bodies import BodyTooLarge, read_body
+from imgpipe.bodies import Admit, BodyNotAdmitted, BodyTooLarge, read_body
 from imgpipe.models import EXTENSIONS
 from imgpipe.presign import Presigner
 from imgpipe.settings import S3Settings
@@ -331,8 +331,9 @@ class Storage:
                 raise _no_credentials(exc) from exc
         raise failure
 
-    async def get(self, key: str, *, max_bytes: int) -> bytearray:
-        """The object's bytes; refuses one over `max_bytes` before reading its body.
+    async def get(self, key: str, *, max_bytes: int, admit: Admit | None = None) -> bytearray:
+        """The object's bytes; refuses one over `max_bytes` before reading its body, and, with
+        `admit`, one it has no room for now (`BodyNotAdmitted`: see `imgpipe.bodies`).
 
         The bytes move over a presigned URL with aiohttp, on the event loop: boto3 would cost a
         thread hop and about twice the CPU per transfer, and the worker makes two per job. The URL
@@ -347,10 +348,13 @@ class Storage:
                 _check(response, "GET", key)
                 try:
                     return await read_body(
-                        response.content, length=response.content_length, max_bytes=max_bytes
+                        response.content, length=response.content_length, max_bytes=max_bytes, admit=admit
                     )
                 except BodyTooLarge as exc:
                     raise ObjectTooLarge(key, exc.size, max_bytes) from None
+                except BodyNotAdmitted:
+                    response.close()  # not back to the pool with the body unread
+                    raise
 
         return await self._transfer("GET", key, send)
 

@@ -102,6 +102,10 @@ VARIANT_SECONDS = Histogram(
     "imgpipe_variant_render_seconds", "Render time per job by output format", ["format"], buckets=_JOB_BUCKETS
 )
 JOBS_IN_FLIGHT = Gauge("imgpipe_worker_jobs_in_flight", "Jobs the worker is processing now")
+SOURCES_DEFERRED = Counter(
+    "imgpipe_worker_sources_deferred_total",
+    "Source downloads given up at their headers for want of room beside the sources held, and made again",
+)
 WORKER_CONCURRENCY = Gauge(
     "imgpipe_worker_concurrency", "Jobs the worker may process at once (utilization = in_flight / this)"
 )

@@ -36,8 +36,17 @@ from aio_pika.abc import (
 from aiormq.abc import AbstractChannel as AbstractUnderlayChannel
 from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError
 from imgpipe import broker
+from imgpipe.bodies import BodyNotAdmitted
 from imgpipe.broker import ATTEMPT_HEADER, REQUEST_ID_HEADER, BrokerUnavailable, Publisher
-from imgpipe.models import CONTENT_TYPES, JobMessage, JobRecord, KeySource, Variant, VariantResult
+from imgpipe.models import (
+    CONTENT_TYPES,
+    JobMessage,
+    JobRecord,
+    KeySource,
+    UrlSource,
+    Variant,
+    VariantResult,
+)
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore, redis_unavailable
 from imgpipe.telemetry import (
@@ -49,6 +58,7 @@ from imgpipe.telemetry import (
     JOBS_IN_FLIGHT,
     JOBS_RETRIED,
     JOBS_SUCCEEDED,
+    SOURCES_DEFERRED,
     VARIANT_SECONDS,
     WORKER_CONCURRENCY,
     clean_request_id,
@@ -133,8 +143,8 @@ class Consumer:
         # the next job's download overlaps the renders and a render slot that frees up starts the
         # next render at once instead of idling a core through a GET (see `_run`).
         self._render_slots = asyncio.Semaphore(config.concurrency)
-        # The sources held, and how far ahead of the renders they may download (`holds.Sources`).
-        self._sources = Sources(config.concurrency)
+        # The sources held or being read, to the room each render's budget leaves for them (`holds.Sources`).
+        self._sources = Sources(imaging.SOURCE_ROOM_BYTES * config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         # The channel each task's message came on: once it closes, the broker has put the message
         # back in the queue, and the task's acknowledgement can no longer be sent.
@@ -264,9 +274,9 @@ class Consumer:
         try:
             await self._process_holding(job, message, attempt, hold, source)
         finally:
-            # However the job ends, its download ends with it: one still waiting to be admitted, left
-            # to run, would be admitted later and hold its bytes for a job that is gone. A job found
-            # gone or finished, or let go of with its channel, drops it here.
+            # However the job ends, its download ends with it: one left to run would hold its bytes
+            # for a job that is gone. A job found gone or finished, or let go of with its channel,
+            # drops it here.
             _drop(source)  # a no-op for one done, but for taking its outcome
             hold.job_done()
 
@@ -423,9 +433,11 @@ class Consumer:
         """Fetch, render and upload the job's variants, noting in `stage[0]` which one it is at: when
         the budget runs out, that says who is to blame (`_timed_out`)."""
         stage[0] = "fetch"
-        # Waiting for the read-ahead's bytes (behind other jobs' sources) is not this job's time.
-        await _off_the_clock(budget, hold.admitted.wait())
         held = await source  # cancelled with this await if the budget runs out
+        while not held:  # no room for it among the sources held: again once there is
+            # Waiting for other jobs' sources to be freed is not this job's time.
+            await _off_the_clock(budget, hold.room_for_it())
+            held = await self._fetched(job.source, hold)
         # A render that starts with less than its own limit left can run out of the job's time
         # through no fault of the image's: the fetch before it was slow (`_timed_out`).
         deadline = budget.when()
@@ -458,22 +470,31 @@ class Consumer:
         ]
 
     async def _source(self, job: JobMessage, hold: SourceHold) -> list[bytearray]:
-        """The source's bytes, as the one item of a list that the render empties, downloaded once
-        `hold` is admitted (`holds.Sources`).
+        """The source's bytes, as the one item of a list that the render empties (`_fetched`).
 
         A task keeps its result, and `_process` holds this task until the job has settled: bytes
         returned as they are would stay in memory (up to `IMGPIPE_MAX_UPLOAD_BYTES` a job) through
         the uploads and the status write. The render takes them out of the list instead
         (`_render_held`), so they are freed as soon as it ends.
         """
-        await hold.admit()
-        source = job.source
+        return await self._fetched(job.source, hold)
+
+    async def _fetched(self, source: KeySource | UrlSource, hold: SourceHold) -> list[bytearray]:
+        """The source's bytes in a list of one, or an empty list when the sources held leave no room
+        for them now (`holds.Sources`): `_run` waits for room, then calls this again."""
         started = time.perf_counter()
         try:
             if isinstance(source, KeySource):
-                data = await self._storage.get(source.key, max_bytes=self._config.limits.max_bytes)
+                limit = self._config.limits.max_bytes
+                data = await self._storage.get(source.key, max_bytes=limit, admit=hold.admit)
             else:
-                data = (await fetch_url(str(source.url), self._config.fetch, session=self._http)).data
+                data = (
+                    await fetch_url(str(source.url), self._config.fetch, session=self._http, admit=hold.admit)
+                ).data
+        except BodyNotAdmitted as exc:
+            SOURCES_DEFERRED.inc()
+            hold.defer(exc.size)
+            return []
         except (StorageError, FetchError) as exc:
             _clear_frames(exc)  # a body read part of the way is in them (`_render_held`)
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None

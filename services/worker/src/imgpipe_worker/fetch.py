@@ -50,7 +50,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
-from imgpipe.bodies import BodyTooLarge, read_body
+from imgpipe.bodies import Admit, BodyNotAdmitted, BodyTooLarge, read_body
 from imgpipe.urlsafety import UrlRejected, check_url, is_forbidden_ip
 
 __all__ = [
@@ -265,7 +265,7 @@ def _status_error(status: int, reason: str | None) -> FetchError:
     return FetchError("url_http_error", text)
 
 
-async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy) -> bytearray:
+async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy, admit: Admit | None) -> bytearray:
     encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise FetchError("url_http_error", f"compressed response (Content-Encoding: {encoding}) refused")
@@ -273,13 +273,15 @@ async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy) -> b
     try:
         # A length over the cap is refused before reading; without one, reading stops as soon as it is
         # past the cap: never more than max_bytes + one chunk.
-        return await read_body(response.content, length=length, max_bytes=policy.max_bytes)
+        return await read_body(response.content, length=length, max_bytes=policy.max_bytes, admit=admit)
     except BodyTooLarge:
         said = f"Content-Length {length}" if length is not None else "body"
         raise FetchError("url_too_large", f"{said} exceeds {policy.max_bytes} bytes") from None
 
 
-async def _fetch(url: str, policy: FetchPolicy, session: aiohttp.ClientSession) -> Fetched:
+async def _fetch(
+    url: str, policy: FetchPolicy, session: aiohttp.ClientSession, admit: Admit | None
+) -> Fetched:
     current = _check(url, policy)
     timeout = aiohttp.ClientTimeout(
         total=policy.total_timeout_s,
@@ -300,9 +302,9 @@ async def _fetch(url: str, policy: FetchPolicy, session: aiohttp.ClientSession) 
                     continue
                 if not 200 <= response.status < 300:
                     raise _status_error(response.status, response.reason)
-                data = await _read_body(response, policy)
+                data = await _read_body(response, policy, admit)
                 return Fetched(data=data, content_type=response.content_type or None, url=current)
-            except FetchError:
+            except (FetchError, BodyNotAdmitted):
                 # Do not let the connection go back to the pool with an unread body.
                 response.close()
                 raise
@@ -348,9 +350,14 @@ def _translate(exc: Exception) -> FetchError:
 
 
 async def fetch_url(
-    url: str, policy: FetchPolicy, *, session: aiohttp.ClientSession | None = None
+    url: str,
+    policy: FetchPolicy,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    admit: Admit | None = None,
 ) -> Fetched:
-    """Fetch ``url`` under ``policy`` and return the body; raise :class:`FetchError`.
+    """Fetch ``url`` under ``policy`` and return the body; raise :class:`FetchError`, or
+    ``BodyNotAdmitted`` when ``admit`` has no room for the body now (see ``imgpipe.bodies``).
 
     ``session`` must come from :func:`make_session` (built with the same
     ``allowed_networks``); without one, a temporary session is created and closed.
@@ -358,7 +365,7 @@ async def fetch_url(
     """
     if session is None:
         async with make_session(policy) as own:
-            return await fetch_url(url, policy, session=own)
+            return await fetch_url(url, policy, session=own, admit=admit)
     if session not in _SAFE_SESSIONS:
         raise ValueError("fetch_url needs a session created by make_session()")
     if _SESSION_POLICY.get(session) != (policy.allowed_networks,):
@@ -367,8 +374,8 @@ async def fetch_url(
         raise ValueError("session was made with different allowed_networks than this policy")
     try:
         async with asyncio.timeout(policy.total_timeout_s):
-            return await _fetch(url, policy, session)
-    except FetchError:
+            return await _fetch(url, policy, session, admit)
+    except (FetchError, BodyNotAdmitted):
         raise
     except Exception as exc:
         raise _translate(exc) from exc

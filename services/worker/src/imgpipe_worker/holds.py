@@ -14,8 +14,6 @@ from imgpipe_worker import imaging
 
 __all__ = [
     "OVERLAP_MAX_BYTES",
-    "READ_AHEAD_IN_FLIGHT_WAIT_S",
-    "READ_AHEAD_MAX_BYTES",
     "RenderSlot",
     "SourceHold",
     "Sources",
@@ -27,17 +25,6 @@ __all__ = [
 #: the presets take a few hundred kB, but a full-size PNG of a 24 MP photo takes about 60 MB: two
 #: full-size PNG jobs of a 26 MP progressive JPEG peaked 98 MiB over one.
 OVERLAP_MAX_BYTES = 4 * 1024 * 1024
-
-#: A job ahead of the renders starts downloading its source only while the sources the worker holds
-#: come to less than this. Nor are they in the render's budget: a 4800 px PNG of a 100 MP JPEG (a 29
-#: MB source) took a worker at concurrency 1 from 289 MiB alone to 321-328 MiB with the next job's
-#: source downloaded beside it. Photos of up to about 16 MB still download ahead of their render.
-READ_AHEAD_MAX_BYTES = 16 * 1024 * 1024
-
-#: A download in flight has no known size yet, so the job ahead waits for the downloads before it (or
-#: jobs delivered together would all download at once), but no longer than this: a slow source
-#: server must not hold up the jobs behind its own.
-READ_AHEAD_IN_FLIGHT_WAIT_S = 1.0
 
 
 class _Hold:
@@ -96,65 +83,44 @@ class RenderSlot(_Hold):
 
 
 class Sources:
-    """The sources a worker holds, and the read-ahead's byte budget.
+    """The sources a worker holds or is reading, and their byte budget.
 
-    A worker takes one message more than its concurrency, so that the next job's source downloads
-    while the renders run. A download starts at once while fewer jobs hold a source than there are
-    render slots. Beyond that (ahead of the renders), only while the sources held come to less than
-    `max_ahead_bytes`, once the downloads in flight are done or it has waited `in_flight_wait_s`
-    for them; otherwise when a source is let go of.
+    A job's download starts at once: a worker takes one message more than its concurrency, so that
+    the next job's source downloads while the renders run. Its body is read only once the response's
+    headers say how long it is, and only if it fits in what the other sources leave of `max_bytes`
+    (a body being read counts from its headers on), or if no other source is held at all. Otherwise
+    the download is given up, and made again once there is room for it (`SourceHold.room_for_it`).
+
+    So the sources held come to at most `max_bytes`, but for one alone; and a slow source server
+    holds up no other job's download, as one whose headers have not come counts for nothing yet.
     """
 
-    def __init__(
-        self, concurrency: int, max_ahead_bytes: int | None = None, in_flight_wait_s: float | None = None
-    ) -> None:
-        self._concurrency = concurrency
-        self._max_ahead_bytes = READ_AHEAD_MAX_BYTES if max_ahead_bytes is None else max_ahead_bytes
-        self._in_flight_wait_s = READ_AHEAD_IN_FLIGHT_WAIT_S if in_flight_wait_s is None else in_flight_wait_s
-        self._holders = 0
-        self._downloading = 0
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
         self._bytes = 0
         self._waiters: list[asyncio.Future[None]] = []
 
     def hold(self) -> SourceHold:
-        """A new job's hold, to be admitted before its download starts."""
+        """A new job's hold on a source, taken when its body is admitted (`SourceHold.admit`)."""
         return SourceHold(self)
 
     @property
     def held_bytes(self) -> int:
-        """The bytes of the sources held now: downloaded, and not yet freed by their render."""
+        """The bytes of the sources held now: admitted, and not yet freed by their render."""
         return self._bytes
 
-    def _may_start(self, waited_s: float) -> bool:
-        if self._holders < self._concurrency:
-            return True
-        if self._bytes >= self._max_ahead_bytes:
-            return False
-        return not self._downloading or waited_s >= self._in_flight_wait_s
+    def _room(self) -> int | None:
+        """How many bytes one more source may take now (None: any; it would be the only one)."""
+        return None if not self._bytes else max(0, self._max_bytes - self._bytes)
 
-    async def _admit(self) -> None:
-        loop = asyncio.get_running_loop()
-        since = loop.time()
-        while not self._may_start(loop.time() - since):
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            if self._bytes < self._max_ahead_bytes:  # only downloads in flight stop it: not for long
-                await asyncio.wait([waiter], timeout=since + self._in_flight_wait_s - loop.time())
-            else:
-                await waiter
-        self._holders += 1
-        self._downloading += 1
-
-    def _downloaded(self, size: int) -> None:
-        self._downloading -= 1
+    def _take(self, size: int) -> None:
         self._bytes += size
         self._wake()
 
-    def _let_go(self, size: int, *, downloading: bool) -> None:
-        self._holders -= 1
-        self._downloading -= downloading
-        self._bytes -= size
-        self._wake()
+    async def _changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _wake(self) -> None:
         # Every waiter checks again, in turn: the first one admitted changes what the next one sees.
@@ -165,29 +131,53 @@ class Sources:
 
 
 class SourceHold(_Hold):
-    """One job's source: admitted before it downloads (`admit`), counted once it is in memory
-    (`downloaded`), and let go of when its render ends (`render_ended`: the render is what frees
-    the bytes), or when the job is done (`job_done`) without a render running (`rendering`)."""
+    """One job's source: admitted when its response's headers are in (`admit`, a `bodies.Admit`),
+    counted from then at its length (or, without one, at the room it was given) and at its size
+    once read (`downloaded`), and let go of when its render ends (`render_ended`: the render is
+    what frees the bytes), or when the job is done (`job_done`) without a render running
+    (`rendering`)."""
 
     def __init__(self, sources: Sources) -> None:
         super().__init__()
         self._sources = sources
         self._size = 0
-        self._downloading = False
-        self.admitted = asyncio.Event()
+        #: The length of the body last refused for want of room (`defer`; None: not given).
+        self.wanted: int | None = None
 
-    async def admit(self) -> None:
-        await self._sources._admit()
-        self._held = self._downloading = True
-        if self._job_done:  # the job ended while this waited: it holds nothing
-            self._give_back()
-        self.admitted.set()
+    def admit(self, length: int | None) -> int | None:
+        """Room for a body of `length` bytes now (None: any), taken if the body fits it."""
+        self._give_back()  # what an earlier try of the same download took
+        if self._job_done:  # a download let go of with its job: no room, nothing held
+            return 0
+        room = self._sources._room()
+        if length is not None and room is not None and length > room:
+            return room
+        # Without a length, the body may take all it is given: counted so until it is read.
+        self._size = length if length is not None else room if room is not None else self._sources._max_bytes
+        self._held = True
+        self._sources._take(self._size)
+        return room
 
     def downloaded(self, size: int) -> None:
-        if self._held and self._downloading:
-            self._downloading = False
+        """The body is read: `size` bytes, counted in place of what it was admitted at."""
+        if self._held:
+            self._sources._take(size - self._size)
             self._size = size
-            self._sources._downloaded(size)
+
+    def defer(self, size: int | None) -> None:
+        """The body had no room (`bodies.BodyNotAdmitted`; `size`: its length, None if it ran past
+        the room it was given without one): it counts for nothing until it is downloaded again, once
+        there is room for it (`room_for_it`), or it would be the only source (no length)."""
+        self._give_back()
+        self.wanted = size
+
+    async def room_for_it(self) -> None:
+        """Wait until the body refused last (`wanted`) would fit, or would be the only source."""
+        while True:
+            room = self._sources._room()
+            if room is None or (self.wanted is not None and self.wanted <= room):
+                return
+            await self._sources._changed()
 
     def rendering(self) -> None:
         self._rendering = True
@@ -197,5 +187,5 @@ class SourceHold(_Hold):
         self._render_ended(keep=False)
 
     def _release(self) -> None:
-        self._sources._let_go(self._size, downloading=self._downloading)
-        self._downloading = False
+        self._sources._take(-self._size)
+        self._size = 0
