@@ -15,9 +15,10 @@ from tests.worker.test_imaging import _stand_in
     [
         # Quality 90: libvips writes no chroma subsampling.
         (corpus.LARGEST_PROGRESSIVE, "jpeg", {"jpeg-multiscan": 1, "jpeg-chroma-subsample": "4:4:4"}),
+        (corpus.GRAINY_PROGRESSIVE, "jpeg", {"jpeg-multiscan": 1, "jpeg-chroma-subsample": "4:4:4"}),
         (corpus.AVIF, "heif", {}),
     ],
-    ids=["progressive jpeg", "avif"],
+    ids=["progressive jpeg", "grainy progressive jpeg", "avif"],
 )
 def test_the_hungriest_images_are_just_within_the_default_decode_budget(
     spec: corpus.Spec, fmt: str, metadata: dict[str, object]
@@ -32,3 +33,10 @@ def test_the_hungriest_images_are_just_within_the_default_decode_budget(
     for label, variants in memory.REQUESTS.items():
         if label not in memory.CUSTOM:
             assert imaging.job_bytes(fmt, header, b"", variants) <= budget, label
+
+
+def test_the_grainy_source_fills_the_room_set_aside_for_sources() -> None:
+    """Within the room, so its own size does not count against the budget; over half of it, so the
+    next job's copy does not download ahead of its render (`holds.Sources`)."""
+    size = corpus.generate(corpus.GRAINY_PROGRESSIVE).stat().st_size
+    assert imaging.SOURCE_ROOM_BYTES / 2 < size <= imaging.SOURCE_ROOM_BYTES
