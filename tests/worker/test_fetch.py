@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 from urllib.parse import quote
@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from imgpipe.bodies import BodyNotAdmitted
 from imgpipe_worker.fetch import (
     Fetched,
     FetchError,
@@ -304,6 +305,36 @@ async def test_streamed_body_over_cap_is_refused(server: Server) -> None:
     error = await fetch_error(server.url("/big-chunked"), local_policy(max_bytes=CAP))
     assert (error.code, error.transient) == ("url_too_large", False)
     assert "Content-Length" not in error.message
+
+
+async def test_the_body_is_read_only_if_admit_has_room_for_it(server: Server) -> None:
+    """Asked once, for the response that carries the body (not for the redirect before it), with its
+    length; a body without one stops past the room it was given."""
+    asked: list[int | None] = []
+
+    def room(size: int | None) -> Callable[[int | None], int | None]:
+        def admit(length: int | None) -> int | None:
+            asked.append(length)
+            return size
+
+        return admit
+
+    policy = local_policy()
+    async with make_session(policy, resolver=StubResolver()) as session:
+        with pytest.raises(BodyNotAdmitted) as refused:
+            await fetch_url(server.url("/redirect"), policy, session=session, admit=room(len(IMAGE) - 1))
+        assert refused.value.size == len(IMAGE)
+        fetched = await fetch_url(server.url("/redirect"), policy, session=session, admit=room(len(IMAGE)))
+        assert fetched.data == IMAGE
+        with pytest.raises(BodyNotAdmitted) as refused:
+            await fetch_url(server.url("/big-chunked"), policy, session=session, admit=room(2048))
+        assert refused.value.size is None
+        with pytest.raises(BodyNotAdmitted):
+            await fetch_url(server.url("/big-chunked"), policy, session=session, admit=room(0))
+        # Over the policy's own cap, it is too large whatever the room.
+        error = await fetch_error(server.url("/big"), local_policy(max_bytes=CAP))
+    assert error.code == "url_too_large"
+    assert asked == [len(IMAGE), len(IMAGE), None, None]
 
 
 @pytest.fixture

@@ -72,8 +72,8 @@ async def test_a_body_without_a_length_is_counted_at_the_room_it_is_given_until_
 
 
 async def test_a_retried_request_counts_its_body_once() -> None:
-    """S3 asked for another try (a 503) after the headers of the first: the second try's admission
-    replaces the first's."""
+    """A body cut off part of the way, which `Storage._transfer` tries again: the second try's
+    admission replaces the first's."""
     sources = Sources(16 * MB)
     hold = sources.hold()
     assert hold.admit(5 * MB) is None
@@ -110,3 +110,55 @@ async def test_a_slow_server_holds_up_no_other_download() -> None:
     assert await waits(slow)
     fast.render_ended()
     assert not await waits(slow)
+
+
+async def test_those_waiting_for_room_go_in_turn() -> None:
+    """A large source waiting for room is not starved by small ones that would fit beside the
+    sources held: while it waits, they wait behind it, without a request (`may_try`)."""
+    sources = Sources(32 * MB)
+    first, large = sources.hold(), sources.hold()
+    assert first.admit(10 * MB) is None
+    assert large.admit(25 * MB) == 22 * MB
+    large.defer(25 * MB)
+    small = sources.hold()
+    assert not small.may_try()  # 10 MB would fit, but the large one waits before it
+    small.defer(0)
+    assert small.admit(10 * MB) == 0  # and so its headers would have said, had it asked
+    assert await waits(large) and await waits(small)
+    first.job_done()
+    assert not await waits(large)
+    assert await waits(small)  # its turn comes after the large one's
+    assert large.admit(25 * MB) is None
+    assert not await waits(small)
+    assert small.may_try()
+    assert small.admit(10 * MB) == 7 * MB  # no room for it beside the large one: it waits again
+    small.defer(10 * MB)
+    assert await waits(small)
+    large.job_done()
+    assert not await waits(small)
+    assert small.admit(10 * MB) is None and sources.held_bytes == 10 * MB
+
+
+async def test_a_job_that_ends_while_it_waits_for_room_gives_up_its_turn() -> None:
+    sources = Sources(16 * MB)
+    holding, gone, behind = sources.hold(), sources.hold(), sources.hold()
+    assert holding.admit(10 * MB) is None
+    gone.defer(20 * MB)
+    behind.defer(0)
+    assert await waits(behind)
+    gone.job_done()  # cancelled, or its channel lost
+    assert not await waits(behind)
+    assert behind.admit(4 * MB) == 6 * MB
+
+
+async def test_a_failed_download_gives_its_room_back_at_once() -> None:
+    sources = Sources(16 * MB)
+    failed, other = sources.hold(), sources.hold()
+    assert failed.admit(10 * MB) is None
+    assert other.admit(10 * MB) == 6 * MB
+    other.defer(10 * MB)
+    failed.drop()  # its body broke off: its job is still to be marked failed
+    assert not await waits(other)
+    assert sources.held_bytes == 0
+    failed.job_done()
+    assert sources.held_bytes == 0

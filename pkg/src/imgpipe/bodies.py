@@ -52,6 +52,8 @@ async def read_body(
     if length is not None and length > max_bytes:
         raise BodyTooLarge(length)
     room = admit(length) if admit is not None else None
+    if room == 0 and length != 0:
+        raise BodyNotAdmitted(length)
     if length is None:
         limit = max_bytes if room is None else min(room, max_bytes)
         grown = bytearray()

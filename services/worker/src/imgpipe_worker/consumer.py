@@ -481,7 +481,11 @@ class Consumer:
 
     async def _fetched(self, source: KeySource | UrlSource, hold: SourceHold) -> list[bytearray]:
         """The source's bytes in a list of one, or an empty list when the sources held leave no room
-        for them now (`holds.Sources`): `_run` waits for room, then calls this again."""
+        for them now, or others wait for room before it (`holds.Sources`): `_run` waits its turn,
+        then calls this again."""
+        if not hold.may_try():
+            hold.defer(0)
+            return []
         started = time.perf_counter()
         try:
             if isinstance(source, KeySource):
@@ -492,12 +496,18 @@ class Consumer:
                     await fetch_url(str(source.url), self._config.fetch, session=self._http, admit=hold.admit)
                 ).data
         except BodyNotAdmitted as exc:
+            _clear_frames(exc)  # a body without a length, read up to its room, is in them
             SOURCES_DEFERRED.inc()
             hold.defer(exc.size)
             return []
         except (StorageError, FetchError) as exc:
+            hold.drop()
             _clear_frames(exc)  # a body read part of the way is in them (`_render_held`)
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
+        except BaseException:
+            hold.drop()
+            raise
+        # The last try's time, when there were several: the waits between them are not the fetch's.
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         hold.downloaded(len(data))
         return [data]
@@ -505,7 +515,7 @@ class Consumer:
 
 async def _off_the_clock(budget: asyncio.Timeout, waiting: Awaitable[T]) -> T:
     """Await `waiting` with the job's `budget` suspended, then push its deadline back by the wait:
-    waiting for the worker's own room (a render slot, the read-ahead's bytes) is not the job's time,
+    waiting for the worker's own room (a render slot, room for its source) is not the job's time,
     and counted against it would fail a healthy image behind another job's long render."""
     loop = asyncio.get_running_loop()
     deadline, since = budget.when(), loop.time()

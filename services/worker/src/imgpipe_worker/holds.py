@@ -88,16 +88,20 @@ class Sources:
     A job's download starts at once: a worker takes one message more than its concurrency, so that
     the next job's source downloads while the renders run. Its body is read only once the response's
     headers say how long it is, and only if it fits in what the other sources leave of `max_bytes`
-    (a body being read counts from its headers on), or if no other source is held at all. Otherwise
-    the download is given up, and made again once there is room for it (`SourceHold.room_for_it`).
+    (a body being read counts from its headers on; one without a length, at all the room it was
+    given), or if no other source is held at all. Otherwise the download is given up, and made again
+    once there is room for it (`SourceHold.room_for_it`). Those waiting go in turn: while one waits,
+    the downloads after it wait behind it, so that a large source is not starved by small ones.
 
-    So the sources held come to at most `max_bytes`, but for one alone; and a slow source server
-    holds up no other job's download, as one whose headers have not come counts for nothing yet.
+    So the sources held come to at most `max_bytes`, but for one alone; and a source server slow to
+    answer holds up no other job's download, as one whose headers have not come counts for nothing
+    yet (one that sends its headers, then its body slowly, holds its room until it is done).
     """
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._bytes = 0
+        self._queue: list[SourceHold] = []  # waiting for room, in turn
         self._waiters: list[asyncio.Future[None]] = []
 
     def hold(self) -> SourceHold:
@@ -109,13 +113,21 @@ class Sources:
         """The bytes of the sources held now: admitted, and not yet freed by their render."""
         return self._bytes
 
-    def _room(self) -> int | None:
-        """How many bytes one more source may take now (None: any; it would be the only one)."""
+    def _room(self, hold: SourceHold) -> int | None:
+        """How many bytes `hold`'s source may take now: None, any (it would be the only one); 0,
+        none, also while others wait for room before it."""
+        if self._queue and self._queue[0] is not hold:
+            return 0
         return None if not self._bytes else max(0, self._max_bytes - self._bytes)
 
     def _take(self, size: int) -> None:
         self._bytes += size
         self._wake()
+
+    def _leave_queue(self, hold: SourceHold) -> None:
+        if hold in self._queue:
+            self._queue.remove(hold)
+            self._wake()
 
     async def _changed(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -123,7 +135,7 @@ class Sources:
         await waiter
 
     def _wake(self) -> None:
-        # Every waiter checks again, in turn: the first one admitted changes what the next one sees.
+        # Every waiter looks again; the first in turn whose source would fit tries its download.
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():  # a job cancelled while it waited
@@ -134,28 +146,34 @@ class SourceHold(_Hold):
     """One job's source: admitted when its response's headers are in (`admit`, a `bodies.Admit`),
     counted from then at its length (or, without one, at the room it was given) and at its size
     once read (`downloaded`), and let go of when its render ends (`render_ended`: the render is
-    what frees the bytes), or when the job is done (`job_done`) without a render running
-    (`rendering`)."""
+    what frees the bytes), when its download fails (`drop`), or when the job is done (`job_done`)
+    without a render running (`rendering`)."""
 
     def __init__(self, sources: Sources) -> None:
         super().__init__()
         self._sources = sources
         self._size = 0
-        #: The length of the body last refused for want of room (`defer`; None: not given).
-        self.wanted: int | None = None
+        #: What the source needs to be tried again (`defer`): that many bytes of room (0: any), or
+        #: None, to be the only source held (a body without a length ran past its room).
+        self.wanted: int | None = 0
+
+    def may_try(self) -> bool:
+        """Whether a download may start now: no others wait for room before it, and some is left."""
+        return self._sources._room(self) != 0
 
     def admit(self, length: int | None) -> int | None:
         """Room for a body of `length` bytes now (None: any), taken if the body fits it."""
-        self._give_back()  # what an earlier try of the same download took
+        self._give_back()  # what an earlier try of the same download took (a body cut off, tried again)
         if self._job_done:  # a download let go of with its job: no room, nothing held
             return 0
-        room = self._sources._room()
-        if length is not None and room is not None and length > room:
+        room = self._sources._room(self)
+        if room == 0 or (length is not None and room is not None and length > room):
             return room
         # Without a length, the body may take all it is given: counted so until it is read.
         self._size = length if length is not None else room if room is not None else self._sources._max_bytes
         self._held = True
         self._sources._take(self._size)
+        self._sources._leave_queue(self)
         return room
 
     def downloaded(self, size: int) -> None:
@@ -165,19 +183,30 @@ class SourceHold(_Hold):
             self._size = size
 
     def defer(self, size: int | None) -> None:
-        """The body had no room (`bodies.BodyNotAdmitted`; `size`: its length, None if it ran past
-        the room it was given without one): it counts for nothing until it is downloaded again, once
-        there is room for it (`room_for_it`), or it would be the only source (no length)."""
+        """The download did not start (`may_try`; `size` 0) or its body had no room
+        (`bodies.BodyNotAdmitted`; `size`: its length, None if it ran past the room it was given
+        without one): it counts for nothing, and waits its turn (`room_for_it`)."""
         self._give_back()
         self.wanted = size
+        if self not in self._sources._queue:
+            self._sources._queue.append(self)
+
+    def drop(self) -> None:
+        """The download failed or was cancelled: what it took is given back now, not when the job
+        has settled (writing its failure may take a while, behind a Redis outage)."""
+        self._give_back()
 
     async def room_for_it(self) -> None:
-        """Wait until the body refused last (`wanted`) would fit, or would be the only source."""
+        """Wait until it is this source's turn and what it needs (`wanted`) is free."""
         while True:
-            room = self._sources._room()
-            if room is None or (self.wanted is not None and self.wanted <= room):
+            room = self._sources._room(self)
+            if room is None or (self.wanted is not None and 0 < room and self.wanted <= room):
                 return
             await self._sources._changed()
+
+    def job_done(self) -> None:
+        super().job_done()
+        self._sources._leave_queue(self)  # a job that ends while it waits its turn
 
     def rendering(self) -> None:
         self._rendering = True

@@ -50,8 +50,8 @@ class WorkerSettings(BaseSettings):
     render_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     #: Memory a decoder holding a whole frame may need, and any step of a job's render (the decoder's
     #: state, the pixels it writes, an encoder), estimated from the header (`imaging.decode_bytes`,
-    #: `imaging.job_bytes`); a source or job over it fails with `image_too_large` before any pixel is
-    #: decoded.
+    #: `imaging.job_bytes`), with what the job's source takes beyond `imaging.SOURCE_ROOM_BYTES`; a
+    #: source or job over it fails with `image_too_large` before any pixel is decoded.
     max_decode_bytes: int = Field(default=192 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
     #: On SIGTERM, how long jobs in flight may take to finish before they are handed back.
     shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)
