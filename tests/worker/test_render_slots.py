@@ -22,14 +22,25 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
 import pyvips
 import redis.asyncio as aioredis
+from aiohttp import web
 from imgpipe import broker
 from imgpipe.broker import Publisher, Topology
-from imgpipe.models import JobMessage, JobRecord, JobStatus, KeySource, Variant, VariantResult, utcnow
+from imgpipe.models import (
+    JobMessage,
+    JobRecord,
+    JobStatus,
+    KeySource,
+    UrlSource,
+    Variant,
+    VariantResult,
+    utcnow,
+)
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 from imgpipe.telemetry import SOURCES_DEFERRED
@@ -37,7 +48,7 @@ from imgpipe_worker import consumer, holds, imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
 
-from tests.stack import AMQP_URL, REDIS_URL, drop_namespace, s3_settings
+from tests.stack import AMQP_URL, REDIS_URL, drop_namespace, local_http, s3_settings
 from tests.worker.test_consumer import eventually, jpeg
 
 RENDER_S = 0.5
@@ -134,8 +145,9 @@ class Running:
     worker: Consumer
 
     async def submit(self, key: str, variants: list[Variant]) -> str:
-        """Record and publish a job as the api does; returns its id."""
-        record = JobRecord.pending(uuid.uuid4().hex, "o", KeySource(key=key), variants)
+        """Record and publish a job as the api does; returns its id. `key` may be a URL instead."""
+        source = UrlSource(url=key) if key.startswith("http") else KeySource(key=key)
+        record = JobRecord.pending(uuid.uuid4().hex, "o", source, variants)
         assert (await self.store.create(record)).applied
         await self.publisher.publish_job(
             JobMessage(
@@ -172,7 +184,7 @@ async def running_consumer(
         max_attempts=1,
         # Shorter than the job's, as the settings require (a render's own limit fires first).
         limits=imaging.Limits(timeout_s=render_timeout_s or job_timeout_s / 2),
-        fetch=FetchPolicy(),
+        fetch=FetchPolicy(allowed_networks=(IPv4Network("127.0.0.0/8"),)),  # the tests' own servers
         shutdown_grace_s=10,
     )
     worker = Consumer(connection, publisher, store, storage, config)
@@ -499,3 +511,55 @@ async def test_a_source_downloads_ahead_of_the_renders_only_into_the_room_the_so
     else:
         assert len(gets) == 3 and gets[1] < rendered[0] <= gets[2]
     assert SOURCES_DEFERRED._value.get() - deferred == (not room)
+
+
+async def test_a_url_source_without_a_length_waits_to_be_the_only_source_when_it_has_no_room(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body sent without a `Content-Length` is counted at all the room it is given until it is
+    read. The job ahead of the render reads its own past that room: it gives the download up, waits
+    until no other source is held, and fetches it again, off its clock."""
+    render_s, job_timeout_s = 0.8, 1.2
+    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
+    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
+    monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", len(source) * 3 // 2)
+    hits: list[float] = []
+    rendered: list[float] = []
+    real_render = imaging.render
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        hits.append(time.monotonic())
+        response = web.StreamResponse(headers={"Content-Type": "image/png"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for start in range(0, len(source), 16_384):
+                await response.write(source[start : start + 16_384])
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the worker hung up past the room it had
+        return response
+
+    def render(*args: Any) -> list[imaging.Rendered]:
+        time.sleep(render_s)
+        try:
+            return real_render(*args)
+        finally:
+            rendered.append(time.monotonic())
+
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    app = web.Application()
+    app.router.add_get("/{name}", chunked)
+    deferred = SOURCES_DEFERRED._value.get()
+    thumb = Variant(name="t", width=32, format="jpeg")
+    async with (
+        local_http(app) as base,
+        running_consumer(slot_namespace, storage, job_timeout_s=job_timeout_s) as run,
+    ):
+        jobs = [await run.submit(f"{base}/{n}.png", [thumb]) for n in range(2)]
+        done = [await run.settled(job) for job in jobs]
+
+    assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 2, [r.error for r in done]
+    assert len(hits) == 3 and hits[1] < rendered[0] <= hits[2]
+    assert SOURCES_DEFERRED._value.get() - deferred == 1
+    assert run.worker._sources.held_bytes == 0
