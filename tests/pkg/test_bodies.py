@@ -131,6 +131,9 @@ async def test_a_body_without_a_length_stops_past_its_room() -> None:
     assert refused.value.size is None
     assert room.asked == [None]
     assert await _read_admitted(_chunked(b"abc", b"d"), 100, room) == b"abcd"
+    with pytest.raises(BodyNotAdmitted) as refused:  # no room at all: not read, but some will do
+        await _read_admitted(_chunked(b"abc"), 100, _Room(0))
+    assert refused.value.size == 0
     # A room over the limit is the limit's: past it, the body is too large.
     with pytest.raises(BodyTooLarge):
         await _read_admitted(_chunked(b"abc", b"defg"), 5, _Room(50))

@@ -114,29 +114,73 @@ async def test_a_slow_server_holds_up_no_other_download() -> None:
 
 async def test_those_waiting_for_room_go_in_turn() -> None:
     """A large source waiting for room is not starved by small ones that would fit beside the
-    sources held: while it waits, they wait behind it, without a request (`may_try`)."""
+    sources held: the room it needs is kept for it, and they take only what is left (without a
+    request while there is none: `may_try`)."""
     sources = Sources(32 * MB)
     first, large = sources.hold(), sources.hold()
     assert first.admit(10 * MB) is None
     assert large.admit(25 * MB) == 22 * MB
     large.defer(25 * MB)
     small = sources.hold()
-    assert not small.may_try()  # 10 MB would fit, but the large one waits before it
+    assert not small.may_try()  # 10 MB would fit beside the first, but not beside the large one too
     small.defer(0)
     assert small.admit(10 * MB) == 0  # and so its headers would have said, had it asked
     assert await waits(large) and await waits(small)
     first.job_done()
     assert not await waits(large)
-    assert await waits(small)  # its turn comes after the large one's
-    assert large.admit(25 * MB) is None
-    assert not await waits(small)
-    assert small.may_try()
-    assert small.admit(10 * MB) == 7 * MB  # no room for it beside the large one: it waits again
+    assert not await waits(small)  # 7 MB are left beside what the large one needs: it may try
+    assert small.admit(10 * MB) == 7 * MB
     small.defer(10 * MB)
+    assert await waits(small)
+    assert large.admit(25 * MB) is None  # the large one's turn came first
     assert await waits(small)
     large.job_done()
     assert not await waits(small)
     assert small.admit(10 * MB) is None and sources.held_bytes == 10 * MB
+
+
+async def test_one_that_needs_to_be_the_only_source_keeps_all_the_room() -> None:
+    """A body without a length that ran past its room waits to be alone; nothing starts beside
+    the sources held meanwhile. One that found no room at all only waits for some."""
+    sources = Sources(16 * MB)
+    holding, alone, fresh = sources.hold(), sources.hold(), sources.hold()
+    assert holding.admit(4 * MB) is None
+    alone.defer(None)
+    assert not fresh.may_try()
+    fresh.defer(0)
+    holding.job_done()
+    assert not await waits(alone)
+    assert fresh.admit(1 * MB) == 0  # still behind the one that needs to be alone
+    assert alone.admit(None) is None
+    alone.downloaded(3 * MB)
+    assert not await waits(fresh)
+    assert fresh.admit(1 * MB) == 13 * MB
+
+
+async def test_a_failed_download_gives_its_turn_up() -> None:
+    """The first in turn, tried again, fails (a 5xx, its budget out): the one behind it must not
+    wait for its job to be marked failed."""
+    sources = Sources(16 * MB)
+    holding, first, behind = sources.hold(), sources.hold(), sources.hold()
+    assert holding.admit(10 * MB) is None
+    first.defer(12 * MB)
+    behind.defer(10 * MB)
+    holding.job_done()
+    assert not await waits(first)
+    first.drop()
+    assert not await waits(behind)
+    assert behind.admit(10 * MB) is None
+
+
+async def test_a_job_done_does_not_wait_its_turn() -> None:
+    """A download let go of with its job, whose headers came late: no room, and no place in turn
+    that nobody would give up."""
+    sources = Sources(16 * MB)
+    gone, other = sources.hold(), sources.hold()
+    gone.job_done()
+    assert gone.admit(1 * MB) == 0
+    gone.defer(1 * MB)
+    assert other.admit(20 * MB) is None
 
 
 async def test_a_job_that_ends_while_it_waits_for_room_gives_up_its_turn() -> None:

@@ -563,3 +563,25 @@ async def test_a_url_source_without_a_length_waits_to_be_the_only_source_when_it
     assert len(hits) == 3 and hits[1] < rendered[0] <= hits[2]
     assert SOURCES_DEFERRED._value.get() - deferred == 1
     assert run.worker._sources.held_bytes == 0
+
+
+async def test_a_job_that_never_gets_room_for_its_source_fails_rather_than_waits_for_good(
+    storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for room is off the job's clock, so a wait that never ended (a bug in the accounting)
+    would leave an accepted job unfinished for good. A wait as long as a whole job's time ends it
+    as a transient failure instead: retried, then failed."""
+    await storage.put("uploads/o/src", pyvips.Image.black(64, 48).write_to_buffer(".png"), "image/png")
+
+    async def never(_: holds.SourceHold) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(holds.SourceHold, "may_try", lambda _: False)
+    monkeypatch.setattr(holds.SourceHold, "room_for_it", never)
+    async with running_consumer(slot_namespace, storage, job_timeout_s=1.0) as run:
+        done = await run.settled(await run.submit("uploads/o/src", [Variant(name="t", width=16)]))
+
+    assert done.status is JobStatus.FAILED and done.error is not None
+    assert done.error.code == "processing_timeout"
+    assert "no room for its source after 1 s" in done.error.message
+    assert run.worker._sources.held_bytes == 0

@@ -30,8 +30,8 @@ class BodyTooLarge(Exception):
 
 
 class BodyNotAdmitted(Exception):
-    """`admit` had no room for the body now; `size` is its length (None: not given, and it ran past
-    the room)."""
+    """`admit` had no room for the body now; `size` is its length (0: not given, and there was no
+    room at all; None: not given, and it ran past the room)."""
 
     def __init__(self, size: int | None) -> None:
         super().__init__(f"no room now for a body of {size if size is not None else 'unknown'} bytes")
@@ -53,7 +53,7 @@ async def read_body(
         raise BodyTooLarge(length)
     room = admit(length) if admit is not None else None
     if room == 0 and length != 0:
-        raise BodyNotAdmitted(length)
+        raise BodyNotAdmitted(length or 0)
     if length is None:
         limit = max_bytes if room is None else min(room, max_bytes)
         grown = bytearray()

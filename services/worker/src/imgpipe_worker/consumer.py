@@ -435,8 +435,17 @@ class Consumer:
         stage[0] = "fetch"
         held = await source  # cancelled with this await if the budget runs out
         while not held:  # no room for it among the sources held: again once there is
-            # Waiting for other jobs' sources to be freed is not this job's time.
-            await _off_the_clock(budget, hold.room_for_it())
+            # Waiting for other jobs' sources to be freed is not this job's time. Each is freed when
+            # its render ends (or its download fails), so a wait as long as a whole job's time means
+            # something is wrong: a retry then, rather than a job that never ends.
+            limit = self._config.job_timeout_s
+            try:
+                await _off_the_clock(budget, asyncio.wait_for(hold.room_for_it(), limit))
+            except TimeoutError:
+                log.error("no room for the source after %.0f s; retrying the job", limit)
+                raise JobFailed(
+                    "processing_timeout", f"no room for its source after {limit:.0f} s", transient=True
+                ) from None
             held = await self._fetched(job.source, hold)
         # A render that starts with less than its own limit left can run out of the job's time
         # through no fault of the image's: the fetch before it was slow (`_timed_out`).

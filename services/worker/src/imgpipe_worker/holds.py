@@ -90,12 +90,14 @@ class Sources:
     headers say how long it is, and only if it fits in what the other sources leave of `max_bytes`
     (a body being read counts from its headers on; one without a length, at all the room it was
     given), or if no other source is held at all. Otherwise the download is given up, and made again
-    once there is room for it (`SourceHold.room_for_it`). Those waiting go in turn: while one waits,
-    the downloads after it wait behind it, so that a large source is not starved by small ones.
+    once there is room for it (`SourceHold.room_for_it`). Those waiting go in turn, and the room they
+    need is kept for them (all of it for one that needs to be alone), so that a large source is not
+    starved by small ones; a download after them takes only what is left.
 
     So the sources held come to at most `max_bytes`, but for one alone; and a source server slow to
     answer holds up no other job's download, as one whose headers have not come counts for nothing
-    yet (one that sends its headers, then its body slowly, holds its room until it is done).
+    yet, or for the room kept for it if it waited its turn (one that sends its headers, then its body
+    slowly, holds its room until it is done).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -115,10 +117,14 @@ class Sources:
 
     def _room(self, hold: SourceHold) -> int | None:
         """How many bytes `hold`'s source may take now: None, any (it would be the only one); 0,
-        none, also while others wait for room before it."""
-        if self._queue and self._queue[0] is not hold:
+        none. What the sources waiting before it need is kept for them: all of it for one that
+        needs to be the only source."""
+        ahead = self._queue[: self._queue.index(hold)] if hold in self._queue else self._queue
+        if not ahead:
+            return None if not self._bytes else max(0, self._max_bytes - self._bytes)
+        if any(waiting.wanted is None for waiting in ahead):
             return 0
-        return None if not self._bytes else max(0, self._max_bytes - self._bytes)
+        return max(0, self._max_bytes - self._bytes - sum(waiting.wanted or 0 for waiting in ahead))
 
     def _take(self, size: int) -> None:
         self._bytes += size
@@ -183,18 +189,19 @@ class SourceHold(_Hold):
             self._size = size
 
     def defer(self, size: int | None) -> None:
-        """The download did not start (`may_try`; `size` 0) or its body had no room
-        (`bodies.BodyNotAdmitted`; `size`: its length, None if it ran past the room it was given
-        without one): it counts for nothing, and waits its turn (`room_for_it`)."""
+        """The download did not start (`may_try`) or its body had no room (`bodies.BodyNotAdmitted`:
+        `size` is its length, 0 if it had none and there was no room at all, None if it ran past the
+        room it was given without one): it counts for nothing, and waits its turn (`room_for_it`)."""
         self._give_back()
         self.wanted = size
-        if self not in self._sources._queue:
+        if not self._job_done and self not in self._sources._queue:
             self._sources._queue.append(self)
 
     def drop(self) -> None:
-        """The download failed or was cancelled: what it took is given back now, not when the job
-        has settled (writing its failure may take a while, behind a Redis outage)."""
+        """The download failed or was cancelled: what it took, and its turn, are given back now, not
+        when the job has settled (writing its failure may take a while, behind a Redis outage)."""
         self._give_back()
+        self._sources._leave_queue(self)
 
     async def room_for_it(self) -> None:
         """Wait until it is this source's turn and what it needs (`wanted`) is free."""
