@@ -288,6 +288,20 @@ def loop_lag_totals(urls: list[str]) -> Counter[str]:
     return totals
 
 
+#: The workers' count of source downloads given up at their headers for want of room (`holds.Sources`).
+SOURCES_DEFERRED = "imgpipe_worker_sources_deferred"
+
+
+def counter_total(urls: list[str], name: str) -> float:
+    """The counter `name` (its family's name, without `_total`) of the services at `urls`, added up."""
+    total = 0.0
+    for url in urls:
+        for family in text_string_to_metric_families(scrape(url)):
+            if family.name == name:
+                total += sum(sample.value for sample in family.samples if sample.name == f"{name}_total")
+    return total
+
+
 def loop_lag_summary(ticks: Counter[str]) -> dict:
     """`ticks` (what `loop_lag_totals` grew by over a measurement) as figures: the ticks, their mean
     lag, the shares of them later than 5 and 25 ms, and the bucket bound the latest one is under."""

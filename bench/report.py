@@ -112,6 +112,23 @@ def _lag_row(label: str, s: dict) -> dict:
     )
 
 
+def _deferred_row(label: str, s: dict) -> dict:
+    """How many source downloads the workers gave up at their headers for want of room, and made
+    again (`imgpipe_worker_sources_deferred_total`): what keeping the sources within the memory
+    budget cost the read-ahead, over all rounds."""
+    counts = s["sources_deferred"]
+    jobs = s["jobs_per_round"] * len(s["rounds"]["raw libvips"])
+    others = [f"{k}: {v}" for k, v in counts.items() if k != s["headline_label"]]
+    return _row(
+        "throughput",
+        f"{label}: source downloads given up at their headers for want of room, and made again",
+        f"{counts[s['headline_label']]} of {jobs} jobs",
+        "; ".join(others),
+        "",
+        None,
+    )
+
+
 def rows(res: dict) -> list[dict]:
     out = []
     tp = res.get("throughput")
@@ -165,6 +182,8 @@ def rows(res: dict) -> list[dict]:
                 out.append(threads)
             if s.get("loop_lag", {}).get(s["headline_label"], {}).get("ticks"):
                 out.append(_lag_row(label, s))
+            if "sources_deferred" in s:
+                out.append(_deferred_row(label, s))
             p = s["pipeline_vs_pillow"]
             out.append(
                 _row(

@@ -54,8 +54,10 @@ from pathlib import Path
 from bench import corpus
 from bench.harness import (
     REPO,
+    SOURCES_DEFERRED,
     THREAD_KINDS,
     BenchStack,
+    counter_total,
     cpu_count,
     cpu_seconds,
     in_turn,
@@ -422,13 +424,14 @@ def measure(
             figures: dict[str, list[float]] = {}
             cpu: dict[str, list[float]] = {}  # CPU ms per image, by process group
             lag: dict[str, Counter[str]] = {}  # the workers' event-loop ticks, over all rounds
+            deferred: Counter[str] = Counter()  # downloads the workers gave up for want of room
             steps = [
                 ("raw libvips", partial(_raw_step, cpu, pool, pool_pids, jobs, names, images)),
                 ("Pillow", partial(run_pool, pool, _pillow_job, jobs, names, images)),
                 *(
                     (
                         f"imgpipe ({layout.label})",
-                        partial(_pipeline_step, cpu, lag, servers, layout, jobs, names, images),
+                        partial(_pipeline_step, cpu, lag, deferred, servers, layout, jobs, names, images),
                     )
                     for layout in layouts
                 ),
@@ -450,6 +453,9 @@ def measure(
                 with profiled(layouts[1].pids()[0], profile_dir / f"worker-{slug}.speedscope.json", log):
                     asyncio.run(layouts[1].run(jobs, names, images))
             result["sets"][label]["loop_lag"] = {k: loop_lag_summary(v) for k, v in lag.items()}
+            result["sets"][label]["sources_deferred"] = {
+                layout.label: int(deferred[layout.label]) for layout in layouts
+            }
     finally:
         pool.terminate()
         for layout in layouts:
@@ -468,7 +474,7 @@ def _raw_step(cpu, pool, pool_pids, jobs, names, images) -> float:
         return run_pool(pool, _raw_job, jobs, names, images)
 
 
-def _pipeline_step(cpu, lag, servers, layout, jobs, names, images) -> float:
+def _pipeline_step(cpu, lag, deferred, servers, layout, jobs, names, images) -> float:
     """One round of a pipeline layout, with the CPU per image of everything it runs on."""
     key = f"imgpipe ({layout.label})"
     with (
@@ -478,6 +484,7 @@ def _pipeline_step(cpu, lag, servers, layout, jobs, names, images) -> float:
         _cpu_ms_per_image(cpu, f"benchmark process, {layout.label}", [os.getpid()], jobs),
         _ms_per_image(cpu, f"machine, {layout.label}", machine_busy_seconds, jobs),
         _loop_lag(lag, layout.label, layout.urls()),
+        _counted(deferred, layout.label, layout.urls(), SOURCES_DEFERRED),
         _thread_ms_per_image(cpu, layout.label, layout.pids(), jobs),
     ):
         return asyncio.run(layout.run(jobs, names, images))
@@ -502,6 +509,14 @@ def _loop_lag(into: dict[str, Counter[str]], key: str, urls: list[str]):
     before = loop_lag_totals(urls)
     yield
     into.setdefault(key, Counter()).update(loop_lag_totals(urls) - before)
+
+
+@contextlib.contextmanager
+def _counted(into: Counter[str], key: str, urls: list[str], name: str):
+    """Add to `into[key]` what the counter `name` of the services at `urls` grew by while the block ran."""
+    before = counter_total(urls, name)
+    yield
+    into[key] += counter_total(urls, name) - before
 
 
 @contextlib.contextmanager

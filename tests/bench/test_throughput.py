@@ -14,13 +14,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from imgpipe.telemetry import SOURCES_DEFERRED as SOURCES_DEFERRED_COUNTER
 from imgpipe.web import base_app
 from prometheus_client import REGISTRY
 
 from bench import report
 from bench.harness import (
     LOOP_LAG,
+    SOURCES_DEFERRED,
     THREAD_KINDS,
+    counter_total,
     cpu_seconds,
     in_turn,
     local_server_pids,
@@ -220,3 +223,27 @@ def test_each_contender_takes_every_place_in_turn() -> None:
     for place in range(len(steps)):
         assert sorted(order[place] for order in orders[: len(steps)]) == sorted(steps)
     assert orders[len(steps)] == steps  # and round again
+
+
+async def test_a_counter_of_a_service_is_read_from_its_metrics() -> None:
+    """The workers' deferred downloads are read as their event-loop lag is: every service exports
+    the shared registry's counters, so a plain one shows what the worker's counter grew by."""
+    app = base_app("benchcount", environment="test")
+    async with local_http(app) as url:
+        before = await asyncio.to_thread(counter_total, [url, url], SOURCES_DEFERRED)
+        SOURCES_DEFERRED_COUNTER.inc(3)
+        after = await asyncio.to_thread(counter_total, [url, url], SOURCES_DEFERRED)
+    assert after - before == 6  # added up over the services asked
+
+
+def test_the_deferred_row_gives_both_layouts_over_all_rounds() -> None:
+    s = {
+        "headline_label": "1 worker x concurrency 2",
+        "jobs_per_round": 48,
+        "rounds": {"raw libvips": [1.0] * 5},
+        "sources_deferred": {"1 worker x concurrency 2": 0, "2 workers x concurrency 1": 7},
+    }
+    row = report._deferred_row("1 variant", s)
+
+    assert row["value"] == "0 of 240 jobs"
+    assert row["baseline"] == "2 workers x concurrency 1: 7"
