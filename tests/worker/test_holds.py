@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from imgpipe_worker.holds import SourceHold, Sources
 
 MB = 1024 * 1024
@@ -84,17 +85,26 @@ async def test_a_retried_request_counts_its_body_once() -> None:
     assert sources.held_bytes == 0
 
 
-async def test_a_job_let_go_of_mid_download_counts_for_nothing() -> None:
+@pytest.mark.parametrize("how", ["job done", "download failed"])
+async def test_a_download_let_go_of_gives_its_room_back_at_once(how: str) -> None:
+    """Its job was let go of before the download ended (gone, or its channel lost), or its body
+    broke off while its job is still to be marked failed: the room is free at once, and whatever
+    comes late of it counts for nothing."""
     sources = Sources(16 * MB)
     first, second = sources.hold(), sources.hold()
     assert first.admit(10 * MB) is None
     assert second.admit(10 * MB) == 6 * MB
     second.defer(10 * MB)
-    first.job_done()  # dropped before its download ended (the job was gone, or its channel lost)
-    first.downloaded(30 * MB)  # a late result: not counted
-    assert first.admit(1 * MB) == 0  # nor a late admission
+    if how == "job done":
+        first.job_done()
+        first.downloaded(30 * MB)  # a late result
+        assert first.admit(1 * MB) == 0  # and a late admission
+    else:
+        first.drop()
     assert sources.held_bytes == 0
     assert not await waits(second)
+    first.job_done()
+    assert sources.held_bytes == 0
 
 
 async def test_a_slow_server_holds_up_no_other_download() -> None:
@@ -193,16 +203,3 @@ async def test_a_job_that_ends_while_it_waits_for_room_gives_up_its_turn() -> No
     gone.job_done()  # cancelled, or its channel lost
     assert not await waits(behind)
     assert behind.admit(4 * MB) == 6 * MB
-
-
-async def test_a_failed_download_gives_its_room_back_at_once() -> None:
-    sources = Sources(16 * MB)
-    failed, other = sources.hold(), sources.hold()
-    assert failed.admit(10 * MB) is None
-    assert other.admit(10 * MB) == 6 * MB
-    other.defer(10 * MB)
-    failed.drop()  # its body broke off: its job is still to be marked failed
-    assert not await waits(other)
-    assert sources.held_bytes == 0
-    failed.job_done()
-    assert sources.held_bytes == 0

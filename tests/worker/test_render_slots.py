@@ -423,6 +423,28 @@ async def test_source_bytes_are_freed_when_the_render_fails(
     assert freed_at == [True]
 
 
+def _noise_png() -> bytes:
+    """A 300 x 200 PNG of noise: 100-400 kB, which no compression makes smaller."""
+    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
+    return noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
+
+
+def _slow_renders(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list[float]:
+    """Make every render take `seconds` more; returns the list of the moments they end."""
+    ended: list[float] = []
+    real_render = imaging.render
+
+    def render(*args: Any) -> list[imaging.Rendered]:
+        time.sleep(seconds)
+        try:
+            return real_render(*args)
+        finally:
+            ended.append(time.monotonic())
+
+    monkeypatch.setattr(consumer.imaging, "render", render)
+    return ended
+
+
 @pytest.mark.parametrize("large", [False, True], ids=["small-outputs", "large-outputs"])
 async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
     storage: Storage, slot_namespace: str, monkeypatch: pytest.MonkeyPatch, large: bool
@@ -430,9 +452,7 @@ async def test_large_outputs_keep_the_render_slot_until_they_are_uploaded(
     """The next job renders while a job's outputs upload, but not beside outputs over
     `holds.OVERLAP_MAX_BYTES`: the render budget does not count them (two full-size PNG jobs of a
     26 MP progressive JPEG took a worker at concurrency 1 98 MiB over one)."""
-    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
-    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb")
-    await storage.put("uploads/o/noise", source.write_to_buffer(".png"), "image/png")
+    await storage.put("uploads/o/noise", _noise_png(), "image/png")
     png = Variant(name="p", width=300, format="png")  # noise: 172 kB
     monkeypatch.setattr(holds, "OVERLAP_MAX_BYTES", 100_000 if large else 1_000_000)
     renders: list[float] = []
@@ -476,28 +496,19 @@ async def test_a_source_downloads_ahead_of_the_renders_only_into_the_room_the_so
     it has freed its source. That wait is not its time: the job's budget is shorter than the wait
     and its render together."""
     render_s, job_timeout_s = 0.8, 1.2
-    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
-    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
+    source = _noise_png()
     assert 100_000 < len(source) < 400_000
     await storage.put("uploads/o/noise", source, "image/png")
     monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", 1_000_000 if room else len(source) * 3 // 2)
     gets: list[float] = []
-    rendered: list[float] = []
-    real_get, real_render = storage.get, imaging.render
+    real_get = storage.get
 
     async def get(key: str, **kwargs: Any) -> bytearray:
         gets.append(time.monotonic())
         return await real_get(key, **kwargs)
 
-    def render(*args: Any) -> list[imaging.Rendered]:
-        time.sleep(render_s)
-        try:
-            return real_render(*args)
-        finally:
-            rendered.append(time.monotonic())
-
     monkeypatch.setattr(storage, "get", get)
-    monkeypatch.setattr(consumer.imaging, "render", render)
+    rendered = _slow_renders(monkeypatch, render_s)
     deferred = SOURCES_DEFERRED._value.get()
     thumb = Variant(name="t", width=32, format="jpeg")
     async with running_consumer(slot_namespace, storage, job_timeout_s=job_timeout_s) as run:
@@ -520,12 +531,9 @@ async def test_a_url_source_without_a_length_waits_to_be_the_only_source_when_it
     read. The job ahead of the render reads its own past that room: it gives the download up, waits
     until no other source is held, and fetches it again, off its clock."""
     render_s, job_timeout_s = 0.8, 1.2
-    noise = [pyvips.Image.gaussnoise(300, 200, sigma=80, seed=seed) for seed in (1, 2, 3)]
-    source = noise[0].bandjoin(noise[1:]).cast("uchar").copy(interpretation="srgb").write_to_buffer(".png")
+    source = _noise_png()
     monkeypatch.setattr(imaging, "SOURCE_ROOM_BYTES", len(source) * 3 // 2)
     hits: list[float] = []
-    rendered: list[float] = []
-    real_render = imaging.render
 
     async def chunked(request: web.Request) -> web.StreamResponse:
         hits.append(time.monotonic())
@@ -540,14 +548,7 @@ async def test_a_url_source_without_a_length_waits_to_be_the_only_source_when_it
             pass  # the worker hung up past the room it had
         return response
 
-    def render(*args: Any) -> list[imaging.Rendered]:
-        time.sleep(render_s)
-        try:
-            return real_render(*args)
-        finally:
-            rendered.append(time.monotonic())
-
-    monkeypatch.setattr(consumer.imaging, "render", render)
+    rendered = _slow_renders(monkeypatch, render_s)
     app = web.Application()
     app.router.add_get("/{name}", chunked)
     deferred = SOURCES_DEFERRED._value.get()
