@@ -111,7 +111,7 @@ async def test_renders_wait_for_a_slot_without_spending_their_timeout(
         hold = worker._sources.hold()
         try:
             async with asyncio.timeout(JOB_TIMEOUT_S) as budget:
-                source = asyncio.create_task(worker._source(message, hold))
+                source = asyncio.create_task(worker._fetched(message.source, hold))
                 results = await worker._run(message, budget, source, hold, [""])
         finally:
             hold.job_done()

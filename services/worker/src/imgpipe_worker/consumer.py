@@ -270,7 +270,7 @@ class Consumer:
         # The source downloads while the job is marked `processing`: the two Redis round trips of
         # that are off the job's path.
         hold = self._sources.hold()
-        source = asyncio.create_task(self._source(job, hold))
+        source = asyncio.create_task(self._fetched(job.source, hold))
         try:
             await self._process_holding(job, message, attempt, hold, source)
         finally:
@@ -478,20 +478,16 @@ class Consumer:
             for k, r in zip(keys, rendered, strict=True)
         ]
 
-    async def _source(self, job: JobMessage, hold: SourceHold) -> list[bytearray]:
-        """The source's bytes, as the one item of a list that the render empties (`_fetched`).
-
-        A task keeps its result, and `_process` holds this task until the job has settled: bytes
-        returned as they are would stay in memory (up to `IMGPIPE_MAX_UPLOAD_BYTES` a job) through
-        the uploads and the status write. The render takes them out of the list instead
-        (`_render_held`), so they are freed as soon as it ends.
-        """
-        return await self._fetched(job.source, hold)
-
     async def _fetched(self, source: KeySource | UrlSource, hold: SourceHold) -> list[bytearray]:
-        """The source's bytes in a list of one, or an empty list when the sources held leave no room
-        for them now, or others wait for room before it (`holds.Sources`): `_run` waits its turn,
-        then calls this again."""
+        """The source's bytes, as the one item of a list that the render empties; an empty list when
+        the sources held leave no room for them now, or others wait for room before it
+        (`holds.Sources`): `_run` waits its turn, then calls this again.
+
+        `_process` runs the first call as a task, and holds the task until the job has settled: a
+        task keeps its result, and bytes returned as they are would stay in memory (up to
+        `IMGPIPE_MAX_UPLOAD_BYTES` a job) through the uploads and the status write. The render takes
+        them out of the list instead (`_render_held`), so they are freed as soon as it ends.
+        """
         if not hold.may_try():
             hold.defer(0)
             return []
@@ -640,7 +636,7 @@ def _render_held(
     """`imaging.render` of the source in `held`, run on a pool thread.
 
     The bytes are taken out of `held` here, in the thread, so that once the render returns nothing
-    refers to them any more: not the task of `_source`, nor the pool's work item, which lives on
+    refers to them any more: not the task of `_fetched`, nor the pool's work item, which lives on
     for a moment after the result is handed to the loop. Nor once it raises: the frames of its
     traceback (and of the errors it chains) hold the source, and the job's failure, which carries
     them, sits in reference cycles that only the garbage collector breaks. Before their locals were
