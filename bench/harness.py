@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.stack import (
     AMQP_URL,
@@ -272,19 +273,23 @@ def scrape(url: str) -> str:
 LOOP_LAG = "imgpipe_event_loop_lag_seconds"
 
 
+def _samples(urls: list[str], name: str) -> Iterator[Sample]:
+    """The samples of the metric family `name` of each service at `urls` (its `/metrics`)."""
+    for url in urls:
+        for family in text_string_to_metric_families(scrape(url)):
+            if family.name == name:
+                yield from family.samples
+
+
 def loop_lag_totals(urls: list[str]) -> Counter[str]:
     """Running totals of the event-loop lag histograms (`imgpipe_event_loop_lag_seconds`) of the
     services at `urls`, added up: `count`, `sum`, and the ticks at or under each bucket bound (`le`)."""
     totals: Counter[str] = Counter()
-    for url in urls:
-        for family in text_string_to_metric_families(scrape(url)):
-            if family.name != LOOP_LAG:
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    totals[sample.labels["le"]] += sample.value
-                else:
-                    totals[sample.name.removeprefix(f"{LOOP_LAG}_")] += sample.value  # count, sum
+    for sample in _samples(urls, LOOP_LAG):
+        if sample.name.endswith("_bucket"):
+            totals[sample.labels["le"]] += sample.value
+        else:
+            totals[sample.name.removeprefix(f"{LOOP_LAG}_")] += sample.value  # count, sum
     return totals
 
 
@@ -294,12 +299,7 @@ SOURCES_DEFERRED = "imgpipe_worker_sources_deferred"
 
 def counter_total(urls: list[str], name: str) -> float:
     """The counter `name` (its family's name, without `_total`) of the services at `urls`, added up."""
-    total = 0.0
-    for url in urls:
-        for family in text_string_to_metric_families(scrape(url)):
-            if family.name == name:
-                total += sum(sample.value for sample in family.samples if sample.name == f"{name}_total")
-    return total
+    return sum(sample.value for sample in _samples(urls, name) if sample.name == f"{name}_total")
 
 
 def loop_lag_summary(ticks: Counter[str]) -> dict:
