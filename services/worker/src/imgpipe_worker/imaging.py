@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import array
 import math
-import re
 import struct
 import sys
 import threading
@@ -96,18 +95,6 @@ _SHARED_INTERMEDIATE_MAX_PIXELS = 16 * 1024 * 1024
 # "truncated": refuse images whose data stops early (they would otherwise come out half grey), but
 # tolerate the minor, recoverable oddities that real cameras and phones produce.
 _FAIL_ON = "truncated"
-
-# A JPEG whose data stops early but still ends in an EOI marker, or whose entropy-coded data is
-# damaged, is not truncated to libvips: libjpeg warns, fills what it lost with grey, and goes on. So a
-# JPEG is decoded first with "warning" (sharp's default), and a warning from this list fails the job;
-# any other (extraneous bytes between segments, odd SOS parameters, an unknown Adobe transform: things
-# real cameras and editors write, which lose no pixels) has it decoded again with `_FAIL_ON`. These
-# are libjpeg's own warning texts (jerror.h: JWRN_HIT_MARKER, JWRN_HUFF_BAD_CODE, JWRN_ARITH_BAD_CODE
-# and JWRN_MUST_RESYNC).
-_JPEG_FAIL_ON = "warning"
-_LOST_JPEG_DATA = re.compile(
-    r"premature end of data segment|bad Huffman code|bad arithmetic code|instead of RST", re.IGNORECASE
-)
 
 _KEEP_NONE = 0  # VipsForeignKeep NONE: strip EXIF, XMP, IPTC, ICC and everything else from the output
 
@@ -682,12 +669,9 @@ def _from_buffer(
     *,
     managed: bool = True,
     header: pyvips.Image | None = None,
-    fail_on: str = _FAIL_ON,
     **kwargs: object,
 ) -> pyvips.Image:
     # header: the image `_probe` opened (sequential), offered for reuse; it must not be used again.
-    # fail_on: for the loader `thumbnail` opens (a JPEG's: see `_JPEG_FAIL_ON`); a reused header was
-    # opened with `_FAIL_ON`, as the loaders that reuse it (PNG, HEIF) are never decoded stricter.
     # output_profile: convert to sRGB using the embedded ICC profile when there is one (otherwise an
     # Adobe RGB / P3 / CMYK image would come out with wrong colours once we strip the profile); CMYK
     # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
@@ -706,10 +690,10 @@ def _from_buffer(
         # photo with a 10,000 x 10,000 "thumbnail" took 1.5 GB. Such a file gets its primary decoded.
         return header.thumbnail_image(width, **kwargs)
     if header is not None and _shrinks_by_8_on_load(header, width, kwargs):
-        reduced = _dc_only_image(data, fail_on)
+        reduced = _dc_only_image(data)
         if reduced is not None:
             return reduced.thumbnail_image(width, **kwargs)
-    return pyvips.Image.thumbnail_source(_memory(data), width, option_string=f"fail_on={fail_on}", **kwargs)
+    return pyvips.Image.thumbnail_source(_memory(data), width, option_string=f"fail_on={_FAIL_ON}", **kwargs)
 
 
 def _heif_thumbnails_fit(data: bytes, primary: pyvips.Image) -> bool:
@@ -841,7 +825,7 @@ def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, ob
     return _jpeg_shrink_on_load(shrink) == 8
 
 
-def _dc_only_image(data: bytes, fail_on: str) -> pyvips.Image | None:
+def _dc_only_image(data: bytes) -> pyvips.Image | None:
     """A progressive JPEG opened at 1/8 scale from its DC coefficients (`progressive.dc_only`).
 
     The same pixels as the 1/8 decode `thumbnail` makes of the whole file, at a fraction of
@@ -851,7 +835,7 @@ def _dc_only_image(data: bytes, fail_on: str) -> pyvips.Image | None:
     if reduced is None:
         return None
     try:
-        return pyvips.Image.new_from_buffer(reduced, "", shrink=8, access="sequential", fail_on=fail_on)
+        return pyvips.Image.new_from_buffer(reduced, "", shrink=8, access="sequential", fail_on=_FAIL_ON)
     except pyvips.Error:
         return None
 
@@ -1141,35 +1125,13 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     1-band in PNG), JPEG alpha is flattened onto white, and every metadata field is stripped.
 
     Raises `ImageError` for a bad source (see `probe`), `corrupt_image` when libvips fails to decode or
-    process it (a JPEG whose image data is damaged included: see `_JPEG_FAIL_ON`), and
-    `processing_timeout` when the whole call takes longer than `limits.timeout_s`.
+    process it, and `processing_timeout` when the whole call takes longer than `limits.timeout_s`.
     """
     deadline = _Deadline(limits.timeout_s)
-    rendered = _render(data, variants, limits, deadline, strict=True)
-    if rendered is None:
-        # libjpeg warned of something that loses no pixels: decoded again, tolerating it. Here, once
-        # the first try has returned, so that its images (a multi-scan JPEG's coefficients) are gone.
-        rendered = _render(data, variants, limits, deadline, strict=False)
-        assert rendered is not None  # only a strict try gives up
-    return rendered
-
-
-def _render(
-    data: bytes, variants: Sequence[Variant], limits: Limits, deadline: _Deadline, *, strict: bool
-) -> list[Rendered] | None:
-    """`render`, tried once. `strict`: a JPEG is decoded with `_JPEG_FAIL_ON`, and None is returned
-    when that fails on a warning other than one of lost data (`_LOST_JPEG_DATA`)."""
-    # libvips' error buffer, which a `pyvips.Error` reads (and then empties), is one for the process,
-    # and a decode that succeeds leaves in it the warnings it got past: so it is emptied here, and a
-    # failure is told by its last line. Were it not, a warning left by an earlier job could decide
-    # this one, and once the buffer is full (10 kB) libvips adds nothing more to it. (Another render
-    # failing at the same moment can lose its text to this; it then reads "unable to call ...".)
-    pyvips.vips_lib.vips_error_clear()
     info, header = _probe(data, limits)
     if not variants:
         return []
     _check_job_budget(info.format, header, data, variants, limits)
-    fail_on = _JPEG_FAIL_ON if strict and info.format == "jpeg" else _FAIL_ON
     try:
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
@@ -1177,24 +1139,21 @@ def _render(
             width, kwargs = _thumbnail_args(variant)
             managed = _needs_colour_management(header)
             held = _decode_first(info.format, header, data, variant)
-            image = _from_buffer(data, width, managed=managed, header=header, fail_on=fail_on, **kwargs)
+            image = _from_buffer(data, width, managed=managed, header=header, **kwargs)
             del header  # `_from_buffer` may have made it the decoder: `image` holds it now, if so
             if held:
                 deadline.watch(image)
                 image = image.copy_memory()
             return [_finish(image, variant, deadline)]
-        return _render_many(data, header, variants, deadline, fail_on)
+        return _render_many(data, header, variants, deadline)
     except pyvips.Error as exc:
         if deadline.expired():
             raise deadline.error() from exc
-        reason = _vips_reason(exc)
-        if fail_on == _JPEG_FAIL_ON and not _LOST_JPEG_DATA.search(reason):
-            return None
-        raise ImageError("corrupt_image", f"cannot decode or process the image: {reason}") from exc
+        raise ImageError("corrupt_image", f"cannot decode or process the image: {_vips_reason(exc)}") from exc
 
 
 def _render_many(
-    data: bytes, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline, fail_on: str
+    data: bytes, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline
 ) -> list[Rendered]:
     width, height = _oriented_size(header)
     scale = max(_scale_needed(v, width, height) for v in variants)
@@ -1211,14 +1170,12 @@ def _render_many(
         for variant in variants:
             target_w, kwargs = _thumbnail_args(variant)
             own = _header(data) if heif else None
-            image = _from_buffer(data, target_w, managed=managed, header=own, fail_on=fail_on, **kwargs)
+            image = _from_buffer(data, target_w, managed=managed, header=own, **kwargs)
             results.append(_finish(image, variant, deadline))
         return results
 
     deadline.check()
-    lazy = _from_buffer(
-        data, inter_w, managed=managed, header=header, fail_on=fail_on, height=inter_h, size="down"
-    )
+    lazy = _from_buffer(data, inter_w, managed=managed, header=header, height=inter_h, size="down")
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()
