@@ -166,6 +166,12 @@ def _jpeg_claiming(width: int, height: int, *, progressive: bool = False) -> byt
     return bytes(data)
 
 
+def _between_scans(progressive: bytes) -> bytes:
+    """A progressive JPEG with three stray bytes before its second scan."""
+    second = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    return progressive[:second] + b"\x01\x02\x03" + progressive[second:]
+
+
 def _avif_claiming(width: int, height: int) -> bytes:
     data = bytearray(_card(64, 48).heifsave_buffer(compression="av1", effort=0))
     ispe = data.index(b"ispe")
@@ -263,6 +269,7 @@ SVG_XXE = b"""<?xml version="1.0"?>
 def crafted() -> list[Case]:
     """Every crafted case, with its expected outcome."""
     jpeg = _card(256, 192).jpegsave_buffer()
+    progressive = _card(256, 192).jpegsave_buffer(interlace=True)
     png = _card(64, 48).pngsave_buffer()
     gif = _card(64, 48).gifsave_buffer()
     webp = _card(64, 48).webpsave_buffer()
@@ -375,6 +382,8 @@ def crafted() -> list[Case]:
         Case("tiff-strip-past-end", _tiff(256, 256, strip_bytes=4096), "image/tiff", "corrupt_image"),
         # Truncated and header-only files.
         Case("jpeg-truncated-half", jpeg[: len(jpeg) // 2], "image/jpeg", "corrupt_image"),
+        # Bytes between a progressive file's scans: libjpeg warns, skips them and loses nothing.
+        Case("jpeg-progressive-bytes-between-scans", _between_scans(progressive), "image/jpeg"),
         Case("jpeg-header-only", header_only_jpeg, "image/jpeg", "corrupt_image"),
         Case("jpeg-soi-only", b"\xff\xd8\xff", "image/jpeg", "corrupt_image"),
         Case("png-truncated-half", png[: len(png) // 2], "image/png", "corrupt_image"),

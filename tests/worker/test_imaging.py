@@ -715,6 +715,59 @@ def test_truncated_jpeg_is_corrupt(keep: float) -> None:
     assert info.value.code == "corrupt_image"
 
 
+def _noisy_jpeg(width: int, height: int, **save: object) -> bytes:
+    noise = pyvips.Image.gaussnoise(width, height, mean=128, sigma=60, seed=7).cast("uchar")
+    return noise.bandjoin([noise, noise]).copy(interpretation="srgb").jpegsave_buffer(**save)
+
+
+def _sos_end_of_band(data: bytes, value: int) -> bytes:
+    """`data` with its first scan's Se byte (the last coefficient it codes) set to `value`."""
+    sos = data.index(b"\xff\xda")
+    components = data[sos + 4]
+    edited = bytearray(data)
+    edited[sos + 5 + 2 * components + 1] = value
+    return bytes(edited)
+
+
+def _between_scans(progressive: bytes) -> bytes:
+    """`progressive` with three stray bytes before its second scan."""
+    second = progressive.index(b"\xff\xda", progressive.index(b"\xff\xda") + 2)
+    return progressive[:second] + b"\x01\x02\x03" + progressive[second:]
+
+
+_SEQUENTIAL = _noisy_jpeg(512, 384)
+_PROGRESSIVE = _noisy_jpeg(1024, 768, interlace=True)
+
+
+@pytest.mark.parametrize(
+    ("clean", "warned", "warning"),
+    [
+        # A sequential file must code coefficients 0-63; libjpeg warns of anything else and ignores it.
+        (_SEQUENTIAL, _sos_end_of_band(_SEQUENTIAL, 62), "Invalid SOS parameters"),
+        # Bytes between two scans, before the second's marker: skipped, with a warning.
+        (_PROGRESSIVE, _between_scans(_PROGRESSIVE), "extraneous bytes"),
+    ],
+    ids=["sos-parameters", "extraneous-bytes"],
+)
+@pytest.mark.parametrize(
+    "variants",
+    # One variant; four (decoded once into an intermediate); a thumbnail small enough for the
+    # progressive file's DC scans alone (`progressive.dc_only`).
+    [[variant(width=64)], [variant(name=f"v{w}", width=w) for w in (32, 64, 128, 256)], [variant(width=48)]],
+    ids=["1", "4", "dc"],
+)
+def test_jpeg_warnings_that_lose_no_pixels_are_tolerated(
+    clean: bytes, warned: bytes, warning: str, variants: list[Variant]
+) -> None:
+    # Real cameras and editors write such files. libjpeg warns of them (and `fail_on=warning`, sharp's
+    # default, refuses them), but the picture is whole: it renders to the clean file's pixels.
+    with pytest.raises(pyvips.Error, match=warning):
+        pyvips.Image.new_from_buffer(warned, "", fail_on="warning").copy_memory()
+    for got, want in zip(render(warned, variants, LIMITS), render(clean, variants, LIMITS), strict=True):
+        assert (got.width, got.height) == (want.width, want.height)
+        assert mad(decode(got.data), decode(want.data)) == 0
+
+
 def test_garbage_after_magic_is_corrupt() -> None:
     for magic in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\x10\x00\x00\x00WEBPVP8 "):
         with pytest.raises(ImageError) as info:
