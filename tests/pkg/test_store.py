@@ -148,8 +148,20 @@ async def test_processing_does_not_go_back_to_pending(store: JobStore) -> None:
 
 async def test_mark_processing_twice_is_a_redelivery(store: JobStore) -> None:
     current = await _processing(store)
+    key = store.job_key(current.id)
+    assert await store.redis.hget(key, "taken_up_at") is None
+    before = time.time()
     again = await store.mark_processing(current.id)
     assert again == Transition(False, current)
+    # The record stays as it is; when the job was taken up again is noted beside it (for the
+    # reconciler, which times a stuck job from then).
+    assert await store.get(current.id) == current
+    assert before <= float(await store.redis.hget(key, "taken_up_at")) <= time.time()
+    done = await store.mark_succeeded(current, [_RESULT])
+    await store.redis.hdel(key, "taken_up_at")
+    assert not (await store.mark_processing(current.id)).applied
+    assert await store.redis.hget(key, "taken_up_at") is None  # only a processing job is taken up
+    assert await store.get(current.id) == done.record
 
 
 async def test_unknown_job(store: JobStore) -> None:

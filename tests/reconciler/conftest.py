@@ -3,14 +3,18 @@ objects are never counted or deleted, and in-process pieces (store, storage, pub
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import aio_pika
+import aio_pika.abc
 import pytest
 import redis.asyncio as aioredis
 from imgpipe import broker
+from imgpipe.models import JobMessage
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 from imgpipe_reconciler.reconcile import NAMESPACE_MARKER
@@ -67,6 +71,50 @@ async def publisher(rc_namespace: str) -> AsyncIterator[broker.Publisher]:
     finally:
         await publisher.close()
         await connection.close()
+
+
+class Taker:
+    """A consumer of a namespace's jobs queue that takes messages and holds them, unacknowledged,
+    until it goes (then the broker puts them back): a worker, as far as the queue can tell."""
+
+    def __init__(self, namespace: str, prefetch: int) -> None:
+        self._namespace, self._prefetch = namespace, prefetch
+        self.taken: list[JobMessage] = []
+        self._took = asyncio.Event()
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+
+    async def __aenter__(self) -> Taker:
+        self._connection = await aio_pika.connect(AMQP_URL)
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self._prefetch)
+        topology = broker.Topology(self._namespace, (1, 2))
+        await topology.declare(channel)
+        queue = await channel.get_queue(topology.jobs_queue, ensure=False)
+
+        async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            self.taken.append(JobMessage.model_validate_json(message.body))
+            self._took.set()
+
+        await queue.consume(take)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._connection is not None
+        await self._connection.close()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.taken) < count:
+                self._took.clear()
+                await self._took.wait()
+
+
+@pytest.fixture
+async def taker(rc_namespace: str) -> AsyncIterator[Taker]:
+    """A worker taking (and holding) the jobs of this test's namespace: stuck jobs are judged only
+    while one consumes the jobs queue and nothing waits in it."""
+    async with Taker(rc_namespace, prefetch=100) as taking:
+        yield taking
 
 
 def keys(s3: Any, bucket: str, *, marker: bool = False) -> set[str]:

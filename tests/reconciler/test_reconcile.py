@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from imgpipe import broker
-from imgpipe.models import PRESETS, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+from imgpipe.models import PRESETS, JobMessage, JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.storage import ObjectNotFound, Storage, StorageError
 from imgpipe.store import JobStore, SourceDeleted, owner_id
 from imgpipe_reconciler.lock import LockBusy, RunLock
@@ -36,8 +36,8 @@ from prometheus_client import REGISTRY
 from yarl import URL
 
 from tests.isolated import fresh_namespace, queue_depth
-from tests.reconciler.conftest import keys
-from tests.stack import delete_keys, local_http, s3_settings
+from tests.reconciler.conftest import Taker, keys
+from tests.stack import AMQP_URL, delete_keys, local_http, s3_settings
 
 OWNER = "alice"
 OID = owner_id(OWNER)
@@ -180,8 +180,9 @@ async def test_a_job_after_its_retention_leaves_nothing_behind(
 
 
 async def test_a_stuck_pending_job_is_republished_once_then_failed(
-    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
+    store: JobStore, storage: Storage, publisher: broker.Publisher, taker: Taker
 ) -> None:
+    # Its message lost: a worker consumes, and nothing waits in the queue.
     job = _record(f"uploads/{OID}/s", age_s=60)
     await store.create(job)
     clock = Clock()
@@ -189,11 +190,13 @@ async def test_a_stuck_pending_job_is_republished_once_then_failed(
 
     dry = await reconciler.run(dry_run=True)
     assert (dry.stuck_republished, dry.stuck_failed) == (1, 0)
-    assert await queue_depth(f"{rc_namespace}.jobs") == 0  # a dry run publishes nothing
+    await asyncio.sleep(0.2)
+    assert taker.taken == []  # a dry run publishes nothing
 
     first = await reconciler.run(dry_run=False)
     assert (first.stuck_republished, first.stuck_failed) == (1, 0)
-    assert await queue_depth(f"{rc_namespace}.jobs") == 1
+    await taker.wait_for(1)
+    assert [m.id for m in taker.taken] == [job.id]
     second = await reconciler.run(dry_run=False)
     assert (second.stuck_republished, second.stuck_failed) == (0, 0)  # once, not every run
 
@@ -206,7 +209,7 @@ async def test_a_stuck_pending_job_is_republished_once_then_failed(
 
 
 async def test_a_stuck_processing_job_is_failed_and_a_live_one_is_not(
-    store: JobStore, storage: Storage, publisher: broker.Publisher
+    store: JobStore, storage: Storage, publisher: broker.Publisher, taker: Taker
 ) -> None:
     stuck, live = _record(f"uploads/{OID}/a"), _record(f"uploads/{OID}/b")
     for job in (stuck, live):
@@ -225,6 +228,117 @@ async def test_a_stuck_processing_job_is_failed_and_a_live_one_is_not(
     assert failed is not None and failed.status is JobStatus.FAILED and failed.error is not None
     assert failed.error.code == "timeout"
     assert done is not None and done.status is JobStatus.SUCCEEDED
+
+
+def _message(job: JobRecord) -> JobMessage:
+    return JobMessage(
+        id=job.id, owner=job.owner, source=job.source, variants=job.requested, created_at=job.created_at
+    )
+
+
+async def test_jobs_waiting_for_the_workers_are_not_taken_for_stuck(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
+) -> None:
+    """A worker outage, then a backlog: the jobs past their window wait their turn in the queue.
+    Neither is a lost message, so none is re-published (a duplicate for every one) or failed."""
+    waiting, behind = _record(f"uploads/{OID}/w", age_s=60), _record(f"uploads/{OID}/b", age_s=60)
+    retrying = _record(f"uploads/{OID}/r")
+    for job in (waiting, behind, retrying):
+        await store.create(job)
+        await publisher.publish_job(_message(job))
+    await store.mark_processing(retrying.id)  # taken up once; its retry waits in the queue again
+    clock = Clock()
+    clock.now += 10
+    reconciler = _reconciler(
+        store, storage, publisher, stuck_pending_s=1.0, stuck_processing_s=1.0, clock=clock
+    )
+
+    for _ in range(2):  # no worker consumes: however long that lasts
+        outage = await reconciler.run(dry_run=False)
+        assert (outage.stuck_republished, outage.stuck_failed, outage.stuck_left_waiting) == (0, 0, 3)
+        assert await queue_depth(f"{rc_namespace}.jobs") == 3
+        clock.now += 10
+    async with Taker(rc_namespace, prefetch=1) as worker:  # one worker, behind: two still wait
+        await worker.wait_for(1)
+        backlog = await reconciler.run(dry_run=False)
+        assert (backlog.stuck_republished, backlog.stuck_failed, backlog.stuck_left_waiting) == (0, 0, 3)
+    for job in (waiting, behind, retrying):
+        record = await store.get(job.id)
+        assert record is not None and not record.status.terminal
+    assert await queue_depth(f"{rc_namespace}.jobs") == 3  # and nothing published twice
+
+
+async def test_processing_jobs_are_not_judged_while_a_retry_waits_out_its_back_off(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str, taker: Taker
+) -> None:
+    """The jobs queue is empty and a worker consumes, but a retry waits in a back-off queue: it may
+    be any processing job's, so none is failed. Pending jobs are never in a retry queue: judged."""
+    lost, retrying = _record(f"uploads/{OID}/l", age_s=60), _record(f"uploads/{OID}/r")
+    for job in (lost, retrying):
+        await store.create(job)
+    await store.mark_processing(retrying.id)
+    connection = await broker.connect(AMQP_URL)
+    try:
+        slow = broker.Publisher(connection, broker.Topology(rc_namespace, (60,)))
+        await slow.publish_retry(
+            _message(retrying).model_dump_json().encode(), {}, message_id=retrying.id, attempt=1
+        )
+        clock = Clock()
+        clock.now += 10
+        summary = await _reconciler(
+            store, storage, slow, stuck_pending_s=1.0, stuck_processing_s=1.0, clock=clock
+        ).run(dry_run=False)
+        await slow.close()
+    finally:
+        await connection.close()
+    assert (summary.stuck_republished, summary.stuck_failed, summary.stuck_left_waiting) == (1, 0, 1)
+    record = await store.get(retrying.id)
+    assert record is not None and record.status is JobStatus.PROCESSING
+    await taker.wait_for(1)
+    assert [m.id for m in taker.taken] == [lost.id]
+
+
+async def test_a_processing_job_is_timed_from_when_it_was_last_taken_up(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, taker: Taker
+) -> None:
+    """A retry or a redelivery keeps the record as it is (`updated_at` from its first attempt) and
+    notes `taken_up_at`: a job on its third attempt after a long wait is not stuck."""
+    again, long_ago = _record(f"uploads/{OID}/a"), _record(f"uploads/{OID}/g")
+    for job in (again, long_ago):
+        await store.create(job)
+        await store.mark_processing(job.id)
+    clock = Clock()
+    clock.now += 10
+    await store.redis.hset(store.job_key(again.id), "taken_up_at", repr(clock.now - 0.5))
+    await store.redis.hset(store.job_key(long_ago.id), "taken_up_at", repr(clock.now - 2))
+    summary = await _reconciler(store, storage, publisher, stuck_processing_s=1.0, clock=clock).run(
+        dry_run=False
+    )
+    assert (summary.stuck_failed, summary.stuck_left_waiting) == (1, 0)
+    kept, failed = await store.get(again.id), await store.get(long_ago.id)
+    assert kept is not None and kept.status is JobStatus.PROCESSING
+    assert failed is not None and failed.status is JobStatus.FAILED
+
+
+async def test_a_republish_cut_short_leaves_no_mark(
+    store: JobStore,
+    storage: Storage,
+    publisher: broker.Publisher,
+    taker: Taker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run cancelled inside the re-publish (a shutdown, a lost lock): the job was not sent again,
+    so it must not be failed later as one that was."""
+    job = _record(f"uploads/{OID}/c", age_s=60)
+    await store.create(job)
+
+    async def cancelled(*_: object, **__: object) -> None:
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(publisher, "publish_job", cancelled)
+    with pytest.raises(asyncio.CancelledError):
+        await _reconciler(store, storage, publisher, stuck_pending_s=1.0).run(dry_run=False)
+    assert await store.redis.hget(store.job_key(job.id), "republished_at") is None
 
 
 async def test_a_job_taken_up_after_it_was_read_is_not_failed(store: JobStore) -> None:
@@ -359,7 +473,7 @@ async def test_two_namespaces_first_runs_at_once_claim_the_bucket_once(
 
 
 async def test_a_record_nobody_can_read_does_not_stop_the_runs(
-    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str
+    store: JobStore, storage: Storage, publisher: broker.Publisher, s3: Any, bucket: str, taker: Taker
 ) -> None:
     stuck = _record(f"uploads/{OID}/s", age_s=60)
     await store.create(stuck)
@@ -460,7 +574,7 @@ async def test_deletes_s3_refuses_are_counted_for_an_alert(
 
 
 async def test_a_stuck_job_the_run_fails_counts_as_a_failed_job(
-    store: JobStore, storage: Storage, publisher: broker.Publisher
+    store: JobStore, storage: Storage, publisher: broker.Publisher, taker: Taker
 ) -> None:
     """`imgpipe_jobs_failed_total{code="timeout"}` and `imgpipe_job_latency_seconds{outcome="failed"}`
     count the jobs the reconciler fails, as the worker's failures count: once, when the job is really

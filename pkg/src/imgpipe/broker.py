@@ -306,6 +306,18 @@ async def close_quietly(channel: AbstractChannel) -> None:
         log.warning("could not close channel: %s", type(exc).__name__)
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """What waits for the workers at one moment (`Publisher.waiting`)."""
+
+    #: Messages in the jobs queue not yet delivered to a worker.
+    ready: int
+    #: Messages in the retry queues, waiting out their back-off.
+    retrying: int
+    #: Consumers of the jobs queue: the workers taking jobs.
+    consumers: int
+
+
 class Publisher:
     """Publishes with publisher confirms: `publish_*` returns only once the broker has the message.
 
@@ -459,6 +471,28 @@ class Publisher:
             message_id=message_id,
             timeout_s=timeout_s,
         )
+
+    async def waiting(self, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> Waiting:
+        """How many job messages wait in the jobs queue and in the retry queues, and how many
+        workers consume. On a channel of its own, which declares the topology first (idempotent, as
+        every component does: a fresh namespace has empty queues, not missing ones) and then asks
+        each queue with a passive declare."""
+        if not self.connected:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        topology = self.topology
+        async with asyncio.timeout(timeout_s):
+            channel = self._connection.channel(publisher_confirms=False)
+            try:
+                await channel
+                await topology.declare(channel)
+                jobs = (await channel.declare_queue(topology.jobs_queue, passive=True)).declaration_result
+                retrying = 0
+                for delay in sorted(set(topology.retry_delays_s)):
+                    queue = await channel.declare_queue(topology.retry_queue(delay), passive=True)
+                    retrying += queue.declaration_result.message_count or 0
+            finally:
+                await asyncio.shield(close_quietly(channel))
+        return Waiting(ready=jobs.message_count or 0, retrying=retrying, consumers=jobs.consumer_count or 0)
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None

@@ -239,6 +239,18 @@ class SourceDeleted(Exception):
     """The job's uploaded source is being deleted as an orphan (`JobStore.mark_deleting`)."""
 
 
+# A `processing` job taken up again (a redelivery, a retry out of its back-off queue) keeps its
+# record as it is, but notes when: the reconciler times "no progress" from the later of that and the
+# record's `updated_at`, so a job that waited its turn again is not taken for stuck. Only on a
+# processing record (rank 1): never a key written anew. KEYS[1] job hash; ARGV[1] now (epoch s).
+_TAKEN_UP = """
+if redis.call('HGET', KEYS[1], 'rank') == '1' then
+  redis.call('HSET', KEYS[1], 'taken_up_at', ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # KEYS[1] the grants set, then for each upload: its source marker and its deletion mark; ARGV: now
 # (epoch s), the marks' life (ms), then the uploads' keys. Returns, for each, 1 when it was still
 # unreferenced and is now marked, else 0. One step, so a job's create (which writes the marker and
@@ -303,6 +315,7 @@ class JobStore:
         self._answer_script = client.register_script(_ANSWER)
         self._release_script = client.register_script(_RELEASE)
         self._mark_deleting = client.register_script(_MARK_DELETING)
+        self._taken_up_script = client.register_script(_TAKEN_UP)
         #: The calls every job makes go out with the other requests' calls of the moment (`coalesce`).
         self.calls = Coalescer(client)
 
@@ -398,7 +411,9 @@ class JobStore:
         if current is None or current.status.terminal:
             return Transition(False, current)
         if current.status is JobStatus.PROCESSING:
-            return Transition(False, current)  # a redelivery: the job is taken up again as it is
+            # A redelivery or a retry: the job is taken up again as it is, and when is noted.
+            await self.calls.script(self._taken_up_script, [self.job_key(job_id)], [repr(time.time())])
+            return Transition(False, current)
         record = current.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
         return await self._apply(record)
 

@@ -26,6 +26,7 @@ check cannot slip in before the delete.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from imgpipe.broker import Publisher
+from imgpipe.broker import Publisher, Waiting
 from imgpipe.models import JobMessage, JobRecord, KeySource
 from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, ObjectNotFound, Storage
 from imgpipe.store import JobStore
@@ -102,6 +103,9 @@ class Summary:
     delete_errors: int = 0
     stuck_republished: int = 0
     stuck_failed: int = 0
+    #: Jobs past their stuck window left alone, as jobs wait for the workers (a backlog, retries,
+    #: no worker consuming) or the broker could not say: they may be waiting their turn (`_Judge`).
+    stuck_left_waiting: int = 0
     #: Source markers written for job records that had none (records older than the markers).
     markers_restored: int = 0
 
@@ -114,6 +118,35 @@ class Policy:
     grace_s: float
     stuck_pending_s: float
     stuck_processing_s: float
+
+
+@dataclass(frozen=True)
+class _Judge:
+    """Which stuck jobs a run may judge, from what waits for the workers.
+
+    A job is stuck when nothing will take it further: its message is lost. But a message that waits
+    in the jobs queue (a backlog, or no worker consuming) or in a retry queue is not lost, and a
+    job's record says nothing of where its message is. So jobs are judged only when nothing waits:
+    workers consume, and every message is with one of them, each of which marks its job at once
+    (`processing`, or for one taken up again `taken_up_at`). A `pending` job is judged once the jobs
+    queue is empty; a `processing` one once the retry queues are too.
+    """
+
+    pending: bool
+    processing: bool
+    why: str = ""
+
+    @classmethod
+    def of(cls, waiting: Waiting | None) -> _Judge:
+        if waiting is None:
+            return cls(False, False, "the broker could not say what waits for the workers")
+        if not waiting.consumers:
+            return cls(False, False, "no worker consumes the jobs queue")
+        if waiting.ready:
+            return cls(False, False, f"{waiting.ready} job messages wait in the jobs queue")
+        if waiting.retrying:
+            return cls(True, False, f"{waiting.retrying} job messages wait out a retry's back-off")
+        return cls(True, True)
 
 
 def _classify(key: str) -> str | None:
@@ -284,28 +317,40 @@ class Reconciler:
     # Jobs.
 
     async def _jobs(self, summary: Summary, dry_run: bool) -> None:
+        try:
+            waiting: Waiting | None = await self._publisher.waiting()
+        except Exception as exc:
+            log.warning("could not read what waits for the workers: %s", type(exc).__name__)
+            waiting = None
+        judge = _Judge.of(waiting)
         redis = self._store.redis
         batch: list[str] = []
         async for key in redis.scan_iter(match=self._store.job_pattern, count=_SCAN_BATCH):
             batch.append(key.decode() if isinstance(key, bytes) else key)
             if len(batch) >= _SCAN_BATCH:
-                await self._job_batch(batch, summary, dry_run)
+                await self._job_batch(batch, judge, summary, dry_run)
                 batch = []
         if batch:
-            await self._job_batch(batch, summary, dry_run)
+            await self._job_batch(batch, judge, summary, dry_run)
+        if summary.stuck_left_waiting:
+            log.warning(
+                "jobs past their stuck window left alone: %s",
+                judge.why,
+                extra={"jobs": summary.stuck_left_waiting},
+            )
 
-    async def _job_batch(self, keys: list[str], summary: Summary, dry_run: bool) -> None:
+    async def _job_batch(self, keys: list[str], judge: _Judge, summary: Summary, dry_run: bool) -> None:
         redis = self._store.redis
         async with redis.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.hmget(key, ["rank", "version", "data", "republished_at"])
+                pipe.hmget(key, ["rank", "version", "data", "republished_at", "taken_up_at"])
                 pipe.pttl(key)
             answers = await pipe.execute()
         now = self._clock()
-        records: list[tuple[JobRecord, int, float | None]] = []
+        records: list[tuple[JobRecord, int, float | None, float | None]] = []
         markers: list[tuple[str, str, int]] = []
         for i in range(len(keys)):
-            (rank, version, data, republished_at), pttl = answers[2 * i], answers[2 * i + 1]
+            (rank, version, data, republished_at, taken_up_at), pttl = answers[2 * i], answers[2 * i + 1]
             if rank is None or not data or pttl is None or pttl <= 0:
                 continue  # expired since the SCAN saw it, or not a record
             try:
@@ -319,34 +364,54 @@ class Reconciler:
             if isinstance(record.source, KeySource):
                 markers.append((self._store.source_marker(record.source.key), record.id, pttl))
             if int(rank) < 2:
-                records.append((record, int(rank), float(republished_at) if republished_at else None))
+                records.append(
+                    (
+                        record,
+                        int(rank),
+                        float(republished_at) if republished_at else None,
+                        float(taken_up_at) if taken_up_at else None,
+                    )
+                )
         if markers:
             # Records written before the markers existed get one with the record's remaining life.
             async with redis.pipeline(transaction=False) as pipe:
                 for marker, job_id, pttl in markers:
                     pipe.set(marker, job_id, px=pttl, nx=True)
                 summary.markers_restored += sum(1 for ok in await pipe.execute() if ok)
-        for record, rank, republished_at in records:
-            await self._stuck(record, rank, republished_at, now, summary, dry_run)
+        for record, rank, republished_at, taken_up_at in records:
+            await self._stuck(record, rank, republished_at, taken_up_at, now, judge, summary, dry_run)
 
     async def _stuck(
         self,
         record: JobRecord,
         rank: int,
         republished_at: float | None,
+        taken_up_at: float | None,
         now: float,
+        judge: _Judge,
         summary: Summary,
         dry_run: bool,
     ) -> None:
         idle = now - record.updated_at.timestamp()
         policy = self.policy
         if rank == 1:
-            if idle > policy.stuck_processing_s:
-                await self._fail(record, f"no progress for {idle:.0f}s while processing", summary, dry_run)
+            # Since it was last taken up: a retry or a redelivery keeps the record as it is.
+            idle = min(idle, now - (taken_up_at or 0.0))
+            if idle <= policy.stuck_processing_s:
+                return
+            if not judge.processing:
+                summary.stuck_left_waiting += 1
+                return
+            await self._fail(record, f"no progress for {idle:.0f}s while processing", summary, dry_run)
+            return
+        if idle <= policy.stuck_pending_s or (
+            republished_at is not None and now - republished_at <= policy.stuck_pending_s
+        ):
+            return
+        if not judge.pending:
+            summary.stuck_left_waiting += 1
             return
         if republished_at is None:
-            if idle <= policy.stuck_pending_s:
-                return
             if dry_run:
                 summary.stuck_republished += 1
                 return
@@ -365,8 +430,12 @@ class Reconciler:
             )
             try:
                 await self._publisher.publish_job(message)
-            except Exception as exc:
-                await self._store.redis.hdel(self._store.job_key(record.id), "republished_at")
+            except BaseException as exc:
+                # Not re-published (a cancelled run included: shutdown, a lost lock): the mark goes,
+                # so that a later run publishes it again instead of failing a job it never re-sent.
+                await asyncio.shield(self._store.redis.hdel(self._store.job_key(record.id), "republished_at"))
+                if not isinstance(exc, Exception):
+                    raise
                 log.warning(
                     "could not re-publish a stuck job: %s", type(exc).__name__, extra={"job_id": record.id}
                 )
@@ -374,7 +443,7 @@ class Reconciler:
             summary.stuck_republished += 1
             STUCK_JOBS.labels("republished").inc()
             log.info("stuck pending job re-published", extra={"job_id": record.id, "idle_s": round(idle)})
-        elif now - republished_at > policy.stuck_pending_s:
+        else:
             await self._fail(record, f"still pending {idle:.0f}s after it was accepted", summary, dry_run)
 
     async def _fail(self, record: JobRecord, why: str, summary: Summary, dry_run: bool) -> None:

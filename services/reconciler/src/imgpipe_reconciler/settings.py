@@ -24,10 +24,12 @@ class ReconcileSettings(BaseSettings):
     #: blocks the next run for at most this long.
     reconcile_lock_ttl_s: int = Field(default=120, ge=5, le=3600)
     #: A `pending` job unchanged for this long is published again once, then failed (`timeout`)
-    #: if it is still pending this long after that.
+    #: if it is still pending this long after that; judged only while nothing waits for the workers
+    #: (`reconcile._Judge`).
     stuck_pending_s: int = Field(default=900, ge=1)
-    #: A `processing` job unchanged for this long is failed (`timeout`): longer than a job's time
-    #: limit times its attempts plus the back-off, so a job that is still retrying is left alone.
+    #: A `processing` job unchanged, and not taken up again, for this long is failed (`timeout`):
+    #: longer than a job's time limit times its attempts plus the back-off, so a job that is still
+    #: retrying is left alone; judged only while nothing waits for the workers (`reconcile._Judge`).
     stuck_processing_s: int = Field(default=3600, ge=1)
     # The same variables as S3Settings and the worker's settings: read here only to check that
     # the grace period covers an upload's whole window (the worker package is not a dependency).
