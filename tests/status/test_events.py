@@ -19,7 +19,7 @@ from imgpipe.settings import load
 from imgpipe_status.app import SseSettings
 
 from tests.isolated import SseItem, image, isolated_stack, sse, temporary_worker, without_urls
-from tests.stack import REDIS_URL, Client, Stack
+from tests.stack import REDIS_URL, Client, Stack, token
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,8 @@ def quiet(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         tmp_path_factory.mktemp("quiet-logs"),
         {
             "api": ("api", {}),
-            "status": ("status", {"IMGPIPE_SSE_HEARTBEAT_S": str(HEARTBEAT_S)}),
+            # No leeway on a token's `exp` here, so a stream's end at its token's follows the `exp`.
+            "status": ("status", {"IMGPIPE_SSE_HEARTBEAT_S": str(HEARTBEAT_S), "IMGPIPE_JWT_LEEWAY_S": "0"}),
             "status-2": ("status", {}),
         },
     ) as stack:
@@ -224,6 +225,33 @@ async def test_default_heartbeat_is_not_fast(http: aiohttp.ClientSession, quiet:
                 async for item in sse(response):
                     items.append(item)
     assert [item.event for item in items] == ["pending"]
+
+
+async def test_a_stream_ends_when_its_token_expires(http: aiohttp.ClientSession, quiet: Stack) -> None:
+    """The token is checked when the stream opens; the events carry download links, so the stream
+    goes no further than the token: a `token_expired` event, then the end. Its `EventSource`
+    reconnects with the same token, and gets a 401."""
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    brief = Client(http, quiet, "alice")
+    brief.headers = {"Authorization": f"Bearer {token('alice', ttl_s=2)}"}
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
+    async with _stream(brief, job["id"], query_token=True) as response:
+        assert response.status == 200
+        items = await asyncio.wait_for(_all_events(response), 10)  # the stream ends by itself
+    assert [item.event for item in items] == ["pending", "token_expired"]
+    # Shaped as the HTTP errors are.
+    assert items[-1].data == {
+        "error": {
+            "code": "token_expired",
+            "message": "the token this stream was opened with has expired; reconnect with a new one",
+        }
+    }
+    assert 0.5 < loop.time() - opened < 4  # at the token's `exp` (whole seconds), not before
+    async with _stream(brief, job["id"], query_token=True) as again:
+        assert again.status == 401
+        assert (await again.json())["error"]["code"] == "token_expired"
 
 
 async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: Stack) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class Principal:
 
     sub: str
     scopes: frozenset[str] = field(default_factory=frozenset)
+    #: When (epoch seconds) the token it came with stops being accepted: its `exp` plus the leeway.
+    #: A request is done long before; a stream opened with it ends then (the status service's SSE).
+    valid_until: float = field(default=math.inf, compare=False)
 
     @property
     def is_admin(self) -> bool:
@@ -348,7 +352,9 @@ class TokenVerifier:
         if not isinstance(sub, str) or not sub or len(sub) > 256 or not _is_unicode(sub):
             raise AuthError("invalid_token", "the token's sub must be 1 to 256 characters of Unicode text")
         # `exp` is required and pyjwt has checked it is a number in the future.
-        return Principal(sub=sub, scopes=self._scopes(claims.get(self._scope_claim))), float(claims["exp"])
+        exp = float(claims["exp"])
+        scopes = self._scopes(claims.get(self._scope_claim))
+        return Principal(sub=sub, scopes=scopes, valid_until=exp + self._leeway), exp
 
     def _decode(self, token: str, key: jwt.PyJWK, algorithm: str) -> dict[str, Any]:
         import jwt  # on first use: see the note on the import at the top

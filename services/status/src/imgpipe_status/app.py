@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import resource
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import HttpVersion11, web
@@ -131,7 +132,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             await response.write(f"retry: {settings.sse_retry_ms}\n\n".encode() + first)
             if not current.status.terminal:
                 hub.attach(listener, request.transport, chunked=chunked, version=current.version)
-                await _until_end(listener, settings.sse_heartbeat_s)
+                await _until_end(listener, settings.sse_heartbeat_s, principal.valid_until)
         except (ConnectionResetError, asyncio.CancelledError):
             pass  # the client went away; nothing to tell anyone
         finally:
@@ -139,15 +140,21 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _until_end(listener: Listener, heartbeat_s: float) -> None:
-    """Wait for the stream to end, with a keep-alive comment after every `heartbeat_s` of silence."""
+async def _until_end(listener: Listener, heartbeat_s: float, valid_until: float) -> None:
+    """Wait for the stream to end, with a keep-alive comment after every `heartbeat_s` of silence,
+    and end it when its token does (`valid_until`, epoch seconds): the token was checked when the
+    stream opened, and the events carry download links, so they go no further than it does."""
+    loop = asyncio.get_running_loop()
+    expires = loop.time() + max(0.0, valid_until - time.time())
     while not listener.ended.is_set():
-        deadline = listener.last_write + heartbeat_s
+        deadline = min(listener.last_write + heartbeat_s, expires)
         try:
             async with asyncio.timeout_at(deadline):
                 await listener.ended.wait()
         except TimeoutError:
-            if listener.last_write + heartbeat_s <= deadline:  # nothing was sent meanwhile
+            if loop.time() >= expires:
+                listener.expire()
+            elif listener.last_write + heartbeat_s <= deadline:  # nothing was sent meanwhile
                 listener.heartbeat()
 
 

@@ -34,6 +34,11 @@ log = logging.getLogger("imgpipe.status.hub")
 
 _HEARTBEAT = b": keep-alive\n\n"
 _HEARTBEAT_CHUNK = b"%x\r\n%b\r\n" % (len(_HEARTBEAT), _HEARTBEAT)
+_EXPIRED = (
+    b'event: token_expired\ndata: {"error":{"code":"token_expired",'
+    b'"message":"the token this stream was opened with has expired; reconnect with a new one"}}\n\n'
+)
+_EXPIRED_CHUNK = b"%x\r\n%b\r\n" % (len(_EXPIRED), _EXPIRED)
 
 #: Streams written to between two yields to the event loop: one change fanned out to thousands of
 #: streams is thousands of send() calls, and other requests must not wait for all of them.
@@ -53,6 +58,7 @@ class End(enum.Enum):
     ROLLED_BACK = "rolled back"  # the store lost changes the client was sent (a Redis failover)
     UNREADABLE = "unreadable"  # the job's record is one this version cannot read or render
     EVICTED = "evicted"  # the client stopped reading
+    EXPIRED = "token expired"  # the token the stream was opened with is no longer valid
     DISCONNECTED = "disconnected"  # the connection is closed
 
 
@@ -117,6 +123,12 @@ class Listener:
 
     def heartbeat(self) -> None:
         self._write(_HEARTBEAT_CHUNK if self._chunked else _HEARTBEAT)
+
+    def expire(self) -> None:
+        """The token the stream was opened with has expired: a `token_expired` event, and the end.
+        (An `EventSource` reconnects with the same URL, and its expired token gets a 401.)"""
+        self._write(_EXPIRED_CHUNK if self._chunked else _EXPIRED)
+        self.end(End.EXPIRED)
 
     def end(self, reason: End) -> None:
         if self.reason is None:

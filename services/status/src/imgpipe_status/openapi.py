@@ -73,10 +73,12 @@ def operations() -> tuple[Operation, ...]:
                 404: _NOT_FOUND,
                 503: unavailable("store_unavailable"),
             },
-            description="The stream ends after a terminal status. EventSource clients cannot send "
-            "headers, so the token may come as `?access_token=` instead. When `Last-Event-ID` is "
-            "the job's current version, a running job's stream skips that state and only sends "
-            "later changes, and an ended job answers 204.",
+            description="The stream ends after a terminal status, or when the token it was opened "
+            "with expires (its `exp` plus the leeway): then with a `token_expired` event, which has "
+            "no `id:` and whose `data:` is an error as the 401 answers carry it. EventSource "
+            "clients cannot send headers, so the token may come as `?access_token=` instead. When "
+            "`Last-Event-ID` is the job's current version, a running job's stream skips that state "
+            "and only sends later changes, and an ended job answers 204.",
             tags=("jobs",),
             security=(*BEARER, {"accessToken": []}),
             params=(_JOB_ID, _LAST_EVENT_ID),
