@@ -7,6 +7,7 @@ so a test can read what the hub wrote, or stop reading.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow
 from imgpipe.resources import redis_client
 from imgpipe.settings import RedisSettings
 from imgpipe.store import JobStore
+from imgpipe_status import hub as hub_module
 from imgpipe_status.hub import End, Event, Hub, Listener
 from pydantic import SecretStr
 from redis.exceptions import ResponseError
@@ -647,3 +649,60 @@ async def test_a_job_whose_rendering_fails_ends_its_streams_only(store: Counting
     finally:
         await hub.stop()
     assert data == b"id: 2\nevent: processing\ndata: " + good.id.encode() + b"\n\n"
+
+
+async def test_a_catch_up_at_attach_that_fails_to_render_ends_that_stream(store: CountingStore) -> None:
+    """`attach` sends a change the stream missed while its first event was written. By then the
+    handler has sent its 200: a rendering failure must end the stream, not reach the handler (whose
+    error answer would be a second response written into the stream)."""
+
+    def render(record: JobRecord) -> bytes:
+        if record.version > 1:
+            raise RuntimeError("cannot sign its links")
+        return _render(record)
+
+    hub = Hub(store, render)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.connected.wait(), 10)
+        job = await _pending_job(store)
+        await store.mark_processing(job.id)  # version 2, read (not rendered) when the stream starts
+        async with Sockets() as sockets:
+            with hub.listen(job.id) as listener:
+                current = await hub.current(job.id)
+                assert current is not None and current.version == 2
+                transport, _ = await sockets.pair()
+                hub.attach(listener, transport, chunked=True, version=1)
+                assert listener.reason is End.UNREADABLE
+                assert hub.connected.is_set()
+    finally:
+        await hub.stop()
+
+
+async def test_a_resync_reads_the_watched_jobs_in_batches_and_misses_none(
+    hub: Hub, store: CountingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every watched job is read again after a reconnect, a batch at a time (here 3, for 7 jobs:
+    two whole batches and a part), and each stream gets the change it missed."""
+    monkeypatch.setattr(hub_module, "RESYNC_BATCH", 3)
+    jobs = [await _pending_job(store) for _ in range(7)]
+    async with Sockets() as sockets, contextlib.AsyncExitStack() as stack:
+        streams = []
+        for job in jobs:
+            listener = stack.enter_context(hub.listen(job.id))
+            transport, client = await sockets.pair()
+            hub.attach(listener, transport, chunked=False, version=job.version)
+            streams.append((job, listener, client))
+        for job in jobs:  # changed without their messages, as while the subscription was down
+            moved = job.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
+            await store.redis.hset(
+                store.job_key(job.id),
+                mapping={"version": 2, "rank": 1, "data": moved.model_dump_json(exclude={"version"})},
+            )
+        reads = store.reads
+        _cut_subscription(store)
+        for job, listener, client in streams:
+            data = await _read_until(client, b"event: processing\n")
+            assert data == b"id: 2\nevent: processing\ndata: " + job.id.encode() + b"\n\n"
+            assert listener.version == 2
+    assert store.reads - reads == len(jobs)  # each read once

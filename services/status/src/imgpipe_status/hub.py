@@ -43,6 +43,8 @@ _EXPIRED_CHUNK = b"%x\r\n%b\r\n" % (len(_EXPIRED), _EXPIRED)
 #: Streams written to between two yields to the event loop: one change fanned out to thousands of
 #: streams is thousands of send() calls, and other requests must not wait for all of them.
 FAN_OUT_SLICE = 500
+#: Watched jobs read at once after a reconnect (`Hub._resync`).
+RESYNC_BATCH = 200
 
 #: Bytes a stream may have queued unsent (beyond what the kernel's socket buffer took) before the
 #: client is evicted. Events are a few kB, so only a client that stopped reading gets near it.
@@ -255,7 +257,9 @@ class Hub:
             return  # nothing known since the subscription broke: the resync after it checks this stream
         if known.version > version:
             # It changed while the first event was being written.
-            listener.offer(known, self.event(known))
+            event = self._event_or_unfollow(known)
+            if event is not None:
+                listener.offer(known, event)
         elif known.version < version:
             # Behind what the stream was sent: what the hub knew was dropped when the subscription
             # broke, and read again since from a store that lost changes (a failover that lost its
@@ -325,6 +329,22 @@ class Hub:
         for listener in tuple(watch.listeners):
             listener.end(End.UNREADABLE)
 
+    def _event_or_unfollow(self, record: JobRecord) -> Event | None:
+        """`event(record)`, or None when it cannot be rendered: the job's streams are then ended.
+
+        One job's rendering failing must not reach `_run`, which would take it for a lost
+        subscription, resubscribe, re-read the job, fail again: no job's changes sent, ever; nor a
+        stream's handler, which has sent its 200 already. Not always this version's fault: with no
+        S3 credentials no variant URL can be signed (`storage_unavailable`), and the reconnecting
+        client is answered 503 until there are.
+        """
+        try:
+            return self.event(record)
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            self._unfollowable(record.id, type(exc).__name__ + (f" ({code})" if code else ""))
+            return None
+
     async def _deliver(self, record: JobRecord) -> None:
         watch = self._watches.get(record.id)
         if watch is None:
@@ -333,15 +353,8 @@ class Hub:
         watch.learn(record)
         if not watch.listeners:
             return
-        try:
-            event = self.event(record)  # once for all of them
-        except Exception as exc:
-            # One job's rendering failing must not reach `_run`, which would take it for a lost
-            # subscription, resubscribe, re-read the job, fail again: no job's changes sent, ever.
-            # Not always this version's fault: with no S3 credentials no variant URL can be signed
-            # (`storage_unavailable`), and the reconnecting client is answered 503 until there are.
-            code = getattr(exc, "code", None)
-            self._unfollowable(record.id, type(exc).__name__ + (f" ({code})" if code else ""))
+        event = self._event_or_unfollow(record)  # once for all of them
+        if event is None:
             return
         for n, listener in enumerate(tuple(watch.listeners), 1):
             listener.offer(record, event)
@@ -349,31 +362,41 @@ class Hub:
                 await asyncio.sleep(0)
 
     async def _resync(self) -> None:
-        """After a reconnect: re-read every watched job once and deliver what was missed."""
-        for watch in tuple(self._watches.values()):
-            if not watch.listeners:
-                continue
-            try:
-                record = await self._store.get(watch.job_id)
-            except (ValueError, ResponseError) as exc:  # ValidationError, or WRONGTYPE: not our record
-                if redis_unavailable(exc):  # BUSY, a failover's MASTERDOWN: resubscribe and try again
-                    raise
-                # Raised out of here, it would fail every resync the same way and stop the hub for
-                # every job; the record stays unreadable until it changes or expires.
-                self._unfollowable(watch.job_id, type(exc).__name__)
-                continue
-            if record is None:  # expired while we were away
-                for listener in tuple(watch.listeners):
-                    listener.end(End.GONE)
-                continue
-            # A failover that lost the last writes (no AOF, or its last second) leaves the store
-            # behind what a stream was sent. The job's next change reuses a version that stream
-            # has, and would be dropped as one it has: end it, so that its client reconnects and
-            # starts again from what the store says.
+        """After a reconnect: re-read every watched job once and deliver what was missed.
+
+        The reads go out `RESYNC_BATCH` at a time (the store's coalescer sends each batch as one
+        pipeline): one at a time, 5,000 watched jobs held every stream's changes back for seconds.
+        """
+        watches = [watch for watch in tuple(self._watches.values()) if watch.listeners]
+        for start in range(0, len(watches), RESYNC_BATCH):
+            batch = watches[start : start + RESYNC_BATCH]
+            reads = await asyncio.gather(*(self._store.get(w.job_id) for w in batch), return_exceptions=True)
+            for watch, read in zip(batch, reads, strict=True):
+                if watch.listeners:  # its streams may have ended while the batch was read
+                    await self._resynced(watch, read)
+
+    async def _resynced(self, watch: _Watch, read: JobRecord | BaseException | None) -> None:
+        if isinstance(read, (ValueError, ResponseError)):  # ValidationError, or WRONGTYPE: not our record
+            if redis_unavailable(read):  # BUSY, a failover's MASTERDOWN: resubscribe and try again
+                raise read
+            # Raised out of here, it would fail every resync the same way and stop the hub for
+            # every job; the record stays unreadable until it changes or expires.
+            self._unfollowable(watch.job_id, type(read).__name__)
+            return
+        if isinstance(read, BaseException):
+            raise read
+        if read is None:  # expired while we were away
             for listener in tuple(watch.listeners):
-                if listener.version > record.version:
-                    listener.end(End.ROLLED_BACK)
-            await self._deliver(record)
+                listener.end(End.GONE)
+            return
+        # A failover that lost the last writes (no AOF, or its last second) leaves the store
+        # behind what a stream was sent. The job's next change reuses a version that stream
+        # has, and would be dropped as one it has: end it, so that its client reconnects and
+        # starts again from what the store says.
+        for listener in tuple(watch.listeners):
+            if listener.version > read.version:
+                listener.end(End.ROLLED_BACK)
+        await self._deliver(read)
 
     def _unreadable_change(self, job_id: str) -> None:
         """A change of `job_id` was published that this version cannot read (the store skipped it)."""
