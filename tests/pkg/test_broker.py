@@ -21,8 +21,10 @@ from imgpipe.broker import (
     BrokerUnavailable,
     Publisher,
     Topology,
+    Waiting,
     connect,
     keep_connecting,
+    queue_counts,
     robust_connection,
     subscribe,
 )
@@ -196,6 +198,35 @@ async def test_publish_job(
     await message.ack()
     assert message.headers[ATTEMPT_HEADER] == 3
     assert REQUEST_ID_HEADER not in message.headers
+
+
+async def test_queue_counts_and_waiting_ask_the_broker_each_time(
+    connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
+) -> None:
+    """A robust channel answers `declare_queue(passive=True)` with the queue it declared before,
+    counts and all, without asking: `queue_counts` asks, on the same channel, every time."""
+    channel = await connection.channel()
+    try:
+        await topology.declare(channel)
+        assert await queue_counts(channel, topology.jobs_queue) == (0, 0)
+        await publisher.publish_job(_job())
+        await publisher.publish_retry(_job().model_dump_json().encode(), {}, message_id="r", attempt=2)
+        stale = await channel.declare_queue(topology.jobs_queue, passive=True)
+        assert stale.declaration_result.message_count == 0  # what the cache says
+        assert await queue_counts(channel, topology.jobs_queue) == (1, 0)
+        assert await publisher.waiting() == Waiting(ready=1, retrying=1, consumers=0)
+        queue = await channel.get_queue(topology.jobs_queue, ensure=False)
+
+        async def hold(message: AbstractIncomingMessage) -> None:  # takes it, never acknowledges
+            pass
+
+        await queue.consume(hold)
+        async with asyncio.timeout(5):
+            while (await queue_counts(channel, topology.jobs_queue)) != (0, 1):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert (await publisher.waiting()).consumers == 1
+    finally:
+        await channel.close()
 
 
 async def test_open_declares_the_topology_before_any_publish(

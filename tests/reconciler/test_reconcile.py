@@ -279,7 +279,8 @@ async def test_processing_jobs_are_not_judged_while_a_retry_waits_out_its_back_o
     await store.mark_processing(retrying.id)
     connection = await broker.connect(AMQP_URL)
     try:
-        slow = broker.Publisher(connection, broker.Topology(rc_namespace, (60,)))
+        # A 120 s back-off (one of the delays `drop_namespace` removes): still waiting when the run reads.
+        slow = broker.Publisher(connection, broker.Topology(rc_namespace, (120,)))
         await slow.publish_retry(
             _message(retrying).model_dump_json().encode(), {}, message_id=retrying.id, attempt=1
         )
@@ -320,25 +321,55 @@ async def test_a_processing_job_is_timed_from_when_it_was_last_taken_up(
     assert failed is not None and failed.status is JobStatus.FAILED
 
 
+@pytest.mark.parametrize("where", ["claim", "publish"])
 async def test_a_republish_cut_short_leaves_no_mark(
     store: JobStore,
     storage: Storage,
     publisher: broker.Publisher,
     taker: Taker,
     monkeypatch: pytest.MonkeyPatch,
+    where: str,
 ) -> None:
-    """A run cancelled inside the re-publish (a shutdown, a lost lock): the job was not sent again,
-    so it must not be failed later as one that was."""
+    """A run cancelled inside the re-publish (a shutdown, a lost lock), after its claim was made but
+    before its answer came back, or in the publish: the job was not sent again, so no mark may say
+    it was (a later run would fail it as one that was)."""
     job = _record(f"uploads/{OID}/c", age_s=60)
     await store.create(job)
+    reconciler = _reconciler(store, storage, publisher, stuck_pending_s=1.0)
+    claim = reconciler._claim_republish
 
-    async def cancelled(*_: object, **__: object) -> None:
+    async def claimed_then_cut(*args: object, **kwargs: object) -> object:
+        await claim(*args, **kwargs)  # made in Redis; the answer never comes back
         raise asyncio.CancelledError
 
-    monkeypatch.setattr(publisher, "publish_job", cancelled)
+    async def cut(*_: object, **__: object) -> None:
+        raise asyncio.CancelledError
+
+    if where == "claim":
+        monkeypatch.setattr(reconciler, "_claim_republish", claimed_then_cut)
+    else:
+        monkeypatch.setattr(publisher, "publish_job", cut)
     with pytest.raises(asyncio.CancelledError):
-        await _reconciler(store, storage, publisher, stuck_pending_s=1.0).run(dry_run=False)
+        await reconciler.run(dry_run=False)
     assert await store.redis.hget(store.job_key(job.id), "republished_at") is None
+    monkeypatch.undo()
+    again = await _reconciler(store, storage, publisher, stuck_pending_s=1.0).run(dry_run=False)
+    assert (again.stuck_republished, again.stuck_failed) == (1, 0)  # published, not failed
+
+
+async def test_a_claim_asked_again_is_the_same_claim(
+    store: JobStore, storage: Storage, publisher: broker.Publisher
+) -> None:
+    """redis-py sends a command again after a dropped connection: a claim made by the first send
+    answers the second as claimed (the run goes on to publish), and no other run's claim does."""
+    job = (await store.create(_record(f"uploads/{OID}/d", age_s=60))).record
+    assert job is not None
+    claim = _reconciler(store, storage, publisher)._claim_republish
+    key = store.job_key(job.id)
+    assert await claim(keys=[key], args=[job.version, "1000.5"]) == 1
+    assert await claim(keys=[key], args=[job.version, "1000.5"]) == 1
+    assert await claim(keys=[key], args=[job.version, "2000.5"]) == 0
+    assert await store.redis.hget(key, "republished_at") == b"1000.5"
 
 
 async def test_a_job_taken_up_after_it_was_read_is_not_failed(store: JobStore) -> None:

@@ -35,10 +35,17 @@ class CountingStore(JobStore):
     """The real store, counting its reads."""
 
     reads = 0
+    reading = 0
+    most_at_once = 0  # reads out at the same time, at the most
 
     async def get(self, job_id: str) -> JobRecord | None:
         self.reads += 1
-        return await super().get(job_id)
+        self.reading += 1
+        self.most_at_once = max(self.most_at_once, self.reading)
+        try:
+            return await super().get(job_id)
+        finally:
+            self.reading -= 1
 
 
 def _client(url: str, name: str | None = None) -> redis.asyncio.Redis:
@@ -699,10 +706,11 @@ async def test_a_resync_reads_the_watched_jobs_in_batches_and_misses_none(
                 store.job_key(job.id),
                 mapping={"version": 2, "rank": 1, "data": moved.model_dump_json(exclude={"version"})},
             )
-        reads = store.reads
+        reads, store.most_at_once = store.reads, 0
         _cut_subscription(store)
         for job, listener, client in streams:
             data = await _read_until(client, b"event: processing\n")
             assert data == b"id: 2\nevent: processing\ndata: " + job.id.encode() + b"\n\n"
             assert listener.version == 2
     assert store.reads - reads == len(jobs)  # each read once
+    assert store.most_at_once == 3  # a batch at a time: not one by one, nor all at once

@@ -306,6 +306,18 @@ async def close_quietly(channel: AbstractChannel) -> None:
         log.warning("could not close channel: %s", type(exc).__name__)
 
 
+async def queue_counts(channel: AbstractChannel, name: str) -> tuple[int, int]:
+    """The messages ready in queue `name` and its consumers, as the broker counts them now.
+
+    A passive `Queue.Declare` of the queue object's own: a robust channel's
+    `declare_queue(passive=True)` answers with the queue it declared before, without asking, so
+    its counts are those of that moment.
+    """
+    queue = await channel.get_queue(name, ensure=False)
+    declared = await queue.declare()
+    return declared.message_count or 0, declared.consumer_count or 0
+
+
 @dataclass(frozen=True)
 class Waiting:
     """What waits for the workers at one moment (`Publisher.waiting`)."""
@@ -475,8 +487,9 @@ class Publisher:
     async def waiting(self, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> Waiting:
         """How many job messages wait in the jobs queue and in the retry queues, and how many
         workers consume. On a channel of its own, which declares the topology first (idempotent, as
-        every component does: a fresh namespace has empty queues, not missing ones) and then asks
-        each queue with a passive declare."""
+        every component does: a fresh namespace has empty queues, not missing ones), then counts.
+        The retry queues are counted before the jobs queue: a retry that moves from one to the other
+        meanwhile is counted at least once."""
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
         topology = self.topology
@@ -485,14 +498,13 @@ class Publisher:
             try:
                 await channel
                 await topology.declare(channel)
-                jobs = (await channel.declare_queue(topology.jobs_queue, passive=True)).declaration_result
                 retrying = 0
                 for delay in sorted(set(topology.retry_delays_s)):
-                    queue = await channel.declare_queue(topology.retry_queue(delay), passive=True)
-                    retrying += queue.declaration_result.message_count or 0
+                    retrying += (await queue_counts(channel, topology.retry_queue(delay)))[0]
+                ready, consumers = await queue_counts(channel, topology.jobs_queue)
             finally:
                 await asyncio.shield(close_quietly(channel))
-        return Waiting(ready=jobs.message_count or 0, retrying=retrying, consumers=jobs.consumer_count or 0)
+        return Waiting(ready=ready, retrying=retrying, consumers=consumers)
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None

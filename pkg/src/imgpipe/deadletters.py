@@ -58,6 +58,7 @@ from imgpipe.broker import (
     BrokerUnavailable,
     Topology,
     persistent_message,
+    queue_counts,
 )
 from imgpipe.limits import Limits
 from imgpipe.models import JobMessage, JobRecord, JobStatus
@@ -393,8 +394,7 @@ class _Session:
     async def depth(self) -> int:
         """Messages ready in the dead queue (those a browse holds are not counted)."""
         assert self._control is not None
-        declared = await _amqp(self._control.declare_queue(self._topology.dead_queue, passive=True))
-        return declared.declaration_result.message_count or 0
+        return (await _amqp(queue_counts(self._control, self._topology.dead_queue)))[0]
 
     async def next(self) -> AbstractIncomingMessage | None:
         """The next message, held unacknowledged; None when the queue has no more."""

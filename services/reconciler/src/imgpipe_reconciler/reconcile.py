@@ -72,11 +72,26 @@ class BucketTaken(Exception):
     """The bucket belongs to another namespace: a run there would delete that namespace's objects."""
 
 
-# Set `republished_at` only on a pending record nobody changed since it was read, once.
+# Set `republished_at` (to ARGV[2], the run's stamp) only on a pending record nobody changed since
+# it was read, once. A mark that is already this stamp is this run's own claim, whose answer was
+# lost (redis-py sends a command again after a dropped connection): claimed.
 _CLAIM_REPUBLISH = """
-if redis.call('HGET', KEYS[1], 'rank') == '0' and redis.call('HGET', KEYS[1], 'version') == ARGV[1]
-   and redis.call('HEXISTS', KEYS[1], 'republished_at') == 0 then
+local mark = redis.call('HGET', KEYS[1], 'republished_at')
+if mark == ARGV[2] then
+  return 1
+end
+if not mark and redis.call('HGET', KEYS[1], 'rank') == '0'
+   and redis.call('HGET', KEYS[1], 'version') == ARGV[1] then
   redis.call('HSET', KEYS[1], 'republished_at', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Take back this run's mark (ARGV[1], its stamp), and no other run's.
+_UNCLAIM_REPUBLISH = """
+if redis.call('HGET', KEYS[1], 'republished_at') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'republished_at')
   return 1
 end
 return 0
@@ -177,6 +192,7 @@ class Reconciler:
         self.policy = policy
         self._clock = clock
         self._claim_republish = store.redis.register_script(_CLAIM_REPUBLISH)
+        self._unclaim_republish = store.redis.register_script(_UNCLAIM_REPUBLISH)
 
     async def run(self, *, dry_run: bool, progress: Callable[[Summary], None] | None = None) -> Summary:
         """One reconciliation. A dry run deletes nothing and changes no job, and reports the same counts."""
@@ -415,12 +431,9 @@ class Reconciler:
             if dry_run:
                 summary.stuck_republished += 1
                 return
-            # The broker may still hold it (a long backlog): a duplicate is harmless, a loss is not.
-            claimed = await self._claim_republish(
-                keys=[self._store.job_key(record.id)], args=[record.version, now]
-            )
-            if not claimed:
-                return
+            # Nothing waits for the workers, so its message is lost: sent again, once. (Were it not
+            # lost after all, a duplicate is harmless; a loss is not.)
+            key, stamp = self._store.job_key(record.id), repr(now)
             message = JobMessage(
                 id=record.id,
                 owner=record.owner,
@@ -429,11 +442,21 @@ class Reconciler:
                 created_at=record.created_at,
             )
             try:
+                if not await self._claim_republish(keys=[key], args=[record.version, stamp]):
+                    return
                 await self._publisher.publish_job(message)
             except BaseException as exc:
-                # Not re-published (a cancelled run included: shutdown, a lost lock): the mark goes,
-                # so that a later run publishes it again instead of failing a job it never re-sent.
-                await asyncio.shield(self._store.redis.hdel(self._store.job_key(record.id), "republished_at"))
+                # Not re-published, or not known to be (an answer lost; the run cancelled: shutdown,
+                # a lost lock): this run's mark goes, so that a later run publishes the job again
+                # instead of failing one it never sent again.
+                try:
+                    await asyncio.shield(self._unclaim_republish(keys=[key], args=[stamp]))
+                except Exception as undo:
+                    log.warning(
+                        "could not take back a re-publish mark: %s",
+                        type(undo).__name__,
+                        extra={"job_id": record.id},
+                    )
                 if not isinstance(exc, Exception):
                     raise
                 log.warning(
