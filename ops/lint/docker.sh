@@ -2,7 +2,9 @@
 # Dockerfiles, checked without a Docker engine:
 #  1. hadolint on every services/*/Dockerfile (no rules ignored), and checkov's Dockerfile checks.
 #  2. Structure: multi-stage, pinned python:3.11-slim-bookworm, non-root USER 10001, HEALTHCHECK,
-#     ENTRYPOINT imgpipe-<svc>; libvips never from apt; jemalloc only in the worker.
+#     ENTRYPOINT imgpipe-<svc>, IMGPIPE_ENV=production by default in the final stage (so an image
+#     run without it refuses the development JWT secret); libvips never from apt; jemalloc only in
+#     the worker.
 #  3. The build itself, minus Docker: the Dockerfile's own `uv sync` commands are run, in order, in a
 #     scratch copy of the build context (the files .dockerignore lets through): first with only the
 #     pyproject files and uv.lock (the dependency layer), then with the sources. The resulting venv
@@ -43,6 +45,7 @@ for df in "${dockerfiles[@]}"; do
 	final="$(awk '/^FROM /{n++} n>=2' "$df")"
 	grep -Eq '^COPY --from=builder /app/.venv /app/.venv$' <<<"$final" || err "$df: final stage does not copy /app/.venv"
 	if grep -Eq '^COPY (--chown=[^ ]+ )?[^-]' <<<"$final"; then err "$df: final stage copies files from the context"; fi
+	grep -Eq '^ +IMGPIPE_ENV=production \\$' <<<"$final" || err "$df: final stage does not default IMGPIPE_ENV to production"
 	if grep -Eiq 'apt-get install.*(libvips|build-essential|gcc|g\+\+|make)' "$df"; then err "$df: system libvips or build tools"; fi
 	if [ "$svc" = worker ]; then
 		grep -q 'libjemalloc2' "$df" && grep -q 'LD_PRELOAD=/usr/local/lib/libjemalloc.so.2' "$df" || err "$df: no jemalloc"

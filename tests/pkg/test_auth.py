@@ -839,3 +839,20 @@ async def test_close_releases_the_session(
     assert session is not None and not session.closed
     await verifier.close()
     assert session.closed
+
+
+@pytest.mark.parametrize(
+    ("env", "secret", "warned"),
+    [("local", None, True), ("test", None, False), ("local", SECRET, False)],
+    ids=["local-dev-secret", "test", "local-own-secret"],
+)
+def test_the_development_secret_is_announced_in_local(
+    env: str, secret: str | None, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With it anyone can make any token, admin included: accepted in local (and test), and a
+    service started so says it, once, where its operator looks."""
+    settings = AuthSettings(env=env) if secret is None else AuthSettings(env=env, jwt_secret=secret)
+    with caplog.at_level("WARNING", logger="imgpipe.auth"):
+        TokenVerifier(settings)
+    said = [r.getMessage() for r in caplog.records if "development JWT secret" in r.getMessage()]
+    assert len(said) == (1 if warned else 0), said

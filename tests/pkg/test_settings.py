@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from imgpipe.auth import TokenVerifier
 from imgpipe.settings import (
-    _DEV_SECRET,
+    DEV_SECRET,
     AmqpSettings,
     AuthSettings,
     CommonSettings,
@@ -174,7 +174,7 @@ def test_load_names_an_aliased_variable(monkeypatch: pytest.MonkeyPatch) -> None
     assert str(info.value).startswith("invalid configuration: AWS_REGION: ")
 
 
-@pytest.mark.parametrize("secret", [None, "", _DEV_SECRET, "short-but-not-default", "x" * 31])
+@pytest.mark.parametrize("secret", [None, "", DEV_SECRET, "short-but-not-default", "x" * 31])
 @pytest.mark.parametrize("env", ["production", "staging"])
 def test_weak_jwt_secret_refused_outside_local(
     monkeypatch: pytest.MonkeyPatch, env: str, secret: str | None
@@ -202,7 +202,7 @@ def test_strong_jwt_secret_accepted_in_production(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("env", ["local", "test"])
 def test_default_jwt_secret_tolerated_locally(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
     monkeypatch.setenv("IMGPIPE_ENV", env)
-    assert load(AuthSettings).jwt_secret.get_secret_value() == _DEV_SECRET
+    assert load(AuthSettings).jwt_secret.get_secret_value() == DEV_SECRET
 
 
 def test_an_empty_jwt_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,7 +210,7 @@ def test_an_empty_jwt_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     # (where any token could be forged), but mean the development default, as if it were not there.
     monkeypatch.setenv("IMGPIPE_ENV", "local")
     monkeypatch.setenv("IMGPIPE_JWT_SECRET", "")
-    assert load(AuthSettings).jwt_secret.get_secret_value() == _DEV_SECRET
+    assert load(AuthSettings).jwt_secret.get_secret_value() == DEV_SECRET
 
 
 @pytest.mark.parametrize("algorithms", ['["none"]', '["HS256", "none"]', '["NONE"]', '["None"]'])

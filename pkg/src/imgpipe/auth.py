@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from imgpipe.settings import AuthSettings
+from imgpipe.settings import DEV_SECRET, AuthSettings
 
 if TYPE_CHECKING:
     # pyjwt (and with it `cryptography`: 9-14 MB of resident memory) is imported by the functions
@@ -291,6 +291,13 @@ class TokenVerifier:
         self._verified: dict[str, tuple[Principal, float, float]] = {}
         self._clock = clock
         if not settings.jwt_jwks_url:
+            if self._key == DEV_SECRET and settings.env == "local":
+                # Accepted in local only, and said so: anyone can mint any token with it, admin included.
+                log.warning(
+                    "IMGPIPE_ENV=local and the development JWT secret: anyone can make tokens for "
+                    "this service; never expose it (the images default to IMGPIPE_ENV=production, "
+                    "which refuses that secret)"
+                )
             secret = base64.urlsafe_b64encode(self._key.encode()).rstrip(b"=").decode()
             self._hmac_keys = {alg: jwt.PyJWK({"kty": "oct", "k": secret}, alg) for alg in self._algorithms}
         if settings.jwt_jwks_url:

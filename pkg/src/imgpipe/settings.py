@@ -25,7 +25,7 @@ from imgpipe.urlsafety import IPNetwork, parse_networks
 
 #: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
-_DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local/test
+DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local/test
 
 #: Supported algorithms and the shortest key each may use.
 _HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -163,7 +163,7 @@ class AuthSettings(BaseSettings):
     model_config = _config()
 
     env: Environment = "local"
-    jwt_secret: SecretStr = SecretStr(_DEV_SECRET)
+    jwt_secret: SecretStr = SecretStr(DEV_SECRET)
     #: Defaults to ["HS256"], or ["RS256"] when IMGPIPE_JWT_JWKS_URL is set (see `_default_algorithms`).
     jwt_algorithms: tuple[str, ...] = ("HS256",)
     jwt_audience: str | None = None
@@ -235,7 +235,7 @@ class AuthSettings(BaseSettings):
         # RFC 7518 §3.2: an HMAC key at least as long as the hash.
         minimum = max(_HMAC_KEY_BYTES[alg] for alg in self.jwt_algorithms)
         secret = self.jwt_secret.get_secret_value()
-        if self.env not in LOCAL_ENVIRONMENTS and (secret == _DEV_SECRET or len(secret.encode()) < minimum):
+        if self.env not in LOCAL_ENVIRONMENTS and (secret == DEV_SECRET or len(secret.encode()) < minimum):
             raise ValueError(
                 f"IMGPIPE_JWT_SECRET must be set to a random value of at least {minimum} bytes "
                 f"when IMGPIPE_ENV={self.env}"
