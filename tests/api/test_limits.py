@@ -208,6 +208,29 @@ async def test_an_idempotent_replay_spends_nothing(rates: Stack, http: aiohttp.C
     _assert_429(status, body, headers, "rate_limited", most_s=60 // JOBS_PER_MINUTE)
 
 
+async def test_what_the_request_alone_shows_will_fail_spends_nothing_and_is_never_a_429(
+    rates: Stack, quota: Stack, http: aiohttp.ClientSession
+) -> None:
+    """A URL the policy forbids, another user's upload key: refused as such (422, 403) before the
+    request takes a slot or spends its rate, even for a user at the limit."""
+    forbidden = {"url": "http://169.254.169.254/latest/meta-data/"}
+    not_theirs = {"key": f"uploads/{owner_id('someone-else')}/{'0' * 32}"}
+    for stack, sub in ((rates, "rate-refused"), (quota, "quota-refused-free")):
+        apis = _apis(stack)
+        for _ in range(JOBS_PER_MINUTE + 2):
+            status, body, _ = await _job(http, next(apis), sub, forbidden)
+            assert (status, body["error"]["code"]) == (422, "url_forbidden")
+            status, body, _ = await _job(http, next(apis), sub, not_theirs)
+            assert (status, body["error"]["code"]) == (403, "source_forbidden")
+        assert (await _job(http, next(apis), sub))[0] == 202  # nothing was spent
+    apis = _apis(quota)
+    for _ in range(MAX_ACTIVE - 1):  # the quota user above has one job active already
+        assert (await _job(http, next(apis), "quota-refused-free"))[0] == 202
+    assert (await _job(http, next(apis), "quota-refused-free"))[1]["error"]["code"] == "too_many_active_jobs"
+    status, body, _ = await _job(http, next(apis), "quota-refused-free", forbidden)
+    assert (status, body["error"]["code"]) == (422, "url_forbidden")  # at the limit: still why it fails
+
+
 async def test_admins_are_exempt(rates: Stack, http: aiohttp.ClientSession) -> None:
     api = rates.services["api"].url
     admin = {"Authorization": f"Bearer {token('rate-admin', 'admin')}"}
@@ -340,7 +363,8 @@ async def test_a_full_redis_is_a_503_not_an_internal_error(
     server.start()
     api = None
     try:
-        api = start_unready("api", {**base_env, "IMGPIPE_REDIS_URL": server.url}, tmp_path)
+        env = {**base_env, "IMGPIPE_REDIS_URL": server.url, "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8"}
+        api = start_unready("api", env, tmp_path)
         with redis.Redis.from_url(server.url) as admin:
             admin.config_set("maxmemory-policy", "noeviction")
             admin.config_set("maxmemory", 1)  # far below what it holds already
@@ -360,7 +384,12 @@ async def test_a_full_redis_is_a_503_not_an_internal_error(
 async def test_redis_down_is_a_503_not_a_free_pass(
     base_env: dict[str, str], http: aiohttp.ClientSession, tmp_path: Any
 ) -> None:
-    env = {**base_env, "IMGPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/15"}
+    env = {
+        **base_env,
+        "IMGPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/15",
+        # The job's URL source (loopback) passes the policy, so the answer is Redis's.
+        "IMGPIPE_URL_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
     api = start_unready("api", env, tmp_path)
     try:
         await _writes_refused_as_unavailable(http, api, "redis-down")

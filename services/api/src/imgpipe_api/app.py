@@ -175,12 +175,25 @@ async def create_upload(request: web.Request) -> web.Response:
     )
 
 
-async def _check_source(request: web.Request, principal: Principal, job: JobRequest) -> None:
-    """Refuse at submit time what can be known to fail: a 4xx now beats a failed job later."""
+def _refuse_source(request: web.Request, principal: Principal, job: JobRequest) -> None:
+    """Refuse what the request alone shows will fail: a source key that is not the caller's, a URL
+    the policy forbids. No I/O, so it comes before the request spends anything (an Idempotency-Key
+    claim, an active-job slot, its rate): such a request is a 403 or a 422, never a 429."""
     source = job.source
     if isinstance(source, KeySource):
         if not owns_key(principal.sub, source.key):
             raise ApiError(403, "source_forbidden", "the source key does not belong to you")
+        return
+    rejected = _url_policy_error(request, str(source.url))
+    if rejected is not None:
+        raise rejected
+
+
+async def _check_source(request: web.Request, job: JobRequest) -> None:
+    """Refuse at submit time what can be known to fail: a 4xx now beats a failed job later. (What
+    the request alone shows was refused before: `_refuse_source`.)"""
+    source = job.source
+    if isinstance(source, KeySource):
         # The object and its grant are looked up together (S3 and Redis, one wait instead of two);
         # their errors are then raised in the order the checks read, the object's first.
         head, grant = await asyncio.gather(
@@ -202,10 +215,6 @@ async def _check_source(request: web.Request, principal: Principal, job: JobRequ
         # No grant on record: the object was put there with S3 credentials (an operator, a backfill,
         # a benchmark) or its grant is older than the job retention. Only the prefix, which only
         # our grants and S3 credentials can write under, and the size limit above vouch for it.
-        return
-    rejected = _url_policy_error(request, str(source.url))
-    if rejected is not None:
-        raise rejected
 
 
 def _check_grant(grant: Grant, head: dict) -> None:
@@ -316,6 +325,7 @@ async def create_job(request: web.Request) -> web.Response:
             "invalid_idempotency_key",
             f"send one Idempotency-Key of 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
         )
+    _refuse_source(request, principal, job)
 
     # From its first write on, the request is carried to its end even when its client goes away (a
     # disconnect cancels the handler): cut short between two writes, it would leave a claimed key, a
@@ -385,7 +395,7 @@ async def _submit(
         admitted = await _admit_job(request, principal, job_id)
         if admitted is not None:
             clock.lap("admit")
-        await _check_source(request, principal, job)
+        await _check_source(request, job)
         clock.lap("source")
         record = JobRecord.pending(job_id, principal.sub, job.source, job.resolved_variants())
         try:
