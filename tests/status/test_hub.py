@@ -81,15 +81,21 @@ class Rendering:
         return _render(record)
 
 
-@pytest.fixture
-async def hub(store: CountingStore) -> AsyncIterator[Hub]:
-    hub = Hub(store, Rendering())
+@contextlib.asynccontextmanager
+async def _connected(hub: Hub) -> AsyncIterator[Hub]:
+    """`hub` running and subscribed, stopped at the end."""
     hub.start()
-    await asyncio.wait_for(hub.connected.wait(), 10)
     try:
+        await asyncio.wait_for(hub.connected.wait(), 10)
         yield hub
     finally:
         await hub.stop()
+
+
+@pytest.fixture
+async def hub(store: CountingStore) -> AsyncIterator[Hub]:
+    async with _connected(Hub(store, Rendering())) as hub:
+        yield hub
 
 
 class Sockets:
@@ -636,25 +642,19 @@ async def test_a_job_whose_rendering_fails_ends_its_streams_only(store: Counting
             raise RuntimeError("cannot render this one")
         return _render(record)
 
-    hub = Hub(store, render)
-    hub.start()
-    try:
-        await asyncio.wait_for(hub.connected.wait(), 10)
+    async with _connected(Hub(store, render)) as hub, Sockets() as sockets:
         bad, good = await _pending_job(store), await _pending_job(store)
-        async with Sockets() as sockets:
-            with hub.listen(bad.id) as stuck, hub.listen(good.id) as fine:
-                for listener, job in ((stuck, bad), (fine, good)):
-                    transport, client = await sockets.pair()
-                    hub.attach(listener, transport, chunked=False, version=job.version)
-                broken.add(bad.id)
-                await store.mark_processing(bad.id)
-                await asyncio.wait_for(stuck.ended.wait(), 10)
-                assert stuck.reason is End.UNREADABLE
-                await store.mark_processing(good.id)
-                data = await _read_until(client, b"event: processing\n")
-                assert not fine.ended.is_set() and hub.connected.is_set()
-    finally:
-        await hub.stop()
+        with hub.listen(bad.id) as stuck, hub.listen(good.id) as fine:
+            for listener, job in ((stuck, bad), (fine, good)):
+                transport, client = await sockets.pair()
+                hub.attach(listener, transport, chunked=False, version=job.version)
+            broken.add(bad.id)
+            await store.mark_processing(bad.id)
+            await asyncio.wait_for(stuck.ended.wait(), 10)
+            assert stuck.reason is End.UNREADABLE
+            await store.mark_processing(good.id)
+            data = await _read_until(client, b"event: processing\n")
+            assert not fine.ended.is_set() and hub.connected.is_set()
     assert data == b"id: 2\nevent: processing\ndata: " + good.id.encode() + b"\n\n"
 
 
@@ -668,22 +668,16 @@ async def test_a_catch_up_at_attach_that_fails_to_render_ends_that_stream(store:
             raise RuntimeError("cannot sign its links")
         return _render(record)
 
-    hub = Hub(store, render)
-    hub.start()
-    try:
-        await asyncio.wait_for(hub.connected.wait(), 10)
+    async with _connected(Hub(store, render)) as hub, Sockets() as sockets:
         job = await _pending_job(store)
         await store.mark_processing(job.id)  # version 2, read (not rendered) when the stream starts
-        async with Sockets() as sockets:
-            with hub.listen(job.id) as listener:
-                current = await hub.current(job.id)
-                assert current is not None and current.version == 2
-                transport, _ = await sockets.pair()
-                hub.attach(listener, transport, chunked=True, version=1)
-                assert listener.reason is End.UNREADABLE
-                assert hub.connected.is_set()
-    finally:
-        await hub.stop()
+        with hub.listen(job.id) as listener:
+            current = await hub.current(job.id)
+            assert current is not None and current.version == 2
+            transport, _ = await sockets.pair()
+            hub.attach(listener, transport, chunked=True, version=1)
+            assert listener.reason is End.UNREADABLE
+            assert hub.connected.is_set()
 
 
 async def test_a_resync_reads_the_watched_jobs_in_batches_and_misses_none(
