@@ -610,9 +610,10 @@ async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
     redis_client: aioredis.Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The publish fails, and so does the withdrawal of the record: the record stays `pending`, and the
-    reconciler will publish it. So it is not withdrawn after all: a retry with its key gets it (409,
-    then the job) rather than a second job beside it, and it keeps counting against the quota."""
+    """The publish fails, and so does the withdrawal of the record (and its tries again, for as long
+    as Redis stays away): the record stays `pending`, and the reconciler will publish it. So it is
+    not withdrawn after all: a retry with its key gets it (409, then the job) rather than a second
+    job beside it, and it keeps counting against the quota."""
     base, app, _ = cancelling_api
     store, publisher = app[resources.STORE], app[resources.PUBLISHER]
 
@@ -636,6 +637,61 @@ async def test_a_job_whose_withdrawal_fails_keeps_its_key_and_its_slot(
     assert await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1) == [job_id.encode()]
     async with http.post(f"{base}/jobs", json=body, headers=headers) as response:
         assert response.status == 409  # its job, still within the window a withdrawal could take
+
+
+@pytest.mark.parametrize("failing", ["create", "publish"])
+async def test_a_withdrawal_that_found_redis_away_is_made_once_it_is_back(
+    cancelling_api: tuple[str, web.Application, list[asyncio.Task]],
+    http: aiohttp.ClientSession,
+    redis_client: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """Redis goes away in the middle of a submission (a failover), so the job's withdrawal fails too.
+    The key answered 409 to every retry its 503 asked for, for the claim's ten minutes, even when
+    the record was never written (`create` failing). The withdrawal is tried again until Redis
+    answers: then the job is gone, its key and slot are free, and the retry is a job of its own."""
+    base, app, _ = cancelling_api
+    store, publisher = app[resources.STORE], app[resources.PUBLISHER]
+    monkeypatch.setattr(api_app, "_WITHDRAW_PAUSES_S", (0.2,))
+    redis_back = asyncio.Event()
+    real_withdraw = store.withdraw
+
+    async def withdraw(*args: Any, **kwargs: Any) -> bool:
+        if not redis_back.is_set():
+            raise RedisTimeoutError("Timeout reading from socket")
+        return await real_withdraw(*args, **kwargs)
+
+    async def away(*_: Any, **__: Any) -> None:
+        raise RedisTimeoutError("Timeout reading from socket")  # never written
+
+    async def broker_down(*_: Any) -> None:
+        raise ConnectionError("the broker went away")
+
+    monkeypatch.setattr(store, "withdraw", withdraw)
+    if failing == "create":
+        monkeypatch.setattr(store, "create", away)
+    else:
+        monkeypatch.setattr(publisher, "publish_job", broker_down)
+    key = f"redis-away-{failing}"
+    body = {"source": {"url": "https://example.com/photo.jpg"}}
+    headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": key}
+    status, answer = await _post(http, f"{base}/jobs", body, headers)
+    assert status == 503, answer
+    first = json.loads(await redis_client.get(store._idem_key("alice", key)))["job_id"]
+    assert (await _post(http, f"{base}/jobs", body, headers))[0] == 409  # not withdrawn yet
+
+    monkeypatch.undo()  # Redis and the broker are back
+    redis_back.set()
+
+    async def freed() -> bool:
+        return await redis_client.get(store._idem_key("alice", key)) is None
+
+    await eventually(freed)
+    assert await store.get(first) is None
+    assert first.encode() not in await redis_client.zrange(app[QUOTAS].active_key("alice"), 0, -1)
+    status, job = await _post(http, f"{base}/jobs", body, headers)
+    assert (status, job["status"]) == (202, "pending") and job["id"] != first
 
 
 async def test_a_replay_answered_past_the_window_keeps_the_job_from_its_withdrawal(

@@ -290,6 +290,17 @@ async def test_a_job_is_withdrawn_or_answered_for_never_both(
     await store.create(_record("job-5"))
     assert await store.withdraw("job-5")
     assert await store.get("job-5") is None
+    # A withdrawal tried again late finds the job published and taken up meanwhile: it stays, and so
+    # does its claim. And one whose record was never written lets its claim go.
+    assert await store.claim_idempotency("alice", "k-6", "job-6", "fp") is None
+    await store.create(_record("job-6"), claim=("alice", "k-6"))
+    await store.mark_processing("job-6")
+    assert not await store.withdraw("job-6", claim=("alice", "k-6"))
+    assert (await store.get("job-6")).status is JobStatus.PROCESSING  # type: ignore[union-attr]
+    assert await store.claim_idempotency("alice", "k-6", "job-z", "fp") == Claim("job-6", accepted=False)
+    assert await store.claim_idempotency("alice", "k-7", "job-7", "fp") is None
+    assert await store.withdraw("job-7", claim=("alice", "k-7"))
+    assert await redis_client.get(store._idem_key("alice", "k-7")) is None
 
 
 async def test_an_accepted_claim_says_so_and_keeps_its_expiry(

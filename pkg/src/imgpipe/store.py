@@ -138,9 +138,15 @@ return held
 
 
 # KEYS[1] a job's record, KEYS[2] (optional) its Idempotency-Key claim; ARGV[1] the job id. Deletes the
-# record, and the claim if it holds this job, unless a replay has answered for the job (`_ANSWER`):
-# then nothing, and 0. One step, so that a job is either withdrawn or answered for, never both.
+# record, and the claim if it holds this job, unless a replay has answered for the job (`_ANSWER`), or
+# the record is no longer `pending` (a withdrawal tried again late, after the reconciler published
+# it and a worker took it up): then nothing, and 0. One step, so that a job is either withdrawn or
+# answered for, never both.
 _WITHDRAW = """
+local rank = redis.call('HGET', KEYS[1], 'rank')
+if rank and rank ~= '0' then
+  return 0
+end
 if KEYS[2] then
   local held = redis.call('GET', KEYS[2])
   if held then
@@ -524,7 +530,8 @@ class JobStore:
     async def withdraw(self, job_id: str, *, claim: tuple[str, str] | None = None) -> bool:
         """Take back a job that did not reach the broker: delete its record, and release `claim`
         (owner, Idempotency-Key) if it holds the job. False, changing nothing, when a replay has
-        answered for the job (`answer_replay`): it stays, to be published by the reconciler.
+        answered for the job (`answer_replay`): it stays, to be published by the reconciler; or when
+        its record is no longer `pending` (published and taken up meanwhile).
         """
         keys = [self.job_key(job_id)] + ([self._idem_key(*claim)] if claim else [])
         return bool(await self.calls.script(self._withdraw_script, keys, [job_id]))

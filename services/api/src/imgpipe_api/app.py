@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -53,6 +54,8 @@ LIMITS = web.AppKey("limits", LimitSettings)
 URL_POLICY = web.AppKey("url_policy", tuple)
 QUOTAS = web.AppKey("quotas", Limits)
 SUBMISSIONS = web.AppKey("submissions", set)
+#: Withdrawals that found Redis out of reach, tried again in the background (`_withdraw_later`).
+WITHDRAWALS = web.AppKey("withdrawals", set)
 
 #: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
 #: (a grant's expiry) before an upload counts as written after its grant expired.
@@ -130,13 +133,13 @@ async def _admit_job(request: web.Request, principal: Principal, job_id: str) ->
 
 
 async def _release_slot(
-    request: web.Request, principal: Principal, job_id: str, admitted: Decision | None
+    app: web.Application, principal: Principal, job_id: str, admitted: Decision | None
 ) -> None:
     """Give back the active slot of a job that was not accepted after all."""
     if admitted is None or admitted.active is None:
         return
     try:
-        await request.app[QUOTAS].release_job(principal.sub, job_id)
+        await app[QUOTAS].release_job(principal.sub, job_id)
     except Exception:
         # The slot is not lost: with no job record behind it, admission drops it after its grace.
         log.warning("could not release the active-job slot of a withdrawn job")
@@ -408,12 +411,15 @@ async def _submit(
         except BaseException:
             # A lost reply (a timeout, a dropped connection) may hide a record Redis did write, one
             # the reconciler would publish: take it back before its slot and key are let go.
-            kept = not await _withdraw(store, job_id, claim)
+            withdrawn = await _withdraw(store, job_id, claim)
+            kept = not withdrawn
+            if withdrawn is None:
+                _withdraw_later(request.app, principal, job_id, claim, admitted)
             raise
         clock.lap("record")
     except BaseException:
         if not kept:
-            await _release_slot(request, principal, job_id, admitted)
+            await _release_slot(request.app, principal, job_id, admitted)
             if idem_key:
                 await _release_claim(store, principal.sub, idem_key, job_id)
         raise
@@ -431,8 +437,11 @@ async def _submit(
     except (Exception, asyncio.CancelledError) as exc:
         # Not in the broker: take the job back so nothing claims a job that will never run.
         log.warning("publish failed: %s", type(exc).__name__)
-        if await _withdraw(store, job_id, claim):
-            await _release_slot(request, principal, job_id, admitted)
+        withdrawn = await _withdraw(store, job_id, claim)
+        if withdrawn:
+            await _release_slot(request.app, principal, job_id, admitted)
+        elif withdrawn is None:
+            _withdraw_later(request.app, principal, job_id, claim, admitted)
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later") from None
@@ -475,18 +484,20 @@ async def _release_claim(store: JobStore, owner: str, key: str, job_id: str) -> 
         log.warning("could not release the Idempotency-Key: %s", type(exc).__name__)
 
 
-async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None) -> bool:
-    """Take back a job that is not in the broker, with its Idempotency-Key: True when it is gone.
+async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None) -> bool | None:
+    """Take back a job that is not in the broker, with its Idempotency-Key: True when it is gone,
+    None when Redis could not be asked (`_withdraw_later` then tries again).
 
-    Not withdrawn (Redis out of reach, or a replay has already answered 202 for it), its `pending`
-    record stays for the reconciler to publish: the job is not withdrawn after all, so it keeps its
-    slot and its key (a retry with the key then gets this job, not a second one beside it).
+    Not withdrawn (a replay has already answered 202 for it, or Redis is out of reach), its
+    `pending` record, if it was written, stays for the reconciler to publish: the job is not
+    withdrawn after all, so it keeps its slot and its key (a retry with the key then gets this job,
+    not a second one beside it).
     """
     try:
         withdrawn = await store.withdraw(job_id, claim=claim)
     except Exception as exc:
-        log.warning("could not withdraw the job: %s; left for the reconciler", type(exc).__name__)
-        return False
+        log.warning("could not withdraw the job: %s; trying again in the background", type(exc).__name__)
+        return None
     if withdrawn:
         log.info("job withdrawn")
     else:
@@ -494,13 +505,67 @@ async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None)
     return withdrawn
 
 
+#: How long a withdrawal that found Redis out of reach is tried again, and the pauses between tries:
+#: an outage longer than that leaves the job as before (its record, if written, for the reconciler;
+#: its key held until the claim expires).
+WITHDRAW_RETRY_S = 120.0
+_WITHDRAW_PAUSES_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+
+def _withdraw_later(
+    app: web.Application,
+    principal: Principal,
+    job_id: str,
+    claim: tuple[str, str] | None,
+    admitted: Decision | None,
+) -> None:
+    """Try a withdrawal again in the background until Redis answers (a failover, a restart).
+
+    Left undone, a key whose record was never written answered `409 idempotency_in_progress` to
+    every retry its 503 asked for until the claim expired (`CLAIM_HOLD_S`, ten minutes); a record
+    that was written would be published by the reconciler, a job its client was told had failed.
+    Once Redis answers, it is withdrawn as it would have been at once, its slot and key let go;
+    unless a replay has answered for it meanwhile, and then it stays.
+    """
+
+    async def again() -> None:
+        store = app[resources.STORE]
+        loop = asyncio.get_running_loop()
+        until = loop.time() + WITHDRAW_RETRY_S
+        for pause in itertools.chain(_WITHDRAW_PAUSES_S, itertools.repeat(_WITHDRAW_PAUSES_S[-1])):
+            if loop.time() + pause > until:
+                log.warning("gave up withdrawing the job: Redis still out of reach; left for the reconciler")
+                return
+            await asyncio.sleep(pause)
+            try:
+                withdrawn = await store.withdraw(job_id, claim=claim)
+            except Exception:
+                continue
+            if withdrawn:
+                log.info("job withdrawn, late")
+                await _release_slot(app, principal, job_id, admitted)
+            else:
+                log.warning("job not withdrawn: answered for by a replay, or taken up, meanwhile")
+            return
+
+    task = asyncio.ensure_future(again())  # in a copy of this context: its lines carry the job's ids
+    running = app[WITHDRAWALS]
+    running.add(task)
+    task.add_done_callback(running.discard)
+
+
 async def _submissions(app: web.Application) -> AsyncIterator[None]:
-    """The submissions under way; at shutdown, those whose clients went away are let finish first."""
+    """The submissions under way; at shutdown, those whose clients went away are let finish first,
+    and the withdrawals still waiting for Redis are given up (as when the api stops mid-outage)."""
     app[SUBMISSIONS] = running = set()
+    app[WITHDRAWALS] = withdrawals = set()
     yield
     if running:
         # Before the Redis and broker connections close (this context is torn down before theirs).
         await asyncio.wait(running, timeout=_WITHDRAWAL_WINDOW_S)
+    for task in tuple(withdrawals):
+        task.cancel()
+    await asyncio.gather(*withdrawals, return_exceptions=True)
 
 
 async def _quotas(app: web.Application) -> AsyncIterator[None]:
