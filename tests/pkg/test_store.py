@@ -301,6 +301,13 @@ async def test_a_job_is_withdrawn_or_answered_for_never_both(
     assert await store.claim_idempotency("alice", "k-7", "job-7", "fp") is None
     assert await store.withdraw("job-7", claim=("alice", "k-7"))
     assert await redis_client.get(store._idem_key("alice", "k-7")) is None
+    # Pending again, but not as created: failed meanwhile and replayed from its dead letter.
+    created = (await store.create(_record("job-8"))).record
+    assert created is not None
+    failed = (await store.mark_failed(created, "internal_error", "gave up")).record
+    assert failed is not None and (await store.reopen(failed)).applied
+    assert not await store.withdraw("job-8")
+    assert (await store.get("job-8")).status is JobStatus.PENDING  # type: ignore[union-attr]
 
 
 async def test_an_accepted_claim_says_so_and_keeps_its_expiry(

@@ -139,12 +139,12 @@ return held
 
 # KEYS[1] a job's record, KEYS[2] (optional) its Idempotency-Key claim; ARGV[1] the job id. Deletes the
 # record, and the claim if it holds this job, unless a replay has answered for the job (`_ANSWER`), or
-# the record is no longer `pending` (a withdrawal tried again late, after the reconciler published
-# it and a worker took it up): then nothing, and 0. One step, so that a job is either withdrawn or
-# answered for, never both.
+# the record is no longer as it was created (version 1, `pending`: a withdrawal tried again late
+# finds it published by the reconciler and taken up, or even failed and replayed): then nothing, and
+# 0. One step, so that a job is either withdrawn or answered for, never both.
 _WITHDRAW = """
-local rank = redis.call('HGET', KEYS[1], 'rank')
-if rank and rank ~= '0' then
+local cur = redis.call('HMGET', KEYS[1], 'rank', 'version')
+if cur[1] and (cur[1] ~= '0' or cur[2] ~= '1') then
   return 0
 end
 if KEYS[2] then
@@ -531,7 +531,7 @@ class JobStore:
         """Take back a job that did not reach the broker: delete its record, and release `claim`
         (owner, Idempotency-Key) if it holds the job. False, changing nothing, when a replay has
         answered for the job (`answer_replay`): it stays, to be published by the reconciler; or when
-        its record is no longer `pending` (published and taken up meanwhile).
+        its record is no longer as it was created (published and taken up meanwhile).
         """
         keys = [self.job_key(job_id)] + ([self._idem_key(*claim)] if claim else [])
         return bool(await self.calls.script(self._withdraw_script, keys, [job_id]))

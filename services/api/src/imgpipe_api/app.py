@@ -501,7 +501,7 @@ async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None)
     if withdrawn:
         log.info("job withdrawn")
     else:
-        log.warning("job not withdrawn: a replay has answered for it; left for the reconciler")
+        log.warning("job not withdrawn: answered for by a replay, or taken up, meanwhile")
     return withdrawn
 
 
@@ -532,14 +532,16 @@ def _withdraw_later(
         store = app[resources.STORE]
         loop = asyncio.get_running_loop()
         until = loop.time() + WITHDRAW_RETRY_S
+        failure = ""
         for pause in itertools.chain(_WITHDRAW_PAUSES_S, itertools.repeat(_WITHDRAW_PAUSES_S[-1])):
             if loop.time() + pause > until:
-                log.warning("gave up withdrawing the job: Redis still out of reach; left for the reconciler")
+                log.warning("gave up withdrawing the job (%s); left for the reconciler", failure)
                 return
             await asyncio.sleep(pause)
             try:
                 withdrawn = await store.withdraw(job_id, claim=claim)
-            except Exception:
+            except Exception as exc:
+                failure = type(exc).__name__
                 continue
             if withdrawn:
                 log.info("job withdrawn, late")
