@@ -488,10 +488,10 @@ async def _withdraw(store: JobStore, job_id: str, claim: tuple[str, str] | None)
     """Take back a job that is not in the broker, with its Idempotency-Key: True when it is gone,
     None when Redis could not be asked (`_withdraw_later` then tries again).
 
-    Not withdrawn (a replay has already answered 202 for it, or Redis is out of reach), its
-    `pending` record, if it was written, stays for the reconciler to publish: the job is not
-    withdrawn after all, so it keeps its slot and its key (a retry with the key then gets this job,
-    not a second one beside it).
+    Not withdrawn (a replay has already answered 202 for it, it was taken up meanwhile, or Redis is
+    out of reach), its record, if it was written, stays for the reconciler to publish: the job is
+    not withdrawn after all, so it keeps its slot and its key (a retry with the key then gets this
+    job, not a second one beside it).
     """
     try:
         withdrawn = await store.withdraw(job_id, claim=claim)
