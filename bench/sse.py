@@ -201,7 +201,12 @@ def measure(
     procs: list = []
     commands: list = []
     try:
-        status = stack.start("status")
+        # Every client is one user here (so one token serves them all): lift the per-user and
+        # per-process stream limits, which would otherwise answer most of them 429.
+        status = stack.start(
+            "status",
+            {"IMGPIPE_SSE_MAX_STREAMS_PER_USER": str(clients), "IMGPIPE_SSE_MAX_STREAMS": str(clients)},
+        )
         pid = status.proc.pid
         idle_rss = vm_rss_mb(pid)
         from imgpipe.models import JobRecord, JobStatus, KeySource, utcnow

@@ -8,6 +8,7 @@ follow the job to its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.e2e
 
 JOB_KEYS = {"id", "status", "created_at", "updated_at", "variants", "error"}
 HEARTBEAT_S = 0.2
+CAP_PER_USER, CAP_TOTAL = 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,13 @@ def quiet(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
             # No leeway on a token's `exp` here, so a stream's end at its token's follows the `exp`.
             "status": ("status", {"IMGPIPE_SSE_HEARTBEAT_S": str(HEARTBEAT_S), "IMGPIPE_JWT_LEEWAY_S": "0"}),
             "status-2": ("status", {}),
+            "status-capped": (
+                "status",
+                {
+                    "IMGPIPE_SSE_MAX_STREAMS_PER_USER": str(CAP_PER_USER),
+                    "IMGPIPE_SSE_MAX_STREAMS": str(CAP_TOTAL),
+                },
+            ),
         },
     ) as stack:
         yield stack
@@ -254,6 +263,56 @@ async def test_a_stream_ends_when_its_token_expires(http: aiohttp.ClientSession,
         assert (await again.json())["error"]["code"] == "token_expired"
 
 
+async def _opened(client: Client, job_id: str, base: str, stack: contextlib.AsyncExitStack) -> int:
+    """Open a stream (held by `stack`) and read its first event; its status when it is refused."""
+    response = await stack.enter_async_context(_stream(client, job_id, base=base))
+    if response.status == 200:
+        first = await asyncio.wait_for(anext(sse(response)), 10)
+        assert first.event == "pending"
+    return response.status
+
+
+async def test_streams_are_bounded_per_user_and_per_process(
+    http: aiohttp.ClientSession, quiet: Stack
+) -> None:
+    """One user's streams cannot take a replica's sockets: 429 past the user's limit, 503 past the
+    process's, both with `Retry-After`; a closed stream gives its place back."""
+    base = quiet.services["status-capped"].url
+    alice, bob, carol = (Client(http, quiet, sub) for sub in ("alice", "bob", "carol"))
+    jobs = {c.sub: (await c.submit({"key": await c.upload(image())}))["id"] for c in (alice, bob, carol)}
+
+    async def refused(client: Client, status: int, code: str) -> None:
+        async with _stream(client, jobs[client.sub], base=base) as response:
+            assert response.status == status, (client.sub, response.status)
+            assert (await response.json())["error"]["code"] == code
+            assert response.headers["Retry-After"] == "5"
+
+    async with contextlib.AsyncExitStack() as held:
+        assert [await _opened(alice, jobs["alice"], base, held) for _ in range(CAP_PER_USER)] == [200, 200]
+        await refused(alice, 429, "too_many_streams")
+        async with contextlib.AsyncExitStack() as bobs:
+            assert await _opened(bob, jobs["bob"], base, bobs) == 200  # the process's last place
+            await refused(carol, 503, "streams_at_capacity")
+            await refused(alice, 429, "too_many_streams")  # her own limit first: another replica won't help
+        # Bob's stream closed: its place comes back once the server sees the socket go.
+        async with asyncio.timeout(10):
+            while True:
+                async with contextlib.AsyncExitStack() as carols:
+                    if await _opened(carol, jobs["carol"], base, carols) == 200:
+                        break
+                await asyncio.sleep(0.1)
+        await refused(alice, 429, "too_many_streams")  # still hers: 2 open
+    # Every stream closed: nothing is left counted against anyone.
+    async with asyncio.timeout(10):
+        while True:
+            async with contextlib.AsyncExitStack() as attempt:
+                statuses = [await _opened(alice, jobs["alice"], base, attempt) for _ in range(CAP_PER_USER)]
+                statuses.append(await _opened(bob, jobs["bob"], base, attempt))
+            if statuses == [200] * CAP_TOTAL:
+                break
+            await asyncio.sleep(0.1)
+
+
 async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: Stack) -> None:
     alice = Client(http, quiet, "alice")
     job = await alice.submit({"key": await alice.upload(image())})
@@ -351,8 +410,11 @@ async def test_one_subscription_per_process_and_fan_out(
         channel = f"{quiet.env['IMGPIPE_NAMESPACE']}:events"
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
-            # 26 streams on two processes: two subscriptions, one per process, not one per stream.
-            assert await client.pubsub_numsub(channel) == [(channel.encode(), 2)]
+            # 26 streams on two processes (and none on the third): three subscriptions, one per
+            # process, not one per stream.
+            processes = sum(name.startswith("status") for name in quiet.services)
+            assert processes == 3
+            assert await client.pubsub_numsub(channel) == [(channel.encode(), processes)]
         finally:
             await client.aclose()
 

@@ -110,6 +110,11 @@ WORKER_CONCURRENCY = Gauge(
     "imgpipe_worker_concurrency", "Jobs the worker may process at once (utilization = in_flight / this)"
 )
 SSE_CONNECTIONS = Gauge("imgpipe_sse_connections", "Open Server-Sent Events streams")
+SSE_REFUSED = Counter(
+    "imgpipe_sse_refused_total",
+    "Event streams refused: the user's limit per process (user) or the process's (process) reached",
+    ["reason"],
+)
 #: How often every service checks its event loop for lag (`imgpipe.web.watch_event_loop`).
 LOOP_CHECK_INTERVAL_S = 0.1
 EVENT_LOOP_LAG = Histogram(

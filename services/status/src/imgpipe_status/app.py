@@ -31,11 +31,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imgpipe_status import openapi
 from imgpipe_status.hub import Hub, Listener
+from imgpipe_status.streams import Streams
 
 log = logging.getLogger("imgpipe.status")
 
 HUB = web.AppKey("hub", Hub)
 SSE = web.AppKey("sse", "SseSettings")
+STREAMS = web.AppKey("streams", Streams)
 
 
 class SseSettings(BaseSettings):
@@ -45,6 +47,11 @@ class SseSettings(BaseSettings):
     sse_heartbeat_s: float = Field(default=15.0, gt=0, le=300)
     #: Milliseconds a browser waits before reconnecting a dropped stream.
     sse_retry_ms: int = Field(default=2000, ge=100, le=60_000)
+    #: Event streams one user (token `sub`) may hold open on one status process (0 = no limit).
+    sse_max_streams_per_user: int = Field(default=200, ge=0)
+    #: Event streams one status process holds open in all (0 = no limit): each costs a socket and
+    #: some memory (the benchmark's 5,000 streams on one process: 150 MiB at its peak).
+    sse_max_streams: int = Field(default=10_000, ge=0)
 
 
 def _visible(record: JobRecord | None, principal: Principal) -> JobRecord:
@@ -101,7 +108,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     settings = request.app[SSE]
 
     # Listen before reading, so a change between the read and the subscription is not lost.
-    with hub.listen(job_id) as listener:
+    with request.app[STREAMS].slot(principal.sub), hub.listen(job_id) as listener:
         # Usually no Redis read at all: the hub already follows a job that other streams watch.
         has = _last_event_id(request)
         current = _visible(await hub.current(job_id, at_least=has or 0), principal)
@@ -196,7 +203,8 @@ async def create_app() -> web.Application:
     app = base_app("status", environment=common.env, openapi=openapi.document())
     _raise_fd_limit()
     app[VERIFIER] = TokenVerifier(load(AuthSettings))
-    app[SSE] = load(SseSettings)
+    app[SSE] = sse = load(SseSettings)
+    app[STREAMS] = Streams(per_user=sse.sse_max_streams_per_user, total=sse.sse_max_streams)
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),

@@ -71,7 +71,18 @@ def operations() -> tuple[Operation, ...]:
                 ),
                 401: UNAUTHORIZED,
                 404: _NOT_FOUND,
-                503: unavailable("store_unavailable"),
+                429: error(
+                    "The user holds `IMGPIPE_SSE_MAX_STREAMS_PER_USER` streams on this replica "
+                    "already: close some, or poll.",
+                    "too_many_streams",
+                    headers=("Retry-After",),
+                ),
+                503: unavailable(
+                    "store_unavailable",
+                    "streams_at_capacity",
+                    description="The job store is down, or this replica holds "
+                    "`IMGPIPE_SSE_MAX_STREAMS` streams already; retry later.",
+                ),
             },
             description="The stream ends after a terminal status, or when the token it was opened "
             "with expires (its `exp` plus the leeway): then with a `token_expired` event, which has "
