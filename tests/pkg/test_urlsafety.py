@@ -270,6 +270,35 @@ def test_allowed_networks_for_ips() -> None:
     assert is_forbidden_ip(ip_address("::1"), allowed)
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack metadata
+        "169.254.170.2",  # ECS task credentials
+        "169.254.170.23",  # EKS Pod Identity agent
+        "::ffff:169.254.169.254",
+        "64:ff9b::169.254.169.254",
+        "fd00:ec2::254",
+        "fd00:ec2::23",
+        "100.100.100.200",  # Alibaba Cloud
+        "168.63.129.16",  # Azure wire server
+        "fe80::1",
+    ],
+)
+def test_no_allowed_network_opens_metadata_addresses(address: str) -> None:
+    """An operator's allow-list opens private networks, but never the credential services."""
+    everything = parse_networks("0.0.0.0/0, ::/0")
+    assert is_forbidden_ip(ip_address(address), everything)
+    assert is_forbidden_ip(ip_address(address), parse_networks("169.254.0.0/16, fc00::/7, fe80::/10"))
+    # The same allow-list does open the rest of what it covers.
+    assert not is_forbidden_ip(ip_address("10.0.0.1"), everything)
+    assert not is_forbidden_ip(ip_address("fd00::5"), everything)
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(UrlRejected) as refused:
+        check_url(f"http://{host}/latest/meta-data/", allowed_networks=everything)
+    assert refused.value.code == "url_forbidden"
+
+
 def test_parse_networks() -> None:
     assert parse_networks("127.0.0.0/8, ::1/128") == [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
     assert parse_networks(" 10.0.0.0/8 192.168.0.0/16,,") == [

@@ -110,6 +110,19 @@ _FORBIDDEN_V6 = tuple(
     )
 )
 
+#: Refused even inside the operator's allowed networks: the link-local ranges, where the cloud
+#: metadata and credential services answer (169.254.169.254, ECS's 169.254.170.2, EKS Pod
+#: Identity's 169.254.170.23), AWS's IPv6 forms of them, Alibaba's and Azure's. What they hand out
+#: (the node's or the pod's credentials) is never an image, and an allowed network as broad as
+#: `0.0.0.0/0` or `fc00::/7` must not open them.
+_NEVER = (
+    IPv4Network("169.254.0.0/16"),
+    IPv4Network("100.100.100.200/32"),  # Alibaba Cloud metadata
+    IPv4Network("168.63.129.16/32"),  # Azure wire server
+    IPv6Network("fe80::/10"),
+    IPv6Network("fd00:ec2::/32"),  # AWS: metadata fd00:ec2::254, Pod Identity fd00:ec2::23
+)
+
 _NAT64_WKP = IPv6Network("64:ff9b::/96")
 _SIX_TO_FOUR = IPv6Network("2002::/16")
 
@@ -140,16 +153,19 @@ def is_forbidden_ip(ip: IPAddress, allowed: Sequence[IPNetwork] = ()) -> bool:
     verdict is that of the embedded IPv4 address, since that is where traffic goes.
 
     ``allowed`` is an operator opt-in (tests, an internal image host): addresses in
-    those networks are never forbidden. For embedded-IPv4 forms the embedded address
-    is also matched against ``allowed``.
+    those networks are not forbidden, except link-local and cloud metadata addresses,
+    which nothing allows. For embedded-IPv4 forms the embedded address is also matched
+    against ``allowed``.
     """
+    embedded = _embedded_ipv4(ip) if isinstance(ip, IPv6Address) else None
+    if _in_networks(ip, _NEVER) or (embedded is not None and _in_networks(embedded, _NEVER)):
+        return True
     if _in_networks(ip, allowed):
         return False
     if isinstance(ip, IPv6Address):
         if ip.scope_id:
             # A zone only makes sense for link-local/multicast targets on this host.
             return True
-        embedded = _embedded_ipv4(ip)
         if embedded is not None:
             return is_forbidden_ip(embedded, allowed)
         if _in_networks(ip, _FORBIDDEN_V6):
