@@ -8,6 +8,7 @@ asserted on the signed policy document itself (`test_policy_document_binds_the_g
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -19,9 +20,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from imgpipe.store import owner_id
+from imgpipe_api.app import create_app
+from imgpipe_api.openapi import document as api_document
 
-from tests.isolated import image
-from tests.stack import BUCKET, Client, Stack, presigned_form, s3_client
+from tests.isolated import fresh_namespace, image
+from tests.stack import BUCKET, Client, Stack, drop_namespace, local_http, presigned_form, s3_client, token
 
 pytestmark = pytest.mark.e2e
 
@@ -320,3 +323,39 @@ async def test_an_object_without_a_grant_is_checked_only_for_owner_and_size(
     status, body = await _submit(alice, key)
     assert status == 202, body
     assert (await alice.wait(body["id"]))["status"] == "succeeded"
+
+
+async def test_without_credentials_an_upload_is_503_and_spends_none_of_the_budget(
+    env: dict[str, str],
+    no_aws_credentials: None,
+    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
+) -> None:
+    """With nothing to sign with (STS not answering yet), `POST /uploads` is the documented 503; the
+    client's retries meanwhile must not use up its uploads for the hour."""
+    namespace = fresh_namespace()
+    monkeypatch.setenv("IMGPIPE_NAMESPACE", namespace)
+    monkeypatch.setenv("IMGPIPE_RATE_UPLOADS_PER_HOUR", "1")
+    documented = api_document()["paths"]["/uploads"]["post"]["responses"]["503"]["x-error-codes"]
+    request = {
+        "json": {"content_type": "image/png", "size": 10},
+        "headers": {"Authorization": f"Bearer {token('alice')}"},
+    }
+    try:
+        async with local_http(await create_app()) as base:
+            for _ in range(3):
+                async with http.post(f"{base}/uploads", **request) as response:
+                    assert response.status == 503
+                    code = (await response.json())["error"]["code"]
+                    assert code == "storage_unavailable" and code in documented
+        # Credentials again (a replica whose STS answers): the hour's one upload is still there.
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(name, env[name])
+        async with local_http(await create_app()) as base:
+            statuses = []
+            for _ in range(2):
+                async with http.post(f"{base}/uploads", **request) as response:
+                    statuses.append(response.status)
+            assert statuses == [201, 429]
+    finally:
+        await asyncio.to_thread(drop_namespace, namespace)

@@ -12,6 +12,7 @@ from imgpipe import resources
 from imgpipe.models import JobRecord, JobStatus, KeySource, VariantResult, utcnow
 from imgpipe.store import JobStore
 from imgpipe_status.app import HUB, create_app
+from imgpipe_status.openapi import document
 
 from tests.isolated import sse
 from tests.stack import local_http, token
@@ -91,10 +92,13 @@ async def test_a_replica_that_cannot_sign_urls_refuses_the_stream_before_it_star
             async with asyncio.timeout(5):  # ended, with nothing it could send
                 rest = [item async for item in sse(watching) if item.event is not None]
             assert [item.event for item in rest] == ["processing"]
-        for path in (url, f"{url}/events"):  # the reconnect is refused as the poll is
+        paths = document()["paths"]
+        for path, route in ((url, "/jobs/{job_id}"), (f"{url}/events", "/jobs/{job_id}/events")):
+            # The reconnect is refused as the poll is, and as the document says.
             async with http.get(path, headers=auth) as response:
                 assert response.status == 503
                 assert (await response.json())["error"]["code"] == "storage_unavailable"
+            assert "storage_unavailable" in paths[route]["get"]["responses"]["503"]["x-error-codes"]
 
 
 async def _events(response: aiohttp.ClientResponse, count: int) -> AsyncIterator:

@@ -157,10 +157,12 @@ async def create_upload(request: web.Request) -> web.Response:
         )
     if body.size > limits.max_upload_bytes:
         raise ApiError(413, "upload_too_large", f"size may be at most {limits.max_upload_bytes} bytes")
-    spent = await _spend_upload(request, principal)
     storage = request.app[resources.STORAGE]
     # The grant allows at most the declared size, so a client cannot declare small and send large.
+    # Signed before the budget is spent: with no credentials to sign with (a 503), the client's
+    # retries must not use up its uploads for the hour.
     grant = storage.presign_upload(upload_key(principal.sub), body.content_type, body.size)
+    spent = await _spend_upload(request, principal)
     # What it allows is kept too: `POST /jobs` checks the stored object against it (`_check_grant`).
     await request.app[resources.STORE].record_grant(
         grant.key, grant.expires_at, content_type=body.content_type, size=body.size

@@ -138,7 +138,12 @@ def operations() -> tuple[Operation, ...]:
                     headers=_RETRY,
                     optional_headers=_RATE,
                 ),
-                503: unavailable("store_unavailable"),
+                503: unavailable(
+                    "store_unavailable",
+                    "storage_unavailable",
+                    description="The job store is down, or there are no credentials to sign the "
+                    "grant with yet; retry later. Spends none of the caller's uploads.",
+                ),
             },
             description="The grant fixes the key, the content type and the maximum size. Accepted "
             "types: image/jpeg, image/png, image/webp, image/gif, image/avif, image/heic, image/tiff.",

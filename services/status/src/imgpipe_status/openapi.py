@@ -28,6 +28,12 @@ _LAST_EVENT_ID = Param(
     "Ignored unless a non-negative integer.",
 )
 _NOT_FOUND = error("No such job, or another user's: ids are not for probing.", "job_not_found")
+_UNAVAILABLE = unavailable(
+    "store_unavailable",
+    "storage_unavailable",
+    description="The job store is down, or there are no credentials to sign the download links "
+    "with yet; retry later.",
+)
 
 
 def operations() -> tuple[Operation, ...]:
@@ -42,7 +48,7 @@ def operations() -> tuple[Operation, ...]:
                 200: Response("The job.", model=JobView),
                 401: UNAUTHORIZED,
                 404: _NOT_FOUND,
-                503: unavailable("store_unavailable"),
+                503: _UNAVAILABLE,
             },
             description="`status` goes pending → processing → succeeded | failed and never back, "
             "except when an admin replays a failed job: failed → pending, at a higher version. "
@@ -79,9 +85,11 @@ def operations() -> tuple[Operation, ...]:
                 ),
                 503: unavailable(
                     "store_unavailable",
+                    "storage_unavailable",
                     "streams_at_capacity",
-                    description="The job store is down, or this replica holds "
-                    "`IMGPIPE_SSE_MAX_STREAMS` streams already; retry later.",
+                    description="The job store is down, there are no credentials to sign the "
+                    "download links with yet, or this replica holds `IMGPIPE_SSE_MAX_STREAMS` "
+                    "streams already; retry later.",
                 ),
             },
             description="The stream ends after a terminal status, or when the token it was opened "
