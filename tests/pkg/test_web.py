@@ -8,7 +8,7 @@ import time
 import aiohttp
 from aiohttp import web
 from imgpipe.storage import StorageError
-from imgpipe.web import base_app
+from imgpipe.web import READINESS, base_app
 from prometheus_client import REGISTRY
 
 from tests.stack import local_http
@@ -79,3 +79,40 @@ async def test_every_app_watches_its_event_loop_and_sees_it_blocked() -> None:
     stopped = _lag("count")
     await asyncio.sleep(0.3)
     assert _lag("count") == stopped
+
+
+async def _readyz(http: aiohttp.ClientSession, base: str) -> tuple[int, dict]:
+    async with http.get(f"{base}/readyz") as response:
+        return response.status, await response.json()
+
+
+async def test_readiness_of_a_service_that_serves_clients_gates_only_its_start(
+    http: aiohttp.ClientSession,
+) -> None:
+    """api and status: 503 until every check has passed once; after that an outage of a shared
+    dependency is named in the body but leaves the replica in its Service (200), where it answers
+    the requests that need the dependency with its own JSON 503. Other services: 503 whenever a
+    check fails."""
+    up = {"redis": False}
+
+    async def redis() -> None:
+        if not up["redis"]:
+            raise ConnectionError("down")
+
+    for serves_clients in (True, False):
+        up["redis"] = False
+        app = base_app("webtest", environment="test", serves_clients=serves_clients)
+        app[READINESS]["redis"] = redis
+        async with local_http(app) as base:
+            assert await _readyz(http, base) == (
+                503,
+                {"ready": False, "checks": {"redis": "error: ConnectionError"}},
+            )
+            up["redis"] = True
+            assert await _readyz(http, base) == (200, {"ready": True, "checks": {"redis": "ok"}})
+            up["redis"] = False
+            status, body = await _readyz(http, base)
+            assert body["checks"] == {"redis": "error: ConnectionError"}
+            assert (status, body["ready"]) == ((200, True) if serves_clients else (503, False)), (
+                serves_clients
+            )

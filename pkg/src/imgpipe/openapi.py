@@ -569,7 +569,12 @@ def meta_operations() -> tuple[Operation, ...]:
             "readyz",
             "Readiness: every dependency answers.",
             {
-                200: Response("Every check passed.", model=Readiness),
+                200: Response(
+                    "Every check passed; or, on api and status, every check has passed once since "
+                    "the process started, and `checks` names those failing now (an outage of a "
+                    "dependency every replica shares: requests that need it get a quick JSON 503).",
+                    model=Readiness,
+                ),
                 503: Response("At least one check failed; `checks` names it.", model=Readiness),
             },
             tags=("health",),

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
@@ -46,6 +47,18 @@ SERVICE = web.AppKey("service", str)
 ENVIRONMENT = web.AppKey("environment", str)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 READINESS = web.AppKey("readiness", dict)
+
+
+@dataclass
+class _Readiness:
+    """How `/readyz` answers for one application (see `base_app`'s `serves_clients`)."""
+
+    #: A failing check makes the answer 503 only until every check has passed once.
+    only_until_started: bool
+    started: bool = False
+
+
+_READY = web.AppKey("ready", _Readiness)
 
 _DEFAULT_CODES = {
     400: "bad_request",
@@ -218,7 +231,10 @@ async def _readyz(request: web.Request) -> web.Response:
             results[name] = f"error: {type(exc).__name__}"
 
     await asyncio.gather(*(run(name, check) for name, check in checks.items()))
-    ready = all(value == "ok" for value in results.values())
+    state = request.app[_READY]
+    passing = all(value == "ok" for value in results.values())
+    state.started = state.started or passing
+    ready = passing or (state.only_until_started and state.started)
     return web.json_response({"ready": ready, "checks": results}, status=200 if ready else 503)
 
 
@@ -260,9 +276,18 @@ def base_app(
     environment: str,
     client_max_size: int = 1024**2,
     openapi: Mapping[str, Any] | None = None,
+    serves_clients: bool = False,
 ) -> web.Application:
     """An application with the shared middleware, `/healthz`, `/readyz`, `/metrics`, and a watch on
     its event loop's lag.
+
+    `/readyz` is 503 while one of the `READINESS` checks fails. For a service that `serves_clients`
+    (api, status), only until every check has passed once: its dependencies (Redis, RabbitMQ, S3)
+    are shared by every replica, so an outage of one would take them all out of their Service at
+    once, and clients would get the load balancer's bare 503 instead of the service's own quick
+    JSON one (`store_unavailable`, `broker_unavailable`, …), for requests that need the dependency
+    and for those that do not. A replica that has never reached them gets no traffic, which is
+    what a rollout during an outage needs: the old replicas stay.
 
     It also serves its OpenAPI document as `/openapi.json` and `/docs`: `openapi` when given (see
     `imgpipe.openapi`), otherwise one that describes just the routes above.
@@ -271,6 +296,7 @@ def base_app(
     app[SERVICE] = service
     app[ENVIRONMENT] = environment
     app[READINESS] = {}
+    app[_READY] = _Readiness(only_until_started=serves_clients)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

@@ -584,7 +584,13 @@ async def create_app() -> web.Application:
     common = start_logging("api")
     auth = load(AuthSettings)
     limits = load(LimitSettings)
-    app = base_app("api", environment=common.env, client_max_size=64 * 1024, openapi=openapi.document())
+    app = base_app(
+        "api",
+        environment=common.env,
+        client_max_size=64 * 1024,
+        openapi=openapi.document(),
+        serves_clients=True,
+    )
     app[VERIFIER] = TokenVerifier(auth)
     app[LIMITS] = limits
     urls = load(UrlSourceSettings)

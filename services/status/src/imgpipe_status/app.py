@@ -200,7 +200,7 @@ def _raise_fd_limit() -> None:
 async def create_app() -> web.Application:
     """The status application; every setting comes from the environment."""
     common = start_logging("status")
-    app = base_app("status", environment=common.env, openapi=openapi.document())
+    app = base_app("status", environment=common.env, openapi=openapi.document(), serves_clients=True)
     _raise_fd_limit()
     app[VERIFIER] = TokenVerifier(load(AuthSettings))
     app[SSE] = sse = load(SseSettings)
