@@ -38,7 +38,7 @@ def env_names() -> set[str]:
 
 def test_the_settings_are_found() -> None:
     names = env_names()
-    assert {"IMGPIPE_AMQP_URL", "IMGPIPE_REDIS_URL", "IMGPIPE_NAMESPACE", "AWS_REGION"} <= names
+    assert {"IMGPIPE_AMQP_URL", "IMGPIPE_REDIS_URL", "IMGPIPE_NAMESPACE", "IMGPIPE_S3_REGION"} <= names
     assert len(names) > 30
 
 

@@ -61,7 +61,7 @@ locals {
 }
 
 output "region" {
-  description = "AWS region of every resource (AWS_REGION of the services)."
+  description = "AWS region of every resource (IMGPIPE_S3_REGION of the services)."
   value       = var.region
 }
 

@@ -25,7 +25,7 @@ variable "environment" {
 }
 
 variable "region" {
-  description = "AWS region for every resource; also the services' AWS_REGION (the bucket's region)."
+  description = "AWS region for every resource; also the services' IMGPIPE_S3_REGION (the bucket's region)."
   type        = string
   default     = "eu-west-1"
 

@@ -455,7 +455,7 @@ PY
 # The rendered ConfigMap + Secret as the pods' environment (JSON), for the settings check below.
 cat >"$WORK/env.py" <<'PY'
 """env.py RENDERED VALUES_FILE OUT_JSON: the environment envFrom gives the pods, and the keys exempt
-from the known-setting check (config.extra, reconciler.config: passed through verbatim)."""
+from the known-setting check (config.extra: passed through verbatim)."""
 import base64, json, sys
 import yaml
 
@@ -475,7 +475,7 @@ if (values.get("secrets") or {}).get("existingSecret"):
     env.setdefault("IMGPIPE_REDIS_URL", "rediss://:p@redis.example.internal:6380/0")
     if not ((values.get("config") or {}).get("jwt") or {}).get("jwksUrl"):
         env.setdefault("IMGPIPE_JWT_SECRET", "x" * 64)
-passthrough = sorted(set((values.get("config") or {}).get("extra") or {}) | set((values.get("reconciler") or {}).get("config") or {}))
+passthrough = sorted((values.get("config") or {}).get("extra") or {})
 components = sorted({d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component", "")
                      for d in docs if d["kind"] == "Deployment"})
 json.dump({"env": env, "passthrough": passthrough, "components": components}, open(out, "w"))
@@ -607,7 +607,7 @@ refuse "reconciler.graceSeconds (600) must be at least" --set reconciler.graceSe
 refuse "reconciler.stuckProcessingSeconds (100) must be longer" --set reconciler.stuckProcessingSeconds=100
 # Over one job's time limit, but not over its every attempt and back-off (5 x 120 + 1 + 5 + 30 + 120).
 refuse "reconciler.stuckProcessingSeconds (700) must be longer than config.maxAttempts x worker.jobTimeoutSeconds plus the config.retryDelaysSeconds between them (756)" --set reconciler.stuckProcessingSeconds=700
-refuse "does not match pattern '^IMGPIPE_RECONCILE_" --set reconciler.config.OTHER_VAR=1
+refuse "additional properties 'config' not allowed" --set reconciler.config.IMGPIPE_RECONCILE_CRON=1
 refuse "/api/livenessProbe/successThreshold" --set api.livenessProbe.successThreshold=2
 refuse "/api/pdb/minAvailable" --set api.pdb.minAvailable=half
 refuse "/config/jwt/algorithms/0" --set 'config.jwt.algorithms={none}'
@@ -695,16 +695,15 @@ cat >"$WORK/big-numbers.yaml" <<'YAML'
 config:
   limits: {maxFrames: 1000000, maxPixels: 250000000}
   extra: {IMGPIPE_CI_NUMBER: 2000000, IMGPIPE_CI_FRACTION: 0.5}
-reconciler:
-  config: {IMGPIPE_RECONCILE_CI_NUMBER: 3000000}
+  sse: {maxStreams: 3000000}
 YAML
 cm="$("$HELM" template imgpipe "$STAGED" -f "$BASE" -f "$WORK/big-numbers.yaml" -s templates/configmap.yaml 2>&1 || true)"
 if grep -q 'IMGPIPE_MAX_FRAMES: "1000000"' <<<"$cm" && grep -q 'IMGPIPE_CI_NUMBER: "2000000"' <<<"$cm" \
-	&& grep -q 'IMGPIPE_RECONCILE_CI_NUMBER: "3000000"' <<<"$cm" && grep -q 'IMGPIPE_CI_FRACTION: "0.5"' <<<"$cm" \
+	&& grep -q 'IMGPIPE_SSE_MAX_STREAMS: "3000000"' <<<"$cm" && grep -q 'IMGPIPE_CI_FRACTION: "0.5"' <<<"$cm" \
 	&& ! grep -qE ': "[0-9.]+e[+-]?[0-9]+"' <<<"$cm"; then
 	ok "large numbers in the ConfigMap are spelled in digits"
 else
-	fail "large numbers in the ConfigMap: $(grep -E 'FRAMES|CI_|e\+' <<<"$cm" | tr -s ' ' | tr '\n' ';')"
+	fail "large numbers in the ConfigMap: $(grep -E 'FRAMES|CI_|STREAMS|e\+' <<<"$cm" | tr -s ' ' | tr '\n' ';')"
 fi
 expect "Grafana dashboards ConfigMap(s)" " ([2-9]|[0-9]{2,}) kind: ConfigMap;" present --set metrics.grafanaDashboards.enabled=true
 

@@ -160,6 +160,17 @@ def test_load_names_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "IMGPIPE_RETRY_DELAYS_S: " in str(info.value)
 
 
+def test_the_bucket_region_is_read_from_imgpipe_s3_region_before_aws_region(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On EKS the pod identity webhook puts the cluster's region into AWS_REGION, in the container's
+    own env, which wins over the chart's ConfigMap: the chart's setting has a name of its own."""
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    assert load(S3Settings).aws_region == "us-west-2"  # alone (compose, a shell), still read
+    monkeypatch.setenv("IMGPIPE_S3_REGION", "eu-central-1")
+    assert load(S3Settings).aws_region == "eu-central-1"
+
+
 def test_load_names_an_aliased_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     """A field read from AWS_REGION is reported as AWS_REGION, not as IMGPIPE_AWS_REGION."""
 

@@ -135,7 +135,12 @@ class S3Settings(BaseSettings):
     #: do (compose: services use http://minio:9000, browsers http://localhost:9000).
     s3_public_endpoint_url: str | None = None
     s3_bucket: str = "imgpipe"
-    aws_region: str = Field(default="us-east-1", validation_alias=AliasChoices("AWS_REGION"))
+    #: The bucket's region. `IMGPIPE_S3_REGION` first: on EKS, the pod identity webhook sets
+    #: `AWS_REGION` to the cluster's region in each container's own `env`, which wins over the
+    #: chart's ConfigMap, and a bucket elsewhere would be signed for the wrong region.
+    aws_region: str = Field(
+        default="us-east-1", validation_alias=AliasChoices("IMGPIPE_S3_REGION", "AWS_REGION")
+    )
     aws_access_key_id: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("AWS_ACCESS_KEY_ID")
     )

@@ -225,6 +225,9 @@ metadata:
   {{- include "imgpipe.annotations" (dict "root" $root) }}
 spec:
   {{- include "imgpipe.pdbSpec" $ctx | nindent 2 }}
+  # A pod that is not ready protects nothing: during an outage of a shared dependency every pod of
+  # a component can be unready at once, and the budget would then block every node drain.
+  unhealthyPodEvictionPolicy: AlwaysAllow
   selector:
     matchLabels:
       {{- include "imgpipe.componentSelectorLabels" $ctx | nindent 6 }}

@@ -198,7 +198,7 @@ fails the whole install on the unknown kind).
 {{- end -}}
 
 {{/*
-A value of `config.extra` / `reconciler.config` as the variable's text. Numbers from a values file
+A value of `config.extra` as the variable's text. Numbers from a values file
 reach the template as float64, which prints 1000000 as "1e+06" (an integer setting refuses that):
 whole numbers are printed as integers, other values as they are.
 */}}
