@@ -258,3 +258,20 @@ def test_truncated_progressive_jpeg_is_still_corrupt() -> None:
     with pytest.raises(imaging.ImageError) as caught:
         render(data[: len(data) * 2 // 3], [_thumb(200, 200)], Limits())
     assert caught.value.code == "corrupt_image"
+
+
+def test_a_long_run_of_ff_bytes_is_passed_over_in_one_pass() -> None:
+    """The marker search used to try a run of 0xFF not followed by a marker again from each of its
+    bytes: quadratic, in one regex call that holds the GIL, before libvips and its deadline (20 kB
+    took 7 s; the 2 MB here, hours, far past the test's timeout). The worker's loop stood still."""
+    data = progressive_jpeg(300, 200)
+    scans = len(_scan_headers(data))
+    run = b"\xff" * 2_000_000
+    # Bytes libjpeg skips with a warning (0xFF ... 0xFF 0x00) right after the start of image.
+    extraneous = data[:2] + run + b"\x00" + data[2:]
+    assert progressive.scan_count(extraneous, 100) == scans
+    assert render(extraneous, [_thumb(100, 100)], Limits())[0].width == 100
+    # Fill bytes before a marker, which a JPEG may hold: counted and rewritten as without them.
+    filled = data[:2] + run + data[2:]
+    assert progressive.scan_count(filled, 100) == scans
+    assert dc_only(filled) == dc_only(data) is not None

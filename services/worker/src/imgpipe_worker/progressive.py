@@ -39,8 +39,13 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # (RST0-RST7 live inside the segment) or another 0xFF (fill bytes before a marker).
 _SEGMENT_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 
-# A marker where libjpeg looks for one: 0xFF, any fill bytes, and a byte that is not a stuffed 0x00.
-_MARKER = re.compile(rb"\xff+[^\x00\xff]")
+# A marker where libjpeg looks for one: its last 0xFF (any fill bytes before it are passed over) and
+# a byte that is not a stuffed 0x00. Not `\xff+[^\x00\xff]`: on a long run of 0xFF not followed by
+# a marker, that pattern tried the whole rest of the run from each of its bytes, quadratic time in
+# one call that holds the GIL (20 kB of them: 7 s, before libvips and its deadline).
+_MARKER = re.compile(rb"\xff[^\x00\xff]")
+# A run of fill bytes, passed over at once (`_rewrite`).
+_FILL = re.compile(rb"\xff+")
 # A file of more markers than this (before its end marker) counts as one of too many scans: no encoder
 # writes thousands, and `scan_count` spends a turn of a Python loop on each.
 _MAX_MARKERS = 4096
@@ -127,8 +132,8 @@ def _rewrite(data: bytes) -> bytes | None:
         if pos + 2 > end or data[pos] != 0xFF:
             return None  # no end marker (truncated) or garbage where a marker belongs
         marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+        if marker == 0xFF:  # fill bytes: to the last of them, in one step however many there are
+            pos = _FILL.match(data, pos).end() - 1  # type: ignore[union-attr]  # data[pos] is 0xFF
             continue
         if marker == _EOI:
             break
