@@ -25,6 +25,7 @@ from datetime import timedelta
 from ipaddress import IPv4Network
 from typing import Any
 
+import aio_pika
 import pytest
 import pyvips
 import redis.asyncio as aioredis
@@ -335,6 +336,29 @@ async def test_jobs_whose_channel_closed_are_let_go(
     assert [record.status for record in done] == [JobStatus.SUCCEEDED] * 3
     # The downloads of the jobs let go of were dropped with them: none holds bytes.
     assert run.worker._sources.held_bytes == 0
+
+
+async def test_a_delivery_whose_channel_closed_before_its_callback_is_left_to_the_broker(
+    storage: Storage, slot_namespace: str
+) -> None:
+    """A delivery whose channel has closed by the time the consumer's callback runs (aio-pika cancels
+    a callback when its channel closes, but only one that has not run yet: this guards the hop). The
+    job used to start anyway, beside the copy the broker sends again, and stay in the worker's tasks
+    for good: its channel was read only after the task was made, and raised, so nothing could let
+    it go."""
+    async with running_consumer(slot_namespace, storage, job_timeout_s=30.0) as run:
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(exclusive=True)
+            await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=queue.name)
+            message = await queue.get(timeout=5)
+            await channel.close()  # the broker has the message back: it was never acknowledged
+            await run.worker._on_message(message)
+            assert not run.worker._tasks
+            assert not run.worker._delivered_on
+        finally:
+            await connection.close()
 
 
 async def test_source_bytes_are_freed_after_the_render(

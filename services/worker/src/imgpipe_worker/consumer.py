@@ -210,9 +210,18 @@ class Consumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._let_go_of_lost_deliveries()
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            # Closed between the delivery and this callback (deliveries reach it through tasks):
+            # the broker has the message back and sends it again on the reopened channel. Taken
+            # up here, its job would run beside that copy, watched by nothing (its channel is not
+            # known, so `_let_go_of_lost_deliveries` could not cancel it).
+            log.info("delivery on a closed channel skipped; the broker sends it again")
+            return
         task = asyncio.create_task(self._handle(message))
         self._tasks.add(task)
-        self._delivered_on[task] = message.channel
+        self._delivered_on[task] = channel
         task.add_done_callback(self._settled)
 
     def _settled(self, task: asyncio.Task[None]) -> None:
