@@ -266,7 +266,7 @@ def operations() -> tuple[Operation, ...]:
             "GET",
             "/admin/dead-letters",
             "listDeadLetters",
-            "List the messages in the dead-letter queue, oldest first, without removing them.",
+            "List the messages in the dead-letter queue without removing them.",
             {
                 200: Response("The queue's depth and its first `limit` messages.", model=DeadLetters),
                 401: UNAUTHORIZED,
@@ -275,6 +275,9 @@ def operations() -> tuple[Operation, ...]:
                 422: error("`limit` is not an integer from 1 to 1000.", "invalid_request"),
                 503: unavailable("broker_unavailable", "store_unavailable"),
             },
+            description="Messages come in the queue's order, which is not their age: each listing "
+            "hands the messages it read back to the broker, which does not keep their order once "
+            "more than a few dozen come back at once.",
             tags=("admin",),
             security=ADMIN,
             params=(
