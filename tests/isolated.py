@@ -151,6 +151,8 @@ class BrokerProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._lose_reply_to: bytes | None = None
+        self._losing = False
         self._target = target
         self.port = 0
 
@@ -163,11 +165,17 @@ class BrokerProxy:
         broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers |= {client_writer, broker_writer}
 
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, replies: bool) -> None:
             try:
                 while data := await reader.read(65536):
                     await self._flowing.wait()  # stalled: held here, and dropped with the connection
                     if writer.is_closing():
+                        break
+                    if not replies and self._lose_reply_to is not None and self._lose_reply_to in data:
+                        self._lose_reply_to, self._losing = None, True
+                    elif replies and self._losing:
+                        self._losing = False
+                        client_writer.transport.abort()  # a reset, the answer never sent
                         break
                     writer.write(data)
                     await writer.drain()
@@ -176,7 +184,15 @@ class BrokerProxy:
             finally:
                 writer.close()
 
-        await asyncio.gather(pipe(client_reader, broker_writer), pipe(broker_reader, client_writer))
+        await asyncio.gather(
+            pipe(client_reader, broker_writer, replies=False),
+            pipe(broker_reader, client_writer, replies=True),
+        )
+
+    def lose_reply_to(self, request: bytes) -> None:
+        """Drop the answer to the next request that holds `request`, and its connection: the request
+        was carried out, and its client cannot know (a connection that breaks between the two)."""
+        self._lose_reply_to = request
 
     def stall(self) -> None:
         """Hold everything the relayed connections send, as a broker that stopped answering."""

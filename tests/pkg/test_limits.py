@@ -16,8 +16,13 @@ import pytest
 import redis.asyncio as aioredis
 from imgpipe.limits import RATE_LIMITED, TOO_MANY_ACTIVE_JOBS, Limits
 from imgpipe.models import PRESETS, JobRecord, KeySource
+from imgpipe.resources import redis_client as service_redis_client
+from imgpipe.settings import RedisSettings
 from imgpipe.store import JobStore, owner_id
+from pydantic import SecretStr
+from yarl import URL
 
+from tests.isolated import BrokerProxy
 from tests.stack import REDIS_URL, delete_keys
 
 T0 = 1_800_000_000.0  # a fixed "now" (epoch seconds)
@@ -277,3 +282,32 @@ async def test_a_coalescer_on_another_client_is_refused(redis_client: aioredis.R
             Limits(other, ns, ttl_s=TTL_S, calls=store.calls)
     finally:
         await other.aclose()
+
+
+async def test_an_admission_whose_reply_was_lost_is_not_spent_twice(
+    redis_client: aioredis.Redis, ns: str
+) -> None:
+    """The connection breaks between the admission and its reply; the client sends it again. The
+    second run spent the rate again and answered 429 for a job it had admitted, whose slot then
+    stayed counted with nothing to release it."""
+    relay = BrokerProxy(target=URL(REDIS_URL).port or 6379)
+    await relay.start()
+    client = service_redis_client(
+        RedisSettings(redis_url=SecretStr(str(URL(REDIS_URL).with_host("127.0.0.1").with_port(relay.port))))
+    )
+    try:
+        # The script loaded and the connection made, on another owner.
+        budget = {"rate_limit": 1, "period_s": 3600, "max_active": 5}
+        assert (await Limits(redis_client, ns, ttl_s=TTL_S).admit_job("warm", "w", **budget)).allowed
+        through = Limits(client, ns, ttl_s=TTL_S)
+        await client.ping()
+        relay.lose_reply_to(b"EVALSHA")
+        admitted = await through.admit_job("alice", "job-a", **budget)
+        assert admitted.allowed, admitted
+        assert await redis_client.zrange(through.active_key("alice"), 0, -1) == [b"job-a"]
+        # The hour's one job is this one: the next is refused for the rate, not let through.
+        refused = await through.admit_job("alice", "job-b", **budget)
+        assert (refused.allowed, refused.code) == (False, RATE_LIMITED)
+    finally:
+        await relay.cut()
+        await client.aclose()

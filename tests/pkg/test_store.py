@@ -588,3 +588,112 @@ async def test_a_redis_refusing_writes_is_unavailable_a_wrong_command_is_not(tmp
         assert redis_unavailable(down.value)
     finally:
         await gone.aclose()
+
+
+@pytest.fixture
+async def relayed(store: JobStore) -> AsyncIterator[tuple[JobStore, BrokerProxy]]:
+    """`store`'s namespace through a relay that can lose a reply, on a client made as the services
+    make theirs (which sends a command again, once, when its connection breaks)."""
+    relay = BrokerProxy(target=URL(REDIS_URL).port or 6379)
+    await relay.start()
+    url = str(URL(REDIS_URL).with_host("127.0.0.1").with_port(relay.port))
+    client = service_redis_client(RedisSettings(redis_url=SecretStr(url)))
+    try:
+        yield JobStore(client, store.namespace, retention=RETENTION), relay
+    finally:
+        await relay.cut()
+        await client.aclose()
+
+
+async def test_a_write_whose_reply_was_lost_is_known_for_its_own(
+    store: JobStore, relayed: tuple[JobStore, BrokerProxy]
+) -> None:
+    """The connection breaks between a script and its reply; the client sends it again, and the
+    second run finds the first one's write. It was taken for someone else's: a replay was answered
+    `not_found` and its job left `pending` with no message, a worker's result went uncounted, a
+    create looked like an existing job's."""
+    through, relay = relayed
+    # The scripts loaded and the connection made (its own first exchanges are not the ones lost).
+    warm = await _processing(store)
+    warm_failed = await store.mark_failed(warm, "upstream_unavailable", "gave up")
+    assert warm_failed.record is not None
+    await store.reopen(warm_failed.record)
+    assert await through.get(warm.id) is not None
+    relay.lose_reply_to(b"EVALSHA")
+    created = await through.create(_record())
+    assert created.applied and created.record is not None and created.record.version == 1
+    relay.lose_reply_to(b"EVALSHA")
+    taken = await through.mark_processing(created.record.id)
+    assert taken.applied and taken.record is not None and taken.record.version == 2
+    relay.lose_reply_to(b"EVALSHA")
+    failed = await through.mark_failed(taken.record, "upstream_unavailable", "gave up")
+    assert failed.applied and failed.record is not None and failed.record.version == 3
+    relay.lose_reply_to(b"EVALSHA")
+    reopened = await through.reopen(failed.record)
+    assert reopened.applied and reopened.record is not None
+    assert (reopened.record.status, reopened.record.version, reopened.record.replays) == (
+        JobStatus.PENDING,
+        4,
+        1,
+    )
+    stored = await store.get(created.record.id)
+    assert stored == reopened.record  # each write made once: one version each
+    # A write that really is someone else's is still told apart.
+    assert not (await store.mark_failed(taken.record, "late", "late")).applied
+
+
+async def test_an_old_copy_of_a_job_does_not_write_over_its_replay(store: JobStore) -> None:
+    """A worker held a job (its `processing` copy) while another copy failed it and an admin replayed
+    it: the first worker's late result or failure must not end the replayed job. It did: only the
+    status order was checked, and `failed` -> `pending` had opened it again."""
+    held = await _processing(store)
+    failed = await store.mark_failed(held, "upstream_unavailable", "gave up")
+    assert failed.applied and failed.record is not None
+    reopened = await store.reopen(failed.record)
+    assert reopened.applied and reopened.record is not None
+    for late in (store.mark_failed(held, "late", "late"), store.mark_succeeded(held, [_RESULT])):
+        outcome = await late
+        assert not outcome.applied
+        assert outcome.record == reopened.record
+    assert await store.get(held.id) == reopened.record
+
+
+async def test_a_result_after_a_failover_that_lost_writes_still_ends_the_job(store: JobStore) -> None:
+    """Redis failed over and lost the last writes: the record is back at `pending` (1), older than
+    the worker's `processing` copy (2). That is no change the worker has not seen: its result ends
+    the job, as it did before writes checked versions."""
+    held = await _processing(store)
+    data = (
+        _record(held.id)
+        .model_copy(update={"created_at": held.created_at})
+        .model_dump_json(exclude={"version"})
+    )
+    await store.redis.hset(store.job_key(held.id), mapping={"version": 1, "rank": 0, "data": data})
+    done = await store.mark_succeeded(held, [_RESULT])
+    assert done.applied and done.record is not None and done.record.status is JobStatus.SUCCEEDED
+
+
+async def test_an_idempotency_claim_lasts_as_long_as_its_record(store: JobStore) -> None:
+    """Only the create gave the claim the record's life; later writes renewed the record's alone. A
+    job changed late (a long backlog, a replay days later) outlived its claim, and a retry with the
+    key made a second job."""
+    record = _record()
+    assert await store.claim_idempotency("alice", "key-1", record.id, "fp") is None
+    created = await store.create(record, claim=("alice", "key-1"))
+    assert created.record is not None
+    claim = store._idem_key("alice", "key-1")
+    await store.redis.expire(claim, 5)  # as if the job had been waiting for hours
+    taken = await store.mark_processing(record.id)
+    assert taken.record is not None
+    assert await store.redis.ttl(claim) > RETENTION.total_seconds() - 60
+    failed = await store.mark_failed(taken.record, "upstream_unavailable", "gave up")
+    assert failed.record is not None
+    await store.redis.expire(claim, 5)
+    await store.reopen(failed.record)
+    assert await store.redis.ttl(claim) > RETENTION.total_seconds() - 60
+    # A claim that holds another job now (this one's was let go of) is left as it is.
+    await store.redis.set(claim, '{"job_id": "another", "fingerprint": "fp"}', ex=5)
+    reopened = await store.get(record.id)
+    assert reopened is not None
+    await store.mark_processing(record.id)
+    assert await store.redis.ttl(claim) <= 5

@@ -378,7 +378,7 @@ async def test_a_job_taken_up_after_it_was_read_is_not_failed(store: JobStore) -
     read = await store.get(job.id)
     assert read is not None
     await store.mark_processing(job.id)  # a worker takes it up in between
-    outcome = await store.mark_failed(read, "timeout", "stuck", only_if_unchanged=True)
+    outcome = await store.mark_failed(read, "timeout", "stuck")
     assert not outcome.applied
     assert outcome.record is not None and outcome.record.status is JobStatus.PROCESSING
 

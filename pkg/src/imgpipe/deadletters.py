@@ -248,7 +248,7 @@ class DeadLetters:
             return
         try:
             error = current.error
-            await self._store.mark_failed(reopened.record, error.code, error.message, only_if_unchanged=True)
+            await self._store.mark_failed(reopened.record, error.code, error.message)
         except Exception as exc:
             log.warning(
                 "a replay's job could not be put back: %s", type(exc).__name__, extra={"job_id": current.id}

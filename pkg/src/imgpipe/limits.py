@@ -88,11 +88,19 @@ return {1, remaining, 0}
 # rate limit (0 = none), rate period (us), active limit (0 = none), job id, job hash prefix,
 # grace (us), set ttl (s), most members to examine.
 # Returns {allowed, reason (0 ok, 1 rate, 2 active), remaining (-1 = no rate limit), wait_us, active}.
-# A job the quota refuses does not spend the rate: the GCRA step is committed last.
+# A job the quota refuses does not spend the rate: the GCRA step is committed last. A job in the
+# active set already was admitted by this very script, sent again after its reply was lost: allowed
+# again, spending nothing (`remaining` -1: unknown). Without a quota there is no set to tell.
 _ADMIT = (
     _LUA_COMMON
     + """
 local now = clock(ARGV[1])
+local active_limit = tonumber(ARGV[4])
+-- Admitted already: the client sent the script again after a reply it lost on a dropped connection.
+-- Admitted it stays, and nothing is spent twice.
+if active_limit > 0 and redis.call('ZSCORE', KEYS[2], ARGV[5]) then
+  return {1, 0, -1, 0, redis.call('ZCARD', KEYS[2])}
+end
 local rate_limit = tonumber(ARGV[2])
 local remaining, tat = -1, nil
 if rate_limit > 0 then
@@ -100,27 +108,24 @@ if rate_limit > 0 then
   if not ok then return {0, 1, 0, wait, -1} end
   remaining, tat = rem, next_tat
 end
-local active_limit = tonumber(ARGV[4])
 local active = -1
 if active_limit > 0 then
   local id = ARGV[5]
   active = redis.call('ZCARD', KEYS[2])
-  if not redis.call('ZSCORE', KEYS[2], id) then
-    if active >= active_limit then
-      local stale_before = now - tonumber(ARGV[7])
-      local members = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[9]) - 1, 'WITHSCORES')
-      for i = 1, #members, 2 do
-        local rank = redis.call('HGET', ARGV[6] .. members[i], 'rank')
-        if (rank and tonumber(rank) >= 2) or (not rank and tonumber(members[i + 1]) < stale_before) then
-          redis.call('ZREM', KEYS[2], members[i])
-          active = active - 1
-        end
+  if active >= active_limit then
+    local stale_before = now - tonumber(ARGV[7])
+    local members = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[9]) - 1, 'WITHSCORES')
+    for i = 1, #members, 2 do
+      local rank = redis.call('HGET', ARGV[6] .. members[i], 'rank')
+      if (rank and tonumber(rank) >= 2) or (not rank and tonumber(members[i + 1]) < stale_before) then
+        redis.call('ZREM', KEYS[2], members[i])
+        active = active - 1
       end
-      if active >= active_limit then return {0, 2, 0, 0, active} end
     end
-    redis.call('ZADD', KEYS[2], now, id)
-    active = active + 1
+    if active >= active_limit then return {0, 2, 0, 0, active} end
   end
+  redis.call('ZADD', KEYS[2], now, id)
+  active = active + 1
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[8]))
 end
 if tat then commit(KEYS[1], tat, now) end

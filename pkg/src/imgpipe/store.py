@@ -42,16 +42,47 @@ log = logging.getLogger("imgpipe.store")
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
 
+# Shared by the scripts that write a record (_TRANSITION, _REOPEN).
+_LUA_RECORD = """
+-- The record as it stands is this very write (its data holds its `updated_at`, to the microsecond):
+-- the client sent the script again after a reply it lost on a dropped connection, and nothing
+-- changed the record since. Its version, else nil.
+local function already_written(key, data)
+  local cur = redis.call('HMGET', key, 'version', 'data')
+  if cur[2] == data then
+    return tonumber(cur[1])
+  end
+  return nil
+end
+-- The record's Idempotency-Key claim (its name, noted at create) lasts as long as the record, if it
+-- still holds this job: a retry with the key must find the job for as long as the job exists.
+local function keep_claim(key, job_id, ttl)
+  local claim = redis.call('HGET', key, 'idem')
+  if not claim then return end
+  local held = redis.call('GET', claim)
+  if held and cjson.decode(held).job_id == job_id then
+    redis.call('EXPIRE', claim, ttl)
+  end
+end
+"""
+
 # KEYS[1] job hash, KEYS[2] (optional) the source marker, KEYS[3] (optional) the source's deletion
-# mark; ARGV: rank, data, ttl seconds, channel, create-only flag, expected version ('' for any), job
-# id (the marker's value), the Idempotency-Key claim a create makes last as long as the record ('' for
-# none; a name, not a KEY, as the job hashes `Limits` reads: fine on one Redis).
+# mark; ARGV: rank, data, ttl seconds, channel, create-only flag, the newest version the write may go
+# over ('' for any: a newer one is a change the writer has not seen), job id (the marker's value),
+# the Idempotency-Key claim a create makes last as long as the record ('' for none; a name, not a
+# KEY, as the job hashes `Limits` reads: fine on one Redis; noted in the hash as `idem`, so that
+# every later write keeps the claim as long as the record).
 # Returns {1, new version} when applied, else {0, version, data} of the record as it stands (version 0
 # and no data when the job does not exist), or {0, -1} for a create whose source is being deleted.
-_TRANSITION = """
+# A script sent again after its reply was lost finds its own write, and answers {1, version} again.
+_TRANSITION = (
+    _LUA_RECORD
+    + """
 local cur = redis.call('HGET', KEYS[1], 'rank')
 if ARGV[5] == '1' then
   if cur then
+    local mine = already_written(KEYS[1], ARGV[2])
+    if mine then return {1, mine} end
     return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
   end
   if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then
@@ -60,7 +91,9 @@ if ARGV[5] == '1' then
 elseif not cur then
   return {0, 0, false}
 elseif tonumber(cur) >= tonumber(ARGV[1])
-    or (ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'version') ~= ARGV[6]) then
+    or (ARGV[6] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'version')) > tonumber(ARGV[6])) then
+  local mine = already_written(KEYS[1], ARGV[2])
+  if mine then return {1, mine} end
   return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
 end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -70,24 +103,33 @@ if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[7], 'EX', tonumber(ARGV[3]))
 end
 if ARGV[8] ~= '' then
+  redis.call('HSET', KEYS[1], 'idem', ARGV[8])
   redis.call('EXPIRE', ARGV[8], tonumber(ARGV[3]))
+else
+  keep_claim(KEYS[1], ARGV[7], tonumber(ARGV[3]))
 end
 redis.call('PUBLISH', ARGV[4], '{"version":' .. v .. ',"record":' .. ARGV[2] .. '}')
 return {1, v}
 """
+)
 
 # The one way back: `failed` -> `pending`, for replaying a dead-lettered job. Kept apart from
 # _TRANSITION so "only forward" stays the rule there. Applied only to a `failed` record still at the
 # expected version (ARGV[4]), so two replays of one job reopen it once. `republished_at` (the
 # reconciler's stuck-pending mark) is cleared: the reopened job gets the whole stuck-pending window.
 # KEYS[1] job hash, KEYS[2] (optional) the source marker; ARGV: data, ttl seconds, channel,
-# expected version, job id. Returns {applied (0/1), version, data}, the data even when applied.
-_REOPEN = """
+# expected version, job id. Returns {applied (0/1), version, data}, the data even when applied; a
+# script sent again after its reply was lost finds its own write, and answers applied again.
+_REOPEN = (
+    _LUA_RECORD
+    + """
 local cur = redis.call('HMGET', KEYS[1], 'version', 'data')
 if not cur[1] then
   return {0, 0, false}
 end
 if cur[1] ~= ARGV[4] or cjson.decode(cur[2])['status'] ~= 'failed' then
+  local mine = already_written(KEYS[1], ARGV[1])
+  if mine then return {1, mine, ARGV[1]} end
   return {0, tonumber(cur[1]), cur[2]}
 end
 local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -97,9 +139,11 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 if KEYS[2] then
   redis.call('SET', KEYS[2], ARGV[5], 'EX', tonumber(ARGV[2]))
 end
+keep_claim(KEYS[1], ARGV[5], tonumber(ARGV[2]))
 redis.call('PUBLISH', ARGV[3], '{"version":' .. v .. ',"record":' .. ARGV[1] .. '}')
 return {1, v, ARGV[1]}
 """
+)
 
 
 # Records a presigned upload, in one round trip (the pipeline of six commands it replaces cost the
@@ -366,7 +410,7 @@ class JobStore:
         record: JobRecord,
         *,
         create: bool = False,
-        expect_version: int | None = None,
+        seen_version: int | None = None,
         claim: tuple[str, str] | None = None,
     ) -> Transition:
         data = record.model_dump_json(exclude={"version"})
@@ -384,7 +428,7 @@ class JobStore:
                 self.retention_s,
                 self.channel,
                 "1" if create else "0",
-                "" if expect_version is None else str(expect_version),
+                "" if seen_version is None else str(seen_version),
                 record.id,
                 "" if claim is None else self._idem_key(*claim),
             ],
@@ -413,17 +457,32 @@ class JobStore:
         await self.redis.delete(self.job_key(job_id))
 
     async def mark_processing(self, job_id: str) -> Transition:
-        current = await self.get(job_id)
-        if current is None or current.status.terminal:
-            return Transition(False, current)
-        if current.status is JobStatus.PROCESSING:
-            # A redelivery or a retry: the job is taken up again as it is, and when is noted.
-            await self.calls.script(self._taken_up_script, [self.job_key(job_id)], [repr(time.time())])
-            return Transition(False, current)
-        record = current.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
-        return await self._apply(record)
+        """Take the job up: `pending` -> `processing`, from the record as it stands.
+
+        Not applied, with the record, when it is already processing (a redelivery or a retry: when is
+        noted, as `taken_up_at`), finished or gone. The write is from the record just read, and never
+        over a newer version of it: a replay between the read and the write is not written over.
+        """
+        for _ in range(3):
+            current = await self.get(job_id)
+            if current is None or current.status.terminal:
+                return Transition(False, current)
+            if current.status is JobStatus.PROCESSING:
+                await self.calls.script(self._taken_up_script, [self.job_key(job_id)], [repr(time.time())])
+                return Transition(False, current)
+            record = current.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
+            taken = await self._apply(record, seen_version=current.version)
+            if taken.applied or taken.record is None or taken.record.status is not JobStatus.PENDING:
+                return taken
+            # Still pending, at another version (failed and replayed meanwhile): read it again.
+        return taken
 
     async def mark_succeeded(self, current: JobRecord, variants: list[VariantResult]) -> Transition:
+        """Move the job to `succeeded`, unless a version newer than `current` (the worker's
+        `processing` record) was written since: a worker that held a job across its failure and
+        replay must not finish the replayed job with its old copy's result. Not applied then, with
+        the record as it stands. An older version (a Redis failover that lost the last writes) is
+        written over: the job is done."""
         record = current.model_copy(
             update={
                 "status": JobStatus.SUCCEEDED,
@@ -432,13 +491,12 @@ class JobStore:
                 "updated_at": utcnow(),
             }
         )
-        return await self._apply(record)
+        return await self._apply(record, seen_version=current.version)
 
-    async def mark_failed(
-        self, current: JobRecord, code: str, message: str, *, only_if_unchanged: bool = False
-    ) -> Transition:
-        """Move the job to `failed`; with `only_if_unchanged`, only if nobody changed it since `current`
-        was read (the reconciler must not fail a job a worker has just taken up)."""
+    async def mark_failed(self, current: JobRecord, code: str, message: str) -> Transition:
+        """Move the job to `failed`, unless a version newer than `current` was written since: the
+        reconciler must not fail a job a worker has just taken up, nor a worker that held a job
+        across its failure and replay fail the replayed job. Not applied then, with the record."""
         record = current.model_copy(
             update={
                 "status": JobStatus.FAILED,
@@ -446,7 +504,7 @@ class JobStore:
                 "updated_at": utcnow(),
             }
         )
-        return await self._apply(record, expect_version=current.version if only_if_unchanged else None)
+        return await self._apply(record, seen_version=current.version)
 
     async def reopen(self, current: JobRecord) -> Transition:
         """Move a `failed` job back to `pending` (error cleared, `replays` counted), to replay it.

@@ -473,9 +473,7 @@ class Reconciler:
         if dry_run:
             summary.stuck_failed += 1
             return
-        done = await self._store.mark_failed(
-            record, TIMEOUT_CODE, f"the job did not finish: {why}", only_if_unchanged=True
-        )
+        done = await self._store.mark_failed(record, TIMEOUT_CODE, f"the job did not finish: {why}")
         if done.applied:
             summary.stuck_failed += 1
             STUCK_JOBS.labels("failed").inc()

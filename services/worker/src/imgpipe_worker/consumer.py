@@ -341,10 +341,11 @@ class Consumer:
         self, record: JobRecord, message: AbstractIncomingMessage, failure: JobFailed, attempt: int
     ) -> None:
         # Another copy of the message (a redelivery, the reconciler's re-publish of a job that waited
-        # long) may have finished the job meanwhile: this copy then neither schedules a retry nor
-        # leaves a dead letter for a job that is done, and is not counted as a failure.
+        # long) may have finished the job meanwhile, or the job may even have failed and been
+        # replayed by an admin (a newer version): this copy then neither schedules a retry nor
+        # leaves a dead letter for a job that is not its own any more, and is not counted as a failure.
         current = await _persist(lambda: self._store.get(record.id))
-        if current is None or current.status.terminal:
+        if current is None or current.status.terminal or current.version > record.version:
             await message.ack()
             _settled_elsewhere(current, "failure")
             return
