@@ -154,6 +154,24 @@ def test_scan_count_counts_the_scans_libjpeg_reads() -> None:
     assert progressive.scan_count(_with_scans(data, 1000), 5000) == scans + 1000
 
 
+def test_coefficient_count_reads_the_frame_header() -> None:
+    """Every component's blocks, in whole MCUs, 64 coefficients each: 300 x 200 is 38 x 25 blocks at
+    full resolution; 4:2:0's luma rounds to 38 x 26 and its chroma components have 19 x 13."""
+    assert progressive.coefficient_count(progressive_jpeg(300, 200, subsample_mode="off")) == 3 * 38 * 25 * 64
+    data = progressive_jpeg(300, 200, subsample_mode="on")
+    assert progressive.coefficient_count(data) == (38 * 26 + 2 * 19 * 13) * 64
+    assert progressive.coefficient_count(progressive_jpeg(300, 200, bands=1)) == 38 * 25 * 64
+    # Garbage between segments, which libjpeg passes over with a warning, hides nothing.
+    assert progressive.coefficient_count(data[:2] + b"garbage" + data[2:]) == (38 * 26 + 2 * 19 * 13) * 64
+    # No frame header it reads: none before a scan, cut short, or a height left to a DNL marker.
+    sof = data.index(b"\xff\xc2")
+    first_scan = data.index(b"\xff\xda")
+    assert progressive.coefficient_count(data[:sof] + data[first_scan:]) is None
+    assert progressive.coefficient_count(data[: sof + 6]) is None
+    assert progressive.coefficient_count(data[: sof + 5] + b"\x00\x00" + data[sof + 7 :]) is None
+    assert progressive.coefficient_count(b"not a jpeg") is None
+
+
 def test_a_file_of_countless_markers_counts_as_too_many_scans() -> None:
     data = progressive_jpeg(300, 200)
     comment = b"\xff\xfe\x00\x02"

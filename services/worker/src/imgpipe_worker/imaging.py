@@ -22,6 +22,7 @@ once. Anything else (a bug, `MemoryError`) propagates unchanged so the caller ca
 from __future__ import annotations
 
 import array
+import itertools
 import math
 import struct
 import sys
@@ -308,6 +309,8 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
     if frames > limits.max_frames:
         raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
     _check_decode_budget(f"this {width}x{height} {fmt}", decode_bytes(fmt, header, data), limits)
+    if header.get_typeof("icc-profile-data"):
+        _check_icc(header.get("icc-profile-data"))
     if fmt == "tiff":
         _check_tiff_data(data)
     if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
@@ -401,7 +404,7 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     """
     pixels = header.width * header.height  # one frame: libvips reports the first page only
     if fmt == "jpeg" and _get(header, "jpeg-multiscan", 0):
-        return math.ceil(_coefficients(header) * _MULTISCAN_JOB_FACTOR)
+        return math.ceil(_coefficients(header, data) * _MULTISCAN_JOB_FACTOR)
     if fmt in ("png", "tiff"):
         row = header.width * header.bands * _SAMPLE_BYTES.get(header.format, 8)
         held = math.ceil(row * min(header.height, _STREAMED_ROWS) * _STREAMED_ROW_FACTOR)
@@ -419,9 +422,13 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     return math.ceil(pixels * _BUFFERED_BYTES_PER_PIXEL.get(fmt, 0))
 
 
-def _coefficients(header: pyvips.Image) -> float:
+def _coefficients(header: pyvips.Image, data: bytes) -> float:
     """The bytes of a multi-scan JPEG's DCT coefficients, which libjpeg keeps for the whole image:
-    2 a sample, and chroma subsampling decides how many samples a pixel has."""
+    2 a sample, and chroma subsampling decides how many samples a pixel has (read from the frame
+    header, else from libvips' name for it)."""
+    count = progressive.coefficient_count(data)
+    if count is not None:
+        return count * 2
     chroma = _CHROMA_FRACTION.get(str(_get(header, "jpeg-chroma-subsample", "")), 1.0)
     return header.width * header.height * (1 + (header.bands - 1) * chroma) * 2
 
@@ -511,6 +518,33 @@ def _check_png_chunks(data: bytes) -> None:
         if ctype == b"IEND":
             return
         pos = end
+
+
+# The tags of ICC v4's floating-point transforms, and the type they hold (multi-process elements).
+# little-cms builds the transform from them while `thumbnail` sets up, in one call that no deadline
+# reaches and that cannot be stopped: elements can all point at the same bytes, so a 2 kB profile of
+# 32,000 of them held a render thread 34 s, and a 3 kB one over a minute. No camera, phone or image
+# editor writes them into a photo.
+_ICC_FLOAT_TAGS = frozenset({b"D2B0", b"D2B1", b"D2B2", b"D2B3", b"B2D0", b"B2D1", b"B2D2", b"B2D3"})
+_ICC_TAG_TABLE = 128  # the tag count, then 12 bytes a tag: signature, offset, size
+
+
+def _check_icc(profile: bytes) -> None:
+    """Refuse an embedded ICC profile that uses multi-process elements (`unsupported_format`).
+
+    A profile whose tag table cannot be read is left to little-cms, which decides as before.
+    """
+    try:
+        (count,) = struct.unpack_from(">I", profile, _ICC_TAG_TABLE)
+    except struct.error:
+        return
+    for index in range(min(count, (len(profile) - _ICC_TAG_TABLE - 4) // 12)):
+        signature, offset, _ = struct.unpack_from(">4sII", profile, _ICC_TAG_TABLE + 4 + 12 * index)
+        if signature in _ICC_FLOAT_TAGS or profile[offset : offset + 4] == b"mpet":
+            raise ImageError(
+                "unsupported_format",
+                "its ICC profile uses multi-process elements (ICC v4 D2Bx/B2Dx tags): not supported",
+            )
 
 
 # TIFF field types we meet in offset/count tags: SHORT, LONG, and BigTIFF's LONG8.
@@ -867,33 +901,58 @@ def _prepare_for(image: pyvips.Image, fmt: str) -> pyvips.Image:
     return image
 
 
-# Memory an encoder holds for one output image, in bytes a pixel, measured with libvips 8.18 on noise (what
-# compresses least) from 2048 to 4400 px square: libwebp and libheif/aom hold the whole picture, and an
-# alpha plane goes through libwebp's lossless encoder, far hungrier again; libjpeg keeps every coefficient
-# of a progressive (or Huffman-optimised) JPEG; pngsave builds the whole file in memory. An 8192 x 8192
-# WebP took a worker 411 MB, an AVIF of it 1.4 GB; a 4400 x 4400 WebP 270 MB (14 bytes a pixel).
-_ENCODE_BYTES_PER_PIXEL = {"jpeg": 10.0, "png": 7.5, "webp": 15.0, "avif": 26.0}
-_ENCODE_ALPHA_BYTES_PER_PIXEL = {"png": 10.0, "webp": 40.0, "avif": 43.0}
+# Memory an encoder holds for one output image, in bytes a pixel, by quality: the most glibc's malloc
+# handed out while libvips 8.18 encoded noise (sigma 60: what compresses least; 1,000 to 3,000 px
+# square), output and its copy to Python included, plus a tenth. libwebp and libheif/aom hold the
+# whole picture, and more of it the higher the quality (an AVIF at 100 twice what it holds at 80); an
+# alpha plane goes through libwebp's lossless encoder, far hungrier again; libjpeg keeps every
+# coefficient of a progressive (or Huffman-optimised) JPEG; pngsave builds the whole file in memory,
+# whatever the quality (it has none). Between the qualities measured, the cost is interpolated; below
+# the lowest, it is the lowest's.
+_ENCODE_QUALITIES = (80, 90, 95, 100)
+_ENCODE_BYTES_PER_PIXEL = {
+    "jpeg": (10.0, 15.0, 17.0, 17.0),
+    "png": (7.5, 7.5, 7.5, 7.5),
+    "webp": (18.5, 22.5, 26.0, 29.5),
+    "avif": (31.5, 53.0, 54.5, 62.5),
+}
+_ENCODE_ALPHA_BYTES_PER_PIXEL = {
+    "png": (10.0, 10.0, 10.0, 10.0),
+    "webp": (49.5, 50.5, 50.5, 50.5),
+    "avif": (60.0, 79.5, 81.5, 84.0),
+}
 # Larger JPEGs are written baseline with the standard Huffman tables, which stream (33 MB for 8192 x 8192
 # against 410 MB), for about 10% more bytes; a progressive JPEG pays off most on the web-sized ones.
+# What they hold is the output buffer and its copy to Python, which grow with the quality.
 _JPEG_BUFFERED_MAX_PIXELS = 8 * 1024 * 1024
-_JPEG_STREAMED_BYTES_PER_PIXEL = 1.0  # the output buffer, and its copy to Python
+_JPEG_STREAMED_BYTES_PER_PIXEL = (1.5, 2.5, 4.5, 8.0)
 
 
 def _jpeg_streams(pixels: int) -> bool:
     return pixels > _JPEG_BUFFERED_MAX_PIXELS
 
 
-def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool) -> int:
-    """Estimate the memory encoding a `width` x `height` variant as `fmt` holds."""
+def _at_quality(costs: tuple[float, ...], quality: int) -> float:
+    """`costs` (one for each of `_ENCODE_QUALITIES`) at `quality`, interpolated between them."""
+    points = list(zip(_ENCODE_QUALITIES, costs, strict=True))
+    if quality <= points[0][0]:
+        return points[0][1]
+    for (low_q, low), (high_q, high) in itertools.pairwise(points):
+        if quality <= high_q:
+            return low + (high - low) * (quality - low_q) / (high_q - low_q)
+    return points[-1][1]
+
+
+def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool, quality: int = 80) -> int:
+    """Estimate the memory encoding a `width` x `height` variant as `fmt` at `quality` holds."""
     pixels = width * height
     if fmt == "jpeg" and _jpeg_streams(pixels):
-        per_pixel = _JPEG_STREAMED_BYTES_PER_PIXEL
+        costs = _JPEG_STREAMED_BYTES_PER_PIXEL
     elif alpha and fmt in _ENCODE_ALPHA_BYTES_PER_PIXEL:
-        per_pixel = _ENCODE_ALPHA_BYTES_PER_PIXEL[fmt]
+        costs = _ENCODE_ALPHA_BYTES_PER_PIXEL[fmt]
     else:
-        per_pixel = _ENCODE_BYTES_PER_PIXEL[fmt]
-    return math.ceil(pixels * per_pixel)
+        costs = _ENCODE_BYTES_PER_PIXEL[fmt]
+    return math.ceil(pixels * _at_quality(costs, quality))
 
 
 def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
@@ -936,7 +995,7 @@ def _held_bytes(fmt: str, header: pyvips.Image, data: bytes) -> int:
     (canvases, a whole frame, full-width rows). Nothing for those that stream (baseline JPEG, lossy
     still WebP: see `_decoded_at_target`)."""
     if fmt == "jpeg":
-        return math.ceil(_coefficients(header)) if _get(header, "jpeg-multiscan", 0) else 0
+        return math.ceil(_coefficients(header, data)) if _get(header, "jpeg-multiscan", 0) else 0
     if fmt == "heif":
         bands = 4 if header.bands >= 4 else 3
         return header.width * header.height * bands * (1 if header.format == "uchar" else 2)
@@ -998,7 +1057,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         out_w, out_h = _output_size(variant, width, height)
         alpha = header.hasalpha() and variant.format != "jpeg"
         what = f"making variant {variant.name!r} ({out_w}x{out_h} {variant.format}) from {source}"
-        return encode_bytes(variant.format, out_w, out_h, alpha=alpha), what
+        return encode_bytes(variant.format, out_w, out_h, alpha=alpha, quality=variant.quality), what
 
     def decoding(scale: float) -> int:
         return held + _rows_bytes(fmt, header, held, scale) + decoded_at(scale)
@@ -1081,7 +1140,7 @@ def _decode_first(fmt: str, header: pyvips.Image, data: bytes, variant: Variant)
     out_w, out_h = _output_size(variant, *_oriented_size(header))
     alpha = header.hasalpha() and variant.format != "jpeg"
     pixels = out_w * out_h * (4 if alpha else 3)
-    encoder = encode_bytes(variant.format, out_w, out_h, alpha=alpha)
+    encoder = encode_bytes(variant.format, out_w, out_h, alpha=alpha, quality=variant.quality)
     return decode_bytes(fmt, header, data) > pixels and encoder > pixels
 
 
@@ -1149,6 +1208,10 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
     except pyvips.Error as exc:
         if deadline.expired():
             raise deadline.error() from exc
+        if "out of memory" in str(exc):
+            # The worker's, not the image's: the budget let the job through, and memory ran short
+            # anyway (other jobs, a tight container). Retried, not failed for good as a bad image.
+            raise MemoryError(f"libvips ran out of memory: {_vips_reason(exc)}") from exc
         raise ImageError("corrupt_image", f"cannot decode or process the image: {_vips_reason(exc)}") from exc
 
 

@@ -26,7 +26,7 @@ import math
 import re
 import struct
 
-__all__ = ["dc_only", "scan_count"]
+__all__ = ["coefficient_count", "dc_only", "scan_count"]
 
 _SOI = b"\xff\xd8"
 _EOI = 0xD9
@@ -178,20 +178,76 @@ def _rewrite(data: bytes) -> bytes | None:
     return b"".join(parts)
 
 
-def _frame_blocks(frame: bytes) -> dict[int, int] | None:
-    """Block counts of the full-resolution components, by id, in a one-component scan (JPEG A.2.2)."""
+def _frame(frame: bytes) -> tuple[int, int, int, list[tuple[int, int, int]]] | None:
+    """A frame header's precision, width, height and components (id, horizontal and vertical
+    sampling factors), or None for one libjpeg would refuse or that this parser leaves alone: a
+    height given later by DNL, an odd component count (JPEG B.2.2)."""
     precision, height, width, count = struct.unpack_from(">BHHB", frame)
-    if precision != 8 or not height or not width or count not in (1, 3, 4) or len(frame) < 6 + 3 * count:
-        return None  # 12-bit, a height given later by DNL, or an odd component count
+    if not height or not width or count not in (1, 3, 4) or len(frame) < 6 + 3 * count:
+        return None
     components = [(frame[6 + 3 * i], frame[7 + 3 * i] >> 4, frame[7 + 3 * i] & 0x0F) for i in range(count)]
     if len({c[0] for c in components}) != count or not all(
         1 <= c[1] <= 4 and 1 <= c[2] <= 4 for c in components
     ):
         return None
+    return precision, width, height, components
+
+
+def _frame_blocks(frame: bytes) -> dict[int, int] | None:
+    """Block counts of the full-resolution components, by id, in a one-component scan (JPEG A.2.2)."""
+    parsed = _frame(frame)
+    if parsed is None or parsed[0] != 8:
+        return None  # 12-bit: not rewritten
+    _, width, height, components = parsed
     h_max = max(c[1] for c in components)
     v_max = max(c[2] for c in components)
     blocks = math.ceil(width / 8) * math.ceil(height / 8)  # a full-resolution component's
     return {ident: blocks for ident, h, v in components if h == h_max and v == v_max}
+
+
+def coefficient_count(data: bytes) -> int | None:
+    """How many DCT coefficients libjpeg keeps for the whole of the multi-scan JPEG `data`, from its
+    frame header; None when there is none this parser reads (the caller estimates otherwise).
+
+    Each component's own: a subsampled one has fewer blocks, by its sampling factors against the
+    largest, and libjpeg rounds each component's block rows and columns up to whole MCUs. The
+    sampling factors, not libvips' `jpeg-chroma-subsample`, which calls 4:2:2 and 4:4:0 "4:2:0"
+    (a 4:2:2 photo has a third more coefficients than a 4:2:0 one).
+    """
+    pos, markers = 2, 0
+    try:
+        while markers < _MAX_SEGMENTS:
+            found = _MARKER.search(data, pos)
+            if found is None:
+                return None
+            marker, pos = data[found.end() - 1], found.end()
+            markers += 1
+            if marker in (_SOS, _EOI):
+                return None  # no frame header before the first scan
+            if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+                continue
+            (length,) = struct.unpack_from(">H", data, pos)
+            if marker in _SOF_MARKERS:
+                parsed = _frame(data[pos + 2 : pos + length])
+                if parsed is None:
+                    return None
+                _, width, height, components = parsed
+                h_max = max(c[1] for c in components)
+                v_max = max(c[2] for c in components)
+                return sum(
+                    _round_up(math.ceil(width * h / (8 * h_max)), h)
+                    * _round_up(math.ceil(height * v / (8 * v_max)), v)
+                    * 64
+                    for _, h, v in components
+                )
+            pos += length
+    except struct.error:
+        return None
+    return None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _zero_ac_scan(component: int, blocks: int) -> bytes:
