@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.e2e
 JOB_KEYS = {"id", "status", "created_at", "updated_at", "variants", "error"}
 HEARTBEAT_S = 0.2
 CAP_PER_USER, CAP_TOTAL = 2, 3
+CLIENT_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,15 @@ def quiet(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
                 {
                     "IMGPIPE_SSE_MAX_STREAMS_PER_USER": str(CAP_PER_USER),
                     "IMGPIPE_SSE_MAX_STREAMS": str(CAP_TOTAL),
+                },
+            ),
+            # Heartbeats that fill a stalled client's window at once, and a short wait on it.
+            "status-stalled": (
+                "status",
+                {
+                    "IMGPIPE_SSE_HEARTBEAT_S": "0.01",
+                    "IMGPIPE_SSE_CLIENT_TIMEOUT_S": str(CLIENT_TIMEOUT_S),
+                    "IMGPIPE_SSE_MAX_STREAMS_PER_USER": "1",
                 },
             ),
         },
@@ -313,6 +324,52 @@ async def test_streams_are_bounded_per_user_and_per_process(
             await asyncio.sleep(0.1)
 
 
+async def test_a_client_that_stops_acknowledging_loses_its_stream(
+    http: aiohttp.ClientSession, quiet: Stack
+) -> None:
+    """A client gone without closing (a phone that lost its network) held its stream, and its place
+    under the per-user limit, until the kernel gave up retransmitting: about 15 minutes. The kernel
+    now drops it once what the stream sends has waited `IMGPIPE_SSE_CLIENT_TIMEOUT_S` for the client.
+    Here the client stops reading with a tiny receive window, which the heartbeats fill at once: what
+    the server sends then waits behind a zero window, as it would wait unacknowledged for a client
+    that vanished."""
+    base = quiet.services["status-stalled"].url
+    alice = Client(http, quiet, "alice")
+    job = await alice.submit({"key": await alice.upload(image())})
+    address = urlsplit(base)
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the least the kernel allows
+    stalled.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(stalled, (address.hostname, address.port))
+        request = f"GET /jobs/{job['id']}/events HTTP/1.1\r\nHost: x\r\n"
+        await loop.sock_sendall(
+            stalled, f"{request}Authorization: {alice.headers['Authorization']}\r\n\r\n".encode()
+        )
+        # Its place is taken (the limit is 1) while the server holds its stream...
+        async with asyncio.timeout(10):
+            while True:
+                async with _stream(alice, job["id"], base=base) as response:
+                    if response.status == 429:
+                        break
+                await asyncio.sleep(0.05)
+        opened = loop.time()
+        # ... and given back once the kernel drops the stalled connection: the stream ends.
+        async with asyncio.timeout(10 * CLIENT_TIMEOUT_S + 5), contextlib.AsyncExitStack() as held:
+            while await _opened(alice, job["id"], base, held) != 200:
+                await held.aclose()
+                await asyncio.sleep(0.1)
+        assert loop.time() - opened >= CLIENT_TIMEOUT_S * 0.9
+        # The server reset the connection: the client reads what had arrived, then the reset.
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(10):
+                while await loop.sock_recv(stalled, 65536):
+                    pass
+    finally:
+        stalled.close()
+
+
 async def test_query_token_on_a_live_stream(http: aiohttp.ClientSession, quiet: Stack) -> None:
     alice = Client(http, quiet, "alice")
     job = await alice.submit({"key": await alice.upload(image())})
@@ -410,10 +467,10 @@ async def test_one_subscription_per_process_and_fan_out(
         channel = f"{quiet.env['IMGPIPE_NAMESPACE']}:events"
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
-            # 26 streams on two processes (and none on the third): three subscriptions, one per
+            # 26 streams on two processes (and none on the other two): four subscriptions, one per
             # process, not one per stream.
             processes = sum(name.startswith("status") for name in quiet.services)
-            assert processes == 3
+            assert processes == 4
             assert await client.pubsub_numsub(channel) == [(channel.encode(), processes)]
         finally:
             await client.aclose()

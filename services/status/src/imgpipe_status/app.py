@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import resource
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -52,6 +53,11 @@ class SseSettings(BaseSettings):
     #: Event streams one status process holds open in all (0 = no limit): each costs a socket and
     #: some memory (the benchmark's 5,000 streams on one process: 150 MiB at its peak).
     sse_max_streams: int = Field(default=10_000, ge=0)
+    #: Seconds what a stream sends may go unacknowledged (or wait on a client that stopped reading)
+    #: before the kernel drops the connection (TCP_USER_TIMEOUT; 0 = the kernel's default, about 15
+    #: minutes of retransmissions). A client that vanished without closing (a phone that lost its
+    #: network) otherwise keeps its stream, and its place under the per-user limit, that long.
+    sse_client_timeout_s: float = Field(default=60.0, ge=0, le=3600)
 
 
 def _visible(record: JobRecord | None, principal: Principal) -> JobRecord:
@@ -133,6 +139,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         if chunked:
             response.enable_chunked_encoding()
         await response.prepare(request)
+        _drop_when_unacknowledged(request.transport, settings.sse_client_timeout_s)
         SSE_CONNECTIONS.inc()
         try:
             # The first event goes through aiohttp, which sends the headers with it.
@@ -145,6 +152,25 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         finally:
             SSE_CONNECTIONS.dec()
     return response
+
+
+def _drop_when_unacknowledged(transport: asyncio.BaseTransport | None, timeout_s: float) -> None:
+    """Have the kernel drop the connection once what is sent on it has waited `timeout_s` for the
+    client (TCP_USER_TIMEOUT): unacknowledged, or unsent behind a client's full receive window.
+
+    The heartbeats keep data in flight, so a client gone without a word is found within a heartbeat
+    and this timeout; the stream's handler then sees the transport closed, and ends. Where the
+    option does not exist (not Linux, a Unix socket), the kernel's retransmissions decide.
+    """
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if not timeout_s or sock is None or not hasattr(socket, "TCP_USER_TIMEOUT"):
+        return
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(timeout_s * 1000))
+    except OSError as exc:
+        log.warning("a stream's socket keeps the kernel's timeout: %s", exc)
 
 
 async def _until_end(listener: Listener, heartbeat_s: float, valid_until: float) -> None:
