@@ -7,13 +7,19 @@ from imgpipe.web import ApiError
 from imgpipe_status.streams import Streams
 
 
+def _refused(streams: Streams, user: str) -> ApiError:
+    """The error a new stream of `user` is refused with (it fails the test if none)."""
+    with pytest.raises(ApiError) as refused, streams.slot(user):
+        pass
+    return refused.value
+
+
 def test_a_user_at_the_limit_is_refused_429_and_others_are_not() -> None:
     streams = Streams(per_user=2, total=10)
     with streams.slot("alice"), streams.slot("alice"):
-        with pytest.raises(ApiError) as refused, streams.slot("alice"):
-            pass
-        assert (refused.value.status, refused.value.code) == (429, "too_many_streams")
-        assert refused.value.headers["Retry-After"] == "5"
+        refused = _refused(streams, "alice")
+        assert (refused.status, refused.code) == (429, "too_many_streams")
+        assert refused.headers["Retry-After"] == "5"
         with streams.slot("bob"):
             assert (streams.of("alice"), streams.of("bob"), streams.open) == (2, 1, 3)
     assert (streams.of("alice"), streams.open) == (0, 0)
@@ -22,12 +28,10 @@ def test_a_user_at_the_limit_is_refused_429_and_others_are_not() -> None:
 def test_a_full_process_is_503_but_a_user_at_their_own_limit_hears_that_first() -> None:
     streams = Streams(per_user=1, total=2)
     with streams.slot("alice"), streams.slot("bob"):
-        with pytest.raises(ApiError) as full, streams.slot("carol"):
-            pass
-        assert (full.value.status, full.value.code) == (503, "streams_at_capacity")
-        with pytest.raises(ApiError) as own, streams.slot("alice"):
-            pass
-        assert (own.value.status, own.value.code) == (429, "too_many_streams")
+        full = _refused(streams, "carol")
+        assert (full.status, full.code) == (503, "streams_at_capacity")
+        own = _refused(streams, "alice")
+        assert (own.status, own.code) == (429, "too_many_streams")
     with streams.slot("carol"):
         assert streams.open == 1
 
