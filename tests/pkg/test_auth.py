@@ -201,8 +201,15 @@ async def test_audience_and_issuer_enforced_when_configured(extra: dict, ok: boo
         assert (await _rejected(verifier, token)).code == "invalid_token"
 
 
-async def test_audience_ignored_when_not_configured() -> None:
-    assert (await _verifier().verify(_token(_claims(aud="anything", iss="anyone")))).sub == "alice"
+async def test_a_token_for_an_audience_is_refused_when_none_is_configured() -> None:
+    """RFC 7519 §4.1.3: a token that names an audience is for that audience. With none configured
+    (Cognito's access tokens carry none), an ID token or another API's token was let in."""
+    for aud in ("https://other-api.example", ["some-client-id"]):
+        rejected = await _rejected(_verifier(), _token(_claims(aud=aud)))
+        assert rejected.code == "invalid_token"
+        assert "configured with none" in rejected.message
+    # A token with no `aud` is what such a service takes; `iss` goes unchecked when unset.
+    assert (await _verifier().verify(_token(_claims(iss="anyone")))).sub == "alice"
 
 
 async def test_leeway() -> None:

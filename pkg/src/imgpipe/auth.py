@@ -381,13 +381,20 @@ class TokenVerifier:
                 leeway=self._leeway,
                 options={
                     "require": required,
-                    "verify_aud": self._audience is not None,
+                    # `aud` is checked even with no audience configured: a token that names one is
+                    # for someone else then (another API of the tenant, an ID token's client), and
+                    # RFC 7519 §4.1.3 has it refused.
                     # Short RSA keys from a key set are refused, not just warned about.
                     "enforce_minimum_key_length": self.jwks is not None,
                 },
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token_expired", "the token has expired") from None
+        except jwt.InvalidAudienceError as exc:
+            if self._audience is None:
+                message = "the token is for an audience (`aud`), and this service is configured with none"
+                raise AuthError("invalid_token", message) from None
+            raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
         except jwt.PyJWTError as exc:
             raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
 
