@@ -34,6 +34,7 @@ from imgpipe_worker.fetch import (
     fetch_url,
     make_session,
 )
+from multidict import CIMultiDict
 
 from tests.stack import free_port, wait_http
 
@@ -126,6 +127,10 @@ async def server() -> AsyncIterator[Server]:
         await asyncio.wait_for(release.wait(), 10)
         return web.Response(body=IMAGE)
 
+    async def leisurely(request: web.Request) -> web.Response:
+        await asyncio.sleep(1)
+        return web.Response(body=IMAGE, content_type="image/png")
+
     async def slow_body(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "image/png", "Content-Length": "1000"})
         await response.prepare(request)
@@ -138,6 +143,12 @@ async def server() -> AsyncIterator[Server]:
             body=gzip.compress(b"\0" * 100_000),
             headers={"Content-Encoding": "gzip", "Content-Type": "image/png"},
         )
+
+    async def gz_behind_identity(request: web.Request) -> web.Response:
+        # Two Content-Encoding fields are one list (RFC 9110 §5.3): identity, then gzip.
+        headers = CIMultiDict([("Content-Encoding", "identity"), ("Content-Encoding", "gzip")])
+        headers["Content-Type"] = "image/png"
+        return web.Response(body=gzip.compress(b"\0" * 100_000), headers=headers)
 
     def status(code: int):  # type: ignore[no-untyped-def]
         async def handler(request: web.Request) -> web.Response:
@@ -180,8 +191,10 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_get("/big-chunked", big_chunked)
     app.router.add_get("/exact", exact)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/leisurely", leisurely)
     app.router.add_get("/slow-body", slow_body)
     app.router.add_get("/gzip", gz)
+    app.router.add_get("/gzip-behind-identity", gz_behind_identity)
     for code in (401, 403, 404, 410, 429, 500, 503):
         app.router.add_get(f"/status/{code}", status(code))
     app.router.add_get("/redirect", redirect("/image"))
@@ -370,9 +383,11 @@ async def test_body_is_held_once(file_server: tuple[Path, str]) -> None:
     assert peak < 1.25 * size, f"{peak / size:.2f} times the body"
 
 
-async def test_compressed_body_is_refused(server: Server) -> None:
-    error = await fetch_error(server.url("/gzip"), local_policy())
+@pytest.mark.parametrize("path", ["/gzip", "/gzip-behind-identity"])
+async def test_compressed_body_is_refused(server: Server, path: str) -> None:
+    error = await fetch_error(server.url(path), local_policy())
     assert (error.code, error.transient) == ("url_http_error", False)
+    assert "gzip" in error.message
 
 
 # --------------------------------------------------------------------------- timeouts and errors
@@ -384,6 +399,19 @@ async def test_slow_server_times_out(server: Server) -> None:
     error = await fetch_error(server.url("/slow"), local_policy(total_timeout_s=0.3))
     assert (error.code, error.transient) == ("url_timeout", True)
     assert loop.time() - started < 3
+
+
+async def test_many_fetches_from_one_host_do_not_queue_into_a_connect_timeout(server: Server) -> None:
+    """The session capped its connections at 8 a host, and aiohttp counts the wait for one in the
+    connect timeout: a worker at concurrency 8 or more fetching from one CDN failed the ninth fetch
+    with `url_timeout`, blaming a server that answered every request. How many fetches run at once
+    is the worker's prefetch, not the pool's."""
+    policy = local_policy(connect_timeout_s=0.5, total_timeout_s=10.0)
+    async with make_session(policy, resolver=StubResolver()) as session:
+        fetched = await asyncio.gather(
+            *(fetch_url(server.url("/leisurely"), policy, session=session) for _ in range(20))
+        )
+    assert [f.data for f in fetched] == [IMAGE] * 20
 
 
 async def test_total_time_is_capped_while_data_keeps_flowing(server: Server) -> None:

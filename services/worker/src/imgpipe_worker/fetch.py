@@ -204,8 +204,11 @@ def make_session(policy: FetchPolicy, *, resolver: AbstractResolver | None = Non
         # connects to cached answers rather than looking the name up again.
         use_dns_cache=True,
         ttl_dns_cache=30,
-        limit=64,
-        limit_per_host=8,
+        # No pool limits: aiohttp counts the wait for a pooled connection in the connect timeout, so a
+        # ninth fetch from one host under `limit_per_host=8` failed as `url_timeout` after 5 s, the
+        # server blamed for the worker's queue. The fetches in flight are the worker's prefetch.
+        limit=0,
+        limit_per_host=0,
     )
     session = aiohttp.ClientSession(
         connector=connector,
@@ -266,8 +269,12 @@ def _status_error(status: int, reason: str | None) -> FetchError:
 
 
 async def _read_body(response: aiohttp.ClientResponse, policy: FetchPolicy, admit: Admit | None) -> bytearray:
-    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
+    # Every Content-Encoding field: repeated, they are one list, and the last coding is the outermost.
+    codings = ",".join(response.headers.getall("Content-Encoding", ())).lower()
+    encoding = ", ".join(
+        c for c in (part.strip() for part in codings.split(",")) if c not in ("", "identity")
+    )
+    if encoding:
         raise FetchError("url_http_error", f"compressed response (Content-Encoding: {encoding}) refused")
     length = response.content_length
     try:
