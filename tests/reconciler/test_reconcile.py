@@ -240,7 +240,8 @@ async def test_jobs_waiting_for_the_workers_are_not_taken_for_stuck(
     store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
 ) -> None:
     """A worker outage, then a backlog: the jobs past their window wait their turn in the queue.
-    Neither is a lost message, so none is re-published (a duplicate for every one) or failed."""
+    Neither is a lost message, so none is re-published (a duplicate for every one) or failed. (Past
+    four windows in a backlog, a pending job is sent again: the next test.)"""
     waiting, behind = _record(f"uploads/{OID}/w", age_s=60), _record(f"uploads/{OID}/b", age_s=60)
     retrying = _record(f"uploads/{OID}/r")
     for job in (waiting, behind, retrying):
@@ -250,7 +251,7 @@ async def test_jobs_waiting_for_the_workers_are_not_taken_for_stuck(
     clock = Clock()
     clock.now += 10
     reconciler = _reconciler(
-        store, storage, publisher, stuck_pending_s=1.0, stuck_processing_s=1.0, clock=clock
+        store, storage, publisher, stuck_pending_s=30.0, stuck_processing_s=1.0, clock=clock
     )
 
     for _ in range(2):  # no worker consumes: however long that lasts
@@ -266,6 +267,44 @@ async def test_jobs_waiting_for_the_workers_are_not_taken_for_stuck(
         record = await store.get(job.id)
         assert record is not None and not record.status.terminal
     assert await queue_depth(f"{rc_namespace}.jobs") == 3  # and nothing published twice
+
+
+async def test_a_pending_job_long_in_a_backlog_is_sent_again_once_and_not_failed(
+    store: JobStore, storage: Storage, publisher: broker.Publisher, rc_namespace: str
+) -> None:
+    """On a queue that never drains, a job whose message was lost waited until its record expired:
+    it was judged only once nothing waited. Past four windows, while a worker consumes, a pending
+    job is sent again anyway, once (a duplicate of one still queued is harmless); failing it still
+    waits until nothing does. A job taken up is not sent again: only pending ones are."""
+    lost, queued = _record(f"uploads/{OID}/l", age_s=60), _record(f"uploads/{OID}/q", age_s=60)
+    retrying = _record(f"uploads/{OID}/r")
+    for job in (lost, queued, retrying):
+        await store.create(job)
+    for job in (queued, retrying):  # the lost job's message never reached the queue
+        await publisher.publish_job(_message(job))
+    await store.mark_processing(retrying.id)
+    await publisher.publish_job(_message(_record(f"uploads/{OID}/x")))  # the backlog: more than one waits
+    clock = Clock()
+    reconciler = _reconciler(
+        store, storage, publisher, stuck_pending_s=20.0, stuck_processing_s=1.0, clock=clock
+    )
+    async with Taker(rc_namespace, prefetch=1) as worker:  # one worker, behind
+        await worker.wait_for(1)
+        within = await reconciler.run(dry_run=False)  # 60 s idle: three windows, left waiting
+        assert (within.stuck_republished, within.stuck_failed, within.stuck_left_waiting) == (0, 0, 2)
+        clock.now += 30  # 90 s: past four windows
+        dry = await reconciler.run(dry_run=True)
+        assert (dry.stuck_republished, dry.stuck_failed, dry.stuck_left_waiting) == (2, 0, 1)
+        past = await reconciler.run(dry_run=False)
+        assert (past.stuck_republished, past.stuck_failed, past.stuck_left_waiting) == (2, 0, 1)
+        clock.now += 60
+        again = await reconciler.run(dry_run=False)  # once: afterwards it waits as before
+        assert (again.stuck_republished, again.stuck_failed, again.stuck_left_waiting) == (0, 0, 3)
+    # Sent again: the queue holds the two copies besides what it had (one of which the worker holds).
+    assert await queue_depth(f"{rc_namespace}.jobs") == 3 + 2
+    for job in (lost, queued):
+        record = await store.get(job.id)
+        assert record is not None and record.status is JobStatus.PENDING
 
 
 async def test_processing_jobs_are_not_judged_while_a_retry_waits_out_its_back_off(

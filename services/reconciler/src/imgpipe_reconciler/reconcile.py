@@ -145,11 +145,17 @@ class _Judge:
     workers consume, and every message is with one of them, each of which marks its job at once
     (`processing`, or for one taken up again `taken_up_at`). A `pending` job is judged once the jobs
     queue is empty; a `processing` one once the retry queues are too.
+
+    On a queue that never drains, a lost message would wait for that until the job's record
+    expired: while workers consume, a `pending` job past `_BACKLOG_REPUBLISH_FACTOR` times its
+    window is sent again anyway (`consuming`), once. A duplicate is harmless; it is only failed
+    once nothing waits.
     """
 
     pending: bool
     processing: bool
     why: str = ""
+    consuming: bool = False
 
     @classmethod
     def of(cls, waiting: Waiting | None) -> _Judge:
@@ -158,10 +164,17 @@ class _Judge:
         if not waiting.consumers:
             return cls(False, False, "no worker consumes the jobs queue")
         if waiting.ready:
-            return cls(False, False, f"{waiting.ready} job messages wait in the jobs queue")
+            return cls(False, False, f"{waiting.ready} job messages wait in the jobs queue", consuming=True)
         if waiting.retrying:
-            return cls(True, False, f"{waiting.retrying} job messages wait out a retry's back-off")
-        return cls(True, True)
+            why = f"{waiting.retrying} job messages wait out a retry's back-off"
+            return cls(True, False, why, consuming=True)
+        return cls(True, True, consuming=True)
+
+
+# How many stuck windows a `pending` job may wait in a backlog before it is sent again anyway (the
+# queue may never drain): past an hour at the default window, a backlog that long is rarer than a
+# lost message, and the duplicate of a job still queued costs its worker one read of the record.
+_BACKLOG_REPUBLISH_FACTOR = 4
 
 
 def _classify(key: str) -> str | None:
@@ -425,49 +438,59 @@ class Reconciler:
         ):
             return
         if not judge.pending:
-            summary.stuck_left_waiting += 1
+            long_in_a_backlog = idle > _BACKLOG_REPUBLISH_FACTOR * policy.stuck_pending_s
+            if judge.consuming and republished_at is None and long_in_a_backlog:
+                await self._republish(record, idle, now, summary, dry_run)
+            else:
+                summary.stuck_left_waiting += 1
             return
         if republished_at is None:
-            if dry_run:
-                summary.stuck_republished += 1
-                return
             # Nothing waits for the workers, so its message is lost: sent again, once. (Were it not
             # lost after all, a duplicate is harmless; a loss is not.)
-            key, stamp = self._store.job_key(record.id), repr(now)
-            message = JobMessage(
-                id=record.id,
-                owner=record.owner,
-                source=record.source,
-                variants=record.requested,
-                created_at=record.created_at,
-            )
-            try:
-                if not await self._claim_republish(keys=[key], args=[record.version, stamp]):
-                    return
-                await self._publisher.publish_job(message)
-            except BaseException as exc:
-                # Not re-published, or not known to be (an answer lost; the run cancelled: shutdown,
-                # a lost lock): this run's mark goes, so that a later run publishes the job again
-                # instead of failing one it never sent again.
-                try:
-                    await asyncio.shield(self._unclaim_republish(keys=[key], args=[stamp]))
-                except Exception as undo:
-                    log.warning(
-                        "could not take back a re-publish mark: %s",
-                        type(undo).__name__,
-                        extra={"job_id": record.id},
-                    )
-                if not isinstance(exc, Exception):
-                    raise
-                log.warning(
-                    "could not re-publish a stuck job: %s", type(exc).__name__, extra={"job_id": record.id}
-                )
-                return
-            summary.stuck_republished += 1
-            STUCK_JOBS.labels("republished").inc()
-            log.info("stuck pending job re-published", extra={"job_id": record.id, "idle_s": round(idle)})
+            await self._republish(record, idle, now, summary, dry_run)
         else:
             await self._fail(record, f"still pending {idle:.0f}s after it was accepted", summary, dry_run)
+
+    async def _republish(
+        self, record: JobRecord, idle: float, now: float, summary: Summary, dry_run: bool
+    ) -> None:
+        """Publish a `pending` job's message again, once: marked `republished_at` first."""
+        if dry_run:
+            summary.stuck_republished += 1
+            return
+        key, stamp = self._store.job_key(record.id), repr(now)
+        message = JobMessage(
+            id=record.id,
+            owner=record.owner,
+            source=record.source,
+            variants=record.requested,
+            created_at=record.created_at,
+        )
+        try:
+            if not await self._claim_republish(keys=[key], args=[record.version, stamp]):
+                return
+            await self._publisher.publish_job(message)
+        except BaseException as exc:
+            # Not re-published, or not known to be (an answer lost; the run cancelled: shutdown,
+            # a lost lock): this run's mark goes, so that a later run publishes the job again
+            # instead of failing one it never sent again.
+            try:
+                await asyncio.shield(self._unclaim_republish(keys=[key], args=[stamp]))
+            except Exception as undo:
+                log.warning(
+                    "could not take back a re-publish mark: %s",
+                    type(undo).__name__,
+                    extra={"job_id": record.id},
+                )
+            if not isinstance(exc, Exception):
+                raise
+            log.warning(
+                "could not re-publish a stuck job: %s", type(exc).__name__, extra={"job_id": record.id}
+            )
+            return
+        summary.stuck_republished += 1
+        STUCK_JOBS.labels("republished").inc()
+        log.info("stuck pending job re-published", extra={"job_id": record.id, "idle_s": round(idle)})
 
     async def _fail(self, record: JobRecord, why: str, summary: Summary, dry_run: bool) -> None:
         if dry_run:
