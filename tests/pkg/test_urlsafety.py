@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
 import pytest
+from imgpipe.models import UrlSource
 from imgpipe.urlsafety import MAX_URL_LENGTH, UrlRejected, check_url, is_forbidden_ip, parse_networks
 
 FORBIDDEN_URLS = [
@@ -216,6 +217,26 @@ def test_allowed_hosts() -> None:
         assert info.value.code == "url_forbidden"
     with pytest.raises(UrlRejected):
         check_url("https://example.com/a", allowed_hosts=())  # empty list allows nothing
+
+
+def test_international_names_are_checked_as_the_job_carries_them() -> None:
+    """A URL source reaches the worker as pydantic's URL parser writes it (UTS 46), and hosts and
+    allow-list entries were encoded with Python's IDNA 2003 codec, which maps "ß" to "ss":
+    `faß.de` was checked as `fass.de` (another domain), and an entry `faß.de` never matched the job
+    the api had accepted. Both are encoded as the job carries the URL now."""
+    carried = str(UrlSource(url="https://faß.de/a.jpg").url)
+    assert carried == "https://xn--fa-hia.de/a.jpg"
+    assert check_url("https://faß.de/a.jpg") == check_url(carried) == carried
+    for entry in ("faß.de", "*.faß.de", "xn--fa-hia.de"):
+        host = "img.xn--fa-hia.de" if entry.startswith("*") else "xn--fa-hia.de"
+        assert check_url(f"https://{host}/a", allowed_hosts=[entry]), entry
+    with pytest.raises(UrlRejected) as info:
+        check_url(carried, allowed_hosts=["fass.de"])
+    assert info.value.code == "url_forbidden"
+    # A name UTS 46 refuses (a label that starts with a combining mark), which IDNA 2003 took.
+    with pytest.raises(UrlRejected) as info:
+        check_url("https://\u0301a.com/a")
+    assert info.value.code == "url_invalid"
 
 
 @pytest.mark.parametrize(

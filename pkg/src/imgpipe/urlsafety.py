@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import quote, urlsplit
 
+import pydantic_core
+
 __all__ = [
     "MAX_URL_LENGTH",
     "UrlRejected",
@@ -268,14 +270,25 @@ def _literal_ipv4(host: str) -> IPv4Address | None:
     return address
 
 
+def _idna(name: str) -> str | None:
+    """The non-ASCII host `name` in ASCII, as every URL source is written: by pydantic's URL parser
+    (WHATWG URL, UTS 46 processing), so that a host is checked as the worker will fetch it. Not
+    Python's `idna` codec: IDNA 2003 maps "ß" to "ss", where UTS 46 keeps it (`faß.de` is
+    `xn--fa-hia.de`, another domain than `fass.de`). None when it is not a valid name."""
+    if any(c in name for c in ":/?#@[]\\"):
+        return None  # not a host alone: the parse below must not find one inside it
+    try:
+        return pydantic_core.Url(f"http://{name}/").host
+    except ValueError:
+        return None
+
+
 def _normalise_pattern(pattern: str) -> str:
     pattern = pattern.strip().lower().rstrip(".")
     wildcard = pattern.startswith("*.")
     name = pattern[2:] if wildcard else pattern
-    try:
-        name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        pass  # an unencodable pattern simply never matches
+    if not name.isascii():
+        name = _idna(name) or name  # an unencodable pattern simply never matches
     return f"*.{name}" if wildcard else name
 
 
@@ -331,13 +344,12 @@ def _check_host(
     if "%" in raw_host:
         # Percent-decoding of hosts differs between parsers; never guess.
         raise _invalid("percent-encoded host")
-    try:
-        # IDNA first: nameprep maps e.g. fullwidth digits to ASCII ones, so an
-        # innocent-looking unicode host can turn into an IP literal.
-        host = raw_host.lower() if raw_host.isascii() else raw_host.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise _invalid("host is not a valid internationalised domain name") from None
-    host = host.lower()
+    # IDNA first: the mapping turns e.g. fullwidth digits into ASCII ones, so an
+    # innocent-looking unicode host can turn into an IP literal.
+    encoded = raw_host if raw_host.isascii() else _idna(raw_host)
+    if encoded is None:
+        raise _invalid("host is not a valid internationalised domain name")
+    host = encoded.lower()
     if host.endswith("."):
         host = host[:-1]  # a single trailing dot is a fully-qualified name
     if not host or len(host) > 253:
