@@ -43,7 +43,7 @@ format: install ## Format the code
 
 .PHONY: dev
 dev: install ## Run api :8000, status :8001, worker :8002, reconciler :8003 locally (+ a local S3 on :9000)
-	@mkdir -p .dev; trap 'kill 0' EXIT INT TERM; \
+	@mkdir -p .dev; trap 'trap - EXIT INT TERM; kill 0' EXIT INT TERM; \
 	if [ -z "$$IMGPIPE_S3_ENDPOINT_URL" ]; then \
 		$(BIN)/python -m tests.s3server $(DEV_S3_PORT) > .dev/s3.log 2>&1 & \
 		for i in $$(seq 50); do curl -fs http://127.0.0.1:$(DEV_S3_PORT)/ >/dev/null && break; sleep 0.2; done; \
@@ -58,6 +58,14 @@ dev: install ## Run api :8000, status :8001, worker :8002, reconciler :8003 loca
 .PHONY: token
 token: install ## Print a development token: make token SUB=alice [SCOPE=admin]
 	@IMGPIPE_ENV=local $(BIN)/imgpipe-token --sub "$${SUB:-dev}" --scope "$${SCOPE:-}"
+
+.PHONY: reconcile
+reconcile: install ## One reconciliation against `make dev`'s stores, a dry run (APPLY=1: for real)
+	@$(DEV_ENV) $(BIN)/imgpipe-reconcile $(if $(APPLY),,--dry-run)
+
+.PHONY: dead-letters
+dead-letters: install ## Dead letters of `make dev`: make dead-letters [ARGS="replay --all"] (default: list)
+	@$(DEV_ENV) $(BIN)/imgpipe-dead-letters $(or $(ARGS),list)
 
 # The Docker stack (compose.yaml). `make logs S=worker` follows one service; `make down VOLUMES=1` also
 # deletes the stack's data.
