@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from imgpipe import coalesce
 from imgpipe.coalesce import Coalescer
 from imgpipe.limits import Limits
 from imgpipe.store import JobStore
@@ -74,6 +75,21 @@ async def test_concurrent_calls_go_as_one_pipeline_and_each_gets_its_own_reply(
     assert replies == [f"value-{i}".encode() for i in range(20)]
     assert counted.pipelines == [20]
     assert counted.single == 0
+
+
+async def test_a_crowd_goes_out_in_batches_of_a_bounded_size(
+    redis_client: aioredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each caller waits for its whole batch: an unbounded one grows with the crowd, up to the
+    client's socket timeout, which fails all of it."""
+    monkeypatch.setattr(coalesce, "MAX_BATCH", 8)
+    coalescer = Coalescer(redis_client)
+    counted = _Counted(redis_client, monkeypatch)
+
+    replies = await asyncio.gather(*(coalescer.command("INCR", f"{prefix}:n") for _ in range(20)))
+
+    assert sorted(replies) == list(range(1, 21))
+    assert counted.pipelines == [8, 8, 4]
 
 
 async def test_calls_made_while_a_batch_is_out_go_together_after_it(
@@ -152,6 +168,29 @@ async def test_scripts_are_loaded_again_when_redis_has_lost_them(
     )
 
     assert replies == [*([f"{prefix}:{i}".encode(), i + 1] for i in range(callers)), None]
+
+
+async def test_a_lost_script_that_cannot_be_loaded_fails_its_own_callers_only(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """Replies were handed out only once the lost scripts had been loaded and run again: a reload
+    that failed gave its error to the whole batch, to callers whose commands had run (a `SET` told
+    it failed after it was written), and to scripts that loaded fine."""
+    unique = uuid.uuid4().hex  # scripts Redis has never seen: their EVALSHA is answered NOSCRIPT
+    broken = redis_client.register_script(f"-- {unique}\nreturn {{")  # does not compile
+    fine = redis_client.register_script(f"-- {unique}\n{_ECHO_PLUS}")
+    coalescer = Coalescer(redis_client)
+
+    written, refused, echoed = await asyncio.gather(
+        coalescer.command("SET", f"{prefix}:written", "yes"),
+        coalescer.script(broken, [f"{prefix}:b"], [1]),
+        coalescer.script(fine, [f"{prefix}:f"], [41]),
+        return_exceptions=True,
+    )
+
+    assert written is True and await redis_client.get(f"{prefix}:written") == b"yes"
+    assert isinstance(refused, ResponseError) and "compil" in str(refused).lower(), refused
+    assert echoed == [f"{prefix}:f".encode(), 42]
 
 
 async def test_a_cancelled_caller_leaves_the_others_their_replies(
