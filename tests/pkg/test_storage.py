@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import pytest
 from aiohttp import web
+from imgpipe import storage as storage_module
 from imgpipe.bodies import BodyNotAdmitted
 from imgpipe.settings import S3Settings
 from imgpipe.storage import (
@@ -347,6 +348,79 @@ async def test_readiness_probes_while_s3_hangs_share_one_call() -> None:
         await storage.close()
 
 
+async def test_a_head_that_s3_never_answers_gives_up_within_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`POST /jobs` checks its source with a HEAD: on an S3 that takes connections and never answers
+    it waited three reads of 30 s, past the gateway's timeout, holding the job's key and slot."""
+    monkeypatch.setattr(storage_module, "_HEAD_DEADLINE_S", 0.5)
+    connections: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        await reader.read()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    storage = Storage(s3_settings(f"http://127.0.0.1:{port}", "bucket"))
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError) as info:
+            await storage.head("uploads/k")
+    finally:
+        server.close()
+        for writer in connections:
+            writer.close()
+        await server.wait_closed()
+        await storage.close()
+    assert (info.value.code, info.value.transient) == ("storage_unavailable", True)
+    assert 0.5 <= time.monotonic() - started < 2
+
+
+async def test_a_missing_bucket_is_the_deployments_fault_not_a_missing_source() -> None:
+    """S3 answers 404 for a missing bucket too: a wrong name or a deleted bucket failed every job for
+    good as `source_not_found`. It is a transient `storage_error` (dead-lettered, to be replayed)."""
+
+    async def no_bucket(request: web.Request) -> web.Response:
+        body = b"<?xml version='1.0'?><Error><Code>NoSuchBucket</Code></Error>"
+        return web.Response(status=404, body=body, content_type="application/xml")
+
+    async def no_key(request: web.Request) -> web.Response:
+        body = b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code></Error>"
+        return web.Response(status=404, body=body, content_type="application/xml")
+
+    for handler, missing_bucket in ((no_bucket, True), (no_key, False)):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        async with local_http(app) as endpoint:
+            storage = Storage(s3_settings(endpoint, "bucket"))
+            try:
+                with pytest.raises(StorageError) as info:
+                    await storage.get("uploads/k", max_bytes=100)
+            finally:
+                await storage.close()
+        if missing_bucket:
+            assert (info.value.code, info.value.transient) == ("storage_error", True)
+            assert "no bucket" in info.value.message
+        else:
+            assert isinstance(info.value, ObjectNotFound)
+
+
+def test_presigned_urls_name_the_buckets_region() -> None:
+    """With `addressing_style` "auto", botocore signed every URL for S3's global endpoint
+    (`bucket.s3.amazonaws.com`), which opt-in regions refuse and a new bucket elsewhere answers with
+    a redirect for a while: the uploads' form, the download links and the services' own transfers."""
+    for region in ("eu-west-1", "af-south-1"):
+        settings = S3Settings(
+            s3_bucket="imgpipe", aws_region=region, aws_access_key_id="k", aws_secret_access_key="s"
+        )
+        storage = Storage(settings)
+        expected = f"https://imgpipe.s3.{region}.amazonaws.com/"
+        assert storage.presign_upload("uploads/o/k", "image/jpeg", 100).url == expected
+        assert storage.presign_download("variants/o/j/t.jpg").startswith(f"{expected}variants/o/j/t.jpg?")
+        assert str(storage._transfer_url("HEAD", "uploads/o/k")).startswith(f"{expected}uploads/o/k?")
+
+
 async def test_head_without_a_date_is_refused() -> None:
     s3 = FlakyS3()  # answers 200 with no Last-Modified: not an S3 we can check a grant against
     async with local_http(s3.app()) as endpoint:
@@ -364,7 +438,7 @@ async def test_put_stores_type_and_cache_control(storage: Storage, s3_endpoint: 
     await storage.put("variants/o/j/thumb.webp", b"RIFF....WEBP", "image/webp")
     head = _raw(s3_endpoint).head_object(Bucket=storage.bucket, Key="variants/o/j/thumb.webp")
     assert head["ContentType"] == "image/webp"
-    assert head["CacheControl"] == "public, max-age=31536000"
+    assert head["CacheControl"] == "private, max-age=31536000, immutable"  # the users' own images
     assert head["ContentLength"] == 12
 
 
@@ -381,7 +455,7 @@ async def test_put_signs_the_headers_it_sends() -> None:
     ((method, path, headers),) = s3.seen
     assert (method, path) == ("PUT", "/bucket/variants/k.png")
     assert headers["Content-Type"] == "image/png"
-    assert headers["Cache-Control"] == "public, max-age=31536000"
+    assert headers["Cache-Control"] == "private, max-age=31536000, immutable"
     assert s3.queries[0]["X-Amz-SignedHeaders"] == "cache-control;content-type;host"
     assert s3.queries[0]["X-Amz-Signature"]
 

@@ -121,7 +121,7 @@ def _client(session: boto3.session.Session, settings: S3Settings, endpoint: str 
     config = Config(
         region_name=settings.aws_region,
         signature_version="s3v4",
-        s3={"addressing_style": "path" if settings.s3_force_path_style else "auto"},
+        s3={"addressing_style": "path" if settings.s3_force_path_style else "virtual"},
         retries={"mode": "standard", "max_attempts": 3},
         connect_timeout=5,
         read_timeout=30,
@@ -143,7 +143,14 @@ def _transient(exc: Exception) -> bool:
 _TRANSFER_URL_TTL_S = 300
 _TRANSFER_ATTEMPTS = 3
 _TRANSFER_BACKOFF_S = 0.1
-_VARIANT_CACHE_CONTROL = "public, max-age=31536000"  # variant keys are per job: they never change
+# Variant keys are per job: they never change, so a browser may keep one. Only the browser: the
+# images are the users' own, reached by signed links, and no shared cache (a proxy, a CDN) keeps them.
+_VARIANT_CACHE_CONTROL = "private, max-age=31536000, immutable"
+#: How long `head` (the api's check of a job's source, inside `POST /jobs`) may take in all, retries
+#: included: an S3 that takes connections and never answers held a request 90 s (three reads of 30 s),
+#: past the gateway's own timeout, with the job's Idempotency-Key and quota slot held meanwhile.
+_HEAD_DEADLINE_S = 10.0
+_NO_BUCKET = b"<Code>NoSuchBucket</Code>"  # in the body of a 404 for the bucket, not the object
 
 
 class _Retry(Exception):
@@ -275,7 +282,13 @@ class Storage:
                         "storage_error", f"S3 HEAD {key!r}: no usable size or date", transient=False
                     ) from None
 
-        return await self._transfer("HEAD", key, send)
+        try:
+            async with asyncio.timeout(_HEAD_DEADLINE_S):
+                return await self._transfer("HEAD", key, send)
+        except TimeoutError:
+            raise StorageError(
+                "storage_unavailable", f"S3 HEAD {key!r}: no answer in {_HEAD_DEADLINE_S:g}s", transient=True
+            ) from None
 
     async def _head_bucket(self) -> None:
         what = f"bucket {self.bucket}"
@@ -345,6 +358,10 @@ class Storage:
 
         async def send(http: aiohttp.ClientSession) -> bytearray:
             async with http.get(self._transfer_url("GET", key), allow_redirects=False) as response:
+                if response.status == 404 and _NO_BUCKET in await response.content.read(4096):
+                    # Not the object: the bucket (a wrong name, a deleted bucket). The deployment's
+                    # fault, to be fixed and the jobs replayed, not `source_not_found` for good.
+                    raise StorageError("storage_error", f"S3: no bucket {self.bucket}", transient=True)
                 _check(response, "GET", key)
                 try:
                     return await read_body(
