@@ -231,9 +231,7 @@ async def test_a_stuck_processing_job_is_failed_and_a_live_one_is_not(
 
 
 def _message(job: JobRecord) -> JobMessage:
-    return JobMessage(
-        id=job.id, owner=job.owner, source=job.source, variants=job.requested, created_at=job.created_at
-    )
+    return JobMessage.of(job)
 
 
 async def test_jobs_waiting_for_the_workers_are_not_taken_for_stuck(

@@ -512,13 +512,7 @@ async def test_duplicate_message_changes_nothing(
         before = await store.get(job["id"])
         assert before is not None and before.status is JobStatus.SUCCEEDED
         # The message exactly as the api built it: everything comes from the record.
-        body = JobMessage(
-            id=before.id,
-            owner=before.owner,
-            source=before.source,
-            variants=before.requested,
-            created_at=before.created_at,
-        ).model_dump_json()
+        body = JobMessage.of(before).model_dump_json()
         succeeded = await metric(http, own.worker, "imgpipe_jobs_succeeded_total")
         for _ in range(2):
             await publish_raw(own.topology, body.encode(), message_id=job["id"], headers={ATTEMPT_HEADER: 1})

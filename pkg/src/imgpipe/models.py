@@ -164,6 +164,18 @@ class JobMessage(_Strict):
     request_id: str | None = None
     created_at: datetime
 
+    @classmethod
+    def of(cls, record: JobRecord, *, request_id: str | None = None) -> JobMessage:
+        """The message for `record`: everything the worker needs comes from the record."""
+        return cls(
+            id=record.id,
+            owner=record.owner,
+            source=record.source,
+            variants=record.requested,
+            request_id=request_id,
+            created_at=record.created_at,
+        )
+
 
 class JobRecord(BaseModel):
     """The job as kept in Redis. `version` grows with every change so listeners can order updates."""

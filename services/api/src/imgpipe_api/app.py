@@ -426,14 +426,7 @@ async def _submit(
                 await _release_claim(store, principal.sub, idem_key, job_id)
         raise
 
-    message = JobMessage(
-        id=job_id,
-        owner=principal.sub,
-        source=job.source,
-        variants=record.requested,
-        request_id=request_id_var.get(),
-        created_at=record.created_at,
-    )
+    message = JobMessage.of(record, request_id=request_id_var.get())
     try:
         await publisher.publish_job(message)  # within its own deadline (5 s): then a 503, not a hang
     except (Exception, asyncio.CancelledError) as exc:

@@ -459,13 +459,7 @@ class Reconciler:
             summary.stuck_republished += 1
             return
         key, stamp = self._store.job_key(record.id), repr(now)
-        message = JobMessage(
-            id=record.id,
-            owner=record.owner,
-            source=record.source,
-            variants=record.requested,
-            created_at=record.created_at,
-        )
+        message = JobMessage.of(record)
         try:
             if not await self._claim_republish(keys=[key], args=[record.version, stamp]):
                 return
