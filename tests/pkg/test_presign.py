@@ -211,6 +211,30 @@ def test_temporary_credentials_are_renewed_off_the_callers_thread(monkeypatch: p
     assert not renewer.is_alive()
 
 
+def test_links_work_no_longer_than_the_temporary_credentials_they_are_signed_with() -> None:
+    """S3 refuses a link once its session token has expired, and botocore renews temporary
+    credentials only 15 minutes before they expire: a 1-hour link signed with a copy that has
+    20 minutes left said 3600 s and worked 20 minutes (an upload form failed before its `expires_at`)."""
+    credentials = RefreshableCredentials.create_from_metadata(
+        _metadata("AKIDSHORT", 20), lambda: _metadata("AKIDSHORT", 20), "test"
+    )
+    client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    presigner = Presigner(client, credentials, "b")
+    try:
+        said = int(parse_qs(urlsplit(presigner.url("GET", "k", expires_s=3600)).query)["X-Amz-Expires"][0])
+        assert 20 * 60 - 5 <= said <= 20 * 60
+        assert presigner.url("GET", "k", expires_s=60).count("X-Amz-Expires=60&") == 1  # shorter: as asked
+        _, form = presigner.post("k", expires_s=3600)
+        expiration = json.loads(base64.b64decode(form["policy"]))["expiration"]
+        left = datetime.strptime(expiration, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)
+        assert timedelta(minutes=19) < left <= timedelta(minutes=20)
+    finally:
+        presigner.close()
+    # Keys that do not expire sign for as long as asked.
+    plain = Presigner(client, _session().get_credentials(), "b")
+    assert plain.lifetime(7 * 24 * 3600) == 7 * 24 * 3600
+
+
 def test_credentials_that_fail_at_start_up_are_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:
     # IRSA's credentials are fetched on first use: an STS error then must not kill the process (it would
     # restart in a loop while STS is down). URLs are refused as "no credentials" (a 503) until a

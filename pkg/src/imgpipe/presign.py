@@ -83,6 +83,9 @@ class Presigner:
         self._client: Any = client  # until `locate`
         self._credentials = credentials
         self._frozen: ReadOnlyCredentials | None = None
+        # When the copy stops working (epoch s; None for keys that do not expire). Written after
+        # `_frozen` and read before it, so that a signer never pairs an old copy with a new date.
+        self._valid_until: float | None = None
         self._closed = threading.Event()
         if credentials is not None:
             # Blocking, but at start-up, where the session has just fetched them (or failed to) anyway.
@@ -140,11 +143,24 @@ class Presigner:
         assert self._credentials is not None
         try:
             self._frozen = self._credentials.get_frozen_credentials()
+            expiry = getattr(self._credentials, "_expiry_time", None)  # temporary ones only
+            self._valid_until = expiry.timestamp() if expiry is not None else None
         except Exception as exc:
             # Keep the copy: it works until S3 refuses it (a 403, transient). Without one (STS down at
             # start-up, IRSA's first fetch), URLs wait for the thread's next try, rather than the
             # process dying and restarting in a loop.
             log.warning("could not refresh the S3 credentials: %s", type(exc).__name__)
+
+    def lifetime(self, expires_s: int) -> int:
+        """How long a URL or form signed now for `expires_s` seconds really works: no longer than
+        the credentials it is signed with. S3 refuses a link once its session token has expired, and
+        botocore renews temporary credentials (IRSA, an instance role) only 15 minutes before they
+        expire: a 1-hour download link signed with a copy that has 20 minutes left works 20 minutes,
+        and says so now (`X-Amz-Expires`, an upload's `expires_at`). At least 1 s."""
+        valid_until = self._valid_until
+        if valid_until is None:
+            return expires_s
+        return max(1, min(expires_s, int(valid_until - time.time())))
 
     def _key(self, secret: str, day: str) -> bytes:
         # One signing key per secret and UTC day: four HMACs, then reused until either changes.
@@ -176,8 +192,10 @@ class Presigner:
         """A URL that lets its holder send `method` for `key` (`None`: the bucket itself, as for
         `HeadBucket`) for `expires_s` seconds.
 
-        `headers` are signed too: the request must then carry exactly these values.
+        `headers` are signed too: the request must then carry exactly these values. The URL works
+        no longer than the credentials it is signed with (`lifetime`).
         """
+        expires_s = self.lifetime(expires_s)
         credentials, _, stamp, scope = self._start()
         signed = {"host": self._host}
         for name, value in (headers or {}).items():
@@ -223,8 +241,10 @@ class Presigner:
         `fields` go into the form as given, and `conditions` into its policy, which S3 checks the
         upload against (a content type, a `content-length-range`, ...). The policy then names the
         bucket and the key and carries the signature's own fields, in the order botocore writes them,
-        so the form is the one `generate_presigned_post` would give.
+        so the form is the one `generate_presigned_post` would give. It works no longer than the
+        credentials it is signed with (`lifetime`).
         """
+        expires_s = self.lifetime(expires_s)
         credentials, now, stamp, scope = self._start()
         assert self._post_url is not None  # learnt by `_start`
         form = {**(fields or {}), "key": key}

@@ -243,16 +243,17 @@ class Storage:
 
     def presign_upload(self, key: str, content_type: str, max_bytes: int) -> PresignedUpload:
         """A POST form bound to this key, this content type and at most `max_bytes`."""
+        ttl = self._public_presigner.lifetime(self._upload_ttl)  # what the form will say, and do
         try:
             url, fields = self._public_presigner.post(
                 key,
-                expires_s=self._upload_ttl,
+                expires_s=ttl,
                 fields={"Content-Type": content_type},
                 conditions=[{"Content-Type": content_type}, ["content-length-range", 1, max_bytes]],
             )
         except BotoCoreError as exc:
             raise _no_credentials(exc) from exc
-        return PresignedUpload(key, url, fields, time.time() + self._upload_ttl)
+        return PresignedUpload(key, url, fields, time.time() + ttl)
 
     def presign_download(self, key: str) -> str:
         """A time-limited GET link for clients (a variant in `GET /jobs/{id}` and every SSE event)."""
