@@ -321,31 +321,52 @@ async def test_transfers_follow_no_redirect() -> None:
     assert [m for m, _, _ in s3.seen] == ["GET", "PUT", "HEAD"]
 
 
-async def test_readiness_probes_while_s3_hangs_share_one_call() -> None:
-    # An endpoint that takes connections and never answers: each probe gives up after its timeout.
-    connections: list[asyncio.StreamWriter] = []
+class HangingS3:
+    """An endpoint that takes connections and never answers (`async with`: closed at the end)."""
 
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        await reader.read()  # until the connection is closed
+    def __init__(self) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self.url = ""
+        self._server: asyncio.Server | None = None
 
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    storage = Storage(s3_settings(f"http://127.0.0.1:{port}", "bucket"))
-    try:
-        for _ in range(5):
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await storage.ping()
-        assert len(connections) == 1  # one HeadBucket out, not one blocked thread per probe
-    finally:
-        server.close()
-        for writer in connections:
+    async def __aenter__(self) -> HangingS3:
+        async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections.append(writer)
+            await reader.read()  # until the connection is closed
+
+        self._server = await asyncio.start_server(hang, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection taken (the calls on them then fail)."""
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in self.connections:
             writer.close()
-        await server.wait_closed()
-        with pytest.raises(StorageError):  # the call in flight ends once its connection does
-            await storage.ping()
-        await storage.close()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+
+async def test_readiness_probes_while_s3_hangs_share_one_call() -> None:
+    # Each probe gives up after its timeout.
+    async with HangingS3() as s3:
+        storage = Storage(s3_settings(s3.url, "bucket"))
+        try:
+            for _ in range(5):
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await storage.ping()
+            assert len(s3.connections) == 1  # one HeadBucket out, not one blocked thread per probe
+        finally:
+            await s3.close()
+            with pytest.raises(StorageError):  # the call in flight ends once its connection does
+                await storage.ping()
+            await storage.close()
 
 
 async def test_a_head_that_s3_never_answers_gives_up_within_its_deadline(
@@ -354,25 +375,14 @@ async def test_a_head_that_s3_never_answers_gives_up_within_its_deadline(
     """`POST /jobs` checks its source with a HEAD: on an S3 that takes connections and never answers
     it waited three reads of 30 s, past the gateway's timeout, holding the job's key and slot."""
     monkeypatch.setattr(storage_module, "_HEAD_DEADLINE_S", 0.5)
-    connections: list[asyncio.StreamWriter] = []
-
-    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        await reader.read()
-
-    server = await asyncio.start_server(hang, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    storage = Storage(s3_settings(f"http://127.0.0.1:{port}", "bucket"))
-    started = time.monotonic()
-    try:
-        with pytest.raises(StorageError) as info:
-            await storage.head("uploads/k")
-    finally:
-        server.close()
-        for writer in connections:
-            writer.close()
-        await server.wait_closed()
-        await storage.close()
+    async with HangingS3() as s3:
+        storage = Storage(s3_settings(s3.url, "bucket"))
+        started = time.monotonic()
+        try:
+            with pytest.raises(StorageError) as info:
+                await storage.head("uploads/k")
+        finally:
+            await storage.close()
     assert (info.value.code, info.value.transient) == ("storage_unavailable", True)
     assert 0.5 <= time.monotonic() - started < 2
 
