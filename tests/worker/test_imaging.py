@@ -346,7 +346,7 @@ def test_corrupt_pngsuite_raises_image_error(name: str) -> None:
 
 @needs_pngsuite
 def test_suite_has_the_corrupt_files_we_rely_on() -> None:
-    # The CRC checks exist because libvips ignores CRC errors; keep them covered.
+    # libspng checks CRCs only at fail_on="error" (`_PNG_FAIL_ON`): these two keep it covered.
     assert {"xcsn0g01", "xhdn0g08"} <= set(corrupt_suite())
 
 
@@ -360,6 +360,36 @@ def test_bad_crc_in_ancillary_png_chunk_is_tolerated() -> None:
     bad_idat[idat + 4] ^= 0xFF  # damage the compressed data, keeping the stored CRC
     with pytest.raises(ImageError) as info:
         one(bytes(bad_idat), width=8)
+    assert info.value.code == "corrupt_image"
+
+
+def _bad_last_idat_crc(png: bytes) -> bytes:
+    idat = png.rindex(b"IDAT")
+    (length,) = struct.unpack_from(">I", png, idat - 4)
+    crc = idat + 4 + length
+    return png[:crc] + bytes(b ^ 0xFF for b in png[crc : crc + 4]) + png[crc + 4 :]
+
+
+@pytest.mark.parametrize(
+    ("widths", "shared_max_pixels"),
+    [
+        ((8,), None),  # one variant, cut from the probed header
+        ((8, 16), None),  # several, from one shared intermediate
+        ((8, 16), 100),  # an intermediate too large to hold: each variant decoded on its own
+    ],
+)
+def test_bad_crc_in_image_data_is_refused_on_every_decoding_path(
+    widths: tuple[int, ...], shared_max_pixels: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The data decompresses fine; only the stored CRC of the last IDAT is wrong. libspng checks it
+    # only when told to (`_PNG_FAIL_ON`): each path that opens the PNG must tell it.
+    if shared_max_pixels is not None:
+        monkeypatch.setattr(imaging, "_SHARED_INTERMEDIATE_MAX_PIXELS", shared_max_pixels)
+    png = pyvips.Image.black(100, 100).add(90).cast("uchar").pngsave_buffer()
+    variants = [variant(width=w) for w in widths]
+    assert len(render(png, variants, LIMITS)) == len(widths)
+    with pytest.raises(ImageError) as info:
+        render(_bad_last_idat_crc(png), variants, LIMITS)
     assert info.value.code == "corrupt_image"
 
 
