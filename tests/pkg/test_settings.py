@@ -20,9 +20,14 @@ from pydantic import AliasChoices, Field
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 
-def test_defaults() -> None:
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     common = load(CommonSettings)
-    assert (common.env, common.namespace, common.log_level) == ("local", "imgpipe", "INFO")
+    assert (common.env, common.namespace, common.log_level) == ("production", "imgpipe", "INFO")
+    # Production unless told otherwise: a service started by hand without its configuration refuses
+    # the development secret, which is in this repository, instead of trusting tokens signed with it.
+    with pytest.raises(ConfigError, match="IMGPIPE_JWT_SECRET"):
+        load(AuthSettings)
+    monkeypatch.setenv("IMGPIPE_ENV", "local")
     amqp = load(AmqpSettings)
     assert amqp.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
     assert amqp.max_attempts == 5
@@ -45,6 +50,8 @@ def test_secrets_are_not_shown_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "staging")
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "s" * 48)  # HS384 is among the algorithms: 48 bytes
     monkeypatch.setenv("IMGPIPE_NAMESPACE", "tenant-a.prod")
     monkeypatch.setenv("IMGPIPE_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("IMGPIPE_AMQP_URL", "amqp://u:p@mq:5672/vh")
@@ -61,7 +68,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMGPIPE_JWT_AUDIENCE", "imgpipe-api")
 
     common = load(CommonSettings)
-    assert (common.namespace, common.log_level) == ("tenant-a.prod", "DEBUG")
+    assert (common.env, common.namespace, common.log_level) == ("staging", "tenant-a.prod", "DEBUG")
     amqp = load(AmqpSettings)
     assert amqp.amqp_url.get_secret_value() == "amqp://u:p@mq:5672/vh"
     assert (amqp.max_attempts, amqp.retry_delays_s) == (7, (2, 4))
@@ -321,6 +328,7 @@ def test_jwks_url_must_be_a_url(monkeypatch: pytest.MonkeyPatch, url: str) -> No
 
 
 def test_empty_jwks_url_means_the_shared_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "local")  # the development secret
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "")
     settings = load(AuthSettings)
     assert settings.jwt_jwks_url is None
@@ -329,6 +337,7 @@ def test_empty_jwks_url_means_the_shared_secret(monkeypatch: pytest.MonkeyPatch)
 
 async def test_empty_audience_and_issuer_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     """As `.env.example` writes them: an empty value demanded an empty claim, a 401 for every token."""
+    monkeypatch.setenv("IMGPIPE_ENV", "local")  # the development secret
     monkeypatch.setenv("IMGPIPE_JWT_AUDIENCE", "")
     monkeypatch.setenv("IMGPIPE_JWT_ISSUER", "")
     settings = load(AuthSettings)

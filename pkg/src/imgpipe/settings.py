@@ -42,7 +42,7 @@ class CommonSettings(BaseSettings):
 
     model_config = _config()
 
-    env: Environment = "local"
+    env: Environment = "production"
     namespace: str = Field(default="imgpipe", pattern=r"^[a-z0-9][a-z0-9_.-]{0,47}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -167,7 +167,7 @@ class AuthSettings(BaseSettings):
 
     model_config = _config()
 
-    env: Environment = "local"
+    env: Environment = "production"
     jwt_secret: SecretStr = SecretStr(DEV_SECRET)
     #: Defaults to ["HS256"], or ["RS256"] when IMGPIPE_JWT_JWKS_URL is set (see `_default_algorithms`).
     jwt_algorithms: tuple[str, ...] = ("HS256",)

@@ -13,7 +13,7 @@ from imgpipe_reconciler.schedule import parse_cron
 class ReconcileSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IMGPIPE_", extra="ignore", frozen=True)
 
-    env: Environment = "local"
+    env: Environment = "production"
     #: When scheduled runs fire, in UTC: crontab's 5 fields, or 6 with a leading seconds field.
     reconcile_cron: str = "0 * * * *"
     #: Unreferenced objects younger than this (by their LastModified) are kept, never deleted.
