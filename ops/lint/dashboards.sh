@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Grafana dashboards (deploy/helm/imgpipe/files/dashboards/*.json) and the alert rules' PromQL:
 #  1. every dashboard is valid JSON with a Grafana dashboard's shape (uid, title, schemaVersion,
-#     panels with unique ids, gridPos and targets with refId + expr; uids unique across files);
+#     panels with unique ids, gridPos and targets with refId + expr; uids unique across files), and
+#     every series it selects is filtered by its `namespace` variable (whose "All" is `.*`);
 #  2. every metric name in every PromQL expression (dashboards and alerts.yml) is one the services
 #     really export: api, status, worker and reconciler are started here, against the local RabbitMQ
 #     and Redis (a namespace of their own, removed afterwards) and a moto S3 server, and their live
@@ -22,9 +23,11 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -46,6 +49,10 @@ RABBITMQ_ALLOWED = {
 
 # Series Prometheus itself writes for every scrape target (no exporter serves them).
 PROMETHEUS_SYNTHETIC = {"up"}
+
+# A metric selector in a dashboard's PromQL, its label matchers in group 2.
+SELECTOR = re.compile(r"\b((?:imgpipe|process|rabbitmq)_\w+)(?:\{([^}]*)\})?(?!\w)")
+NAMESPACE_MATCHER = 'namespace=~"$namespace"'
 
 problems: list[str] = []
 
@@ -111,11 +118,21 @@ for path in DASHBOARDS:
                 fail(f"{path}: panel {title!r}: target {target.get('refId')} has no expr")
             else:
                 exprs.append((f"{path}: {title}", target["expr"]))
-    names = {v.get("name") for v in board.get("templating", {}).get("list", [])}
+    variables = {v.get("name"): v for v in board.get("templating", {}).get("list", [])}
     for where, expr in [e for e in exprs if e[0].startswith(path)]:
         for var in re.findall(r"\$\{?([A-Za-z]\w*)", expr):
-            if not var.startswith("__") and var not in names:
+            if not var.startswith("__") and var not in variables:
                 fail(f"{where}: uses undefined variable ${var}")
+        # One release's panels on a cluster-wide Prometheus: every series is picked by the
+        # `namespace` variable (RabbitMQ's by the broker's namespace, as in the alert rules).
+        for selector in SELECTOR.finditer(expr):
+            if NAMESPACE_MATCHER not in (selector.group(2) or ""):
+                fail(f"{where}: {selector.group(1)} without {NAMESPACE_MATCHER}")
+    namespace = variables.get("namespace", {})
+    # "All" must match series without the label too (compose's Prometheus adds none): `.*`, not
+    # Grafana's default, which lists the values it found.
+    if not (namespace.get("includeAll") and namespace.get("allValue") == ".*"):
+        fail(f"{path}: no `namespace` variable with includeAll and allValue '.*'")
 
 rules = yaml.safe_load(Path(ALERTS).read_text())
 for group in rules.get("groups", []):
@@ -143,6 +160,28 @@ def metric_names(expr: str) -> set[str]:
         found.add(token)
     return found
 
+
+# --- 2b. every dashboard expression parses (promtool, as a recording rule) ---------------------
+# Grafana's variables become values Prometheus accepts: a range for the interval ones, `.*` for the
+# namespace. alerts.yml is promtool's own check (prometheus.sh).
+PROMTOOL = next((p for p in (".tools/bin/promtool", shutil.which("promtool")) if p and os.access(p, os.X_OK)), None)
+board_exprs = [(w, e) for w, e in exprs if not w.startswith(ALERTS)]
+if PROMTOOL is None:
+    print("[dashboards] note: no promtool (ops/tools.sh installs it); expressions not parsed", file=sys.stderr)
+else:
+    values = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h", "namespace": ".*"}
+    records = []
+    for i, (where, expr) in enumerate(board_exprs):
+        parsed = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m.group(1), m.group(0)), expr)
+        records.append({"record": f"dashboard:expr_{i}", "expr": parsed})
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as handle:
+        yaml.safe_dump({"groups": [{"name": "dashboards", "rules": records}]}, handle)
+    check = subprocess.run([PROMTOOL, "check", "rules", handle.name], capture_output=True, text=True)
+    os.unlink(handle.name)
+    if check.returncode != 0:
+        fail(f"promtool cannot parse a dashboard expression: {check.stdout.strip()} {check.stderr.strip()}")
+    else:
+        print(f"[dashboards] promtool parsed {len(records)} dashboard expressions", file=sys.stderr)
 
 used: dict[str, set[str]] = {}
 for where, expr in exprs:
