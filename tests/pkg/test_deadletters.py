@@ -180,3 +180,66 @@ async def test_a_replay_cancelled_between_the_reopen_and_the_publish_puts_the_jo
     record = await store.get(job.id)
     assert record is not None and record.status is JobStatus.FAILED, record
     assert record.error is not None and record.error.code == "storage_unavailable"
+
+
+@pytest.mark.parametrize("when", ["opening its second channel", "taking messages"])
+async def test_a_browse_cut_short_by_a_lost_connection_leaves_no_channel_behind(
+    namespace_: str, redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Its channels, closed by the connection's loss and not by their owner (or never open), were
+    reopened by the robust connection once it reconnected, and kept for good: in the api, on its
+    publishing connection, more for each browse a broker restart interrupted."""
+    topology = broker.Topology(namespace_, (1, 2))
+    store = JobStore(redis_client, namespace_, retention=timedelta(hours=1))
+    direct = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(direct, topology)
+    proxy = BrokerProxy()
+    await proxy.start()
+    relayed = broker.robust_connection(AMQP_URL.replace(":5672/", f":{proxy.port}/"))
+    await broker.keep_connecting(relayed)
+
+    def channels() -> list[int]:
+        assert relayed.transport is not None
+        return sorted(relayed.transport.connection.channels)
+
+    # The connection drops at a set moment of the browse.
+    if when == "taking messages":
+        take = deadletters._Session.next
+
+        async def next_then_drop(session: deadletters._Session) -> object:
+            if session._taken == 10:
+                proxy.reset()
+            return await take(session)
+
+        monkeypatch.setattr(deadletters._Session, "next", next_then_drop)
+    else:
+        opened = 0
+        make = relayed.channel
+
+        def channel_then_drop(*args: object, **kwargs: object) -> object:
+            nonlocal opened
+            opened += 1
+            if opened == 2:
+                proxy.reset()  # made and registered, then its opening fails
+            return make(*args, **kwargs)
+
+        monkeypatch.setattr(relayed, "channel", channel_then_drop)
+    try:
+        await publisher.open()
+        for n in range(30):
+            await publisher.publish_dead(b"{}", {}, message_id=f"m{n}", reason="gave up")
+        with pytest.raises(broker.BrokerUnavailable):
+            await DeadLetters(relayed, topology, store).list(1000)
+        await asyncio.wait_for(relayed.connected.wait(), 10)
+        await asyncio.sleep(1)  # what the reconnect restores, it has restored by now
+        assert channels() == []
+        monkeypatch.undo()
+        depth, items = await DeadLetters(relayed, topology, store).list(1000)
+        assert depth == len(items) == 30  # none lost
+        assert channels() == []
+    finally:
+        proxy.reset()
+        await relayed.close()
+        await publisher.close()
+        await direct.close()
+        await proxy.cut()

@@ -1,8 +1,9 @@
 """RabbitMQ topology and publishing, declared here once and used by the api and the worker.
 
     {ns}.jobs  (direct) --job--> {ns}.jobs            quorum queue the workers consume
-    {ns}.retry (direct) --<d>--> {ns}.jobs.retry.<d>s  waits d seconds (TTL), then dead-letters
-                                                        back to {ns}.jobs: back-off without a plugin
+    {ns}.retry (direct) --wait.<d>--> {ns}.jobs.wait.<d>s  waits d seconds (TTL), then dead-letters
+                                                        back to {ns}.jobs, at least once: back-off
+                                                        without a plugin
     {ns}.dead  (fanout) -------> {ns}.jobs.dead        what keeps failing, for people to look at
 
     {ns}.reconcile (direct) --reconcile--> {ns}.reconcile   reconciliation commands; quorum, single
@@ -16,11 +17,13 @@ redelivered more than `DELIVERY_LIMIT` times (a message that kills its consumer 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aio_pika
+import pamqp.decode
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -35,6 +38,28 @@ from imgpipe.models import JobMessage, ReconcileCommand
 from imgpipe.settings import retry_delay
 
 log = logging.getLogger(__name__)
+
+
+def _timestamp_or_none(value: bytes) -> tuple[int, datetime.datetime | None]:
+    """pamqp's timestamp decoder, but a value `datetime` cannot hold decodes to None.
+
+    AMQP's timestamp is any 64-bit number; a producer that writes microseconds gives one past the
+    year 9999, and pamqp's ValueError then failed the whole frame: aiormq closed the connection
+    with every delivery of the message, the worker's consumer reconnected until the broker's
+    delivery limit dead-lettered it, and in the dead queue it stopped every listing and replay (the
+    api's publishing connection closed with each try). We read no message's timestamp.
+    """
+    try:
+        return _pamqp_timestamp(value)
+    except (ValueError, OverflowError, OSError):
+        if len(value) < 8:  # cut short: the frame itself is broken
+            raise
+        return 8, None
+
+
+# Installed where pamqp looks it up: the properties of a message (`by_type`) and header tables.
+_pamqp_timestamp = pamqp.decode.timestamp
+pamqp.decode.METHODS["timestamp"] = pamqp.decode.TABLE_MAPPING[b"T"] = _timestamp_or_none
 
 JOB_ROUTING_KEY = "job"
 RECONCILE_ROUTING_KEY = "reconcile"
@@ -87,7 +112,16 @@ class Topology:
         return [self.jobs_exchange, self.retry_exchange, self.dead_exchange, self.reconcile_exchange]
 
     def retry_queue(self, delay_s: int) -> str:
-        return f"{self.namespace}.jobs.retry.{delay_s}s"
+        # Not `.jobs.retry.<d>s`, the name of these queues before their dead-lettering was at least
+        # once: a queue that exists with other arguments refuses the declaration (PRECONDITION_FAILED),
+        # which would have stopped every upgraded service at its first declare. Those drain on their
+        # own and are left to the operator (README, "Failures").
+        return f"{self.namespace}.jobs.wait.{delay_s}s"
+
+    def retry_key(self, delay_s: int) -> str:
+        """The routing key of `retry_queue(delay_s)` on the retry exchange (the old queues keep the
+        bare number, so a retry reaches one queue, not both)."""
+        return f"wait.{delay_s}"
 
     def retry_delay(self, attempt: int) -> int:
         """Back-off before delivery number `attempt + 1`; the last configured delay repeats."""
@@ -131,9 +165,17 @@ class Topology:
                     "x-message-ttl": delay * 1000,
                     "x-dead-letter-exchange": self.jobs_exchange,
                     "x-dead-letter-routing-key": JOB_ROUTING_KEY,
+                    # A quorum queue dead-letters at most once by default: a message whose TTL ran
+                    # out while the jobs queue could not take it (a leader election, a node restart
+                    # in a cluster) was dropped, and its job waited for the reconciler. At least
+                    # once, the queue keeps it and tries again (every 3 minutes, RabbitMQ's
+                    # default); RabbitMQ allows that only with reject-publish overflow, which with
+                    # no length limit here never refuses anything.
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
                 },
             )
-            await waiting.bind(retry, str(delay))
+            await waiting.bind(retry, self.retry_key(delay))
         reconcile = await channel.declare_exchange(
             self.reconcile_exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
@@ -458,7 +500,7 @@ class Publisher:
         delay = self.topology.retry_delay(attempt)
         await self._publish(
             self.topology.retry_exchange,
-            str(delay),
+            self.topology.retry_key(delay),
             body,
             {**headers, ATTEMPT_HEADER: attempt + 1},
             message_id=message_id,

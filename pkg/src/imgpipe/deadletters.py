@@ -57,6 +57,7 @@ from imgpipe.broker import (
     REQUEST_ID_HEADER,
     BrokerUnavailable,
     Topology,
+    close_quietly,
     persistent_message,
     queue_counts,
 )
@@ -366,6 +367,11 @@ async def _amqp(operation: Awaitable[T]) -> T:
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
+def _connected(connection: AbstractConnection) -> bool:
+    connected = getattr(connection, "connected", None)  # robust connections: reconnecting?
+    return not connection.is_closed and (connected is None or connected.is_set())
+
+
 class _Session:
     """Two channels: `browse` for basic.get (closing it hands back what was not acknowledged) and
     `control` for the depth and confirmed publishing."""
@@ -381,14 +387,17 @@ class _Session:
         self._acked = 0
 
     async def open(self) -> None:
-        connected = getattr(self._connection, "connected", None)  # robust connections: reconnecting?
-        if self._connection.is_closed or (connected is not None and not connected.is_set()):
+        if not _connected(self._connection):
             raise BrokerUnavailable("not connected to RabbitMQ")
-        self._control = await _amqp(self._connection.channel(publisher_confirms=True, on_return_raises=True))
+        # Each channel is kept before it is awaited: one whose opening a lost connection cuts
+        # short is registered with the robust connection already, and `close` must close it too.
+        self._control = self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        await _amqp(self._control)
         # Declared (idempotently) as every component does, so a fresh namespace lists as empty.
         await _amqp(self._topology.declare(self._control))
         self.depth_before = await self.depth()
-        self._browse = await _amqp(self._connection.channel(publisher_confirms=False))
+        self._browse = self._connection.channel(publisher_confirms=False)
+        await _amqp(self._browse)
         self._queue = await _amqp(self._browse.get_queue(self._topology.dead_queue, ensure=False))
 
     async def depth(self) -> int:
@@ -423,25 +432,31 @@ class _Session:
 
     async def close(self) -> None:
         try:
+            # A browse channel that a lost connection closed handed its messages back with it, and
+            # waiting for them on the control channel would wait for the reconnect, which reopens
+            # that channel behind our back (`close_quietly` below would then miss it).
             if self._browse is not None and not self._browse.is_closed:
                 # Hands back every message taken and not acknowledged (see the module docstring).
                 await _amqp(self._browse.close())
-            if self._taken > self._acked and self._control is not None:
-                await self._wait_returned(self.depth_before - self._acked)
+                if self._taken > self._acked and self._control is not None:
+                    await self._wait_returned(self.depth_before - self._acked)
         except BrokerUnavailable as exc:
             # The broker hands the messages back itself when the channel or connection goes.
             log.warning("dead-letter browse not closed cleanly: %s", exc)
         finally:
-            if self._control is not None and not self._control.is_closed:
-                try:
-                    await _amqp(self._control.close())
-                except BrokerUnavailable:
-                    pass
+            # Whatever state they are in: channels that a lost connection closed, not we, would be
+            # reopened by the robust connection after it reconnects, and kept for good (in the api,
+            # two more on its publishing connection for each browse a broker restart cut short).
+            for channel in (self._browse, self._control):
+                if channel is not None:
+                    await close_quietly(channel)
 
     async def _wait_returned(self, expected: int) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETURN_WAIT_S
         while (depth := await self.depth()) < expected:
+            if not _connected(self._connection):
+                raise BrokerUnavailable("the connection to RabbitMQ was lost")  # and they are back
             if loop.time() > deadline:
                 log.warning("dead letters not all back yet", extra={"depth": depth, "expected": expected})
                 return
