@@ -94,18 +94,20 @@ async def queue_depth(queue: str) -> int:
 
 @dataclass
 class SseItem:
-    """One event (`event`, `data`, `id`) or one comment line (`comment`)."""
+    """One event (`event`, `data`, `id`) or one comment line (`comment`). `id` is the version the
+    event's `id:` starts with; `last_event_id` the whole of it, as a client sends it back."""
 
     event: str | None = None
     data: dict[str, Any] | None = None
     id: int | None = None
     comment: str | None = None
+    last_event_id: str | None = None
 
 
 async def sse(response: aiohttp.ClientResponse) -> AsyncIterator[SseItem]:
     """The items of an SSE response, as they arrive."""
     event: str | None = None
-    ident: int | None = None
+    ident: str | None = None
     data: list[str] = []
     async for raw in response.content:
         line = raw.decode().rstrip("\r\n")
@@ -114,12 +116,13 @@ async def sse(response: aiohttp.ClientResponse) -> AsyncIterator[SseItem]:
         elif line.startswith("event: "):
             event = line[len("event: ") :]
         elif line.startswith("id: "):
-            ident = int(line[len("id: ") :])
+            ident = line[len("id: ") :]
         elif line.startswith("data: "):
             data.append(line[len("data: ") :])
         elif line == "":
             if event is not None:
-                yield SseItem(event=event, data=json.loads("\n".join(data)), id=ident)
+                version = int(ident.partition(".")[0]) if ident is not None else None
+                yield SseItem(event=event, data=json.loads("\n".join(data)), id=version, last_event_id=ident)
             event, ident, data = None, None, []
 
 

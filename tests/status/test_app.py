@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
@@ -55,6 +56,41 @@ async def test_a_last_event_id_from_another_replica_is_not_answered_from_an_olde
             assert again.status == 204
         async with http.get(url, headers={**auth, "Last-Event-ID": "1"}) as behind:
             assert [(item.id, item.event) async for item in _events(behind, 1)] == [(2, "succeeded")]
+
+
+async def test_a_state_the_store_lost_is_not_taken_for_the_one_it_has(
+    status: tuple[str, JobStore], http: aiohttp.ClientSession
+) -> None:
+    """A Redis failover lost `processing` (version 2) after the client was sent it, and the worker
+    then wrote `succeeded` as version 2. The client's reconnect with the id of the state it has
+    got 204 (the stream is over, as far as it knew) and never saw the job succeed."""
+    base, store = status
+    job = await _pending(store)
+    processing = (await store.mark_processing(job.id)).record
+    assert processing is not None
+    sent = f"2.{_micros(processing.updated_at)}"  # the id every replica gave that state
+    # The failover: the store is back at `pending`, as a replica that missed the last write has it.
+    await store.redis.hset(
+        store.job_key(job.id),
+        mapping={"version": 1, "rank": 1, "data": job.model_dump_json(exclude={"version"})},
+    )
+    succeeded = (await store.mark_succeeded(processing, [])).record
+    assert succeeded is not None and succeeded.version == 2  # the lost version, handed out again
+
+    url, auth = f"{base}/jobs/{job.id}/events", {"Authorization": f"Bearer {token('alice')}"}
+    async with http.get(url, headers={**auth, "Last-Event-ID": sent}) as again:
+        assert again.status == 200
+        [end] = [item async for item in _events(again, 1)]
+    assert (end.id, end.event, end.last_event_id) == (2, "succeeded", f"2.{_micros(succeeded.updated_at)}")
+    async with http.get(url, headers={**auth, "Last-Event-ID": end.last_event_id or ""}) as over:
+        assert over.status == 204
+    # An id of the version alone (as sent before ids carried the moment) cannot tell the two apart.
+    async with http.get(url, headers={**auth, "Last-Event-ID": "2"}) as legacy:
+        assert legacy.status == 204
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 
 
 async def test_head_on_an_event_stream_is_refused(

@@ -1,10 +1,11 @@
 """The status service: `GET /jobs/{id}` for polling and `GET /jobs/{id}/events` as Server-Sent Events.
 
-Each event's `event:` is the job's status, its `id:` the record's version and its `data:` the same
-JSON as `GET /jobs/{id}`. The stream starts with the current state and ends after a terminal one.
-A reconnecting EventSource sends `Last-Event-ID`: if the job is terminal and the client has its
-current version, the answer is 204 (which stops the reconnects); if the client has the current
-version of a job still running, the stream does not send that state again.
+Each event's `event:` is the job's status, its `id:` the record's version and the moment of the
+write that made it (`<version>.<microseconds>`), and its `data:` the same JSON as `GET /jobs/{id}`.
+The stream starts with the current state and ends after a terminal one. A reconnecting EventSource
+sends `Last-Event-ID`: if the job is terminal and the client has its current state, the answer is
+204 (which stops the reconnects); if the client has the current state of a job still running, the
+stream does not send that state again.
 The hub (`hub.py`) writes the changes to the streams; a stream's handler only opens it, sends
 heartbeats while it is idle, and closes it.
 """
@@ -19,6 +20,7 @@ import resource
 import socket
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import HttpVersion11, web
 from imgpipe import resources
@@ -84,24 +86,34 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, record), headers={"Cache-Control": "no-store"})
 
 
-_LAST_EVENT_ID = re.compile(r"[0-9]+")
+_LAST_EVENT_ID = re.compile(r"([0-9]+)(?:\.([0-9]{1,20}))?")
 #: Versions are Redis integers (64-bit): a longer number is past every one (and int() refuses the longest).
 _PAST_EVERY_VERSION = 2**64
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _last_event_id(request: web.Request) -> int | None:
-    """The version the client says it has (`Last-Event-ID`), or None when absent or malformed."""
-    value = request.headers.get("Last-Event-ID", "")
-    if not _LAST_EVENT_ID.fullmatch(value):
+def _written(record: JobRecord) -> int:
+    """When the write that made `record` happened, in microseconds since the epoch: with the
+    version, what tells one state from another. A version alone does not after a Redis failover
+    that lost writes: the store hands the lost versions out again, to other states."""
+    return (record.updated_at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _last_event_id(request: web.Request) -> tuple[int, int | None] | None:
+    """The version the client says it has (`Last-Event-ID`) and when that state was written (None
+    from an id of a version alone, as the service sent before), or None when absent or malformed."""
+    match = _LAST_EVENT_ID.fullmatch(request.headers.get("Last-Event-ID", ""))
+    if match is None:
         return None
-    digits = value.lstrip("0")
-    return int(digits or "0") if len(digits) <= 20 else _PAST_EVERY_VERSION
+    digits = match.group(1).lstrip("0")
+    version = int(digits or "0") if len(digits) <= 20 else _PAST_EVERY_VERSION
+    return version, int(match.group(2)) if match.group(2) else None
 
 
 def _render(app: web.Application, record: JobRecord) -> bytes:
     """`record` as one SSE event. The hub calls it once per change, whatever the number of streams."""
     data = json.dumps(record.public(app[resources.STORAGE].presign_download), separators=(",", ":"))
-    return f"id: {record.version}\nevent: {record.status.value}\ndata: {data}\n\n".encode()
+    return f"id: {record.version}.{_written(record)}\nevent: {record.status.value}\ndata: {data}\n\n".encode()
 
 
 async def job_events(request: web.Request) -> web.StreamResponse:
@@ -116,15 +128,25 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     # Listen before reading, so a change between the read and the subscription is not lost.
     with request.app[STREAMS].slot(principal.sub), hub.listen(job_id) as listener:
         # Usually no Redis read at all: the hub already follows a job that other streams watch.
-        has = _last_event_id(request)
+        has, written = _last_event_id(request) or (None, None)
         current = _visible(await hub.current(job_id, at_least=has or 0), principal)
-        if has is not None and has >= current.version and current.status.terminal:
+        # The client has this very state. With an id of the version alone (sent before ids carried
+        # the write's moment), as then: that version, or a later one for an ended job. With the
+        # moment, only this state: a client that was sent a state the store has since lost (a Redis
+        # failover), or a later version than the store's, gets the store's state as it is now.
+        if written is None:
+            has_it = has == current.version
+            ended = has is not None and has >= current.version and current.status.terminal
+        else:
+            has_it = has == current.version and written == _written(current)
+            ended = has_it and current.status.terminal
+        if ended:
             # A finished stream's EventSource reconnects to it forever; 204 is what makes it stop.
             return web.Response(status=204, headers={"Cache-Control": "no-store"})
         # Rendered before anything is sent: a failure here (no S3 credentials to sign the variants'
         # URLs with) is then a 503 like `GET /jobs/{id}`'s, not a second response after a 200's headers.
         # Not resent to a client that says it has it: the hub sends only newer changes.
-        first = b"" if has == current.version else hub.event(current).data
+        first = b"" if has_it else hub.event(current).data
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",

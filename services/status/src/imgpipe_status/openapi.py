@@ -23,9 +23,10 @@ _JOB_ID = Param("job_id", "path", {"type": "string"}, "The `id` that `POST /jobs
 _LAST_EVENT_ID = Param(
     "Last-Event-ID",
     "header",
-    {"type": "integer", "minimum": 0},
-    "The `id:` (version) of the last event the client has; EventSource sends it when it reconnects. "
-    "Ignored unless a non-negative integer.",
+    {"type": "string", "pattern": "^[0-9]+([.][0-9]{1,20})?$"},
+    "The `id:` of the last event the client has (`<version>.<microseconds>`); EventSource sends it "
+    "when it reconnects. A version alone is taken as the ids before the moment were. Ignored "
+    "unless of that shape.",
 )
 _NOT_FOUND = error("No such job, or another user's: ids are not for probing.", "job_not_found")
 _UNAVAILABLE = unavailable(
@@ -65,15 +66,17 @@ def operations() -> tuple[Operation, ...]:
             {
                 200: Response(
                     "An event stream: `retry:` first, then the current state (unless `Last-Event-ID` "
-                    "is its version) and every change. Each event's `event:` is the status, `id:` "
-                    "the version and `data:` the job as `GET /jobs/{job_id}` shows it; "
+                    "is its id) and every change. Each event's `event:` is the status, `id:` the "
+                    "version and the moment of the write (`<version>.<microseconds since the "
+                    "epoch>`) and `data:` the job as `GET /jobs/{job_id}` shows it; "
                     "`: keep-alive` comments fill idle time.",
                     events=JobView,
                     event_names=tuple(status.value for status in JobStatus),
                 ),
                 204: Response(
-                    "The job has ended and `Last-Event-ID` is its current version (or later): the "
-                    "client has the last event already. No body; EventSource stops reconnecting."
+                    "The job has ended and `Last-Event-ID` is its current state's id (a version "
+                    "alone: that version or later): the client has the last event already. No body; "
+                    "EventSource stops reconnecting."
                 ),
                 401: UNAUTHORIZED,
                 404: _NOT_FOUND,
@@ -96,8 +99,9 @@ def operations() -> tuple[Operation, ...]:
             "with expires (its `exp` plus the leeway): then with a `token_expired` event, which has "
             "no `id:` and whose `data:` is an error as the 401 answers carry it. EventSource "
             "clients cannot send headers, so the token may come as `?access_token=` instead. When "
-            "`Last-Event-ID` is the job's current version, a running job's stream skips that state "
-            "and only sends later changes, and an ended job answers 204.",
+            "`Last-Event-ID` is the id of the job's current state, a running job's stream skips that "
+            "state and only sends later changes, and an ended job answers 204; any other id (one "
+            "of a state a Redis failover lost, too) gets the current state first.",
             tags=("jobs",),
             security=(*BEARER, {"accessToken": []}),
             params=(_JOB_ID, _LAST_EVENT_ID),
