@@ -708,3 +708,44 @@ async def test_a_resync_reads_the_watched_jobs_in_batches_and_misses_none(
             assert listener.version == 2
     assert store.reads - reads == len(jobs)  # each read once
     assert store.most_at_once == 3  # a batch at a time: not one by one, nor all at once
+
+
+async def test_a_read_begun_before_the_subscription_broke_is_not_learnt_after_it(
+    hub: Hub, store: CountingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failover lost `processing` (version 2), and a read the old primary answered landed after
+    the hub's resync had read the new one: learnt, it put the lost state back, the hub then dropped
+    the job's real version 2 (`succeeded`) as one it had, and its streams waited at `processing`."""
+    job = await _pending_job(store)
+    processing = (await store.mark_processing(job.id)).record
+    assert processing is not None
+    go, reading = asyncio.Event(), asyncio.Event()
+    read = store.get
+
+    async def held_first_read(job_id: str) -> JobRecord | None:
+        if not reading.is_set():
+            reading.set()
+            record = await read(job_id)  # `processing`, from the primary about to be lost...
+            await go.wait()  # ...answered after the failover
+            return record
+        return await read(job_id)
+
+    monkeypatch.setattr(store, "get", held_first_read)
+    with hub.listen(job.id):
+        late = asyncio.create_task(hub.current(job.id))
+        await asyncio.wait_for(reading.wait(), 5)
+        # The failover: the promoted replica had only `pending`, and the subscription broke.
+        pending = {"version": 1, "rank": 0, "data": job.model_dump_json(exclude={"version"})}
+        await store.redis.hset(store.job_key(job.id), mapping=pending)
+        reads = store.reads
+        _cut_subscription(store)
+        async with asyncio.timeout(5):  # resynced: `current` would wait on the held read
+            while store.reads == reads or not hub.connected.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        go.set()
+        assert (await late).status is JobStatus.PROCESSING  # its caller gets what it read
+        await store.mark_succeeded(processing, [])  # the worker's write: version 2 again
+        await _hub_knows(hub, job.id, 2)
+        now = await hub.current(job.id)
+        assert now is not None and now.status is JobStatus.SUCCEEDED

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
@@ -200,6 +200,8 @@ class Hub:
         self._watches: dict[str, _Watch] = {}
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
+        # Counts the subscription's breaks: a read begun before one is not learnt after it.
+        self._breaks = 0
 
     @property
     def listeners(self) -> int:
@@ -240,7 +242,7 @@ class Hub:
                 return record
         # The client was sent a change on another replica whose message has not reached this one
         # yet: the store has it already. Read on its own: a shared read may have begun before it.
-        return watch.learn(await self._store.get(job_id))
+        return self._learnt(watch, await self._since(self._store.get(job_id)))
 
     def attach(
         self, listener: Listener, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int
@@ -296,9 +298,22 @@ class Hub:
             for listener in tuple(watch.listeners):
                 listener.end(End.CLOSE)
 
+    async def _since(self, read: Awaitable[JobRecord | None]) -> tuple[int, JobRecord | None]:
+        breaks = self._breaks
+        return breaks, await read
+
+    def _learnt(self, watch: _Watch, read: tuple[int, JobRecord | None]) -> JobRecord | None:
+        """What the hub knows after `read`; a read begun before the subscription last broke is
+        answered to its caller but not learnt. The store it read may have been the primary a
+        failover lost writes of: learnt after the resync, its state (a version the store now hands
+        out again, to another state) would make the hub drop the job's real change of that version
+        as one it has, and its streams would wait, at a state the store no longer has."""
+        breaks, record = read
+        return watch.learn(record) if breaks == self._breaks else record
+
     async def _read(self, watch: _Watch) -> JobRecord | None:
         try:
-            return watch.learn(await self._store.get(watch.job_id))
+            return self._learnt(watch, await self._since(self._store.get(watch.job_id)))
         finally:
             watch.reading = None
             # Failed or not: the streams that waited for it may all have ended meanwhile (their
@@ -422,6 +437,7 @@ class Hub:
             except Exception as exc:
                 # Also when the client restored the connection by itself (see `JobStore.subscribe`).
                 self.connected.clear()
+                self._breaks += 1
                 # Changes while we are away are not seen: what we knew can no longer be trusted,
                 # nor the cached rendering (a store that lost changes reuses their versions).
                 for watch in self._watches.values():
