@@ -564,3 +564,35 @@ def test_the_test_s3_keeps_connections_open(s3_endpoint: str) -> None:
         assert response.getheader("Connection") == "close"
     finally:
         conn.close()
+
+
+async def test_a_head_in_a_missing_bucket_is_not_a_missing_source(s3_endpoint: str) -> None:
+    """A HEAD's 404 has no body: a wrong or deleted bucket refused every `POST /jobs` as
+    `source_not_found` (a 422, the client's fault). It is the transient `storage_error` (a 503)."""
+    missing = Storage(s3_settings(s3_endpoint, f"imgpipe-missing-{uuid.uuid4().hex[:12]}"))
+    try:
+        with pytest.raises(StorageError) as info:
+            await missing.head("uploads/o/k")
+    finally:
+        await missing.close()
+    assert not isinstance(info.value, ObjectNotFound)
+    assert (info.value.code, info.value.transient) == ("storage_error", True)
+    assert "no bucket" in info.value.message
+
+
+async def test_a_missing_key_asks_for_the_bucket_once_a_minute(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = 0
+    head_bucket = storage._head_bucket
+
+    async def counted() -> None:
+        nonlocal asked
+        asked += 1
+        await head_bucket()
+
+    monkeypatch.setattr(storage, "_head_bucket", counted)
+    for _ in range(3):
+        with pytest.raises(ObjectNotFound):
+            await storage.head(f"uploads/o/{uuid.uuid4().hex}")
+    assert asked == 1

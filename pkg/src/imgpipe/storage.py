@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import random
 import re
 import secrets
@@ -150,6 +151,8 @@ _VARIANT_CACHE_CONTROL = "private, max-age=31536000, immutable"
 #: included: an S3 that takes connections and never answers held a request 90 s (three reads of 30 s),
 #: past the gateway's own timeout, with the job's Idempotency-Key and quota slot held meanwhile.
 _HEAD_DEADLINE_S = 10.0
+#: How long `head` trusts that the bucket exists, once it has asked (see `_bucket_exists`).
+_BUCKET_SEEN_S = 60.0
 _NO_BUCKET = b"<Code>NoSuchBucket</Code>"  # in the body of a 404 for the bucket, not the object
 
 
@@ -216,6 +219,7 @@ class Storage:
         self._pool = pool
         self._http: aiohttp.ClientSession | None = None
         self._ping: asyncio.Future[Any] | None = None
+        self._bucket_seen = -math.inf  # when `_bucket_exists` last found the bucket (monotonic)
 
     def _s3(self) -> Any:
         """The boto3 client, made on first use. Called in a worker thread: making one loads S3's
@@ -283,13 +287,31 @@ class Storage:
                         "storage_error", f"S3 HEAD {key!r}: no usable size or date", transient=False
                     ) from None
 
+        async def look() -> dict[str, Any]:
+            try:
+                return await self._transfer("HEAD", key, send)
+            except ObjectNotFound:
+                # A HEAD's 404 has no body to tell a missing bucket from a missing key, and a wrong
+                # or deleted bucket then refused every job as `source_not_found` (a 422, the client's
+                # fault). The bucket is asked; its answer is trusted for a minute.
+                await self._bucket_exists()
+                raise
+
         try:
             async with asyncio.timeout(_HEAD_DEADLINE_S):
-                return await self._transfer("HEAD", key, send)
+                return await look()
         except TimeoutError:
             raise StorageError(
                 "storage_unavailable", f"S3 HEAD {key!r}: no answer in {_HEAD_DEADLINE_S:g}s", transient=True
             ) from None
+
+    async def _bucket_exists(self) -> None:
+        """Raise the transient `storage_error` of `_head_bucket` unless the bucket answered within
+        the last `_BUCKET_SEEN_S` (so a client's missing keys cost S3 one more request a minute)."""
+        if time.monotonic() - self._bucket_seen < _BUCKET_SEEN_S:
+            return
+        await self._head_bucket()
+        self._bucket_seen = time.monotonic()
 
     async def _head_bucket(self) -> None:
         what = f"bucket {self.bucket}"
