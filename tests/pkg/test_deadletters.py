@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractConnection
 from imgpipe import broker, deadletters
 from imgpipe.deadletters import DeadLetters
 from imgpipe.limits import Limits
@@ -54,6 +56,32 @@ async def _failed_job(store: JobStore) -> JobMessage:
     return job
 
 
+@contextlib.asynccontextmanager
+async def _through_a_relay(
+    topology: broker.Topology, *, robust: bool = False
+) -> AsyncIterator[tuple[broker.Publisher, BrokerProxy, AbstractConnection]]:
+    """A publisher straight to RabbitMQ, and a connection through a relay the test can stall or cut."""
+    direct = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(direct, topology)
+    proxy = BrokerProxy()
+    await proxy.start()
+    url = AMQP_URL.replace(":5672/", f":{proxy.port}/")
+    if robust:
+        relayed: AbstractConnection = broker.robust_connection(url)
+        await broker.keep_connecting(relayed)  # type: ignore[arg-type]
+    else:
+        relayed = await broker.connect(url)
+    try:
+        await publisher.open()
+        yield publisher, proxy, relayed
+    finally:
+        proxy.reset()
+        await relayed.close()
+        await publisher.close()
+        await direct.close()
+        await proxy.cut()
+
+
 async def test_a_replayed_job_takes_its_owners_active_slot_again(
     namespace_: str, redis_client: aioredis.Redis
 ) -> None:
@@ -85,14 +113,8 @@ async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
     store = StallingStore(redis_client, namespace_, retention=timedelta(hours=1))
     job = await _failed_job(store)
 
-    direct = await broker.connect(AMQP_URL)
-    publisher = broker.Publisher(direct, topology)
-    proxy = BrokerProxy()
-    await proxy.start()
-    store.proxy = proxy
-    relayed = await broker.connect(AMQP_URL.replace(":5672/", f":{proxy.port}/"))
-    try:
-        await publisher.open()
+    async with _through_a_relay(topology) as (publisher, proxy, relayed):
+        store.proxy = proxy
         body = job.model_dump_json().encode()
         await publisher.publish_dead(body, {}, message_id=job.id, reason="gave up")
 
@@ -113,12 +135,6 @@ async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
         record = await store.get(job.id)
         assert record is not None and record.status is JobStatus.FAILED, record
         assert record.error is not None and record.error.code == "storage_unavailable"
-    finally:
-        proxy.reset()
-        await relayed.close()
-        await publisher.close()
-        await direct.close()
-        await proxy.cut()
 
 
 async def test_the_browse_lock_is_renewed_while_a_browse_runs(
@@ -191,41 +207,34 @@ async def test_a_browse_cut_short_by_a_lost_connection_leaves_no_channel_behind(
     publishing connection, more for each browse a broker restart interrupted."""
     topology = broker.Topology(namespace_, (1, 2))
     store = JobStore(redis_client, namespace_, retention=timedelta(hours=1))
-    direct = await broker.connect(AMQP_URL)
-    publisher = broker.Publisher(direct, topology)
-    proxy = BrokerProxy()
-    await proxy.start()
-    relayed = broker.robust_connection(AMQP_URL.replace(":5672/", f":{proxy.port}/"))
-    await broker.keep_connecting(relayed)
+    async with _through_a_relay(topology, robust=True) as (publisher, proxy, relayed):
 
-    def channels() -> list[int]:
-        assert relayed.transport is not None
-        return sorted(relayed.transport.connection.channels)
+        def channels() -> list[int]:
+            assert relayed.transport is not None
+            return sorted(relayed.transport.connection.channels)
 
-    # The connection drops at a set moment of the browse.
-    if when == "taking messages":
-        take = deadletters._Session.next
+        # The connection drops at a set moment of the browse.
+        if when == "taking messages":
+            take = deadletters._Session.next
 
-        async def next_then_drop(session: deadletters._Session) -> object:
-            if session._taken == 10:
-                proxy.reset()
-            return await take(session)
+            async def next_then_drop(session: deadletters._Session) -> object:
+                if session._taken == 10:
+                    proxy.reset()
+                return await take(session)
 
-        monkeypatch.setattr(deadletters._Session, "next", next_then_drop)
-    else:
-        opened = 0
-        make = relayed.channel
+            monkeypatch.setattr(deadletters._Session, "next", next_then_drop)
+        else:
+            opened = 0
+            make = relayed.channel
 
-        def channel_then_drop(*args: object, **kwargs: object) -> object:
-            nonlocal opened
-            opened += 1
-            if opened == 2:
-                proxy.reset()  # made and registered, then its opening fails
-            return make(*args, **kwargs)
+            def channel_then_drop(*args: object, **kwargs: object) -> object:
+                nonlocal opened
+                opened += 1
+                if opened == 2:
+                    proxy.reset()  # made and registered, then its opening fails
+                return make(*args, **kwargs)
 
-        monkeypatch.setattr(relayed, "channel", channel_then_drop)
-    try:
-        await publisher.open()
+            monkeypatch.setattr(relayed, "channel", channel_then_drop)
         for n in range(30):
             await publisher.publish_dead(b"{}", {}, message_id=f"m{n}", reason="gave up")
         with pytest.raises(broker.BrokerUnavailable):
@@ -237,9 +246,3 @@ async def test_a_browse_cut_short_by_a_lost_connection_leaves_no_channel_behind(
         depth, items = await DeadLetters(relayed, topology, store).list(1000)
         assert depth == len(items) == 30  # none lost
         assert channels() == []
-    finally:
-        proxy.reset()
-        await relayed.close()
-        await publisher.close()
-        await direct.close()
-        await proxy.cut()

@@ -97,9 +97,10 @@ _SHARED_INTERMEDIATE_MAX_PIXELS = 16 * 1024 * 1024
 _FAIL_ON = "truncated"
 # PNG at "error": only there does libspng check chunk CRCs. It then refuses a critical chunk (IHDR,
 # PLTE, IDAT, IEND) whose CRC is wrong and drops an ancillary one, as browsers do; at "truncated" it
-# computes no CRC at all, and a damaged file decoded to garbage. Over PngSuite, the Adler-32 of the
-# image data, bytes after IEND and ancillary chunks with a bad CRC, the two levels differ in the two
-# files with a bad critical CRC only. Checking the CRCs ourselves cost 4.4 ms of a 12 MB PNG's 85.
+# computes no CRC at all, and a damaged file decoded to garbage. Over PngSuite, and on a bad Adler-32
+# of the image data, bytes after IEND and an ancillary chunk with a bad CRC, the two levels differ
+# only on the two files with a bad critical CRC. Checking the CRCs ourselves cost 4.4 ms of a 12 MB
+# PNG's 85.
 _PNG_FAIL_ON = "error"
 
 
