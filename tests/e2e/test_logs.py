@@ -198,6 +198,14 @@ async def _flow(http: aiohttp.ClientSession, stack: Stack, keys: Secrets) -> dic
     # 6. Requests aiohttp cannot parse, carrying the token: its own error logging must not leak it.
     for service_url in (stack.api, stack.status):
         await _malformed(service_url, token)
+    # 7. A body whose Content-Encoding is broken: refused (415), and nothing inflates it afterwards
+    # (aiohttp did, to drain it, and logged an ERROR with no request id for any client's garbage).
+    async with http.post(
+        f"{stack.api}/jobs",
+        data=b"\x1f\x8b not really gzip",
+        headers={**auth, "Content-Type": "application/json", "Content-Encoding": "gzip"},
+    ) as response:
+        assert response.status == 415
     return {"job": job["id"], "job_rid": job_rid, "key": grant["key"]}
 
 
@@ -343,6 +351,15 @@ def test_no_line_leaks_a_secret(outcome: dict[str, Any], keys: Secrets) -> None:
         assert text.strip(), f"{service} logged nothing"
         for what, value in forbidden.items():
             assert value not in text, f"{service} logged the {what}"
+
+
+def test_a_clients_garbage_is_no_error_of_ours(outcome: dict[str, Any]) -> None:
+    for service, lines in outcome["logs"].items():
+        errors = [line for line in lines if line.get("level") in ("ERROR", "CRITICAL")]
+        assert not [line for line in errors if line.get("logger", "").startswith("aiohttp")], (
+            service,
+            errors,
+        )
 
 
 def test_no_stack_traces_in_production(outcome: dict[str, Any]) -> None:

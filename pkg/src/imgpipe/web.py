@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_protocol
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
@@ -91,6 +91,39 @@ def error_response(
 
 def _internal_error() -> web.Response:
     return error_response(500, "internal_error", "an internal error occurred")
+
+
+def _unparsed_request_error(
+    self: web_protocol.RequestHandler,
+    request: web.BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """aiohttp's answer to a request it could not parse, which no middleware sees, in our JSON shape.
+
+    Its own was text, and quoted the bytes it choked on: a stray byte in a query string sent the
+    whole request line back, `?access_token=<the JWT>` and all, and an oversized header its first
+    8 KiB (a bearer token). It also logged each as an ERROR: a client's garbage is not ours, so it
+    is a warning here, naming the kind of fault and not the bytes. A 500 (a fault of ours) keeps
+    aiohttp's logging.
+    """
+    if status >= 500:
+        _aiohttp_handle_error(self, request, status, exc, message)  # logs; refuses a sent response
+        response = _internal_error()
+    else:
+        if request.writer.output_size > 0:  # as aiohttp: an answer has begun, no second one
+            raise ConnectionError("a response is sent already, cannot send another")
+        log.warning("malformed HTTP request refused (%s): %s", status, type(exc).__name__)
+        response = error_response(
+            status, _DEFAULT_CODES.get(status, "bad_request"), "the request is not well-formed HTTP"
+        )
+    response.force_close()  # as aiohttp's own: what follows on the connection cannot be trusted
+    return response
+
+
+_aiohttp_handle_error = web_protocol.RequestHandler.handle_error
+web_protocol.RequestHandler.handle_error = _unparsed_request_error  # type: ignore[method-assign]
 
 
 @web.middleware
@@ -341,4 +374,8 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         handler_cancellation=True,
         backlog=backlog,
+        # Bodies are never inflated: `read_model` refuses a coded one (415). Inflated, a body
+        # whose coding was broken failed aiohttp's drain of it after our answer, and every such
+        # request logged an ERROR, with no request id, that any client could cause.
+        auto_decompress=False,
     )
