@@ -484,6 +484,13 @@ async def test_poison_messages_are_dead_lettered_and_worker_keeps_serving(
     lines = [r["message"] for r in log_records(own.worker) if "unparseable" in r["message"]]
     assert len(lines) >= len(poison), lines
     assert not [line for line in lines if "garbage" in line or "hello" in line], lines
+    # And under the message's id (its job's, as published), the header's complaint too.
+    for message_id in poison:
+        said = {r["message"].split(":")[0] for r in log_records(own.worker, message_id)}
+        assert "unparseable message dead-lettered" in said, (message_id, said)
+    for message_id in (f"header-a-{tag}", f"header-b-{tag}"):
+        said = [r["message"] for r in log_records(own.worker, message_id)]
+        assert any(line.startswith("unreadable x-imgpipe-attempt header") for line in said), said
 
     await _good_job_succeeds(user, small_jpeg)
     assert await queue_depth(own.topology.jobs_queue) == 0

@@ -245,8 +245,11 @@ class Consumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
-        attempt = _attempt(headers)
         request_id_var.set(clean_request_id(headers.get(REQUEST_ID_HEADER)))
+        # The message's id is its job's (as published): lines about a message whose header or body
+        # cannot be read carry it too. Set again from the body once it is read.
+        job_id_var.set(clean_request_id(message.message_id))
+        attempt = _attempt(headers)
         try:
             job = JobMessage.model_validate_json(message.body)
         except ValidationError as exc:
