@@ -101,6 +101,9 @@ else:
     for directive in ("proxy_buffering off;", "proxy_cache off;", "proxy_read_timeout 1h;", "gzip off;"):
         if directive not in events.group(1):
             fail(f"gateway: the SSE location lacks '{directive}'")
+    # Its error lines would quote the request line, ?access_token= included (checked live below).
+    if not re.search(r"error_log \S+ (crit|alert|emerg);", events.group(1)):
+        fail("gateway: the SSE location's error log is not at crit (its lines would carry the token)")
 for directive in ("proxy_http_version 1.1;", 'proxy_set_header Connection "";'):
     if directive not in nginx_conf:
         fail(f"gateway: lacks '{directive}'")
@@ -156,6 +159,9 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length: self.rfile.read(length)
+        if "/hangup" in self.path:  # no answer at all: nginx logs an error with the request line
+            self.close_connection = True
+            return
         if self.path.endswith("/events"):
             # An SSE stream: the first event now, the end 3 s later. Buffering would hold both.
             self.send_response(200)
@@ -230,9 +236,22 @@ if r.status != 200 or b"processing" not in first or elapsed > 2:
 rest = r.read()
 if b"succeeded" not in first + rest:
     problems.append("SSE stream cut short")
+# An upstream that hangs up: a 502 both times; nginx's error log quotes the request line of the
+# second (a control: the log works) but not of the stream's, whose query carries a token.
+for path in ("/jobs/hangup/events?access_token=lint-secret-token", "/jobs/hangup?visible=lint-control"):
+    got, _ = call("GET", path)
+    if got != 502:
+        problems.append(f"GET {path}: expected 502 from an upstream that hangs up, got {got}")
 for p in problems:
     print(f"[compose] FAIL gateway: {p}", file=sys.stderr)
 if problems:
     sys.exit(1)
 print(f"[compose] OK: gateway routes {len(cases) + 2} cases, request ids, and an unbuffered SSE stream")
 PY
+sleep 0.2  # nginx writes its error lines as they happen; give the last a moment
+grep -q "lint-control" "$scratch/error.log" || { echo "[compose] FAIL gateway: nginx logged no upstream error at all" >&2; exit 1; }
+if grep -q "lint-secret-token" "$scratch/error.log"; then
+	echo "[compose] FAIL gateway: nginx's error log holds an SSE stream's ?access_token=" >&2
+	exit 1
+fi
+echo "[compose] OK: the SSE location's upstream errors leave its token out of nginx's error log"
