@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from imgpipe.models import JobRecord
@@ -242,7 +242,7 @@ class Hub:
                 return record
         # The client was sent a change on another replica whose message has not reached this one
         # yet: the store has it already. Read on its own: a shared read may have begun before it.
-        return self._learnt(watch, await self._since(self._store.get(job_id)))
+        return await self._get(watch)
 
     def attach(
         self, listener: Listener, transport: asyncio.BaseTransport | None, *, chunked: bool, version: int
@@ -298,22 +298,21 @@ class Hub:
             for listener in tuple(watch.listeners):
                 listener.end(End.CLOSE)
 
-    async def _since(self, read: Awaitable[JobRecord | None]) -> tuple[int, JobRecord | None]:
-        breaks = self._breaks
-        return breaks, await read
+    async def _get(self, watch: _Watch) -> JobRecord | None:
+        """The job's record from the store, learnt unless the subscription broke while it was read.
 
-    def _learnt(self, watch: _Watch, read: tuple[int, JobRecord | None]) -> JobRecord | None:
-        """What the hub knows after `read`; a read begun before the subscription last broke is
-        answered to its caller but not learnt. The store it read may have been the primary a
-        failover lost writes of: learnt after the resync, its state (a version the store now hands
-        out again, to another state) would make the hub drop the job's real change of that version
-        as one it has, and its streams would wait, at a state the store no longer has."""
-        breaks, record = read
+        Such a read is answered to its caller but not learnt: the store it read may have been the
+        primary a failover lost writes of, and learnt after the resync, its state (a version the
+        store now hands out again, to another state) would make the hub drop the job's real change
+        of that version as one it has, and its streams would wait, at a state the store no longer has.
+        """
+        breaks = self._breaks
+        record = await self._store.get(watch.job_id)
         return watch.learn(record) if breaks == self._breaks else record
 
     async def _read(self, watch: _Watch) -> JobRecord | None:
         try:
-            return self._learnt(watch, await self._since(self._store.get(watch.job_id)))
+            return await self._get(watch)
         finally:
             watch.reading = None
             # Failed or not: the streams that waited for it may all have ended meanwhile (their
