@@ -26,6 +26,7 @@ import aio_pika
 import pamqp.decode
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractConnection,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -221,8 +222,8 @@ def robust_connection(
     )
 
 
-def is_up(connection: AbstractRobustConnection) -> bool:
-    """Whether a robust connection is connected right now (not closed, not reconnecting)."""
+def is_up(connection: AbstractConnection) -> bool:
+    """Whether a connection is connected right now (not closed; a robust one, not reconnecting)."""
     return not connection.is_closed and connection.connected.is_set()
 
 

@@ -58,6 +58,7 @@ from imgpipe.broker import (
     BrokerUnavailable,
     Topology,
     close_quietly,
+    is_up,
     persistent_message,
     queue_counts,
 )
@@ -367,11 +368,6 @@ async def _amqp(operation: Awaitable[T]) -> T:
         raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _connected(connection: AbstractConnection) -> bool:
-    connected = getattr(connection, "connected", None)  # robust connections: reconnecting?
-    return not connection.is_closed and (connected is None or connected.is_set())
-
-
 class _Session:
     """Two channels: `browse` for basic.get (closing it hands back what was not acknowledged) and
     `control` for the depth and confirmed publishing."""
@@ -387,7 +383,7 @@ class _Session:
         self._acked = 0
 
     async def open(self) -> None:
-        if not _connected(self._connection):
+        if not is_up(self._connection):
             raise BrokerUnavailable("not connected to RabbitMQ")
         # Each channel is kept before it is awaited: one whose opening a lost connection cuts
         # short is registered with the robust connection already, and `close` must close it too.
@@ -455,7 +451,7 @@ class _Session:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RETURN_WAIT_S
         while (depth := await self.depth()) < expected:
-            if not _connected(self._connection):
+            if not is_up(self._connection):
                 raise BrokerUnavailable("the connection to RabbitMQ was lost")  # and they are back
             if loop.time() > deadline:
                 log.warning("dead letters not all back yet", extra={"depth": depth, "expected": expected})
