@@ -7,10 +7,15 @@ import json
 import time
 
 import aiohttp
-from aiohttp import web
+import imgpipe.web
+import pytest
+from aiohttp import web, web_protocol
+from aiohttp.streams import StreamReader
+from aiohttp.test_utils import make_mocked_request
 from imgpipe.storage import StorageError
-from imgpipe.web import READINESS, base_app
+from imgpipe.web import READINESS, ApiError, base_app, read_model
 from prometheus_client import REGISTRY
+from pydantic import BaseModel
 
 from tests.stack import local_http
 from tests.worker.test_consumer import eventually
@@ -148,3 +153,81 @@ async def test_a_request_aiohttp_cannot_parse_gets_json_that_does_not_quote_it()
             assert b"content-type: application/json" in head.lower(), head
             assert json.loads(body)["error"]["code"] == "bad_request", body
             assert secret.encode()[:20] not in head + body
+
+
+class _Body(BaseModel):
+    n: int
+
+
+def _body_app() -> web.Application:
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"n": (await read_model(request, _Body)).n})
+
+    app = base_app("webtest", environment="test")
+    app.router.add_post("/count", count)
+    return app
+
+
+async def _answer_to(base: str, *parts: bytes, pause_s: float = 0.2) -> tuple[bytes, dict, float]:
+    """Send `parts` with a pause between them and keep the connection open: the answer's head, its
+    JSON body, and how long after the last part it came."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(pause_s)
+            writer.write(part)
+            await writer.drain()
+        sent = time.monotonic()
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(v for k, v in _headers(head) if k == b"content-length"))
+            body = json.loads(await reader.readexactly(length))
+        return head, body, time.monotonic() - sent
+    finally:
+        writer.close()
+
+
+def _headers(head: bytes) -> list[tuple[bytes, bytes]]:
+    lines = head.strip().split(b"\r\n")[1:]
+    return [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines)]
+
+
+_HEAD = b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+_CHUNKED = _HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_a_body_that_does_not_arrive_in_time_gets_408_and_a_closed_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a deadline, a client that trickled its body (or whose chunked framing broke part-way,
+    which aiohttp's C parser never hands to the body being read) held the handler for ever."""
+    monkeypatch.setattr(imgpipe.web, "BODY_TIMEOUT_S", 0.5)
+    async with local_http(_body_app(), handler_cancellation=True) as base:
+        for parts in (
+            (_HEAD + b"Content-Length: 100\r\n\r\n", b'{"n": 1'),  # 7 of its 100 bytes, then nothing
+            (_CHUNKED, b'2\r\n{"\r\n', b"ZZ\r\n"),  # a chunk size that is not hex, after a good chunk
+        ):
+            answer, body, after_s = await _answer_to(base, *parts)
+            assert answer.split(b"\r\n")[0] == b"HTTP/1.1 408 Request Timeout", answer
+            assert body["error"]["code"] == "request_timeout", body
+            assert (b"connection", b"close") in _headers(answer), answer
+            assert after_s < 3, after_s
+        # The same framing, well formed, is read as it arrives (the deadline is on the whole body).
+        chunks = (b'5\r\n{"n":\r\n', b"2\r\n 7\r\n", b"1\r\n}\r\n0\r\n\r\n")
+        answer, body, _ = await _answer_to(base, _CHUNKED, *chunks, pause_s=0.1)
+        assert answer.split(b"\r\n")[0] == b"HTTP/1.1 200 OK" and body == {"n": 7}, (answer, body)
+
+
+async def test_a_body_whose_framing_breaks_is_a_400_not_a_500() -> None:
+    """aiohttp's pure-Python parser hands a broken chunked body to the reader as RequestPayloadError;
+    it fell through to the middleware's catch-all as an internal error."""
+    payload = StreamReader(web_protocol.RequestHandler.__new__(web_protocol.RequestHandler), 2**16)
+    payload.set_exception(web_protocol.RequestPayloadError("invalid chunk size"))
+    request = make_mocked_request(
+        "POST", "/count", headers={"Content-Type": "application/json"}, payload=payload
+    )
+    with pytest.raises(ApiError) as raised:
+        await read_model(request, _Body)
+    assert (raised.value.status, raised.value.code, raised.value.close) == (400, "bad_request", True)

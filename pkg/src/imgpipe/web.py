@@ -66,6 +66,7 @@ _DEFAULT_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -73,14 +74,27 @@ _DEFAULT_CODES = {
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, a machine-readable code and a sentence for people."""
+    """An error answer: HTTP status, a machine-readable code and a sentence for people.
 
-    def __init__(self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None):
+    `close`: the connection is closed after the answer (what is left of the request on it cannot be
+    read as the next one).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.close = close
 
 
 def error_response(
@@ -140,6 +154,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = await handler(request)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message, exc.headers)
+            if exc.close:
+                response.force_close()
         except AuthError as exc:
             # RFC 6750 3.1: no error code when the request carried no credentials at all.
             challenge = "Bearer" if exc.code == "missing_token" else 'Bearer error="invalid_token"'
@@ -209,6 +225,10 @@ def require_admin(principal: Principal) -> None:
         raise ApiError(403, "forbidden", "this route needs the 'admin' scope")
 
 
+#: How long a request body may take to arrive, whole. Ours are at most 64 KiB of JSON.
+BODY_TIMEOUT_S = 10.0
+
+
 async def read_model(request: web.Request, model: type[M]) -> M:
     """The JSON body validated into `model`; any problem is a 4xx with a precise code."""
     if request.content_type != "application/json":
@@ -225,9 +245,21 @@ async def read_model(request: web.Request, model: type[M]) -> M:
             headers={"Accept-Encoding": "identity"},
         )
     try:
-        raw = await request.read()
+        # A deadline on the whole body: a client that trickles it (or stops) would otherwise hold
+        # this handler, and its connection, for as long as it likes. It also bounds a chunked body
+        # whose framing breaks part-way: aiohttp's C parser queues that error for after the
+        # handler and never hands it to the body being read, which then waits for ever.
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, "request_too_large", "the request body is too large") from None
+    except TimeoutError:
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", close=True
+        ) from None
+    except web_protocol.RequestPayloadError:
+        # The body's framing is broken (aiohttp's pure-Python parser says so here): a 400, not a 500.
+        raise ApiError(400, "bad_request", "the request body is not well-formed HTTP", close=True) from None
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

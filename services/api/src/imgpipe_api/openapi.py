@@ -29,6 +29,7 @@ from imgpipe.openapi import (
     unavailable,
 )
 from imgpipe.runs import RunRecord
+from imgpipe.web import BODY_TIMEOUT_S
 from pydantic import Field
 
 from imgpipe_api.admin import ReplayRequest
@@ -99,6 +100,11 @@ _NOT_PLAIN_JSON = (
     "The body is not application/json, or has a Content-Encoding (bodies are sent uncompressed)."
 )
 _RETRY = ("Retry-After",)
+#: What `read_model` answers for a body that does not arrive whole and well formed.
+_BROKEN_BODY = error("The body's chunked framing is broken.", "bad_request")
+_SLOW_BODY = error(
+    f"The body did not arrive whole within {BODY_TIMEOUT_S:g} s; the connection is closed.", "request_timeout"
+)
 _RATE = ("RateLimit-Limit", "RateLimit-Remaining")
 _BUSY = error("Another listing or replay is running; retry shortly.", "dead_letters_busy")
 
@@ -119,7 +125,9 @@ def operations() -> tuple[Operation, ...]:
                     model=UploadGrant,
                     optional_headers=_RATE,
                 ),
+                400: _BROKEN_BODY,
                 401: UNAUTHORIZED,
+                408: _SLOW_BODY,
                 413: error(
                     "`size` is over the upload limit, or the body is too large.",
                     "upload_too_large",
@@ -164,8 +172,10 @@ def operations() -> tuple[Operation, ...]:
                     optional_headers=("Idempotent-Replayed", *_RATE),
                 ),
                 400: error(
-                    "The Idempotency-Key header is empty, too long, or not printable ASCII.",
+                    "The Idempotency-Key header is empty, too long, or not printable ASCII; or the "
+                    "body's chunked framing is broken.",
                     "invalid_idempotency_key",
+                    "bad_request",
                 ),
                 401: UNAUTHORIZED,
                 403: error("The source key is not under the caller's upload prefix.", "source_forbidden"),
@@ -175,6 +185,7 @@ def operations() -> tuple[Operation, ...]:
                     "idempotency_in_progress",
                     headers=_RETRY,
                 ),
+                408: _SLOW_BODY,
                 413: error(
                     "The source is bigger than its grant or the limit, or the body is too large.",
                     "source_too_large",
@@ -298,8 +309,10 @@ def operations() -> tuple[Operation, ...]:
                 200: Response(
                     "What was replayed, and which ids have no replayable message or job.", model=ReplayResult
                 ),
+                400: _BROKEN_BODY,
                 401: UNAUTHORIZED,
                 403: FORBIDDEN,
+                408: _SLOW_BODY,
                 409: _BUSY,
                 413: error("The body is too large.", _TOO_LARGE_BODY),
                 415: error(_NOT_PLAIN_JSON, "unsupported_media_type", optional_headers=_CODED),
@@ -327,6 +340,6 @@ def document() -> dict[str, Any]:
         description="Presigned uploads, job submission and the admin routes. Jobs are read and "
         'followed on the status service. Errors are `{"error": {"code", "message"}}`; branch '
         "on `code`. Request bodies are uncompressed JSON of at most 64 KiB (413 `request_too_large` "
-        "beyond that).",
+        f"beyond that), sent whole within {BODY_TIMEOUT_S:g} s (408 `request_timeout` otherwise).",
         operations=operations(),
     )
