@@ -622,15 +622,17 @@ refuse "minReplicas (5) is above maxReplicas (2)" --set api.autoscaling.minRepli
 refuse "ingress.enabled needs both" --set ingress.enabled=true --set status.enabled=false
 # JWT key sources: never HS* with a JWKS, never RS/ES/PS without one, https outside local/test.
 JWKS=https://auth.example.com/.well-known/jwks.json
-refuse "/config/jwt/algorithms/0': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={HS256}'
-refuse "/config/jwt/algorithms/1': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={RS256,HS512}'
+ISSUER=https://auth.example.com/
+refuse "config.jwt.issuer is required when config.jwt.jwksUrl is set and config.env=production" --set config.jwt.jwksUrl=$JWKS
+refuse "/config/jwt/algorithms/0': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set config.jwt.issuer=$ISSUER --set 'config.jwt.algorithms={HS256}'
+refuse "/config/jwt/algorithms/1': value must be one of 'RS256'" --set config.jwt.jwksUrl=$JWKS --set config.jwt.issuer=$ISSUER --set 'config.jwt.algorithms={RS256,HS512}'
 refuse "/config/jwt/algorithms/0': value must be one of 'HS256'" --set 'config.jwt.algorithms={RS256}'
 refuse "/config/jwt/algorithms/0': value must be one of 'HS256'" --set 'config.jwt.algorithms={ES256}'
 refuse "RS256 needs config.jwt.jwksUrl" --set 'config.jwt.algorithms={RS256}' --skip-schema-validation
-refuse "HS256 cannot be used with config.jwt.jwksUrl" --set config.jwt.jwksUrl=$JWKS --set 'config.jwt.algorithms={HS256}' --skip-schema-validation
+refuse "HS256 cannot be used with config.jwt.jwksUrl" --set config.jwt.jwksUrl=$JWKS --set config.jwt.issuer=$ISSUER --set 'config.jwt.algorithms={HS256}' --skip-schema-validation
 refuse "/config/jwt/jwksUrl" --set config.jwt.jwksUrl=http://auth.example.com/jwks.json
 refuse "/config/jwt/jwksUrl" --set config.jwt.jwksUrl=not-a-url --set config.env=test
-refuse "/config/jwt/jwksTimeoutSeconds" --set config.jwt.jwksUrl=$JWKS --set config.jwt.jwksTimeoutSeconds=0
+refuse "/config/jwt/jwksTimeoutSeconds" --set config.jwt.jwksUrl=$JWKS --set config.jwt.issuer=$ISSUER --set config.jwt.jwksTimeoutSeconds=0
 refuse "/config/jwt/jwksCacheSeconds" --set config.jwt.jwksCacheSeconds=0
 refuse "/config/jwt/scopeClaim" --set 'config.jwt.scopeClaim=my scopes'
 refuse "secrets.jwtSecret must be at least 64 bytes" --set 'config.jwt.algorithms={HS512}' --set secrets.jwtSecret=0123456789abcdef0123456789abcdef0123456789abcdef
@@ -672,7 +674,7 @@ expect "fixed workers with type none: no ScaledObject" "ScaledObject|TriggerAuth
 expect "fixed workers with type none: no worker HPA" " 2 kind: HorizontalPodAutoscaler;" present --set worker.autoscaling.type=none
 expect "no Secret with existingSecret" " kind: Secret;" absent --set secrets.existingSecret=creds
 expect "no PDBs when disabled" "PodDisruptionBudget" absent --set api.pdb.enabled=false --set status.pdb.enabled=false --set worker.pdb.enabled=false
-if "$HELM" template imgpipe "$STAGED" -f "$BASE" --set config.jwt.jwksUrl=$JWKS | grep -q 'IMGPIPE_JWT_SECRET:'; then
+if "$HELM" template imgpipe "$STAGED" -f "$BASE" --set config.jwt.jwksUrl=$JWKS --set config.jwt.issuer=$ISSUER | grep -q 'IMGPIPE_JWT_SECRET:'; then
 	fail "a JWT secret is generated with a JWKS"
 else
 	ok "no JWT secret generated with a JWKS"

@@ -114,6 +114,20 @@ async def test_missing_exp_is_invalid() -> None:
     assert "exp" in error.message
 
 
+@pytest.mark.parametrize("exp", [str(int(time.time()) + 600), f"{time.time() + 600}"])
+async def test_an_exp_that_is_not_a_number_is_invalid(exp: str) -> None:
+    """RFC 7519: a JSON number of seconds. pyjwt takes a string of an integer as well."""
+    error = await _rejected(_verifier(), _token(_claims(exp=exp)))
+    assert error.code == "invalid_token" and "exp" in error.message, error.message
+
+
+async def test_an_exp_no_float_holds_is_the_far_future_not_a_500() -> None:
+    """`float(exp)` of a signed `exp` of 10**400 raised OverflowError: an internal error for a valid token."""
+    for exp in (10**400, 1e300):
+        principal = await _verifier().verify(_token(_claims(exp=exp)))
+        assert principal.sub and 1e12 <= principal.valid_until < 1e13, principal
+
+
 @pytest.mark.parametrize("sub", [None, "", 42, "x" * 257, "\ud800x"])  # the last: no UTF-8 (a 500 after)
 async def test_missing_or_bad_sub_is_invalid(sub: object) -> None:
     claims = _claims()
@@ -850,14 +864,14 @@ async def test_close_releases_the_session(
 
 @pytest.mark.parametrize(
     ("env", "secret", "warned"),
-    [("local", None, True), ("test", None, False), ("local", SECRET, False)],
+    [("local", None, True), ("test", SECRET, False), ("local", SECRET, False)],
     ids=["local-dev-secret", "test", "local-own-secret"],
 )
 def test_the_development_secret_is_announced_in_local(
     env: str, secret: str | None, warned: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With it anyone can make any token, admin included: accepted in local (and test), and a
-    service started so says it, once, where its operator looks."""
+    """With it anyone can make any token, admin included: accepted in local only, and a service
+    started so says it, once, where its operator looks."""
     settings = AuthSettings(env=env) if secret is None else AuthSettings(env=env, jwt_secret=secret)
     with caplog.at_level("WARNING", logger="imgpipe.auth"):
         TokenVerifier(settings)

@@ -217,10 +217,22 @@ def test_strong_jwt_secret_accepted_in_production(monkeypatch: pytest.MonkeyPatc
     assert settings.jwt_secret.get_secret_value() == "s" * 32
 
 
-@pytest.mark.parametrize("env", ["local", "test"])
-def test_default_jwt_secret_tolerated_locally(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
-    monkeypatch.setenv("IMGPIPE_ENV", env)
+def test_default_jwt_secret_tolerated_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGPIPE_ENV", "local")
     assert load(AuthSettings).jwt_secret.get_secret_value() == DEV_SECRET
+
+
+@pytest.mark.parametrize("secret", [None, DEV_SECRET])
+def test_default_jwt_secret_refused_in_test(monkeypatch: pytest.MonkeyPatch, secret: str | None) -> None:
+    """`test` tolerates what `local` does but this: a deployment called `test` (the chart allows the
+    name) whose secret was left out took the development one, which is in the repository, silently."""
+    monkeypatch.setenv("IMGPIPE_ENV", "test")
+    if secret is not None:
+        monkeypatch.setenv("IMGPIPE_JWT_SECRET", secret)
+    with pytest.raises(ConfigError, match=r"IMGPIPE_JWT_SECRET must be set .* when IMGPIPE_ENV=test"):
+        load(AuthSettings)
+    monkeypatch.setenv("IMGPIPE_JWT_SECRET", "short")  # what test keeps: no length rule
+    assert load(AuthSettings).jwt_secret.get_secret_value() == "short"
 
 
 def test_an_empty_jwt_secret_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,6 +272,7 @@ def test_secret_must_be_as_long_as_the_hash(
 
 
 JWKS = "https://idp.example/.well-known/jwks.json"
+ISSUER = "https://idp.example/"
 
 
 @pytest.mark.parametrize("env", ["local", "production"])
@@ -267,6 +280,7 @@ def test_jwks_defaults_to_rs256_without_a_secret(monkeypatch: pytest.MonkeyPatch
     # No IMGPIPE_JWT_SECRET in production: with a JWKS the shared secret is not used at all.
     monkeypatch.setenv("IMGPIPE_ENV", env)
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    monkeypatch.setenv("IMGPIPE_JWT_ISSUER", ISSUER)
     settings = load(AuthSettings)
     assert settings.jwt_jwks_url == JWKS
     assert settings.jwt_algorithms == ("RS256",)
@@ -276,6 +290,7 @@ def test_jwks_defaults_to_rs256_without_a_secret(monkeypatch: pytest.MonkeyPatch
 
 def test_jwks_accepts_public_key_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    monkeypatch.setenv("IMGPIPE_JWT_ISSUER", ISSUER)
     monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", '["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]')
     assert len(load(AuthSettings).jwt_algorithms) == 6
 
@@ -303,10 +318,29 @@ def test_unsupported_algorithms_with_a_jwks_refused(monkeypatch: pytest.MonkeyPa
 def test_jwks_must_be_https_outside_local(monkeypatch: pytest.MonkeyPatch, env: str) -> None:
     monkeypatch.setenv("IMGPIPE_ENV", env)
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "http://idp.example/jwks.json")
+    monkeypatch.setenv("IMGPIPE_JWT_ISSUER", ISSUER)
     with pytest.raises(
         ConfigError, match=f"IMGPIPE_JWT_JWKS_URL must be an https:// URL when IMGPIPE_ENV={env}"
     ):
         load(AuthSettings)
+
+
+@pytest.mark.parametrize("env", ["staging", "production"])
+@pytest.mark.parametrize("issuer", [None, ""])
+def test_jwks_needs_an_issuer_outside_local(
+    monkeypatch: pytest.MonkeyPatch, env: str, issuer: str | None
+) -> None:
+    """A key set signs for every client and tenant of the identity provider: without an issuer to
+    check, a token it issued for anything else (no `aud`, say a Cognito access token of another app
+    client) was accepted."""
+    monkeypatch.setenv("IMGPIPE_ENV", env)
+    monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", JWKS)
+    if issuer is not None:
+        monkeypatch.setenv("IMGPIPE_JWT_ISSUER", issuer)
+    with pytest.raises(ConfigError, match=f"IMGPIPE_JWT_ISSUER must be set .* IMGPIPE_ENV={env}"):
+        load(AuthSettings)
+    monkeypatch.setenv("IMGPIPE_ENV", "local")
+    assert load(AuthSettings).jwt_issuer is None
 
 
 @pytest.mark.parametrize("env", ["local", "test"])

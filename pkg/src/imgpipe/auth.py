@@ -40,6 +40,8 @@ MAX_JWKS_BYTES = 256 * 1024
 VERIFIED_TTL_S = 60.0
 #: Most verified tokens remembered at once (a few hundred bytes each).
 VERIFIED_MAX = 10_000
+#: An `exp` past this (year 33658) is taken as this: no float holds some integers a token may carry.
+_FAR_FUTURE_S = 10**12
 
 
 class AuthError(Exception):
@@ -358,8 +360,12 @@ class TokenVerifier:
         # A JSON string may hold a lone surrogate (`"\ud800"`), which no UTF-8 key or hash can take.
         if not isinstance(sub, str) or not sub or len(sub) > 256 or not _is_unicode(sub):
             raise AuthError("invalid_token", "the token's sub must be 1 to 256 characters of Unicode text")
-        # `exp` is required and pyjwt has checked it is a number in the future.
-        exp = float(claims["exp"])
+        # `exp` is required and pyjwt has checked it is in the future; but it takes a numeric string
+        # too, and an integer no float holds (RFC 7519: a JSON number of seconds).
+        exp = claims["exp"]
+        if isinstance(exp, bool) or not isinstance(exp, int | float) or exp != exp:  # NaN
+            raise AuthError("invalid_token", "the token's exp must be a number of seconds")
+        exp = float(min(exp, _FAR_FUTURE_S))
         scopes = self._scopes(claims.get(self._scope_claim))
         return Principal(sub=sub, scopes=scopes, valid_until=exp + self._leeway), exp
 

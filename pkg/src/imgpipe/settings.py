@@ -25,7 +25,7 @@ from imgpipe.urlsafety import IPNetwork, parse_networks
 
 #: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
-DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local/test
+DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local
 
 #: Supported algorithms and the shortest key each may use.
 _HMAC_KEY_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
@@ -224,6 +224,13 @@ class AuthSettings(BaseSettings):
                     f"IMGPIPE_JWT_ALGORITHMS must be among {list(public_key_algorithms)} "
                     "when IMGPIPE_JWT_JWKS_URL is set"
                 )
+            if self.env not in LOCAL_ENVIRONMENTS and not self.jwt_issuer:
+                # A key set signs for every client, and every tenant, of the identity provider; the
+                # issuer is what ties a token to ours.
+                raise ValueError(
+                    f"IMGPIPE_JWT_ISSUER must be set (the identity provider's `iss`) when "
+                    f"IMGPIPE_JWT_JWKS_URL is set and IMGPIPE_ENV={self.env}"
+                )
             schemes = "https?" if self.env in LOCAL_ENVIRONMENTS else "https"
             if not re.match(rf"^{schemes}://[^/?#@\s]+(?:[/?][^\s]*)?$", self.jwt_jwks_url):
                 raise ValueError(
@@ -240,7 +247,14 @@ class AuthSettings(BaseSettings):
         # RFC 7518 §3.2: an HMAC key at least as long as the hash.
         minimum = max(_HMAC_KEY_BYTES[alg] for alg in self.jwt_algorithms)
         secret = self.jwt_secret.get_secret_value()
-        if self.env not in LOCAL_ENVIRONMENTS and (secret == DEV_SECRET or len(secret.encode()) < minimum):
+        if secret == DEV_SECRET and self.env != "local":
+            # In the repository, so anyone can mint any token with it, admin included: tolerated
+            # only where the services say so at start (`local`). The test suite has its own.
+            raise ValueError(
+                f"IMGPIPE_JWT_SECRET must be set (the development secret is for IMGPIPE_ENV=local only) "
+                f"when IMGPIPE_ENV={self.env}"
+            )
+        if self.env not in LOCAL_ENVIRONMENTS and len(secret.encode()) < minimum:
             raise ValueError(
                 f"IMGPIPE_JWT_SECRET must be set to a random value of at least {minimum} bytes "
                 f"when IMGPIPE_ENV={self.env}"
