@@ -126,6 +126,9 @@ def service_env(namespace: str, s3_url: str, *, bucket: str = BUCKET, **override
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
         "IMGPIPE_JWT_SECRET": JWT_SECRET,
+        # The tests' image servers listen on free ports; the default policy (80 and 443) is tested
+        # on its own.
+        "IMGPIPE_URL_ALLOWED_PORTS": "*",
         **overrides,
     }
 

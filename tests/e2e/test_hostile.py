@@ -497,7 +497,12 @@ def hostile_stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
         "IMGPIPE_RATE_UPLOADS_PER_HOUR": "0",
         "IMGPIPE_MAX_ACTIVE_JOBS": "0",
     }
-    env = {k: v for k, v in base_env.items() if k != "IMGPIPE_URL_ALLOWED_NETWORKS"}
+    # The URL policy as deployed: no exempt networks, and ports 80 and 443 only.
+    env = {
+        k: v
+        for k, v in base_env.items()
+        if k not in ("IMGPIPE_URL_ALLOWED_NETWORKS", "IMGPIPE_URL_ALLOWED_PORTS")
+    }
     services = {
         "api": ("api", unlimited),
         "api_allow": (
@@ -684,6 +689,10 @@ SSRF_URLS = [
     ("gopher://example.com:70/_GET", "url_forbidden"),
     ("data:image/png;base64,iVBORw0KGgo=", "url_forbidden"),
     ("http://user:pass@example.com/a.jpg", "url_forbidden"),
+    # a public host's ports other than 80 and 443
+    ("http://example.com:8080/a.jpg", "url_forbidden"),
+    ("https://example.com:22/a.jpg", "url_forbidden"),
+    ("http://93.184.216.34:6379/a.jpg", "url_forbidden"),
     # malformed
     ("http://256.0.0.1/a.jpg", "url_invalid"),
     ("http://[::1/a.jpg", "url_invalid"),
@@ -742,7 +751,7 @@ async def test_name_resolving_to_a_private_address_fails_the_job(mallory: Client
     except socket.gaierror:
         pytest.skip(f"this machine's name {host!r} does not resolve")
     assert all(is_forbidden_ip(ip_address(a.split("%")[0])) for a in addresses), addresses
-    job = await mallory.submit({"url": f"http://{host}:{mallory.stack.api.rsplit(':', 1)[1]}/a.jpg"})
+    job = await mallory.submit({"url": f"http://{host}/a.jpg"})  # refused before a connection is tried
     done = await mallory.wait(job["id"])
     assert done["status"] == "failed"
     assert done["error"]["code"] == "url_forbidden", done["error"]

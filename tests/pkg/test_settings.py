@@ -117,6 +117,10 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (AuthSettings, "IMGPIPE_JWT_SCOPE_CLAIM", "two words"),
         (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_NETWORKS", "10.1.2.3/8"),
         (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_NETWORKS", "127.0.0.0/8, intranet"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_PORTS", "80,https"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_PORTS", "0"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_PORTS", "65536"),
+        (UrlSourceSettings, "IMGPIPE_URL_ALLOWED_PORTS", ""),
     ],
 )
 def test_load_names_the_bad_variable(
@@ -385,6 +389,14 @@ def test_default_secret_still_refused_without_a_jwks(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("IMGPIPE_JWT_JWKS_URL", "")
     with pytest.raises(ConfigError, match="IMGPIPE_JWT_SECRET"):
         load(AuthSettings)
+
+
+def test_url_ports_are_80_and_443_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load(UrlSourceSettings).ports() == {80, 443}
+    monkeypatch.setenv("IMGPIPE_URL_ALLOWED_PORTS", " 443, 8443 ")
+    assert load(UrlSourceSettings).ports() == {443, 8443}
+    monkeypatch.setenv("IMGPIPE_URL_ALLOWED_PORTS", "*")
+    assert load(UrlSourceSettings).ports() is None
 
 
 def test_url_networks_are_parsed(monkeypatch: pytest.MonkeyPatch) -> None:

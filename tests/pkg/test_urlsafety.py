@@ -183,14 +183,50 @@ def test_malformed_urls_are_invalid(url: str) -> None:
 
 @pytest.mark.parametrize(("url", "normalised"), PUBLIC_URLS)
 def test_public_urls_are_accepted_and_normalised(url: str, normalised: str) -> None:
-    assert check_url(url) == normalised
+    assert check_url(url, allowed_ports=None) == normalised
     # Normalisation is idempotent: the fetcher re-checks what it is given.
-    assert check_url(normalised) == normalised
+    assert check_url(normalised, allowed_ports=None) == normalised
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com:22/a.jpg",
+        "http://example.com:25/",
+        "https://example.com:6379/",
+        "http://example.com:8080/a.jpg",
+        "https://example.com:8443/a.jpg",
+    ],
+)
+def test_ports_other_than_80_and_443_are_forbidden_by_default(url: str) -> None:
+    """A public host's other ports are its mail, database and admin services: any client could have
+    the fetcher knock on them (and read from the error which are open)."""
+    with pytest.raises(UrlRejected) as info:
+        check_url(url)
+    assert info.value.code == "url_forbidden"
+    assert info.value.message == f"port {url.split(':')[2].split('/')[0]} is not allowed"
+
+
+def test_allowed_ports_are_the_ones_configured() -> None:
+    for url, normalised in (
+        ("http://example.com/a.jpg", "http://example.com/a.jpg"),  # 80 implied
+        ("https://example.com:443/a.jpg", "https://example.com/a.jpg"),
+        ("http://example.com:443/a.jpg", "http://example.com:443/a.jpg"),  # a port, not a scheme
+    ):
+        assert check_url(url) == normalised
+    assert check_url("http://example.com:8080/", allowed_ports={8080, 443}) == "http://example.com:8080/"
+    with pytest.raises(UrlRejected, match="port 80 is not allowed"):
+        check_url("http://example.com/", allowed_ports={8080, 443})
+    # An address refused as such says so, whatever its port.
+    with pytest.raises(UrlRejected, match=r"address 10\.0\.0\.1 is not allowed"):
+        check_url("http://10.0.0.1:8080/")
 
 
 def test_allowed_networks_exempt_literal_addresses() -> None:
     allowed = parse_networks("127.0.0.0/8, ::1/128")
-    assert check_url("http://127.0.0.1:8080/a", allowed_networks=allowed) == "http://127.0.0.1:8080/a"
+    assert check_url("http://127.0.0.1:8080/a", allowed_networks=allowed, allowed_ports=None) == (
+        "http://127.0.0.1:8080/a"
+    )
     assert check_url("http://127.1/", allowed_networks=allowed) == "http://127.0.0.1/"
     assert check_url("http://[::1]/", allowed_networks=allowed) == "http://[::1]/"
     # Only the listed networks: the rest of the policy still applies.

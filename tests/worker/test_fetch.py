@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from ipaddress import IPv4Network
 from pathlib import Path
 from urllib.parse import quote
@@ -206,6 +207,7 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_get("/to-scheme-relative", redirect("//169.254.169.254/"))
     app.router.add_get("/to-file", redirect("file:///etc/passwd"))
     app.router.add_get("/to-gopher", redirect("gopher://127.0.0.1:6379/_FLUSHALL"))
+    app.router.add_get("/to-other-port", redirect("http://127.0.0.1:6379/"))
     app.router.add_get("/to-private-name", redirect("http://internal.example.test:{port}/image"))
 
     async def redirect_to(request: web.Request) -> web.Response:
@@ -243,8 +245,17 @@ async def server() -> AsyncIterator[Server]:
         await test_server.close()
 
 
+#: The default policy but for ports: the test servers listen on free ports.
+ANY_PORT = FetchPolicy(allowed_ports=None)
+
+
 def local_policy(**overrides: object) -> FetchPolicy:
-    values: dict[str, object] = {"allowed_networks": LOCAL, "max_bytes": CAP * 10, "total_timeout_s": 5.0}
+    values: dict[str, object] = {
+        "allowed_networks": LOCAL,
+        "allowed_ports": None,  # the test servers listen on free ports
+        "max_bytes": CAP * 10,
+        "total_timeout_s": 5.0,
+    }
     values.update(overrides)
     return FetchPolicy(**values)  # type: ignore[arg-type]
 
@@ -466,7 +477,7 @@ async def test_dns_temporary_failure_is_transient() -> None:
 
 
 async def test_invalid_url_is_rejected_before_any_io() -> None:
-    error = await fetch_error("http://exa mple.com/", FetchPolicy())
+    error = await fetch_error("http://exa mple.com/", ANY_PORT)
     assert (error.code, error.transient) == ("url_invalid", False)
 
 
@@ -495,6 +506,15 @@ async def test_redirects_to_forbidden_targets_are_refused(server: Server, path: 
     error = await fetch_error(server.url(path), local_policy())
     assert (error.code, error.transient) == ("url_forbidden", False)
     assert server.hits == [path]
+
+
+async def test_a_redirect_to_a_port_not_allowed_is_refused_before_it_is_reached(server: Server) -> None:
+    """The ports are checked on every hop, not only the URL the client gave."""
+    policy = local_policy(allowed_ports=frozenset({server.port}))
+    assert (await fetch(server.url("/redirect"), policy)).data == IMAGE
+    error = await fetch_error(server.url("/to-other-port"), policy)
+    assert (error.code, error.message) == ("url_forbidden", "port 6379 is not allowed")
+    assert server.hits[-1] == "/to-other-port"
 
 
 #: Every SSRF target, reached through a redirect from an allowed server.
@@ -552,7 +572,7 @@ async def test_redirect_table_every_ssrf_target_is_refused(
     redirector: tuple[str, list[str]], target: str
 ) -> None:
     base, hits = redirector
-    policy = FetchPolicy(allowed_networks=(IPv4Network("127.0.0.2/32"),), total_timeout_s=5.0)
+    policy = replace(ANY_PORT, allowed_networks=(IPv4Network("127.0.0.2/32"),), total_timeout_s=5.0)
     error = await fetch_error(f"{base}?to={quote(target, safe='')}", policy)
     assert (error.code, error.transient) == ("url_forbidden", False), error.message
     assert hits == [target]  # the first hop was made; the redirect was not followed
@@ -585,7 +605,7 @@ async def test_redirect_without_location(server: Server) -> None:
 
 
 def test_redirect_resolution_and_downgrade() -> None:
-    policy = FetchPolicy()
+    policy = ANY_PORT
     assert _resolve_redirect("https://example.com/a/b", "c.jpg", policy) == "https://example.com/a/c.jpg"
     assert _resolve_redirect("https://example.com/a/b", "/c.jpg", policy) == "https://example.com/c.jpg"
     assert _resolve_redirect("https://example.com/a", "//cdn.example.com/x", policy) == (
@@ -602,7 +622,7 @@ def test_redirect_resolution_and_downgrade() -> None:
         _resolve_redirect(
             "https://images.example.com/a",
             "https://other.example.org/b",
-            FetchPolicy(allowed_hosts=("images.example.com",)),
+            FetchPolicy(allowed_hosts=("images.example.com",), allowed_ports=None),
         )
     assert info.value.code == "url_forbidden"
 
@@ -611,7 +631,7 @@ def test_redirect_resolution_and_downgrade() -> None:
 def test_a_redirect_to_an_unusable_location_is_url_invalid(location: str) -> None:
     """A hostile redirect fails the job as `url_invalid`, not as an internal error it retries."""
     with pytest.raises(FetchError) as info:
-        _resolve_redirect("http://example.com/", location, FetchPolicy())
+        _resolve_redirect("http://example.com/", location, ANY_PORT)
     assert (info.value.code, info.value.transient) == ("url_invalid", False)
 
 
@@ -621,14 +641,14 @@ def test_a_redirect_to_an_unusable_location_is_url_invalid(location: str) -> Non
 async def test_default_policy_refuses_the_live_local_server(server: Server) -> None:
     # Same server the tests above fetch from: only allowed_networks made that possible.
     for url in (server.url("/image"), server.url("/image", host="127.1"), server.url("/image", host="[::1]")):
-        error = await fetch_error(url, FetchPolicy())
+        error = await fetch_error(url, ANY_PORT)
         assert (error.code, error.transient) == ("url_forbidden", False)
     assert server.hits == []
 
 
 async def test_public_name_resolving_to_loopback_is_refused(server: Server) -> None:
     resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
-    error = await fetch_error(server.url("/image", host="images.example.test"), FetchPolicy(), resolver)
+    error = await fetch_error(server.url("/image", host="images.example.test"), ANY_PORT, resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
     assert "127.0.0.1" in error.message
     assert server.hits == []
@@ -647,7 +667,7 @@ async def test_public_name_resolving_to_loopback_works_when_allowed(server: Serv
 
 async def test_any_forbidden_address_refuses_the_whole_host(server: Server) -> None:
     resolver = StubResolver({"mixed.example.test": ["93.184.216.34", "10.0.0.1"]})
-    error = await fetch_error("http://mixed.example.test/a.jpg", FetchPolicy(), resolver)
+    error = await fetch_error("http://mixed.example.test/a.jpg", ANY_PORT, resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
 
 
@@ -686,7 +706,7 @@ async def test_peer_address_is_checked_even_if_the_resolver_is_bypassed(
 
     monkeypatch.setattr(SafeResolver, "resolve", unchecked)
     resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
-    error = await fetch_error(server.url("/image", host="images.example.test"), FetchPolicy(), resolver)
+    error = await fetch_error(server.url("/image", host="images.example.test"), ANY_PORT, resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
     assert "127.0.0.1" in error.message
     assert server.hits == []
@@ -715,7 +735,7 @@ async def test_allowed_hosts_policy_applies(server: Server) -> None:
 async def test_only_safe_sessions_are_accepted() -> None:
     async with aiohttp.ClientSession() as plain:
         with pytest.raises(ValueError, match="make_session"):
-            await fetch_url("https://example.com/a.jpg", FetchPolicy(), session=plain)
-    async with make_session(FetchPolicy()) as session:
+            await fetch_url("https://example.com/a.jpg", ANY_PORT, session=plain)
+    async with make_session(ANY_PORT) as session:
         with pytest.raises(ValueError, match="allowed_networks"):
             await fetch_url("https://example.com/a.jpg", local_policy(), session=session)

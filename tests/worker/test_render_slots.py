@@ -185,7 +185,8 @@ async def running_consumer(
         max_attempts=1,
         # Shorter than the job's, as the settings require (a render's own limit fires first).
         limits=imaging.Limits(timeout_s=render_timeout_s or job_timeout_s / 2),
-        fetch=FetchPolicy(allowed_networks=(IPv4Network("127.0.0.0/8"),)),  # the tests' own servers
+        # The tests' own servers, on 127.0.0.1 and free ports.
+        fetch=FetchPolicy(allowed_networks=(IPv4Network("127.0.0.0/8"),), allowed_ports=None),
         shutdown_grace_s=10,
     )
     worker = Consumer(connection, publisher, store, storage, config)

@@ -319,6 +319,18 @@ def load(cls: type[S]) -> S:
         raise ConfigError(f"invalid configuration: {variable(field)}: not valid JSON") from None
 
 
+def _parse_ports(value: str) -> frozenset[int] | None:
+    if value.strip() == "*":
+        return None
+    ports = set()
+    for item in value.split(","):
+        item = item.strip()
+        if not item.isascii() or not item.isdigit() or not 0 < int(item) <= 65535:
+            raise ValueError(f"{item!r} is not a port (1-65535); list ports with commas, or `*` for any")
+        ports.add(int(item))
+    return frozenset(ports)
+
+
 class UrlSourceSettings(BaseSettings):
     """Which URL sources the worker may fetch (everything public by default; never private ranges)."""
 
@@ -328,6 +340,8 @@ class UrlSourceSettings(BaseSettings):
     url_allowed_hosts: str = ""
     #: Comma-separated CIDRs exempted from the private-address block (an internal image host).
     url_allowed_networks: str = ""
+    #: Comma-separated ports a URL may name (or imply by its scheme); `*` for any.
+    url_allowed_ports: str = "80,443"
     url_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     url_connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
     url_total_timeout_s: float = Field(default=20.0, gt=0, le=300)
@@ -337,6 +351,16 @@ class UrlSourceSettings(BaseSettings):
     def _networks_parse(cls, value: str) -> str:
         parse_networks(value)  # a mistake stops the service at start, not each URL job
         return value
+
+    @field_validator("url_allowed_ports")
+    @classmethod
+    def _ports_parse(cls, value: str) -> str:
+        _parse_ports(value)
+        return value
+
+    def ports(self) -> frozenset[int] | None:
+        """The allowed ports (None: any)."""
+        return _parse_ports(self.url_allowed_ports)
 
     def hosts(self) -> tuple[str, ...] | None:
         hosts = tuple(h.strip().lower() for h in self.url_allowed_hosts.split(",") if h.strip())

@@ -7,6 +7,8 @@ which additionally checks every address a host name resolves to.
 The policy is deliberately strict and fails closed:
 
 * only ``http`` and ``https``; a host is required; ``user:pass@`` is refused;
+* only the ports allowed (80 and 443 unless configured): a public host's other ports are its
+  mail, database and admin services, which the fetcher has no business knocking on;
 * any host that a C resolver would read as an IPv4 address (``127.1``,
   ``2130706433``, ``0x7f000001``, ``0177.0.0.1``, ...; the ``inet_aton`` rules)
   is treated as that address, and a host whose last label is numeric but which
@@ -24,13 +26,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from urllib.parse import quote, urlsplit
 
 import pydantic_core
 
 __all__ = [
+    "DEFAULT_PORTS",
     "MAX_URL_LENGTH",
     "UrlRejected",
     "check_url",
@@ -45,6 +48,8 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
 _ALLOWED_SCHEMES = {"http": 80, "https": 443}
+#: The ports a URL may name (or imply) unless configured otherwise: the schemes' own.
+DEFAULT_PORTS: frozenset[int] = frozenset(_ALLOWED_SCHEMES.values())
 
 
 class UrlRejected(Exception):
@@ -385,6 +390,7 @@ def check_url(
     *,
     allowed_hosts: Sequence[str] | None = None,
     allowed_networks: Sequence[IPNetwork] = (),
+    allowed_ports: Collection[int] | None = DEFAULT_PORTS,
 ) -> str:
     """Check a user-supplied URL against the fetch policy, without DNS.
 
@@ -395,7 +401,8 @@ def check_url(
 
     ``allowed_hosts``: when not None, only hosts matching one of these entries
     (``host_matches``) are permitted. ``allowed_networks``: addresses in these
-    networks are exempt from the address policy.
+    networks are exempt from the address policy. ``allowed_ports``: the ports the URL may name,
+    or imply by its scheme (None: any).
 
     Raises :class:`UrlRejected` with code ``url_invalid`` or ``url_forbidden``.
     Host names still have to be resolved and every address checked before connecting;
@@ -447,6 +454,8 @@ def check_url(
         bare = host[1:-1] if host.startswith("[") else host
         if not host_matches(bare, allowed_hosts):
             raise _forbidden(f"host {bare} is not in the allow-list")
+    if allowed_ports is not None and (port or _ALLOWED_SCHEMES[scheme]) not in allowed_ports:
+        raise _forbidden(f"port {port or _ALLOWED_SCHEMES[scheme]} is not allowed")
 
     netloc = host if port is None or port == _ALLOWED_SCHEMES[scheme] else f"{host}:{port}"
     path = _quote_part(parts.path) or "/"

@@ -301,9 +301,9 @@ def _url_rejection(request: web.Request, raw: bytes) -> ApiError | None:
 
 def _url_policy_error(request: web.Request, url: str) -> ApiError | None:
     """The 422 for a URL source the fetch policy refuses (checked without DNS; the worker checks again)."""
-    hosts, networks = request.app[URL_POLICY]
+    hosts, networks, ports = request.app[URL_POLICY]
     try:
-        check_url(url, allowed_hosts=hosts, allowed_networks=networks)
+        check_url(url, allowed_hosts=hosts, allowed_networks=networks, allowed_ports=ports)
     except UrlRejected as exc:
         return ApiError(422, exc.code, exc.message)
     return None
@@ -587,7 +587,7 @@ async def create_app() -> web.Application:
     app[VERIFIER] = TokenVerifier(auth)
     app[LIMITS] = limits
     urls = load(UrlSourceSettings)
-    app[URL_POLICY] = (urls.hosts(), urls.networks())
+    app[URL_POLICY] = (urls.hosts(), urls.networks(), urls.ports())
     app.cleanup_ctx.extend(
         [
             resources.job_store(load(RedisSettings), common.namespace),

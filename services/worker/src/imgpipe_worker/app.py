@@ -45,6 +45,7 @@ def consumer_config(
             total_timeout_s=urls.url_total_timeout_s,
             allowed_hosts=urls.hosts(),
             allowed_networks=urls.networks(),
+            allowed_ports=urls.ports(),
         ),
         shutdown_grace_s=worker.shutdown_grace_s,
         render_nice=worker.render_nice,

@@ -51,7 +51,7 @@ import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from imgpipe.bodies import Admit, BodyNotAdmitted, BodyTooLarge, read_body
-from imgpipe.urlsafety import UrlRejected, check_url, is_forbidden_ip
+from imgpipe.urlsafety import DEFAULT_PORTS, UrlRejected, check_url, is_forbidden_ip
 
 __all__ = [
     "FetchError",
@@ -99,6 +99,7 @@ class FetchPolicy:
     ``allowed_hosts``: optional host allow-list (exact names or ``*.example.com``).
     ``allowed_networks``: addresses exempt from the SSRF address policy (tests, an
     internal image host); empty by default, i.e. only globally routable addresses.
+    ``allowed_ports``: the ports a URL (or a redirect) may name; None for any.
     """
 
     max_bytes: int = 50 * 1024 * 1024
@@ -107,6 +108,7 @@ class FetchPolicy:
     max_redirects: int = 5
     allowed_hosts: tuple[str, ...] | None = None
     allowed_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    allowed_ports: frozenset[int] | None = DEFAULT_PORTS
     user_agent: str = "imgpipe/0.1"
 
 
@@ -233,7 +235,12 @@ def make_session(policy: FetchPolicy, *, resolver: AbstractResolver | None = Non
 
 def _check(url: str, policy: FetchPolicy) -> str:
     try:
-        return check_url(url, allowed_hosts=policy.allowed_hosts, allowed_networks=policy.allowed_networks)
+        return check_url(
+            url,
+            allowed_hosts=policy.allowed_hosts,
+            allowed_networks=policy.allowed_networks,
+            allowed_ports=policy.allowed_ports,
+        )
     except UrlRejected as exc:
         raise FetchError(exc.code, exc.message) from None
 
