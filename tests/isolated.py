@@ -201,6 +201,10 @@ class BrokerProxy:
         """Hold everything the relayed connections send, as a broker that stopped answering."""
         self._flowing.clear()
 
+    def resume(self) -> None:
+        """Relay again what a stall held, and what follows: the broker reads again, all of it."""
+        self._flowing.set()
+
     def reset(self) -> None:
         """Drop every relayed connection (what a stall held goes with it) and relay new ones again."""
         for writer in self._writers:

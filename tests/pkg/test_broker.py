@@ -34,6 +34,7 @@ from imgpipe.broker import (
 )
 from imgpipe.models import PRESETS, JobMessage, KeySource
 
+from tests.isolated import BrokerProxy
 from tests.stack import AMQP_URL, free_port
 
 
@@ -290,6 +291,42 @@ async def test_a_publish_timed_out_while_opening_its_channel_leaves_no_channel(
     assert _open_channels(connection) - before <= 1
     await publisher.publish_job(_job())  # and a publish in normal time works as before
     assert _open_channels(connection) - before == 1
+
+
+async def test_a_publish_tried_again_while_the_broker_reads_nothing_is_sent_once(
+    connection: AbstractRobustConnection, topology: Topology
+) -> None:
+    """A broker in a resource alarm stops reading the connection, confirms and all, while it stays
+    up. Every try of a retry loop (the worker settling a retry) that timed out put one more copy
+    in the socket, and every copy reached the queue once the broker read again: each one then run
+    as the job's next attempt."""
+    proxy = BrokerProxy()
+    await proxy.start()
+    stalled = robust_connection(f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+    await keep_connecting(stalled)
+    publisher = Publisher(stalled, topology)
+    try:
+        await publisher.open()
+        job = _job()
+        body = job.model_dump_json().encode()
+        headers = {REQUEST_ID_HEADER: "req-1", "x-seen": [{"count": 1}]}  # tables, as a dead letter's
+        proxy.stall()
+        for _ in range(4):
+            with pytest.raises(TimeoutError):
+                await publisher.publish_retry(body, headers, message_id=job.id, attempt=1, timeout_s=0.3)
+        proxy.resume()
+        # The next try waits for the send under way; once the broker has the message it is told so.
+        assert await publisher.publish_retry(body, headers, message_id=job.id, attempt=1) == 1
+        assert await publisher.publish_retry(body, headers, message_id=job.id, attempt=1) == 1  # kept
+        # Another message (the next attempt's retry) is its own send.
+        assert await publisher.publish_retry(body, headers, message_id=job.id, attempt=2) == 2
+        await asyncio.sleep(1.5)  # the first one's 1 s wait
+        assert await _count(connection, topology.jobs_queue) == 1
+        assert await _count(connection, topology.retry_queue(2)) == 1
+    finally:
+        await publisher.close()
+        await stalled.close()
+        await proxy.cut()
 
 
 async def test_publish_retry_comes_back_after_the_delay(

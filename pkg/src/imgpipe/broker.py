@@ -72,6 +72,9 @@ REASON_HEADER = "x-imgpipe-reason"
 DELIVERY_LIMIT = 10
 #: A publish's deadline (opening a channel, declaring, the broker's confirm), unless given another.
 PUBLISH_TIMEOUT_S = 5.0
+#: How long the outcome of a send whose caller stopped waiting is kept for its next try (see
+#: `Publisher._publish`): longer than a retry loop sleeps between two tries.
+ABANDONED_SEND_KEPT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,22 @@ class Waiting:
     consumers: int
 
 
+@dataclass
+class _Send:
+    """One message on its way to the broker (`Publisher._publish`)."""
+
+    task: asyncio.Future[None]
+    #: A caller stopped waiting for it (its deadline passed) while the connection was up.
+    abandoned: bool = False
+
+    def confirmed(self) -> bool:
+        task = self.task
+        if not task.done() or task.cancelled():
+            return False
+        # Retrieved here, once: a send nobody waits for any more must not log it as never retrieved.
+        return task.exception() is None
+
+
 class Publisher:
     """Publishes with publisher confirms: `publish_*` returns only once the broker has the message.
 
@@ -388,6 +407,7 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}  # of `_channel`, by name
         self._lock = asyncio.Lock()
+        self._sending: dict[tuple[str, str, str, bytes, str], _Send] = {}  # by what is sent (`_publish`)
 
     @property
     def connected(self) -> bool:
@@ -441,16 +461,31 @@ class Publisher:
         message_id: str,
         timeout_s: float,
     ) -> None:
+        """Send one message and wait at most `timeout_s` for the broker's confirm.
+
+        A send outlives a caller that stops waiting for it, and the same message published again
+        meanwhile waits for that send instead of making another copy. A broker in a resource
+        alarm stops reading the connection, and the confirm with it, while the connection stays
+        up: a caller that retried each timed-out publish (the worker settling a retry or a dead
+        letter) put a copy in the socket every few seconds, and every copy reached the queue when
+        the alarm ended, each then run as the job's next attempt. A send ends when the broker
+        confirms, refuses, or the connection is lost (then a new one is made).
+        """
         # A robust channel waits for the reconnect before it sends anything; nobody should wait on
         # an outage of unknown length inside a publish, so say no now.
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        message = persistent_message(body, headers, message_id=message_id)
+        # The same message: its headers may hold lists and tables (a dead letter's), so by their repr.
+        key = (exchange, routing_key, message_id, body, repr(sorted(headers.items())))
+        send = self._sending.get(key)
+        if send is None or (send.task.done() and not send.confirmed()):
+            message = persistent_message(body, headers, message_id=message_id)
+            task = asyncio.create_task(self._send(exchange, routing_key, message), name="amqp-publish")
+            send = self._sending[key] = _Send(task)
+            task.add_done_callback(lambda _: self._settled(key, send))
         try:
-            # One deadline for opening the channel, declaring and the confirm.
             async with asyncio.timeout(timeout_s):
-                target = await self._exchange(exchange)
-                await target.publish(message, routing_key=routing_key, mandatory=True)
+                await asyncio.shield(send.task)
         except aio_pika.exceptions.DeliveryError:
             raise  # the broker answered (returned or nacked): not an outage
         except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
@@ -458,7 +493,29 @@ class Publisher:
             # channel broke: the next publish opens a fresh one (`_exchange`).
             if not self.connected:
                 raise BrokerUnavailable("the connection to RabbitMQ was lost") from exc
+            if not send.task.done():
+                send.abandoned = True
             raise
+
+    async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        """Open the channel if needed (declaring the topology), publish, and wait for the confirm."""
+        target = await self._exchange(exchange)
+        await target.publish(message, routing_key=routing_key, mandatory=True)
+
+    def _settled(self, key: tuple, send: _Send) -> None:
+        confirmed = send.confirmed()
+        if self._sending.get(key) is not send:
+            return
+        if confirmed and send.abandoned:
+            # Its caller gave up on it, and may be about to try again: the next try is told the
+            # message is in, not given a second copy.
+            asyncio.get_running_loop().call_later(ABANDONED_SEND_KEPT_S, self._forget, key, send)
+        else:
+            del self._sending[key]
+
+    def _forget(self, key: tuple, send: _Send) -> None:
+        if self._sending.get(key) is send:
+            del self._sending[key]
 
     async def publish_job(
         self, job: JobMessage, *, attempt: int = 1, timeout_s: float = PUBLISH_TIMEOUT_S
@@ -550,6 +607,11 @@ class Publisher:
         return Waiting(ready=ready, retrying=retrying, consumers=consumers)
 
     async def close(self) -> None:
+        sends = [send.task for send in self._sending.values() if not send.task.done()]
+        self._sending.clear()
+        for task in sends:
+            task.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
         channel, self._channel = self._channel, None
         if channel is not None:
             await close_quietly(channel)
