@@ -229,6 +229,51 @@ async def test_records_expire_after_the_retention(store: JobStore, redis_client:
     assert await redis_client.ttl(key) > RETENTION.total_seconds() - 5
 
 
+async def test_a_job_taken_up_again_lives_the_retention_from_then(
+    store: JobStore, redis_client: aioredis.Redis
+) -> None:
+    """A retry keeps the record as it is: its life counted from the first `processing` write, and a
+    job retried for longer than the retention expired between two attempts (the next attempt found
+    no record and dropped its message: no `failed`, no dead letter, a 404). Its source marker and
+    Idempotency-Key claim with it (the reconciler would delete the source of a running job)."""
+    record = _record()
+    assert await store.claim_idempotency("alice", "key-1", record.id, "fp") is None
+    await store.create(record, claim=("alice", "key-1"))
+    await store.mark_processing(record.id)
+    marker = store.source_marker(record.source.key)
+    keys = [store.job_key(record.id), marker, store._idem_key("alice", "key-1")]
+    for key in keys:
+        await redis_client.expire(key, 10)  # as if most of the retention had gone by
+    await store.mark_processing(record.id)  # a retry out of its back-off queue
+    for key in keys:
+        assert await redis_client.ttl(key) > RETENTION.total_seconds() - 5, key
+    assert await redis_client.get(marker) == record.id.encode()
+
+
+async def test_a_stuck_job_taken_up_again_after_it_was_read_is_not_failed(store: JobStore) -> None:
+    """The reconciler fails a `processing` job from the record it read; a redelivery taken up in
+    between changes no version, only `taken_up_at`, and was failed under the worker running it."""
+    current = await _processing(store)
+    key = store.job_key(current.id)
+    assert not (
+        await store.mark_failed(current, "timeout", "stuck", taken_up="1.5")
+    ).applied  # never taken up
+    await store.mark_processing(current.id)
+    seen = (await store.redis.hget(key, "taken_up_at")).decode()
+    await store.mark_processing(current.id)  # taken up again after the read
+    refused = await store.mark_failed(current, "timeout", "stuck", taken_up=seen)
+    assert not refused.applied and refused.record == current
+    seen = (await store.redis.hget(key, "taken_up_at")).decode()
+    done = await store.mark_failed(current, "timeout", "stuck", taken_up=seen)
+    assert done.applied and done.record is not None and done.record.status is JobStatus.FAILED
+
+
+async def test_a_stuck_job_never_taken_up_again_is_failed_from_its_read(store: JobStore) -> None:
+    current = await _processing(store)
+    done = await store.mark_failed(current, "timeout", "stuck", taken_up="")
+    assert done.applied and done.record is not None and done.record.status is JobStatus.FAILED
+
+
 async def test_idempotency_keys(store: JobStore, redis_client: aioredis.Redis) -> None:
     assert await store.claim_idempotency("alice", "key-1", "job-a", "fp-1") is None
     assert await store.claim_idempotency("alice", "key-1", "job-b", "fp-1") == Claim("job-a", accepted=False)

@@ -71,7 +71,8 @@ end
 # over ('' for any: a newer one is a change the writer has not seen), job id (the marker's value),
 # the Idempotency-Key claim a create makes last as long as the record ('' for none; a name, not a
 # KEY, as the job hashes `Limits` reads: fine on one Redis; noted in the hash as `idem`, so that
-# every later write keeps the claim as long as the record).
+# every later write keeps the claim as long as the record), and '' or `=` and the `taken_up_at` the
+# write may go over (`=` alone: never taken up again; see `mark_failed`).
 # Returns {1, new version} when applied, else {0, version, data} of the record as it stands (version 0
 # and no data when the job does not exist), or {0, -1} for a create whose source is being deleted.
 # A script sent again after its reply was lost finds its own write, and answers {1, version} again.
@@ -91,7 +92,8 @@ if ARGV[5] == '1' then
 elseif not cur then
   return {0, 0, false}
 elseif tonumber(cur) >= tonumber(ARGV[1])
-    or (ARGV[6] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'version')) > tonumber(ARGV[6])) then
+    or (ARGV[6] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'version')) > tonumber(ARGV[6]))
+    or (ARGV[9] ~= '' and '=' .. (redis.call('HGET', KEYS[1], 'taken_up_at') or '') ~= ARGV[9]) then
   local mine = already_written(KEYS[1], ARGV[2])
   if mine then return {1, mine} end
   return {0, tonumber(redis.call('HGET', KEYS[1], 'version')), redis.call('HGET', KEYS[1], 'data')}
@@ -291,15 +293,28 @@ class SourceDeleted(Exception):
 
 # A `processing` job taken up again (a redelivery, a retry out of its back-off queue) keeps its
 # record as it is, but notes when: the reconciler times "no progress" from the later of that and the
-# record's `updated_at`, so a job that waited its turn again is not taken for stuck. Only on a
-# processing record (rank 1): never a key written anew. KEYS[1] job hash; ARGV[1] now (epoch s).
-_TAKEN_UP = """
+# record's `updated_at`, so a job that waited its turn again is not taken for stuck. The record, its
+# source marker and its Idempotency-Key claim live the retention from then, as from a write: their
+# lives counted from the first `processing` write, and a job retried past the retention expired
+# between two attempts (its next one then found no record, and dropped the message). Only on a
+# processing record (rank 1): never a key written anew. KEYS[1] job hash, KEYS[2] (optional) the
+# source marker; ARGV: now (epoch s), ttl seconds, job id.
+_TAKEN_UP = (
+    _LUA_RECORD
+    + """
 if redis.call('HGET', KEYS[1], 'rank') == '1' then
+  local ttl = tonumber(ARGV[2])
   redis.call('HSET', KEYS[1], 'taken_up_at', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  if KEYS[2] then
+    redis.call('SET', KEYS[2], ARGV[3], 'EX', ttl)
+  end
+  keep_claim(KEYS[1], ARGV[3], ttl)
   return 1
 end
 return 0
 """
+)
 
 # KEYS[1] the grants set, then for each upload: its source marker and its deletion mark; ARGV: now
 # (epoch s), the marks' life (ms), then the uploads' keys. Returns, for each, 1 when it was still
@@ -412,6 +427,7 @@ class JobStore:
         create: bool = False,
         seen_version: int | None = None,
         claim: tuple[str, str] | None = None,
+        taken_up: str | None = None,
     ) -> Transition:
         data = record.model_dump_json(exclude={"version"})
         keys = [self.job_key(record.id)]
@@ -431,6 +447,7 @@ class JobStore:
                 "" if seen_version is None else str(seen_version),
                 record.id,
                 "" if claim is None else self._idem_key(*claim),
+                "" if taken_up is None else f"={taken_up}",
             ],
         )
         if applied:
@@ -468,7 +485,12 @@ class JobStore:
             if current is None or current.status.terminal:
                 return Transition(False, current)
             if current.status is JobStatus.PROCESSING:
-                await self.calls.script(self._taken_up_script, [self.job_key(job_id)], [repr(time.time())])
+                keys = [self.job_key(job_id)]
+                if isinstance(current.source, KeySource):
+                    keys.append(self.source_marker(current.source.key))
+                await self.calls.script(
+                    self._taken_up_script, keys, [repr(time.time()), self.retention_s, job_id]
+                )
                 return Transition(False, current)
             record = current.model_copy(update={"status": JobStatus.PROCESSING, "updated_at": utcnow()})
             taken = await self._apply(record, seen_version=current.version)
@@ -493,10 +515,16 @@ class JobStore:
         )
         return await self._apply(record, seen_version=current.version)
 
-    async def mark_failed(self, current: JobRecord, code: str, message: str) -> Transition:
+    async def mark_failed(
+        self, current: JobRecord, code: str, message: str, *, taken_up: str | None = None
+    ) -> Transition:
         """Move the job to `failed`, unless a version newer than `current` was written since: the
         reconciler must not fail a job a worker has just taken up, nor a worker that held a job
-        across its failure and replay fail the replayed job. Not applied then, with the record."""
+        across its failure and replay fail the replayed job. Not applied then, with the record.
+
+        `taken_up`: the `taken_up_at` read with a `processing` `current` ('' for none). Not applied
+        either if the job was taken up again since: a redelivery or a retry changes only that.
+        """
         record = current.model_copy(
             update={
                 "status": JobStatus.FAILED,
@@ -504,7 +532,7 @@ class JobStore:
                 "updated_at": utcnow(),
             }
         )
-        return await self._apply(record, seen_version=current.version)
+        return await self._apply(record, seen_version=current.version, taken_up=taken_up)
 
     async def reopen(self, current: JobRecord) -> Transition:
         """Move a `failed` job back to `pending` (error cleared, `replays` counted), to replay it.

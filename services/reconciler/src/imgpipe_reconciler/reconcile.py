@@ -376,7 +376,7 @@ class Reconciler:
                 pipe.pttl(key)
             answers = await pipe.execute()
         now = self._clock()
-        records: list[tuple[JobRecord, int, float | None, float | None]] = []
+        records: list[tuple[JobRecord, int, float | None, str]] = []
         markers: list[tuple[str, str, int]] = []
         for i in range(len(keys)):
             (rank, version, data, republished_at, taken_up_at), pttl = answers[2 * i], answers[2 * i + 1]
@@ -398,7 +398,8 @@ class Reconciler:
                         record,
                         int(rank),
                         float(republished_at) if republished_at else None,
-                        float(taken_up_at) if taken_up_at else None,
+                        # As stored: the failing write is refused if a take-up changed it since.
+                        taken_up_at.decode() if isinstance(taken_up_at, bytes) else taken_up_at or "",
                     )
                 )
         if markers:
@@ -415,7 +416,7 @@ class Reconciler:
         record: JobRecord,
         rank: int,
         republished_at: float | None,
-        taken_up_at: float | None,
+        taken_up_at: str,
         now: float,
         judge: _Judge,
         summary: Summary,
@@ -425,13 +426,15 @@ class Reconciler:
         policy = self.policy
         if rank == 1:
             # Since it was last taken up: a retry or a redelivery keeps the record as it is.
-            idle = min(idle, now - (taken_up_at or 0.0))
+            idle = min(idle, now - float(taken_up_at or 0.0))
             if idle <= policy.stuck_processing_s:
                 return
             if not judge.processing:
                 summary.stuck_left_waiting += 1
                 return
-            await self._fail(record, f"no progress for {idle:.0f}s while processing", summary, dry_run)
+            why = f"no progress for {idle:.0f}s while processing"
+            # Not if it was taken up again since the read (a redelivery): that changes no version.
+            await self._fail(record, why, summary, dry_run, taken_up=taken_up_at)
             return
         if idle <= policy.stuck_pending_s or (
             republished_at is not None and now - republished_at <= policy.stuck_pending_s
@@ -486,11 +489,15 @@ class Reconciler:
         STUCK_JOBS.labels("republished").inc()
         log.info("stuck pending job re-published", extra={"job_id": record.id, "idle_s": round(idle)})
 
-    async def _fail(self, record: JobRecord, why: str, summary: Summary, dry_run: bool) -> None:
+    async def _fail(
+        self, record: JobRecord, why: str, summary: Summary, dry_run: bool, *, taken_up: str | None = None
+    ) -> None:
         if dry_run:
             summary.stuck_failed += 1
             return
-        done = await self._store.mark_failed(record, TIMEOUT_CODE, f"the job did not finish: {why}")
+        done = await self._store.mark_failed(
+            record, TIMEOUT_CODE, f"the job did not finish: {why}", taken_up=taken_up
+        )
         if done.applied:
             summary.stuck_failed += 1
             STUCK_JOBS.labels("failed").inc()
