@@ -329,6 +329,50 @@ async def test_a_publish_tried_again_while_the_broker_reads_nothing_is_sent_once
         await proxy.cut()
 
 
+class _HeldSends(Publisher):
+    """A publisher whose sends wait on `gate` instead of a broker: when a confirm lands is the test's."""
+
+    def __init__(self) -> None:
+        super().__init__(None, Topology("held"))  # type: ignore[arg-type]  # no connection is used
+        self.sent = 0
+        self.gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        self.sent += 1
+        await self.gate
+
+
+async def test_a_send_confirmed_as_its_deadline_falls_is_not_sent_again() -> None:
+    """The confirm and the deadline in one pass of the loop: the caller was told it timed out, the
+    send was forgotten as one nobody had given up on, and the caller's next try sent a copy."""
+    for _ in range(20):
+        publisher = _HeldSends()
+        asyncio.get_running_loop().call_later(0.02, publisher.gate.set_result, None)
+        try:
+            await publisher.publish_dead(b"{}", {}, message_id="m", reason="r", timeout_s=0.02)
+        except TimeoutError:
+            await asyncio.sleep(0.01)  # a retry loop's pause
+            await publisher.publish_dead(b"{}", {}, message_id="m", reason="r", timeout_s=1)
+        finally:
+            await publisher.close()
+        assert publisher.sent == 1
+
+
+async def test_a_send_ended_by_close_is_broker_unavailable_to_its_caller() -> None:
+    """`close` cancels the sends under way; their callers, whom nobody cancelled, were handed the
+    cancellation (a worker's settling loop then ended as if shut down)."""
+    publisher = _HeldSends()
+    caller = asyncio.create_task(publisher.publish_dead(b"{}", {}, message_id="m", reason="r", timeout_s=30))
+    await asyncio.sleep(0.01)
+    await publisher.close()
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await caller
+
+
 async def test_publish_retry_comes_back_after_the_delay(
     connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
 ) -> None:

@@ -460,21 +460,55 @@ class Publisher:
         *,
         message_id: str,
         timeout_s: float,
+        keep_sending: bool = False,
     ) -> None:
         """Send one message and wait at most `timeout_s` for the broker's confirm.
 
-        A send outlives a caller that stops waiting for it, and the same message published again
-        meanwhile waits for that send instead of making another copy. A broker in a resource
-        alarm stops reading the connection, and the confirm with it, while the connection stays
-        up: a caller that retried each timed-out publish (the worker settling a retry or a dead
-        letter) put a copy in the socket every few seconds, and every copy reached the queue when
-        the alarm ended, each then run as the job's next attempt. A send ends when the broker
-        confirms, refuses, or the connection is lost (then a new one is made).
+        A send cut short by the deadline is cancelled, unless `keep_sending`: then it outlives its
+        caller, and the same message published again meanwhile waits for that send instead of
+        making another copy. For callers that try again until the broker has the message (the
+        worker settling a retry or a dead letter): a broker in a resource alarm stops reading the
+        connection, and the confirms with it, while the connection stays up, and every try put
+        one more copy in the socket, each of which reached the queue when the alarm ended and ran
+        as the job's next attempt. A kept send ends when the broker confirms, refuses, or the
+        connection is lost (a try after that makes a new one); confirmed, it is remembered for
+        `ABANDONED_SEND_KEPT_S` if a caller gave up on it.
         """
         # A robust channel waits for the reconnect before it sends anything; nobody should wait on
         # an outage of unknown length inside a publish, so say no now.
         if not self.connected:
             raise BrokerUnavailable("not connected to RabbitMQ")
+        send = self._kept_send(exchange, routing_key, body, headers, message_id) if keep_sending else None
+        try:
+            # One deadline for opening the channel, declaring and the confirm.
+            async with asyncio.timeout(timeout_s):
+                if send is None:
+                    message = persistent_message(body, headers, message_id=message_id)
+                    await self._send(exchange, routing_key, message)
+                else:
+                    await asyncio.shield(send.task)
+        except aio_pika.exceptions.DeliveryError:
+            raise  # the broker answered (returned or nacked): not an outage
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if send is not None and send.task.cancelled() and task is not None and not task.cancelling():
+                raise BrokerUnavailable("the publisher was closed") from None  # `close`, not our caller
+            raise
+        except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
+            if send is not None and send.confirmed():
+                return  # confirmed in the very pass its deadline fell in: the message is in
+            # The connection dropped while we waited (pending confirms are failed with it), or the
+            # channel broke: the next publish opens a fresh one (`_exchange`).
+            if not self.connected:
+                raise BrokerUnavailable("the connection to RabbitMQ was lost") from exc
+            if send is not None:
+                send.abandoned = True
+            raise
+
+    def _kept_send(
+        self, exchange: str, routing_key: str, body: bytes, headers: dict, message_id: str
+    ) -> _Send:
+        """The send of this very message under way (or kept, confirmed), else a new one."""
         # The same message: its headers may hold lists and tables (a dead letter's), so by their repr.
         key = (exchange, routing_key, message_id, body, repr(sorted(headers.items())))
         send = self._sending.get(key)
@@ -483,19 +517,7 @@ class Publisher:
             task = asyncio.create_task(self._send(exchange, routing_key, message), name="amqp-publish")
             send = self._sending[key] = _Send(task)
             task.add_done_callback(lambda _: self._settled(key, send))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.shield(send.task)
-        except aio_pika.exceptions.DeliveryError:
-            raise  # the broker answered (returned or nacked): not an outage
-        except (TimeoutError, ConnectionError, RuntimeError, aio_pika.exceptions.AMQPError) as exc:
-            # The connection dropped while we waited (pending confirms are failed with it), or the
-            # channel broke: the next publish opens a fresh one (`_exchange`).
-            if not self.connected:
-                raise BrokerUnavailable("the connection to RabbitMQ was lost") from exc
-            if not send.task.done():
-                send.abandoned = True
-            raise
+        return send
 
     async def _send(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
         """Open the channel if needed (declaring the topology), publish, and wait for the confirm."""
@@ -563,6 +585,7 @@ class Publisher:
             {**headers, ATTEMPT_HEADER: attempt + 1},
             message_id=message_id,
             timeout_s=timeout_s,
+            keep_sending=True,  # the worker tries again until it is in: one copy, not one a try
         )
         return delay
 
@@ -582,6 +605,7 @@ class Publisher:
             {**headers, REASON_HEADER: reason[:512]},
             message_id=message_id,
             timeout_s=timeout_s,
+            keep_sending=True,
         )
 
     async def waiting(self, *, timeout_s: float = PUBLISH_TIMEOUT_S) -> Waiting:
