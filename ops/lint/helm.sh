@@ -637,8 +637,11 @@ refuse "/config/jwt/jwksCacheSeconds" --set config.jwt.jwksCacheSeconds=0
 refuse "/config/jwt/scopeClaim" --set 'config.jwt.scopeClaim=my scopes'
 refuse "secrets.jwtSecret must be at least 64 bytes" --set 'config.jwt.algorithms={HS512}' --set secrets.jwtSecret=0123456789abcdef0123456789abcdef0123456789abcdef
 # Rate limits and the decode budget: bounds as in the code.
-refuse "/config/urlSources/allowedPorts/0" --set-json 'config.urlSources.allowedPorts=[0]'
+refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[0]'
 refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[443,443]'
+refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[]'
+refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=["*",443]'
+refuse "config.urlSources.allowedPorts: list ports" --set-json 'config.urlSources.allowedPorts=null'
 refuse "/config/limits/rateJobsPerMinute" --set config.limits.rateJobsPerMinute=-1
 refuse "/config/limits/rateUploadsPerHour" --set config.limits.rateUploadsPerHour=1.5
 refuse "/config/limits/maxActiveJobs" --set config.limits.maxActiveJobs=2000000
@@ -686,12 +689,12 @@ if "$HELM" template imgpipe "$STAGED" -f "$BASE" | grep -q 'IMGPIPE_JWT_SECRET:'
 else
 	fail "no JWT secret generated in HS mode"
 fi
-# URL source ports: the schemes' own unless listed; an empty list is any port (the services' `*`).
+# URL source ports: the schemes' own unless listed; ["*"] is any port (the services' `*`).
 ports() { "$HELM" template imgpipe "$STAGED" -f "$BASE" "$@" | sed -n 's/^ *IMGPIPE_URL_ALLOWED_PORTS: //p'; }
 got="$(ports)"
 if [ "$got" = '"80,443"' ]; then ok "URL ports 80 and 443 by default"; else fail "URL ports by default: $got"; fi
-got="$(ports --set-json 'config.urlSources.allowedPorts=[]')"
-if [ "$got" = '"*"' ]; then ok "any URL port with an empty list"; else fail "URL ports with an empty list: $got"; fi
+got="$(ports --set-json 'config.urlSources.allowedPorts=["*"]')"
+if [ "$got" = '"*"' ]; then ok "any URL port with [\"*\"]"; else fail "URL ports with [\"*\"]: $got"; fi
 # The reconciler's alerts only where a reconciler runs (they would fire for its absence otherwise).
 for args in "" "--set reconciler.enabled=false" "--set reconciler.replicas=0"; do
 	# shellcheck disable=SC2086 # $args is one or two words on purpose

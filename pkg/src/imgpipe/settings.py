@@ -23,7 +23,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from imgpipe.urlsafety import IPNetwork, parse_networks
 
-#: Environments in which the development defaults (e.g. the JWT secret) are tolerated.
+#: Environments in which the development defaults are tolerated: http JWKS URLs, short HMAC keys,
+#: the development token tool. The development JWT secret itself: in `local` only.
 LOCAL_ENVIRONMENTS = frozenset({"local", "test"})
 DEV_SECRET = "imgpipe-local-development-secret-change-me"  # refused outside local
 

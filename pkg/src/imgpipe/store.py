@@ -42,7 +42,7 @@ log = logging.getLogger("imgpipe.store")
 
 _RANK = {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1, JobStatus.SUCCEEDED: 2, JobStatus.FAILED: 2}
 
-# Shared by the scripts that write a record (_TRANSITION, _REOPEN).
+# Shared by the scripts that write a record (_TRANSITION, _REOPEN) or renew it (_TAKEN_UP).
 _LUA_RECORD = """
 -- The record as it stands is this very write (its data holds its `updated_at`, to the microsecond):
 -- the client sent the script again after a reply it lost on a dropped connection, and nothing
