@@ -24,8 +24,9 @@ help: ## List the tasks
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: install
+# --inexact: what `make bench` added (its group) stays; a fresh checkout installs exactly the lock.
 install: ## Install every package and the dev tools into .venv (from uv.lock)
-	$(UV) sync --all-packages --frozen
+	$(UV) sync --all-packages --frozen --inexact
 
 .PHONY: test
 test: install ## Run the whole test suite (needs RabbitMQ and Redis on localhost)
@@ -49,10 +50,10 @@ dev: install ## Run api :8000, status :8001, worker :8002, reconciler :8003 loca
 		for i in $$(seq 50); do curl -fs http://127.0.0.1:$(DEV_S3_PORT)/ >/dev/null && break; sleep 0.2; done; \
 		$(DEV_ENV) $(BIN)/python -c "import asyncio; from imgpipe.settings import S3Settings, load; from imgpipe.storage import Storage; asyncio.run(Storage(load(S3Settings)).ensure_bucket())"; \
 	fi; \
-	$(DEV_ENV) $(BIN)/imgpipe-api --port 8000 & \
-	$(DEV_ENV) $(BIN)/imgpipe-status --port 8001 & \
-	$(DEV_ENV) $(BIN)/imgpipe-worker --port 8002 & \
-	$(DEV_ENV) $(BIN)/imgpipe-reconciler --port 8003 & \
+	$(DEV_ENV) $(BIN)/imgpipe-api --host 127.0.0.1 --port 8000 & \
+	$(DEV_ENV) $(BIN)/imgpipe-status --host 127.0.0.1 --port 8001 & \
+	$(DEV_ENV) $(BIN)/imgpipe-worker --host 127.0.0.1 --port 8002 & \
+	$(DEV_ENV) $(BIN)/imgpipe-reconciler --host 127.0.0.1 --port 8003 & \
 	wait
 
 .PHONY: token
