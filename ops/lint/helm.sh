@@ -637,6 +637,7 @@ refuse "/config/jwt/jwksCacheSeconds" --set config.jwt.jwksCacheSeconds=0
 refuse "/config/jwt/scopeClaim" --set 'config.jwt.scopeClaim=my scopes'
 refuse "secrets.jwtSecret must be at least 64 bytes" --set 'config.jwt.algorithms={HS512}' --set secrets.jwtSecret=0123456789abcdef0123456789abcdef0123456789abcdef
 # Rate limits and the decode budget: bounds as in the code.
+refuse "must be shorter than config.jobRetentionDays (86400 s)" --set-json 'config.retryDelaysSeconds=[5,86400]' --set config.jobRetentionDays=1
 refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[0]'
 refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[443,443]'
 refuse "/config/urlSources/allowedPorts" --set-json 'config.urlSources.allowedPorts=[]'

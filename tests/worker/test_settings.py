@@ -11,7 +11,7 @@ import pytest
 from imgpipe.settings import ConfigError, load
 from imgpipe_worker import settings as settings_module
 from imgpipe_worker.consumer import _lower_priority
-from imgpipe_worker.settings import WorkerSettings, available_cpus
+from imgpipe_worker.settings import WorkerSettings, available_cpus, check_retries_within_retention
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -106,3 +106,18 @@ def test_render_threads_add_their_nice_to_the_threads_own(nice: int, expected: i
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen == [min(19, base + expected)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (this thread) is untouched
+
+
+def test_a_back_off_as_long_as_the_retention_is_refused() -> None:
+    """A take-up renews a job's record, but a single wait (and the attempt before it) as long as
+    the retention still found it gone: the retry then dropped its message, the job without an end."""
+    worker = WorkerSettings(job_timeout_s=300, render_timeout_s=120)
+    check_retries_within_retention(worker, (1, 5, 30, 120), 1)
+    check_retries_within_retention(worker, (86_400 - 301,), 1)
+    for delays, days in (((86_400,), 1), ((60, 86_400 - 300), 1)):
+        with pytest.raises(ConfigError) as info:
+            check_retries_within_retention(worker, delays, days)
+        message = str(info.value)
+        assert message.startswith("invalid configuration: IMGPIPE_RETRY_DELAYS_S: "), message
+        assert "IMGPIPE_JOB_RETENTION_DAYS (86400 s)" in message, message
+    check_retries_within_retention(worker, (86_400,), 2)

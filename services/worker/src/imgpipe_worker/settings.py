@@ -6,6 +6,7 @@ import math
 import os
 from pathlib import Path
 
+from imgpipe.settings import ConfigError
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -68,3 +69,22 @@ class WorkerSettings(BaseSettings):
                 f"IMGPIPE_JOB_TIMEOUT_S ({self.job_timeout_s:g})"
             )
         return self
+
+
+def check_retries_within_retention(
+    worker: WorkerSettings, retry_delays_s: tuple[int, ...], retention_days: int
+) -> None:
+    """Refuse a back-off that outlives a job's record.
+
+    A job waiting out its back-off keeps its record as it stands; a take-up renews its life
+    (`JobStore.mark_processing`), but a single wait (and the attempt before it) as long as the
+    retention would still find the record gone, and the retry would drop its message: no `failed`
+    record, no dead letter.
+    """
+    longest = max(retry_delays_s) + worker.job_timeout_s
+    if longest >= retention_days * 86_400:
+        raise ConfigError(
+            "invalid configuration: IMGPIPE_RETRY_DELAYS_S: the longest back-off plus "
+            f"IMGPIPE_JOB_TIMEOUT_S ({longest:g} s) must be shorter than IMGPIPE_JOB_RETENTION_DAYS "
+            f"({retention_days * 86_400} s)"
+        )
