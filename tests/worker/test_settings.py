@@ -11,7 +11,7 @@ import pytest
 from imgpipe.settings import ConfigError, load
 from imgpipe_worker import settings as settings_module
 from imgpipe_worker.consumer import _lower_priority
-from imgpipe_worker.settings import WorkerSettings, available_cpus, check_retries_within_retention
+from imgpipe_worker.settings import WorkerSettings, available_cpus
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -108,16 +108,29 @@ def test_render_threads_add_their_nice_to_the_threads_own(nice: int, expected: i
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the process (this thread) is untouched
 
 
-def test_a_back_off_as_long_as_the_retention_is_refused() -> None:
+@pytest.mark.parametrize(("delays", "days"), [("[86400]", "1"), ("[60, 86100]", "1")])
+def test_a_back_off_as_long_as_the_retention_is_refused(
+    monkeypatch: pytest.MonkeyPatch, delays: str, days: str
+) -> None:
     """A take-up renews a job's record, but a single wait (and the attempt before it) as long as
     the retention still found it gone: the retry then dropped its message, the job without an end."""
-    worker = WorkerSettings(job_timeout_s=300, render_timeout_s=120)
-    check_retries_within_retention(worker, (1, 5, 30, 120), 1)
-    check_retries_within_retention(worker, (86_400 - 301,), 1)
-    for delays, days in (((86_400,), 1), ((60, 86_400 - 300), 1)):
-        with pytest.raises(ConfigError) as info:
-            check_retries_within_retention(worker, delays, days)
-        message = str(info.value)
-        assert message.startswith("invalid configuration: IMGPIPE_RETRY_DELAYS_S: "), message
-        assert "IMGPIPE_JOB_RETENTION_DAYS (86400 s)" in message, message
-    check_retries_within_retention(worker, (86_400,), 2)
+    _timeouts(monkeypatch, "300", "120")
+    monkeypatch.setenv("IMGPIPE_RETRY_DELAYS_S", delays)
+    monkeypatch.setenv("IMGPIPE_JOB_RETENTION_DAYS", days)
+    with pytest.raises(ConfigError) as info:
+        load(WorkerSettings)
+    message = str(info.value)
+    assert "IMGPIPE_RETRY_DELAYS_S plus IMGPIPE_JOB_TIMEOUT_S" in message, message
+    assert "must be shorter than IMGPIPE_JOB_RETENTION_DAYS (86400 s)" in message, message
+    assert "validation error" not in message  # one readable line, not pydantic's dump
+
+
+@pytest.mark.parametrize(("delays", "days"), [(None, None), ("[86099]", "1"), ("[86400]", "2")])
+def test_a_back_off_shorter_than_the_retention_is_accepted(
+    monkeypatch: pytest.MonkeyPatch, delays: str | None, days: str | None
+) -> None:
+    _timeouts(monkeypatch, "300", "120")
+    for name, value in (("IMGPIPE_RETRY_DELAYS_S", delays), ("IMGPIPE_JOB_RETENTION_DAYS", days)):
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    load(WorkerSettings)

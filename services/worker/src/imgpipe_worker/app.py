@@ -20,7 +20,7 @@ from imgpipe.web import READINESS, base_app
 from imgpipe_worker import imaging
 from imgpipe_worker.consumer import Consumer, ConsumerConfig
 from imgpipe_worker.fetch import FetchPolicy
-from imgpipe_worker.settings import WorkerSettings, check_retries_within_retention
+from imgpipe_worker.settings import WorkerSettings
 
 CONSUMER = web.AppKey("consumer", Consumer)
 
@@ -78,14 +78,12 @@ async def create_app() -> web.Application:
     common = start_logging("worker")
     worker = load(WorkerSettings)
     amqp = load(AmqpSettings)
-    redis = load(RedisSettings)
-    check_retries_within_retention(worker, amqp.retry_delays_s, redis.job_retention_days)
     imaging.configure_libvips(concurrency=worker.vips_concurrency)
     config = consumer_config(worker, load(LimitSettings), load(UrlSourceSettings), amqp)
     app = base_app("worker", environment=common.env)
     app.cleanup_ctx.extend(
         [
-            resources.job_store(redis, common.namespace),
+            resources.job_store(load(RedisSettings), common.namespace),
             resources.object_storage(load(S3Settings), pool=max(10, 4 * worker.worker_concurrency)),
             resources.amqp(amqp, common.namespace, consume=True),
             _consumer_ctx(config),

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from imgpipe.settings import ConfigError
+from imgpipe.settings import RetryDelays
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -56,6 +56,10 @@ class WorkerSettings(BaseSettings):
     max_decode_bytes: int = Field(default=192 * 1024 * 1024, ge=16 * 1024 * 1024, le=64 * 1024**3)
     #: On SIGTERM, how long jobs in flight may take to finish before they are handed back.
     shutdown_grace_s: float = Field(default=60.0, ge=0, le=3600)
+    # The same variables as AmqpSettings' and RedisSettings': read here only to check that a job's
+    # record outlives its back-off (`_retries_within_retention`).
+    retry_delays_s: RetryDelays = (1, 5, 30, 120)
+    job_retention_days: int = Field(default=7, ge=1, le=3650)
 
     @model_validator(mode="after")
     def _render_ends_within_the_job(self) -> WorkerSettings:
@@ -70,21 +74,17 @@ class WorkerSettings(BaseSettings):
             )
         return self
 
-
-def check_retries_within_retention(
-    worker: WorkerSettings, retry_delays_s: tuple[int, ...], retention_days: int
-) -> None:
-    """Refuse a back-off that outlives a job's record.
-
-    A job waiting out its back-off keeps its record as it stands; a take-up renews its life
-    (`JobStore.mark_processing`), but a single wait (and the attempt before it) as long as the
-    retention would still find the record gone, and the retry would drop its message: no `failed`
-    record, no dead letter.
-    """
-    longest = max(retry_delays_s) + worker.job_timeout_s
-    if longest >= retention_days * 86_400:
-        raise ConfigError(
-            "invalid configuration: IMGPIPE_RETRY_DELAYS_S: the longest back-off plus "
-            f"IMGPIPE_JOB_TIMEOUT_S ({longest:g} s) must be shorter than IMGPIPE_JOB_RETENTION_DAYS "
-            f"({retention_days * 86_400} s)"
-        )
+    @model_validator(mode="after")
+    def _retries_within_retention(self) -> WorkerSettings:
+        # A job waiting out its back-off keeps its record as it stands; a take-up renews its life
+        # (`JobStore.mark_processing`), but a single wait (and the attempt before it) as long as the
+        # retention would still find the record gone, and the retry would drop its message: no
+        # `failed` record, no dead letter.
+        longest = max(self.retry_delays_s) + self.job_timeout_s
+        retention_s = self.job_retention_days * 86_400
+        if longest >= retention_s:
+            raise ValueError(
+                f"the longest of IMGPIPE_RETRY_DELAYS_S plus IMGPIPE_JOB_TIMEOUT_S ({longest:g} s) must "
+                f"be shorter than IMGPIPE_JOB_RETENTION_DAYS ({retention_s} s)"
+            )
+        return self
