@@ -454,10 +454,11 @@ def check_url(
         bare = host[1:-1] if host.startswith("[") else host
         if not host_matches(bare, allowed_hosts):
             raise _forbidden(f"host {bare} is not in the allow-list")
-    if allowed_ports is not None and (port or _ALLOWED_SCHEMES[scheme]) not in allowed_ports:
-        raise _forbidden(f"port {port or _ALLOWED_SCHEMES[scheme]} is not allowed")
+    default_port = _ALLOWED_SCHEMES[scheme]
+    if allowed_ports is not None and (port or default_port) not in allowed_ports:
+        raise _forbidden(f"port {port or default_port} is not allowed")
 
-    netloc = host if port is None or port == _ALLOWED_SCHEMES[scheme] else f"{host}:{port}"
+    netloc = host if port is None or port == default_port else f"{host}:{port}"
     path = _quote_part(parts.path) or "/"
     query = f"?{_quote_part(parts.query)}" if parts.query else ""
     normalised = f"{scheme}://{netloc}{path}{query}"
