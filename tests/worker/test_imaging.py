@@ -199,7 +199,7 @@ def test_the_shrinking_decode_refers_to_the_source_instead_of_copying_it() -> No
     # pyvips copies a bytes argument of an operation (thumbnail_buffer's) into memory of libvips' own:
     # the source would be held twice through the whole render, 29 MB more for a 100 MP JPEG.
     data = pyvips.Image.gaussnoise(2000, 2000).cast("uchar").jpegsave_buffer(Q=95)
-    header = imaging._header(data)
+    header = imaging._header(data, "jpeg")
     before = _malloc_in_use()
     image = imaging._from_buffer(data, 100, managed=False, header=header)
     held = _malloc_in_use() - before
@@ -339,9 +339,34 @@ def test_corrupt_pngsuite_raises_image_error(name: str) -> None:
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         # A real PNG signature with broken contents (bad CRC, bad bit depth/colour type, missing IDAT).
         assert info.value.code == "corrupt_image"
+        assert "PNG" in info.value.message
+        assert_plain(info.value.message)
     else:
         # A mangled signature is simply not a PNG any more.
         assert info.value.code == "unsupported_format"
+
+
+def assert_plain(message: str) -> None:
+    """A failed job's message speaks of the image, not of libvips' machinery."""
+    assert "Vips" not in message and "unable to call" not in message and "b'" not in message, message
+
+
+@pytest.mark.parametrize(
+    ("save", "expected"),
+    [
+        ("jpegsave_buffer", "cannot decode the JPEG: premature end of JPEG image"),
+        ("jpegsave_buffer", "cannot read the JPEG header: premature end of JPEG image"),
+        ("pngsave_buffer", "PNG chunk IDAT runs past the end of the data"),
+        ("webpsave_buffer", "cannot read the WebP header: unable to parse image"),
+    ],
+    ids=["jpeg-pixels", "jpeg-header", "png", "webp"],
+)
+def test_truncated_sources_are_named_in_plain_words(save: str, expected: str) -> None:
+    data = getattr(gradient(300, 200), save)()
+    cut = 300 if expected.startswith("cannot read the JPEG header") else len(data) * 2 // 3
+    with pytest.raises(ImageError) as info:
+        render(data[:cut], [variant(width=16)], LIMITS)
+    assert (info.value.code, info.value.message) == ("corrupt_image", expected)
 
 
 @needs_pngsuite

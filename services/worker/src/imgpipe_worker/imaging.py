@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import itertools
 import math
+import re
 import struct
 import sys
 import threading
@@ -84,6 +85,16 @@ _HEIF_BRANDS = frozenset(
 )
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# How a failed job's message names each sniffed format.
+_FORMAT_NAMES: dict[str, str] = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WebP",
+    "gif": "GIF",
+    "heif": "HEIF/AVIF",
+    "tiff": "TIFF",
+}
 
 # thumbnail() needs a number for an axis we do not want to bound; this is libvips' VIPS_MAX_COORD.
 _UNBOUNDED = 10_000_000
@@ -275,12 +286,14 @@ def _memory(data: bytes) -> pyvips.Source:
     return pyvips.Source.new_from_memory(data)
 
 
-def _header(data: bytes) -> pyvips.Image:
+def _header(data: bytes, fmt: str) -> pyvips.Image:
     # Lazy: with sequential access it parses the header and stops; no pixels decoded.
     try:
         return pyvips.Image.new_from_source(_memory(data), "", access="sequential", fail_on=_fail_on(data))
     except pyvips.Error as exc:
-        raise ImageError("corrupt_image", f"cannot read the image header: {_vips_reason(exc)}") from exc
+        raise ImageError(
+            "corrupt_image", f"cannot read the {_FORMAT_NAMES[fmt]} header: {_vips_reason(exc)}"
+        ) from exc
 
 
 def _loader(image: pyvips.Image) -> str:
@@ -307,7 +320,7 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
     fmt = sniff(data)
     if fmt == "png":
         _check_png_chunks(data)  # before libvips reads the header: see the chunk limits
-    header = _header(data)
+    header = _header(data, fmt)
     loader = _loader(header)
     if _LOADER_FORMAT.get(loader) != fmt:
         # The bytes start like one format but libvips recognised another: a polyglot, refuse it.
@@ -519,7 +532,8 @@ def _check_png_chunks(data: bytes) -> None:
             )
         end = pos + 8 + length + 4
         if length > 0x7FFFFFFF or end > total:
-            raise ImageError("corrupt_image", f"PNG chunk {ctype!r} runs past the end of the data")
+            name = ctype.decode("ascii", "backslashreplace")
+            raise ImageError("corrupt_image", f"PNG chunk {name} runs past the end of the data")
         if ctype == b"IEND":
             return
         pos = end
@@ -613,10 +627,22 @@ def _tiff_values(order: str, code: str, raw: memoryview) -> array.array[int]:
     return values
 
 
+# libvips wraps a codec's complaint in lines about its own machinery ("unable to call
+# VipsForeignLoadPngSource", "unable to copy to memory") and prefixes it with the part that raised it
+# ("VipsJpeg: premature end of JPEG image"). A failed job's message keeps the complaint alone, or says
+# the data is damaged where the codec gave none (libspng's header and CRC errors reach us without one).
+_VIPS_MACHINERY = re.compile(r"unable to call \S+|unable to copy to memory|libpng read error")
+_VIPS_PART = re.compile(r"^[A-Za-z0-9_]+: ")
+
+
 def _vips_reason(exc: pyvips.Error) -> str:
-    # libvips errors are multi-line logs; keep the most specific non-empty line, bounded in size.
-    lines = [line.strip() for line in f"{exc.message}\n{exc.detail or ''}".splitlines() if line.strip()]
-    return (lines[-1] if lines else "libvips error")[:200]
+    """The codec's own words from a libvips error, bounded in size, or "the data is damaged"."""
+    lines = []
+    for raw in f"{exc.message}\n{exc.detail or ''}".splitlines():
+        line = _VIPS_PART.sub("", raw.strip())
+        if line and not _VIPS_MACHINERY.fullmatch(line):
+            lines.append(line)
+    return (lines[-1] if lines else "the data is damaged")[:200]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1219,7 +1245,9 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
             # The worker's, not the image's: the budget let the job through, and memory ran short
             # anyway (other jobs, a tight container). Retried, not failed for good as a bad image.
             raise MemoryError(f"libvips ran out of memory: {_vips_reason(exc)}") from exc
-        raise ImageError("corrupt_image", f"cannot decode or process the image: {_vips_reason(exc)}") from exc
+        raise ImageError(
+            "corrupt_image", f"cannot decode the {_FORMAT_NAMES[info.format]}: {_vips_reason(exc)}"
+        ) from exc
 
 
 def _render_many(
@@ -1239,7 +1267,7 @@ def _render_many(
         results = []
         for variant in variants:
             target_w, kwargs = _thumbnail_args(variant)
-            own = _header(data) if heif else None
+            own = _header(data, "heif") if heif else None
             image = _from_buffer(data, target_w, managed=managed, header=own, **kwargs)
             results.append(_finish(image, variant, deadline))
         return results
