@@ -74,7 +74,9 @@ def _both(
 
 def _assert_same(ours: str, theirs: str) -> None:
     a, b = urlsplit(ours), urlsplit(theirs)
-    assert (a.scheme, a.netloc, a.path) == (b.scheme, b.netloc, b.path)
+    # botocore signs the host in lower case and leaves it as written in the URL; ours is lower case
+    # in both, so that a client which sends the name as it is written sends what was signed.
+    assert (a.scheme, a.netloc, a.path) == (b.scheme, b.netloc.lower(), b.path)
     assert parse_qs(a.query, strict_parsing=True) == parse_qs(b.query, strict_parsing=True)
     assert "X-Amz-Signature" in parse_qs(a.query)
 
@@ -88,6 +90,9 @@ _LAYOUTS = [
     ("http://minio:9000", "path", "eu-west-1"),
     ("https://s3.example.com:443", "path", "us-east-1"),  # a default port is not signed
     ("https://storage.example.com:8443", "path", "ap-south-1"),
+    ("http://[::1]:9000", "path", "us-east-1"),  # an IPv6 address: signed in its brackets
+    ("http://[fd00::5]", "path", "us-east-1"),
+    ("http://MinIO.Internal:9000", "path", "us-east-1"),  # signed, and written, in lower case
     (None, "auto", "us-east-1"),  # AWS: virtual-hosted style
     (None, "auto", "eu-central-1"),
     (None, "path", "eu-west-2"),
@@ -233,6 +238,36 @@ def test_links_work_no_longer_than_the_temporary_credentials_they_are_signed_wit
     # Keys that do not expire sign for as long as asked.
     plain = Presigner(client, _session().get_credentials(), "b")
     assert plain.lifetime(7 * 24 * 3600) == 7 * 24 * 3600
+
+
+def test_a_renewal_between_the_copy_and_its_expiry_is_read_again() -> None:
+    """Another client of the same credentials (the reconciler's boto3 client) may renew them between
+    the presigner's read of the copy and of its expiry: the old copy's links then said they worked
+    for the new copy's hour."""
+
+    class RenewedMeanwhile(RefreshableCredentials):
+        renewed = False
+
+        def get_frozen_credentials(self) -> Any:
+            frozen = super().get_frozen_credentials()
+            if not self.renewed:  # another thread renews them right after this read
+                self.renewed = True
+                self._set_from_data(_metadata("AKIDNEW", 60))
+                self._publish_refresh()
+            return frozen
+
+    credentials = RenewedMeanwhile.create_from_metadata(
+        _metadata("AKIDOLD", 20), lambda: _metadata("AKIDNEW", 60), "test"
+    )
+    client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+    presigner = Presigner(client, credentials, "b")
+    try:
+        url = presigner.url("GET", "k", expires_s=3600)
+        said = int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
+        assert _access_key(url) == "AKIDOLD"
+        assert said <= 20 * 60  # the old copy's time, not the new one's hour
+    finally:
+        presigner.close()
 
 
 def test_credentials_that_fail_at_start_up_are_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,6 +64,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "shh")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdz")
     monkeypatch.setenv("IMGPIPE_JWT_ALGORITHMS", '["HS256", "HS384"]')
     monkeypatch.setenv("IMGPIPE_JWT_AUDIENCE", "imgpipe-api")
 
@@ -79,6 +80,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s3.s3_bucket, s3.s3_force_path_style, s3.aws_region) == ("pics", True, "eu-west-3")
     assert s3.aws_access_key_id is not None and s3.aws_access_key_id.get_secret_value() == "AKIAEXAMPLE"
     assert s3.aws_secret_access_key is not None and s3.aws_secret_access_key.get_secret_value() == "shh"
+    assert s3.aws_session_token is not None and s3.aws_session_token.get_secret_value() == "FwoGZXIvYXdz"
     auth = load(AuthSettings)
     assert auth.jwt_algorithms == ("HS256", "HS384")
     assert auth.jwt_audience == "imgpipe-api"
@@ -108,6 +110,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         (S3Settings, "IMGPIPE_S3_ENDPOINT_URL", "minio:9000"),  # botocore's "Invalid endpoint"
         (S3Settings, "IMGPIPE_S3_ENDPOINT_URL", "http://minio:90000"),
         (S3Settings, "IMGPIPE_S3_PUBLIC_ENDPOINT_URL", "localhost:9000"),
+        (S3Settings, "IMGPIPE_S3_PUBLIC_ENDPOINT_URL", "https://user:pw@s3.example"),  # in every link
+        (S3Settings, "IMGPIPE_S3_ENDPOINT_URL", "http://minio:pw@minio:9000"),
         (S3Settings, "IMGPIPE_PRESIGN_TTL_S", "5"),
         (S3Settings, "IMGPIPE_S3_FORCE_PATH_STYLE", "maybe"),
         (AuthSettings, "IMGPIPE_JWT_LEEWAY_S", "-1"),

@@ -9,14 +9,14 @@ import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
 from http.client import HTTPConnection
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
 from imgpipe import storage as storage_module
 from imgpipe.bodies import BodyNotAdmitted
-from imgpipe.settings import S3Settings
+from imgpipe.settings import S3Settings, load
 from imgpipe.storage import (
     UPLOAD_PREFIX,
     ObjectNotFound,
@@ -429,6 +429,25 @@ def test_presigned_urls_name_the_buckets_region() -> None:
         assert storage.presign_upload("uploads/o/k", "image/jpeg", 100).url == expected
         assert storage.presign_download("variants/o/j/t.jpg").startswith(f"{expected}variants/o/j/t.jpg?")
         assert str(storage._transfer_url("HEAD", "uploads/o/k")).startswith(f"{expected}uploads/o/k?")
+
+
+async def test_temporary_keys_from_the_environment_sign_with_their_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys handed to boto3 come without the environment's `AWS_SESSION_TOKEN` (boto3 reads it only
+    when it finds the keys itself): S3 refuses temporary keys signed without their token."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ASIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    storage = Storage(load(S3Settings))
+    try:
+        query = parse_qs(urlsplit(storage.presign_download("variants/o/j/t.jpg")).query)
+        assert query["X-Amz-Security-Token"] == ["FwoGZXIvYXdzEXAMPLETOKEN"]
+        assert query["X-Amz-Credential"][0].startswith("ASIAEXAMPLE/")
+        form = storage.presign_upload("uploads/o/k", "image/jpeg", 100).fields
+        assert form["x-amz-security-token"] == "FwoGZXIvYXdzEXAMPLETOKEN"
+    finally:
+        await storage.close()
 
 
 async def test_head_without_a_date_is_refused() -> None:

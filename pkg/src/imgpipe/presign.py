@@ -120,14 +120,19 @@ class Presigner:
             raise RuntimeError(f"unexpected presigned URL layout: {url.scheme}://{url.netloc}{url.path}")
         scope = parse_qs(url.query)["X-Amz-Credential"][0].split("/")
         self._region = scope[2]
-        # The Host header a client sends leaves out the scheme's default port, and SigV4 signs that.
-        host = url.hostname or ""
+        # SigV4 signs the Host header a client sends: the name in lower case (urlsplit's `hostname`;
+        # our URLs are written with it too, so that a client sending the name as written does not
+        # send a header we did not sign), an IPv6 address in brackets, and no port where it is the
+        # scheme's default.
+        name = url.hostname or ""
+        if ":" in name:
+            name = f"[{name}]"
+        self._host = name
         if url.port is not None and url.port != _DEFAULT_PORTS.get(url.scheme):
-            host = f"{host}:{url.port}"
-        self._host = host
+            self._host = f"{name}:{url.port}"
         self._prefix = url.path[: -len(_PROBE_KEY)]
         self._post_url = self._client.generate_presigned_post(self._bucket, _PROBE_KEY)["url"]
-        self._origin = f"{url.scheme}://{url.netloc}"
+        self._origin = f"{url.scheme}://{name}" + (f":{url.port}" if url.port is not None else "")
         self._client = None
 
     def close(self) -> None:
@@ -142,8 +147,16 @@ class Presigner:
     def _refresh(self) -> None:
         assert self._credentials is not None
         try:
-            self._frozen = self._credentials.get_frozen_credentials()
-            expiry = getattr(self._credentials, "_expiry_time", None)  # temporary ones only
+            before = getattr(self._credentials, "_expiry_time", None)  # temporary ones only
+            frozen = self._credentials.get_frozen_credentials()
+            expiry = getattr(self._credentials, "_expiry_time", None)
+            if before is not None and expiry is not None and before < expiry:
+                # Renewed during the read, by it or by another client of the same credentials (the
+                # reconciler's boto3 client): the copy may be of either renewal, and the earlier
+                # expiry holds for both. A link never says it works longer than its copy; the next
+                # read, a minute on, finds the new expiry alone.
+                expiry = before
+            self._frozen = frozen
             self._valid_until = expiry.timestamp() if expiry is not None else None
         except Exception as exc:
             # Keep the copy: it works until S3 refuses it (a 403, transient). Without one (STS down at

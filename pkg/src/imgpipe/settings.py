@@ -148,6 +148,11 @@ class S3Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("AWS_SECRET_ACCESS_KEY")
     )
+    #: With temporary keys (`ASIA…`: `aws sts assume-role`, a CI's OIDC role): boto3 reads it only
+    #: when it finds the keys itself, and keys passed to it come without it.
+    aws_session_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_SESSION_TOKEN")
+    )
     #: Path-style addressing (MinIO, moto); virtual-hosted style on AWS.
     s3_force_path_style: bool = False
     presign_ttl_s: int = Field(default=900, ge=60, le=7 * 24 * 3600)
@@ -160,6 +165,10 @@ class S3Settings(BaseSettings):
             return None
         if isinstance(value, str):
             _check_url(value, ("http", "https"), "http(s)://host[:port], or empty for AWS")
+            if "@" in urlsplit(value).netloc:
+                # The keys are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; a public endpoint's
+                # user and password would be written into every link handed to a client.
+                raise ValueError("must not hold a user or password: http(s)://host[:port]")
         return value
 
 

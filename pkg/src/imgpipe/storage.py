@@ -107,9 +107,13 @@ def variant_key(sub: str, job_id: str, name: str, fmt: str) -> str:
 
 def _session(settings: S3Settings) -> boto3.session.Session:
     """A boto3 session with the configured keys, or the default chain (IRSA, instance role) without."""
-    key_id = settings.aws_access_key_id.get_secret_value() if settings.aws_access_key_id else None
-    secret = settings.aws_secret_access_key.get_secret_value() if settings.aws_secret_access_key else None
-    return boto3.session.Session(aws_access_key_id=key_id, aws_secret_access_key=secret)
+    key_id, secret, token = (
+        value.get_secret_value() if value else None
+        for value in (settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
+    )
+    return boto3.session.Session(
+        aws_access_key_id=key_id, aws_secret_access_key=secret, aws_session_token=token
+    )
 
 
 def _probe_session() -> boto3.session.Session:
