@@ -104,6 +104,13 @@ FORBIDDEN_URLS = [
     "http://user@example.com/",
     "http://example.com@127.0.0.1/",
     "http://@example.com/",
+    # names of a private network: resolved from a search list, or special-use domains
+    "http://redis/",
+    "http://minio./",
+    "http://printer.local/",
+    "http://db.corp.internal/",
+    "http://router.home.arpa/",
+    "http://box.localdomain/",
 ]
 
 INVALID_URLS = [
@@ -255,6 +262,25 @@ def test_allowed_hosts() -> None:
         check_url("https://example.com/a", allowed_hosts=())  # empty list allows nothing
 
 
+def test_private_names_are_refused_unless_the_operator_lists_them() -> None:
+    # Whether `redis` (completed from a resolver's search list: in Kubernetes, the cluster's own
+    # services) or `x.internal` exists is not a client's to learn; an allowed network does not
+    # change that, a listed host does.
+    everything = parse_networks("0.0.0.0/0, ::/0")
+    for url in ("http://minio/a", "http://images.corp.internal/a"):
+        with pytest.raises(UrlRejected) as info:
+            check_url(url, allowed_networks=everything)
+        assert (info.value.code, info.value.message.endswith("is not a public name")) == (
+            "url_forbidden",
+            True,
+        )
+    hosts = ["minio", "*.corp.internal"]
+    assert check_url("http://minio/a", allowed_hosts=hosts) == "http://minio/a"
+    assert check_url("http://images.corp.internal/a", allowed_hosts=hosts) == "http://images.corp.internal/a"
+    with pytest.raises(UrlRejected):
+        check_url("http://metadata.google.internal/", allowed_hosts=["*.google.internal"])  # never
+
+
 def test_international_names_are_checked_as_the_job_carries_them() -> None:
     """A URL source reaches the worker as pydantic's URL parser writes it (UTS 46), and hosts and
     allow-list entries were encoded with Python's IDNA 2003 codec, which maps "ß" to "ss":
@@ -337,6 +363,9 @@ def test_allowed_networks_for_ips() -> None:
         "64:ff9b::169.254.169.254",
         "fd00:ec2::254",
         "fd00:ec2::23",
+        "fd20:ce::254",  # Google Cloud over IPv6
+        "fd00:42::42",  # Scaleway over IPv6
+        "192.0.0.192",  # Oracle Cloud Classic
         "100.100.100.200",  # Alibaba Cloud
         "168.63.129.16",  # Azure wire server
         "fe80::1",

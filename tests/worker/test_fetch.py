@@ -11,12 +11,14 @@ import asyncio
 import gzip
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
-from ipaddress import IPv4Network
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Network, ip_address
 from pathlib import Path
 from urllib.parse import quote
 
@@ -25,6 +27,10 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from imgpipe.bodies import BodyNotAdmitted
 from imgpipe_worker.fetch import (
     Fetched,
@@ -55,7 +61,7 @@ class StubResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         self.calls.append(host)
-        entry = self.table.get(host)
+        entry = self.table.get(host.removesuffix("."))  # SafeResolver asks for absolute names
         if entry is None:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         if isinstance(entry, Exception):
@@ -165,6 +171,9 @@ async def server() -> AsyncIterator[Server]:
 
         return handler
 
+    async def long_reason(request: web.Request) -> web.Response:
+        return web.Response(status=403, reason="Go away " + "R" * 8000)
+
     async def chain(request: web.Request) -> web.Response:
         left = int(request.match_info["n"])  # redirects still to go
         location = "/image" if left <= 1 else f"/chain/{left - 1}"
@@ -231,6 +240,7 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_get("/no-location", status(302))
     app.router.add_get("/loop", redirect("/loop"))
     app.router.add_get("/chain/{n}", chain)
+    app.router.add_get("/long-reason", long_reason)
     app.router.add_get("/set-cookie", set_cookie)
     app.router.add_get("/echo", echo)
 
@@ -457,6 +467,63 @@ async def test_http_errors(server: Server, status: int, code: str, transient: bo
     assert str(status) in error.message
 
 
+async def test_a_servers_reason_phrase_is_kept_short(server: Server) -> None:
+    # The phrase is the server's (aiohttp reads up to 8 KiB of it), and goes into the job's record,
+    # the worker's log and the dead letter's reason.
+    error = await fetch_error(server.url("/long-reason"), local_policy())
+    assert (error.code, error.message) == ("url_http_error", "HTTP 403 Go away " + "R" * 72)
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address("127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+@pytest.mark.parametrize("tls", ["self-signed", "plain-http"])
+async def test_tls_errors_are_told_without_openssls_text(tmp_path: Path, tls: str) -> None:
+    # aiohttp's text quotes OpenSSL's, with our address and its C source file and line.
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=IMAGE)
+
+    app = web.Application()
+    app.router.add_get("/image", image)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    context = _self_signed(tmp_path) if tls == "self-signed" else None
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    try:
+        error = await fetch_error(f"https://127.0.0.1:{port}/image", local_policy())
+    finally:
+        await runner.cleanup()
+    expected = {
+        "self-signed": "TLS error: the server's certificate did not verify",
+        "plain-http": "TLS error: the handshake failed",
+    }[tls]
+    assert (error.code, error.transient, error.message) == ("url_unreachable", False, expected)
+
+
 async def test_connection_refused_is_transient() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -582,7 +649,7 @@ async def test_redirect_to_name_resolving_to_private_address_is_refused(server: 
     resolver = StubResolver({"internal.example.test": ["10.0.0.7"]})
     error = await fetch_error(server.url("/to-private-name"), local_policy(), resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
-    assert resolver.calls == ["internal.example.test"]
+    assert resolver.calls == ["internal.example.test."]  # absolute: no search list
 
 
 async def test_redirect_loop_is_cut(server: Server) -> None:
@@ -646,11 +713,15 @@ async def test_default_policy_refuses_the_live_local_server(server: Server) -> N
     assert server.hits == []
 
 
-async def test_public_name_resolving_to_loopback_is_refused(server: Server) -> None:
+async def test_public_name_resolving_to_loopback_is_refused(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
     resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
     error = await fetch_error(server.url("/image", host="images.example.test"), ANY_PORT, resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
-    assert "127.0.0.1" in error.message
+    # What a name resolves to inside our network is for our log, not for the client's job record.
+    assert error.message == "images.example.test resolves to an address that is not public"
+    assert [r.__dict__.get("address") for r in caplog.records if r.name == "imgpipe.worker"] == ["127.0.0.1"]
     assert server.hits == []
 
 
@@ -662,7 +733,7 @@ async def test_public_name_resolving_to_loopback_works_when_allowed(server: Serv
     result = await fetch(url, local_policy(), resolver)
     assert result.data == IMAGE
     assert result.url == url
-    assert resolver.calls == ["images.example.test"]
+    assert resolver.calls == ["images.example.test."]  # absolute: no search list
 
 
 async def test_any_forbidden_address_refuses_the_whole_host(server: Server) -> None:
@@ -685,14 +756,18 @@ async def test_any_forbidden_address_refuses_the_whole_host(server: Server) -> N
 )
 async def test_safe_resolver_refuses_forbidden_answers(answer: list[str]) -> None:
     resolver = SafeResolver((), inner=StubResolver({"x.example.test": answer}))
-    with pytest.raises(Exception, match="forbidden address"):
+    with pytest.raises(Exception, match="not public") as info:
         await resolver.resolve("x.example.test", 80, socket.AF_UNSPEC)
+    assert info.value.message == "x.example.test resolves to an address that is not public"  # type: ignore[attr-defined]
 
 
 async def test_safe_resolver_passes_public_answers() -> None:
     resolver = SafeResolver((), inner=StubResolver({"x.example.test": ["93.184.216.34", "2606:2800::1"]}))
     results = await resolver.resolve("x.example.test", 443, socket.AF_UNSPEC)
     assert [r["host"] for r in results] == ["93.184.216.34", "2606:2800::1"]
+    # Looked up as an absolute name, and handed back under the name asked for (TLS's server name).
+    assert resolver._inner.calls == ["x.example.test."]  # type: ignore[attr-defined]
+    assert {r["hostname"] for r in results} == {"x.example.test"}
     await resolver.close()
 
 
@@ -708,7 +783,7 @@ async def test_peer_address_is_checked_even_if_the_resolver_is_bypassed(
     resolver = StubResolver({"images.example.test": ["127.0.0.1"]})
     error = await fetch_error(server.url("/image", host="images.example.test"), ANY_PORT, resolver)
     assert (error.code, error.transient) == ("url_forbidden", False)
-    assert "127.0.0.1" in error.message
+    assert error.message == "refusing to connect to an address that is not public"
     assert server.hits == []
 
 

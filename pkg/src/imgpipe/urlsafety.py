@@ -119,15 +119,19 @@ _FORBIDDEN_V6 = tuple(
 
 #: Refused even inside the operator's allowed networks: the link-local ranges, where the cloud
 #: metadata and credential services answer (169.254.169.254, ECS's 169.254.170.2, EKS Pod
-#: Identity's 169.254.170.23), AWS's IPv6 forms of them, Alibaba's and Azure's. What they hand out
+#: Identity's 169.254.170.23), AWS's, Google Cloud's and Scaleway's IPv6 forms of them, Alibaba's,
+#: Azure's and Oracle Cloud Classic's. What they hand out
 #: (the node's or the pod's credentials) is never an image, and an allowed network as broad as
 #: `0.0.0.0/0` or `fc00::/7` must not open them.
 _NEVER = (
     IPv4Network("169.254.0.0/16"),
     IPv4Network("100.100.100.200/32"),  # Alibaba Cloud metadata
     IPv4Network("168.63.129.16/32"),  # Azure wire server
+    IPv4Network("192.0.0.192/32"),  # Oracle Cloud Classic metadata
     IPv6Network("fe80::/10"),
     IPv6Network("fd00:ec2::/32"),  # AWS: metadata fd00:ec2::254, Pod Identity fd00:ec2::23
+    IPv6Network("fd20:ce::254/128"),  # Google Cloud metadata over IPv6
+    IPv6Network("fd00:42::42/128"),  # Scaleway metadata over IPv6
 )
 
 _NAT64_WKP = IPv6Network("64:ff9b::/96")
@@ -224,6 +228,12 @@ _FORBIDDEN_NAMES = frozenset(
     }
 )
 _FORBIDDEN_SUFFIXES = (".localhost",)
+# Names of a private network's hosts, never of a public one: a single label (`redis`, `minio`,
+# which a resolver completes from its search list: in Kubernetes, the cluster's own services) and
+# the special-use domains of local networks (RFC 6762's `.local`, RFC 8375's `.home.arpa`, ICANN's
+# `.internal`). Whether such a name exists, or what it points at, is not a client's to learn from a
+# failed job; refused unless the operator's `allowed_hosts` names them.
+_PRIVATE_SUFFIXES = (".local", ".internal", ".home.arpa", ".localdomain")
 
 _LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _NUMERIC_LABEL_RE = re.compile(r"^(?:[0-9]+|0[xX][0-9a-fA-F]*)$")
@@ -448,12 +458,14 @@ def check_url(
         port = int(raw_port)
         if not 0 < port <= 65535:
             raise _invalid("port out of range")
-    host, _literal = _check_host(raw_host, bracketed, allowed_networks)
+    host, literal = _check_host(raw_host, bracketed, allowed_networks)
 
-    if allowed_hosts is not None:
-        bare = host[1:-1] if host.startswith("[") else host
-        if not host_matches(bare, allowed_hosts):
-            raise _forbidden(f"host {bare} is not in the allow-list")
+    bare = host[1:-1] if host.startswith("[") else host
+    listed = allowed_hosts is not None and host_matches(bare, allowed_hosts)
+    if allowed_hosts is not None and not listed:
+        raise _forbidden(f"host {bare} is not in the allow-list")
+    if literal is None and not listed and ("." not in host or host.endswith(_PRIVATE_SUFFIXES)):
+        raise _forbidden(f"host {host} is not a public name")
     default_port = _ALLOWED_SCHEMES[scheme]
     if allowed_ports is not None and (port or default_port) not in allowed_ports:
         raise _forbidden(f"port {port or default_port} is not allowed")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import socket
 import weakref
 from collections.abc import Callable, Sequence
@@ -62,8 +63,11 @@ __all__ = [
     "make_session",
 ]
 
+log = logging.getLogger("imgpipe.worker")
+
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _TRANSIENT_4XX = frozenset({408, 425, 429})
+_MAX_REASON = 80  # characters of a server's reason phrase kept in a failed job's message
 # getaddrinfo errors meaning "this name does not exist" (as opposed to "DNS is down").
 _NO_SUCH_NAME = frozenset(
     e for e in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if e is not None
@@ -116,11 +120,14 @@ class _ForbiddenAddress(Exception):
     """Raised by SafeResolver and the socket factory.
 
     Deliberately not an OSError, so aiohttp's connector does not turn it into a
-    generic DNS/connection error and we can report ``url_forbidden``.
+    generic DNS/connection error and we can report ``url_forbidden``. ``message`` is the
+    client's; ``address`` is for our log alone: what a name resolves to inside our network
+    (a cluster's service, a host's own name) is not a client's to learn from a failed job.
     """
 
     def __init__(self, message: str, address: str) -> None:
         super().__init__(f"{message} ({address})")
+        self.message = message
         self.address = address
 
 
@@ -144,19 +151,21 @@ class SafeResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
+        # As an absolute name: a resolver completes a relative one from its search list first when
+        # it has fewer dots than `ndots` (5 in Kubernetes), so `images.example` could be answered
+        # as `images.example.<namespace>.svc.cluster.local`, a service of the cluster's own.
+        results = await self._inner.resolve(host if host.endswith(".") else f"{host}.", port, family)
         if not results:
             raise OSError(f"no addresses for {host}")
+        refused = f"{host} resolves to an address that is not public"
         for result in results:
             try:
                 address = ip_address(result["host"])
             except ValueError:
-                raise _ForbiddenAddress(
-                    f"{host} resolves to a forbidden address", str(result["host"])
-                ) from None  # fail closed
+                raise _ForbiddenAddress(refused, str(result["host"])) from None  # fail closed
             if is_forbidden_ip(address, self._allowed):
-                raise _ForbiddenAddress(f"{host} resolves to a forbidden address", str(address))
-        return results
+                raise _ForbiddenAddress(refused, str(address))
+        return [{**result, "hostname": host} for result in results]
 
     async def close(self) -> None:
         await self._inner.close()
@@ -170,7 +179,7 @@ def _guarded_socket_factory(allowed: tuple[IPv4Network | IPv6Network, ...]) -> C
         except ValueError:
             raise _ForbiddenAddress("refusing to connect to a non-IP address", str(sockaddr[0])) from None
         if is_forbidden_ip(address, allowed):
-            raise _ForbiddenAddress("refusing to connect to a forbidden address", str(address))
+            raise _ForbiddenAddress("refusing to connect to an address that is not public", str(address))
         return socket.socket(family=family, type=type_, proto=proto)
 
     return factory
@@ -267,7 +276,9 @@ def _to_yarl(url: str) -> yarl.URL:
 
 
 def _status_error(status: int, reason: str | None) -> FetchError:
-    text = f"HTTP {status} {reason or ''}".strip()
+    # The reason phrase is the server's, up to 8 KiB of it: a short, printable part is enough.
+    reason = "".join(c for c in (reason or "")[:_MAX_REASON] if c.isprintable())
+    text = f"HTTP {status} {reason}".strip()
     if status in (404, 410):
         return FetchError("url_not_found", text)
     if status >= 500 or status in _TRANSIENT_4XX:
@@ -342,7 +353,8 @@ def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException 
 def _translate(exc: Exception) -> FetchError:
     forbidden = _find_cause(exc, _ForbiddenAddress)
     if isinstance(forbidden, _ForbiddenAddress):
-        return FetchError("url_forbidden", str(forbidden))
+        log.warning("URL source refused: %s", forbidden.message, extra={"address": forbidden.address})
+        return FetchError("url_forbidden", forbidden.message)
     if isinstance(exc, asyncio.TimeoutError):  # also aiohttp's Server/Connection/SocketTimeoutError
         return FetchError("url_timeout", "timed out", transient=True)
     if isinstance(exc, aiohttp.InvalidURL):
@@ -353,8 +365,11 @@ def _translate(exc: Exception) -> FetchError:
             # NXDOMAIN: retrying a name that does not exist only delays the failure.
             return FetchError("url_unreachable", f"host does not exist: {exc.host}")
         return FetchError("url_unreachable", f"DNS lookup failed for {exc.host}", transient=True)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        return FetchError("url_unreachable", f"TLS error: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return FetchError("url_unreachable", "TLS error: the server's certificate did not verify")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        # aiohttp's text quotes OpenSSL's, with our address and source file: not the client's.
+        return FetchError("url_unreachable", "TLS error: the handshake failed")
     if isinstance(exc, aiohttp.ClientResponseError):
         # Raised for responses aiohttp cannot parse: the server is broken, not busy.
         return FetchError("url_http_error", f"invalid HTTP response: {exc.message}")
