@@ -375,6 +375,46 @@ def test_suite_has_the_corrupt_files_we_rely_on() -> None:
     assert {"xcsn0g01", "xhdn0g08"} <= set(corrupt_suite())
 
 
+def _with_chunks(png: bytes, *chunks: bytes) -> bytes:
+    return png[:33] + b"".join(chunks) + png[33:]  # after the signature and IHDR
+
+
+def _ztxt(text: bytes) -> bytes:
+    return png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(text, 9))
+
+
+def _itxt(text: bytes, *, compressed: bool) -> bytes:
+    body = zlib.compress(text, 9) if compressed else text
+    return png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00" + bytes([compressed, 0]) + b"en\x00\x00" + body)
+
+
+def test_png_text_that_inflates_to_megabytes_is_refused_before_libspng_reads_it() -> None:
+    """libspng inflates zTXt, compressed iTXt and iCCP chunks while it reads the header and again as
+    it decodes, in calls no deadline reaches: a 48 kB zTXt of zeros is 50 MB of text, 0.1 s each
+    time, and 1,020 of them fit a 50 MB source."""
+    png = gradient(64, 64).pngsave_buffer()
+    megabytes = b"\0" * (6 * 1024 * 1024)
+    for bomb in (
+        _with_chunks(png, *[_ztxt(megabytes)] * 3),
+        _with_chunks(png, *[_itxt(megabytes, compressed=True)] * 3),
+        _with_chunks(png, _ztxt(megabytes), _itxt(megabytes, compressed=True), _ztxt(megabytes)),
+    ):
+        assert len(bomb) < 100_000
+        with pytest.raises(ImageError) as info:
+            probe(bomb, LIMITS)
+        assert (info.value.code, info.value.message) == (
+            "corrupt_image",
+            "PNG text and profile chunks inflate to over 16 MiB",
+        )
+    # What real files carry passes: text of kilobytes, and text that is not compressed at all.
+    xmp = b"<x:xmpmeta>" + b"a" * 20_000 + b"</x:xmpmeta>"
+    fine = _with_chunks(png, _ztxt(xmp), _itxt(xmp, compressed=True), _itxt(xmp * 100, compressed=False))
+    assert one(fine, width=16).width == 16
+    # Text of just under 16 MiB in all passes: the limit is on the sum, and no tighter.
+    under = _with_chunks(png, *[_ztxt(b"\0" * (8 * 1024 * 1024 - 1))] * 2)
+    assert probe(under, LIMITS).width == 64
+
+
 def test_bad_crc_in_ancillary_png_chunk_is_tolerated() -> None:
     png = gradient(8, 8).pngsave_buffer()
     # Insert a tEXt chunk with a wrong CRC right after IHDR (8-byte signature + 25-byte IHDR chunk).
@@ -1566,6 +1606,47 @@ def test_a_table_of_millions_of_strips_is_checked_in_little_memory() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * 4 * rows  # the two tables (4 bytes a strip each) and change
+
+
+def _with_repeated_tags(tiff: bytes, order: str, tags: list[tuple[int, int]]) -> bytes:
+    """`tiff` (IFD at 8, its entries after the count, classic) with `(tag, value)` LONG entries
+    appended to its IFD, its pixels moved along by them."""
+    (count,) = struct.unpack_from(f"{order}H", tiff, 8)
+    end = 10 + count * 12
+    extra = len(tags) * 12
+    entries = bytearray(tiff[10:end])
+    for index in range(count):  # the strip offsets point past the IFD: move them along
+        tag, kind, n, value = struct.unpack_from(f"{order}HHII", entries, index * 12)
+        if tag == 273:
+            struct.pack_into(f"{order}HHII", entries, index * 12, tag, kind, n, value + extra)
+    added = b"".join(struct.pack(f"{order}HHII", tag, 4, 1, value + extra) for tag, value in tags)
+    return tiff[:8] + struct.pack(f"{order}H", count + len(tags)) + bytes(entries) + added + tiff[end:]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_repeated_strip_tables_are_corrupt(order: str) -> None:
+    """libtiff reads a tag's first entry and ignores the rest: the check read the last, so a first
+    strip past the end hid behind a later sound one (the file rendered black); and 4,096 entries of
+    a table as large as the file were each a copy of it (48 MB: minutes in the probe)."""
+    pixels = bytes(range(256)) * 16  # 64x64
+    whole = _tiff(order, pixels)
+    start = 8 + 2 + 9 * 12 + 4
+    truncated = _tiff(order, pixels[:10], claimed=len(pixels))
+    hidden = _with_repeated_tags(truncated, order, [(273, start), (279, 10)])
+    for data in (hidden, _with_repeated_tags(whole, order, [(279, len(pixels))] * 50)):
+        with pytest.raises(ImageError) as info:
+            probe(data, LIMITS)
+        assert (info.value.code, info.value.message) == (
+            "corrupt_image",
+            "TIFF directory repeats its strip or tile tables",
+        )
+
+
+def test_a_bigtiff_directory_offset_past_any_file_is_corrupt() -> None:
+    data = b"II+\x00" + struct.pack("<HHQ", 8, 0, 2**63)
+    with pytest.raises(ImageError) as info:
+        imaging._check_tiff_data(data)  # an OverflowError from struct, before
+    assert info.value.code == "corrupt_image"
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -505,6 +506,12 @@ _PNG_MAX_CHUNKS = 100_000
 # IDAT, and an APNG's frames: each a control chunk (fcTL) and its data (fdAT). Counted as metadata,
 # a real animation of over a thousand frames was refused as corrupt.
 _PNG_IMAGE_DATA = frozenset({b"IDAT", b"fcTL", b"fdAT"})
+# Chunks libspng inflates while it reads the header, and again when it decodes, in those same calls:
+# a 48 kB zTXt of zeros is 50 MB of text, 0.1 s each time (a fuzzer's file of 40 held a render 6.8 s;
+# 1,020 of them fit a 50 MB source, minutes). Real files inflate to kilobytes: an EXIF or XMP profile
+# written as text, an ICC profile of a few hundred.
+_PNG_COMPRESSED_METADATA = frozenset({b"zTXt", b"iTXt", b"iCCP"})
+_PNG_MAX_INFLATED_METADATA = 16 * 1024 * 1024
 
 
 def _check_png_chunks(data: bytes) -> None:
@@ -516,7 +523,7 @@ def _check_png_chunks(data: bytes) -> None:
     pos = len(_PNG_SIGNATURE)
     total = len(data)
     first = True
-    chunks = metadata = 0
+    chunks = metadata = inflated = 0
     while pos + 8 <= total:
         length, ctype = struct.unpack_from(">I4s", data, pos)
         if first and ctype != b"IHDR":
@@ -534,9 +541,42 @@ def _check_png_chunks(data: bytes) -> None:
         if length > 0x7FFFFFFF or end > total:
             name = ctype.decode("ascii", "backslashreplace")
             raise ImageError("corrupt_image", f"PNG chunk {name} runs past the end of the data")
+        if ctype in _PNG_COMPRESSED_METADATA:
+            inflated += _png_inflated(data, ctype, pos + 8, end - 4, _PNG_MAX_INFLATED_METADATA - inflated)
+            if inflated > _PNG_MAX_INFLATED_METADATA:
+                raise ImageError(
+                    "corrupt_image",
+                    f"PNG text and profile chunks inflate to over {_PNG_MAX_INFLATED_METADATA >> 20} MiB",
+                )
         if ctype == b"IEND":
             return
         pos = end
+
+
+def _png_inflated(data: bytes, ctype: bytes, start: int, end: int, room: int) -> int:
+    """How many bytes the compressed part of the zTXt, iTXt or iCCP chunk in `data[start:end]`
+    inflates to, counted no further than `room + 1` (so the count costs no more than the room).
+    0 for an iTXt whose text is not compressed, or a chunk libspng will drop as malformed."""
+    at = data.find(b"\0", start, min(end, start + 80))  # the keyword: 1 to 79 bytes
+    if at < 0:
+        return 0
+    at += 1
+    if ctype == b"iTXt":
+        if at + 2 > end or data[at] != 1:  # the compression flag
+            return 0
+        at += 2  # the flag and the method
+        for _ in range(2):  # the language tag and the translated keyword
+            at = data.find(b"\0", at, end)
+            if at < 0:
+                return 0
+            at += 1
+    else:
+        at += 1  # the compression method
+    try:
+        with memoryview(data) as view:
+            return len(zlib.decompressobj().decompress(view[at:end], max(room, 0) + 1))
+    except zlib.error:
+        return 0
 
 
 # The tags of ICC v4's floating-point transforms, and the type they hold (multi-process elements).
@@ -595,6 +635,11 @@ def _check_tiff_data(data: bytes) -> None:
             tag, kind, n, raw = struct.unpack_from(entry_fmt, data, first + index * size)
             if tag not in (273, 279, 324, 325) or kind not in _TIFF_TYPE_SIZE:
                 continue
+            if tag in fields:
+                # libtiff reads the first and ignores the rest: checking a later one let a strip past
+                # the end through (rendered black), and 4,096 copies of a table as large as the file
+                # each cost a copy of the file.
+                raise ImageError("corrupt_image", "TIFF directory repeats its strip or tile tables")
             code, width = _TIFF_TYPE_SIZE[kind]
             if n * width <= inline:
                 fields[tag] = _tiff_values(order, code, memoryview(raw)[: n * width])
@@ -604,7 +649,7 @@ def _check_tiff_data(data: bytes) -> None:
                     raise ImageError("corrupt_image", "TIFF strip table runs past the end of the data")
                 with memoryview(data) as view:
                     fields[tag] = _tiff_values(order, code, view[offset : offset + n * width])
-    except struct.error:
+    except (struct.error, OverflowError):  # OverflowError: an offset of 2**63 or more (BigTIFF)
         raise ImageError("corrupt_image", "TIFF directory runs past the end of the data") from None
     for offsets_tag, counts_tag in _TIFF_DATA_TAGS:
         offsets, counts = fields.get(offsets_tag), fields.get(counts_tag)
