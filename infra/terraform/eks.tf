@@ -56,8 +56,17 @@ module "eks" {
       max_size     = var.node_max_size
       desired_size = var.node_desired_size
 
-      # The module's launch template: encrypted gp3 root volume, IMDSv2 only (hop limit 2 is the
-      # module default; pods use IRSA, not the node role).
+      # The module's launch template: encrypted gp3 root volume, IMDSv2 only. One hop: the
+      # instance's metadata (and the node role's credentials) answer the node itself and
+      # host-network pods (the VPC CNI), not a pod behind its own network namespace. Pods use IRSA;
+      # a worker that fetches URLs for clients has no business reaching the node's credentials,
+      # whatever a bug in its address checks let through (the module's default is 2 hops).
+      metadata_options = {
+        http_endpoint               = "enabled"
+        http_tokens                 = "required"
+        http_put_response_hop_limit = 1
+        instance_metadata_tags      = "disabled"
+      }
       block_device_mappings = {
         xvda = {
           device_name = "/dev/xvda"
