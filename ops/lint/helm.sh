@@ -150,6 +150,7 @@ then ok "every value documented, README table complete"; else fail "values.yaml 
 # for kubernetes-validate).
 cat >"$WORK/check.py" <<'PY'
 """check.py RENDERED VALUES_FILE OUT_BUILTIN OUT_RULES: CRD schemas and house rules."""
+import ipaddress
 import json
 import re
 import sys
@@ -369,6 +370,26 @@ for name, svc in by_kind.get("Service", {}).items():
 for name, pdb in by_kind.get("PodDisruptionBudget", {}).items():
     if not any(selects(pdb["spec"]["selector"]["matchLabels"], labels) for labels in pod_labels):
         errors.append(f"PodDisruptionBudget/{name}: selects no pod")
+# The worker's egress policy: the worker's pods alone, and every exception inside its block's
+# family (Kubernetes refuses an IPv6 `except` under 0.0.0.0/0 only when the policy is applied).
+for name, policy in by_kind.get("NetworkPolicy", {}).items():
+    chosen = sorted(
+        labels.get("app.kubernetes.io/component", "?")
+        for labels in pod_labels
+        if selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    )
+    if chosen != ["worker"]:
+        errors.append(f"NetworkPolicy/{name}: selects {chosen}, not the worker alone")
+    for rule in policy["spec"].get("egress", []):
+        for peer in rule.get("to", []):
+            block = peer.get("ipBlock")
+            if block is None:
+                continue
+            network = ipaddress.ip_network(block["cidr"])
+            for text in block.get("except", []):
+                hole = ipaddress.ip_network(text)
+                if hole.version != network.version or not hole.subnet_of(network):
+                    errors.append(f"NetworkPolicy/{name}: except {text} is not inside {network}")
 scaled = {}
 for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
     for name, obj in by_kind.get(kind, {}).items():
@@ -613,6 +634,7 @@ refuse "/api/pdb/minAvailable" --set api.pdb.minAvailable=half
 refuse "/config/jwt/algorithms/0" --set 'config.jwt.algorithms={none}'
 refuse "/irsaRoleArn" --set irsaRoleArn=my-role
 refuse "must be greater than worker.jobTimeoutSeconds" --set worker.terminationGracePeriodSeconds=150
+refuse "/worker/networkPolicy/deniedEgressCIDRs/0" --set 'worker.networkPolicy.deniedEgressCIDRs={169.254.169.254}'
 refuse "worker.renderTimeoutSeconds (120) must be shorter than worker.jobTimeoutSeconds (120)" --set worker.renderTimeoutSeconds=120
 refuse "secrets.amqpUrl is required" --set secrets.amqpUrl=
 refuse "secrets.redisUrl is required" --set secrets.redisUrl=
