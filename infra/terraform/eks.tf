@@ -33,6 +33,9 @@ module "eks" {
     vpc-cni = {
       most_recent    = true
       before_compute = true
+      # Its network policy agent enforces NetworkPolicies, the chart's worker egress policy among
+      # them (without it they are accepted and do nothing).
+      configuration_values = jsonencode({ enableNetworkPolicy = "true" })
     }
     aws-ebs-csi-driver = {
       most_recent              = true

@@ -387,8 +387,11 @@ for name, policy in by_kind.get("NetworkPolicy", {}).items():
                 continue
             network = ipaddress.ip_network(block["cidr"])
             for text in block.get("except", []):
-                hole = ipaddress.ip_network(text)
-                if hole.version != network.version or not hole.subnet_of(network):
+                hole = ipaddress.ip_network(text, strict=False)
+                if hole.network_address != ipaddress.ip_address(text.split("/")[0]):
+                    errors.append(f"NetworkPolicy/{name}: except {text} has host bits set ({hole})")
+                # Kubernetes wants each exception strictly inside its block.
+                elif hole.version != network.version or hole == network or not hole.subnet_of(network):
                     errors.append(f"NetworkPolicy/{name}: except {text} is not inside {network}")
 scaled = {}
 for kind in ("HorizontalPodAutoscaler", "ScaledObject"):

@@ -488,7 +488,8 @@ def corpus() -> list[Case]:
 def hostile_stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """api + status + one worker at concurrency 1, with the default URL policy (nothing exempted).
 
-    `api_allow` is a second api whose URL sources are limited to an allow-list. The per-user rate
+    `api_allow` is a second api whose URL sources are limited to an allow-list, which the worker
+    shares (it lists this machine's own name, which resolves to a local address). The per-user rate
     limits are off: this test submits a few hundred jobs as one user on purpose.
     """
     logdir = tmp_path_factory.mktemp("hostile-logs")
@@ -503,14 +504,12 @@ def hostile_stack(base_env: dict[str, str], tmp_path_factory: pytest.TempPathFac
         for k, v in base_env.items()
         if k not in ("IMGPIPE_URL_ALLOWED_NETWORKS", "IMGPIPE_URL_ALLOWED_PORTS")
     }
+    allowed = {"IMGPIPE_URL_ALLOWED_HOSTS": f"images.example.com,*.cdn.example.net,{socket.gethostname()}"}
     services = {
         "api": ("api", unlimited),
-        "api_allow": (
-            "api",
-            {**unlimited, "IMGPIPE_URL_ALLOWED_HOSTS": "images.example.com,*.cdn.example.net"},
-        ),
+        "api_allow": ("api", {**unlimited, **allowed}),
         "status": ("status", {}),
-        "worker": ("worker", {"IMGPIPE_WORKER_CONCURRENCY": "1"}),
+        "worker": ("worker", {"IMGPIPE_WORKER_CONCURRENCY": "1", **allowed}),
     }
     with isolated_stack(env, logdir, services) as stack:
         yield stack
@@ -741,17 +740,32 @@ async def test_url_allow_list_is_enforced_at_submit(mallory: Client, hostile_sta
     assert await _job_keys(hostile_stack) == before
 
 
-async def test_name_resolving_to_a_private_address_fails_the_job(mallory: Client) -> None:
+async def test_name_resolving_to_a_private_address_fails_the_job(
+    mallory: Client, hostile_stack: Stack
+) -> None:
     # The api does not resolve names (the answer could change before the worker connects); the worker
     # resolves once, checks every address and connects only to those. This host's own name resolves
-    # to a loopback or private address, and is not on any list of forbidden names.
+    # to a loopback or private address (from /etc/hosts), and is not on any list of forbidden names.
     host = socket.gethostname()
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, 80, proto=socket.IPPROTO_TCP)}
     except socket.gaierror:
         pytest.skip(f"this machine's name {host!r} does not resolve")
     assert all(is_forbidden_ip(ip_address(a.split("%")[0])) for a in addresses), addresses
-    job = await mallory.submit({"url": f"http://{host}/a.jpg"})  # refused before a connection is tried
-    done = await mallory.wait(job["id"])
+    url = f"http://{host}/a.jpg"
+    if "." not in host:  # a container's or VM's name, of one label: not a public name at all
+        assert await _post_url_job(mallory, url, hostile_stack.api) == (422, "url_forbidden")
+    # Allow-listed, the name is looked up as written (/etc/hosts included) and its address refused,
+    # without the address in the job's message.
+    api = hostile_stack.services["api_allow"].url
+    async with mallory.http.post(
+        f"{api}/jobs", json={"source": {"url": url}}, headers=mallory.headers
+    ) as response:
+        assert response.status == 202, await response.text()
+        job = await response.json()
+    done = await mallory.wait(job["id"])  # refused before a connection is tried
     assert done["status"] == "failed"
-    assert done["error"]["code"] == "url_forbidden", done["error"]
+    assert done["error"] == {
+        "code": "url_forbidden",
+        "message": f"{host} resolves to an address that is not public",
+    }

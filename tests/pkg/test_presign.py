@@ -243,7 +243,7 @@ def test_links_work_no_longer_than_the_temporary_credentials_they_are_signed_wit
 def test_a_renewal_between_the_copy_and_its_expiry_is_read_again() -> None:
     """Another client of the same credentials (the reconciler's boto3 client) may renew them between
     the presigner's read of the copy and of its expiry: the old copy's links then said they worked
-    for the new copy's hour."""
+    for the new copy's hour. The copy is read again after the expiry."""
 
     class RenewedMeanwhile(RefreshableCredentials):
         renewed = False
@@ -264,10 +264,26 @@ def test_a_renewal_between_the_copy_and_its_expiry_is_read_again() -> None:
     try:
         url = presigner.url("GET", "k", expires_s=3600)
         said = int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
-        assert _access_key(url) == "AKIDOLD"
-        assert said <= 20 * 60  # the old copy's time, not the new one's hour
+        assert (_access_key(url), said > 59 * 60) == ("AKIDNEW", True)  # the new copy and its hour
     finally:
         presigner.close()
+
+
+def test_a_renewal_by_the_presigners_own_read_signs_for_the_new_expiry() -> None:
+    # Credentials within botocore's 15 minutes are renewed by the read itself: the new copy, and
+    # its hour, not the old copy's five minutes (nor 1 s, when they had run out during an outage).
+    for minutes_left in (5, -1):
+        credentials = RefreshableCredentials.create_from_metadata(
+            _metadata("AKIDOLD", minutes_left), lambda: _metadata("AKIDNEW", 60), "test"
+        )
+        client = _client(_session(), endpoint_url="http://127.0.0.1:9000", style="path")
+        presigner = Presigner(client, credentials, "b")
+        try:
+            url = presigner.url("GET", "k", expires_s=3600)
+            said = int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
+            assert (_access_key(url), said > 59 * 60) == ("AKIDNEW", True), minutes_left
+        finally:
+            presigner.close()
 
 
 def test_credentials_that_fail_at_start_up_are_fetched_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -450,6 +450,15 @@ async def test_temporary_keys_from_the_environment_sign_with_their_token(
         await storage.close()
 
 
+def test_a_session_token_alone_leaves_the_default_chain(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Handed to boto3 without keys, a token made credentials of no keys, in place of the chain's.
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FwoGZXIvYXdzEXAMPLETOKEN")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    assert storage_module._session(load(S3Settings)).get_credentials() is None  # nothing in the chain here
+
+
 async def test_head_without_a_date_is_refused() -> None:
     s3 = FlakyS3()  # answers 200 with no Last-Modified: not an S3 we can check a grant against
     async with local_http(s3.app()) as endpoint:

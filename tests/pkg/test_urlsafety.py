@@ -111,6 +111,9 @@ FORBIDDEN_URLS = [
     "http://db.corp.internal/",
     "http://router.home.arpa/",
     "http://box.localdomain/",
+    "http://home.arpa/",
+    "http://nas.lan/",
+    "http://intranet.corp/",
 ]
 
 INVALID_URLS = [

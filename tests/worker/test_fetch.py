@@ -765,10 +765,20 @@ async def test_safe_resolver_passes_public_answers() -> None:
     resolver = SafeResolver((), inner=StubResolver({"x.example.test": ["93.184.216.34", "2606:2800::1"]}))
     results = await resolver.resolve("x.example.test", 443, socket.AF_UNSPEC)
     assert [r["host"] for r in results] == ["93.184.216.34", "2606:2800::1"]
-    # Looked up as an absolute name, and handed back under the name asked for (TLS's server name).
-    assert resolver._inner.calls == ["x.example.test."]  # type: ignore[attr-defined]
-    assert {r["hostname"] for r in results} == {"x.example.test"}
+    assert resolver._inner.calls == ["x.example.test."]  # type: ignore[attr-defined]  # absolute
     await resolver.close()
+
+
+async def test_allow_listed_names_are_looked_up_as_written() -> None:
+    # The operator vouches for them: as written, a name is found in /etc/hosts (a pod's
+    # `hostAliases`) and completed from the search list (`minio` in Kubernetes); every other name is
+    # looked up as an absolute name, which neither applies to.
+    inner = StubResolver({"minio": ["93.184.216.34"], "x.example.test": ["93.184.216.34"]})
+    resolver = SafeResolver((), inner=inner, allowed_hosts=("minio", "*.example.test"))
+    for host in ("minio", "x.example.test"):
+        await resolver.resolve(host, 80, socket.AF_UNSPEC)
+    await SafeResolver((), inner=inner).resolve("x.example.test", 80, socket.AF_UNSPEC)
+    assert inner.calls == ["minio", "x.example.test", "x.example.test."]
 
 
 async def test_peer_address_is_checked_even_if_the_resolver_is_bypassed(

@@ -406,9 +406,28 @@ def test_png_text_that_inflates_to_megabytes_is_refused_before_libspng_reads_it(
             "corrupt_image",
             "PNG text and profile chunks inflate to over 16 MiB",
         )
+    # Streams made to fail late (a bad checksum after megabytes of zeros): libspng gives up on the
+    # first, and the check must not inflate every one of them uncounted (1,000 such chunks held it
+    # 16.6 s, then passed). The step that fails is charged whole.
+    failing = zlib.compress(b"\0" * (900 * 1024))
+    failing = failing[:-1] + bytes([failing[-1] ^ 1])
+    many = _with_chunks(png, *[png_chunk(b"zTXt", b"Comment\x00\x00" + failing)] * 1000)
+    with pytest.raises(ImageError) as info:
+        probe(many, LIMITS)  # counted as 0 each, they passed
+    assert info.value.message == "PNG text and profile chunks inflate to over 16 MiB"
+    # A profile counts too.
+    profile = png_chunk(b"iCCP", b"icc\x00\x00" + zlib.compress(megabytes, 9))
+    with pytest.raises(ImageError):
+        probe(_with_chunks(png, *[profile] * 3), LIMITS)
     # What real files carry passes: text of kilobytes, and text that is not compressed at all.
     xmp = b"<x:xmpmeta>" + b"a" * 20_000 + b"</x:xmpmeta>"
-    fine = _with_chunks(png, _ztxt(xmp), _itxt(xmp, compressed=True), _itxt(xmp * 100, compressed=False))
+    fine = _with_chunks(
+        png,
+        _ztxt(xmp),
+        _itxt(xmp, compressed=True),
+        _itxt(xmp * 100, compressed=False),
+        png_chunk(b"zTXt", b"Comment\x00\x00" + failing),  # one damaged stream, which libspng drops
+    )
     assert one(fine, width=16).width == 16
     # Text of just under 16 MiB in all passes: the limit is on the sum, and no tighter.
     under = _with_chunks(png, *[_ztxt(b"\0" * (8 * 1024 * 1024 - 1))] * 2)

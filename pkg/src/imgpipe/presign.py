@@ -147,15 +147,15 @@ class Presigner:
     def _refresh(self) -> None:
         assert self._credentials is not None
         try:
-            before = getattr(self._credentials, "_expiry_time", None)  # temporary ones only
-            frozen = self._credentials.get_frozen_credentials()
-            expiry = getattr(self._credentials, "_expiry_time", None)
-            if before is not None and expiry is not None and before < expiry:
-                # Renewed during the read, by it or by another client of the same credentials (the
-                # reconciler's boto3 client): the copy may be of either renewal, and the earlier
-                # expiry holds for both. A link never says it works longer than its copy; the next
-                # read, a minute on, finds the new expiry alone.
-                expiry = before
+            credentials = self._credentials
+            frozen = credentials.get_frozen_credentials()  # renewed first when due, by botocore's rule
+            expiry = getattr(credentials, "_expiry_time", None)  # temporary ones only
+            if expiry is not None:
+                # Another client of the same credentials (the reconciler's boto3 client) may have
+                # renewed them since: the copy is taken again after the expiry. botocore publishes a
+                # renewal's copy before its expiry, so this copy is never older than that expiry, and
+                # a link never says it works longer than the copy it is signed with.
+                frozen = getattr(credentials, "_frozen_credentials", None) or frozen
             self._frozen = frozen
             self._valid_until = expiry.timestamp() if expiry is not None else None
         except Exception as exc:

@@ -111,8 +111,9 @@ def _session(settings: S3Settings) -> boto3.session.Session:
         value.get_secret_value() if value else None
         for value in (settings.aws_access_key_id, settings.aws_secret_access_key, settings.aws_session_token)
     )
+    # A token goes with keys; alone, boto3 would take it as keys of none rather than use the chain.
     return boto3.session.Session(
-        aws_access_key_id=key_id, aws_secret_access_key=secret, aws_session_token=token
+        aws_access_key_id=key_id, aws_secret_access_key=secret, aws_session_token=token if key_id else None
     )
 
 

@@ -231,9 +231,10 @@ _FORBIDDEN_SUFFIXES = (".localhost",)
 # Names of a private network's hosts, never of a public one: a single label (`redis`, `minio`,
 # which a resolver completes from its search list: in Kubernetes, the cluster's own services) and
 # the special-use domains of local networks (RFC 6762's `.local`, RFC 8375's `.home.arpa`, ICANN's
-# `.internal`). Whether such a name exists, or what it points at, is not a client's to learn from a
-# failed job; refused unless the operator's `allowed_hosts` names them.
-_PRIVATE_SUFFIXES = (".local", ".internal", ".home.arpa", ".localdomain")
+# `.internal`), and the ones routers and offices use that ICANN will never delegate (`.lan`,
+# `.corp`, `.home`). Whether such a name exists, or what it points at, is not a client's to learn
+# from a failed job; refused unless the operator's `allowed_hosts` names them.
+_PRIVATE_SUFFIXES = (".local", ".internal", ".home.arpa", ".localdomain", ".lan", ".corp", ".home")
 
 _LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 _NUMERIC_LABEL_RE = re.compile(r"^(?:[0-9]+|0[xX][0-9a-fA-F]*)$")
@@ -464,7 +465,7 @@ def check_url(
     listed = allowed_hosts is not None and host_matches(bare, allowed_hosts)
     if allowed_hosts is not None and not listed:
         raise _forbidden(f"host {bare} is not in the allow-list")
-    if literal is None and not listed and ("." not in host or host.endswith(_PRIVATE_SUFFIXES)):
+    if literal is None and not listed and ("." not in host or f".{host}".endswith(_PRIVATE_SUFFIXES)):
         raise _forbidden(f"host {host} is not a public name")
     default_port = _ALLOWED_SCHEMES[scheme]
     if allowed_ports is not None and (port or default_port) not in allowed_ports:

@@ -52,7 +52,7 @@ import aiohttp
 import yarl
 from aiohttp.abc import AbstractResolver, ResolveResult
 from imgpipe.bodies import Admit, BodyNotAdmitted, BodyTooLarge, read_body
-from imgpipe.urlsafety import DEFAULT_PORTS, UrlRejected, check_url, is_forbidden_ip
+from imgpipe.urlsafety import DEFAULT_PORTS, UrlRejected, check_url, host_matches, is_forbidden_ip
 
 __all__ = [
     "FetchError",
@@ -144,17 +144,24 @@ class SafeResolver(AbstractResolver):
         self,
         allowed_networks: Sequence[IPv4Network | IPv6Network] = (),
         inner: AbstractResolver | None = None,
+        allowed_hosts: Sequence[str] | None = None,
     ) -> None:
         self._allowed = tuple(allowed_networks)
         self._inner = inner if inner is not None else aiohttp.DefaultResolver()
+        self._hosts = tuple(allowed_hosts) if allowed_hosts is not None else None
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         # As an absolute name: a resolver completes a relative one from its search list first when
         # it has fewer dots than `ndots` (5 in Kubernetes), so `images.example` could be answered
-        # as `images.example.<namespace>.svc.cluster.local`, a service of the cluster's own.
-        results = await self._inner.resolve(host if host.endswith(".") else f"{host}.", port, family)
+        # as `images.example.<namespace>.svc.cluster.local`, a service of the cluster's own. A name
+        # the operator's allow-list vouches for is looked up as written: an absolute name is not
+        # looked for in /etc/hosts (a pod's `hostAliases`, compose's `extra_hosts`), nor completed
+        # from the search list (`minio` in Kubernetes).
+        listed = self._hosts is not None and host_matches(host.rstrip(".").lower(), self._hosts)
+        name = host if listed or host.endswith(".") else f"{host}."
+        results = await self._inner.resolve(name, port, family)
         if not results:
             raise OSError(f"no addresses for {host}")
         refused = f"{host} resolves to an address that is not public"
@@ -165,7 +172,7 @@ class SafeResolver(AbstractResolver):
                 raise _ForbiddenAddress(refused, str(result["host"])) from None  # fail closed
             if is_forbidden_ip(address, self._allowed):
                 raise _ForbiddenAddress(refused, str(address))
-        return [{**result, "hostname": host} for result in results]
+        return results
 
     async def close(self) -> None:
         await self._inner.close()
@@ -210,7 +217,7 @@ def make_session(policy: FetchPolicy, *, resolver: AbstractResolver | None = Non
         extra["socket_factory"] = _guarded_socket_factory(policy.allowed_networks)
     connector = aiohttp.TCPConnector(
         **extra,
-        resolver=SafeResolver(policy.allowed_networks, inner=resolver),
+        resolver=SafeResolver(policy.allowed_networks, inner=resolver, allowed_hosts=policy.allowed_hosts),
         # Caching is safe: only checked answers are ever cached, and the connector
         # connects to cached answers rather than looking the name up again.
         use_dns_cache=True,

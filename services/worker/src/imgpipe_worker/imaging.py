@@ -512,6 +512,7 @@ _PNG_IMAGE_DATA = frozenset({b"IDAT", b"fcTL", b"fdAT"})
 # written as text, an ICC profile of a few hundred.
 _PNG_COMPRESSED_METADATA = frozenset({b"zTXt", b"iTXt", b"iCCP"})
 _PNG_MAX_INFLATED_METADATA = 16 * 1024 * 1024
+_PNG_INFLATE_STEP = 1024 * 1024  # the most output counted per call into zlib
 
 
 def _check_png_chunks(data: bytes) -> None:
@@ -555,8 +556,8 @@ def _check_png_chunks(data: bytes) -> None:
 
 def _png_inflated(data: bytes, ctype: bytes, start: int, end: int, room: int) -> int:
     """How many bytes the compressed part of the zTXt, iTXt or iCCP chunk in `data[start:end]`
-    inflates to, counted no further than `room + 1` (so the count costs no more than the room).
-    0 for an iTXt whose text is not compressed, or a chunk libspng will drop as malformed."""
+    inflates to, counted no further than a step past `room` (so the count costs no more than the
+    room). 0 for an iTXt whose text is not compressed, or a chunk without a keyword's end."""
     at = data.find(b"\0", start, min(end, start + 80))  # the keyword: 1 to 79 bytes
     if at < 0:
         return 0
@@ -572,11 +573,33 @@ def _png_inflated(data: bytes, ctype: bytes, start: int, end: int, room: int) ->
             at += 1
     else:
         at += 1  # the compression method
+    with memoryview(data) as view:
+        compressed = view[at:end]
+        try:
+            return _inflated_size(compressed, room)
+        finally:
+            compressed.release()
+
+
+def _inflated_size(compressed: memoryview, room: int) -> int:
+    """How many bytes `compressed` (a zlib stream) inflates to, counted past `room` by a step at most.
+
+    Inflated a step at a time: a stream that fails part-way (a bad checksum, a broken block) loses
+    the output of the step that failed, which is charged whole, so that a file of streams made to
+    fail late cannot have each inflated uncounted (libspng gives up on the first that fails)."""
+    inflater = zlib.decompressobj()
+    pending: bytes | memoryview = compressed
+    inflated = 0
     try:
-        with memoryview(data) as view:
-            return len(zlib.decompressobj().decompress(view[at:end], max(room, 0) + 1))
+        while inflated <= room and not inflater.eof:
+            step = len(inflater.decompress(pending, _PNG_INFLATE_STEP))
+            inflated += step
+            pending = inflater.unconsumed_tail
+            if not step and not pending:
+                break  # a stream that stops short: nothing more will come out
     except zlib.error:
-        return 0
+        inflated += _PNG_INFLATE_STEP
+    return inflated
 
 
 # The tags of ICC v4's floating-point transforms, and the type they hold (multi-process elements).
