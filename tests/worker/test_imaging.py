@@ -1129,6 +1129,113 @@ def test_an_avifs_embedded_thumbnail_larger_than_it_is_not_decoded() -> None:
     assert imaging._heif_thumbnail_sizes(gradient(64, 48).heifsave_buffer(compression="av1", effort=0)) == []
 
 
+def _avif_derived(
+    coded: tuple[int, int],
+    *,
+    grid: tuple[int, int, int, int] | None = None,
+    crop: tuple[int, int] | None = None,
+) -> bytes:
+    """An AVIF whose primary image is not what it codes: with `grid` (rows, columns, output width,
+    height), a grid of that output whose every tile is the one `coded` image; with `crop`, the
+    `coded` image cut to that size by a clean aperture (`clap`)."""
+
+    def child(data: bytes, kind: bytes) -> bytes:
+        at = data.index(kind) - 4
+        return data[at : at + struct.unpack_from(">I", data, at)[0]]
+
+    made = pyvips.Image.black(*coded, bands=3).heifsave_buffer(compression="av1", effort=0, keep="none")
+    props = b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi"))  # 1-3: the coded image
+    pixels = child(made, b"mdat")[8:]
+    if crop is not None:  # property 4, essential, on the one item
+        props += _box(b"clap", struct.pack(">IIIIiIiI", crop[0], 1, crop[1], 1, 0, 1, 0, 1))
+        items = [(1, 0, pixels)]
+        ipma = struct.pack(">IHB4B", 1, 1, 4, 0x81, 2, 3, 0x84)
+        iref = b""
+    else:
+        assert grid is not None
+        rows, columns, width, height = grid
+        props += _box(b"ispe", struct.pack(">II", width, height), version=0)  # 4: the grid's output
+        descriptor = struct.pack(">BBBBHH", 0, 0, rows - 1, columns - 1, width, height)
+        items = [(1, 1, descriptor), (2, 0, pixels)]  # the grid in `idat` (construction method 1)
+        ipma = struct.pack(">IHBBHB3B", 2, 1, 1, 0x04, 2, 3, 0x81, 2, 3)
+        iref = _box(
+            b"iref",
+            _box(b"dimg", struct.pack(">HH", 1, rows * columns) + struct.pack(">H", 2) * (rows * columns)),
+            version=0,
+        )
+    kinds = {1: b"av01" if crop is not None else b"grid", 2: b"av01"}
+    infe = b"".join(
+        _box(b"infe", struct.pack(">HH", i, 0) + kinds[i] + b"\0", version=2) for i, _, _ in items
+    )
+    idat = b"".join(body for _, method, body in items if method == 1)
+
+    def meta(offset: int) -> bytes:
+        extents = b""
+        for item, method, body in items:
+            at = 0 if method == 1 else offset
+            extents += struct.pack(">HHHHII", item, method, 0, 1, at, len(body))
+        return _box(
+            b"meta",
+            _box(b"hdlr", b"\0" * 4 + b"pict" + b"\0" * 13, version=0)
+            + _box(b"pitm", struct.pack(">H", 1), version=0)
+            + _box(b"iloc", bytes([0x44, 0]) + struct.pack(">H", len(items)) + extents, version=1)
+            + _box(b"iinf", struct.pack(">H", len(items)) + infe, version=0)
+            + iref
+            + _box(b"iprp", _box(b"ipco", props) + _box(b"ipma", ipma, version=0))
+            + (_box(b"idat", idat) if idat else b""),
+            version=0,
+        )
+
+    ftyp = _box(b"ftyp", b"avif\0\0\0\0mif1avifmiaf")
+    offset = len(ftyp) + len(meta(0)) + 8
+    return ftyp + meta(offset) + _box(b"mdat", pixels)
+
+
+def test_what_a_heif_codes_is_held_to_the_limits_not_what_its_header_says() -> None:
+    """libheif reports a grid's output, or the size a clean aperture crops to, and decodes every
+    tile, or the whole coded image, in one call no deadline reaches: a 1.3 kB file whose header
+    said 16 x 16 decoded 16 tiles of 8192 x 8192 (17 s, 1 GB)."""
+    # Made as a phone makes them, a grid of tiles that cover its output decodes as before.
+    tiled = _avif_derived((64, 64), grid=(2, 2, 128, 128))
+    assert imaging._heif_coded_pixels(tiled) == (4 * 64 * 64, 64 * 64)
+    assert one(tiled, width=32, format="png").width == 32
+    # The same tile 100 times behind a 16 x 16 output: the sum is held to max_pixels.
+    repeated = _avif_derived((64, 64), grid=(10, 10, 16, 16))
+    assert probe(repeated, LIMITS).width == 16
+    with pytest.raises(ImageError) as info:
+        probe(repeated, Limits(max_pixels=100 * 64 * 64 - 1))
+    assert (info.value.code, info.value.message) == (
+        "image_too_large",
+        "this 16x16 image is coded as 409600 pixels, over 409599",
+    )
+    # A 2048 x 2048 image cropped to 16 x 16: the coded image is held to the decode budget.
+    cropped = _avif_derived((2048, 2048), crop=(16, 16))
+    assert probe(cropped, LIMITS).width == 16
+    with pytest.raises(ImageError) as info:
+        probe(cropped, Limits(max_decode_bytes=32 * 1024 * 1024))
+    assert info.value.code == "image_too_large"
+    assert info.value.message.startswith("decoding this 16x16 heif would need about 66 MiB")
+
+
+def test_webp_chunks_are_counted_before_libwebp_walks_them() -> None:
+    """libvips reads an animated WebP's header asking the demuxer for each frame in turn, and the
+    demuxer walks from the first each time: 100,000 frames of 1 x 1 (4.6 MB) took 32 s before the
+    frame count could be checked; 6 million empty chunks held 640 MiB."""
+    frames = ((pyvips.Image.xyz(1, 300)[1] * 37) % 256).cast("uchar").copy()  # no two alike in a row
+    frames.set_type(pyvips.GValue.gint_type, "page-height", 1)
+    animated = frames.webpsave_buffer(lossless=True)
+    with pytest.raises(ImageError) as info:
+        probe(animated, LIMITS)
+    assert (info.value.code, info.value.message) == ("too_many_frames", "over 256 frames")  # ours, first
+    assert probe(animated, Limits(max_frames=300)).frames == 300
+    still = gradient(16, 16).webpsave_buffer()
+    padded = bytearray(still + b"XTRA\0\0\0\0" * 1100)
+    padded[4:8] = (len(padded) - 8).to_bytes(4, "little")
+    with pytest.raises(ImageError) as info:
+        probe(bytes(padded), LIMITS)
+    assert (info.value.code, info.value.message) == ("corrupt_image", "WebP has over 1024 chunks")
+
+
 def _interlaced_png(width: int, height: int, depth: int, colour: int, *, interlace: int = 1) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return (

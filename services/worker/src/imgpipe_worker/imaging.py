@@ -321,6 +321,8 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
     fmt = sniff(data)
     if fmt == "png":
         _check_png_chunks(data)  # before libvips reads the header: see the chunk limits
+    elif fmt == "webp":
+        _check_webp_chunks(data, limits)  # likewise
     header = _header(data, fmt)
     loader = _loader(header)
     if _LOADER_FORMAT.get(loader) != fmt:
@@ -334,6 +336,8 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
         )
     if frames > limits.max_frames:
         raise ImageError("too_many_frames", f"{frames} frames, over {limits.max_frames}")
+    if fmt == "heif":
+        _check_heif_coding(data, width, height, limits)
     _check_decode_budget(f"this {width}x{height} {fmt}", decode_bytes(fmt, header, data), limits)
     if header.get_typeof("icc-profile-data"):
         _check_icc(header.get("icc-profile-data"))
@@ -351,6 +355,20 @@ def _probe(data: bytes, limits: Limits) -> tuple[SourceInfo, pyvips.Image]:
                 "pass over the whole image",
             )
     return SourceInfo(format=fmt, width=width, height=height, frames=frames), header
+
+
+def _check_heif_coding(data: bytes, width: int, height: int, limits: Limits) -> None:
+    """Hold what libheif decodes, which the header does not show (`_heif_coded_pixels`), to
+    `max_pixels`: every coded image of the primary, summed (`decode_bytes` holds the largest to the
+    decode budget)."""
+    coded = _heif_coded_pixels(data)
+    if coded is None:
+        raise ImageError("corrupt_image", "cannot read the HEIF/AVIF item boxes")
+    if coded[0] > limits.max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"this {width}x{height} image is coded as {coded[0]} pixels, over {limits.max_pixels}",
+        )
 
 
 # Progressive encoders write 6-10 scans (libjpeg's and libvips' scripts) and scan optimisation fewer;
@@ -441,6 +459,10 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
             held += math.ceil(row * min(header.height, tile_height) * _TILE_ROW_FACTOR)
         return held
     if fmt == "heif":
+        # libheif decodes one coded image at a time, whole: a clean aperture's uncropped image, a
+        # grid's tile. Where one is larger than the header says, it is what is held.
+        coded = _heif_coded_pixels(data) if data else None
+        pixels = max(pixels, coded[1] if coded else 0)
         sample = "uchar" if header.format == "uchar" else "ushort"
         return math.ceil(pixels * _HEIF_BYTES_PER_PIXEL[(sample, 4 if header.bands >= 4 else 3)])
     if fmt == "webp":
@@ -484,6 +506,30 @@ def _webp_codec(data: bytes) -> str:
             return "alpha" if alpha else "lossy"
         offset += 8 + size + (size & 1)
     return "lossless"
+
+
+# libvips reads an animated WebP's header by asking libwebp's demuxer for each frame in turn, and
+# the demuxer walks its list from the first frame each time: 30,000 frames of 1 x 1 (1.4 MB) took
+# 2.6 s, 100,000 took 32 s, before the frame count could be checked; and 6 million empty chunks of
+# no known kind (48 MB) held 640 MiB in the demuxers a render keeps open. Real files carry their
+# frames and a handful of others (VP8X, ICCP, ANIM, EXIF, XMP).
+_WEBP_MAX_CHUNKS = 1024
+
+
+def _check_webp_chunks(data: bytes, limits: Limits) -> None:
+    """Count a WebP's chunks before libwebp does: `too_many_frames` for over `limits.max_frames`
+    animation frames (ANMF), `corrupt_image` for over `_WEBP_MAX_CHUNKS` chunks in all. A chunk that
+    runs past the end is libwebp's to judge."""
+    offset, total, chunks, frames = 12, len(data), 0, 0
+    while offset + 8 <= total:
+        chunks += 1
+        frames += data[offset : offset + 4] == b"ANMF"
+        if frames > limits.max_frames:
+            raise ImageError("too_many_frames", f"over {limits.max_frames} frames")
+        if chunks > _WEBP_MAX_CHUNKS:
+            raise ImageError("corrupt_image", f"WebP has over {_WEBP_MAX_CHUNKS} chunks")
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        offset += 8 + size + (size & 1)
 
 
 def _decoded_at_target(fmt: str, header: pyvips.Image, data: bytes) -> bool:
@@ -897,12 +943,80 @@ def _heif_thumbnail_items(data: bytes, iref: tuple[int, int] | None) -> list[int
     ]
 
 
+def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
+    """What libheif decodes for a HEIF file's primary image, by the sizes its boxes declare: (the
+    pixels of every coded image it decodes, a grid's or an overlay's inputs counted as often as they
+    are referenced; the largest of those images). The header says neither: it gives the
+    grid's output, or the size a clean aperture (`clap`) crops the coded image to, and a 1.3 kB file
+    whose header said 16 x 16 decoded 16 tiles of 8192 x 8192 (17 s in one call no deadline reaches,
+    1 GB). None when the boxes cannot be read."""
+    try:
+        meta = _bmff_child(data, 0, len(data), b"meta")
+        if meta is None:
+            return None
+        body = (meta[0] + 4, meta[1])
+        pitm = _bmff_child(data, *body, b"pitm")
+        iprp = _bmff_child(data, *body, b"iprp")
+        if pitm is None or iprp is None:
+            return None
+        primary = struct.unpack_from(">I" if data[pitm[0]] >= 1 else ">H", data, pitm[0] + 4)[0]
+        ipco, ipma = _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma")
+        sizes = _heif_item_sizes(data, ipco, ipma, largest=True)
+        iref = _bmff_child(data, *body, b"iref")
+        inputs = _heif_references(data, iref, b"dimg")
+        # Auxiliary images of the primary (alpha; a depth or gain map, counted too though libvips
+        # reads alpha alone) are decoded beside it.
+        auxiliary = [
+            item for item, targets in _heif_references(data, iref, b"auxl").items() if primary in targets
+        ]
+        total, largest, pending, visited = 0, 0, [primary, *auxiliary], 0
+        while pending:
+            visited += 1
+            if visited > _BMFF_MAX_BOXES:
+                raise ValueError("too many images")
+            item = pending.pop()
+            if item in inputs:  # a derived image: a grid, an overlay, an identity
+                pending.extend(inputs[item])
+            else:
+                width, height = sizes[item]  # a KeyError: a coded image without a size
+                total += width * height
+                largest = max(largest, width * height)
+        return total, largest
+    except (struct.error, KeyError, IndexError, ValueError):
+        return None
+
+
+def _heif_references(data: bytes, iref: tuple[int, int] | None, kind: bytes) -> dict[int, list[int]]:
+    """The `kind` references of `iref`: from each item, the items it refers to, in order."""
+    if iref is None:
+        return {}
+    start, end = iref
+    wide = data[start] >= 1  # version 1: 32-bit item ids
+    id_format, id_size = (">I", 4) if wide else (">H", 2)
+    references: dict[int, list[int]] = {}
+    for box_kind, ref_start, ref_end in _bmff_boxes(data, start + 4, end):
+        if box_kind != kind:
+            continue
+        (source,) = struct.unpack_from(id_format, data, ref_start)
+        (count,) = struct.unpack_from(">H", data, ref_start + id_size)
+        first = ref_start + id_size + 2
+        if first + count * id_size > ref_end:
+            raise ValueError("a reference runs past its box")
+        if source in references:
+            raise ValueError("an item with two lists of inputs")
+        references[source] = [
+            struct.unpack_from(id_format, data, first + i * id_size)[0] for i in range(count)
+        ]
+    return references
+
+
 def _heif_item_sizes(
-    data: bytes, ipco: tuple[int, int] | None, ipma: tuple[int, int] | None
+    data: bytes, ipco: tuple[int, int] | None, ipma: tuple[int, int] | None, *, largest: bool = False
 ) -> dict[int, tuple[int, int]]:
     """Each item's `ispe` (width, height), through the property associations. A ValueError when an
     item is listed twice or has two sizes: which one libheif believes is not ours to guess (a real
-    large size first and a small one after it got a "thumbnail" past the check that way)."""
+    large size first and a small one after it got a "thumbnail" past the check that way); or, with
+    `largest`, the larger of them, for a bound on what may be decoded."""
     if ipco is None or ipma is None:
         return {}
     properties = [(kind, start) for kind, start, _ in _bmff_boxes(data, *ipco)]  # indexed from 1
@@ -920,7 +1034,7 @@ def _heif_item_sizes(
         else:
             (item,) = struct.unpack_from(">I", data, offset)
             offset += 4
-        if item in listed:
+        if item in listed and not largest:
             raise ValueError("an item listed twice in ipma")
         listed.add(item)
         associations = data[offset]
@@ -934,9 +1048,11 @@ def _heif_item_sizes(
                 index = data[offset] & 0x7F
                 offset += 1
             if 0 < index <= len(properties) and properties[index - 1][0] == b"ispe":
-                if item in sizes:
+                size = struct.unpack_from(">II", data, properties[index - 1][1] + 4)
+                if item in sizes and not largest:
                     raise ValueError("an item with two sizes")
-                sizes[item] = struct.unpack_from(">II", data, properties[index - 1][1] + 4)
+                if item not in sizes or size[0] * size[1] > sizes[item][0] * sizes[item][1]:
+                    sizes[item] = size
     return sizes
 
 
