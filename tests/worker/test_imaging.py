@@ -1217,6 +1217,24 @@ def test_what_a_heif_codes_is_held_to_the_limits_not_what_its_header_says() -> N
     assert info.value.message.startswith("decoding this 16x16 heif would need about 66 MiB")
 
 
+def test_a_jpegs_markers_before_its_image_data_are_counted() -> None:
+    """libjpeg keeps every APPn segment it reads, with about 100 bytes of its own each: 12 million
+    empty APP1 segments (48 MB) held 1.2 GB while the header was read, 2.3 GB in a render."""
+    jpeg = gradient(32, 32).jpegsave_buffer()
+    own = imaging.progressive.header_markers(jpeg, 1024)  # APP0, the tables, the frame
+    assert 3 <= own <= 30
+    empty_app1 = b"\xff\xe1\x00\x02"
+    most = jpeg[:2] + empty_app1 * (1024 - own) + jpeg[2:]
+    assert imaging.progressive.header_markers(most, 1024) == 1024
+    assert probe(most, LIMITS).width == 32
+    with pytest.raises(ImageError) as info:
+        probe(jpeg[:2] + empty_app1 * (1025 - own) + jpeg[2:], LIMITS)
+    assert (info.value.code, info.value.message) == (
+        "corrupt_image",
+        "over 1024 markers before the image data",
+    )
+
+
 def test_webp_chunks_are_counted_before_libwebp_walks_them() -> None:
     """libvips reads an animated WebP's header asking the demuxer for each frame in turn, and the
     demuxer walks from the first each time: 100,000 frames of 1 x 1 (4.6 MB) took 32 s before the
@@ -1766,6 +1784,35 @@ def test_repeated_strip_tables_are_corrupt(order: str) -> None:
             "corrupt_image",
             "TIFF directory repeats its strip or tile tables",
         )
+
+
+def _tiff_pages(pages: int, extra_tags: int) -> bytes:
+    """A little-endian TIFF of `pages` 2 x 2 grey pages, each directory with `extra_tags` private
+    tags (SHORT) beside the nine it needs, all pages sharing one strip of pixels."""
+    base = [(256, 2), (257, 2), (258, 8), (259, 1), (262, 1), (273, 8), (277, 1), (278, 2), (279, 4)]
+    tags = sorted(base + [(40_000 + i, 0) for i in range(extra_tags)])
+    size = 2 + 12 * len(tags) + 4
+    out = bytearray(b"II*\x00" + struct.pack("<I", 12) + bytes([0, 85, 170, 255]))
+    for page in range(pages):
+        following = 12 + (page + 1) * size if page < pages - 1 else 0
+        out += struct.pack("<H", len(tags))
+        out += b"".join(struct.pack("<HHIHH", tag, 3, 1, value, 0) for tag, value in tags)
+        out += struct.pack("<I", following)
+    return bytes(out)
+
+
+def test_tiff_directories_are_counted_before_libtiff_reads_them() -> None:
+    """libtiff reads every directory while libvips counts the pages, and a directory costs more than
+    its entries: 20 pages of 4,000 tags (1 MB) took 6 s to probe, 256 of them 50 s."""
+    assert probe(_tiff_pages(3, 20), LIMITS).frames == 3  # what real files look like
+    for data, expected in (
+        (_tiff_pages(257, 0), ("too_many_frames", "over 256 pages")),
+        (_tiff_pages(1, 600), ("corrupt_image", "a TIFF directory of over 512 entries")),
+        (_tiff_pages(40, 500), ("corrupt_image", "TIFF directories of over 16384 entries")),
+    ):
+        with pytest.raises(ImageError) as info:
+            probe(data, LIMITS)
+        assert (info.value.code, info.value.message) == expected
 
 
 def test_a_bigtiff_directory_offset_past_any_file_is_corrupt() -> None:

@@ -118,6 +118,28 @@ def scan_count(data: bytes, most: int) -> int:
     return scans
 
 
+def header_markers(data: bytes, most: int) -> int:
+    """How many markers the JPEG `data` has before its first scan (or its end), counted up to
+    `most + 1`. libjpeg keeps every APPn segment it reads, whatever its size, with about 100 bytes of
+    its own each: 12 million empty APP1 segments (48 MB) held 1.2 GB while the header was read."""
+    markers = 0
+    pos, end = 2, len(data)
+    while markers <= most:
+        found = _MARKER.search(data, pos)
+        if found is None:
+            break
+        marker, pos = data[found.end() - 1], found.end()
+        if marker in (_SOS, _EOI):
+            break
+        markers += 1
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            continue  # a standalone marker: no length follows
+        if pos + 2 > end:
+            break
+        pos += struct.unpack_from(">H", data, pos)[0]
+    return markers
+
+
 def _rewrite(data: bytes) -> bytes | None:
     if not data.startswith(_SOI):
         return None
