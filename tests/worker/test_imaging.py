@@ -1235,6 +1235,23 @@ def test_a_jpegs_markers_before_its_image_data_are_counted() -> None:
     )
 
 
+def test_gif_frames_are_counted_before_libnsgif_reads_them() -> None:
+    """libnsgif keeps a record of each frame while libvips reads the header: 4.1 million frames
+    without image data (49 MB) held 373 MiB before their count could be checked."""
+    frames = ((pyvips.Image.xyz(4, 4 * 300)[1] * 37) % 256).cast("uchar").copy()  # no two alike
+    frames.set_type(pyvips.GValue.gint_type, "page-height", 4)
+    animated = frames.colourspace("srgb").gifsave_buffer()
+    assert probe(animated, Limits(max_frames=300)).frames == 300
+    with pytest.raises(ImageError) as info:
+        probe(animated, LIMITS)
+    assert (info.value.code, info.value.message) == ("too_many_frames", "over 256 frames")  # ours, first
+    empty = b"\x2c" + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x00"  # a frame without data
+    header = b"GIF89a" + struct.pack("<HHBBB", 1, 1, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    with pytest.raises(ImageError) as info:
+        probe(header + empty * 100_000 + b"\x3b", LIMITS)
+    assert (info.value.code, info.value.message) == ("too_many_frames", "over 256 frames")
+
+
 def test_webp_chunks_are_counted_before_libwebp_walks_them() -> None:
     """libvips reads an animated WebP's header asking the demuxer for each frame in turn, and the
     demuxer walks from the first each time: 100,000 frames of 1 x 1 (4.6 MB) took 32 s before the
