@@ -330,7 +330,7 @@ def crafted() -> list[Case]:
                 extra=_png_chunk(b"zTXt", b"c\0\0" + _deflated_zeros(256 << 20)),
             ),
             "image/png",
-            "corrupt_image",  # inflates to over 16 MiB: refused before libspng inflates it
+            "corrupt_image",  # inflates to over 16 MiB: refused before libpng inflates it
         ),
         Case(
             "png-iccp-bomb",
@@ -341,7 +341,7 @@ def crafted() -> list[Case]:
                 extra=_png_chunk(b"iCCP", b"icc\0\0" + _deflated_zeros(256 << 20)),
             ),
             "image/png",
-            "corrupt_image",  # inflates to over 16 MiB: refused before libspng inflates it
+            "corrupt_image",  # inflates to over 16 MiB: refused before libpng inflates it
         ),
         Case("gif-bomb-65535x65535", _gif(65535, 65535, 1), "image/gif", "image_too_large"),
         Case("gif-bomb-10000x10000", _gif(10000, 10000, 1), "image/gif", "image_too_large"),

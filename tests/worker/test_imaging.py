@@ -371,7 +371,7 @@ def test_truncated_sources_are_named_in_plain_words(save: str, expected: str) ->
 
 @needs_pngsuite
 def test_suite_has_the_corrupt_files_we_rely_on() -> None:
-    # libspng checks CRCs only at fail_on="error" (`_PNG_FAIL_ON`): these two keep it covered.
+    # libpng checks CRCs only at fail_on="error" (`_PNG_FAIL_ON`): these two keep it covered.
     assert {"xcsn0g01", "xhdn0g08"} <= set(corrupt_suite())
 
 
@@ -388,8 +388,8 @@ def _itxt(text: bytes, *, compressed: bool) -> bytes:
     return png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00" + bytes([compressed, 0]) + b"en\x00\x00" + body)
 
 
-def test_png_text_that_inflates_to_megabytes_is_refused_before_libspng_reads_it() -> None:
-    """libspng inflates zTXt, compressed iTXt and iCCP chunks while it reads the header and again as
+def test_png_text_that_inflates_to_megabytes_is_refused_before_libpng_reads_it() -> None:
+    """libpng inflates zTXt, compressed iTXt and iCCP chunks while it reads the header and again as
     it decodes, in calls no deadline reaches: a 48 kB zTXt of zeros is 50 MB of text, 0.1 s each
     time, and 1,020 of them fit a 50 MB source."""
     png = gradient(64, 64).pngsave_buffer()
@@ -406,7 +406,7 @@ def test_png_text_that_inflates_to_megabytes_is_refused_before_libspng_reads_it(
             "corrupt_image",
             "PNG text and profile chunks inflate to over 16 MiB",
         )
-    # Streams made to fail late (a bad checksum after megabytes of zeros): libspng gives up on the
+    # Streams made to fail late (a bad checksum after megabytes of zeros): libpng gives up on the
     # first, and the check must not inflate every one of them uncounted (1,000 such chunks held it
     # 16.6 s, then passed). The step that fails is charged whole.
     failing = zlib.compress(b"\0" * (900 * 1024))
@@ -426,7 +426,7 @@ def test_png_text_that_inflates_to_megabytes_is_refused_before_libspng_reads_it(
         _ztxt(xmp),
         _itxt(xmp, compressed=True),
         _itxt(xmp * 100, compressed=False),
-        png_chunk(b"zTXt", b"Comment\x00\x00" + failing),  # one damaged stream, which libspng drops
+        png_chunk(b"zTXt", b"Comment\x00\x00" + failing),  # one damaged stream, which libpng drops
     )
     assert one(fine, width=16).width == 16
     # Text of just under 16 MiB in all passes: the limit is on the sum, and no tighter.
@@ -465,7 +465,7 @@ def _bad_last_idat_crc(png: bytes) -> bytes:
 def test_bad_crc_in_image_data_is_refused_on_every_decoding_path(
     widths: tuple[int, ...], shared_max_pixels: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The data decompresses fine; only the stored CRC of the last IDAT is wrong. libspng checks it
+    # The data decompresses fine; only the stored CRC of the last IDAT is wrong. libpng checks it
     # only when told to (`_PNG_FAIL_ON`): each path that opens the PNG must tell it.
     if shared_max_pixels is not None:
         monkeypatch.setattr(imaging, "_SHARED_INTERMEDIATE_MAX_PIXELS", shared_max_pixels)
@@ -785,7 +785,7 @@ def test_png_header_bomb_is_refused_fast() -> None:
 @pytest.mark.parametrize(
     ("ctype", "count"),
     [
-        pytest.param(b"tEXt", 1025, id="text-chunks"),  # empty: libspng warns about each, twice
+        pytest.param(b"tEXt", 1025, id="text-chunks"),  # empty: libpng warns about each, twice
         pytest.param(b"IDAT", 100_001, id="image-data-chunks"),
     ],
 )

@@ -107,7 +107,7 @@ _SHARED_INTERMEDIATE_MAX_PIXELS = 16 * 1024 * 1024
 # "truncated": refuse images whose data stops early (they would otherwise come out half grey), but
 # tolerate the minor, recoverable oddities that real cameras and phones produce.
 _FAIL_ON = "truncated"
-# PNG at "error": only there does libspng check chunk CRCs. It then refuses a critical chunk (IHDR,
+# PNG at "error": only there does libpng check chunk CRCs. It then refuses a critical chunk (IHDR,
 # PLTE, IDAT, IEND) whose CRC is wrong and drops an ancillary one, as browsers do; at "truncated" it
 # computes no CRC at all, and a damaged file decoded to garbage. Over PngSuite, and on a bad Adler-32
 # of the image data, bytes after IEND and an ancillary chunk with a bad CRC, the two levels differ
@@ -453,7 +453,7 @@ def decode_bytes(fmt: str, header: pyvips.Image, data: bytes = b"") -> int:
     * multi-scan JPEG (progressive, or baseline with one scan per component): libjpeg keeps every DCT
       coefficient, 2 bytes per sample, and chroma subsampling decides how many samples a pixel has
       (with the variants' work beside it: `_MULTISCAN_JOB_FACTOR`);
-    * interlaced PNG: libspng decodes the whole image before the first row comes out;
+    * interlaced PNG: libpng decodes the whole image before the first row comes out;
     * PNG and TIFF stream, but at full width: their rows on the way to the resize (`_STREAMED_ROWS`),
       and a tiled TIFF's row of tiles, grow with the image's width;
     * HEIF/AVIF: see `_HEIF_BYTES_PER_PIXEL`;
@@ -555,7 +555,7 @@ def _get(image: pyvips.Image, name: str, default: object) -> object:
     return image.get(name) if image.get_typeof(name) else default
 
 
-# libspng parses every chunk before the image data while it reads the header, and again when it
+# libpng parses every chunk before the image data while it reads the header, and again when it
 # decodes, inside one libvips call that the render deadline cannot interrupt; a malformed text chunk
 # also costs a warning (a log line) each time. 100,000 empty `tEXt` chunks (1.2 MB) took 5.7 s and
 # wrote 200,000 log lines; a 50 MB file would take minutes. Real files carry a handful of such
@@ -565,7 +565,7 @@ _PNG_MAX_CHUNKS = 100_000
 # IDAT, and an APNG's frames: each a control chunk (fcTL) and its data (fdAT). Counted as metadata,
 # a real animation of over a thousand frames was refused as corrupt.
 _PNG_IMAGE_DATA = frozenset({b"IDAT", b"fcTL", b"fdAT"})
-# Chunks libspng inflates while it reads the header, and again when it decodes, in those same calls:
+# Chunks libpng inflates while it reads the header, and again when it decodes, in those same calls:
 # a 48 kB zTXt of zeros is 50 MB of text, 0.1 s each time (a fuzzer's file of 40 held a render 6.8 s;
 # 1,020 of them fit a 50 MB source, minutes). Real files inflate to kilobytes: an EXIF or XMP profile
 # written as text, an ICC profile of a few hundred.
@@ -578,7 +578,7 @@ def _check_png_chunks(data: bytes) -> None:
     """Walk the PNG chunk list and count the chunks: a file with more than the limits above is
     corrupt, and so is one that does not start with IHDR or whose chunk runs past the end of the data.
 
-    The CRCs are libspng's to check, as it reads (`_PNG_FAIL_ON`).
+    The CRCs are libpng's to check, as it reads (`_PNG_FAIL_ON`).
     """
     pos = len(_PNG_SIGNATURE)
     total = len(data)
@@ -645,7 +645,7 @@ def _inflated_size(compressed: memoryview, room: int) -> int:
 
     Inflated a step at a time: a stream that fails part-way (a bad checksum, a broken block) loses
     the output of the step that failed, which is charged whole, so that a file of streams made to
-    fail late cannot have each inflated uncounted (libspng gives up on the first that fails)."""
+    fail late cannot have each inflated uncounted (libpng gives up on the first that fails)."""
     inflater = zlib.decompressobj()
     pending: bytes | memoryview = compressed
     inflated = 0
@@ -826,7 +826,7 @@ def _tiff_values(order: str, code: str, raw: memoryview) -> array.array[int]:
 # libvips wraps a codec's complaint in lines about its own machinery ("unable to call
 # VipsForeignLoadPngSource", "unable to copy to memory") and prefixes it with the part that raised it
 # ("VipsJpeg: premature end of JPEG image"). A failed job's message keeps the complaint alone, or says
-# the data is damaged where the codec gave none (libspng's header and CRC errors reach us without one).
+# the data is damaged where the codec gave none (libpng's header and CRC errors reach us without one).
 _VIPS_MACHINERY = re.compile(r"unable to call \S+|unable to copy to memory|libpng read error")
 _VIPS_PART = re.compile(r"^[A-Za-z0-9_]+: ")
 
