@@ -1134,10 +1134,12 @@ def _avif_derived(
     *,
     grid: tuple[int, int, int, int] | None = None,
     crop: tuple[int, int] | None = None,
+    essential: bytes | None = None,
 ) -> bytes:
     """An AVIF whose primary image is not what it codes: with `grid` (rows, columns, output width,
     height), a grid of that output whose every tile is the one `coded` image; with `crop`, the
-    `coded` image cut to that size by a clean aperture (`clap`)."""
+    `coded` image cut to that size by a clean aperture (`clap`); with `essential`, the `coded`
+    image with that property box, marked essential."""
 
     def child(data: bytes, kind: bytes) -> bytes:
         at = data.index(kind) - 4
@@ -1146,8 +1148,10 @@ def _avif_derived(
     made = pyvips.Image.black(*coded, bands=3).heifsave_buffer(compression="av1", effort=0, keep="none")
     props = b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi"))  # 1-3: the coded image
     pixels = child(made, b"mdat")[8:]
-    if crop is not None:  # property 4, essential, on the one item
-        props += _box(b"clap", struct.pack(">IIIIiIiI", crop[0], 1, crop[1], 1, 0, 1, 0, 1))
+    if crop is not None:
+        essential = _box(b"clap", struct.pack(">IIIIiIiI", crop[0], 1, crop[1], 1, 0, 1, 0, 1))
+    if essential is not None:  # property 4, essential, on the one item
+        props += essential
         items = [(1, 0, pixels)]
         ipma = struct.pack(">IHB4B", 1, 1, 4, 0x81, 2, 3, 0x84)
         iref = b""
@@ -1163,7 +1167,7 @@ def _avif_derived(
             _box(b"dimg", struct.pack(">HH", 1, rows * columns) + struct.pack(">H", 2) * (rows * columns)),
             version=0,
         )
-    kinds = {1: b"av01" if crop is not None else b"grid", 2: b"av01"}
+    kinds = {1: b"av01" if essential is not None else b"grid", 2: b"av01"}
     infe = b"".join(
         _box(b"infe", struct.pack(">HH", i, 0) + kinds[i] + b"\0", version=2) for i, _, _ in items
     )
@@ -1250,6 +1254,68 @@ def test_gif_frames_are_counted_before_libnsgif_reads_them() -> None:
     with pytest.raises(ImageError) as info:
         probe(header + empty * 100_000 + b"\x3b", LIMITS)
     assert (info.value.code, info.value.message) == ("too_many_frames", "over 256 frames")
+    # A comment of a million one-byte blocks: counted blocks cost the walk, held to a million.
+    comment = b"\x21\xfe" + b"\x01A" * 1_000_001 + b"\x00"
+    with pytest.raises(ImageError) as info:
+        probe(header + comment + empty + b"\x3b", LIMITS)
+    assert (info.value.code, info.value.message) == ("corrupt_image", "GIF of over 1000000 data blocks")
+
+
+def _heif_meta(
+    primary: int, sizes: dict[int, tuple[int, int]], refs: list[tuple[bytes, int, list[int]]]
+) -> bytes:
+    """The boxes of a HEIF file that say what it codes (no image data): each item's size (`ispe`)
+    and the references between items."""
+    props = b"".join(_box(b"ispe", struct.pack(">II", *size), version=0) for size in sizes.values())
+    ipma = struct.pack(">I", len(sizes)) + b"".join(
+        struct.pack(">HBB", item, 1, index) for index, item in enumerate(sizes, start=1)
+    )
+    iref = b"".join(
+        _box(kind, struct.pack(">HH", source, len(targets)) + b"".join(struct.pack(">H", t) for t in targets))
+        for kind, source, targets in refs
+    )
+    meta = (
+        _box(b"pitm", struct.pack(">H", primary), version=0)
+        + _box(b"iref", iref, version=0)
+        + _box(b"iprp", _box(b"ipco", props) + _box(b"ipma", ipma, version=0))
+    )
+    return _box(b"ftyp", b"avif\0\0\0\0mif1avifmiaf") + _box(b"meta", meta, version=0)
+
+
+def test_libheif_quoting_the_files_own_bytes_is_a_corrupt_image() -> None:
+    # libheif's error names an unknown essential property by its type, and pyvips could not read a
+    # type that is not UTF-8 as text: a UnicodeDecodeError, which the worker took for its own fault
+    # and retried.
+    odd = _avif_derived((64, 64), essential=_box(b"ab\xc3(", b""))
+    with pytest.raises(ImageError) as info:
+        probe(odd, LIMITS)
+    assert (info.value.code, info.value.message) == (
+        "corrupt_image",
+        "cannot read the HEIF/AVIF header: the data is damaged",
+    )
+    # libvips' error buffer kept the unreadable message: every later error of the process, whatever
+    # the file, failed to read the same way.
+    with pytest.raises(ImageError) as info:
+        probe(gradient(64, 64).jpegsave_buffer()[:300], LIMITS)
+    assert info.value.message == "cannot read the JPEG header: premature end of JPEG image"
+
+
+def test_a_heifs_coded_images_include_what_is_decoded_beside_its_primary() -> None:
+    # libheif decodes an alpha image with every tile of a grid, and an alpha image's own alpha;
+    # libvips may decode a thumbnail in the primary's place when its declared size fits, and a
+    # thumbnail made as a grid declares only its output. (1.85 kB of tiles' alpha took 3.8 GB.)
+    tile, big = (64, 64), (8192, 8192)
+    tiles_alpha = _heif_meta(1, {1: (256, 64), 2: tile, 3: big}, [(b"dimg", 1, [2] * 4), (b"auxl", 3, [2])])
+    assert imaging._heif_coded_pixels(tiles_alpha) == (4 * (64 * 64 + 8192 * 8192), 8192 * 8192)
+    alpha_of_alpha = _heif_meta(1, {1: tile, 2: tile, 3: big}, [(b"auxl", 2, [1]), (b"auxl", 3, [2])])
+    assert imaging._heif_coded_pixels(alpha_of_alpha) == (2 * 64 * 64 + 8192 * 8192, 8192 * 8192)
+    grid_thumbnail = _heif_meta(
+        1, {1: (512, 512), 2: (256, 256), 3: big}, [(b"thmb", 2, [1]), (b"dimg", 2, [3, 3])]
+    )
+    assert imaging._heif_coded_pixels(grid_thumbnail) == (512 * 512 + 2 * 8192 * 8192, 8192 * 8192)
+    # A thumbnail larger than the primary is never decoded in its place (`_heif_thumbnails_fit`).
+    unused = _heif_meta(1, {1: (64, 48), 2: (5000, 4000)}, [(b"thmb", 2, [1])])
+    assert imaging._heif_coded_pixels(unused) == (64 * 48, 64 * 48)
 
 
 def test_webp_chunks_are_counted_before_libwebp_walks_them() -> None:
@@ -1269,6 +1335,16 @@ def test_webp_chunks_are_counted_before_libwebp_walks_them() -> None:
     with pytest.raises(ImageError) as info:
         probe(bytes(padded), LIMITS)
     assert (info.value.code, info.value.message) == ("corrupt_image", "WebP has over 1024 chunks")
+    # Bytes after the end the RIFF header gives are not chunks (16 kB of zeros were 2,000 of them).
+    assert probe(still + bytes(16_384), LIMITS).width == 16
+    # libwebp's demuxer goes on from a frame's image, not from the end its ANMF size gives: frames
+    # inside one frame that claims the rest of the file are frames (100,000 of them took 35 s).
+    first = animated.index(b"ANMF")
+    nested = bytearray(animated)
+    nested[first + 4 : first + 8] = (len(animated) - first - 8).to_bytes(4, "little")
+    with pytest.raises(ImageError) as info:
+        probe(bytes(nested), LIMITS)
+    assert (info.value.code, info.value.message) == ("too_many_frames", "over 256 frames")
 
 
 def _interlaced_png(width: int, height: int, depth: int, colour: int, *, interlace: int = 1) -> bytes:

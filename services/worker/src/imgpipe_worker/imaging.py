@@ -295,6 +295,18 @@ def _header(data: bytes, fmt: str) -> pyvips.Image:
         raise ImageError(
             "corrupt_image", f"cannot read the {_FORMAT_NAMES[fmt]} header: {_vips_reason(exc)}"
         ) from exc
+    except UnicodeDecodeError:
+        _clear_vips_errors()
+        raise ImageError(
+            "corrupt_image", f"cannot read the {_FORMAT_NAMES[fmt]} header: the data is damaged"
+        ) from None
+
+
+def _clear_vips_errors() -> None:
+    """Empty libvips' error buffer after a message pyvips could not read as UTF-8 (libheif quotes an
+    unknown box's type, bytes of the file): pyvips raised while reading it, before it cleared it,
+    and every later error of the process, whatever the file, then failed the same way."""
+    pyvips.vips_lib.vips_error_clear()
 
 
 def _loader(image: pyvips.Image) -> str:
@@ -531,16 +543,23 @@ _WEBP_MAX_CHUNKS = 1024
 
 def _check_webp_chunks(data: bytes, limits: Limits) -> None:
     """Count a WebP's chunks before libwebp does: `too_many_frames` for over `limits.max_frames`
-    animation frames (ANMF), `corrupt_image` for over `_WEBP_MAX_CHUNKS` chunks in all. A chunk that
-    runs past the end is libwebp's to judge."""
-    offset, total, chunks, frames = 12, len(data), 0, 0
-    while offset + 8 <= total:
+    animation frames (ANMF), `corrupt_image` for over `_WEBP_MAX_CHUNKS` chunks in all. Walked as
+    libwebp's demuxer walks them: to the end the RIFF header gives (bytes after it are not chunks),
+    and into a frame (ANMF) after its 16 bytes of placement, since the demuxer goes on from the
+    frame's image rather than from the end the frame's size gives. A chunk that runs past the end
+    is libwebp's to judge."""
+    end = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    offset, chunks, frames = 12, 0, 0
+    while offset + 8 <= end:
         chunks += 1
-        frames += data[offset : offset + 4] == b"ANMF"
-        if frames > limits.max_frames:
-            raise ImageError("too_many_frames", f"over {limits.max_frames} frames")
         if chunks > _WEBP_MAX_CHUNKS:
             raise ImageError("corrupt_image", f"WebP has over {_WEBP_MAX_CHUNKS} chunks")
+        if data[offset : offset + 4] == b"ANMF":
+            frames += 1
+            if frames > limits.max_frames:
+                raise ImageError("too_many_frames", f"over {limits.max_frames} frames")
+            offset += 8 + 16
+            continue
         size = int.from_bytes(data[offset + 4 : offset + 8], "little")
         offset += 8 + size + (size & 1)
 
@@ -695,6 +714,11 @@ _TIFF_TYPE_SIZE = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}
 _TIFF_DATA_TAGS = ((273, 279), (324, 325))  # (StripOffsets, StripByteCounts), (TileOffsets, TileByteCounts)
 
 
+# Encoders fill their data blocks (255 bytes), so a GIF of 50 MB has about 200,000 of them. One of
+# one-byte blocks held the walk below 3.4 s (with the GIL); libnsgif reads it in 0.14 s.
+_GIF_MAX_SUB_BLOCKS = 1_000_000
+
+
 def _check_gif_frames(data: bytes, limits: Limits) -> None:
     """Count a GIF's frames before libnsgif does (`too_many_frames` past `limits.max_frames`): it
     keeps a record of each while libvips reads the header, and 4.1 million frames without image data
@@ -703,7 +727,7 @@ def _check_gif_frames(data: bytes, limits: Limits) -> None:
     total = len(data)
     flags = data[10] if total > 10 else 0
     pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # the header, the global colour table
-    frames = 0
+    frames = hops = 0
     while pos < total:
         block = data[pos]
         if block == 0x2C:  # an image: its descriptor, a local colour table, the LZW code size, the data
@@ -720,6 +744,9 @@ def _check_gif_frames(data: bytes, limits: Limits) -> None:
             return
         while pos < total and data[pos]:  # sub-blocks, each its length first, to an empty one
             pos += data[pos] + 1
+            hops += 1
+            if hops > _GIF_MAX_SUB_BLOCKS:
+                raise ImageError("corrupt_image", f"GIF of over {_GIF_MAX_SUB_BLOCKS} data blocks")
         pos += 1
 
 
@@ -1046,17 +1073,26 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
         sizes = _heif_item_sizes(data, ipco, ipma, largest=True)
         iref = _bmff_child(data, *body, b"iref")
         inputs = _heif_references(data, iref, b"dimg")
-        # Auxiliary images of the primary (alpha; a depth or gain map, counted too though libvips
-        # reads alpha alone) are decoded beside it.
-        auxiliary = [
-            item for item, targets in _heif_references(data, iref, b"auxl").items() if primary in targets
-        ]
-        total, largest, pending, visited = 0, 0, [primary, *auxiliary], 0
+        # Images decoded with an image: its auxiliary ones (alpha, which libheif decodes for a grid's
+        # every tile too and for an alpha image itself; a depth or gain map, counted though libvips
+        # reads alpha alone).
+        beside: dict[int, list[int]] = {}
+        for item, targets in _heif_references(data, iref, b"auxl").items():
+            for target in targets:
+                beside.setdefault(target, []).append(item)
+        # The primary's thumbnails, when `_heif_thumbnails_fit` lets libvips decode one of them in
+        # its place: by their declared sizes, which say nothing of a thumbnail made as a grid.
+        area = sizes[primary][0] * sizes[primary][1]
+        thumbnails = [t for t, targets in _heif_references(data, iref, b"thmb").items() if primary in targets]
+        if not all(t in sizes and sizes[t][0] * sizes[t][1] <= area for t in thumbnails):
+            thumbnails = []
+        total, largest, pending, visited = 0, 0, [primary, *thumbnails], 0
         while pending:
             visited += 1
             if visited > _BMFF_MAX_BOXES:
                 raise ValueError("too many images")
             item = pending.pop()
+            pending.extend(beside.get(item, ()))
             if item in inputs:  # a derived image: a grid, an overlay, an identity
                 pending.extend(inputs[item])
             else:
@@ -1514,6 +1550,13 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
         raise ImageError(
             "corrupt_image", f"cannot decode the {_FORMAT_NAMES[info.format]}: {_vips_reason(exc)}"
         ) from exc
+    except UnicodeDecodeError as exc:
+        _clear_vips_errors()
+        if deadline.expired():
+            raise deadline.error() from exc
+        raise ImageError(
+            "corrupt_image", f"cannot decode the {_FORMAT_NAMES[info.format]}: the data is damaged"
+        ) from None
 
 
 def _render_many(
