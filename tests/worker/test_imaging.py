@@ -1135,11 +1135,12 @@ def _avif_derived(
     grid: tuple[int, int, int, int] | None = None,
     crop: tuple[int, int] | None = None,
     essential: bytes | None = None,
+    claims: tuple[int, int] | None = None,
 ) -> bytes:
     """An AVIF whose primary image is not what it codes: with `grid` (rows, columns, output width,
     height), a grid of that output whose every tile is the one `coded` image; with `crop`, the
     `coded` image cut to that size by a clean aperture (`clap`); with `essential`, the `coded`
-    image with that property box, marked essential."""
+    image with that property box, marked essential. `claims`: the grid's `ispe`, if not its output."""
 
     def child(data: bytes, kind: bytes) -> bytes:
         at = data.index(kind) - 4
@@ -1158,7 +1159,7 @@ def _avif_derived(
     else:
         assert grid is not None
         rows, columns, width, height = grid
-        props += _box(b"ispe", struct.pack(">II", width, height), version=0)  # 4: the grid's output
+        props += _box(b"ispe", struct.pack(">II", *(claims or (width, height))), version=0)  # 4: the grid's
         descriptor = struct.pack(">BBBBHH", 0, 0, rows - 1, columns - 1, width, height)
         items = [(1, 1, descriptor), (2, 0, pixels)]  # the grid in `idat` (construction method 1)
         ipma = struct.pack(">IHBBHB3B", 2, 1, 1, 0x04, 2, 3, 0x81, 2, 3)
@@ -1201,7 +1202,7 @@ def test_what_a_heif_codes_is_held_to_the_limits_not_what_its_header_says() -> N
     said 16 x 16 decoded 16 tiles of 8192 x 8192 (17 s, 1 GB)."""
     # Made as a phone makes them, a grid of tiles that cover its output decodes as before.
     tiled = _avif_derived((64, 64), grid=(2, 2, 128, 128))
-    assert imaging._heif_coded_pixels(tiled) == (4 * 64 * 64, 64 * 64)
+    assert imaging._heif_coded_pixels(tiled) == (4 * 64 * 64, 128 * 128)  # the tiles; the canvas
     assert one(tiled, width=32, format="png").width == 32
     # The same tile 100 times behind a 16 x 16 output: the sum is held to max_pixels.
     repeated = _avif_derived((64, 64), grid=(10, 10, 16, 16))
@@ -1212,6 +1213,13 @@ def test_what_a_heif_codes_is_held_to_the_limits_not_what_its_header_says() -> N
         "image_too_large",
         "this 16x16 image is coded as 409600 pixels, over 409599",
     )
+    # A grid whose `ispe` says 16 x 16 and whose own data a canvas of 1024 x 1024: libheif fills the
+    # canvas before it compares the two (a 5 x 4 grid of 2048 x 2048 tiles said 64 x 64: 513 MB).
+    understated = _avif_derived((64, 64), grid=(2, 2, 1024, 1024), claims=(16, 16))
+    assert imaging._heif_coded_pixels(understated) == (4 * 64 * 64, 1024 * 1024)
+    with pytest.raises(ImageError) as info:
+        probe(understated, Limits(max_decode_bytes=16 * 1024 * 1024))
+    assert info.value.message.startswith("decoding this 16x16 heif would need about 16 MiB")
     # A 2048 x 2048 image cropped to 16 x 16: the coded image is held to the decode budget.
     cropped = _avif_derived((2048, 2048), crop=(16, 16))
     assert probe(cropped, LIMITS).width == 16

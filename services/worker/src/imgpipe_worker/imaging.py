@@ -1095,6 +1095,9 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
             pending.extend(beside.get(item, ()))
             if item in inputs:  # a derived image: a grid, an overlay, an identity
                 pending.extend(inputs[item])
+                # A grid's or an overlay's canvas is the size its own data gives, which its `ispe`
+                # (the header) need not: libheif fills the whole canvas before it compares them.
+                largest = max(largest, _heif_canvas(data, body, item))
             else:
                 width, height = sizes[item]  # a KeyError: a coded image without a size
                 total += width * height
@@ -1102,6 +1105,77 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
         return total, largest
     except (struct.error, KeyError, IndexError, ValueError):
         return None
+
+
+def _heif_canvas(data: bytes, meta: tuple[int, int], item: int) -> int:
+    """The pixels of the canvas a grid or overlay item's own data gives (its output width and
+    height), or 0 when it is neither or its data cannot be found: then its `ispe` stands."""
+    try:
+        kind = _heif_item_types(data, _bmff_child(data, *meta, b"iinf")).get(item)
+        if kind not in (b"grid", b"iovl"):
+            return 0
+        at = _heif_item_offset(data, meta, item)
+        if at is None:
+            return 0
+        flags = data[at + 1]
+        size_at = at + (4 if kind == b"grid" else 2 + 8)  # a grid's rows and columns; an overlay's fill
+        width, height = struct.unpack_from(">II" if flags & 1 else ">HH", data, size_at)
+        return width * height
+    except (struct.error, IndexError, ValueError):
+        return 0
+
+
+def _heif_item_types(data: bytes, iinf: tuple[int, int] | None) -> dict[int, bytes]:
+    """Each item's type (`infe` versions 2 and 3), from `iinf`."""
+    if iinf is None:
+        return {}
+    start, end = iinf
+    types = {}
+    for kind, entry, _ in _bmff_boxes(data, start + 4 + (2 if data[start] == 0 else 4), end):
+        if kind != b"infe" or data[entry] not in (2, 3):
+            continue
+        id_size = 2 if data[entry] == 2 else 4
+        item = int.from_bytes(data[entry + 4 : entry + 4 + id_size], "big")
+        types[item] = bytes(data[entry + 4 + id_size + 2 : entry + 4 + id_size + 6])
+    return types
+
+
+def _heif_item_offset(data: bytes, meta: tuple[int, int], item: int) -> int | None:
+    """Where `item`'s data starts in `data` (its first extent), by `iloc`: in the file, or in the
+    `idat` box (construction method 1); None when elsewhere or not found."""
+    iloc = _bmff_child(data, *meta, b"iloc")
+    if iloc is None:
+        return None
+    start, _ = iloc
+    version = data[start]
+    offset_size, length_size = data[start + 4] >> 4, data[start + 4] & 15
+    base_size, index_size = data[start + 5] >> 4, (data[start + 5] & 15) if version in (1, 2) else 0
+    at = start + 6
+    count_size = 4 if version == 2 else 2
+    count = int.from_bytes(data[at : at + count_size], "big")
+    at += count_size
+    for _ in range(min(count, _BMFF_MAX_BOXES)):
+        this = int.from_bytes(data[at : at + count_size], "big")
+        at += count_size
+        method = 0
+        if version in (1, 2):
+            method = data[at + 1] & 15
+            at += 2
+        at += 2  # the data reference index
+        base = int.from_bytes(data[at : at + base_size], "big")
+        at += base_size
+        extents = int.from_bytes(data[at : at + 2], "big")
+        at += 2
+        first = at + index_size
+        offset = int.from_bytes(data[first : first + offset_size], "big")
+        at += extents * (index_size + offset_size + length_size)
+        if this != item:
+            continue
+        if method == 0:
+            return base + offset
+        idat = _bmff_child(data, *meta, b"idat")
+        return idat[0] + base + offset if method == 1 and idat is not None else None
+    return None
 
 
 def _heif_references(data: bytes, iref: tuple[int, int] | None, kind: bytes) -> dict[int, list[int]]:
