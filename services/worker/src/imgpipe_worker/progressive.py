@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Iterator
 
-__all__ = ["coefficient_count", "dc_only", "scan_count"]
+__all__ = ["coefficient_count", "dc_only", "header_markers", "scan_count"]
 
 _SOI = b"\xff\xd8"
 _EOI = 0xD9
@@ -81,6 +82,30 @@ def dc_only(data: bytes) -> bytes | None:
         return None
 
 
+def _markers(data: bytes) -> Iterator[int]:
+    """Each marker libjpeg would read in the JPEG `data` after its start, in order, to its end
+    marker: found as libjpeg finds them, past any bytes in between (it warns about those and goes
+    on), each segment skipped by its length, and a scan's entropy-coded data (and its restart
+    markers) skipped after the scan's header. A segment whose length is cut off ends the walk."""
+    pos, end = 2, len(data)
+    while (found := _MARKER.search(data, pos)) is not None:
+        marker, pos = data[found.end() - 1], found.end()
+        if marker == _EOI or 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            yield marker  # the end, or a standalone marker: no length follows
+            if marker == _EOI:
+                return
+            continue
+        if pos + 2 > end:
+            return
+        pos += struct.unpack_from(">H", data, pos)[0]
+        yield marker
+        if marker == _SOS:
+            found = _SEGMENT_END.search(data, pos)
+            if found is None:
+                return
+            pos = found.start()
+
+
 def scan_count(data: bytes, most: int) -> int:
     """How many scans libjpeg would read in the JPEG `data` before its end marker, counted up to
     `most + 1` (the count stops there: the file is refused either way).
@@ -88,33 +113,18 @@ def scan_count(data: bytes, most: int) -> int:
     A multi-scan JPEG is decoded scan by scan into a whole-image coefficient buffer, and each scan is
     a pass over every block of its components, however few bytes it has: a 4 MB file of 20,000 scans
     of a few bytes each kept libjpeg busy for 26 s, in one call that no render deadline interrupts.
-    Markers are found as libjpeg finds them, past any bytes in between (it warns about those and goes
-    on), so garbage between segments hides no scan. A file of more than `_MAX_MARKERS` markers
+    Garbage between segments hides no scan (`_markers`). A file of more than `_MAX_MARKERS` markers
     counts as having too many scans.
     """
-    scans = markers = 0
-    pos, end = 2, len(data)
-    while scans <= most:
-        found = _MARKER.search(data, pos)
-        if found is None:
-            break
-        marker, pos = data[found.end() - 1], found.end()
-        markers += 1
+    scans = 0
+    for count, marker in enumerate(_markers(data), start=1):
         if marker == _EOI:
             break
-        if markers > _MAX_MARKERS:
+        if count > _MAX_MARKERS:
             return most + 1
-        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
-            continue  # a standalone marker: no length follows
-        if pos + 2 > end:
+        scans += marker == _SOS
+        if scans > most:
             break
-        pos += struct.unpack_from(">H", data, pos)[0]
-        if marker == _SOS:
-            scans += 1
-            found = _SEGMENT_END.search(data, pos)  # past the entropy-coded data and its restart markers
-            if found is None:
-                break
-            pos = found.start()
     return scans
 
 
@@ -122,22 +132,12 @@ def header_markers(data: bytes, most: int) -> int:
     """How many markers the JPEG `data` has before its first scan (or its end), counted up to
     `most + 1`. libjpeg keeps every APPn segment it reads, whatever its size, with about 100 bytes of
     its own each: 12 million empty APP1 segments (48 MB) held 1.2 GB while the header was read."""
-    markers = 0
-    pos, end = 2, len(data)
-    while markers <= most:
-        found = _MARKER.search(data, pos)
-        if found is None:
+    count = 0
+    for marker in _markers(data):
+        if marker in (_SOS, _EOI) or count > most:
             break
-        marker, pos = data[found.end() - 1], found.end()
-        if marker in (_SOS, _EOI):
-            break
-        markers += 1
-        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
-            continue  # a standalone marker: no length follows
-        if pos + 2 > end:
-            break
-        pos += struct.unpack_from(">H", data, pos)[0]
-    return markers
+        count += 1
+    return count
 
 
 def _rewrite(data: bytes) -> bytes | None:
