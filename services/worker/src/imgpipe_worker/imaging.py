@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pyvips
@@ -1086,6 +1086,9 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
         thumbnails = [t for t, targets in _heif_references(data, iref, b"thmb").items() if primary in targets]
         if not all(t in sizes and sizes[t][0] * sizes[t][1] <= area for t in thumbnails):
             thumbnails = []
+        # A grid's or an overlay's canvas is the size its own data gives, which its `ispe` (the
+        # header) need not: libheif fills the whole canvas before it compares them.
+        canvases = _heif_canvases(data, body, inputs)
         total, largest, pending, visited = 0, 0, [primary, *thumbnails], 0
         while pending:
             visited += 1
@@ -1095,9 +1098,7 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
             pending.extend(beside.get(item, ()))
             if item in inputs:  # a derived image: a grid, an overlay, an identity
                 pending.extend(inputs[item])
-                # A grid's or an overlay's canvas is the size its own data gives, which its `ispe`
-                # (the header) need not: libheif fills the whole canvas before it compares them.
-                largest = max(largest, _heif_canvas(data, body, item))
+                largest = max(largest, canvases.get(item, 0))
             else:
                 width, height = sizes[item]  # a KeyError: a coded image without a size
                 total += width * height
@@ -1107,22 +1108,28 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _heif_canvas(data: bytes, meta: tuple[int, int], item: int) -> int:
-    """The pixels of the canvas a grid or overlay item's own data gives (its output width and
-    height), or 0 when it is neither or its data cannot be found: then its `ispe` stands."""
+def _heif_canvases(data: bytes, meta: tuple[int, int], items: Iterable[int]) -> dict[int, int]:
+    """The pixels of the canvas each grid or overlay among `items` gives in its own data (its output
+    width and height); 0 for one that is neither, or whose data cannot be found: its `ispe` stands.
+    `iinf` and `iloc` are read once for all of them."""
     try:
-        kind = _heif_item_types(data, _bmff_child(data, *meta, b"iinf")).get(item)
-        if kind not in (b"grid", b"iovl"):
-            return 0
-        at = _heif_item_offset(data, meta, item)
-        if at is None:
-            return 0
-        flags = data[at + 1]
-        size_at = at + (4 if kind == b"grid" else 2 + 8)  # a grid's rows and columns; an overlay's fill
-        width, height = struct.unpack_from(">II" if flags & 1 else ">HH", data, size_at)
-        return width * height
+        types = _heif_item_types(data, _bmff_child(data, *meta, b"iinf"))
+        wanted = {item for item in items if types.get(item) in (b"grid", b"iovl")}
+        offsets = _heif_item_offsets(data, meta, wanted) if wanted else {}
     except (struct.error, IndexError, ValueError):
-        return 0
+        return {}
+    canvases = {}
+    for item, at in offsets.items():
+        try:
+            flags = data[at + 1]
+            size_at = at + (
+                4 if types[item] == b"grid" else 2 + 8
+            )  # past a grid's rows and columns, an overlay's fill
+            width, height = struct.unpack_from(">II" if flags & 1 else ">HH", data, size_at)
+        except (struct.error, IndexError):
+            continue
+        canvases[item] = width * height
+    return canvases
 
 
 def _heif_item_types(data: bytes, iinf: tuple[int, int] | None) -> dict[int, bytes]:
@@ -1140,12 +1147,14 @@ def _heif_item_types(data: bytes, iinf: tuple[int, int] | None) -> dict[int, byt
     return types
 
 
-def _heif_item_offset(data: bytes, meta: tuple[int, int], item: int) -> int | None:
-    """Where `item`'s data starts in `data` (its first extent), by `iloc`: in the file, or in the
-    `idat` box (construction method 1); None when elsewhere or not found."""
+def _heif_item_offsets(data: bytes, meta: tuple[int, int], items: set[int]) -> dict[int, int]:
+    """Where the data of each of `items` starts in `data` (its first extent), by `iloc`: in the
+    file, or in the `idat` box (construction method 1); items stored elsewhere, or not found, are
+    left out."""
     iloc = _bmff_child(data, *meta, b"iloc")
     if iloc is None:
-        return None
+        return {}
+    idat = _bmff_child(data, *meta, b"idat")
     start, _ = iloc
     version = data[start]
     offset_size, length_size = data[start + 4] >> 4, data[start + 4] & 15
@@ -1154,8 +1163,10 @@ def _heif_item_offset(data: bytes, meta: tuple[int, int], item: int) -> int | No
     count_size = 4 if version == 2 else 2
     count = int.from_bytes(data[at : at + count_size], "big")
     at += count_size
+    offsets: dict[int, int] = {}
+    seen: set[int] = set()
     for _ in range(min(count, _BMFF_MAX_BOXES)):
-        this = int.from_bytes(data[at : at + count_size], "big")
+        item = int.from_bytes(data[at : at + count_size], "big")
         at += count_size
         method = 0
         if version in (1, 2):
@@ -1169,13 +1180,14 @@ def _heif_item_offset(data: bytes, meta: tuple[int, int], item: int) -> int | No
         first = at + index_size
         offset = int.from_bytes(data[first : first + offset_size], "big")
         at += extents * (index_size + offset_size + length_size)
-        if this != item:
-            continue
+        if item not in items or item in seen:
+            continue  # an item listed again: its first entry stands
+        seen.add(item)
         if method == 0:
-            return base + offset
-        idat = _bmff_child(data, *meta, b"idat")
-        return idat[0] + base + offset if method == 1 and idat is not None else None
-    return None
+            offsets[item] = base + offset
+        elif method == 1 and idat is not None:
+            offsets[item] = idat[0] + base + offset
+    return offsets
 
 
 def _heif_references(data: bytes, iref: tuple[int, int] | None, kind: bytes) -> dict[int, list[int]]:
