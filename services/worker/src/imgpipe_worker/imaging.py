@@ -1002,7 +1002,7 @@ def _heif_thumbnail_sizes(data: bytes) -> list[tuple[int, int]] | None:
         if meta is None:
             return None
         body = (meta[0] + 4, meta[1])  # a full box: version and flags first
-        thumbnails = _heif_thumbnail_items(data, _bmff_child(data, *body, b"iref"))
+        thumbnails = list(_heif_references(data, _bmff_child(data, *body, b"iref"), b"thmb"))
         if not thumbnails:
             return []
         iprp = _bmff_child(data, *body, b"iprp")
@@ -1038,18 +1038,6 @@ def _bmff_boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int,
 
 def _bmff_child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, int] | None:
     return next(((s, e) for k, s, e in _bmff_boxes(data, start, end) if k == kind), None)
-
-
-def _heif_thumbnail_items(data: bytes, iref: tuple[int, int] | None) -> list[int]:
-    if iref is None:
-        return []
-    start, end = iref
-    id_format = ">I" if data[start] >= 1 else ">H"  # version 1: 32-bit item ids
-    return [
-        struct.unpack_from(id_format, data, ref_start)[0]  # the thumbnail is the reference's "from" item
-        for kind, ref_start, _ in _bmff_boxes(data, start + 4, end)
-        if kind == b"thmb"
-    ]
 
 
 def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
