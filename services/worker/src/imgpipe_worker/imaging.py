@@ -517,20 +517,33 @@ def _webp_codec(data: bytes) -> str:
         return "lossy"
     if fourcc != b"VP8X":
         return "lossless"
-    offset, end, alpha = 12, min(len(data), 12 + 64 * 1024 * 1024), False
-    for _ in range(64):  # the image chunk follows a few metadata ones (ICCP, ANIM, ALPH)
-        if offset + 8 > end:
-            break
-        fourcc = bytes(data[offset : offset + 4])
-        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+    alpha = False
+    # The image chunk follows a few metadata ones (ICCP, ANIM, ALPH).
+    for fourcc in itertools.islice(_webp_chunks(data), 64):
         if fourcc == b"VP8L":
             return "lossless"
         if fourcc == b"ALPH":
             alpha = True
         if fourcc == b"VP8 ":
             return "alpha" if alpha else "lossy"
-        offset += 8 + size + (size & 1)
     return "lossless"
+
+
+def _webp_chunks(data: bytes) -> Iterator[bytes]:
+    """The type of each chunk of a WebP, in order, walked as libwebp's demuxer walks them: to the end
+    the RIFF header gives (bytes after it are not chunks), and into a frame (ANMF) after its 16 bytes
+    of placement, since the demuxer goes on from the frame's image rather than from the end the
+    frame's size gives. A chunk that runs past the end is libwebp's to judge."""
+    end = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    offset = 12
+    while offset + 8 <= end:
+        fourcc = bytes(data[offset : offset + 4])
+        yield fourcc
+        if fourcc == b"ANMF":
+            offset += 8 + 16
+            continue
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        offset += 8 + size + (size & 1)
 
 
 # libvips reads an animated WebP's header by asking libwebp's demuxer for each frame in turn, and
@@ -542,26 +555,16 @@ _WEBP_MAX_CHUNKS = 1024
 
 
 def _check_webp_chunks(data: bytes, limits: Limits) -> None:
-    """Count a WebP's chunks before libwebp does: `too_many_frames` for over `limits.max_frames`
-    animation frames (ANMF), `corrupt_image` for over `_WEBP_MAX_CHUNKS` chunks in all. Walked as
-    libwebp's demuxer walks them: to the end the RIFF header gives (bytes after it are not chunks),
-    and into a frame (ANMF) after its 16 bytes of placement, since the demuxer goes on from the
-    frame's image rather than from the end the frame's size gives. A chunk that runs past the end
-    is libwebp's to judge."""
-    end = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
-    offset, chunks, frames = 12, 0, 0
-    while offset + 8 <= end:
-        chunks += 1
+    """Count a WebP's chunks (`_webp_chunks`) before libwebp does: `too_many_frames` for over
+    `limits.max_frames` animation frames (ANMF), `corrupt_image` for over `_WEBP_MAX_CHUNKS` chunks
+    in all."""
+    frames = 0
+    for chunks, fourcc in enumerate(_webp_chunks(data), start=1):
         if chunks > _WEBP_MAX_CHUNKS:
             raise ImageError("corrupt_image", f"WebP has over {_WEBP_MAX_CHUNKS} chunks")
-        if data[offset : offset + 4] == b"ANMF":
-            frames += 1
-            if frames > limits.max_frames:
-                raise ImageError("too_many_frames", f"over {limits.max_frames} frames")
-            offset += 8 + 16
-            continue
-        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
-        offset += 8 + size + (size & 1)
+        frames += fourcc == b"ANMF"
+        if frames > limits.max_frames:
+            raise ImageError("too_many_frames", f"over {limits.max_frames} frames")
 
 
 def _decoded_at_target(fmt: str, header: pyvips.Image, data: bytes) -> bool:
