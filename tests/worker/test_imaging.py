@@ -1056,23 +1056,26 @@ def _box(kind: bytes, body: bytes, *, version: int | None = None) -> bytes:
     return struct.pack(">I4s", 8 + len(body), kind) + body
 
 
+def _coded_av1(width: int, height: int) -> tuple[bytes, bytes]:
+    """A black `width` x `height` AV1 image as libheif codes it: its properties (av1C, ispe, pixi:
+    the boxes, in that order) and its bitstream."""
+    made = pyvips.Image.black(width, height, bands=3).heifsave_buffer(
+        compression="av1", effort=0, keep="none"
+    )
+
+    def child(kind: bytes) -> bytes:
+        at = made.index(kind) - 4
+        return made[at : at + struct.unpack_from(">I", made, at)[0]]
+
+    return b"".join(child(kind) for kind in (b"av1C", b"ispe", b"pixi")), child(b"mdat")[8:]
+
+
 def _avif_with_thumbnail(
     primary: tuple[int, int], thumbnail: tuple[int, int], *, also_claims: tuple[int, int] | None = None
 ) -> bytes:
     """An AVIF of a `primary` image and, as its thumbnail item (`thmb`), a `thumbnail` one; with
     `also_claims`, the thumbnail has a second `ispe` property, of that size, after its real one."""
-
-    def child(data: bytes, kind: bytes) -> bytes:
-        at = data.index(kind) - 4
-        return data[at : at + struct.unpack_from(">I", data, at)[0]]
-
-    def coded(width: int, height: int) -> tuple[bytes, bytes]:
-        made = pyvips.Image.black(width, height, bands=3).heifsave_buffer(
-            compression="av1", effort=0, keep="none"
-        )
-        return b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi")), child(made, b"mdat")[8:]
-
-    (props1, data1), (props2, data2) = coded(*primary), coded(*thumbnail)
+    (props1, data1), (props2, data2) = _coded_av1(*primary), _coded_av1(*thumbnail)
     # Properties 1-3 are the primary's (av1C essential), 4-6 (and 7) the thumbnail's.
     ipma = struct.pack(">IHB3B", 2, 1, 3, 0x81, 2, 3)
     if also_claims is None:
@@ -1141,14 +1144,7 @@ def _avif_derived(
     height), a grid of that output whose every tile is the one `coded` image; with `crop`, the
     `coded` image cut to that size by a clean aperture (`clap`); with `essential`, the `coded`
     image with that property box, marked essential. `claims`: the grid's `ispe`, if not its output."""
-
-    def child(data: bytes, kind: bytes) -> bytes:
-        at = data.index(kind) - 4
-        return data[at : at + struct.unpack_from(">I", data, at)[0]]
-
-    made = pyvips.Image.black(*coded, bands=3).heifsave_buffer(compression="av1", effort=0, keep="none")
-    props = b"".join(child(made, kind) for kind in (b"av1C", b"ispe", b"pixi"))  # 1-3: the coded image
-    pixels = child(made, b"mdat")[8:]
+    props, pixels = _coded_av1(*coded)  # properties 1-3: the coded image
     if crop is not None:
         essential = _box(b"clap", struct.pack(">IIIIiIiI", crop[0], 1, crop[1], 1, 0, 1, 0, 1))
     if essential is not None:  # property 4, essential, on the one item
