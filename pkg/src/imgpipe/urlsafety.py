@@ -120,9 +120,8 @@ _FORBIDDEN_V6 = tuple(
 #: Refused even inside the operator's allowed networks: the link-local ranges, where the cloud
 #: metadata and credential services answer (169.254.169.254, ECS's 169.254.170.2, EKS Pod
 #: Identity's 169.254.170.23), AWS's, Google Cloud's and Scaleway's IPv6 forms of them, Alibaba's,
-#: Azure's and Oracle Cloud Classic's. What they hand out
-#: (the node's or the pod's credentials) is never an image, and an allowed network as broad as
-#: `0.0.0.0/0` or `fc00::/7` must not open them.
+#: Azure's and Oracle Cloud Classic's. What they hand out (the node's or the pod's credentials) is
+#: never an image, and an allowed network as broad as `0.0.0.0/0` or `fc00::/7` must not open them.
 _NEVER = (
     IPv4Network("169.254.0.0/16"),
     IPv4Network("100.100.100.200/32"),  # Alibaba Cloud metadata
