@@ -97,9 +97,6 @@ _FORMAT_NAMES: dict[str, str] = {
     "tiff": "TIFF",
 }
 
-# thumbnail() needs a number for an axis we do not want to bound; this is libvips' VIPS_MAX_COORD.
-_UNBOUNDED = 10_000_000
-
 # A shared intermediate is kept fully in memory; past this size (~64 MB at RGBA) we would rather decode
 # once per variant, streaming, than hold it.
 _SHARED_INTERMEDIATE_MAX_PIXELS = 16 * 1024 * 1024
@@ -926,27 +923,69 @@ def _scale_needed(variant: Variant, width: int, height: int) -> float:
     return min(scale, 1.0)
 
 
-def _thumbnail_args(variant: Variant) -> tuple[int, dict[str, object]]:
-    kwargs: dict[str, object] = {"height": variant.height or _UNBOUNDED, "size": "down"}
-    if variant.fit == "cover":
-        # Scale to fill the box, then keep the centre. "attention" would pick a busier region, but it is
-        # data-dependent and evaluates the image an extra time; centre is predictable and streams.
-        kwargs["crop"] = "centre"
-    return variant.width or _UNBOUNDED, kwargs
+@dataclass(frozen=True)
+class _Sizing:
+    """How one variant is cut from an upright image: scaled to exactly `width` x `height` (`size=
+    "force"`), then, for "cover", the centre `crop` (left, top, width, height) of that kept.
 
-
-def _needs_colour_management(header: pyvips.Image) -> bool:
-    """Whether the source needs an ICC transform to become 8-bit sRGB.
-
-    An 8-bit sRGB image without an embedded profile is already what we output; sending it through
-    lcms anyway (import with the sRGB fallback, export to sRGB) is a no-op that costs a full colour
-    transform of every decoded pixel: the benchmark showed it as the largest single cost of a
-    multi-variant job. Anything else (an embedded profile, grey, CMYK, 16-bit, Lab, ...) takes the
-    managed path, so its output is exactly what it was before this shortcut.
+    Both sides are worked out from the source's size, not left to `thumbnail`: it sizes the free
+    side (or the side a "cover" crop trims) from the image its loader shrank, whose sides are rounded
+    up, so a JPEG 7 px wide, decoded at 1/4 as 2 px, came out 17% too tall (1 x 833 for 1 x 714) and
+    "cover" stretched what it kept as much; from an intermediate of rounded sides the free side came
+    out a pixel off. One scale for both sides keeps the aspect ratio. The centre, not libvips'
+    "attention": that is data-dependent and evaluates the image an extra time; centre streams.
     """
-    if header.get_typeof("icc-profile-data"):
-        return True
-    return not (header.format == "uchar" and header.interpretation == "srgb")
+
+    width: int
+    height: int
+    crop: tuple[int, int, int, int] | None
+
+    @classmethod
+    def of(cls, variant: Variant, width: int, height: int) -> _Sizing:
+        scale = _scale_needed(variant, width, height)
+        full_w, full_h = max(1, round(width * scale)), max(1, round(height * scale))
+        out_w, out_h = _output_size(variant, width, height)
+        if (out_w, out_h) == (full_w, full_h):
+            return cls(full_w, full_h, None)
+        # The centre, as libvips' own `crop="centre"` takes it (rounded down).
+        return cls(full_w, full_h, ((full_w - out_w) // 2, (full_h - out_h) // 2, out_w, out_h))
+
+    def from_source(self, data: bytes, colour: dict[str, str], header: pyvips.Image | None) -> pyvips.Image:
+        """The variant decoded from `data` (see `_from_buffer`), shrinking on load where it can."""
+        return self._cut(_from_buffer(data, self.width, header=header, **colour, **self._args))
+
+    def from_image(self, image: pyvips.Image) -> pyvips.Image:
+        """The variant resized from `image`, an upright sRGB intermediate in memory."""
+        return self._cut(image.thumbnail_image(self.width, **self._args))
+
+    @property
+    def _args(self) -> dict[str, object]:
+        return {"height": self.height, "size": "force"}
+
+    def _cut(self, image: pyvips.Image) -> pyvips.Image:
+        return image.crop(*self.crop) if self.crop else image
+
+
+def _colour_args(fmt: str, header: pyvips.Image, data: bytes) -> dict[str, str]:
+    """`thumbnail`'s arguments that make the source 8-bit sRGB: none when it is that already.
+
+    `output_profile` converts to sRGB with the embedded ICC profile when there is one (an Adobe RGB,
+    P3 or CMYK image would otherwise come out with wrong colours once the profile is stripped), or
+    else with libvips' fallback (sRGB, or its CMYK profile for CMYK); it also takes 16-bit input to
+    8-bit. A HEIF/AVIF may give its colour space as code points (`nclx`) instead of a profile, and
+    libvips reads only profiles: Display P3 ones (as some cameras and encoders write them) get
+    libvips' P3 profile, or their saturated colours came out as sRGB's, 60 levels off.
+
+    An untagged 8-bit sRGB image is left as it is: sending it through lcms anyway (import with the
+    sRGB fallback, export to sRGB) is a no-op that costs a full colour transform of every decoded
+    pixel, the largest single cost of a multi-variant job in the benchmark.
+    """
+    tagged = header.get_typeof("icc-profile-data") != 0
+    if not tagged and fmt == "heif" and _heif_display_p3(data):
+        return {"output_profile": "srgb", "input_profile": "p3"}
+    if tagged or not (header.format == "uchar" and header.interpretation == "srgb"):
+        return {"output_profile": "srgb"}
+    return {}
 
 
 # Loaders that cannot shrink while decoding: for them `thumbnail` would only parse the header a
@@ -955,23 +994,12 @@ _NO_SHRINK_ON_LOAD = frozenset({"pngload"})
 
 
 def _from_buffer(
-    data: bytes,
-    width: int,
-    *,
-    managed: bool = True,
-    header: pyvips.Image | None = None,
-    **kwargs: object,
+    data: bytes, width: int, *, header: pyvips.Image | None = None, **kwargs: object
 ) -> pyvips.Image:
     # header: the image `_probe` opened (sequential), offered for reuse; it must not be used again.
-    # output_profile: convert to sRGB using the embedded ICC profile when there is one (otherwise an
-    # Adobe RGB / P3 / CMYK image would come out with wrong colours once we strip the profile); CMYK
-    # without a profile gets libvips' built-in CMYK profile as the fallback. This also reduces 16-bit
-    # input to 8-bit by scaling. `managed=False` (see `_needs_colour_management`) skips the transform for
-    # input that is 8-bit sRGB already.
+    # kwargs: `thumbnail`'s, the colour ones (`_colour_args`) among them.
     # fail_on goes in the loader option string: in libvips 8.18 thumbnail's own `fail_on` argument
     # does not reach the loader, so a truncated file would silently come out half grey.
-    if managed:
-        kwargs["output_profile"] = "srgb"
     loader = _loader(header) if header is not None else ""
     if loader in _NO_SHRINK_ON_LOAD:
         return header.thumbnail_image(width, **kwargs)  # opened with fail_on already
@@ -1214,14 +1242,32 @@ def _heif_item_sizes(
     `largest`, the larger of them, for a bound on what may be decoded."""
     if ipco is None or ipma is None:
         return {}
+    sizes: dict[int, tuple[int, int]] = {}
+    listed = set()
+    for item, properties in _heif_associations(data, ipco, ipma):
+        if item in listed and not largest:
+            raise ValueError("an item listed twice in ipma")
+        listed.add(item)
+        for kind, start in properties:
+            if kind == b"ispe":
+                size = struct.unpack_from(">II", data, start + 4)
+                if item in sizes and not largest:
+                    raise ValueError("an item with two sizes")
+                if item not in sizes or size[0] * size[1] > sizes[item][0] * sizes[item][1]:
+                    sizes[item] = size
+    return sizes
+
+
+def _heif_associations(
+    data: bytes, ipco: tuple[int, int], ipma: tuple[int, int]
+) -> Iterator[tuple[int, list[tuple[bytes, int]]]]:
+    """Each `ipma` entry: an item and its properties (type, body start), in the order listed."""
     properties = [(kind, start) for kind, start, _ in _bmff_boxes(data, *ipco)]  # indexed from 1
     start, _ = ipma
     version, flags = data[start], int.from_bytes(data[start + 1 : start + 4], "big")
     offset = start + 4
     (count,) = struct.unpack_from(">I", data, offset)
     offset += 4
-    sizes: dict[int, tuple[int, int]] = {}
-    listed = set()
     for _ in range(min(count, _BMFF_MAX_BOXES)):
         if version < 1:
             (item,) = struct.unpack_from(">H", data, offset)
@@ -1229,11 +1275,9 @@ def _heif_item_sizes(
         else:
             (item,) = struct.unpack_from(">I", data, offset)
             offset += 4
-        if item in listed and not largest:
-            raise ValueError("an item listed twice in ipma")
-        listed.add(item)
         associations = data[offset]
         offset += 1
+        listed = []
         for _ in range(associations):
             if flags & 1:
                 (index,) = struct.unpack_from(">H", data, offset)
@@ -1242,13 +1286,42 @@ def _heif_item_sizes(
             else:
                 index = data[offset] & 0x7F
                 offset += 1
-            if 0 < index <= len(properties) and properties[index - 1][0] == b"ispe":
-                size = struct.unpack_from(">II", data, properties[index - 1][1] + 4)
-                if item in sizes and not largest:
-                    raise ValueError("an item with two sizes")
-                if item not in sizes or size[0] * size[1] > sizes[item][0] * sizes[item][1]:
-                    sizes[item] = size
-    return sizes
+            if 0 < index <= len(properties):
+                listed.append(properties[index - 1])
+        yield item, listed
+
+
+# nclx code points (ISO/IEC 23091-2): Display P3's primaries, and the transfers of HDR video (PQ,
+# HLG), which no ICC profile of libvips' describes: those are left as they are decoded.
+_NCLX_P3 = 12
+_NCLX_HDR_TRANSFERS = frozenset({16, 18})
+
+
+def _heif_display_p3(data: bytes) -> bool:
+    """Whether a HEIF file's primary image gives its colours as Display P3 code points (a `colr`
+    box of type `nclx`, with no ICC profile beside it), by its boxes; False when they cannot be read."""
+    try:
+        meta = _bmff_child(data, 0, len(data), b"meta")
+        if meta is None:
+            return False
+        body = (meta[0] + 4, meta[1])
+        pitm, iprp = _bmff_child(data, *body, b"pitm"), _bmff_child(data, *body, b"iprp")
+        if pitm is None or iprp is None:
+            return False
+        primary = struct.unpack_from(">I" if data[pitm[0]] >= 1 else ">H", data, pitm[0] + 4)[0]
+        ipco, ipma = _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma")
+        if ipco is None or ipma is None:
+            return False
+        for item, properties in _heif_associations(data, ipco, ipma):
+            if item != primary:
+                continue
+            for kind, start in properties:
+                if kind == b"colr" and data[start : start + 4] == b"nclx":
+                    primaries, transfer = struct.unpack_from(">HH", data, start + 4)
+                    return primaries == _NCLX_P3 and transfer not in _NCLX_HDR_TRANSFERS
+        return False
+    except (struct.error, IndexError, ValueError):
+        return False
 
 
 def _jpeg_shrink_on_load(shrink: float) -> int:
@@ -1266,8 +1339,9 @@ def _shrinks_by_8_on_load(header: pyvips.Image, width: int, kwargs: dict[str, ob
     target_h = kwargs.get("height")
     across = source_w / width
     down = source_h / target_h if isinstance(target_h, int) and target_h > 0 else 0.0
-    # "cover" (crop) shrinks by the smaller factor, to fill the box; "inside" by the larger, to fit it.
-    shrink = min(across, down) if kwargs.get("crop") else max(across, down)
+    # "cover" (crop) shrinks by the smaller factor, to fill the box; "inside" by the larger, to fit it;
+    # a forced size by the smaller, as libvips resamples each side on its own after the load's shrink.
+    shrink = min(across, down) if kwargs.get("crop") or kwargs.get("size") == "force" else max(across, down)
     return _jpeg_shrink_on_load(shrink) == 8
 
 
@@ -1368,9 +1442,7 @@ def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool, quality: int
 
 
 def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
-    """The size `variant` comes out at from a `width` x `height` (upright) image: exactly, from the
-    shared intermediate of several variants (`_render_many`); rendered alone, libvips' shrink-on-load
-    may leave the free side of an "inside" fit a pixel off it."""
+    """The size `variant` comes out at from a `width` x `height` (upright) image."""
     scale = _scale_needed(variant, width, height)
     out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
     if variant.fit == "cover":
@@ -1607,16 +1679,16 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
             variant = variants[0]
-            width, kwargs = _thumbnail_args(variant)
-            managed = _needs_colour_management(header)
+            sizing = _Sizing.of(variant, *_oriented_size(header))
+            colour = _colour_args(info.format, header, data)
             held = _decode_first(info.format, header, data, variant)
-            image = _from_buffer(data, width, managed=managed, header=header, **kwargs)
+            image = sizing.from_source(data, colour, header)
             del header  # `_from_buffer` may have made it the decoder: `image` holds it now, if so
             if held:
                 deadline.watch(image)
                 image = image.copy_memory()
             return [_finish(image, variant, deadline)]
-        return _render_many(data, header, variants, deadline)
+        return _render_many(data, header, _colour_args(info.format, header, data), variants, deadline)
     except pyvips.Error as exc:
         if deadline.expired():
             raise deadline.error() from exc
@@ -1637,7 +1709,11 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
 
 
 def _render_many(
-    data: bytes, header: pyvips.Image, variants: Sequence[Variant], deadline: _Deadline
+    data: bytes,
+    header: pyvips.Image,
+    colour: dict[str, str],
+    variants: Sequence[Variant],
+    deadline: _Deadline,
 ) -> list[Rendered]:
     width, height = _oriented_size(header)
     scale = max(_scale_needed(v, width, height) for v in variants)
@@ -1645,21 +1721,19 @@ def _render_many(
     # never leaves it a pixel short (that would make a variant a pixel smaller than its single render).
     inter_w = min(width, math.ceil(width * scale))
     inter_h = min(height, math.ceil(height * scale))
-    managed = _needs_colour_management(header)
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         # Too big to hold: decode per variant instead, each one streaming. A HEIF's decode is chosen by
         # its header (`_from_buffer`): each gets its own, as a sequential image serves one pass only.
         heif = _loader(header) == "heifload"
         results = []
         for variant in variants:
-            target_w, kwargs = _thumbnail_args(variant)
             own = _header(data, "heif") if heif else None
-            image = _from_buffer(data, target_w, managed=managed, header=own, **kwargs)
+            image = _Sizing.of(variant, width, height).from_source(data, colour, own)
             results.append(_finish(image, variant, deadline))
         return results
 
     deadline.check()
-    lazy = _from_buffer(data, inter_w, managed=managed, header=header, height=inter_h, size="down")
+    lazy = _from_buffer(data, inter_w, header=header, height=inter_h, size="down", **colour)
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()
@@ -1670,14 +1744,7 @@ def _render_many(
     results = []
     for variant in variants:
         # The intermediate is already upright (thumbnail drops the orientation tag after rotating) and
-        # already sRGB, so this is a pure resize/crop.
-        if variant.fit == "cover":
-            target_w, kwargs = _thumbnail_args(variant)
-            image = intermediate.thumbnail_image(target_w, **kwargs)
-        else:
-            # Sized from the source, not from the intermediate: its sides are rounded, and the free
-            # side worked out from its aspect ratio came out a pixel off in about 1% of variants.
-            out_w, out_h = _output_size(variant, width, height)
-            image = intermediate.thumbnail_image(out_w, height=out_h, size="force")
+        # already sRGB, so this is a pure resize/crop, sized from the source.
+        image = _Sizing.of(variant, width, height).from_image(intermediate)
         results.append(_finish(image, variant, deadline))
     return results
