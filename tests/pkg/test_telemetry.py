@@ -447,3 +447,15 @@ def test_a_refused_common_setting_is_a_json_line_without_a_trace(service: str) -
     lines = _lines(done.stderr)  # fails on any line that is not JSON
     assert "Traceback" not in done.stderr
     assert any("IMGPIPE_ENV" in line.get("error", "") for line in lines), lines
+
+
+def test_a_refused_common_setting_without_an_environment_is_a_production_line() -> None:
+    # `IMGPIPE_ENV` unset is production, for the lines logged before the settings are read too.
+    env = {k: v for k, v in os.environ.items() if k != "IMGPIPE_ENV"} | {"IMGPIPE_LOG_LEVEL": "LOUD"}
+    done = subprocess.run(
+        [sys.executable, "-m", "imgpipe_api", "--port", "1"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode != 0
+    lines = _lines(done.stderr)
+    assert "Traceback" not in done.stderr
+    assert any("IMGPIPE_LOG_LEVEL" in line.get("error", "") for line in lines), lines

@@ -276,7 +276,7 @@ def start_logging(service: str) -> CommonSettings:
     Logging comes first so that a refused common setting (a bad `IMGPIPE_ENV` itself) is a JSON line
     too; until the settings are read, an environment not known to be local or test gets no traces.
     """
-    raw = os.environ.get("IMGPIPE_ENV", "local")
+    raw = os.environ.get("IMGPIPE_ENV", "production")  # unset is production (`CommonSettings.env`)
     setup_logging(service, env=raw if raw in LOCAL_ENVIRONMENTS else "production")
     common = load(CommonSettings)
     setup_logging(service, env=common.env, level=common.log_level)
