@@ -26,7 +26,7 @@ help: ## List the tasks
 .PHONY: install
 # --inexact: what `make bench` added (its group) stays; a fresh checkout installs exactly the lock.
 install: ## Install every package and the dev tools into .venv (from uv.lock)
-	$(UV) sync --all-packages --frozen --inexact
+	@$(UV) sync --all-packages --frozen --inexact
 
 .PHONY: test
 test: install ## Run the whole test suite (needs RabbitMQ and Redis on localhost)
