@@ -19,7 +19,9 @@
 # |            | (imgpipe-namespace, the bucket's one namespace)      | s3:PutObject on imgpipe-namespace       |
 #
 # s3:ListBucket is what HeadBucket needs, and it is also what makes HeadObject answer 404 (not 403)
-# for a missing key, which the api relies on to answer `source_not_found`. With s3_kms_key_arn set,
+# for a missing key, which the api relies on to answer `source_not_found`. The status service calls
+# nothing (its /readyz does not probe S3), but the links it signs are its requests: with the grant,
+# a variant the lifecycle rule (variants_expiration_days) has deleted answers a client 404, not 403. With s3_kms_key_arn set,
 # writers also get kms:GenerateDataKey and readers kms:Decrypt on that key.
 
 locals {

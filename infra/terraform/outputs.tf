@@ -20,8 +20,13 @@ locals {
         enabled   = var.enable_ingress_nginx
         className = var.ingress_class_name
       }
-      # Bundled RabbitMQ/Redis only where the managed service is not used.
-      rabbitmq = { enabled = !var.enable_amazon_mq }
+      # Bundled RabbitMQ/Redis only where the managed service is not used. The bundled RabbitMQ
+      # serves its per-queue metrics (/metrics/per-object, port 9419), which the chart's queue
+      # alerts read; a Prometheus scrapes them with `rabbitmq.metrics.serviceMonitor.perObject`.
+      rabbitmq = merge(
+        { enabled = !var.enable_amazon_mq },
+        var.enable_amazon_mq ? {} : { metrics = { enabled = true } },
+      )
       redis    = { enabled = !var.enable_elasticache }
     },
     {
