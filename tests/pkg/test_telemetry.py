@@ -453,7 +453,11 @@ def test_a_refused_common_setting_without_an_environment_is_a_production_line() 
     # `IMGPIPE_ENV` unset is production, for the lines logged before the settings are read too.
     env = {k: v for k, v in os.environ.items() if k != "IMGPIPE_ENV"} | {"IMGPIPE_LOG_LEVEL": "LOUD"}
     done = subprocess.run(
-        [sys.executable, "-m", "imgpipe_api", "--port", "1"], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "imgpipe_api", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert done.returncode != 0
     lines = _lines(done.stderr)
