@@ -323,6 +323,28 @@ async def test_same_key_different_body_is_refused(alice: Client, alice_key: str)
         assert (status, body["error"]["code"]) == (422, "idempotency_key_reused")
 
 
+def test_a_field_a_later_release_adds_with_a_default_leaves_the_fingerprint_as_it_was() -> None:
+    # During a rolling upgrade a client's retry may reach the other release's pod: with a new
+    # defaulted field in the dump, the same body was `idempotency_key_reused` there.
+    from imgpipe.auth import Principal
+    from imgpipe.models import JobRequest, Variant
+
+    class LaterVariant(Variant):
+        strip_metadata: bool = True
+
+    class LaterRequest(JobRequest):
+        priority: int = 0
+        variants: list[str | LaterVariant] = ["thumb"]  # type: ignore[assignment]
+
+    alice = Principal(sub="alice")
+    body = {"source": {"key": "uploads/a/b"}, "variants": ["thumb", {"name": "card", "width": 600}]}
+    now, later = JobRequest.model_validate(body), LaterRequest.model_validate(body)
+    assert later.model_dump_json() != now.model_dump_json()  # the new fields are in the dump
+    assert api_app._fingerprint(alice, later) == api_app._fingerprint(alice, now)
+    other = {**body, "variants": ["small"]}
+    assert api_app._fingerprint(alice, JobRequest.model_validate(other)) != api_app._fingerprint(alice, now)
+
+
 async def test_same_key_for_different_users_is_independent(alice: Client, bob: Client) -> None:
     jobs = []
     for client in (alice, bob):

@@ -106,6 +106,33 @@ async def test_a_replayed_job_takes_its_owners_active_slot_again(
     assert not decision.allowed and decision.code == "too_many_active_jobs"
 
 
+async def test_a_record_this_release_cannot_read_leaves_the_listing_whole(
+    namespace_: str, redis_client: aioredis.Redis
+) -> None:
+    # A later release's job status (a rollback, a rolling upgrade): the listing failed whole, the
+    # api's admin route and the command line with it.
+    topology = broker.Topology(namespace_, (1, 2))
+    store = JobStore(redis_client, namespace_, retention=timedelta(hours=1))
+    jobs = [await _failed_job(store) for _ in range(2)]
+    key = store.job_key(jobs[0].id)
+    data = (await redis_client.hget(key, "data")).decode().replace('"status":"failed"', '"status":"paused"')
+    await redis_client.hset(key, "data", data)
+    connection = await broker.connect(AMQP_URL)
+    publisher = broker.Publisher(connection, topology)
+    try:
+        await publisher.open()
+        for job in jobs:
+            await publisher.publish_dead(
+                job.model_dump_json().encode(), {}, message_id=job.id, reason="gave up"
+            )
+        depth, letters = await DeadLetters(connection, topology, store).list()
+    finally:
+        await publisher.close()
+        await connection.close()
+    assert depth == 2
+    assert [letter.job_id for letter in letters] == [job.id for job in jobs]
+
+
 async def test_a_replay_cancelled_before_the_confirm_puts_the_job_back(
     namespace_: str, redis_client: aioredis.Redis
 ) -> None:

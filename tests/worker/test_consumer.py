@@ -611,6 +611,44 @@ async def test_a_message_with_a_naive_created_at_is_settled(
     assert await queue_depth(own.topology.jobs_queue) == 0
 
 
+async def test_a_message_and_a_record_from_a_later_release_are_worked(
+    own: OwnStack, user: Client, small_jpeg: bytes
+) -> None:
+    """A rolling upgrade: a newer api writes fields this worker does not know, at every level of the
+    message and of the record. The message was refused (`extra_forbidden`) and dead-lettered, its
+    job left `pending`; it is worked as this release understands it, and the record's own new field
+    outlives this release's transitions of it."""
+    key = await user.upload(small_jpeg)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        store = JobStore(client, own.namespace, retention=timedelta(days=1))
+        later = {"priority": 5, "source": {"key": key, "version_id": "3"}}
+        record = JobRecord.pending(uuid.uuid4().hex, user.sub, KeySource(key=key), [PRESETS["thumb"]])
+        assert (await store.create(record)).applied
+        written = json.loads(await client.hget(store.job_key(record.id), "data")) | {"tenant": "t1"}
+        written["requested"][0]["strip_metadata"] = False
+        written["source"] = later["source"]
+        await client.hset(store.job_key(record.id), "data", json.dumps(written))
+        message = json.loads(JobMessage.of(record).model_dump_json()) | {"priority": later["priority"]}
+        message["source"] = later["source"]
+        message["variants"][0]["strip_metadata"] = False
+        await publish_raw(
+            own.topology, json.dumps(message).encode(), message_id=record.id, headers={ATTEMPT_HEADER: 1}
+        )
+
+        async def done() -> bool:
+            current = await store.get(record.id)
+            return current is not None and current.status is JobStatus.SUCCEEDED
+
+        await eventually(done)
+        data = json.loads(await client.hget(store.job_key(record.id), "data"))
+    finally:
+        await client.aclose()
+    assert data["tenant"] == "t1"  # kept through `processing` and `succeeded`
+    assert [v["name"] for v in data["variants"]] == ["thumb"]
+    assert await queue_depth(own.topology.dead_queue) == 0
+
+
 def test_the_wait_of_a_message_from_elsewhere_is_never_an_error() -> None:
     from imgpipe_worker.consumer import _since_accepted
 

@@ -63,7 +63,7 @@ from imgpipe.broker import (
     queue_counts,
 )
 from imgpipe.limits import Limits
-from imgpipe.models import JobMessage, JobRecord, JobStatus
+from imgpipe.models import JobMessage, JobRecord, JobStatus, read_written
 from imgpipe.store import JobStore, Transition
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _iso(value: Any) -> str | None:
 
 def _parse_job(body: bytes) -> JobMessage | None:
     try:
-        return JobMessage.model_validate_json(body)
+        return read_written(JobMessage, body)
     except ValidationError:
         return None
 
@@ -309,7 +309,13 @@ class DeadLetters:
                 records.append(None)
                 continue
             version, data = next(answers)
-            record = JobRecord.model_validate_json(data) if data else None
+            try:
+                record = read_written(JobRecord, data) if data else None
+            except ValidationError:
+                # A record this release cannot read (a later one's status) must not stop the whole
+                # listing: it is listed without its record, as one that has gone.
+                log.warning("job record not readable; listed without it", extra={"job_id": job.id})
+                record = None
             if record is not None:
                 record.version = int(version or 0)
             records.append(record)

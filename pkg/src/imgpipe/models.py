@@ -2,6 +2,13 @@
 
 The HTTP API, the broker message and the Redis record all use these models, so a field means the
 same thing everywhere and a change to the contract is made in one place.
+
+Two releases run side by side during a rolling upgrade, and a rollback runs the older against what
+the newer wrote. So a client's request is held to the contract exactly (a field it does not define
+is refused), but what a release wrote, a message or a record, is read with `read_written`: a field
+a later release added is dropped, and the job goes on as this release understands it, instead of
+being dead-lettered or answered 500. A release may add fields; it must not make a new field needed
+by a reader, nor add a status or format value, before the release before it can read them.
 """
 
 from __future__ import annotations
@@ -9,9 +16,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 #: Largest edge a variant may ask for; bigger outputs are a different product (originals).
 MAX_VARIANT_EDGE = 8192
@@ -36,8 +52,33 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The validation context of what a release wrote (`read_written`).
+_WRITTEN = {"written": True}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _written_by_a_later_release(cls, data: Any, info: ValidationInfo) -> Any:
+        """What a release wrote (`read_written`) without the fields this model does not define."""
+        if isinstance(data, dict) and info.context and info.context.get("written"):
+            return {key: value for key, value in data.items() if key in cls.model_fields}
+        return data
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def read_written(model: type[_Model], data: str | bytes | dict[str, Any]) -> _Model:
+    """`data`, a message or record a release of imgpipe wrote (this one, a later or an earlier one),
+    as `model`: fields this release does not know are dropped, at every level but a record's own
+    (`JobRecord` keeps those). A value it cannot take (a status it does not know) is still a
+    `ValidationError`."""
+    if isinstance(data, dict):
+        return model.model_validate(data, context=_WRITTEN)
+    return model.model_validate_json(data, context=_WRITTEN)
 
 
 class Variant(_Strict):
@@ -178,9 +219,13 @@ class JobMessage(_Strict):
 
 
 class JobRecord(BaseModel):
-    """The job as kept in Redis. `version` grows with every change so listeners can order updates."""
+    """The job as kept in Redis. `version` grows with every change so listeners can order updates.
 
-    model_config = ConfigDict(extra="ignore")
+    Fields a later release added are kept (`extra="allow"`) and written back with the record, so an
+    older worker's transition does not erase them; a nested model's (a variant's) are dropped.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     id: str
     owner: str

@@ -36,7 +36,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from imgpipe.coalesce import Coalescer
-from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, utcnow
+from imgpipe.models import ErrorInfo, JobRecord, JobStatus, KeySource, VariantResult, read_written, utcnow
 
 log = logging.getLogger("imgpipe.store")
 
@@ -359,7 +359,7 @@ class Grant:
 def _parse(version: int, data: bytes | str | None) -> JobRecord | None:
     if not data:
         return None
-    record = JobRecord.model_validate_json(data)
+    record = read_written(JobRecord, data)
     record.version = int(version)
     return record
 
@@ -744,7 +744,7 @@ class JobStore:
             payload: Any = None
             try:
                 payload = json.loads(message["data"])
-                record = JobRecord.model_validate(payload["record"])
+                record = read_written(JobRecord, payload["record"])
                 record.version = int(payload["version"])
             except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
                 # One message this version cannot read (a newer version's status during a rolling

@@ -249,7 +249,11 @@ def _check_grant(grant: Grant, head: dict) -> None:
 
 
 def _fingerprint(principal: Principal, job: JobRequest) -> str:
-    return hashlib.sha256(f"{principal.sub}\n{job.model_dump_json()}".encode()).hexdigest()
+    # What the client asked for, defaults left out: a field a later release adds with a default
+    # does not change it, so a retry that reaches the other release's pod during a rolling upgrade
+    # is the same request (and a body that spells out a default is the one that leaves it out).
+    asked = job.model_dump_json(exclude_defaults=True)
+    return hashlib.sha256(f"{principal.sub}\n{asked}".encode()).hexdigest()
 
 
 def _in_progress() -> ApiError:

@@ -24,7 +24,7 @@ from datetime import datetime
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from imgpipe import broker
 from imgpipe.broker import Topology
-from imgpipe.models import ReconcileCommand, utcnow
+from imgpipe.models import ReconcileCommand, read_written, utcnow
 from imgpipe.runs import RunStatus, RunStore
 from pydantic import ValidationError
 
@@ -98,7 +98,7 @@ class CommandConsumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
-            command = ReconcileCommand.model_validate_json(message.body)
+            command = read_written(ReconcileCommand, message.body)
         except ValidationError as exc:
             log.error("unparseable reconcile command dead-lettered: %s", exc.errors(include_input=False)[:1])
             await _settle(message.reject(requeue=False))

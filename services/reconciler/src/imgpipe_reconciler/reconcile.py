@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgpipe.broker import Publisher, Waiting
-from imgpipe.models import JobMessage, JobRecord, KeySource
+from imgpipe.models import JobMessage, JobRecord, KeySource, read_written
 from imgpipe.storage import UPLOAD_PREFIX, VARIANT_PREFIX, ObjectInfo, ObjectNotFound, Storage
 from imgpipe.store import JobStore
 from imgpipe.telemetry import (
@@ -383,7 +383,7 @@ class Reconciler:
             if rank is None or not data or pttl is None or pttl <= 0:
                 continue  # expired since the SCAN saw it, or not a record
             try:
-                record = JobRecord.model_validate_json(data)
+                record = read_written(JobRecord, data)
             except ValidationError:
                 # One record nobody can read (another version's, a hand edit) must not stop every
                 # run of the namespace until it expires: it is left alone, and said so.

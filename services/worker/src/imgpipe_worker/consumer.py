@@ -46,6 +46,7 @@ from imgpipe.models import (
     UrlSource,
     Variant,
     VariantResult,
+    read_written,
 )
 from imgpipe.storage import Storage, StorageError, variant_key
 from imgpipe.store import JobStore, redis_unavailable
@@ -251,7 +252,7 @@ class Consumer:
         job_id_var.set(clean_request_id(message.message_id))
         attempt = _attempt(headers)
         try:
-            job = JobMessage.model_validate_json(message.body)
+            job = read_written(JobMessage, message.body)
         except ValidationError as exc:
             # Unreadable: no retry can fix it. Rejecting dead-letters it through the queue's DLX.
             log.error("unparseable message dead-lettered: %s", exc.errors(include_input=False)[:1])
