@@ -441,6 +441,61 @@ async def test_an_upgrade_keeps_the_old_retry_queues_apart(
         await channel.close()
 
 
+# Every exchange and queue as released versions declare them. RabbitMQ refuses a declaration whose
+# type or arguments differ from those of what exists (PRECONDITION_FAILED), and with it every service
+# of an upgrade, or of a rollback, that meets the other version's topology. Never edit an entry: a
+# queue or exchange with new arguments needs a new name (as `jobs.wait.<d>s` replaced
+# `jobs.retry.<d>s`), and the entry for the new name is added here.
+_RELEASED_EXCHANGES = {"jobs": "direct", "retry": "direct", "dead": "fanout", "reconcile": "direct"}
+_RELEASED_QUEUES: dict[str, dict[str, object]] = {
+    "jobs": {"x-queue-type": "quorum", "x-dead-letter-exchange": "{ns}.dead", "x-delivery-limit": 10},
+    "jobs.dead": {"x-queue-type": "quorum"},
+    **{
+        f"jobs.wait.{d}s": {
+            "x-queue-type": "quorum",
+            "x-message-ttl": d * 1000,
+            "x-dead-letter-exchange": "{ns}.jobs",
+            "x-dead-letter-routing-key": "job",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        for d in (1, 2, 5, 30, 120)
+    },
+    "reconcile": {
+        "x-queue-type": "quorum",
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": "{ns}.dead",
+        "x-delivery-limit": 10,
+    },
+}
+
+
+async def test_the_topology_declares_over_what_released_versions_declared(
+    connection: AbstractRobustConnection, topology: Topology
+) -> None:
+    # The default delays and the fixture's, in the fixture's namespace (which it cleans up).
+    every = Topology(
+        topology.namespace, retry_delays_s=(*Topology("x").retry_delays_s, *topology.retry_delays_s)
+    )
+    ns = every.namespace
+    channel = await connection.channel()
+    try:
+        for name, kind in _RELEASED_EXCHANGES.items():
+            await channel.declare_exchange(f"{ns}.{name}", aio_pika.ExchangeType(kind), durable=True)
+        for name in every.queue_names():
+            released = _RELEASED_QUEUES.get(name.removeprefix(f"{ns}."))
+            assert released is not None, f"{name}: no release declared it yet; add it to _RELEASED_QUEUES"
+            arguments = {k: v.format(ns=ns) if isinstance(v, str) else v for k, v in released.items()}
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        # This version's declarations over them: any difference is PRECONDITION_FAILED here.
+        await every.declare(await connection.channel())
+    finally:
+        cleanup = await connection.channel()
+        for name in every.queue_names():
+            await cleanup.queue_delete(name)
+        await cleanup.close()
+
+
 async def test_publish_dead(
     connection: AbstractRobustConnection, topology: Topology, publisher: Publisher
 ) -> None:
