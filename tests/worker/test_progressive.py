@@ -213,7 +213,7 @@ def _thumb(width: int, height: int, fit: str = "inside") -> Variant:
 def _libvips_thumbnail(data: bytes, variant: Variant) -> pyvips.Image:
     """What libvips' own thumbnail makes of the whole file, asked for the variant as render asks."""
     header = pyvips.Image.new_from_buffer(data, "")
-    sizing = imaging._Sizing.of(variant, *imaging._oriented_size(header))
+    sizing = imaging._Sizing.of(variant, *imaging._oriented_size(header), alpha=False)
     image = pyvips.Image.thumbnail_buffer(data, sizing.width, height=sizing.height, size="force")
     return image.crop(*sizing.crop) if sizing.crop else image
 

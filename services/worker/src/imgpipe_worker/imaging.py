@@ -934,33 +934,54 @@ class _Sizing:
     "cover" stretched what it kept as much; from an intermediate of rounded sides the free side came
     out a pixel off. One scale for both sides keeps the aspect ratio. The centre, not libvips'
     "attention": that is data-dependent and evaluates the image an extra time; centre streams.
+
+    With alpha, an image resized on one side only is resized here, premultiplied: `thumbnail`
+    premultiplies only when both sides change, and the colour of transparent pixels bled into the
+    edges of what they surround (red on transparent black came out 14 of 255 red at the edge).
     """
 
     width: int
     height: int
     crop: tuple[int, int, int, int] | None
+    source: tuple[int, int]  # the upright size of what the variant is made from
+    alpha: bool
 
     @classmethod
-    def of(cls, variant: Variant, width: int, height: int) -> _Sizing:
+    def of(cls, variant: Variant, width: int, height: int, *, alpha: bool) -> _Sizing:
         scale = _scale_needed(variant, width, height)
         full_w, full_h = max(1, round(width * scale)), max(1, round(height * scale))
         out_w, out_h = _output_size(variant, width, height)
-        if (out_w, out_h) == (full_w, full_h):
-            return cls(full_w, full_h, None)
-        # The centre, as libvips' own `crop="centre"` takes it (rounded down).
-        return cls(full_w, full_h, ((full_w - out_w) // 2, (full_h - out_h) // 2, out_w, out_h))
+        crop = None
+        if (out_w, out_h) != (full_w, full_h):
+            # The centre, as libvips' own `crop="centre"` takes it (rounded down).
+            crop = ((full_w - out_w) // 2, (full_h - out_h) // 2, out_w, out_h)
+        return cls(full_w, full_h, crop, (width, height), alpha)
 
     def from_source(self, data: bytes, colour: dict[str, str], header: pyvips.Image | None) -> pyvips.Image:
         """The variant decoded from `data` (see `_from_buffer`), shrinking on load where it can."""
+        if self._one_side_only(*self.source):
+            # Decoded at its own size (no side shrinks, so neither could on load), then resized.
+            width, height = self.source
+            image = _from_buffer(data, width, header=header, height=height, size="force", **colour)
+            return self._cut(self._premultiplied(image))
         return self._cut(_from_buffer(data, self.width, header=header, **colour, **self._args))
 
     def from_image(self, image: pyvips.Image) -> pyvips.Image:
         """The variant resized from `image`, an upright sRGB intermediate in memory."""
+        if self._one_side_only(image.width, image.height):
+            return self._cut(self._premultiplied(image))
         return self._cut(image.thumbnail_image(self.width, **self._args))
 
     @property
     def _args(self) -> dict[str, object]:
         return {"height": self.height, "size": "force"}
+
+    def _one_side_only(self, width: int, height: int) -> bool:
+        return self.alpha and (width == self.width) != (height == self.height)
+
+    def _premultiplied(self, image: pyvips.Image) -> pyvips.Image:
+        resized = image.premultiply().resize(self.width / image.width, vscale=self.height / image.height)
+        return resized.unpremultiply().cast(image.format)
 
     def _cut(self, image: pyvips.Image) -> pyvips.Image:
         return image.crop(*self.crop) if self.crop else image
@@ -1299,7 +1320,9 @@ _NCLX_HDR_TRANSFERS = frozenset({16, 18})
 
 def _heif_display_p3(data: bytes) -> bool:
     """Whether a HEIF file's primary image gives its colours as Display P3 code points (a `colr`
-    box of type `nclx`, with no ICC profile beside it), by its boxes; False when they cannot be read."""
+    box of type `nclx`), by its boxes; False when they cannot be read. A grid with no colour box
+    of its own has its first tile's, as libheif gives it. (Called for a file libvips found no ICC
+    profile in: one beside the code points would be what it converts with.)"""
     try:
         meta = _bmff_child(data, 0, len(data), b"meta")
         if meta is None:
@@ -1312,13 +1335,17 @@ def _heif_display_p3(data: bytes) -> bool:
         ipco, ipma = _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma")
         if ipco is None or ipma is None:
             return False
+        colours: dict[int, list[int]] = {}  # each item's colour boxes (where their bodies start)
         for item, properties in _heif_associations(data, ipco, ipma):
-            if item != primary:
-                continue
-            for kind, start in properties:
-                if kind == b"colr" and data[start : start + 4] == b"nclx":
-                    primaries, transfer = struct.unpack_from(">HH", data, start + 4)
-                    return primaries == _NCLX_P3 and transfer not in _NCLX_HDR_TRANSFERS
+            colours.setdefault(item, []).extend(start for kind, start in properties if kind == b"colr")
+        boxes = colours.get(primary)
+        if not boxes:
+            tiles = _heif_references(data, _bmff_child(data, *body, b"iref"), b"dimg").get(primary)
+            boxes = colours.get(tiles[0], []) if tiles else []
+        for start in boxes:
+            if data[start : start + 4] == b"nclx":
+                primaries, transfer = struct.unpack_from(">HH", data, start + 4)
+                return primaries == _NCLX_P3 and transfer not in _NCLX_HDR_TRANSFERS
         return False
     except (struct.error, IndexError, ValueError):
         return False
@@ -1512,8 +1539,9 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
     * one variant decoded first (`_decode_first`), or the intermediate of several: the decoder's state,
       the rows and the pixels written, then those pixels and each encoder in turn;
     * several variants too large to share an intermediate: each streamed on its own;
-    * and wherever `thumbnail` crops or rotates, the resized image it copies into memory first: a
-      "cover" crop to an 8192 x 1 strip of a 10,000 px square held all 8192 x 8192 of it (230 MiB).
+    * and wherever `thumbnail` rotates, the resized image it copies into memory first. (Its own
+      "cover" crop copied too: an 8192 x 1 strip of a 10,000 px square held all 8192 x 8192 of it,
+      230 MiB; `_Sizing` crops the resized rows as they stream, and holds none of them.)
     """
     width, height = _oriented_size(header)
     held = _held_bytes(fmt, header, data)
@@ -1532,10 +1560,9 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         # Decoded at the scaled size, before a "cover" crop.
         return math.ceil(scaled(scale) * _AT_TARGET_BYTES_PER_PIXEL) if at_target else 0
 
-    def copies(variant: Variant, scale: float, *, upright: bool = False) -> int:
-        # `thumbnail` copies the resized image into memory before a crop, and again before it rotates
-        # it upright (the intermediate of several variants is upright already).
-        return resized(scale) * ((variant.fit == "cover") + (rotated and not upright))
+    def copies(scale: float) -> int:
+        # `thumbnail` copies the resized image into memory before it rotates it upright.
+        return resized(scale) if rotated else 0
 
     def encoding(variant: Variant) -> tuple[int, str]:
         out_w, out_h = _output_size(variant, width, height)
@@ -1549,7 +1576,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
     def streamed(variant: Variant) -> _Need:
         scale = _scale_needed(variant, width, height)
         encoder, what = encoding(variant)
-        return _Need(decoding(scale) + copies(variant, scale) + encoder, what)
+        return _Need(decoding(scale) + copies(scale) + encoder, what)
 
     needs = [_Need(decode_bytes(fmt, header, data), f"decoding {source}")]
     if len(variants) == 1:
@@ -1560,7 +1587,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         out_w, out_h = _output_size(variant, width, height)
         pixels = out_w * out_h * bands
         encoder, what = encoding(variant)
-        written = _Need(decoding(scale) + copies(variant, scale) + pixels, what)
+        written = _Need(decoding(scale) + copies(scale) + pixels, what)
         return [*needs, written, _Need(pixels + encoder, what)]
     scale = max(_scale_needed(v, width, height) for v in variants)
     inter_w, inter_h = min(width, math.ceil(width * scale)), min(height, math.ceil(height * scale))
@@ -1575,8 +1602,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
     )
     for variant in variants:
         encoder, what = encoding(variant)
-        cut = copies(variant, _scale_needed(variant, width, height), upright=True)
-        needs.append(_Need(intermediate + cut + encoder, what))
+        needs.append(_Need(intermediate + encoder, what))
     return needs
 
 
@@ -1679,7 +1705,7 @@ def render(data: bytes, variants: Sequence[Variant], limits: Limits) -> list[Ren
         if len(variants) == 1:
             # One variant: one thumbnail straight to the target, streaming, shrinking during decode.
             variant = variants[0]
-            sizing = _Sizing.of(variant, *_oriented_size(header))
+            sizing = _Sizing.of(variant, *_oriented_size(header), alpha=header.hasalpha())
             colour = _colour_args(info.format, header, data)
             held = _decode_first(info.format, header, data, variant)
             image = sizing.from_source(data, colour, header)
@@ -1716,6 +1742,7 @@ def _render_many(
     deadline: _Deadline,
 ) -> list[Rendered]:
     width, height = _oriented_size(header)
+    alpha = header.hasalpha()
     scale = max(_scale_needed(v, width, height) for v in variants)
     # Smallest intermediate that is still at least as large as every variant needs; ceil so that rounding
     # never leaves it a pixel short (that would make a variant a pixel smaller than its single render).
@@ -1728,7 +1755,7 @@ def _render_many(
         results = []
         for variant in variants:
             own = _header(data, "heif") if heif else None
-            image = _Sizing.of(variant, width, height).from_source(data, colour, own)
+            image = _Sizing.of(variant, width, height, alpha=alpha).from_source(data, colour, own)
             results.append(_finish(image, variant, deadline))
         return results
 
@@ -1745,6 +1772,6 @@ def _render_many(
     for variant in variants:
         # The intermediate is already upright (thumbnail drops the orientation tag after rotating) and
         # already sRGB, so this is a pure resize/crop, sized from the source.
-        image = _Sizing.of(variant, width, height).from_image(intermediate)
+        image = _Sizing.of(variant, width, height, alpha=alpha).from_image(intermediate)
         results.append(_finish(image, variant, deadline))
     return results
