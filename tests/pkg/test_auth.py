@@ -308,6 +308,17 @@ async def test_garbage_is_invalid(garbage: str) -> None:
         assert "codec" not in refused.message and "segments" not in refused.message, refused.message
 
 
+async def test_a_jwt_whose_header_pyjwt_refuses_is_told_why() -> None:
+    # Three base64url parts and a JSON header: a JWT, not "not a JWT", whose `kid` is not a string.
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    token = f"{part({'alg': 'HS256', 'kid': 1})}.{part({'sub': 'alice', 'exp': int(time.time()) + 60})}.c2ln"
+    refused = await _rejected(_verifier(), token)
+    assert refused.code == "invalid_token"
+    assert "not a JWT" not in refused.message and "Key ID" in refused.message, refused.message
+
+
 @pytest.mark.parametrize(
     ("header", "token"),
     [

@@ -342,12 +342,16 @@ class TokenVerifier:
             raise AuthError("invalid_token", "the token is not valid: it is not ASCII")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except jwt.DecodeError:
             # pyjwt's reason quotes its decoders ("'utf-8' codec can't decode byte 0xb7 in position
             # 0"): what a client needs to know is what a token must look like.
             raise AuthError(
                 "invalid_token", "the token is not a JWT: three base64url parts, the first a JSON header"
             ) from None
+        except (
+            jwt.PyJWTError
+        ) as exc:  # a JWT, with a header pyjwt refuses ("Key ID header parameter must be a string")
+            raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
         algorithm = header.get("alg")
         # Checked before any key is looked up: `none`, HS* under a JWKS, anything not configured.
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:
