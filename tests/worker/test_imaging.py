@@ -762,6 +762,28 @@ def test_several_variants_share_one_decode(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1
 
 
+def test_the_largest_of_several_variants_is_the_intermediate_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The intermediate was sized by libvips within a box rounded up: 500 x 501 from 1000 x 1001 at
+    # half, for a largest variant of 500 x 500, which was then resampled again to lose a row.
+    resized: list[tuple[int, int]] = []
+    real = imaging._Sizing.from_image
+
+    def spy(self: imaging._Sizing, image: pyvips.Image) -> pyvips.Image:
+        if (image.width, image.height) != (self.width, self.height):
+            resized.append((self.width, self.height))
+        return real(self, image)
+
+    monkeypatch.setattr(imaging._Sizing, "from_image", spy)
+    data = gradient(1000, 1001).pngsave_buffer()
+    specs = [
+        Variant(name="large", width=500, height=300, fit="cover", format="png"),
+        Variant(name="b", width=100),
+    ]
+    large, small = render(data, specs, LIMITS)
+    assert (large.width, large.height, small.width, small.height) == (500, 300, 100, 100)
+    assert resized == [(100, 100)]
+
+
 def test_large_multi_variant_decodes_per_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     # Past the shared-intermediate budget the variants are decoded one by one (streaming, bounded memory).
     monkeypatch.setattr(imaging, "_SHARED_INTERMEDIATE_MAX_PIXELS", 100 * 100)

@@ -31,7 +31,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyvips
 from imgpipe.models import CONTENT_TYPES, Variant
@@ -948,14 +948,19 @@ class _Sizing:
 
     @classmethod
     def of(cls, variant: Variant, width: int, height: int, *, alpha: bool) -> _Sizing:
-        scale = _scale_needed(variant, width, height)
-        full_w, full_h = max(1, round(width * scale)), max(1, round(height * scale))
+        """`variant` made from a `width` x `height` image."""
+        whole = cls.whole(_scale_needed(variant, width, height), width, height, alpha=alpha)
         out_w, out_h = _output_size(variant, width, height)
-        crop = None
-        if (out_w, out_h) != (full_w, full_h):
-            # The centre, as libvips' own `crop="centre"` takes it (rounded down).
-            crop = ((full_w - out_w) // 2, (full_h - out_h) // 2, out_w, out_h)
-        return cls(full_w, full_h, crop, (width, height), alpha)
+        if (out_w, out_h) == (whole.width, whole.height):
+            return whole
+        # The centre, as libvips' own `crop="centre"` takes it (rounded down).
+        crop = ((whole.width - out_w) // 2, (whole.height - out_h) // 2, out_w, out_h)
+        return replace(whole, crop=crop)
+
+    @classmethod
+    def whole(cls, scale: float, width: int, height: int, *, alpha: bool) -> _Sizing:
+        """All of a `width` x `height` image, scaled by `scale`: each side rounded to the nearest."""
+        return cls(max(1, round(width * scale)), max(1, round(height * scale)), None, (width, height), alpha)
 
     def from_source(self, data: bytes, colour: dict[str, str], header: pyvips.Image | None) -> pyvips.Image:
         """The variant decoded from `data` (see `_from_buffer`), shrinking on load where it can."""
@@ -1590,7 +1595,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         written = _Need(decoding(scale) + copies(scale) + pixels, what)
         return [*needs, written, _Need(pixels + encoder, what)]
     scale = max(_scale_needed(v, width, height) for v in variants)
-    inter_w, inter_h = min(width, math.ceil(width * scale)), min(height, math.ceil(height * scale))
+    inter_w, inter_h = max(1, round(width * scale)), max(1, round(height * scale))  # `_render_many`'s
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         return [*needs, *(streamed(v) for v in variants)]
     intermediate = inter_w * inter_h * bands
@@ -1743,12 +1748,12 @@ def _render_many(
 ) -> list[Rendered]:
     width, height = _oriented_size(header)
     alpha = header.hasalpha()
-    scale = max(_scale_needed(v, width, height) for v in variants)
-    # Smallest intermediate that is still at least as large as every variant needs; ceil so that rounding
-    # never leaves it a pixel short (that would make a variant a pixel smaller than its single render).
-    inter_w = min(width, math.ceil(width * scale))
-    inter_h = min(height, math.ceil(height * scale))
-    if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
+    # The intermediate is the largest variant, uncropped: no other is larger (its sides are rounded
+    # from a smaller scale), and that one is cut from it as it is. (Sized by libvips within a box
+    # rounded up, it could be a row larger, 500 x 501 from 1000 x 1001 at half, and the largest
+    # variant was resampled again to lose it.)
+    shared = _Sizing.whole(max(_scale_needed(v, width, height) for v in variants), width, height, alpha=alpha)
+    if shared.width * shared.height > _SHARED_INTERMEDIATE_MAX_PIXELS:
         # Too big to hold: decode per variant instead, each one streaming. A HEIF's decode is chosen by
         # its header (`_from_buffer`): each gets its own, as a sequential image serves one pass only.
         heif = _loader(header) == "heifload"
@@ -1760,7 +1765,7 @@ def _render_many(
         return results
 
     deadline.check()
-    lazy = _from_buffer(data, inter_w, header=header, height=inter_h, size="down", **colour)
+    lazy = shared.from_source(data, colour, header)
     deadline.watch(lazy)
     # Decode (and colour-convert) once into memory; every variant is then cut from these pixels.
     intermediate = lazy.copy_memory()
