@@ -348,9 +348,8 @@ class TokenVerifier:
             raise AuthError(
                 "invalid_token", "the token is not a JWT: three base64url parts, the first a JSON header"
             ) from None
-        except (
-            jwt.PyJWTError
-        ) as exc:  # a JWT, with a header pyjwt refuses ("Key ID header parameter must be a string")
+        except jwt.PyJWTError as exc:
+            # A JWT, with a header pyjwt refuses ("Key ID header parameter must be a string").
             raise AuthError("invalid_token", f"the token is not valid: {exc}") from None
         algorithm = header.get("alg")
         # Checked before any key is looked up: `none`, HS* under a JWKS, anything not configured.
