@@ -345,6 +345,31 @@ def test_a_field_a_later_release_adds_with_a_default_leaves_the_fingerprint_as_i
     assert api_app._fingerprint(alice, JobRequest.model_validate(other)) != api_app._fingerprint(alice, now)
 
 
+async def test_a_retry_of_a_request_an_earlier_release_took_is_that_request(
+    alice: Client, alice_key: str, redis_client: aioredis.Redis
+) -> None:
+    # Releases before the fingerprint left defaults out stored it with them: a retry of a request one
+    # of them took, reaching this one, was `idempotency_key_reused`.
+    from imgpipe.auth import Principal
+    from imgpipe.models import JobRequest
+
+    body = {"source": {"key": alice_key}, "variants": [{"name": "card", "width": 600}]}
+    status, first, _ = await _post_job(alice, body, **{"Idempotency-Key": "k-before"})
+    assert status == 202
+    store = JobStore(redis_client, alice.stack.env["IMGPIPE_NAMESPACE"], retention=timedelta(hours=1))
+    claim = store._idem_key(alice.sub, "k-before")
+    held = json.loads(await redis_client.get(claim))
+    before = api_app._fingerprint_before(Principal(sub=alice.sub), JobRequest.model_validate(body))
+    assert held["fingerprint"] != before  # the two ways differ for this body
+    await redis_client.set(claim, json.dumps(held | {"fingerprint": before}), keepttl=True)
+    status, again, headers = await _post_job(alice, body, **{"Idempotency-Key": "k-before"})
+    assert (status, again["id"], headers.get("Idempotent-Replayed")) == (202, first["id"], "true")
+    status, other, _ = await _post_job(
+        alice, {**body, "variants": ["small"]}, **{"Idempotency-Key": "k-before"}
+    )
+    assert (status, other["error"]["code"]) == (422, "idempotency_key_reused")
+
+
 async def test_same_key_for_different_users_is_independent(alice: Client, bob: Client) -> None:
     jobs = []
     for client in (alice, bob):

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -569,13 +569,16 @@ class JobStore:
         digest = hashlib.sha256(key.encode()).hexdigest()[:32]
         return f"{self.namespace}:idem:{owner_id(owner)}:{digest}"
 
-    async def claim_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> Claim | None:
+    async def claim_idempotency(
+        self, owner: str, key: str, job_id: str, fingerprint: str, *, also: Collection[str] = ()
+    ) -> Claim | None:
         """Claim `key` for `job_id`; returns None when claimed, else the claim that holds it.
 
         The claim holds for `CLAIM_HOLD_S` only, until `create` writes its job's record and makes it
         last as long: a request that dies in between (a crash) leaves the key taken for minutes,
         not for the whole retention. Raises `IdempotencyConflict` when the key holds a different
-        request.
+        request: one whose fingerprint is neither `fingerprint` nor one of `also` (the same request
+        as an earlier release fingerprinted it).
         """
         value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
         existing = await self.calls.script(
@@ -584,7 +587,7 @@ class JobStore:
         if existing is None:
             return None
         held = json.loads(existing)
-        if held["fingerprint"] != fingerprint:
+        if held["fingerprint"] != fingerprint and held["fingerprint"] not in also:
             raise IdempotencyConflict(key)
         return Claim(str(held["job_id"]), bool(held.get("accepted") or held.get("answered")))
 

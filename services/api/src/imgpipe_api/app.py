@@ -256,6 +256,12 @@ def _fingerprint(principal: Principal, job: JobRequest) -> str:
     return hashlib.sha256(f"{principal.sub}\n{asked}".encode()).hexdigest()
 
 
+def _fingerprint_before(principal: Principal, job: JobRequest) -> str:
+    # What releases up to 2026-12-07 stored (defaults included): a retry of a request one of them
+    # took is still that request. Not needed once their keys have gone (the job retention).
+    return hashlib.sha256(f"{principal.sub}\n{job.model_dump_json()}".encode()).hexdigest()
+
+
 def _in_progress() -> ApiError:
     return ApiError(
         409,
@@ -381,7 +387,9 @@ async def _submit(
     fingerprint = _fingerprint(principal, job) if idem_key else ""
     if idem_key:
         try:
-            held = await store.claim_idempotency(principal.sub, idem_key, job_id, fingerprint)
+            held = await store.claim_idempotency(
+                principal.sub, idem_key, job_id, fingerprint, also=(_fingerprint_before(principal, job),)
+            )
         except IdempotencyConflict:
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
