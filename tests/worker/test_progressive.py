@@ -251,6 +251,22 @@ def test_render_matches_libvips_thumbnail_exactly(
     assert out.data == imaging._encode(expected, variant)
 
 
+@pytest.mark.parametrize("variants", [[_thumb(250, 250)], [_thumb(250, 250), _thumb(100, 100)]])
+def test_a_size_a_rounding_puts_a_side_under_16_still_decodes_from_the_dc_scans(
+    rewrites: list[bool], variants: list[Variant]
+) -> None:
+    # 4000 x 3000 at 1/16 is 250 x 187.5, rounded to 188: 3000 / 188 is 15.96, and with the sides
+    # forced, the smaller factor decided, so libvips decoded at 1/4 (2.4 times the CPU) what the
+    # 1/8 decode serves, resized by 1.995 after it.
+    data = progressive_jpeg(4000, 3000)
+    made = render(data, variants, Limits())
+    assert rewrites == [True]
+    assert (made[0].width, made[0].height) == (250, 188)
+    # What libvips makes of the 1/8 decode of the whole file, resized to that size: the same bytes.
+    eighth = pyvips.Image.new_from_buffer(data, "", shrink=8).thumbnail_image(250, height=188, size="force")
+    assert made[0].data == imaging._encode(eighth, variants[0])
+
+
 def test_exif_orientation_is_applied_on_the_dc_path(rewrites: list[bool]) -> None:
     image = photo(3200, 1600).copy()
     image.set_type(pyvips.GValue.gint_type, "orientation", 6)  # stored sideways: 1600 wide once upright
