@@ -340,34 +340,43 @@ def test_a_field_a_later_release_adds_with_a_default_leaves_the_fingerprint_as_i
     body = {"source": {"key": "uploads/a/b"}, "variants": ["thumb", {"name": "card", "width": 600}]}
     now, later = JobRequest.model_validate(body), LaterRequest.model_validate(body)
     assert later.model_dump_json() != now.model_dump_json()  # the new fields are in the dump
-    assert api_app._fingerprint(alice, later) == api_app._fingerprint(alice, now)
+    assert api_app._fingerprints(alice, later)[1] == api_app._fingerprints(alice, now)[1]
     other = {**body, "variants": ["small"]}
-    assert api_app._fingerprint(alice, JobRequest.model_validate(other)) != api_app._fingerprint(alice, now)
+    assert (
+        api_app._fingerprints(alice, JobRequest.model_validate(other))[1]
+        != api_app._fingerprints(alice, now)[1]
+    )
 
 
-async def test_a_retry_of_a_request_an_earlier_release_took_is_that_request(
+async def test_a_retry_is_the_same_request_to_the_releases_before_and_after_this_one(
     alice: Client, alice_key: str, redis_client: aioredis.Redis
 ) -> None:
-    # Releases before the fingerprint left defaults out stored it with them: a retry of a request one
-    # of them took, reaching this one, was `idempotency_key_reused`.
+    # Releases before 2026-12-07 store and compare the fingerprint with defaults included; later
+    # ones are to match it without defaults (a new defaulted field changes the other). A key holding
+    # either is this request, and the claim keeps the first where an older release reads it: with
+    # only the second, a retry reaching an older pod (or after a rollback) was `idempotency_key_reused`.
     from imgpipe.auth import Principal
     from imgpipe.models import JobRequest
 
     body = {"source": {"key": alice_key}, "variants": [{"name": "card", "width": 600}]}
-    status, first, _ = await _post_job(alice, body, **{"Idempotency-Key": "k-before"})
+    whole, asked = api_app._fingerprints(Principal(sub=alice.sub), JobRequest.model_validate(body))
+    assert whole != asked  # the two ways differ for this body
+    status, first, _ = await _post_job(alice, body, **{"Idempotency-Key": "k-releases"})
     assert status == 202
     store = JobStore(redis_client, alice.stack.env["IMGPIPE_NAMESPACE"], retention=timedelta(hours=1))
-    claim = store._idem_key(alice.sub, "k-before")
+    claim = store._idem_key(alice.sub, "k-releases")
     held = json.loads(await redis_client.get(claim))
-    before = api_app._fingerprint_before(Principal(sub=alice.sub), JobRequest.model_validate(body))
-    assert held["fingerprint"] != before  # the two ways differ for this body
-    await redis_client.set(claim, json.dumps(held | {"fingerprint": before}), keepttl=True)
-    status, again, headers = await _post_job(alice, body, **{"Idempotency-Key": "k-before"})
-    assert (status, again["id"], headers.get("Idempotent-Replayed")) == (202, first["id"], "true")
-    status, other, _ = await _post_job(
-        alice, {**body, "variants": ["small"]}, **{"Idempotency-Key": "k-before"}
-    )
-    assert (status, other["error"]["code"]) == (422, "idempotency_key_reused")
+    assert held["fingerprint"] == whole  # what an older release compares its own with
+    for written in (
+        {"job_id": held["job_id"], "fingerprint": whole, "accepted": True},  # by an older release
+        {"job_id": held["job_id"], "fingerprint": "0" * 64, "also": [asked], "accepted": True},  # a later one
+    ):
+        await redis_client.set(claim, json.dumps(written), keepttl=True)
+        status, again, headers = await _post_job(alice, body, **{"Idempotency-Key": "k-releases"})
+        assert (status, again["id"], headers.get("Idempotent-Replayed")) == (202, first["id"], "true")
+    other = {**body, "variants": ["small"]}
+    status, refused, _ = await _post_job(alice, other, **{"Idempotency-Key": "k-releases"})
+    assert (status, refused["error"]["code"]) == (422, "idempotency_key_reused")
 
 
 async def test_same_key_for_different_users_is_independent(alice: Client, bob: Client) -> None:

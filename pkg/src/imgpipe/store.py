@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -356,6 +356,11 @@ class Grant:
     expires_at: float
 
 
+def _claim(job_id: str, fingerprint: str, also: Sequence[str]) -> dict[str, object]:
+    """An idempotency claim as stored: releases before 2026-12-07 read `job_id` and `fingerprint`."""
+    return {"job_id": job_id, "fingerprint": fingerprint, **({"also": list(also)} if also else {})}
+
+
 def _parse(version: int, data: bytes | str | None) -> JobRecord | None:
     if not data:
         return None
@@ -570,33 +575,36 @@ class JobStore:
         return f"{self.namespace}:idem:{owner_id(owner)}:{digest}"
 
     async def claim_idempotency(
-        self, owner: str, key: str, job_id: str, fingerprint: str, *, also: Collection[str] = ()
+        self, owner: str, key: str, job_id: str, fingerprint: str, *, also: Sequence[str] = ()
     ) -> Claim | None:
         """Claim `key` for `job_id`; returns None when claimed, else the claim that holds it.
 
         The claim holds for `CLAIM_HOLD_S` only, until `create` writes its job's record and makes it
         last as long: a request that dies in between (a crash) leaves the key taken for minutes,
         not for the whole retention. Raises `IdempotencyConflict` when the key holds a different
-        request: one whose fingerprint is neither `fingerprint` nor one of `also` (the same request
-        as an earlier release fingerprinted it).
+        request: one none of whose fingerprints is `fingerprint` or one of `also` (other ways of
+        fingerprinting the same request, of releases before or after; `fingerprint` is the one
+        every release reads).
         """
-        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint})
+        value = json.dumps(_claim(job_id, fingerprint, also))
         existing = await self.calls.script(
             self._claim_script, [self._idem_key(owner, key)], [value, min(CLAIM_HOLD_S, self.retention_s)]
         )
         if existing is None:
             return None
         held = json.loads(existing)
-        if held["fingerprint"] != fingerprint and held["fingerprint"] not in also:
+        if {held["fingerprint"], *held.get("also", ())}.isdisjoint({fingerprint, *also}):
             raise IdempotencyConflict(key)
         return Claim(str(held["job_id"]), bool(held.get("accepted") or held.get("answered")))
 
-    async def accept_idempotency(self, owner: str, key: str, job_id: str, fingerprint: str) -> None:
+    async def accept_idempotency(
+        self, owner: str, key: str, job_id: str, fingerprint: str, *, also: Sequence[str] = ()
+    ) -> None:
         """Note on the claim of `key` that its job is in the broker: a replay can answer for it at once.
 
         Only an existing claim is rewritten, and it keeps its expiry.
         """
-        value = json.dumps({"job_id": job_id, "fingerprint": fingerprint, "accepted": True})
+        value = json.dumps(_claim(job_id, fingerprint, also) | {"accepted": True})
         await self.calls.command("SET", self._idem_key(owner, key), value, "XX", "KEEPTTL")
 
     async def release_idempotency(self, owner: str, key: str, job_id: str) -> None:

@@ -248,18 +248,18 @@ def _check_grant(grant: Grant, head: dict) -> None:
         )
 
 
-def _fingerprint(principal: Principal, job: JobRequest) -> str:
-    # What the client asked for, defaults left out: a field a later release adds with a default
-    # does not change it, so a retry that reaches the other release's pod during a rolling upgrade
-    # is the same request (and a body that spells out a default is the one that leaves it out).
-    asked = job.model_dump_json(exclude_defaults=True)
-    return hashlib.sha256(f"{principal.sub}\n{asked}".encode()).hexdigest()
+def _fingerprints(principal: Principal, job: JobRequest) -> tuple[str, str]:
+    """The request's fingerprint as releases up to 2026-12-07 make it (defaults included: what
+    they store and compare, so a retry that reaches one of their pods, or follows a rollback, is
+    the same request there), and without defaults (a field a later release adds with a default
+    does not change it, so a retry reaching such a release's pod is the same request too). A key
+    holding either is this request. The first can go once no release before this one runs and
+    their keys have expired (the job retention)."""
 
+    def digest(dump: str) -> str:
+        return hashlib.sha256(f"{principal.sub}\n{dump}".encode()).hexdigest()
 
-def _fingerprint_before(principal: Principal, job: JobRequest) -> str:
-    # What releases up to 2026-12-07 stored (defaults included): a retry of a request one of them
-    # took is still that request. Not needed once their keys have gone (the job retention).
-    return hashlib.sha256(f"{principal.sub}\n{job.model_dump_json()}".encode()).hexdigest()
+    return digest(job.model_dump_json()), digest(job.model_dump_json(exclude_defaults=True))
 
 
 def _in_progress() -> ApiError:
@@ -384,12 +384,10 @@ async def _submit(
     clock = _StageClock()
     store = request.app[resources.STORE]
     publisher: Publisher = request.app[resources.PUBLISHER]
-    fingerprint = _fingerprint(principal, job) if idem_key else ""
+    fingerprint, asked = _fingerprints(principal, job) if idem_key else ("", "")
     if idem_key:
         try:
-            held = await store.claim_idempotency(
-                principal.sub, idem_key, job_id, fingerprint, also=(_fingerprint_before(principal, job),)
-            )
+            held = await store.claim_idempotency(principal.sub, idem_key, job_id, fingerprint, also=(asked,))
         except IdempotencyConflict:
             raise ApiError(
                 422, "idempotency_key_reused", "this Idempotency-Key was used for a different request"
@@ -456,7 +454,7 @@ async def _submit(
 
     if idem_key:
         try:
-            await store.accept_idempotency(principal.sub, idem_key, job_id, fingerprint)
+            await store.accept_idempotency(principal.sub, idem_key, job_id, fingerprint, also=(asked,))
         except Exception:
             # The job is in the broker all the same; replays answer for it once the window is past.
             log.warning("could not mark the Idempotency-Key accepted")
