@@ -923,6 +923,11 @@ def _scale_needed(variant: Variant, width: int, height: int) -> float:
     return min(scale, 1.0)
 
 
+def _scaled(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A `width` x `height` image scaled by `scale`: each side rounded to the nearest, at least 1."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 @dataclass(frozen=True)
 class _Sizing:
     """How one variant is cut from an upright image: scaled to exactly `width` x `height` (`size=
@@ -960,7 +965,7 @@ class _Sizing:
     @classmethod
     def whole(cls, scale: float, width: int, height: int, *, alpha: bool) -> _Sizing:
         """All of a `width` x `height` image, scaled by `scale`: each side rounded to the nearest."""
-        return cls(max(1, round(width * scale)), max(1, round(height * scale)), None, (width, height), alpha)
+        return cls(*_scaled(width, height, scale), None, (width, height), alpha)
 
     def from_source(self, data: bytes, colour: dict[str, str], header: pyvips.Image | None) -> pyvips.Image:
         """The variant decoded from `data` (see `_from_buffer`), shrinking on load where it can."""
@@ -1097,6 +1102,31 @@ def _bmff_child(data: bytes, start: int, end: int, kind: bytes) -> tuple[int, in
     return next(((s, e) for k, s, e in _bmff_boxes(data, start, end) if k == kind), None)
 
 
+@dataclass(frozen=True)
+class _HeifMeta:
+    """Where a HEIF file's `meta` box keeps what the readers below need: its body (past version and
+    flags), the primary item's id (`pitm`), and its item properties (`ipco`) and their associations
+    (`ipma`)."""
+
+    body: tuple[int, int]
+    primary: int
+    ipco: tuple[int, int] | None
+    ipma: tuple[int, int] | None
+
+    @classmethod
+    def read(cls, data: bytes) -> _HeifMeta | None:
+        """None when there is no `meta`, `pitm` or `iprp`; `struct.error`/`IndexError` when cut off."""
+        meta = _bmff_child(data, 0, len(data), b"meta")
+        if meta is None:
+            return None
+        body = (meta[0] + 4, meta[1])  # a full box: version and flags first
+        pitm, iprp = _bmff_child(data, *body, b"pitm"), _bmff_child(data, *body, b"iprp")
+        if pitm is None or iprp is None:
+            return None
+        primary = struct.unpack_from(">I" if data[pitm[0]] >= 1 else ">H", data, pitm[0] + 4)[0]
+        return cls(body, primary, _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma"))
+
+
 def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
     """What libheif decodes for a HEIF file's primary image, by the sizes its boxes declare: (the
     pixels of every coded image it decodes, a grid's or an overlay's inputs counted as often as they
@@ -1105,17 +1135,11 @@ def _heif_coded_pixels(data: bytes) -> tuple[int, int] | None:
     whose header said 16 x 16 decoded 16 tiles of 8192 x 8192 (17 s in one call no deadline reaches,
     1 GB). None when the boxes cannot be read."""
     try:
-        meta = _bmff_child(data, 0, len(data), b"meta")
+        meta = _HeifMeta.read(data)
         if meta is None:
             return None
-        body = (meta[0] + 4, meta[1])
-        pitm = _bmff_child(data, *body, b"pitm")
-        iprp = _bmff_child(data, *body, b"iprp")
-        if pitm is None or iprp is None:
-            return None
-        primary = struct.unpack_from(">I" if data[pitm[0]] >= 1 else ">H", data, pitm[0] + 4)[0]
-        ipco, ipma = _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma")
-        sizes = _heif_item_sizes(data, ipco, ipma, largest=True)
+        body, primary = meta.body, meta.primary
+        sizes = _heif_item_sizes(data, meta.ipco, meta.ipma, largest=True)
         iref = _bmff_child(data, *body, b"iref")
         inputs = _heif_references(data, iref, b"dimg")
         # Images decoded with an image: its auxiliary ones (alpha, which libheif decodes for a grid's
@@ -1329,23 +1353,15 @@ def _heif_display_p3(data: bytes) -> bool:
     of its own has its first tile's, as libheif gives it. (Called for a file libvips found no ICC
     profile in: one beside the code points would be what it converts with.)"""
     try:
-        meta = _bmff_child(data, 0, len(data), b"meta")
-        if meta is None:
-            return False
-        body = (meta[0] + 4, meta[1])
-        pitm, iprp = _bmff_child(data, *body, b"pitm"), _bmff_child(data, *body, b"iprp")
-        if pitm is None or iprp is None:
-            return False
-        primary = struct.unpack_from(">I" if data[pitm[0]] >= 1 else ">H", data, pitm[0] + 4)[0]
-        ipco, ipma = _bmff_child(data, *iprp, b"ipco"), _bmff_child(data, *iprp, b"ipma")
-        if ipco is None or ipma is None:
+        meta = _HeifMeta.read(data)
+        if meta is None or meta.ipco is None or meta.ipma is None:
             return False
         colours: dict[int, list[int]] = {}  # each item's colour boxes (where their bodies start)
-        for item, properties in _heif_associations(data, ipco, ipma):
+        for item, properties in _heif_associations(data, meta.ipco, meta.ipma):
             colours.setdefault(item, []).extend(start for kind, start in properties if kind == b"colr")
-        boxes = colours.get(primary)
+        boxes = colours.get(meta.primary)
         if not boxes:
-            tiles = _heif_references(data, _bmff_child(data, *body, b"iref"), b"dimg").get(primary)
+            tiles = _heif_references(data, _bmff_child(data, *meta.body, b"iref"), b"dimg").get(meta.primary)
             boxes = colours.get(tiles[0], []) if tiles else []
         for start in boxes:
             if data[start : start + 4] == b"nclx":
@@ -1479,7 +1495,7 @@ def encode_bytes(fmt: str, width: int, height: int, *, alpha: bool, quality: int
 def _output_size(variant: Variant, width: int, height: int) -> tuple[int, int]:
     """The size `variant` comes out at from a `width` x `height` (upright) image."""
     scale = _scale_needed(variant, width, height)
-    out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    out_w, out_h = _scaled(width, height, scale)
     if variant.fit == "cover":
         out_w, out_h = min(out_w, variant.width or out_w), min(out_h, variant.height or out_h)
     return out_w, out_h
@@ -1559,7 +1575,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
     source = f"this {header.width}x{header.height} {fmt}"
 
     def scaled(scale: float) -> int:
-        return max(1, round(width * scale)) * max(1, round(height * scale))
+        return math.prod(_scaled(width, height, scale))
 
     def resized(scale: float) -> int:
         return scaled(scale) * bands
@@ -1598,7 +1614,7 @@ def _job_needs(fmt: str, header: pyvips.Image, data: bytes, variants: Sequence[V
         written = _Need(decoding(scale) + copies(scale) + pixels, what)
         return [*needs, written, _Need(pixels + encoder, what)]
     scale = max(_scale_needed(v, width, height) for v in variants)
-    inter_w, inter_h = max(1, round(width * scale)), max(1, round(height * scale))  # `_render_many`'s
+    inter_w, inter_h = _scaled(width, height, scale)  # the intermediate `_render_many` makes
     if inter_w * inter_h > _SHARED_INTERMEDIATE_MAX_PIXELS:
         return [*needs, *(streamed(v) for v in variants)]
     intermediate = inter_w * inter_h * bands
