@@ -643,6 +643,31 @@ def test_alpha_edges_are_resized_premultiplied_when_one_side_keeps_its_size(
     assert _reddest_edge(made) >= 240, (made.width, made.height)
 
 
+@pytest.mark.parametrize(
+    ("size", "orientation", "variants"),
+    [
+        # libwebp scales while decoding to 1066 x 453: the height is the target's, so `thumbnail`
+        # resized the width alone, unpremultiplied (38 of 255 red).
+        ((1155, 491), 1, [variant(width=1065, format="png")]),
+        ((1087, 457), 1, [variant(width=646, height=160, fit="cover", format="png")]),
+        # Stored 135 x 1385, upright 1385 x 135: the side that lands on its target is the stored height.
+        ((135, 1385), 5, [variant(width=1301, format="png")]),
+        # The shared intermediate of several variants is decoded the same way (58 of 255).
+        ((1155, 491), 1, [variant(width=1065, format="png"), variant(name="b", width=100)]),
+    ],
+)
+def test_alpha_edges_of_a_webp_scaled_while_decoding_are_premultiplied(
+    size: tuple[int, int], orientation: int, variants: list[Variant]
+) -> None:
+    image = pyvips.Image.new_from_buffer(_red_on_transparent_black(*size), "")
+    image.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+    webp = image.webpsave_buffer(lossless=True, keep="exif")
+    made = render(webp, variants, LIMITS)[0]
+    upright = size[::-1] if orientation >= 5 else size
+    assert (made.width, made.height) == imaging._output_size(variants[0], *upright)
+    assert _reddest_edge(made) >= 240, (made.width, made.height)
+
+
 def test_cover_gives_exact_box_and_inside_never_exceeds() -> None:
     data = gradient(600, 400).jpegsave_buffer()
     cover = one(data, width=100, height=100, fit="cover")

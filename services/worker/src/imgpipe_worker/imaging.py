@@ -974,6 +974,8 @@ class _Sizing:
             width, height = self.source
             image = _from_buffer(data, width, header=header, height=height, size="force", **colour)
             return self._cut(self._premultiplied(image))
+        if self.alpha and sniff(data) == "webp":
+            return self._cut(self._from_webp(data, colour))
         return self._cut(_from_buffer(data, self.width, header=header, **colour, **self._args))
 
     def from_image(self, image: pyvips.Image) -> pyvips.Image:
@@ -981,6 +983,23 @@ class _Sizing:
         if self._one_side_only(image.width, image.height):
             return self._cut(self._premultiplied(image))
         return self._cut(image.thumbnail_image(self.width, **self._args))
+
+    def _from_webp(self, data: bytes, colour: dict[str, str]) -> pyvips.Image:
+        # libwebp scales while it decodes, and `thumbnail` has it scale by the smaller of the two
+        # sides' shrinks: that side comes out at its target, and when the other's rounding misses it
+        # by a pixel, that side is resized alone, not premultiplied (transparent black bled into 19 of
+        # 200 random sizes' edges, 38 of 255 red). Loaded the same way here, that case is caught.
+        width, height = self.source
+        scale = max(self.width / width, self.height / height)
+        loaded = pyvips.Image.webpload_source(
+            _memory(data), scale=scale, access="sequential", fail_on=_fail_on(data)
+        )
+        upright = _oriented_size(loaded)
+        if self._one_side_only(*upright):
+            # Made upright and sRGB at the size it has (so not resized), then resized premultiplied.
+            image = loaded.thumbnail_image(upright[0], height=upright[1], size="force", **colour)
+            return self._premultiplied(image)
+        return loaded.thumbnail_image(self.width, **colour, **self._args)
 
     @property
     def _args(self) -> dict[str, object]:
