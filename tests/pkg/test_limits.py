@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 import redis.asyncio as aioredis
-from imgpipe.limits import RATE_LIMITED, TOO_MANY_ACTIVE_JOBS, Limits
+from imgpipe.limits import QUOTA_RECHECK_S, RATE_LIMITED, TOO_MANY_ACTIVE_JOBS, Limits
 from imgpipe.models import PRESETS, JobRecord, KeySource
 from imgpipe.resources import redis_client as service_redis_client
 from imgpipe.settings import RedisSettings
@@ -185,7 +185,7 @@ async def test_a_finished_job_frees_its_slot(limits: Limits, redis_client: aiore
     current = await store.get(records[0].id)
     assert current is not None
     await store.mark_failed(current, "internal_error", "boom")
-    decision = await _admit(limits, "next", max_active=2)
+    decision = await _admit(limits, "next", max_active=2, now=T0 + QUOTA_RECHECK_S)
     assert (decision.allowed, decision.active) == (True, 2)
     assert await limits.active_jobs("alice") == 2  # the finished one was dropped
 
@@ -204,6 +204,26 @@ async def test_an_admitted_job_without_a_record_yet_keeps_its_slot_for_the_grace
     assert not (await _admit(limits, "b", max_active=1, now=T0 + limits.grace_s - 1)).allowed
     # A request that died between the two never writes it; its slot comes back after the grace.
     assert (await _admit(limits, "b", max_active=1, now=T0 + limits.grace_s + 1)).allowed
+
+
+async def test_a_full_quota_is_looked_at_again_only_after_the_recheck(
+    limits: Limits, redis_client: aioredis.Redis, ns: str
+) -> None:
+    """A refusal spends no rate: a client that ignored `Retry-After` had Redis walk the owner's jobs
+    on every try. Refused once after a look, the owner is refused without one until the recheck."""
+    for job in ("a", "b"):
+        assert (await _admit(limits, job, max_active=2)).allowed
+        await _job_hash(redis_client, ns, job, 1)
+    assert not (await _admit(limits, "c", max_active=2)).allowed  # looked at both: active
+    await _job_hash(redis_client, ns, "a", 2)  # finished just after
+    soon = await _admit(limits, "c", max_active=2, now=T0 + QUOTA_RECHECK_S / 2)
+    assert (soon.allowed, soon.code, soon.active) == (False, TOO_MANY_ACTIVE_JOBS, 2)
+    assert await limits.active_jobs("alice") == 2  # not looked at: "a" is still counted
+    later = await _admit(limits, "c", max_active=2, now=T0 + QUOTA_RECHECK_S)
+    assert (later.allowed, later.active) == (True, 2)
+    # A slot given back is seen at once: the set is not full any more.
+    await limits.release_job("alice", "c")
+    assert (await _admit(limits, "d", max_active=2, now=T0 + QUOTA_RECHECK_S)).allowed
 
 
 async def test_release_gives_the_slot_back(limits: Limits, redis_client: aioredis.Redis, ns: str) -> None:
@@ -249,7 +269,7 @@ async def test_rate_and_quota_are_decided_together(
     for _ in range(10):
         assert (await _admit(limits, "x", max_active=2, rate=5)).code == TOO_MANY_ACTIVE_JOBS
     await _job_hash(redis_client, ns, "j0", 2)
-    accepted = await _admit(limits, "j2", max_active=2, rate=5)
+    accepted = await _admit(limits, "j2", max_active=2, rate=5, now=T0 + QUOTA_RECHECK_S)
     assert (accepted.allowed, accepted.remaining) == (True, 2)
     # The rate refuses: no slot is taken by it.
     await redis_client.delete(f"{ns}:job:j1", f"{ns}:job:j2")  # both gone: quota is free
@@ -304,6 +324,7 @@ async def test_an_admission_whose_reply_was_lost_is_not_spent_twice(
         relay.lose_reply_to(b"EVALSHA")
         admitted = await through.admit_job("alice", "job-a", **budget)
         assert admitted.allowed, admitted
+        assert admitted.headers() == {}  # what is left is not known: no `RateLimit-Remaining: -1`
         assert await redis_client.zrange(through.active_key("alice"), 0, -1) == [b"job-a"]
         # The hour's one job is this one: the next is refused for the rate, not let through.
         refused = await through.admit_job("alice", "job-b", **budget)
