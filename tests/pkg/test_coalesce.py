@@ -18,8 +18,11 @@ from imgpipe import coalesce
 from imgpipe.coalesce import Coalescer
 from imgpipe.limits import Limits
 from imgpipe.store import JobStore
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tests.stack import REDIS_URL, delete_keys, free_port
 
@@ -151,6 +154,79 @@ async def test_a_command_error_reaches_its_caller_only(redis_client: aioredis.Re
     assert good == [b"1", None]
     assert isinstance(bad, ResponseError) and "WRONGTYPE" in str(bad)
     assert also_good == b"x"
+
+
+@pytest.mark.parametrize("unsendable", [None, "\ud800"], ids=["none", "lone-surrogate"])
+async def test_an_argument_that_cannot_be_sent_fails_its_own_call_only(
+    redis_client: aioredis.Redis, prefix: str, unsendable: object
+) -> None:
+    """redis-py finds such an argument while it packs the pipeline, and raised it for the whole
+    batch: a `GET` beside a `SET` of None failed with the `SET`'s `DataError`."""
+    await redis_client.set(f"{prefix}:there", "x")
+    coalescer = Coalescer(redis_client)
+
+    bad, got, counted = await asyncio.gather(
+        coalescer.command("SET", f"{prefix}:bad", unsendable),
+        coalescer.command("GET", f"{prefix}:there"),
+        coalescer.command("INCR", f"{prefix}:n"),
+        return_exceptions=True,
+    )
+
+    assert isinstance(bad, DataError | UnicodeEncodeError), bad
+    assert (got, counted) == (b"x", 1)
+    assert await redis_client.get(f"{prefix}:n") == b"1"  # sent once, not again by the fallback
+
+
+async def test_a_plain_evalsha_answered_noscript_gets_that_answer(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    """Only `script()` calls are loaded again; a `command("EVALSHA", ...)` of a script Redis does not
+    have stopped the batch's task on an assertion, and its caller waited for ever."""
+    coalescer = Coalescer(redis_client)
+    async with asyncio.timeout(10):
+        missing, got = await asyncio.gather(
+            coalescer.command("EVALSHA", "0" * 40, 0),
+            coalescer.command("GET", f"{prefix}:absent"),
+            return_exceptions=True,
+        )
+    assert isinstance(missing, NoScriptError), missing
+    assert got is None
+
+
+async def test_a_redis_that_does_not_answer_fails_the_calls_queued_behind_the_batch_too() -> None:
+    """Against a server that takes connections and never answers, each batch waited out the socket
+    timeout, and the calls queued behind it then went out to wait it out again: a crowd got its
+    errors in turns (5, 10, 15 s with the services' 5 s), the next batch on a new connection (the
+    timed-out one is dropped). They fail with the batch now, unsent."""
+    connections = 0
+    arrived = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while await reader.read(65536):
+            arrived.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    # As the services' client (`resources.redis_client`) but for the timeout: no retry of a timeout.
+    client = aioredis.Redis(
+        port=port, socket_timeout=0.5, retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    )
+    coalescer = Coalescer(client)
+    try:
+        async with asyncio.timeout(10):
+            first = asyncio.ensure_future(coalescer.command("ECHO", "first"))
+            await arrived.wait()  # the batch is out (its connection's handshake first), unanswered
+            behind = [asyncio.ensure_future(coalescer.command("ECHO", f"behind-{i}")) for i in range(3)]
+            outcomes = await asyncio.gather(first, *behind, return_exceptions=True)
+        assert all(isinstance(o, RedisTimeoutError) for o in outcomes), outcomes
+        assert connections == 1  # the calls behind were not sent: no second batch, no new connection
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("callers", [1, 8])

@@ -13,9 +13,13 @@ batch carries at most `MAX_BATCH` calls; a larger crowd goes out in several, one
 
 Nothing changes for the commands themselves: each is atomic on its own as before (a script runs
 whole), and each caller gets its own reply or its own error. A connection failure fails every call
-of the batch with the same error, as it would have failed each of them alone; a script Redis has
-lost is loaded again and run again, and only its own callers hear of it if that fails. One call alone, the
-usual case at light load, goes out as a plain call, which costs less than a pipeline of one.
+of the batch with the same error, as it would have failed each of them alone; a timeout (a Redis
+that takes connections and does not answer) fails the calls queued behind the batch too, at once:
+they have waited as long as the batch, and sent next they would wait as long again, a crowd in
+turns of the socket timeout each. A script Redis has lost is loaded again and run again, and only
+its own callers hear of it if that fails; an argument that cannot be sent (no bytes for it) fails
+its own call only. One call alone, the usual case at light load, goes out as a plain call, which
+costs less than a pipeline of one.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 _Call = tuple[tuple[Any, ...], "AsyncScript | None", asyncio.Future]
+
+# What redis-py raises for an argument it cannot turn into bytes (None, a lone surrogate): while it
+# packs the commands, before any of them is sent. Not Redis' answer, so the batch is not lost.
+_UNSENDABLE = (DataError, UnicodeEncodeError)
 
 #: The most calls one pipeline carries; the rest go in the next. Every caller of a batch waits for
 #: all of it: 100,000 calls at once made one pipeline of 2.9 s, close to the client's socket
@@ -90,7 +99,9 @@ class Coalescer:
         replies = await self._attempt(batch)
         if replies is None:
             return
-        lost_at = {i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)}
+        # A plain `command("EVALSHA", ...)` answered NOSCRIPT has that for its reply: there is no script
+        # to load again.
+        lost_at = {i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError) and batch[i][1]}
         # Every other call has its reply now, whatever happens to the lost scripts' second run: a
         # caller whose command ran is never told it failed.
         _settle(
@@ -125,6 +136,10 @@ class Coalescer:
             return await self._run(batch)
         except (Exception, asyncio.CancelledError) as exc:
             _fail(batch, exc)
+            if isinstance(exc, RedisTimeoutError | TimeoutError):
+                # Redis did not answer within the socket timeout: those queued meanwhile get the same.
+                waiting, self._pending = self._pending, []
+                _fail(waiting, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
@@ -132,14 +147,23 @@ class Coalescer:
     async def _run(self, batch: list[_Call]) -> list[Any]:
         """The replies to `batch`, in order; a command's own error is its reply, not raised."""
         if len(batch) == 1:
-            try:
-                return [await self._client.execute_command(*batch[0][0])]
-            except ResponseError as exc:
-                return [exc]
+            return [await self._one(batch[0][0])]
         pipe = self._client.pipeline(transaction=False)
         for args, _, _ in batch:
             pipe.execute_command(*args)
-        return await pipe.execute(raise_on_error=False)
+        try:
+            return await pipe.execute(raise_on_error=False)
+        except _UNSENDABLE:
+            # One call's argument stopped the packing, before anything went out: each call alone
+            # now, so that only its own caller hears of it.
+            return [await self._one(args) for args, _, _ in batch]
+
+    async def _one(self, args: tuple[Any, ...]) -> Any:
+        """The reply to one command; its own error (Redis', or an argument it cannot send) as its reply."""
+        try:
+            return await self._client.execute_command(*args)
+        except (ResponseError, *_UNSENDABLE) as exc:
+            return exc
 
 
 def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
