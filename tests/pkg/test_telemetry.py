@@ -23,6 +23,7 @@ from imgpipe.telemetry import (
     SECRET_ENV_VARS,
     SECRET_URL_ENV_VARS,
     Redactor,
+    clean_request_id,
     job_id_var,
     request_id_var,
     setup_logging,
@@ -463,3 +464,23 @@ def test_a_refused_common_setting_without_an_environment_is_a_production_line() 
     lines = _lines(done.stderr)
     assert "Traceback" not in done.stderr
     assert any("IMGPIPE_LOG_LEVEL" in line.get("error", "") for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("abc-123", True),
+        (b"job.42:retry_1", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("abc\n", False),  # `$` matched before a final newline: a line break into every log line
+        ("a\nb", False),
+        ("é", False),
+        ('a"}{b', False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_only_a_plain_bounded_request_id_is_kept(value: object, kept: bool) -> None:
+    expected = (value.decode() if isinstance(value, bytes) else value) if kept else None
+    assert clean_request_id(value) == expected

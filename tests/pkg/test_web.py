@@ -62,6 +62,55 @@ async def test_a_client_that_goes_away_is_not_counted_as_a_server_error() -> Non
     assert _requests("/slow", "500") == before[0]
 
 
+async def test_a_reset_of_a_connection_of_ours_is_a_500_not_a_client_that_left(
+    http: aiohttp.ClientSession,
+) -> None:
+    """Taken for the client hanging up, it was counted 499 and left to aiohttp: its plain 500 with
+    no request id, and an ERROR line of its own with none either."""
+
+    async def upstream_reset(_: web.Request) -> web.Response:
+        raise ConnectionResetError("a dependency's socket was reset")
+
+    app = base_app("webtest", environment="test")
+    app.router.add_get("/reset", upstream_reset)
+    before = _requests("/reset", "500"), _requests("/reset", "499")
+    async with (
+        local_http(app) as base,
+        aiohttp.ClientSession() as http,
+        http.get(f"{base}/reset") as response,
+    ):
+        assert response.status == 500
+        assert (await response.json())["error"]["code"] == "internal_error"
+        assert response.headers["X-Request-ID"]
+    assert (_requests("/reset", "500"), _requests("/reset", "499")) == (before[0] + 1, before[1])
+
+
+async def test_a_stream_whose_handler_fails_is_cut_short_not_followed_by_a_second_answer() -> None:
+    """The 500 was written into the stream's body, a second status line inside the first answer."""
+
+    async def stream_then_fail(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        raise RuntimeError("a bug, mid-stream")
+
+    app = base_app("webtest", environment="test")
+    app.router.add_get("/stream", stream_then_fail)
+    async with local_http(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the connection is closed
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"data: one" in answer
+    assert answer.count(b"HTTP/1.1") == 1, answer
+    assert not answer.endswith(b"0\r\n\r\n")  # no last chunk: the client can tell it was cut short
+    assert _requests("/stream", "500") >= 1
+
+
 def _lag(suffix: str, **labels: str) -> float:
     return (
         REGISTRY.get_sample_value(

@@ -26,7 +26,7 @@ from imgpipe.settings import LOCAL_ENVIRONMENTS, CommonSettings, load
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def clean_request_id(value: object) -> str | None:
@@ -37,7 +37,8 @@ def clean_request_id(value: object) -> str | None:
     """
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+    # fullmatch: `$` would also match before a final newline ("abc\n"), which AMQP headers can carry.
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else None
 
 
 # Buckets sized for image work: tens of milliseconds up to the job time limit.

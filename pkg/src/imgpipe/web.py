@@ -192,20 +192,36 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
             }
             response = error_response(exc.status, code, exc.reason or code, kept or None)
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = 499  # the client went away (nginx's code): not a server error in the metrics
-            raise
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            if isinstance(exc, asyncio.CancelledError) or _client_gone(request):
+                status = 499  # the client went away (nginx's code): not a server error in the metrics
+                raise
+            # A connection of ours reset (a dependency's), the client still there: our fault.
+            log.exception("unhandled error", extra={"path": request.path})
+            response = _internal_error()
         except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             response = _internal_error()
         status = response.status
         if not response.prepared:
-            response.headers["X-Request-ID"] = request_id
+            if request.writer.output_size > 0:
+                # The handler's own answer had begun (a stream) when it failed: another cannot
+                # follow it on this connection, where it would land inside the first one's body.
+                # Closed, the connection ends that answer short, which is what the client sees.
+                if request.transport is not None:
+                    request.transport.close()
+            else:
+                response.headers["X-Request-ID"] = request_id
         return response
     finally:
         HTTP_REQUESTS.labels(service, request.method, route, str(status)).inc()
         HTTP_LATENCY.labels(service, request.method, route).observe(time.perf_counter() - started)
         request_id_var.reset(token)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def authenticate(request: web.Request, *, allow_query_token: bool = False) -> Principal:
