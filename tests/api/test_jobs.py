@@ -832,16 +832,30 @@ async def test_a_claim_made_before_its_reply_was_lost_is_let_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Redis makes the Idempotency-Key's claim and its reply is lost: the request answers 503, and the
-    retry it asks for was answered 409 idempotency_in_progress for ten minutes, with nothing in progress."""
+    retry it asks for was answered 409 idempotency_in_progress for ten minutes, with nothing in progress.
+    The claim is let go beside the answer, not before it: after a timeout, that is another timeout."""
     base, app, _ = cancelling_api
     store = app[resources.STORE]
     restore = _reply_lost(monkeypatch, store, "claim_idempotency")
     body = {"source": {"url": "https://example.com/photo.jpg"}}
     headers = {"Authorization": f"Bearer {token('alice')}", "Idempotency-Key": "lost-claim"}
-    status, answer = await _post(http, f"{base}/jobs", body, headers)
-    assert (status, answer["error"]["code"]) == (503, "store_unavailable")
-    assert await redis_client.get(store._idem_key("alice", "lost-claim")) is None
+    # The release goes on after the answer: held back here until the 503 is in.
+    real_release, answered = store.release_idempotency, asyncio.Event()
 
+    async def release_after_the_answer(*args: Any, **kwargs: Any) -> Any:
+        await answered.wait()
+        return await real_release(*args, **kwargs)
+
+    monkeypatch.setattr(store, "release_idempotency", release_after_the_answer)
+    async with asyncio.timeout(10):  # awaited before answering, the release held the 503 back
+        status, answer = await _post(http, f"{base}/jobs", body, headers)
+    assert (status, answer["error"]["code"]) == (503, "store_unavailable")
+    answered.set()
+
+    async def let_go() -> bool:
+        return await redis_client.get(store._idem_key("alice", "lost-claim")) is None
+
+    await eventually(let_go)
     restore()
     status, job = await _post(http, f"{base}/jobs", body, headers)
     assert (status, job["status"]) == (202, "pending")

@@ -19,9 +19,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 from imgpipe import resources
@@ -54,7 +55,8 @@ LIMITS = web.AppKey("limits", LimitSettings)
 URL_POLICY = web.AppKey("url_policy", tuple)
 QUOTAS = web.AppKey("quotas", Limits)
 SUBMISSIONS = web.AppKey("submissions", set)
-#: Withdrawals that found Redis out of reach, tried again in the background (`_withdraw_later`).
+#: Withdrawals that found Redis out of reach, tried again in the background (`_withdraw_later`), and
+#: the releases of claims whose request failed (`_in_background`).
 WITHDRAWALS = web.AppKey("withdrawals", set)
 
 #: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
@@ -394,8 +396,9 @@ async def _submit(
             ) from None
         except BaseException:
             # A lost reply (a timeout) may hide a claim Redis did make: the retry the 503 asks for
-            # would be told "in progress" until the claim expired, with nothing in progress.
-            await _release_claim(store, principal.sub, idem_key, job_id)
+            # would be told "in progress" until the claim expired, with nothing in progress. In the
+            # background: after a timeout, awaited, it kept the 503 waiting another timeout.
+            _in_background(request.app, _release_claim(store, principal.sub, idem_key, job_id))
             raise
         clock.lap("claim")
         if held is not None:
@@ -555,7 +558,13 @@ def _withdraw_later(
                 log.warning("job not withdrawn: answered for by a replay, or taken up, meanwhile")
             return
 
-    task = asyncio.ensure_future(again())  # in a copy of this context: its lines carry the job's ids
+    _in_background(app, again())
+
+
+def _in_background(app: web.Application, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` beside the request, in a copy of its context (its lines carry the job's ids), until
+    it ends or the api stops."""
+    task = asyncio.ensure_future(work)
     running = app[WITHDRAWALS]
     running.add(task)
     task.add_done_callback(running.discard)
