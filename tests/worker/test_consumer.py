@@ -44,7 +44,9 @@ from imgpipe.models import (
     VariantResult,
     utcnow,
 )
+from imgpipe.storage import StorageError
 from imgpipe.store import JobStore, owner_id
+from imgpipe_worker import consumer as consumer_module
 
 from tests.stack import (
     AMQP_URL,
@@ -754,3 +756,25 @@ async def test_job_store_refuses_backward_transitions(own: OwnStack) -> None:
         await store.delete(pending.id)
     finally:
         await client.aclose()
+
+
+async def test_a_failed_upload_cancels_the_job_s_other_uploads() -> None:
+    """Left running by `asyncio.gather`, they held their variants' bytes beside the job's retry."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow_put() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def failing_put() -> None:
+        await started.wait()
+        raise StorageError("storage_unavailable", "S3 PUT: connection reset", transient=True)
+
+    async with asyncio.timeout(10):
+        with pytest.raises(StorageError):
+            await consumer_module._all([slow_put(), failing_put()])
+        assert cancelled.is_set()

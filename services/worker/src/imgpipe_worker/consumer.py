@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -474,11 +474,9 @@ class Consumer:
             stage[0] = "upload"
             keys = [variant_key(job.owner, job.id, r.name, r.format) for r in rendered]
             started = time.perf_counter()
-            await asyncio.gather(
-                *(
-                    self._storage.put(key, r.data, CONTENT_TYPES[r.format])
-                    for key, r in zip(keys, rendered, strict=True)
-                )
+            await _all(
+                self._storage.put(key, r.data, CONTENT_TYPES[r.format])
+                for key, r in zip(keys, rendered, strict=True)
             )
         except StorageError as exc:
             raise JobFailed(exc.code, exc.message, transient=exc.transient) from None
@@ -530,6 +528,23 @@ class Consumer:
         JOB_STAGE["fetch"].observe(time.perf_counter() - started)
         hold.downloaded(len(data))
         return [data]
+
+
+async def _all(work: Iterable[Awaitable[object]]) -> None:
+    """Await every one of `work` at once; the first to fail cancels the rest and is raised.
+
+    `asyncio.gather` leaves the others running: a job's other uploads went on beside its failure
+    (and its retry), holding their variants' bytes outside the sources' budget, and were still
+    running when a worker stopped.
+    """
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def _off_the_clock(budget: asyncio.Timeout, waiting: Awaitable[T]) -> T:
