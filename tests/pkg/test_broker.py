@@ -15,6 +15,8 @@ import aiormq
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiohttp import web
+from imgpipe import resources
 from imgpipe.broker import (
     ATTEMPT_HEADER,
     DELIVERY_LIMIT,
@@ -33,6 +35,9 @@ from imgpipe.broker import (
     subscribe,
 )
 from imgpipe.models import PRESETS, JobMessage, KeySource
+from imgpipe.settings import AmqpSettings
+from imgpipe.web import READINESS
+from pydantic import SecretStr
 
 from tests.isolated import BrokerProxy
 from tests.stack import AMQP_URL, free_port
@@ -688,3 +693,26 @@ async def test_a_timestamp_past_the_year_9999_does_not_close_the_connection(
     await stamped.ack()
     await (await _get(jobs)).ack()  # the same connection and channel go on
     assert is_up(connection)
+
+
+async def test_the_connections_are_closed_even_when_the_publisher_s_close_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Left open, a robust connection went on reconnecting after shutdown, and its reconnection
+    swallows the cancellation aiohttp sends every task left at the end: the process did not exit."""
+    app = web.Application()
+    app[READINESS] = {}
+    settings = AmqpSettings(amqp_url=SecretStr(AMQP_URL))
+    ctx = resources.amqp(settings, f"close-{uuid.uuid4().hex[:8]}", consume=True)(app)
+    await ctx.__anext__()
+    consuming, publisher = app[resources.AMQP], app[resources.PUBLISHER]
+    async with asyncio.timeout(10):
+        await consuming.connected.wait()
+
+    async def broken_close() -> None:
+        raise RuntimeError("the publisher's channel was in a bad state")
+
+    monkeypatch.setattr(publisher, "close", broken_close)
+    with pytest.raises(RuntimeError, match="bad state"):
+        await ctx.__anext__()
+    assert consuming.is_closed

@@ -7,6 +7,7 @@ closes on shutdown, in reverse order.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
@@ -22,6 +23,8 @@ from imgpipe.settings import AmqpSettings, RedisSettings, S3Settings
 from imgpipe.storage import Storage
 from imgpipe.store import JobStore
 from imgpipe.web import READINESS
+
+log = logging.getLogger("imgpipe.resources")
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
@@ -118,8 +121,14 @@ def amqp(settings: AmqpSettings, namespace: str, *, consume: bool = False) -> Cl
         for task in connecting:
             task.cancel()
         await asyncio.gather(*connecting, return_exceptions=True)
-        await publisher.close()
-        for c in connections:
-            await c.close()
+        try:
+            await publisher.close()
+        finally:
+            # Closed whatever the publisher's close raised: a robust connection left open goes on
+            # reconnecting, and its reconnection swallows the cancellation aiohttp's last step sends
+            # every task left, which then waits for it for ever (a worker seen not to exit).
+            closing = await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+            for failed in (r for r in closing if isinstance(r, Exception)):
+                log.warning("could not close a RabbitMQ connection: %s", type(failed).__name__)
 
     return ctx
