@@ -861,6 +861,32 @@ async def test_a_claim_made_before_its_reply_was_lost_is_let_go(
     assert (status, job["status"]) == (202, "pending")
 
 
+async def test_a_claim_let_go_while_the_api_stops_is_let_go_before_it_stops() -> None:
+    """A submission failing as the api stops leaves its claim's release running beside it; the
+    cleanup cancelled it with the withdrawals, before it reached Redis, and the key stayed claimed."""
+    app = web.Application()
+    cleanup = api_app._submissions(app)
+    await cleanup.__anext__()
+    released = asyncio.Event()
+
+    async def release() -> None:  # `_release_claim`: one Redis round trip
+        await asyncio.sleep(0.05)
+        released.set()
+
+    async def failing_submission() -> None:
+        await asyncio.sleep(0.01)
+        api_app._in_background(app, api_app.RELEASES, release())
+        raise RedisTimeoutError("the claim's reply was lost")
+
+    submission = asyncio.ensure_future(failing_submission())
+    app[api_app.SUBMISSIONS].add(submission)
+    submission.add_done_callback(app[api_app.SUBMISSIONS].discard)
+    with pytest.raises(StopAsyncIteration):
+        await cleanup.__anext__()
+    assert released.is_set()
+    assert isinstance(submission.exception(), RedisTimeoutError)
+
+
 def _reply_lost(monkeypatch: pytest.MonkeyPatch, store: Any, method: str) -> Callable[[], None]:
     """Make `store.<method>` reach Redis and then lose its reply (a timeout); returns the undo."""
     real = getattr(store, method)

@@ -55,9 +55,10 @@ LIMITS = web.AppKey("limits", LimitSettings)
 URL_POLICY = web.AppKey("url_policy", tuple)
 QUOTAS = web.AppKey("quotas", Limits)
 SUBMISSIONS = web.AppKey("submissions", set)
-#: Withdrawals that found Redis out of reach, tried again in the background (`_withdraw_later`), and
-#: the releases of claims whose request failed (`_in_background`).
+#: Withdrawals that found Redis out of reach, tried again in the background (`_withdraw_later`).
 WITHDRAWALS = web.AppKey("withdrawals", set)
+#: Idempotency-Key claims of failed requests, let go beside their answers (`_submit`).
+RELEASES = web.AppKey("releases", set)
 
 #: Clock difference tolerated between S3 (an object's LastModified, whole seconds) and the api
 #: (a grant's expiry) before an upload counts as written after its grant expired.
@@ -88,6 +89,9 @@ _IDEMPOTENCY_KEY_MAX = 255
 #: withdrawn by the request that made it (its publish deadline, then the withdrawal; the margin also
 #: covers the clocks of two api replicas). A replay waits this out rather than answer 202 for it.
 _WITHDRAWAL_WINDOW_S = PUBLISH_TIMEOUT_S + 5.0
+#: How long a stopping api waits for the claims it is letting go: one Redis call each, within the
+#: client's socket timeout.
+_RELEASE_WINDOW_S = 5.0
 
 
 def _too_many(decision: Decision, message: str) -> ApiError:
@@ -398,7 +402,7 @@ async def _submit(
             # A lost reply (a timeout) may hide a claim Redis did make: the retry the 503 asks for
             # would be told "in progress" until the claim expired, with nothing in progress. In the
             # background: after a timeout, awaited, it kept the 503 waiting another timeout.
-            _in_background(request.app, _release_claim(store, principal.sub, idem_key, job_id))
+            _in_background(request.app, RELEASES, _release_claim(store, principal.sub, idem_key, job_id))
             raise
         clock.lap("claim")
         if held is not None:
@@ -558,27 +562,32 @@ def _withdraw_later(
                 log.warning("job not withdrawn: answered for by a replay, or taken up, meanwhile")
             return
 
-    _in_background(app, again())
+    _in_background(app, WITHDRAWALS, again())
 
 
-def _in_background(app: web.Application, work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` beside the request, in a copy of its context (its lines carry the job's ids), until
-    it ends or the api stops."""
+def _in_background(app: web.Application, kind: web.AppKey[set], work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` beside the request, in a copy of its context (its lines carry the job's ids), held
+    in `app[kind]` until it ends (`_submissions` says what becomes of it when the api stops)."""
     task = asyncio.ensure_future(work)
-    running = app[WITHDRAWALS]
+    running = app[kind]
     running.add(task)
     task.add_done_callback(running.discard)
 
 
 async def _submissions(app: web.Application) -> AsyncIterator[None]:
     """The submissions under way; at shutdown, those whose clients went away are let finish first,
-    and the withdrawals still waiting for Redis are given up (as when the api stops mid-outage)."""
+    then the releases of failed ones' claims (one Redis call each), and the withdrawals still
+    waiting for Redis are given up (as when the api stops mid-outage)."""
     app[SUBMISSIONS] = running = set()
     app[WITHDRAWALS] = withdrawals = set()
+    app[RELEASES] = releases = set()
     yield
+    # Before the Redis and broker connections close (this context is torn down before theirs).
     if running:
-        # Before the Redis and broker connections close (this context is torn down before theirs).
         await asyncio.wait(running, timeout=_WITHDRAWAL_WINDOW_S)
+    if releases:
+        # Cancelled, a claim would hold its key for `CLAIM_HOLD_S`: the retries elsewhere told 409.
+        await asyncio.wait(releases, timeout=_RELEASE_WINDOW_S)
     for task in tuple(withdrawals):
         task.cancel()
     await asyncio.gather(*withdrawals, return_exceptions=True)
