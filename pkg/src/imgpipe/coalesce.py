@@ -14,9 +14,10 @@ batch carries at most `MAX_BATCH` calls; a larger crowd goes out in several, one
 Nothing changes for the commands themselves: each is atomic on its own as before (a script runs
 whole), and each caller gets its own reply or its own error. A connection failure fails every call
 of the batch with the same error, as it would have failed each of them alone; a timeout (a Redis
-that takes connections and does not answer) fails the calls queued behind the batch too, at once:
-they have waited as long as the batch, and sent next they would wait as long again, a crowd in
-turns of the socket timeout each. A script Redis has lost is loaded again and run again, and only
+that takes connections and does not answer) fails the calls queued behind the batch too, at once
+and unsent: sent next, they would wait out a timeout of their own, and a crowd was answered in
+turns of the socket timeout. The price: a call queued just before a Redis that was only slow
+answers again fails with the batch. A script Redis has lost is loaded again and run again, and only
 its own callers hear of it if that fails; an argument that cannot be sent (no bytes for it) fails
 its own call only. One call alone, the usual case at light load, goes out as a plain call, which
 costs less than a pipeline of one.
@@ -122,7 +123,7 @@ class Coalescer:
                 _settle((call, exc) for call in calls)
                 continue
             except (Exception, asyncio.CancelledError) as exc:
-                _fail(lost, exc)
+                self._failed(lost, exc)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 return
@@ -135,14 +136,18 @@ class Coalescer:
         try:
             return await self._run(batch)
         except (Exception, asyncio.CancelledError) as exc:
-            _fail(batch, exc)
-            if isinstance(exc, RedisTimeoutError | TimeoutError):
-                # Redis did not answer within the socket timeout: those queued meanwhile get the same.
-                waiting, self._pending = self._pending, []
-                _fail(waiting, exc)
+            self._failed(batch, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return None
+
+    def _failed(self, batch: list[_Call], exc: BaseException) -> None:
+        """`batch` failed as a whole with `exc`: its callers are told, and after a timeout those
+        queued behind it too (see the module)."""
+        _fail(batch, exc)
+        if isinstance(exc, RedisTimeoutError | TimeoutError):
+            waiting, self._pending = self._pending, []
+            _fail(waiting, exc)
 
     async def _run(self, batch: list[_Call]) -> list[Any]:
         """The replies to `batch`, in order; a command's own error is its reply, not raised."""
@@ -155,8 +160,16 @@ class Coalescer:
             return await pipe.execute(raise_on_error=False)
         except _UNSENDABLE:
             # One call's argument stopped the packing, before anything went out: each call alone
-            # now, so that only its own caller hears of it.
-            return [await self._one(args) for args, _, _ in batch]
+            # now, so that only its own caller hears of it. A failure on the way (the connection)
+            # is the reply of the calls not sent yet; those sent keep theirs.
+            replies: list[Any] = []
+            for args, _, _ in batch:
+                try:
+                    replies.append(await self._one(args))
+                except Exception as exc:
+                    replies += [exc] * (len(batch) - len(replies))
+                    break
+            return replies
 
     async def _one(self, args: tuple[Any, ...]) -> Any:
         """The reply to one command; its own error (Redis', or an argument it cannot send) as its reply."""
