@@ -20,6 +20,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from imgpipe.broker import Topology
+from imgpipe.limits import QUOTA_RECHECK_S
 from imgpipe.store import owner_id
 
 from tests.e2e.test_outages import PrivateRedis
@@ -333,7 +334,9 @@ async def test_a_finished_job_frees_its_slot(
                     await asyncio.sleep(0.2)
         finally:
             await client.aclose()
-        # The worker knows nothing of quotas: the api sees the jobs are done and frees their slots.
+        # The worker knows nothing of quotas: the api sees the jobs are done and frees their slots,
+        # once the recheck after the refusal above has passed.
+        await asyncio.sleep(QUOTA_RECHECK_S)
         for _ in range(MAX_ACTIVE):
             status, body, _ = await _job(http, next(apis), "quota-done", {"key": key})
             assert status == 202, body
