@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import aiohttp
@@ -203,6 +204,25 @@ async def test_a_request_aiohttp_cannot_parse_gets_json_that_does_not_quote_it()
             assert b"content-type: application/json" in head.lower(), head
             assert json.loads(body)["error"]["code"] == "bad_request", body
             assert secret.encode()[:20] not in head + body
+
+
+async def test_malformed_requests_are_logged_at_most_once_a_period_with_a_count(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One WARNING per request: any client could fill the logs with garbage at no cost of its own."""
+    sampled = imgpipe.web._Sampled(period_s=3600)
+    monkeypatch.setattr(imgpipe.web, "_MALFORMED_LINES", sampled)
+    garbage = b"GET /healthz\x01 HTTP/1.1\r\nHost: a\r\n\r\n"
+    app = base_app("webtest", environment="test")
+    with caplog.at_level(logging.WARNING, logger="imgpipe.web"):
+        async with local_http(app) as base:
+            for _ in range(5):
+                head, _body = await _raw(base, garbage)
+                assert b" 400 " in head.split(b"\r\n")[0]  # every one is answered all the same
+            sampled._next = 0.0  # the period is over
+            await _raw(base, garbage)
+    lines = [r for r in caplog.records if r.getMessage().startswith("malformed HTTP request refused")]
+    assert [r.held_back for r in lines] == [0, 4]
 
 
 class _Body(BaseModel):

@@ -107,6 +107,28 @@ def _internal_error() -> web.Response:
     return error_response(500, "internal_error", "an internal error occurred")
 
 
+class _Sampled:
+    """Lets one line through per `period_s`, and counts the ones it holds back meanwhile: what any
+    client can cause, one line a request, would let it fill the logs (and their bill)."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._next = 0.0
+        self._held = 0
+
+    def take(self) -> int | None:
+        """The number of lines held back since the last one let through, or None: hold this one."""
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held, self._next = self._held, 0, now + self.period_s
+        return held
+
+
+_MALFORMED_LINES = _Sampled(period_s=1.0)
+
+
 def _unparsed_request_error(
     self: web_protocol.RequestHandler,
     request: web.BaseRequest,
@@ -119,8 +141,8 @@ def _unparsed_request_error(
     Its own was text, and quoted the bytes it choked on: a stray byte in a query string sent the
     whole request line back, `?access_token=<the JWT>` and all, and an oversized header its first
     8 KiB (a bearer token). It also logged each as an ERROR: a client's garbage is not ours, so it
-    is a warning here, naming the kind of fault and not the bytes. A 500 (a fault of ours) keeps
-    aiohttp's logging.
+    is a warning here, naming the kind of fault and not the bytes, at most one a second with the
+    count of those held back. A 500 (a fault of ours) keeps aiohttp's logging.
     """
     if status >= 500:
         _aiohttp_handle_error(self, request, status, exc, message)  # logs; refuses a sent response
@@ -128,7 +150,15 @@ def _unparsed_request_error(
     else:
         if request.writer.output_size > 0:  # as aiohttp: an answer has begun, no second one
             raise ConnectionError("a response is sent already, cannot send another")
-        log.warning("malformed HTTP request refused (%s): %s", status, type(exc).__name__)
+        held = _MALFORMED_LINES.take()
+        if held is not None:
+            log.warning(
+                "malformed HTTP request refused (%s): %s; %d more since the last such line",
+                status,
+                type(exc).__name__,
+                held,
+                extra={"held_back": held},
+            )
         response = error_response(
             status, _DEFAULT_CODES.get(status, "bad_request"), "the request is not well-formed HTTP"
         )
