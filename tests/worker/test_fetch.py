@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -36,6 +37,7 @@ from imgpipe_worker.fetch import (
     Fetched,
     FetchError,
     FetchPolicy,
+    LookupThreads,
     SafeResolver,
     _resolve_redirect,
     fetch_url,
@@ -767,6 +769,27 @@ async def test_safe_resolver_passes_public_answers() -> None:
     assert [r["host"] for r in results] == ["93.184.216.34", "2606:2800::1"]
     assert resolver._inner.calls == ["x.example.test."]  # type: ignore[attr-defined]  # absolute
     await resolver.close()
+
+
+async def test_url_lookups_do_not_wait_for_the_loop_s_default_executor() -> None:
+    """aiohttp's default resolver runs `getaddrinfo` on the loop's default executor, which the
+    worker's S3 lookups and boto3 calls share: a few lookups of URL sources left hanging by their
+    name servers (a lookup cannot be cancelled) took every thread, and every job's S3 traffic
+    waited. With that executor fully taken, a URL source's lookup is still answered."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    taken = [loop.run_in_executor(None, release.wait) for _ in range(40)]  # more than it has threads
+    resolver = SafeResolver(())  # its default inner resolver
+    assert isinstance(resolver._inner, LookupThreads)  # what `make_session` gets by default
+    try:
+        async with asyncio.timeout(10):
+            found = await resolver._inner.resolve("localhost", 80, socket.AF_UNSPEC)
+        assert {r["host"] for r in found} & {"127.0.0.1", "::1"}, found
+        assert all(r["port"] == 80 for r in found)
+    finally:
+        release.set()
+        await asyncio.gather(*taken)
+        await resolver.close()
 
 
 async def test_allow_listed_names_are_looked_up_as_written() -> None:

@@ -43,7 +43,9 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -58,6 +60,7 @@ __all__ = [
     "FetchError",
     "FetchPolicy",
     "Fetched",
+    "LookupThreads",
     "SafeResolver",
     "fetch_url",
     "make_session",
@@ -131,10 +134,59 @@ class _ForbiddenAddress(Exception):
         self.address = address
 
 
+#: Threads of the URL sources' own lookups (`LookupThreads`).
+LOOKUP_THREADS = 4
+
+
+class LookupThreads(AbstractResolver):
+    """The system's resolver (`getaddrinfo`, as aiohttp's default) on a few threads of its own.
+
+    aiohttp's default runs it on the event loop's default executor, which the worker shares: with
+    aiohttp's lookups of the S3 endpoint and boto3's calls among others. A lookup cannot be
+    cancelled: a fetch that gives up at its timeout leaves its thread waiting for the name servers
+    (tens of seconds for a domain whose servers do not answer, which anyone can set up), and a few
+    such URL jobs in turn took every thread of that executor, so every job's S3 traffic waited
+    behind them. Here the URL sources can only wait for each other.
+    """
+
+    def __init__(self, threads: int = LOOKUP_THREADS) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="url-lookup")
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._pool,
+            partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG),
+        )
+        results: list[ResolveResult] = []
+        for found, _, proto, _, address in infos:
+            if found == socket.AF_INET6 and len(address) < 3:
+                continue  # IPv6 not built into this Python
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    # A link-local address keeps its scope ("fe80::1%2"), as aiohttp's own does; the
+                    # address checks read it (and refuse it: link-local is never public).
+                    host=f"{address[0]}%{address[3]}"
+                    if found == socket.AF_INET6 and address[3]
+                    else address[0],
+                    port=address[1],
+                    family=found,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        return results
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class SafeResolver(AbstractResolver):
     """Resolver wrapper that refuses hosts resolving to any forbidden address.
 
-    ``inner`` does the actual lookup (aiohttp's default resolver if None); inject a
+    ``inner`` does the actual lookup (`LookupThreads` if None); inject a
     stub to test without DNS. If *any* returned address is forbidden the whole host is
     refused: a name that mixes public and private addresses is suspicious, and quietly
     dropping entries would still let an attacker probe which ones exist.
@@ -147,7 +199,7 @@ class SafeResolver(AbstractResolver):
         allowed_hosts: Sequence[str] | None = None,
     ) -> None:
         self._allowed = tuple(allowed_networks)
-        self._inner = inner if inner is not None else aiohttp.DefaultResolver()
+        self._inner = inner if inner is not None else LookupThreads()
         self._hosts = tuple(allowed_hosts) if allowed_hosts is not None else None
 
     async def resolve(
@@ -209,7 +261,7 @@ def make_session(policy: FetchPolicy, *, resolver: AbstractResolver | None = Non
     """Create the safe client session (reuse it: one per worker; close it on shutdown).
 
     ``resolver`` is the *underlying* resolver wrapped by :class:`SafeResolver`
-    (default: aiohttp's); it exists so tests can inject DNS answers. Must be called
+    (default: `LookupThreads`); it exists so tests can inject DNS answers. Must be called
     with a running event loop.
     """
     extra: dict[str, Any] = {}
