@@ -138,8 +138,8 @@ class _ForbiddenAddress(Exception):
 LOOKUP_THREADS = 4
 
 
-class LookupThreads(AbstractResolver):
-    """The system's resolver (`getaddrinfo`, as aiohttp's default) on a few threads of its own.
+class LookupThreads(aiohttp.ThreadedResolver):
+    """aiohttp's default resolver (the system's `getaddrinfo`), on a few threads of its own.
 
     aiohttp's default runs it on the event loop's default executor, which the worker shares: with
     aiohttp's lookups of the S3 endpoint and boto3's calls among others. A lookup cannot be
@@ -151,36 +151,26 @@ class LookupThreads(AbstractResolver):
 
     def __init__(self, threads: int = LOOKUP_THREADS) -> None:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="url-lookup")
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        infos = await asyncio.get_running_loop().run_in_executor(
-            self._pool,
-            partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG),
-        )
-        results: list[ResolveResult] = []
-        for found, _, proto, _, address in infos:
-            if found == socket.AF_INET6 and len(address) < 3:
-                continue  # IPv6 not built into this Python
-            results.append(
-                ResolveResult(
-                    hostname=host,
-                    # A link-local address keeps its scope ("fe80::1%2"), as aiohttp's own does; the
-                    # address checks read it (and refuse it: link-local is never public).
-                    host=f"{address[0]}%{address[3]}"
-                    if found == socket.AF_INET6 and address[3]
-                    else address[0],
-                    port=address[1],
-                    family=found,
-                    proto=proto,
-                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-                )
-            )
-        return results
+        # What aiohttp's resolver asks of its loop (these two calls) is run on those threads.
+        super().__init__(loop=_OnThreads(self._pool))  # type: ignore[arg-type]
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _OnThreads:
+    """The loop's `getaddrinfo` and `getnameinfo`, on `pool` instead of its default executor."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    async def getaddrinfo(self, host: str, port: int, **kwargs: Any) -> list[Any]:
+        lookup = partial(socket.getaddrinfo, host, port, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, lookup)
+
+    async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int = 0) -> tuple[str, str]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, socket.getnameinfo, sockaddr, flags)
 
 
 class SafeResolver(AbstractResolver):
