@@ -222,14 +222,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
             }
             response = error_response(exc.status, code, exc.reason or code, kept or None)
-        except (asyncio.CancelledError, ConnectionResetError) as exc:
-            if isinstance(exc, asyncio.CancelledError) or _client_gone(request):
-                status = 499  # the client went away (nginx's code): not a server error in the metrics
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's code): not a server error in the metrics
+            raise
+        except Exception as exc:
+            # A reset is the client's going away only if its connection is gone; else it was a
+            # connection of ours (a dependency's), and our fault.
+            if isinstance(exc, ConnectionResetError) and _client_gone(request):
+                status = 499
                 raise
-            # A connection of ours reset (a dependency's), the client still there: our fault.
-            log.exception("unhandled error", extra={"path": request.path})
-            response = _internal_error()
-        except Exception:
             log.exception("unhandled error", extra={"path": request.path})
             response = _internal_error()
         status = response.status
